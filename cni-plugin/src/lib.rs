@@ -1,0 +1,7 @@
+//! Ambit's CNI plugin library.
+//!
+//! [`capture`] installs the traffic-capture rules inside a pod's network
+//! namespace so that the pod's TCP goes through the node's ztunnel, which
+//! listens inside that same namespace.
+
+pub mod capture;

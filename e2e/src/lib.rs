@@ -1,0 +1,40 @@
+//! Ambit's lab: a small Kubernetes-like cluster made of Linux network namespaces (a fabric bridge, nodes, pods and
+//! external hosts), test applications, a packet sniffer, and a harness that runs the real `ztunnel` binary in it.
+//!
+//! Everything is real — namespaces, veths, routes and sockets — so building a lab needs root. Tests call
+//! [`require_root`] first: it fails the test when `CI` is set and the process is not root.
+//!
+//! This crate is test tooling, so its fallible setup functions return `anyhow::Result` (the house rule allows
+//! `anyhow` in tests and tools); socket helpers return `std::io::Result`.
+
+pub mod apps;
+pub mod bench;
+pub mod http;
+pub mod lab;
+pub mod mesh;
+pub mod netns;
+pub mod sniff;
+pub mod statefile;
+pub mod ztunnel;
+
+pub use lab::{Host, HostId, Lab, Node, NodeId, Pod, PodId, PodSpec};
+pub use mesh::Mesh;
+pub use netns::NetNs;
+
+/// Whether the current process may build a lab.
+///
+/// Returns `true` when running as root. Otherwise it panics when the `CI` environment variable is set (a test that
+/// needs root must fail, not skip, in CI), and else prints a note and returns `false` so the caller can return early.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs root (network namespaces) and CI is set");
+    }
+    eprintln!(
+        "note: {test} skipped: needs root (network namespaces); set CI to make this a failure"
+    );
+    false
+}

@@ -1,0 +1,287 @@
+//! The L4 benchmark: the same pair of pods on two nodes measured first with
+//! direct TCP (not enrolled) and then through two ztunnels (enrolled,
+//! HBONE over mutual TLS), in one run, with ratios to direct.
+//!
+//! Figures: single-stream and 4-stream throughput, 64-byte request/response
+//! latency on a persistent connection (p50, p99), new connections per
+//! second, and ztunnel CPU seconds and peak RSS per side.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::lab::{Lab, NodeId, PodId, PodSpec};
+use crate::mesh::Mesh;
+use crate::netns::NetNs;
+
+/// How long each measurement runs.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    pub duration: Duration,
+    pub latency_samples: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { duration: Duration::from_secs(5), latency_samples: 20_000 }
+    }
+}
+
+/// The figures of one path (direct or through ztunnel).
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub single_stream_gbps: f64,
+    pub four_stream_gbps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub conns_per_sec: f64,
+}
+
+/// ztunnel resource use during the mesh measurements.
+#[derive(Clone, Debug, Default)]
+pub struct ZtunnelUse {
+    pub idle_rss_mib: [f64; 2],
+    pub cpu_seconds: [f64; 2],
+    pub peak_rss_mib: [f64; 2],
+}
+
+/// The whole result.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub direct: Figures,
+    pub mesh: Figures,
+    pub ztunnel: ZtunnelUse,
+}
+
+const THROUGHPUT_PORT: u16 = 9300;
+const ECHO_PORT: u16 = 9301;
+const CONN_PORT: u16 = 9302;
+const IO_BUF: usize = 128 * 1024;
+
+/// Builds the lab, runs both paths, returns the figures.
+pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
+    let mut lab = Lab::new("bench-l4")?;
+    let n1 = lab.add_node("node1")?;
+    let n2 = lab.add_node("node2")?;
+    let client = lab.add_pod(n1, PodSpec::new("client", "bench", "client"))?;
+    let server = lab.add_pod(n2, PodSpec::new("server", "bench", "server"))?;
+    let mut mesh = Mesh::new(lab)?;
+    let servers = Servers::start(&mesh.lab().pod(server).netns)?;
+    let target = mesh.lab().pod(server).ip;
+
+    eprintln!("measuring direct pod-to-pod TCP ...");
+    let direct = measure(&mesh.lab().pod(client).netns, target.into(), opts)?;
+
+    mesh.start_all()?;
+    let mut zt = ZtunnelUse::default();
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        zt.idle_rss_mib[i] = mib(mesh.ztunnel(n).rss_bytes());
+    }
+    enroll(&mut mesh, &[client, server])?;
+    let cpu_before = cpu(&mesh, [n1, n2]);
+    eprintln!("measuring through two ztunnels ...");
+    let through = measure(&mesh.lab().pod(client).netns, target.into(), opts)?;
+    let cpu_after = cpu(&mesh, [n1, n2]);
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
+        zt.peak_rss_mib[i] = mib(mesh.ztunnel(n).peak_rss_bytes());
+    }
+    drop(servers);
+    Ok(Report { direct, mesh: through, ztunnel: zt })
+}
+
+fn enroll(mesh: &mut Mesh, pods: &[PodId]) -> anyhow::Result<()> {
+    for p in pods {
+        mesh.enroll(*p)?;
+    }
+    // ztunnel polls its state file; give it time to see the enrolled pods.
+    thread::sleep(Duration::from_millis(800));
+    Ok(())
+}
+
+fn cpu(mesh: &Mesh, nodes: [NodeId; 2]) -> [f64; 2] {
+    [mesh.ztunnel(nodes[0]).cpu_seconds(), mesh.ztunnel(nodes[1]).cpu_seconds()]
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn measure(client: &NetNs, server: std::net::IpAddr, opts: BenchOptions) -> anyhow::Result<Figures> {
+    let tp = SocketAddr::new(server, THROUGHPUT_PORT);
+    let echo = SocketAddr::new(server, ECHO_PORT);
+    let conn = SocketAddr::new(server, CONN_PORT);
+    let d = opts.duration;
+    let single_stream_gbps = client.run(move || throughput(tp, 1, d)).context("single-stream throughput")?;
+    let four_stream_gbps = client.run(move || throughput(tp, 4, d)).context("4-stream throughput")?;
+    let n = opts.latency_samples;
+    let (p50_us, p99_us) = client.run(move || latency(echo, n)).context("latency")?;
+    let conns_per_sec = client.run(move || connection_rate(conn, d)).context("connection rate")?;
+    Ok(Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec })
+}
+
+/// Sends as fast as possible on `streams` connections for `d`; Gbit/s.
+/// Runs on a thread inside the client's netns; each stream's thread is
+/// spawned from it and so is in the same netns (namespaces are inherited).
+fn throughput(addr: SocketAddr, streams: usize, d: Duration) -> std::io::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..streams)
+        .map(|_| {
+            let stop = stop.clone();
+            let s = TcpStream::connect(addr);
+            thread::spawn(move || -> std::io::Result<u64> {
+                let mut s = s?;
+                let buf = vec![0x5au8; IO_BUF];
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf)?;
+                    sent += buf.len() as u64;
+                }
+                s.shutdown(std::net::Shutdown::Write)?;
+                // Wait for the sink to confirm it read everything.
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack)?;
+                Ok(u64::from_le_bytes(ack).min(sent))
+            })
+        })
+        .collect();
+    thread::sleep(d);
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0u64;
+    for h in handles {
+        total += h.join().map_err(|_| std::io::Error::other("sender panicked"))??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(total as f64 * 8.0 / secs / 1e9)
+}
+
+/// 64-byte ping-pong on one persistent connection; (p50, p99) in µs.
+fn latency(addr: SocketAddr, samples: usize) -> std::io::Result<(f64, f64)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..samples + samples / 10 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        if i >= samples / 10 {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1e6;
+    Ok((pct(0.50), pct(0.99)))
+}
+
+/// Connect, one byte each way, close; as many as possible in `d`.
+fn connection_rate(addr: SocketAddr, d: Duration) -> std::io::Result<f64> {
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while start.elapsed() < d {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)?;
+        drop(s);
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The benchmark's servers in the server pod: a sink that acknowledges the
+/// byte count, an echo server, and a one-byte responder handled inline on
+/// the accept thread (so the connection rate is not limited by spawning).
+struct Servers {
+    listeners: Vec<Arc<TcpListener>>,
+}
+
+impl Servers {
+    fn start(ns: &NetNs) -> anyhow::Result<Self> {
+        let bind = |port: u16| -> anyhow::Result<Arc<TcpListener>> {
+            Ok(Arc::new(ns.run(move || TcpListener::bind(("0.0.0.0", port)))?))
+        };
+        let (sink, echo, conn) = (bind(THROUGHPUT_PORT)?, bind(ECHO_PORT)?, bind(CONN_PORT)?);
+        spawn_acceptor(sink.clone(), true, |mut s| {
+            let mut buf = vec![0u8; IO_BUF];
+            let mut n = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k as u64,
+                }
+            }
+            let _ = s.write_all(&n.to_le_bytes());
+        });
+        spawn_acceptor(echo.clone(), true, |mut s| {
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 64];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+        spawn_acceptor(conn.clone(), false, |mut s| {
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        });
+        Ok(Servers { listeners: vec![sink, echo, conn] })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            // SAFETY: shutting down a listening socket we own wakes accept().
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&**l), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+fn spawn_acceptor(l: Arc<TcpListener>, per_conn_thread: bool, serve: fn(TcpStream)) {
+    thread::spawn(move || {
+        while let Ok((s, _)) = l.accept() {
+            if per_conn_thread {
+                thread::spawn(move || serve(s));
+            } else {
+                serve(s);
+            }
+        }
+    });
+}
+
+/// Renders the report as the table printed by the benchmark (and pasted in
+/// the README).
+pub fn render(r: &Report) -> String {
+    let ratio = |m: f64, d: f64| if d > 0.0 { format!("{:.0} %", 100.0 * m / d) } else { "-".into() };
+    let mut out = String::new();
+    out.push_str("| figure | direct TCP | through 2 ztunnels | ratio |\n|---|---:|---:|---:|\n");
+    let rows = [
+        ("single-stream throughput (Gbit/s)", r.direct.single_stream_gbps, r.mesh.single_stream_gbps, true),
+        ("4-stream throughput (Gbit/s)", r.direct.four_stream_gbps, r.mesh.four_stream_gbps, true),
+        ("64 B request/response p50 (µs)", r.direct.p50_us, r.mesh.p50_us, false),
+        ("64 B request/response p99 (µs)", r.direct.p99_us, r.mesh.p99_us, false),
+        ("new connections per second", r.direct.conns_per_sec, r.mesh.conns_per_sec, true),
+    ];
+    for (name, d, m, show_ratio) in rows {
+        let rat = if show_ratio { ratio(m, d) } else { format!("+{:.1} µs", m - d) };
+        out.push_str(&format!("| {name} | {d:.2} | {m:.2} | {rat} |\n"));
+    }
+    let z = &r.ztunnel;
+    out.push_str(&format!(
+        "\nztunnel (client node / server node): idle RSS {:.1} / {:.1} MiB; CPU during the mesh run {:.2} / {:.2} s; peak RSS {:.1} / {:.1} MiB\n",
+        z.idle_rss_mib[0], z.idle_rss_mib[1], z.cpu_seconds[0], z.cpu_seconds[1], z.peak_rss_mib[0], z.peak_rss_mib[1]
+    ));
+    out
+}

@@ -1,0 +1,416 @@
+//! Runs the real `ztunnel` binary inside a node's namespace and talks to its admin, metrics and readiness ports.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::lab::{Lab, Node, NodeId};
+use crate::netns::NetNs;
+
+/// How long a request to one of ztunnel's local ports may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lines of the log printed when a test fails while a ztunnel runs.
+const LOG_TAIL_LINES: usize = 200;
+
+/// Arguments of one ztunnel process (its final CLI flags, plus the log file and level).
+#[derive(Clone, Debug)]
+pub struct ZtunnelArgs {
+    /// `--node-name`.
+    pub node_name: String,
+    /// `--trust-domain`.
+    pub trust_domain: String,
+    /// `--state-file`: the YAML state ztunnel polls.
+    pub state_file: PathBuf,
+    /// `--ca-cert`: the development CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// `--ca-key`: the development CA key (PEM).
+    pub ca_key: PathBuf,
+    /// `--zds-socket`: where the node agent (the lab's ZDS server) listens.
+    pub zds_socket: PathBuf,
+    /// `--cert-ttl-secs`; `None` keeps ztunnel's default (one day).
+    pub cert_ttl_secs: Option<u64>,
+    /// `--admin-addr` (inside the node namespace).
+    pub admin_addr: SocketAddr,
+    /// `--metrics-addr`.
+    pub metrics_addr: SocketAddr,
+    /// `--readiness-addr`.
+    pub readiness_addr: SocketAddr,
+    /// `--root-namespace`.
+    pub root_namespace: String,
+    /// `RUST_LOG` of the child (default `info`).
+    pub log_level: String,
+    /// Where stdout and stderr go.
+    pub log_file: PathBuf,
+    /// More flags, appended as they are.
+    pub extra: Vec<String>,
+}
+
+impl ZtunnelArgs {
+    /// The lab's conventional arguments for `node`: files in the lab directory (`state.yaml`, `ca-cert.pem`,
+    /// `ca-key.pem`, `<node>/ztunnel.sock`, `<node>-ztunnel.log`) and ztunnel's default ports.
+    pub fn for_node(lab: &Lab, node: NodeId) -> Self {
+        let dir = lab.dir();
+        let name = &lab.node(node).name;
+        ZtunnelArgs {
+            node_name: name.clone(),
+            trust_domain: "cluster.local".into(),
+            state_file: dir.join("state.yaml"),
+            ca_cert: dir.join("ca-cert.pem"),
+            ca_key: dir.join("ca-key.pem"),
+            zds_socket: dir.join(name).join("ztunnel.sock"),
+            cert_ttl_secs: None,
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            root_namespace: "ambit-system".into(),
+            log_level: "info".into(),
+            log_file: dir.join(format!("{name}-ztunnel.log")),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The command-line arguments (without the program).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--node-name".to_string(),
+            self.node_name.clone(),
+            "--trust-domain".into(),
+            self.trust_domain.clone(),
+            "--state-file".into(),
+            self.state_file.display().to_string(),
+            "--ca-cert".into(),
+            self.ca_cert.display().to_string(),
+            "--ca-key".into(),
+            self.ca_key.display().to_string(),
+            "--zds-socket".into(),
+            self.zds_socket.display().to_string(),
+            "--admin-addr".into(),
+            self.admin_addr.to_string(),
+            "--metrics-addr".into(),
+            self.metrics_addr.to_string(),
+            "--readiness-addr".into(),
+            self.readiness_addr.to_string(),
+            "--root-namespace".into(),
+            self.root_namespace.clone(),
+        ];
+        if let Some(ttl) = self.cert_ttl_secs {
+            a.push("--cert-ttl-secs".into());
+            a.push(ttl.to_string());
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// Path of the ztunnel binary: `AMBIT_ZTUNNEL_BIN`, else `ztunnel` in the profile directory of the running test
+/// executable (`<target>/<profile>/deps/<test>` → `<target>/<profile>/ztunnel`).
+pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("AMBIT_ZTUNNEL_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let mut dir = exe
+        .parent()
+        .context("bug: the executable has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("bug: deps has no parent")?;
+    }
+    let bin = dir.join("ztunnel");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p ztunnel) or set AMBIT_ZTUNNEL_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running ztunnel. Drop stops it: SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if the test is
+/// failing (the thread is panicking) the last lines of its log are printed.
+#[derive(Debug)]
+pub struct ZtunnelProcess {
+    child: Child,
+    netns: NetNs,
+    args: ZtunnelArgs,
+    exited: bool,
+}
+
+impl ZtunnelProcess {
+    /// Starts the binary from [`ztunnel_binary`] inside `node`'s namespace.
+    pub fn start(node: &Node, args: ZtunnelArgs) -> anyhow::Result<Self> {
+        Self::start_binary(&ztunnel_binary()?, node, args)
+    }
+
+    /// Starts `binary` (a ztunnel) inside `node`'s namespace.
+    pub fn start_binary(binary: &Path, node: &Node, args: ZtunnelArgs) -> anyhow::Result<Self> {
+        if let Some(parent) = args.zds_socket.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&args.log_file)
+            .with_context(|| format!("open {}", args.log_file.display()))?;
+        let log2 = log.try_clone()?;
+        // The child gets a handle of its own on the node's namespace file (the Node keeps the namespace alive).
+        let netns = NetNs::borrowed(node.netns.name());
+        let child = netns
+            .command(binary)
+            .args(args.to_args())
+            .env("RUST_LOG", &args.log_level)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .with_context(|| format!("start {} in {}", binary.display(), node.netns.name()))?;
+        Ok(ZtunnelProcess {
+            child,
+            netns,
+            args,
+            exited: false,
+        })
+    }
+
+    /// Waits until `GET /healthz/ready` on the readiness port answers 200; fails early, with the log's tail, if
+    /// the process exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let addr = local(self.args.readiness_addr);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = true;
+                bail!(
+                    "ztunnel exited with {status} before it was ready; log:\n{}",
+                    self.log_tail(50)
+                );
+            }
+            let last = match crate::http::get(&self.netns, addr, "/healthz/ready", HTTP_TIMEOUT) {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => format!("status {}: {}", r.status, r.body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "ztunnel not ready within {timeout:?} ({last}); log:\n{}",
+                    self.log_tail(50)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /metrics` on the metrics port (Prometheus text).
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.get_ok(local(self.args.metrics_addr), "/metrics")
+    }
+
+    /// `GET <path>` on the admin port.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        self.get_ok(local(self.args.admin_addr), path)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The arguments it was started with.
+    pub fn args(&self) -> &ZtunnelArgs {
+        &self.args
+    }
+
+    /// Kills it with SIGKILL (for crash tests) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.exited = true;
+    }
+
+    /// Whether it is still running (reaps it if it exited).
+    pub fn is_running(&mut self) -> bool {
+        if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
+            self.exited = true;
+        }
+        !self.exited
+    }
+
+    /// User plus system CPU time so far, in seconds (from `/proc/<pid>/stat`); 0 once it exited.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
+            return 0.0;
+        };
+        // Fields after the parenthesised command name: state is the first, utime the 12th, stime the 13th.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(11) + ticks(12)) as f64 / hz
+    }
+
+    /// Resident set size now (`VmRSS`), in bytes; 0 once it exited.
+    pub fn rss_bytes(&self) -> u64 {
+        self.status_kib("VmRSS:") * 1024
+    }
+
+    /// Peak resident set size (`VmHWM`), in bytes; 0 once it exited.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        self.status_kib("VmHWM:") * 1024
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.args.log_file, n)
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid())) else {
+            return 0;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn get_ok(&self, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+        let r = crate::http::get(&self.netns, addr, path, HTTP_TIMEOUT)?;
+        if r.status != 200 {
+            bail!("GET {addr}{path}: status {}: {}", r.status, r.body.trim());
+        }
+        Ok(r.body)
+    }
+}
+
+impl Drop for ZtunnelProcess {
+    fn drop(&mut self) {
+        if !self.exited {
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match self.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("ztunnel {pid} ignored SIGTERM for 5 s; killing it");
+                        self.kill();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- last {LOG_TAIL_LINES} lines of {} ----\n{}---- end of ztunnel log ----",
+                self.args.log_file.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// A wildcard listen address as the loopback address to query it on.
+fn local(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+/// The last `n` lines of a file (empty if it cannot be read).
+fn log_tail(path: &Path, n: usize) -> String {
+    let Ok(file) = File::open(path) else {
+        return String::new();
+    };
+    let mut ring = std::collections::VecDeque::with_capacity(n);
+    for line in BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        if ring.len() == n {
+            ring.pop_front();
+        }
+        ring.push_back(line);
+    }
+    ring.into_iter().fold(String::new(), |mut s, l| {
+        s.push_str(&l);
+        s.push('\n');
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_render_the_final_flags() {
+        let args = ZtunnelArgs {
+            node_name: "node1".into(),
+            trust_domain: "cluster.local".into(),
+            state_file: "/s.yaml".into(),
+            ca_cert: "/c.pem".into(),
+            ca_key: "/k.pem".into(),
+            zds_socket: "/z.sock".into(),
+            cert_ttl_secs: Some(60),
+            admin_addr: "127.0.0.1:15000".parse().unwrap(),
+            metrics_addr: "0.0.0.0:15020".parse().unwrap(),
+            readiness_addr: "0.0.0.0:15021".parse().unwrap(),
+            root_namespace: "ambit-system".into(),
+            log_level: "debug".into(),
+            log_file: "/l.log".into(),
+            extra: vec!["--worker-threads".into(), "1".into()],
+        };
+        let line = args.to_args().join(" ");
+        assert!(
+            line.starts_with("--node-name node1 --trust-domain cluster.local --state-file /s.yaml"),
+            "{line}"
+        );
+        assert!(line.contains("--zds-socket /z.sock"), "{line}");
+        assert!(
+            line.ends_with("--cert-ttl-secs 60 --worker-threads 1"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn wildcard_addresses_are_queried_on_loopback() {
+        assert_eq!(
+            local("0.0.0.0:15021".parse().unwrap()),
+            "127.0.0.1:15021".parse().unwrap()
+        );
+        assert_eq!(
+            local("10.0.0.1:15000".parse().unwrap()),
+            "10.0.0.1:15000".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_log_tail_keeps_the_last_lines() {
+        let path = std::env::temp_dir().join(format!("ambit-e2e-tail-{}.log", std::process::id()));
+        std::fs::write(
+            &path,
+            (1..=10).map(|i| format!("line {i}\n")).collect::<String>(),
+        )
+        .unwrap();
+        assert_eq!(log_tail(&path, 2), "line 9\nline 10\n");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,389 @@
+//! End-to-end tests of the L4 mesh: the real `ztunnel` binary on lab nodes
+//! (network namespaces), pods enrolled over ZDS with nftables capture, HBONE
+//! over mutual TLS between nodes. Needs root; fails (not skips) under CI.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
+use ambit_e2e::sniff::Sniffer;
+use ambit_e2e::statefile::yaml;
+use ambit_e2e::{require_root, Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const APP_PORT: u16 = 8080;
+
+/// A two-node mesh: `client` and `local` on node 1, `remote` on node 2,
+/// all enrolled, each running an echo server on 8080 (except `client`).
+struct Cluster {
+    mesh: Mesh,
+    nodes: [NodeId; 2],
+    client: PodId,
+    local: PodId,
+    remote: PodId,
+    echoes: Vec<EchoServer>,
+}
+
+impl Cluster {
+    fn pod_ns(&self, p: PodId) -> &NetNs {
+        &self.mesh.lab().pod(p).netns
+    }
+    fn ip(&self, p: PodId) -> Ipv4Addr {
+        self.mesh.lab().pod(p).ip
+    }
+    fn app(&self, p: PodId) -> SocketAddr {
+        SocketAddr::from((self.ip(p), APP_PORT))
+    }
+}
+
+fn cluster(test: &str) -> Option<Cluster> {
+    if !require_root(test) {
+        return None;
+    }
+    let mut lab = Lab::new(test).expect("lab");
+    let n1 = lab.add_node("node1").unwrap();
+    let n2 = lab.add_node("node2").unwrap();
+    let client = lab.add_pod(n1, PodSpec::new("client", "default", "client")).unwrap();
+    let local = lab.add_pod(n1, PodSpec::new("local", "default", "local")).unwrap();
+    let remote = lab.add_pod(n2, PodSpec::new("remote", "default", "remote")).unwrap();
+    let mut mesh = Mesh::new(lab).expect("mesh");
+    mesh.start_all().expect("start ztunnels");
+    for p in [client, local, remote] {
+        mesh.enroll(p).expect("enroll");
+    }
+    let echoes = [local, remote]
+        .iter()
+        .map(|p| EchoServer::start(&mesh.lab().pod(*p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap())
+        .collect();
+    // Let ztunnel pick up the state written by `enroll`.
+    std::thread::sleep(Duration::from_millis(600));
+    Some(Cluster { mesh, nodes: [n1, n2], client, local, remote, echoes })
+}
+
+/// Sends `msg` and reads it back; errors if the connection is refused,
+/// reset or closed early.
+fn round_trip(ns: &NetNs, addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+    let mut s = connect(ns, addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// Retries `f` until it returns true or `within` passes (for changes that
+/// ztunnel applies on its next state poll).
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sum of the samples of metric `name` whose labels include all of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn principal(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+#[test]
+fn pods_on_the_same_node_and_across_nodes_talk_through_ztunnel_keeping_the_client_ip() {
+    let Some(c) = cluster("l4-pod-to-pod") else { return };
+    for dst in [c.local, c.remote] {
+        round_trip(c.pod_ns(c.client), c.app(dst), b"hello through the mesh").expect("echo through ztunnel");
+    }
+    for echo in &c.echoes {
+        let peers = echo.peers();
+        assert_eq!(peers.len(), 1, "one connection each");
+        assert_eq!(peers[0].ip(), std::net::IpAddr::V4(c.ip(c.client)), "server sees the client pod's IP");
+    }
+    // Proof that the traffic went through both ztunnels over mTLS.
+    let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
+    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+    let client = principal("client");
+    assert_eq!(
+        metric(&m1, "istio_tcp_connections_opened_total", &[("reporter", "source"), ("source_principal", &client)]),
+        2.0,
+        "{m1}"
+    );
+    let inbound = [
+        ("reporter", "destination"),
+        ("source_principal", client.as_str()),
+        ("destination_workload", "remote"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(metric(&m2, "istio_tcp_connections_opened_total", &inbound), 1.0, "{m2}");
+    assert!(eventually(TIMEOUT, || {
+        let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+        metric(&m2, "istio_tcp_received_bytes_total", &inbound) == 22.0
+            && metric(&m2, "istio_tcp_connections_closed_total", &inbound) == 1.0
+    }));
+}
+
+#[test]
+fn the_wire_between_nodes_carries_only_tls() {
+    let Some(c) = cluster("l4-wire") else { return };
+    let iface = c.mesh.lab().node(c.nodes[1]).fabric_iface.clone();
+    let sniffer = Sniffer::start(c.mesh.lab().fabric(), &iface).unwrap();
+    let marker = b"AMBIT-SECRET-PLAINTEXT-4242";
+    for _ in 0..3 {
+        round_trip(c.pod_ns(c.client), c.app(c.remote), marker).unwrap();
+    }
+    let cap = sniffer.stop();
+    assert!(!cap.contains(marker), "application plaintext seen on the wire");
+    assert!(cap.tls_application_data_records() > 0, "no TLS records seen: is the sniffer on the right link?");
+    assert!(cap.tcp_ports_seen().iter().any(|(a, b)| *a == 15008 || *b == 15008), "no HBONE port on the wire");
+    assert!(!cap.tcp_ports_seen().iter().any(|(a, b)| *a == APP_PORT || *b == APP_PORT), "app port on the wire");
+}
+
+#[test]
+fn deny_and_allow_policies_match_principals_and_namespaces() {
+    let Some(mut c) = cluster("l4-authz") else { return };
+    let (client, remote) = (c.client, c.remote);
+    // DENY by principal: client is refused, local (another identity) is not.
+    c.mesh.state_mut().add_policy(
+        yaml(&format!(
+            "{{name: deny-client, namespace: default, scope: Namespace, action: Deny,
+               rules: [{{clauses: [{{matches: [{{principals: [{{exact: '{}'}}]}}]}}]}}]}}",
+            principal("client")
+        ))
+        .unwrap(),
+    );
+    c.mesh.write_state().unwrap();
+    assert!(
+        eventually(TIMEOUT, || round_trip(c.pod_ns(client), c.app(remote), b"x").is_err()),
+        "deny policy not applied"
+    );
+    round_trip(c.pod_ns(c.local), c.app(remote), b"other identity passes").expect("local is not denied");
+    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+    assert!(
+        metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")]) >= 1.0,
+        "{m2}"
+    );
+
+    // ALLOW by namespace: only namespace `other` may connect; `default` pods are refused.
+    c.mesh.state_mut().clear_policies();
+    c.mesh.state_mut().add_policy(
+        yaml("{name: only-other, namespace: default, scope: Namespace, action: Allow,
+               rules: [{clauses: [{matches: [{namespaces: [{exact: other}]}]}]}]}")
+        .unwrap(),
+    );
+    c.mesh.write_state().unwrap();
+    assert!(
+        eventually(TIMEOUT, || round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_err()),
+        "allow policy did not deny a non-matching namespace"
+    );
+    // A pod of namespace `other` on node 1 is admitted.
+    let n1 = c.nodes[0];
+    let other = c.mesh.lab_mut().add_pod(n1, PodSpec::new("visitor", "other", "visitor")).unwrap();
+    c.mesh.enroll(other).unwrap();
+    let other_ns = c.mesh.lab().pod(other).netns.name().to_owned();
+    let _ = other_ns;
+    assert!(
+        eventually(TIMEOUT, || round_trip(&c.mesh.lab().pod(other).netns, c.app(remote), b"welcome").is_ok()),
+        "allow policy did not admit its namespace"
+    );
+
+    // ALLOW by principal, scoped to the workload by selector.
+    c.mesh.state_mut().clear_policies();
+    c.mesh.state_mut().add_policy(
+        yaml(&format!(
+            "{{name: only-client, namespace: default, scope: WorkloadSelector, action: Allow,
+               rules: [{{clauses: [{{matches: [{{principals: [{{exact: '{}'}}]}}]}}]}}]}}",
+            principal("client")
+        ))
+        .unwrap(),
+    );
+    let remote_uid = c.mesh.lab().pod(remote).uid.clone();
+    c.mesh.state_mut().set_workload_field(&remote_uid, "authorizationPolicies", yaml("[default/only-client]").unwrap());
+    c.mesh.write_state().unwrap();
+    assert!(eventually(TIMEOUT, || {
+        round_trip(c.pod_ns(client), c.app(remote), b"x").is_ok()
+            && round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_err()
+    }));
+    // The policy only selects `remote`: `local` still accepts anyone.
+    round_trip(c.pod_ns(c.client), c.app(c.local), b"unselected").expect("unselected workload is open");
+}
+
+#[test]
+fn strict_mtls_rejects_a_client_outside_the_mesh_and_permissive_accepts_it() {
+    let Some(mut c) = cluster("l4-strict") else { return };
+    let ext = c.mesh.lab_mut().add_external_host("ext").unwrap();
+    let ext_ns = &c.mesh.lab().host(ext).netns;
+    // PERMISSIVE (the default): plaintext arrives, with the client's own address.
+    round_trip(ext_ns, c.app(c.remote), b"plaintext ok").expect("permissive accepts plaintext");
+    let ext_ip = c.mesh.lab().host(ext).ip;
+    assert_eq!(c.echoes[1].peers().last().unwrap().ip(), std::net::IpAddr::V4(ext_ip));
+
+    c.mesh.state_mut().add_peer_authentication(yaml("{namespace: default, mode: STRICT}").unwrap());
+    c.mesh.write_state().unwrap();
+    let ext_ns = &c.mesh.lab().host(ext).netns;
+    assert!(eventually(TIMEOUT, || round_trip(ext_ns, c.app(c.remote), b"x").is_err()), "STRICT did not reject");
+    // Mesh clients still get through.
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"mtls ok").expect("mTLS passes STRICT");
+}
+
+#[test]
+fn destinations_outside_the_mesh_pass_through() {
+    let Some(mut c) = cluster("l4-passthrough") else { return };
+    let ext = c.mesh.lab_mut().add_external_host("ext").unwrap();
+    let ext_echo = EchoServer::start(&c.mesh.lab().host(ext).netns, SocketAddr::from(([0, 0, 0, 0], 9000))).unwrap();
+    let ext_addr = SocketAddr::from((c.mesh.lab().host(ext).ip, 9000));
+    round_trip(c.pod_ns(c.client), ext_addr, b"to the outside").expect("passthrough");
+    assert_eq!(ext_echo.peers()[0].ip(), std::net::IpAddr::V4(c.ip(c.client)));
+    // A pod that is not enrolled (protocol NONE) is reached with plain TCP.
+    let n2 = c.nodes[1];
+    let plain = c.mesh.lab_mut().add_pod(n2, PodSpec::new("legacy", "default", "legacy")).unwrap();
+    c.mesh.write_state().unwrap();
+    let _legacy = EchoServer::start(&c.mesh.lab().pod(plain).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
+    let legacy = SocketAddr::from((c.mesh.lab().pod(plain).ip, APP_PORT));
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), legacy, b"plain tcp").is_ok()));
+}
+
+#[test]
+fn a_gigabyte_crosses_nodes_byte_exact() {
+    let Some(c) = cluster("l4-gigabyte") else { return };
+    let sink = SinkServer::start(c.pod_ns(c.remote), SocketAddr::from(([0, 0, 0, 0], 9100))).unwrap();
+    let n: u64 = 1 << 30;
+    let mut s = connect(c.pod_ns(c.client), SocketAddr::from((c.ip(c.remote), 9100)), TIMEOUT).unwrap();
+    let sent_hash = send_pattern(&mut s, n, 7).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = sink.wait_for(1, Duration::from_secs(300)).unwrap();
+    assert_eq!(got[0].bytes, n, "byte count");
+    assert_eq!(got[0].hash, sent_hash, "content hash");
+    assert_eq!(sent_hash, pattern_hash(n, 7));
+    assert_eq!(got[0].peer.ip(), std::net::IpAddr::V4(c.ip(c.client)));
+}
+
+/// Reads until EOF or error; returns how long it took.
+fn time_to_close(s: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return start.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[test]
+fn killing_one_side_mid_stream_closes_the_other_and_ztunnel_carries_on() {
+    let Some(c) = cluster("l4-kill") else { return };
+    // The server side dies: accept one connection on a raw listener, then reset it.
+    let server_ns = c.pod_ns(c.remote);
+    let listener = server_ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9200))).unwrap();
+    let mut client = connect(c.pod_ns(c.client), SocketAddr::from((c.ip(c.remote), 9200)), TIMEOUT).unwrap();
+    client.write_all(b"before the crash").unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    let mut first = [0u8; 16];
+    (&server_side).read_exact(&mut first).unwrap();
+    socket2::SockRef::from(&server_side).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(server_side); // RST, as when the process is killed
+    assert!(time_to_close(&mut client) < Duration::from_secs(10), "client not told of the server's death");
+
+    // The client side dies: the server sees its connection end.
+    let mut client = connect(c.pod_ns(c.client), SocketAddr::from((c.ip(c.remote), 9200)), TIMEOUT).unwrap();
+    client.write_all(b"second").unwrap();
+    let (mut server_side, _) = listener.accept().unwrap();
+    let mut six = [0u8; 6];
+    server_side.read_exact(&mut six).unwrap();
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
+    assert!(time_to_close(&mut server_side) < Duration::from_secs(10), "server not told of the client's death");
+
+    // Both ztunnels still serve new connections.
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"still alive").unwrap();
+    round_trip(c.pod_ns(c.client), c.app(c.local), b"still alive").unwrap();
+}
+
+#[test]
+fn a_policy_change_in_the_watched_file_applies_without_restarting_ztunnel() {
+    let Some(mut c) = cluster("l4-reload") else { return };
+    let pid = c.mesh.ztunnel(c.nodes[1]).pid();
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"before").unwrap();
+    c.mesh
+        .state_mut()
+        .add_policy(yaml("{name: deny-all, namespace: default, scope: Namespace, action: Deny, rules: [{}]}").unwrap());
+    c.mesh.write_state().unwrap();
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_err()));
+    c.mesh.state_mut().clear_policies();
+    c.mesh.write_state().unwrap();
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_ok()));
+    assert_eq!(c.mesh.ztunnel(c.nodes[1]).pid(), pid, "ztunnel was restarted");
+    // A broken file is rejected and the last good state stays in force.
+    std::fs::write(c.mesh.state().path(), "workloads: [ {uid: 1, bogusField: true} ]").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"still served").expect("last good state kept");
+    let m = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+    assert!(metric(&m, "ztunnel_state_reloads_total", &[("outcome", "failure")]) >= 1.0, "{m}");
+}
+
+#[test]
+fn a_service_vip_spreads_connections_over_its_endpoints() {
+    let Some(mut c) = cluster("l4-service") else { return };
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let (local, remote) = (c.local, c.remote);
+    let lab_ptr: *const Lab = c.mesh.lab();
+    // SAFETY: add_service_for only reads the lab while we hold the state mutably.
+    let lab = unsafe { &*lab_ptr };
+    c.mesh.state_mut().add_service_for(lab, "echo", "default", vip, &[(80, APP_PORT)], &[local, remote]);
+    c.mesh.write_state().unwrap();
+    let svc = SocketAddr::from((vip, 80));
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), svc, b"via vip").is_ok()));
+    for _ in 0..9 {
+        round_trip(c.pod_ns(c.client), svc, b"via vip").unwrap();
+    }
+    let (a, b) = (c.echoes[0].peers().len(), c.echoes[1].peers().len());
+    assert!(a >= 4 && b >= 4, "round robin should spread 10 connections: local {a}, remote {b}");
+}
+
+#[test]
+fn a_server_with_the_wrong_identity_is_rejected() {
+    let Some(mut c) = cluster("l4-identity") else { return };
+    // The state says `remote` runs as `impostor`; its ztunnel presents `remote`.
+    let uid = c.mesh.lab().pod(c.remote).uid.clone();
+    c.mesh.state_mut().set_workload_field(&uid, "serviceAccount", "impostor".into());
+    c.mesh.write_state().unwrap();
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_err()));
+    let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
+    assert!(
+        metric(&m1, "ztunnel_connection_failures_total", &[("direction", "outbound"), ("reason", "identity_mismatch")])
+            >= 1.0,
+        "{m1}"
+    );
+    // Other destinations are unaffected.
+    round_trip(c.pod_ns(c.client), c.app(c.local), b"fine").unwrap();
+}
+
+#[test]
+fn the_admin_endpoint_dumps_config_and_certificates_without_keys() {
+    let Some(c) = cluster("l4-admin") else { return };
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"warm up").unwrap();
+    let dump = c.mesh.ztunnel(c.nodes[0]).admin_get("/config_dump").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dump).expect("config dump is JSON");
+    let certs = v["certificates"].as_array().expect("certificates listed");
+    assert!(certs.iter().any(|c| c["identity"] == principal("client")), "{dump}");
+    assert!(!dump.contains("PRIVATE KEY"), "key material in the dump");
+    assert_eq!(v["pods"].as_array().unwrap().len(), 2, "node1 has two enrolled pods");
+    assert_eq!(v["config"]["node_name"], "node1");
+    assert!(v["state"]["workloads"].as_array().unwrap().len() >= 3);
+}

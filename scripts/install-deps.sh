@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and running Ambit on this machine needs: Debian
+# packages with apt-get (run as root), crates come with cargo. Idempotent.
+set -euo pipefail
+
+PACKAGES=(nftables iproute2 util-linux procps ca-certificates)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: need root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
+        [[ -x $d/cargo ]] && export PATH="$d:$PATH"
+    done
+fi
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: a Rust toolchain (cargo, rustc >= 1.85) is required; install it with rustup" >&2
+    exit 1
+fi

@@ -1,0 +1,218 @@
+//! The HTTP endpoints: admin (15000: config dump, run-time log level),
+//! metrics (15020: Prometheus text) and readiness (15021).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+use tracing_subscriber::{reload, EnvFilter, Registry as Subscriber};
+
+use crate::certs::CertManager;
+use crate::config::Config;
+use crate::state::{ProxyState, SharedState};
+
+type Body = Full<Bytes>;
+
+/// Changes the log filter at run time (`RUST_LOG` syntax).
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Subscriber>,
+    current: Mutex<String>,
+}
+
+impl LogControl {
+    pub fn new(handle: reload::Handle<EnvFilter, Subscriber>, initial: String) -> Self {
+        LogControl { handle, current: Mutex::new(initial) }
+    }
+
+    fn set(&self, directives: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid log level {directives:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| format!("bug: cannot reload log filter: {e}"))?;
+        *self.current.lock().expect("bug: poisoned") = directives.to_owned();
+        Ok(())
+    }
+
+    fn current(&self) -> String {
+        self.current.lock().expect("bug: poisoned").clone()
+    }
+}
+
+/// A pod as listed in the config dump.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodSummary {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub netns_inode: u64,
+}
+
+/// Everything the admin endpoint reads.
+pub struct AdminInputs {
+    pub config: Arc<Config>,
+    pub state: Arc<SharedState>,
+    pub certs: Arc<CertManager>,
+    pub pods: Arc<Mutex<Vec<PodSummary>>>,
+    pub log: Arc<LogControl>,
+}
+
+/// Whether ztunnel is ready: state loaded and connected to the node agent.
+#[derive(Default)]
+pub struct Readiness {
+    pub state_loaded: AtomicBool,
+    pub zds_connected: AtomicBool,
+}
+
+impl Readiness {
+    fn is_ready(&self) -> bool {
+        self.state_loaded.load(Ordering::Relaxed) && self.zds_connected.load(Ordering::Relaxed)
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            let dump = json!({
+                "config": &*inputs.config,
+                "pods": &*inputs.pods.lock().expect("bug: poisoned"),
+                "certificates": inputs.certs.summaries(),
+                "state": state_dump(&inputs.state.snapshot()),
+            });
+            let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default());
+            r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().expect("bug: header"));
+            r
+        }
+        (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", inputs.log.current())),
+        (&Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+            match level {
+                Some(l) => match inputs.log.set(&l) {
+                    Ok(()) => {
+                        info!(level = %l, "log level changed");
+                        text(StatusCode::OK, format!("{l}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+                None => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<RUST_LOG directives>\n"),
+            }
+        }
+        (&Method::GET, "/") => text(StatusCode::OK, "GET /config_dump\nGET /logging\nPOST /logging?level=debug\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The state as JSON (workloads, services, policies).
+fn state_dump(s: &ProxyState) -> serde_json::Value {
+    let workloads: Vec<_> = s
+        .workloads()
+        .map(|w| {
+            json!({
+                "uid": w.uid, "name": w.name, "namespace": w.namespace, "addresses": w.addresses,
+                "node": w.node, "protocol": format!("{:?}", w.protocol), "identity": w.identity().to_string(),
+                "status": format!("{:?}", w.status), "services": w.services.keys().collect::<Vec<_>>(),
+                "authorizationPolicies": w.authorization_policies,
+            })
+        })
+        .collect();
+    let services: Vec<_> = s
+        .services()
+        .map(|v| {
+            json!({
+                "name": v.name, "namespace": v.namespace, "hostname": v.hostname, "addresses": v.vips,
+                "ports": v.ports.iter().map(|p| json!({"servicePort": p.service_port, "targetPort": p.target_port})).collect::<Vec<_>>(),
+                "loadBalancing": format!("{:?}", v.load_balancer),
+            })
+        })
+        .collect();
+    let policies: Vec<_> = s
+        .policies()
+        .map(|p| {
+            json!({
+                "name": p.name, "namespace": p.namespace, "scope": format!("{:?}", p.scope),
+                "action": format!("{:?}", p.action), "rules": format!("{:?}", p.rules),
+            })
+        })
+        .collect();
+    json!({ "workloads": workloads, "services": services, "policies": policies })
+}
+
+/// Serves the admin endpoint.
+pub async fn serve_admin(listener: TcpListener, inputs: Arc<AdminInputs>) {
+    serve(listener, move |req| admin(&inputs, &req)).await
+}
+
+/// Serves Prometheus metrics on `/metrics`.
+pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
+    serve(listener, move |req| {
+        if req.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        }
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &registry) {
+            Ok(()) => {
+                let mut r = text(StatusCode::OK, out);
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8".parse().expect("bug: header"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("bug: cannot encode metrics: {e}\n")),
+        }
+    })
+    .await
+}
+
+/// Serves `/healthz/ready`.
+pub async fn serve_readiness(listener: TcpListener, readiness: Arc<Readiness>) {
+    serve(listener, move |req| match req.uri().path() {
+        "/healthz/ready" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+    .await
+}
+
+async fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "http accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let h = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let h = h.clone();
+                async move { Ok::<_, Infallible>(h(req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

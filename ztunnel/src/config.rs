@@ -1,0 +1,252 @@
+//! ztunnel's configuration: command-line flags and environment variables,
+//! turned into a plain [`Config`] by a pure function and validated once at
+//! start. Bad configuration fails with one clear line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+/// Marks ztunnel puts on every socket it opens inside a pod, so the pod's
+/// capture rules let them through. Must match `ambit_cni::capture` (the
+/// lab's tests prove they agree).
+pub const DEFAULT_SOCKET_MARK: u32 = 0x400;
+
+/// Flags and environment variables. Every flag has a documented default.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ztunnel", version, about = "Ambit's node proxy: HBONE tunnels between ambient pods")]
+pub struct Args {
+    /// Name of the node this ztunnel serves; only pods on this node are enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Mesh root namespace: policies there apply mesh-wide.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "ambit-system")]
+    pub root_namespace: String,
+
+    /// Local state file (workloads, services, policies as YAML), polled for changes.
+    #[arg(long, env = "AMBIT_STATE_FILE")]
+    pub state_file: PathBuf,
+
+    /// How often the state file is checked for changes, in milliseconds.
+    #[arg(long, env = "AMBIT_STATE_POLL_MS", default_value_t = 250)]
+    pub state_poll_ms: u64,
+
+    /// Development CA: PEM root certificate. With --ca-key, ztunnel signs its
+    /// workloads' certificates itself (development mode; the controller's CA
+    /// replaces it in production).
+    #[arg(long, env = "AMBIT_CA_CERT")]
+    pub ca_cert: PathBuf,
+
+    /// Development CA: PEM private key of --ca-cert.
+    #[arg(long, env = "AMBIT_CA_KEY")]
+    pub ca_key: PathBuf,
+
+    /// Lifetime of workload certificates, in seconds; rotated at half-life.
+    #[arg(long, env = "AMBIT_CERT_TTL_SECS", default_value_t = 86_400)]
+    pub cert_ttl_secs: u64,
+
+    /// Unix socket of the CNI node agent (ZDS), to which ztunnel connects.
+    #[arg(long, env = "AMBIT_ZDS_SOCKET", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    pub zds_socket: PathBuf,
+
+    /// Admin endpoint (config dump, log level). Keep it on loopback.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics endpoint.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Mark set (SO_MARK) on sockets ztunnel opens in pods; capture skips it.
+    #[arg(long, env = "AMBIT_SOCKET_MARK", default_value_t = DEFAULT_SOCKET_MARK)]
+    pub socket_mark: u32,
+
+    /// Most concurrent streams on one pooled HBONE connection before another is opened.
+    #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100)]
+    pub pool_max_streams: usize,
+
+    /// Pooled HBONE connections idle this long (seconds) are closed.
+    #[arg(long, env = "AMBIT_POOL_IDLE_SECS", default_value_t = 60)]
+    pub pool_idle_secs: u64,
+
+    /// Timeout for connecting to an upstream (ztunnel or application), in milliseconds.
+    #[arg(long, env = "AMBIT_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Tokio worker threads.
+    #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
+    /// Log format: `plain` or `json`.
+    #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Validated configuration, passed down read-only. Serialisable for the
+/// admin config dump (it holds no secrets: key *paths* only).
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub state_file: PathBuf,
+    pub state_poll_interval: Duration,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert_ttl: Duration,
+    pub zds_socket: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub socket_mark: u32,
+    pub pool_max_streams: usize,
+    pub pool_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--node-name must not be empty")]
+    EmptyNodeName,
+    #[error("--trust-domain {0:?} is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")]
+    BadTrustDomain(String),
+    #[error("--cert-ttl-secs must be at least 60, got {0}")]
+    CertTtlTooShort(u64),
+    #[error("--socket-mark must be non-zero")]
+    ZeroSocketMark,
+    #[error("--pool-max-streams must be between 1 and 10000, got {0}")]
+    BadPoolMaxStreams(usize),
+    #[error("--worker-threads must be between 1 and 64, got {0}")]
+    BadWorkerThreads(usize),
+    #[error("--state-poll-ms must be between 10 and 60000, got {0}")]
+    BadPollInterval(u64),
+}
+
+impl Config {
+    /// Builds the configuration from parsed flags (pure: no I/O).
+    pub fn from_args(a: Args) -> Config {
+        Config {
+            node_name: a.node_name,
+            trust_domain: a.trust_domain,
+            root_namespace: a.root_namespace,
+            state_file: a.state_file,
+            state_poll_interval: Duration::from_millis(a.state_poll_ms),
+            ca_cert: a.ca_cert,
+            ca_key: a.ca_key,
+            cert_ttl: Duration::from_secs(a.cert_ttl_secs),
+            zds_socket: a.zds_socket,
+            admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
+            socket_mark: a.socket_mark,
+            pool_max_streams: a.pool_max_streams,
+            pool_idle_timeout: Duration::from_secs(a.pool_idle_secs),
+            connect_timeout: Duration::from_millis(a.connect_timeout_ms),
+            worker_threads: a.worker_threads,
+            log_format: a.log_format,
+        }
+    }
+
+    /// Checks values that flags' types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ConfigError::EmptyNodeName);
+        }
+        let td_ok = !self.trust_domain.is_empty()
+            && self
+                .trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if !td_ok {
+            return Err(ConfigError::BadTrustDomain(self.trust_domain.clone()));
+        }
+        if self.cert_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::CertTtlTooShort(self.cert_ttl.as_secs()));
+        }
+        if self.socket_mark == 0 {
+            return Err(ConfigError::ZeroSocketMark);
+        }
+        if !(1..=10_000).contains(&self.pool_max_streams) {
+            return Err(ConfigError::BadPoolMaxStreams(self.pool_max_streams));
+        }
+        if !(1..=64).contains(&self.worker_threads) {
+            return Err(ConfigError::BadWorkerThreads(self.worker_threads));
+        }
+        let poll = self.state_poll_interval.as_millis() as u64;
+        if !(10..=60_000).contains(&poll) {
+            return Err(ConfigError::BadPollInterval(poll));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec![
+            "ztunnel",
+            "--node-name",
+            "n1",
+            "--state-file",
+            "/tmp/s.yaml",
+            "--ca-cert",
+            "/tmp/ca.pem",
+            "--ca-key",
+            "/tmp/ca.key",
+        ];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).expect("flags parse")
+    }
+
+    #[test]
+    fn defaults_follow_the_documented_ports() {
+        let c = Config::from_args(args(&[]));
+        assert_eq!(c.admin_addr.port(), 15000);
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_bad_trust_domain_is_refused_with_its_value() {
+        let c = Config::from_args(args(&["--trust-domain", "Bad Domain"]));
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("\"Bad Domain\""), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_lifetime_under_a_minute_is_refused() {
+        let c = Config::from_args(args(&["--cert-ttl-secs", "5"]));
+        assert_eq!(c.validate(), Err(ConfigError::CertTtlTooShort(5)));
+    }
+
+    #[test]
+    fn a_missing_required_flag_is_a_parse_error() {
+        assert!(Args::try_parse_from(["ztunnel", "--node-name", "n"]).is_err());
+    }
+}

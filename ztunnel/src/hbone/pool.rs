@@ -1,0 +1,258 @@
+//! Pooled HBONE client connections. Tunnels from the same source pod and
+//! identity to the same destination pod and identity share one mutual-TLS
+//! HTTP/2 connection (multiplexed streams); a connection carries at most
+//! `max_streams` tunnels before another is opened, and idle connections
+//! close after `idle_timeout`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ambit_identity::Identity;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode, Version};
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use crate::certs::{CertError, Certs};
+use crate::metrics::Metrics;
+use crate::netns::{NetnsError, PodNetns};
+
+/// What identifies a shareable connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PoolKey {
+    /// Source pod IP (the connection leaves from that pod's netns).
+    pub src: IpAddr,
+    pub src_identity: Identity,
+    /// Destination ztunnel: pod IP and HBONE port.
+    pub dst: SocketAddr,
+    pub dst_identity: Identity,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot create a socket in the source pod: {0}")]
+    Netns(#[from] NetnsError),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("tls handshake with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
+    #[error("tls configuration: {0}")]
+    Certs(#[from] CertError),
+    #[error("http/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("bad CONNECT request for {0}")]
+    BadRequest(String),
+    #[error("the destination refused the tunnel with status {0}")]
+    Refused(StatusCode),
+}
+
+impl PoolError {
+    /// True when the peer's certificate did not prove the expected identity
+    /// (or chain to our roots), as opposed to a network failure.
+    pub fn is_identity_failure(&self) -> bool {
+        match self {
+            PoolError::Tls { source, .. } => source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_))),
+            _ => false,
+        }
+    }
+}
+
+// Stream count of a connection leaving the pool; above any max_streams.
+const RETIRED: usize = usize::MAX / 2;
+
+struct Conn {
+    sender: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// Counts one open tunnel on a pooled connection.
+pub struct StreamGuard(Arc<Conn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An open tunnel: the two halves of the HTTP/2 stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub guard: StreamGuard,
+}
+
+/// How to dial new connections.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub max_streams: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub socket_mark: u32,
+}
+
+/// The connection pool of one ztunnel.
+pub struct HbonePool {
+    settings: PoolSettings,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl HbonePool {
+    pub fn new(settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(HbonePool { settings, conns: Mutex::default(), dialing: Mutex::default(), metrics })
+    }
+
+    /// Opens a tunnel to `authority` (the final destination, `ip:port`)
+    /// through the ztunnel at `key.dst`, reusing a pooled connection when
+    /// one has room.
+    pub async fn open(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        netns: &PodNetns,
+        certs: &Certs,
+        authority: SocketAddr,
+    ) -> Result<Tunnel, PoolError> {
+        let conn = match self.pick(key) {
+            Some(c) => c,
+            None => {
+                let lock = self.dialing.lock().expect("bug: poisoned").entry(key.clone()).or_default().clone();
+                let _g = lock.lock().await;
+                match self.pick(key) {
+                    Some(c) => c,
+                    None => self.dial(key, netns, certs).await?,
+                }
+            }
+        };
+        let guard = StreamGuard(conn.clone());
+        let mut sender = conn.sender.clone();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri(authority.to_string())
+            .body(())
+            .map_err(|_| PoolError::BadRequest(authority.to_string()))?;
+        let h2err = |source| PoolError::H2 { addr: key.dst, source };
+        sender = sender.ready().await.map_err(h2err)?;
+        let (resp, send) = sender.send_request(req, false).map_err(h2err)?;
+        let resp = resp.await.map_err(h2err)?;
+        if resp.status() != StatusCode::OK {
+            return Err(PoolError::Refused(resp.status()));
+        }
+        Ok(Tunnel { send, recv: resp.into_body(), guard })
+    }
+
+    /// A live connection for `key` with a free stream slot, reserving it.
+    fn pick(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().expect("bug: poisoned pool");
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        for c in list.iter() {
+            let n = c.streams.load(Ordering::Relaxed);
+            if n < self.settings.max_streams
+                && c.streams.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            {
+                return Some(c.clone());
+            }
+        }
+        None
+    }
+
+    async fn dial(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
+        let addr = key.dst;
+        let sock = netns.tcp_socket(addr, self.settings.socket_mark).await?;
+        let connect = tokio::net::TcpSocket::from_std_stream(sock.into()).connect(addr);
+        let tcp = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
+            Err(_) => return Err(PoolError::ConnectTimeout(addr)),
+        };
+        let tls_config = certs.client_config(&key.dst_identity)?;
+        let tls = TlsConnector::from(tls_config)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| PoolError::Tls { addr, source })?;
+        let (sender, connection) =
+            super::client_builder().handshake(tls).await.map_err(|source| PoolError::H2 { addr, source })?;
+        let conn = Arc::new(Conn { sender, streams: AtomicUsize::new(1), closed: AtomicBool::new(false) });
+        self.conns.lock().expect("bug: poisoned pool").entry(key.clone()).or_default().push(conn.clone());
+        self.metrics.pooled_connections.inc();
+        debug!(src = %key.src, dst = %addr, peer = %key.dst_identity, "opened pooled hbone connection");
+        self.spawn_driver(key.clone(), conn.clone(), connection);
+        Ok(conn)
+    }
+
+    /// Drives the HTTP/2 connection; closes it when idle too long.
+    fn spawn_driver(
+        self: &Arc<Self>,
+        key: PoolKey,
+        conn: Arc<Conn>,
+        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    ) {
+        let pool = Arc::downgrade(self);
+        let idle = self.settings.idle_timeout;
+        tokio::spawn(async move {
+            let mut idle_since: Option<tokio::time::Instant> = None;
+            let mut tick = tokio::time::interval(idle.min(Duration::from_secs(5)).max(Duration::from_millis(100)));
+            loop {
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            warn!(dst = %key.dst, error = %e, "pooled hbone connection failed");
+                        }
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        if conn.streams.load(Ordering::Relaxed) != 0 {
+                            idle_since = None;
+                            continue;
+                        }
+                        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                        // Retire only if no tunnel slipped in meanwhile: the
+                        // sentinel count keeps `pick` away from it from now on.
+                        if since.elapsed() >= idle
+                            && conn.streams.compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+                        {
+                            debug!(dst = %key.dst, "closing idle pooled hbone connection");
+                            break;
+                        }
+                    }
+                }
+            }
+            conn.closed.store(true, Ordering::Relaxed);
+            if let Some(p) = pool.upgrade() {
+                p.remove(&key, &conn);
+                p.metrics.pooled_connections.dec();
+            }
+        });
+    }
+
+    fn remove(&self, key: &PoolKey, conn: &Arc<Conn>) {
+        let mut conns = self.conns.lock().expect("bug: poisoned pool");
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|c| !Arc::ptr_eq(c, conn));
+            if list.is_empty() {
+                conns.remove(key);
+                self.dialing.lock().expect("bug: poisoned").remove(key);
+            }
+        }
+    }
+
+    /// Number of open pooled connections (for tests and the config dump).
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().expect("bug: poisoned pool").values().map(|v| v.len()).sum()
+    }
+}

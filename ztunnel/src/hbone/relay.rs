@@ -1,0 +1,98 @@
+//! Copies bytes between a TCP socket and an HTTP/2 stream, in both
+//! directions, with h2 flow control as backpressure: a slow reader slows
+//! the writer instead of growing a buffer.
+
+use std::future::poll_fn;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+// Read size from TCP; one reusable buffer per direction and connection.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why a relay ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("tcp side: {0}")]
+    Tcp(#[from] std::io::Error),
+    #[error("tunnel stream: {0}")]
+    Stream(#[from] h2::Error),
+    #[error("tunnel stream closed by the peer before the data was sent")]
+    StreamClosed,
+}
+
+/// Bytes moved by a relay.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the TCP socket into the tunnel.
+    pub to_tunnel: u64,
+    /// From the tunnel to the TCP socket.
+    pub from_tunnel: u64,
+}
+
+/// Relays until both directions have finished. A half-close on one side is
+/// passed on (TCP FIN ↔ END_STREAM). On an error in either direction the
+/// stream is reset and the socket dropped, so the far side sees it too.
+pub async fn relay(tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> (Transferred, Result<(), RelayError>) {
+    let (mut r, mut w) = tcp.into_split();
+    let mut t = Transferred::default();
+    let result = {
+        let up = tcp_to_stream(&mut r, &mut send, &mut t.to_tunnel);
+        let down = stream_to_tcp(&mut recv, &mut w, &mut t.from_tunnel);
+        tokio::try_join!(up, down).map(|_| ())
+    };
+    if result.is_err() {
+        send.send_reset(h2::Reason::CANCEL);
+        // Abortive close: the application sees a reset, not a clean EOF,
+        // so it does not mistake a broken tunnel for a complete response.
+        if let Ok(tcp) = r.reunite(w) {
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+    (t, result)
+}
+
+async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &mut u64) -> Result<(), RelayError> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.capacity() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = r.read_buf(&mut buf).await?;
+        if read == 0 {
+            send.send_data(Bytes::new(), true)?;
+            return Ok(());
+        }
+        *n += read as u64;
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(cap)) => cap,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(RelayError::StreamClosed),
+            };
+            if cap == 0 {
+                continue;
+            }
+            let part = chunk.split_to(cap.min(chunk.len()));
+            send.send_data(part, false)?;
+        }
+    }
+}
+
+async fn stream_to_tcp(recv: &mut RecvStream, w: &mut OwnedWriteHalf, n: &mut u64) -> Result<(), RelayError> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        let len = chunk.len();
+        w.write_all(&chunk).await?;
+        *n += len as u64;
+        // Only now may the peer send more: the socket took the bytes.
+        let _ = recv.flow_control().release_capacity(len);
+    }
+    w.shutdown().await?;
+    Ok(())
+}

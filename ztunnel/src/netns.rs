@@ -1,0 +1,175 @@
+//! Sockets inside a pod's network namespace. A socket belongs to the netns
+//! of the thread that created it, for life; so each enrolled pod gets one
+//! dedicated OS thread that entered the pod's netns once (`setns`) and
+//! creates sockets on request. Tokio workers never change namespace.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::thread;
+
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::sync::oneshot;
+
+/// Errors entering or using a pod's network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot start the netns thread for pod {pod}: {source}")]
+    Spawn { pod: String, source: std::io::Error },
+    #[error("cannot enter the network namespace of pod {pod}: {source}")]
+    Setns { pod: String, source: nix::Error },
+    #[error("the netns thread of pod {0} has stopped")]
+    Stopped(String),
+    #[error("socket operation in pod {pod}'s netns failed: {source}")]
+    Socket { pod: String, source: std::io::Error },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on one pod's network namespace and its socket-creating thread.
+/// Dropping it stops the thread (and closes the netns fd).
+#[derive(Debug)]
+pub struct PodNetns {
+    pod: String,
+    jobs: mpsc::Sender<Job>,
+    inode: u64,
+}
+
+impl PodNetns {
+    /// Starts the thread that lives in `netns` (an open `/proc/*/ns/net` or
+    /// `/var/run/netns/*` file).
+    pub fn new(pod: &str, netns: OwnedFd) -> Result<Self, NetnsError> {
+        let inode = nix::sys::stat::fstat(netns.as_fd()).map(|s| s.st_ino).unwrap_or_default();
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let name = pod.to_owned();
+        thread::Builder::new()
+            .name(format!("netns-{}", short(pod)))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let entered = setns(&netns, CloneFlags::CLONE_NEWNET);
+                drop(netns);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .map_err(|source| NetnsError::Spawn { pod: name.clone(), source })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(PodNetns { pod: pod.to_owned(), jobs, inode }),
+            Ok(Err(source)) => Err(NetnsError::Setns { pod: pod.to_owned(), source }),
+            Err(_) => Err(NetnsError::Stopped(pod.to_owned())),
+        }
+    }
+
+    /// Identifies the namespace (inode of its nsfs file).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    /// Runs `f` on the pod's netns thread. Keep `f` short: it serialises
+    /// socket creation for this pod.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::Stopped(self.pod.clone()))?;
+        rx.await.map_err(|_| NetnsError::Stopped(self.pod.clone()))
+    }
+
+    /// A non-blocking TCP socket in the pod's netns carrying ztunnel's mark,
+    /// so the pod's capture rules do not redirect it again.
+    pub async fn tcp_socket(&self, family: SocketAddr, mark: u32) -> Result<Socket, NetnsError> {
+        let domain = Domain::for_address(family);
+        let r = self
+            .run(move || -> std::io::Result<Socket> {
+                let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+                s.set_mark(mark)?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .await?;
+        r.map_err(|source| NetnsError::Socket { pod: self.pod.clone(), source })
+    }
+
+    /// A listening socket in the pod's netns. `transparent` lets it accept
+    /// connections TPROXY'd to it for any destination address.
+    pub async fn listener(&self, addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, NetnsError> {
+        let r = self
+            .run(move || -> std::io::Result<std::net::TcpListener> {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                if transparent {
+                    s.set_ip_transparent(true)?;
+                }
+                s.bind(&SockAddr::from(addr))?;
+                s.listen(1024)?;
+                Ok(s.into())
+            })
+            .await?;
+        r.map_err(|source| NetnsError::Socket { pod: self.pod.clone(), source })
+    }
+}
+
+fn short(pod: &str) -> &str {
+    let tail = pod.rsplit('/').next().unwrap_or(pod);
+    &tail[..tail.len().min(8)]
+}
+
+/// Marks `sock` as allowed to bind a non-local address (the client's IP),
+/// binding the port only at connect time.
+pub fn bind_transparent(sock: &Socket, src: std::net::IpAddr) -> std::io::Result<()> {
+    sock.set_ip_transparent(true)?;
+    // IP_BIND_ADDRESS_NO_PORT: pick the source port at connect(), so the
+    // same spoofed source IP can reach many destinations.
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd, option pointer and length of a c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    #[tokio::test]
+    async fn sockets_are_created_in_the_given_namespace() {
+        // Our own netns is a valid target: the socket's netns inode matches.
+        let own = File::open("/proc/self/ns/net").unwrap();
+        let ino = nix::sys::stat::fstat(own.as_fd()).unwrap().st_ino;
+        let ns = match PodNetns::new("default/test", OwnedFd::from(own)) {
+            Ok(ns) => ns,
+            Err(e) if std::env::var_os("CI").is_none() && !nix::unistd::geteuid().is_root() => {
+                eprintln!("skipping (needs root): {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(ns.inode(), ino);
+        let l = ns.listener("127.0.0.1:0".parse().unwrap(), false).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = ns.tcp_socket(addr, 0x400).await.unwrap();
+        assert_eq!(s.mark().unwrap(), 0x400);
+        let stream = tokio::net::TcpSocket::from_std_stream(s.into()).connect(addr).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+    }
+}

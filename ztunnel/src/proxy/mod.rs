@@ -1,0 +1,128 @@
+//! The per-pod proxies. For each enrolled pod ztunnel listens inside the
+//! pod's network namespace on 15001 (outbound, REDIRECT target), 15006
+//! (inbound plaintext, TPROXY target) and 15008 (inbound HBONE).
+
+mod conn;
+mod inbound;
+mod outbound;
+mod plaintext;
+mod socket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambit_identity::Identity;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::certs::CertManager;
+use crate::config::Config;
+use crate::hbone::pool::HbonePool;
+use crate::hbone::HBONE_PORT;
+use crate::metrics::Metrics;
+use crate::netns::{NetnsError, PodNetns};
+use crate::state::SharedState;
+
+pub use socket::original_destination;
+
+/// Outbound capture port, inside each pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture port, inside each pod.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// What every proxy needs, shared by all pods of the node.
+#[derive(Clone)]
+pub struct ProxyInputs {
+    pub config: Arc<Config>,
+    pub state: Arc<SharedState>,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<HbonePool>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One enrolled pod, as the node agent described it.
+#[derive(Debug)]
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub netns: PodNetns,
+}
+
+impl Pod {
+    /// True when `w` (from the state) is this pod.
+    pub fn is(&self, w: &crate::state::Workload) -> bool {
+        w.uid == self.uid || (w.name == self.name && w.namespace == self.namespace)
+    }
+}
+
+/// The running listeners of one pod; dropping it stops them. Connections
+/// already accepted run to completion.
+pub struct PodProxies {
+    tasks: JoinSet<()>,
+}
+
+/// Errors starting a pod's proxies.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot open listener {addr} in pod {pod}: {source}")]
+    Listen { pod: String, addr: SocketAddr, source: NetnsError },
+    #[error("cannot register listener with the runtime: {0}")]
+    Register(#[from] std::io::Error),
+}
+
+impl PodProxies {
+    /// Opens the three listeners in `pod`'s netns and starts serving.
+    pub async fn start(inputs: ProxyInputs, pod: Arc<Pod>) -> Result<Self, ProxyError> {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        let listen = |addr: SocketAddr, transparent| {
+            let pod = pod.clone();
+            async move {
+                let l = pod
+                    .netns
+                    .listener(addr, transparent)
+                    .await
+                    .map_err(|source| ProxyError::Listen { pod: pod.uid.clone(), addr, source })?;
+                Ok::<_, ProxyError>(tokio::net::TcpListener::from_std(l)?)
+            }
+        };
+        let outbound_l = listen(any(OUTBOUND_PORT), false).await?;
+        let plaintext_l = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
+        let hbone_l = listen(any(HBONE_PORT), false).await?;
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(outbound::serve(inputs.clone(), pod.clone(), outbound_l));
+        tasks.spawn(plaintext::serve(inputs.clone(), pod.clone(), plaintext_l));
+        tasks.spawn(inbound::serve(inputs, pod.clone(), hbone_l));
+        info!(pod = %pod.uid, identity = %pod.identity, "pod proxies listening on 15001, 15006, 15008");
+        Ok(PodProxies { tasks })
+    }
+
+    /// Stops accepting connections for the pod.
+    pub fn stop(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Accept loop shared by the three listeners: a failed accept (for example
+/// out of file descriptors) is logged and retried after a short pause rather
+/// than ending the listener.
+async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, pod: Arc<Pod>, mut handle: F)
+where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                warn!(pod = %pod.uid, listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Inbound plaintext: connections from outside the mesh to the pod, TPROXY'd
+//! to 15006. They carry no identity, so PeerAuthentication STRICT (compiled
+//! to a DENY policy on peers without identity) rejects them; PERMISSIVE
+//! lets them through, subject to the other policies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::conn::{relay_plain, ConnMetrics};
+use super::inbound::{authorize_and_connect, InboundRequest};
+use super::{accept_loop, Pod, ProxyInputs};
+use crate::metrics::{Direction, FailureReason, Reporter};
+
+pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
+    let p = pod.clone();
+    accept_loop(listener, "inbound-plaintext", p, move |stream, peer| handle(inputs.clone(), pod.clone(), stream, peer))
+        .await
+}
+
+async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+    // With TPROXY the accepted socket's local address is the original destination.
+    let dst = match stream.local_addr() {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(pod = %pod.uid, error = %e, "no local address; closing");
+            inputs.metrics.failure(Direction::inbound, FailureReason::original_destination);
+            return;
+        }
+    };
+    let req = InboundRequest { src: peer, src_identity: None, target: dst };
+    let (upstream, peers) = match authorize_and_connect(&inputs, &pod, &req).await {
+        Ok(ok) => ok,
+        Err(reason) => {
+            inputs.metrics.failure(Direction::inbound, reason);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+    };
+    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::destination, &peers, false);
+    let (bytes, r) = relay_plain(stream, upstream).await;
+    metrics.record(bytes);
+    if let Err(e) = r {
+        debug!(pod = %pod.uid, %dst, error = %e, "plaintext connection broke");
+        inputs.metrics.failure(Direction::inbound, FailureReason::stream_error);
+    }
+}

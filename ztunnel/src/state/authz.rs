@@ -1,0 +1,549 @@
+//! L4 authorization with Istio's semantics: DENY first, then ALLOW if any
+//! ALLOW applies. Evaluation allocates nothing: principals are compared
+//! against the SPIFFE URI's pieces without formatting it.
+
+use std::net::IpAddr;
+
+use ambit_identity::Identity;
+
+use super::model::{Action, Authorization, Match, StringMatch, Workload};
+use super::ProxyState;
+
+/// What authorization knows about a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionAttributes {
+    /// The peer's identity from its certificate; `None` for plaintext.
+    pub src_identity: Option<Identity>,
+    /// Source IP.
+    pub src_ip: IpAddr,
+    /// Destination IP.
+    pub dst_ip: IpAddr,
+    /// Destination port.
+    pub dst_port: u16,
+}
+
+/// A connection refused by policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}{}", policy.as_deref().map(|p| format!(" ({p})")).unwrap_or_default())]
+pub struct Denied {
+    /// `namespace/name` of the deciding DENY policy; `None` when no ALLOW matched.
+    pub policy: Option<String>,
+    /// Short reason for logs and metrics.
+    pub reason: &'static str,
+}
+
+impl ProxyState {
+    /// Decides whether `conn` may reach `dst`. Applicable policies: Global
+    /// ones, Namespace ones in `dst`'s namespace, and those `dst` lists. Any
+    /// matching DENY denies; otherwise, if an ALLOW applies, one must match.
+    pub fn authorize(&self, conn: &ConnectionAttributes, dst: &Workload) -> Result<(), Denied> {
+        let ns = self
+            .namespace_policies
+            .get(&dst.namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let applicable = || {
+            let scoped = self
+                .global_policies
+                .iter()
+                .chain(ns)
+                .map(|&i| &*self.policies[i]);
+            scoped.chain(
+                dst.authorization_policies
+                    .iter()
+                    .filter_map(|k| self.policy(k))
+                    .map(|p| &**p),
+            )
+        };
+        if let Some(p) = applicable().find(|p| p.action == Action::Deny && policy_matches(p, conn))
+        {
+            return Err(Denied {
+                policy: Some(p.key()),
+                reason: "denied by policy",
+            });
+        }
+        let mut allows = applicable()
+            .filter(|p| p.action == Action::Allow)
+            .peekable();
+        if allows.peek().is_none() || allows.any(|p| policy_matches(p, conn)) {
+            return Ok(());
+        }
+        Err(Denied {
+            policy: None,
+            reason: "no allow policy matched",
+        })
+    }
+}
+
+/// Any rule; a rule matches when all its clauses do; a clause when any match does.
+fn policy_matches(p: &Authorization, conn: &ConnectionAttributes) -> bool {
+    p.rules.iter().any(|r| {
+        r.clauses
+            .iter()
+            .all(|c| c.matches.iter().any(|m| match_matches(m, conn)))
+    })
+}
+
+fn match_matches(m: &Match, conn: &ConnectionAttributes) -> bool {
+    let id = conn.src_identity.as_ref();
+    let principal = |s: &StringMatch| id.is_some_and(|id| principal_matches(s, id));
+    let namespace = |s: &StringMatch| id.is_some_and(|id| string_matches(s, &id.namespace));
+    let src = |n: &ipnet::IpNet| n.contains(&conn.src_ip);
+    let dst = |n: &ipnet::IpNet| n.contains(&conn.dst_ip);
+    let port = |p: &u16| *p == conn.dst_port;
+    all_or_empty(&m.principals, principal)
+        && all_or_empty(&m.namespaces, namespace)
+        && all_or_empty(&m.source_ips, src)
+        && all_or_empty(&m.destination_ips, dst)
+        && all_or_empty(&m.destination_ports, port)
+        && !m.not_principals.iter().any(principal)
+        && !m.not_namespaces.iter().any(namespace)
+        && !m.not_source_ips.iter().any(src)
+        && !m.not_destination_ips.iter().any(dst)
+        && !m.not_destination_ports.iter().any(port)
+}
+
+/// A positive field: unset matches, set needs one value to match.
+fn all_or_empty<T>(values: &[T], f: impl FnMut(&T) -> bool) -> bool {
+    values.is_empty() || values.iter().any(f)
+}
+
+fn string_matches(m: &StringMatch, v: &str) -> bool {
+    match m {
+        StringMatch::Exact(s) => v == s,
+        StringMatch::Prefix(s) => v.starts_with(s.as_str()),
+        StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+        StringMatch::Presence => true,
+    }
+}
+
+/// Matches against `spiffe://<td>/ns/<ns>/sa/<sa>` without building it.
+fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
+    let pieces = [
+        "spiffe://".as_bytes(),
+        id.trust_domain.as_bytes(),
+        b"/ns/",
+        id.namespace.as_bytes(),
+        b"/sa/",
+        id.service_account.as_bytes(),
+    ];
+    match m {
+        StringMatch::Exact(s) => {
+            s.len() == pieces.iter().map(|p| p.len()).sum::<usize>()
+                && starts_with(&pieces, s.as_bytes())
+        }
+        StringMatch::Prefix(s) => starts_with(&pieces, s.as_bytes()),
+        StringMatch::Suffix(s) => ends_with(&pieces, s.as_bytes()),
+        StringMatch::Presence => true,
+    }
+}
+
+/// Whether the concatenation of `pieces` starts with `pat`.
+fn starts_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
+    for p in pieces {
+        if pat.len() <= p.len() {
+            return p.starts_with(pat);
+        }
+        match pat.strip_prefix(*p) {
+            Some(rest) => pat = rest,
+            None => return false,
+        }
+    }
+    pat.is_empty()
+}
+
+/// Whether the concatenation of `pieces` ends with `pat`.
+fn ends_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
+    for p in pieces.iter().rev() {
+        if pat.len() <= p.len() {
+            return p.ends_with(pat);
+        }
+        match pat.strip_suffix(*p) {
+            Some(rest) => pat = rest,
+            None => return false,
+        }
+    }
+    pat.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::{Clause, Rule, Scope};
+    use super::*;
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn conn(src: Option<Identity>) -> ConnectionAttributes {
+        ConnectionAttributes {
+            src_identity: src,
+            src_ip: "10.1.0.2".parse().unwrap(),
+            dst_ip: "10.1.0.3".parse().unwrap(),
+            dst_port: 8080,
+        }
+    }
+
+    fn policy(name: &str, scope: Scope, action: Action, m: Match) -> Authorization {
+        let rules = vec![Rule {
+            clauses: vec![Clause { matches: vec![m] }],
+        }];
+        Authorization {
+            name: name.into(),
+            namespace: "default".into(),
+            scope,
+            action,
+            rules,
+        }
+    }
+
+    fn dst() -> Workload {
+        Workload {
+            uid: "server".into(),
+            namespace: "default".into(),
+            addresses: vec!["10.1.0.3".parse().unwrap()],
+            authorization_policies: vec!["default/selected".into()],
+            ..Default::default()
+        }
+    }
+
+    fn state(policies: Vec<Authorization>) -> ProxyState {
+        ProxyState::new(vec![dst()], vec![], policies, "cluster.local").unwrap()
+    }
+
+    fn decide(policies: Vec<Authorization>, c: &ConnectionAttributes) -> Result<(), Denied> {
+        state(policies).authorize(c, &dst())
+    }
+
+    fn exact(s: &str) -> StringMatch {
+        StringMatch::Exact(s.into())
+    }
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+    #[test]
+    fn no_policy_allows() {
+        assert_eq!(decide(vec![], &conn(None)), Ok(()));
+    }
+
+    #[test]
+    fn deny_policy_takes_precedence_over_allow() {
+        let allow = policy("allow", Scope::Namespace, Action::Allow, Match::default());
+        let deny = policy(
+            "deny",
+            Scope::Global,
+            Action::Deny,
+            Match {
+                principals: vec![exact(CLIENT)],
+                ..Default::default()
+            },
+        );
+        let denied = decide(vec![allow, deny], &conn(Some(id("default", "client")))).unwrap_err();
+        assert_eq!(
+            denied,
+            Denied {
+                policy: Some("default/deny".into()),
+                reason: "denied by policy"
+            }
+        );
+        assert_eq!(denied.to_string(), "denied by policy (default/deny)");
+    }
+
+    #[test]
+    fn deny_that_does_not_match_and_no_allow_allows() {
+        let deny = policy(
+            "deny",
+            Scope::Global,
+            Action::Deny,
+            Match {
+                principals: vec![exact(CLIENT)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            decide(vec![deny], &conn(Some(id("default", "other")))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn allow_that_matches_nothing_denies() {
+        let allow = policy(
+            "allow",
+            Scope::Namespace,
+            Action::Allow,
+            Match {
+                destination_ports: vec![1],
+                ..Default::default()
+            },
+        );
+        let denied = decide(vec![allow], &conn(None)).unwrap_err();
+        assert_eq!(
+            denied,
+            Denied {
+                policy: None,
+                reason: "no allow policy matched"
+            }
+        );
+        let no_rules = Authorization {
+            name: "empty".into(),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        assert!(
+            decide(vec![no_rules], &conn(None)).is_err(),
+            "a policy with no rules matches nothing"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_clauses_matches_everything() {
+        let allow_all = Authorization {
+            name: "all".into(),
+            namespace: "default".into(),
+            rules: vec![Rule::default()],
+            ..Default::default()
+        };
+        assert_eq!(decide(vec![allow_all], &conn(None)), Ok(()));
+    }
+
+    #[test]
+    fn policies_of_other_namespaces_and_unlisted_selectors_do_not_apply() {
+        let mut other_ns = policy("n", Scope::Namespace, Action::Deny, Match::default());
+        other_ns.namespace = "other".into();
+        let unlisted = policy(
+            "unlisted",
+            Scope::WorkloadSelector,
+            Action::Deny,
+            Match::default(),
+        );
+        assert_eq!(decide(vec![other_ns, unlisted], &conn(None)), Ok(()));
+        let listed = policy(
+            "selected",
+            Scope::WorkloadSelector,
+            Action::Deny,
+            Match::default(),
+        );
+        assert!(decide(vec![listed], &conn(None)).is_err());
+    }
+
+    fn allowed_by(m: Match, c: &ConnectionAttributes) -> bool {
+        decide(vec![policy("p", Scope::Global, Action::Allow, m)], c).is_ok()
+    }
+
+    #[test]
+    fn principals_match_the_full_spiffe_uri_exactly_by_prefix_or_suffix() {
+        let client = conn(Some(id("default", "client")));
+        let m = |s: StringMatch| Match {
+            principals: vec![s],
+            ..Default::default()
+        };
+        assert!(allowed_by(m(exact(CLIENT)), &client));
+        assert!(!allowed_by(
+            m(exact("spiffe://cluster.local/ns/default/sa/clien")),
+            &client
+        ));
+        assert!(!allowed_by(
+            m(exact("cluster.local/ns/default/sa/client")),
+            &client
+        ));
+        assert!(allowed_by(
+            m(StringMatch::Prefix("spiffe://cluster.local/ns/def".into())),
+            &client
+        ));
+        assert!(allowed_by(m(StringMatch::Prefix(String::new())), &client));
+        assert!(!allowed_by(
+            m(StringMatch::Prefix(format!("{CLIENT}x"))),
+            &client
+        ));
+        assert!(allowed_by(
+            m(StringMatch::Suffix("/sa/client".into())),
+            &client
+        ));
+        assert!(allowed_by(m(StringMatch::Suffix(CLIENT.into())), &client));
+        assert!(!allowed_by(
+            m(StringMatch::Suffix(format!("x{CLIENT}"))),
+            &client
+        ));
+        assert!(!allowed_by(
+            m(StringMatch::Suffix("/sa/server".into())),
+            &client
+        ));
+        assert!(
+            !allowed_by(m(exact(CLIENT)), &conn(None)),
+            "no identity fails a positive principal match"
+        );
+    }
+
+    #[test]
+    fn namespaces_match_the_source_identity_namespace() {
+        let m = Match {
+            namespaces: vec![StringMatch::Prefix("team-".into())],
+            ..Default::default()
+        };
+        assert!(allowed_by(m.clone(), &conn(Some(id("team-a", "x")))));
+        assert!(!allowed_by(m.clone(), &conn(Some(id("default", "x")))));
+        assert!(!allowed_by(m, &conn(None)));
+    }
+
+    #[test]
+    fn ip_blocks_and_ports_match_source_destination_and_port() {
+        let c = conn(None);
+        let net = |s: &str| vec![s.parse().unwrap()];
+        assert!(allowed_by(
+            Match {
+                source_ips: net("10.0.0.0/8"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                source_ips: net("10.2.0.0/16"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(allowed_by(
+            Match {
+                destination_ips: net("10.1.0.3/32"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                destination_ips: net("10.1.0.2/32"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(allowed_by(
+            Match {
+                destination_ports: vec![9090, 8080],
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                destination_ports: vec![9090],
+                ..Default::default()
+            },
+            &c
+        ));
+        // Set fields are AND-ed.
+        let both = Match {
+            source_ips: net("10.0.0.0/8"),
+            destination_ports: vec![9090],
+            ..Default::default()
+        };
+        assert!(!allowed_by(both, &c));
+    }
+
+    #[test]
+    fn not_fields_exclude_what_they_match() {
+        let c = conn(Some(id("default", "client")));
+        let net = |s: &str| vec![s.parse().unwrap()];
+        assert!(!allowed_by(
+            Match {
+                not_principals: vec![exact(CLIENT)],
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(allowed_by(
+            Match {
+                not_principals: vec![exact("spiffe://x/ns/a/sa/b")],
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                not_namespaces: vec![exact("default")],
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                not_source_ips: net("10.1.0.0/24"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(allowed_by(
+            Match {
+                not_source_ips: net("10.9.0.0/24"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                not_destination_ips: net("10.1.0.3/32"),
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(!allowed_by(
+            Match {
+                not_destination_ports: vec![8080],
+                ..Default::default()
+            },
+            &c
+        ));
+        assert!(allowed_by(
+            Match {
+                not_destination_ports: vec![80],
+                ..Default::default()
+            },
+            &c
+        ));
+    }
+
+    #[test]
+    fn not_principals_presence_denies_plaintext_and_passes_any_mtls_peer() {
+        let strict = policy(
+            "strict",
+            Scope::Namespace,
+            Action::Deny,
+            Match {
+                not_principals: vec![StringMatch::Presence],
+                ..Default::default()
+            },
+        );
+        assert!(decide(vec![strict.clone()], &conn(None)).is_err());
+        assert_eq!(
+            decide(vec![strict], &conn(Some(id("elsewhere", "anyone")))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_clause_needs_one_of_its_matches_and_a_rule_all_its_clauses() {
+        let port = |p| Match {
+            destination_ports: vec![p],
+            ..Default::default()
+        };
+        let clause = |ms: Vec<Match>| Clause { matches: ms };
+        let allow = |clauses| Authorization {
+            name: "p".into(),
+            namespace: "default".into(),
+            rules: vec![Rule { clauses }],
+            ..Default::default()
+        };
+        let c = conn(None);
+        assert!(decide(vec![allow(vec![clause(vec![port(1), port(8080)])])], &c).is_ok());
+        assert!(decide(
+            vec![allow(vec![clause(vec![port(8080)]), clause(vec![port(1)])])],
+            &c
+        )
+        .is_err());
+    }
+}

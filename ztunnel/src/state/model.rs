@@ -1,0 +1,228 @@
+//! ztunnel's internal model of the mesh, shaped after Istio's workload API
+//! (`istio.workload.Workload` / `Service`, `istio.security.Authorization`) so
+//! that the local file and xDS feed the same types.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ambit_identity::Identity;
+use ipnet::IpNet;
+
+/// Trust domain used by [`Workload::identity`] when a workload was built
+/// without one and never went through [`super::ProxyState::new`].
+pub const FALLBACK_TRUST_DOMAIN: &str = "cluster.local";
+/// Service account of a workload that names none (Kubernetes' default).
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// How a workload is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TunnelProtocol {
+    /// Plain TCP: the workload is outside the mesh.
+    #[default]
+    None,
+    /// Captured by a ztunnel: reached through HBONE on port 15008.
+    Hbone,
+}
+
+/// Whether a workload may receive load-balanced traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// Ready to receive traffic.
+    #[default]
+    Healthy,
+    /// Skipped by load balancing; still reachable when addressed directly.
+    Unhealthy,
+}
+
+/// A service port and the port the backing workload listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMapping {
+    /// Port clients connect to on the service VIP.
+    pub service_port: u16,
+    /// Port on the workload; 0 means "same as `service_port`".
+    pub target_port: u16,
+}
+
+/// One pod, VM or other endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Primary key, unique in the mesh.
+    pub uid: String,
+    /// Name (for a pod, the pod's name).
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// IPs the workload owns; each IP belongs to at most one workload.
+    pub addresses: Vec<IpAddr>,
+    /// Node the workload runs on.
+    pub node: String,
+    /// Network the addresses belong to (empty = the default network).
+    pub network: String,
+    /// How the workload is reached.
+    pub protocol: TunnelProtocol,
+    /// SPIFFE trust domain (empty until filled with the load-time default).
+    pub trust_domain: String,
+    /// Service account (empty means [`DEFAULT_SERVICE_ACCOUNT`]).
+    pub service_account: String,
+    /// Health, used by load balancing.
+    pub status: HealthStatus,
+    /// Canonical service name (telemetry).
+    pub canonical_name: String,
+    /// Owning workload's name, e.g. the Deployment (telemetry).
+    pub workload_name: String,
+    /// Services this workload backs, keyed `namespace/hostname`.
+    pub services: BTreeMap<String, Vec<PortMapping>>,
+    /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
+    pub authorization_policies: Vec<String>,
+}
+
+impl Workload {
+    /// The workload's SPIFFE identity. An empty service account is `default`;
+    /// an empty trust domain (only possible for a workload not loaded through
+    /// [`super::ProxyState::new`]) is [`FALLBACK_TRUST_DOMAIN`].
+    pub fn identity(&self) -> Identity {
+        let or = |s: &str, d: &str| {
+            if s.is_empty() {
+                d.to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        Identity::new(
+            or(&self.trust_domain, FALLBACK_TRUST_DOMAIN),
+            self.namespace.clone(),
+            or(&self.service_account, DEFAULT_SERVICE_ACCOUNT),
+        )
+    }
+}
+
+/// How a service spreads connections over its endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalancer {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest active connections (ties: round robin).
+    LeastConnections,
+}
+
+/// A group of workloads reachable together through virtual IPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Short name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Fully qualified host name, e.g. `echo.default.svc.cluster.local`.
+    pub hostname: String,
+    /// Virtual IPs; each VIP belongs to at most one service.
+    pub vips: Vec<IpAddr>,
+    /// Declared ports.
+    pub ports: Vec<PortMapping>,
+    /// Endpoint selection.
+    pub load_balancer: LoadBalancer,
+}
+
+impl Service {
+    /// The service's key, `namespace/hostname`, as used in [`Workload::services`].
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Which workloads a policy applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every workload in the mesh.
+    #[default]
+    Global,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// Workloads that list the policy in [`Workload::authorization_policies`].
+    WorkloadSelector,
+}
+
+/// What a matching policy does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Action {
+    /// Allow matching connections (and, if any ALLOW applies, deny the rest).
+    #[default]
+    Allow,
+    /// Deny matching connections; takes precedence over ALLOW.
+    Deny,
+}
+
+/// An L4 authorization policy (`istio.security.Authorization`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Authorization {
+    /// Name, unique in its namespace.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Which workloads it applies to.
+    pub scope: Scope,
+    /// Allow or deny.
+    pub action: Action,
+    /// OR-ed: the policy matches when any rule matches; no rules matches nothing.
+    pub rules: Vec<Rule>,
+}
+
+impl Authorization {
+    /// The policy's key, `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// AND of clauses; a rule with no clauses matches every connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// All must match.
+    pub clauses: Vec<Clause>,
+}
+
+/// OR of matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clause {
+    /// Any may match.
+    pub matches: Vec<Match>,
+}
+
+/// Conditions on one connection: every non-empty positive field must match
+/// (its values OR-ed) and no `not_*` field may match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Match {
+    /// Source identity's namespace.
+    pub namespaces: Vec<StringMatch>,
+    /// Source identity's namespace, negated.
+    pub not_namespaces: Vec<StringMatch>,
+    /// Source identity's full SPIFFE URI.
+    pub principals: Vec<StringMatch>,
+    /// Source identity's full SPIFFE URI, negated.
+    pub not_principals: Vec<StringMatch>,
+    /// Source IP ranges.
+    pub source_ips: Vec<IpNet>,
+    /// Source IP ranges, negated.
+    pub not_source_ips: Vec<IpNet>,
+    /// Destination IP ranges.
+    pub destination_ips: Vec<IpNet>,
+    /// Destination IP ranges, negated.
+    pub not_destination_ips: Vec<IpNet>,
+    /// Destination ports.
+    pub destination_ports: Vec<u16>,
+    /// Destination ports, negated.
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// A string condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    /// Equal to.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// The value exists at all (for principals: the peer has an identity).
+    Presence,
+}

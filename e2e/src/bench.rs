@@ -77,7 +77,17 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     eprintln!("measuring direct pod-to-pod TCP ...");
     let direct = measure(&mesh.lab().pod(client).netns, target.into(), opts)?;
 
-    mesh.start_all()?;
+    // Extra ztunnel flags for experiments, e.g. BENCH_ZTUNNEL_ARGS="--worker-threads 1".
+    let extra: Vec<String> =
+        std::env::var("BENCH_ZTUNNEL_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+    for n in [n1, n2] {
+        mesh.start_ztunnel_with(n, |a| {
+            a.extra.extend(extra.iter().cloned());
+            if let Ok(level) = std::env::var("BENCH_ZTUNNEL_LOG") {
+                a.log_level = level;
+            }
+        })?;
+    }
     let mut zt = ZtunnelUse::default();
     for (i, n) in [n1, n2].into_iter().enumerate() {
         zt.idle_rss_mib[i] = mib(mesh.ztunnel(n).rss_bytes());

@@ -194,8 +194,6 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
     let n1 = c.nodes[0];
     let other = c.mesh.lab_mut().add_pod(n1, PodSpec::new("visitor", "other", "visitor")).unwrap();
     c.mesh.enroll(other).unwrap();
-    let other_ns = c.mesh.lab().pod(other).netns.name().to_owned();
-    let _ = other_ns;
     assert!(
         eventually(TIMEOUT, || round_trip(&c.mesh.lab().pod(other).netns, c.app(remote), b"welcome").is_ok()),
         "allow policy did not admit its namespace"
@@ -342,10 +340,7 @@ fn a_service_vip_spreads_connections_over_its_endpoints() {
     let Some(mut c) = cluster("l4-service") else { return };
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     let (local, remote) = (c.local, c.remote);
-    let lab_ptr: *const Lab = c.mesh.lab();
-    // SAFETY: add_service_for only reads the lab while we hold the state mutably.
-    let lab = unsafe { &*lab_ptr };
-    c.mesh.state_mut().add_service_for(lab, "echo", "default", vip, &[(80, APP_PORT)], &[local, remote]);
+    c.mesh.add_service_for("echo", "default", vip, &[(80, APP_PORT)], &[local, remote]);
     c.mesh.write_state().unwrap();
     let svc = SocketAddr::from((vip, 80));
     assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), svc, b"via vip").is_ok()));

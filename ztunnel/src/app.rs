@@ -56,9 +56,9 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     let pool = HbonePool::new(
         PoolSettings {
             max_streams: config.pool_max_streams,
+            max_connections: config.pool_max_connections,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout: config.connect_timeout,
-            socket_mark: config.socket_mark,
         },
         metrics.clone(),
     );

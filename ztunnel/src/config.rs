@@ -76,6 +76,11 @@ pub struct Args {
     #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100)]
     pub pool_max_streams: usize,
 
+    /// Connections per (source, destination) pair over which concurrent
+    /// streams are spread before they share one. Default: one per worker.
+    #[arg(long, env = "AMBIT_POOL_MAX_CONNECTIONS", default_value_t = 2)]
+    pub pool_max_connections: usize,
+
     /// Pooled HBONE connections idle this long (seconds) are closed.
     #[arg(long, env = "AMBIT_POOL_IDLE_SECS", default_value_t = 60)]
     pub pool_idle_secs: u64,
@@ -119,6 +124,7 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     pub socket_mark: u32,
     pub pool_max_streams: usize,
+    pub pool_max_connections: usize,
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub worker_threads: usize,
@@ -138,6 +144,8 @@ pub enum ConfigError {
     ZeroSocketMark,
     #[error("--pool-max-streams must be between 1 and 10000, got {0}")]
     BadPoolMaxStreams(usize),
+    #[error("--pool-max-connections must be between 1 and 64, got {0}")]
+    BadPoolMaxConnections(usize),
     #[error("--worker-threads must be between 1 and 64, got {0}")]
     BadWorkerThreads(usize),
     #[error("--state-poll-ms must be between 10 and 60000, got {0}")]
@@ -162,6 +170,7 @@ impl Config {
             readiness_addr: a.readiness_addr,
             socket_mark: a.socket_mark,
             pool_max_streams: a.pool_max_streams,
+            pool_max_connections: a.pool_max_connections,
             pool_idle_timeout: Duration::from_secs(a.pool_idle_secs),
             connect_timeout: Duration::from_millis(a.connect_timeout_ms),
             worker_threads: a.worker_threads,
@@ -190,6 +199,9 @@ impl Config {
         }
         if !(1..=10_000).contains(&self.pool_max_streams) {
             return Err(ConfigError::BadPoolMaxStreams(self.pool_max_streams));
+        }
+        if !(1..=64).contains(&self.pool_max_connections) {
+            return Err(ConfigError::BadPoolMaxConnections(self.pool_max_connections));
         }
         if !(1..=64).contains(&self.worker_threads) {
             return Err(ConfigError::BadWorkerThreads(self.worker_threads));

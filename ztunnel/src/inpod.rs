@@ -119,7 +119,7 @@ impl InPodManager {
 
     async fn add(&mut self, uid: String, info: Option<WorkloadInfo>, netns: OwnedFd) -> Result<(), EnrollError> {
         let info = info.ok_or_else(|| EnrollError::MissingInfo(uid.clone()))?;
-        let netns = PodNetns::new(&uid, netns)?;
+        let netns = PodNetns::new(&uid, netns, self.inputs.config.socket_mark)?;
         if let Some(existing) = self.pods.get(&uid) {
             if existing.pod.netns.inode() == netns.inode() {
                 return Ok(()); // replayed after a reconnect: already serving

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use nix::sched::{setns, CloneFlags};
@@ -34,12 +34,19 @@ pub struct PodNetns {
     pod: String,
     jobs: mpsc::Sender<Job>,
     inode: u64,
+    mark: u32,
+    /// IPv4 TCP sockets made ahead of need, so a new connection does not
+    /// wait for a round trip to the netns thread.
+    spare: Arc<Mutex<Vec<Socket>>>,
 }
+
+/// Spare sockets kept per pod; refilled when half are used.
+const SPARE_SOCKETS: usize = 16;
 
 impl PodNetns {
     /// Starts the thread that lives in `netns` (an open `/proc/*/ns/net` or
     /// `/var/run/netns/*` file).
-    pub fn new(pod: &str, netns: OwnedFd) -> Result<Self, NetnsError> {
+    pub fn new(pod: &str, netns: OwnedFd, mark: u32) -> Result<Self, NetnsError> {
         let inode = nix::sys::stat::fstat(netns.as_fd()).map(|s| s.st_ino).unwrap_or_default();
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -61,7 +68,11 @@ impl PodNetns {
             })
             .map_err(|source| NetnsError::Spawn { pod: name.clone(), source })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(PodNetns { pod: pod.to_owned(), jobs, inode }),
+            Ok(Ok(())) => {
+                let ns = PodNetns { pod: pod.to_owned(), jobs, inode, mark, spare: Arc::default() };
+                ns.refill();
+                Ok(ns)
+            }
             Ok(Err(source)) => Err(NetnsError::Setns { pod: pod.to_owned(), source }),
             Err(_) => Err(NetnsError::Stopped(pod.to_owned())),
         }
@@ -86,17 +97,41 @@ impl PodNetns {
 
     /// A non-blocking TCP socket in the pod's netns carrying ztunnel's mark,
     /// so the pod's capture rules do not redirect it again.
-    pub async fn tcp_socket(&self, family: SocketAddr, mark: u32) -> Result<Socket, NetnsError> {
-        let domain = Domain::for_address(family);
-        let r = self
-            .run(move || -> std::io::Result<Socket> {
-                let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-                s.set_mark(mark)?;
-                s.set_nodelay(true)?;
-                Ok(s)
-            })
-            .await?;
+    pub async fn tcp_socket(&self, peer: SocketAddr) -> Result<Socket, NetnsError> {
+        if peer.is_ipv4() {
+            let (sock, low) = {
+                let mut spare = self.spare.lock().expect("bug: poisoned spare sockets");
+                (spare.pop(), spare.len() < SPARE_SOCKETS / 2)
+            };
+            if low {
+                self.refill();
+            }
+            if let Some(s) = sock {
+                return Ok(s);
+            }
+        }
+        let (domain, mark) = (Domain::for_address(peer), self.mark);
+        let r = self.run(move || new_tcp_socket(domain, mark)).await?;
         r.map_err(|source| NetnsError::Socket { pod: self.pod.clone(), source })
+    }
+
+    /// Tops up the spare sockets from the netns thread (in the background).
+    fn refill(&self) {
+        let (spare, mark, pod) = (self.spare.clone(), self.mark, self.pod.clone());
+        let _ = self.jobs.send(Box::new(move || {
+            let missing = SPARE_SOCKETS.saturating_sub(spare.lock().expect("bug: poisoned spare sockets").len());
+            let mut made = Vec::with_capacity(missing);
+            for _ in 0..missing {
+                match new_tcp_socket(Domain::IPV4, mark) {
+                    Ok(s) => made.push(s),
+                    Err(e) => {
+                        tracing::warn!(pod = %pod, error = %e, "cannot create spare sockets");
+                        break;
+                    }
+                }
+            }
+            spare.lock().expect("bug: poisoned spare sockets").extend(made);
+        }));
     }
 
     /// A listening socket in the pod's netns. `transparent` lets it accept
@@ -116,6 +151,13 @@ impl PodNetns {
             .await?;
         r.map_err(|source| NetnsError::Socket { pod: self.pod.clone(), source })
     }
+}
+
+fn new_tcp_socket(domain: Domain, mark: u32) -> std::io::Result<Socket> {
+    let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    s.set_mark(mark)?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 fn short(pod: &str) -> &str {
@@ -156,7 +198,7 @@ mod tests {
         // Our own netns is a valid target: the socket's netns inode matches.
         let own = File::open("/proc/self/ns/net").unwrap();
         let ino = nix::sys::stat::fstat(own.as_fd()).unwrap().st_ino;
-        let ns = match PodNetns::new("default/test", OwnedFd::from(own)) {
+        let ns = match PodNetns::new("default/test", OwnedFd::from(own), 0x400) {
             Ok(ns) => ns,
             Err(e) if std::env::var_os("CI").is_none() && !nix::unistd::geteuid().is_root() => {
                 eprintln!("skipping (needs root): {e}");
@@ -167,7 +209,7 @@ mod tests {
         assert_eq!(ns.inode(), ino);
         let l = ns.listener("127.0.0.1:0".parse().unwrap(), false).await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = ns.tcp_socket(addr, 0x400).await.unwrap();
+        let s = ns.tcp_socket(addr).await.unwrap();
         assert_eq!(s.mark().unwrap(), 0x400);
         let stream = tokio::net::TcpSocket::from_std_stream(s.into()).connect(addr).await.unwrap();
         assert_eq!(stream.peer_addr().unwrap(), addr);

@@ -38,9 +38,7 @@ fn main() -> anyhow::Result<()> {
     let v2 = lab.add_pod(n2, PodSpec::new("backend-v2", "demo", "backend"))?;
     let mut mesh = Mesh::new(lab)?;
     let vip = Ipv4Addr::new(10, 96, 0, 20);
-    let lab_view = mesh.lab() as *const Lab;
-    // SAFETY: add_service_for reads the lab while the state is borrowed mutably; both live in `mesh`.
-    mesh.state_mut().add_service_for(unsafe { &*lab_view }, "backend", "demo", vip, &[(80, 8080)], &[v1, v2]);
+    mesh.add_service_for("backend", "demo", vip, &[(80, 8080)], &[v1, v2]);
     mesh.start_all()?;
     for p in [frontend, v1, v2] {
         mesh.enroll(p)?;

@@ -1,7 +1,8 @@
 //! Pooled HBONE client connections. Tunnels from the same source pod and
 //! identity to the same destination pod and identity share one mutual-TLS
 //! HTTP/2 connection (multiplexed streams); a connection carries at most
-//! `max_streams` tunnels before another is opened, and idle connections
+//! `max_streams` tunnels before another is opened, concurrent streams are
+//! spread over up to `max_connections` connections, and idle connections
 //! close after `idle_timeout`.
 
 use std::collections::HashMap;
@@ -98,9 +99,10 @@ pub struct Tunnel {
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
     pub max_streams: usize,
+    /// Connections per key before streams share one.
+    pub max_connections: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
-    pub socket_mark: u32,
 }
 
 /// The connection pool of one ztunnel.
@@ -156,24 +158,28 @@ impl HbonePool {
     }
 
     /// A live connection for `key` with a free stream slot, reserving it.
+    /// Streams go to the least-loaded connection; while a key has fewer
+    /// than `max_connections`, a busy connection makes way for a new one,
+    /// so concurrent bulk streams are encrypted on several cores.
     fn pick(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("bug: poisoned pool");
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Relaxed));
-        for c in list.iter() {
-            let n = c.streams.load(Ordering::Relaxed);
-            if n < self.settings.max_streams
-                && c.streams.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-            {
-                return Some(c.clone());
+        loop {
+            let best = list.iter().min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
+            let n = best.streams.load(Ordering::Relaxed);
+            if n >= self.settings.max_streams || (n > 0 && list.len() < self.settings.max_connections) {
+                return None;
+            }
+            if best.streams.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                return Some(best.clone());
             }
         }
-        None
     }
 
     async fn dial(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
         let addr = key.dst;
-        let sock = netns.tcp_socket(addr, self.settings.socket_mark).await?;
+        let sock = netns.tcp_socket(addr).await?;
         let connect = tokio::net::TcpSocket::from_std_stream(sock.into()).connect(addr);
         let tcp = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Ok(Ok(s)) => s,

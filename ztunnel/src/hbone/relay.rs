@@ -11,7 +11,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 // Read size from TCP; one reusable buffer per direction and connection.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 128 * 1024;
 
 /// Why a relay ended abnormally.
 #[derive(Debug, thiserror::Error)]

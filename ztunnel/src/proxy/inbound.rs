@@ -182,7 +182,7 @@ pub(super) async fn authorize_and_connect(
         return Err(FailureReason::policy_denied);
     }
     let cfg = &inputs.config;
-    match connect_from_pod(&pod.netns, req.target, Some(req.src.ip()), cfg.socket_mark, cfg.connect_timeout).await {
+    match connect_from_pod(&pod.netns, req.target, Some(req.src.ip()), cfg.connect_timeout).await {
         Ok(s) => Ok((s, peers)),
         Err(e) => {
             warn!(pod = %pod.uid, src = %req.src, target = %req.target, error = %e, "application unreachable");

@@ -120,7 +120,7 @@ async fn hbone(
 async fn plain(inputs: &ProxyInputs, pod: &Pod, stream: TcpStream, target: SocketAddr, peers: Peers) {
     let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::source, &peers, false);
     let cfg = &inputs.config;
-    let upstream = match connect_from_pod(&pod.netns, target, None, cfg.socket_mark, cfg.connect_timeout).await {
+    let upstream = match connect_from_pod(&pod.netns, target, None, cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             warn!(pod = %pod.uid, %target, error = %e, "upstream unreachable; closing");

@@ -61,10 +61,9 @@ pub async fn connect_from_pod(
     netns: &PodNetns,
     addr: SocketAddr,
     as_source: Option<IpAddr>,
-    mark: u32,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
-    let sock = netns.tcp_socket(addr, mark).await?;
+    let sock = netns.tcp_socket(addr).await?;
     if let Some(src) = as_source {
         bind_transparent(&sock, src).map_err(|source| ConnectError::Bind { src, source })?;
     }

@@ -9,6 +9,7 @@
 
 pub mod apps;
 pub mod bench;
+pub mod check;
 pub mod http;
 pub mod lab;
 pub mod mesh;

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use ambit_e2e::check::{eventually, metric, round_trip};
 use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
 use ambit_e2e::sniff::Sniffer;
 use ambit_e2e::statefile::yaml;
@@ -59,44 +60,6 @@ fn cluster(test: &str) -> Option<Cluster> {
     // Let ztunnel pick up the state written by `enroll`.
     std::thread::sleep(Duration::from_millis(600));
     Some(Cluster { mesh, nodes: [n1, n2], client, local, remote, echoes })
-}
-
-/// Sends `msg` and reads it back; errors if the connection is refused,
-/// reset or closed early.
-fn round_trip(ns: &NetNs, addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
-    let mut s = connect(ns, addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    s.read_exact(&mut back)?;
-    if back != msg {
-        return Err(std::io::Error::other("echo mismatch"));
-    }
-    Ok(())
-}
-
-/// Retries `f` until it returns true or `within` passes (for changes that
-/// ztunnel applies on its next state poll).
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Sum of the samples of metric `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn principal(sa: &str) -> String {
@@ -381,4 +344,24 @@ fn the_admin_endpoint_dumps_config_and_certificates_without_keys() {
     assert_eq!(v["pods"].as_array().unwrap().len(), 2, "node1 has two enrolled pods");
     assert_eq!(v["config"]["node_name"], "node1");
     assert!(v["state"]["workloads"].as_array().unwrap().len() >= 3);
+}
+
+#[test]
+fn connections_to_one_destination_share_a_pooled_hbone_connection() {
+    let Some(c) = cluster("l4-pool") else { return };
+    for _ in 0..20 {
+        round_trip(c.pod_ns(c.client), c.app(c.remote), b"pooled").unwrap();
+    }
+    let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
+    let pooled = metric(&m1, "ztunnel_pooled_connections", &[]) + m1
+        .lines()
+        .find_map(|l| l.strip_prefix("ztunnel_pooled_connections "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // Sequential tunnels reuse one connection (a second may open while the
+    // previous tunnel is still closing; the pool spreads over at most two).
+    assert!((1.0..=2.0).contains(&pooled), "pooled connections: {pooled}\n{m1}");
+    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+    let inbound = metric(&m2, "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
+    assert_eq!(inbound, 20.0, "every tunnel reached the destination");
 }

@@ -105,6 +105,16 @@ struct Slot {
     users: Mutex<usize>,
 }
 
+/// When to renew `cert`. Leaves are backdated for clock skew (5 min), so with
+/// a short TTL their half-life can already be past on arrival, which made the
+/// rotation task re-issue in a tight loop: renew at half of what is left,
+/// and never sooner than a second from now.
+fn next_refresh(cert: &WorkloadCertificate) -> SystemTime {
+    let now = SystemTime::now();
+    let left = cert.not_after().duration_since(now).unwrap_or_default();
+    cert.refresh_at().max(now + left / 2).max(now + Duration::from_secs(1))
+}
+
 /// Caches and rotates certificates per identity.
 pub struct CertManager {
     provider: Arc<dyn CertificateProvider>,
@@ -142,7 +152,7 @@ impl CertManager {
         let certs = self.fetch(id).await?;
         *slot.current.write().expect("bug: poisoned cert") = Some(certs.clone());
         if first {
-            self.spawn_rotation(id.clone(), Arc::downgrade(&slot), certs.cert.refresh_at());
+            self.spawn_rotation(id.clone(), Arc::downgrade(&slot), next_refresh(&certs.cert));
         }
         Ok(certs)
     }
@@ -169,7 +179,7 @@ impl CertManager {
                 match mgr.fetch(&id).await {
                     Ok(certs) => {
                         info!(identity = %id, not_after = ?certs.cert.not_after(), "rotated workload certificate");
-                        refresh_at = certs.cert.refresh_at();
+                        refresh_at = next_refresh(&certs.cert);
                         *slot.current.write().expect("bug: poisoned cert") = Some(certs);
                         backoff = Duration::from_secs(1);
                     }
@@ -219,4 +229,30 @@ impl CertManager {
 fn usable(slot: &Slot) -> Option<Arc<Certs>> {
     let cur = slot.current.read().expect("bug: poisoned cert");
     cur.as_ref().filter(|c| !c.cert.is_expired(SystemTime::now())).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_before_refresh(cert: &WorkloadCertificate) -> Duration {
+        next_refresh(cert).duration_since(SystemTime::now()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_short_lived_certificate_is_renewed_at_half_of_its_remaining_life() {
+        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
+        let cert = ca.issue(&Identity::new("cluster.local", "default", "a"), Duration::from_secs(60)).unwrap();
+        let wait = wait_before_refresh(&cert);
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_renewed_after_a_pause_not_in_a_loop() {
+        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
+        let now = SystemTime::now();
+        let id = Identity::new("cluster.local", "default", "a");
+        let cert = ca.issue_with_validity(&id, now - Duration::from_secs(120), now - Duration::from_secs(60)).unwrap();
+        assert!(wait_before_refresh(&cert) >= Duration::from_millis(900));
+    }
 }

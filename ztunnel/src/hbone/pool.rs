@@ -76,7 +76,12 @@ const RETIRED: usize = usize::MAX / 2;
 struct Conn {
     sender: SendRequest<Bytes>,
     streams: AtomicUsize,
+    /// The connection ended, or left the pool.
     closed: AtomicBool,
+    /// Serial of the client certificate it was opened with: after a
+    /// rotation, new tunnels go to a connection with the new certificate
+    /// and this one closes once its last stream ends.
+    cert_serial: String,
 }
 
 /// Counts one open tunnel on a pooled connection.
@@ -128,12 +133,13 @@ impl HbonePool {
         certs: &Certs,
         authority: SocketAddr,
     ) -> Result<Tunnel, PoolError> {
-        let conn = match self.pick(key) {
+        let serial = certs.cert.serial();
+        let conn = match self.pick(key, serial) {
             Some(c) => c,
             None => {
                 let lock = self.dialing.lock().expect("bug: poisoned").entry(key.clone()).or_default().clone();
                 let _g = lock.lock().await;
-                match self.pick(key) {
+                match self.pick(key, serial) {
                     Some(c) => c,
                     None => self.dial(key, netns, certs).await?,
                 }
@@ -161,10 +167,15 @@ impl HbonePool {
     /// Streams go to the least-loaded connection; while a key has fewer
     /// than `max_connections`, a busy connection makes way for a new one,
     /// so concurrent bulk streams are encrypted on several cores.
-    fn pick(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+    fn pick(&self, key: &PoolKey, cert_serial: &str) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("bug: poisoned pool");
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        list.retain(|c| {
+            if c.cert_serial != cert_serial {
+                c.closed.store(true, Ordering::Relaxed); // its driver retires it when idle
+            }
+            !c.closed.load(Ordering::Relaxed)
+        });
         loop {
             let best = list.iter().min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
             let n = best.streams.load(Ordering::Relaxed);
@@ -193,7 +204,12 @@ impl HbonePool {
             .map_err(|source| PoolError::Tls { addr, source })?;
         let (sender, connection) =
             super::client_builder().handshake(tls).await.map_err(|source| PoolError::H2 { addr, source })?;
-        let conn = Arc::new(Conn { sender, streams: AtomicUsize::new(1), closed: AtomicBool::new(false) });
+        let conn = Arc::new(Conn {
+            sender,
+            streams: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            cert_serial: certs.cert.serial().to_owned(),
+        });
         self.conns.lock().expect("bug: poisoned pool").entry(key.clone()).or_default().push(conn.clone());
         self.metrics.pooled_connections.inc();
         debug!(src = %key.src, dst = %addr, peer = %key.dst_identity, "opened pooled hbone connection");
@@ -229,7 +245,9 @@ impl HbonePool {
                         let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
                         // Retire only if no tunnel slipped in meanwhile: the
                         // sentinel count keeps `pick` away from it from now on.
-                        if since.elapsed() >= idle
+                        // A connection that left the pool goes at once.
+                        let done = conn.closed.load(Ordering::Relaxed) || since.elapsed() >= idle;
+                        if done
                             && conn.streams.compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
                         {
                             debug!(dst = %key.dst, "closing idle pooled hbone connection");

@@ -3,7 +3,7 @@
 # packages with apt-get (run as root), crates come with cargo. Idempotent.
 set -euo pipefail
 
-PACKAGES=(nftables iproute2 util-linux procps ca-certificates python3)
+PACKAGES=(nftables iproute2 util-linux procps ca-certificates python3 openssl curl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

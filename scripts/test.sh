@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests, in-process tests and the network-namespace lab
-# (real netns, nftables, TLS, the real ztunnel binary). Needs root; with
-# CI set, tests that need root fail instead of skipping.
+# Runs every test: unit tests, in-process tests (real TLS, gRPC, ZDS
+# sockets), the network-namespace lab (real netns, nftables, the real
+# ztunnel and controller binaries), and the smoke test of the real
+# kube-apiserver + etcd built for the controller's Kubernetes tests.
+# Needs root; with CI set, tests that need root fail instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
 
 export CARGO_TERM_COLOR=never
-# The lab starts the ztunnel binary: build it before the tests run.
+# The lab starts the ztunnel and controller binaries: build them first.
 cargo build --release --workspace --bins
 cargo test --release --workspace --no-fail-fast -- --test-threads="${AMBIT_TEST_THREADS:-2}"
+
+# A real Kubernetes API server for the controller's tests: built once from
+# the published Go modules (about 10 minutes cold, cached outside the clone).
+e2e/kube/smoke.sh

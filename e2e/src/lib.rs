@@ -10,6 +10,7 @@
 pub mod apps;
 pub mod bench;
 pub mod check;
+pub mod controller;
 pub mod http;
 pub mod lab;
 pub mod mesh;

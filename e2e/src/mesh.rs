@@ -20,7 +20,7 @@ use tokio::runtime::Runtime;
 
 use crate::lab::{Lab, NodeId, PodId};
 use crate::statefile::StateFile;
-use crate::ztunnel::{ZtunnelArgs, ZtunnelProcess};
+use crate::ztunnel::{ControllerFlags, ZtunnelArgs, ZtunnelProcess};
 
 /// How long a new ztunnel has to connect to its node's ZDS socket.
 const ZDS_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,6 +47,7 @@ pub struct Mesh {
     enrolled: BTreeSet<PodId>,
     capture: CaptureConfig,
     binary: Option<PathBuf>,
+    controller: Option<ControllerFlags>,
     ca: CertificateAuthority,
     rt: Option<Runtime>,
     lab: Lab,
@@ -81,6 +82,7 @@ impl Mesh {
             enrolled: BTreeSet::new(),
             capture: CaptureConfig::default(),
             binary: None,
+            controller: None,
             ca,
             rt: Some(rt),
             lab,
@@ -107,6 +109,12 @@ impl Mesh {
     /// The capture configuration used when enrolling pods.
     pub fn capture_config_mut(&mut self) -> &mut CaptureConfig {
         &mut self.capture
+    }
+
+    /// ztunnels started from now on take their state and certificates from
+    /// the controller (see [`crate::controller::ControllerProcess`]).
+    pub fn use_controller(&mut self, flags: ControllerFlags) {
+        self.controller = Some(flags);
     }
 
     /// Runs `binary` instead of [`crate::ztunnel::ztunnel_binary`] for ztunnels started from now on.
@@ -178,6 +186,7 @@ impl Mesh {
         customize: impl FnOnce(&mut ZtunnelArgs),
     ) -> anyhow::Result<()> {
         let mut args = ZtunnelArgs::for_node(&self.lab, node);
+        args.controller = self.controller.clone();
         customize(&mut args);
         while self.nodes.len() <= node.0 {
             self.nodes.push(MeshNode::default());

@@ -49,6 +49,20 @@ pub struct ZtunnelArgs {
     pub log_file: PathBuf,
     /// More flags, appended as they are.
     pub extra: Vec<String>,
+    /// Take state and certificates from a controller instead of the state
+    /// file and the development CA.
+    pub controller: Option<ControllerFlags>,
+}
+
+/// How a ztunnel reaches the controller (xDS and CA on one address).
+#[derive(Clone, Debug)]
+pub struct ControllerFlags {
+    /// `https://<ip>:15012`.
+    pub address: String,
+    /// The controller's root certificate (PEM).
+    pub mesh_root: PathBuf,
+    /// The bootstrap token file.
+    pub token_file: PathBuf,
 }
 
 impl ZtunnelArgs {
@@ -72,6 +86,7 @@ impl ZtunnelArgs {
             log_level: "info".into(),
             log_file: dir.join(format!("{name}-ztunnel.log")),
             extra: Vec::new(),
+            controller: None,
         }
     }
 
@@ -82,12 +97,6 @@ impl ZtunnelArgs {
             self.node_name.clone(),
             "--trust-domain".into(),
             self.trust_domain.clone(),
-            "--state-file".into(),
-            self.state_file.display().to_string(),
-            "--ca-cert".into(),
-            self.ca_cert.display().to_string(),
-            "--ca-key".into(),
-            self.ca_key.display().to_string(),
             "--zds-socket".into(),
             self.zds_socket.display().to_string(),
             "--admin-addr".into(),
@@ -99,6 +108,26 @@ impl ZtunnelArgs {
             "--root-namespace".into(),
             self.root_namespace.clone(),
         ];
+        match &self.controller {
+            Some(c) => a.extend([
+                "--xds-address".into(),
+                c.address.clone(),
+                "--ca-address".into(),
+                c.address.clone(),
+                "--mesh-root".into(),
+                c.mesh_root.display().to_string(),
+                "--token-file".into(),
+                c.token_file.display().to_string(),
+            ]),
+            None => a.extend([
+                "--state-file".into(),
+                self.state_file.display().to_string(),
+                "--ca-cert".into(),
+                self.ca_cert.display().to_string(),
+                "--ca-key".into(),
+                self.ca_key.display().to_string(),
+            ]),
+        }
         if let Some(ttl) = self.cert_ttl_secs {
             a.push("--cert-ttl-secs".into());
             a.push(ttl.to_string());
@@ -111,22 +140,23 @@ impl ZtunnelArgs {
 /// Path of the ztunnel binary: `AMBIT_ZTUNNEL_BIN`, else `ztunnel` in the profile directory of the running test
 /// executable (`<target>/<profile>/deps/<test>` → `<target>/<profile>/ztunnel`).
 pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("AMBIT_ZTUNNEL_BIN") {
+    workspace_binary("ztunnel", "AMBIT_ZTUNNEL_BIN")
+}
+
+/// Path of a binary of this workspace: `$env_var`, else `name` in the profile directory of the running test
+/// executable.
+pub fn workspace_binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(bin));
     }
     let exe = std::env::current_exe().context("current_exe")?;
-    let mut dir = exe
-        .parent()
-        .context("bug: the executable has no directory")?;
+    let mut dir = exe.parent().context("bug: the executable has no directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("bug: deps has no parent")?;
     }
-    let bin = dir.join("ztunnel");
+    let bin = dir.join(name);
     if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p ztunnel) or set AMBIT_ZTUNNEL_BIN",
-            bin.display()
-        );
+        bail!("{} not found: build it first (cargo build --release --bins) or set {env_var}", bin.display());
     }
     Ok(bin)
 }
@@ -377,12 +407,22 @@ mod tests {
             log_level: "debug".into(),
             log_file: "/l.log".into(),
             extra: vec!["--worker-threads".into(), "1".into()],
+            controller: None,
         };
         let line = args.to_args().join(" ");
-        assert!(
-            line.starts_with("--node-name node1 --trust-domain cluster.local --state-file /s.yaml"),
-            "{line}"
-        );
+        assert!(line.starts_with("--node-name node1 --trust-domain cluster.local"), "{line}");
+        assert!(line.contains("--state-file /s.yaml --ca-cert /c.pem --ca-key /k.pem"), "{line}");
+        let with_controller = ZtunnelArgs {
+            controller: Some(ControllerFlags {
+                address: "https://10.0.0.200:15012".into(),
+                mesh_root: "/r.pem".into(),
+                token_file: "/t".into(),
+            }),
+            ..args.clone()
+        };
+        let line2 = with_controller.to_args().join(" ");
+        assert!(line2.contains("--xds-address https://10.0.0.200:15012 --ca-address https://10.0.0.200:15012"), "{line2}");
+        assert!(!line2.contains("--state-file") && !line2.contains("--ca-key"), "{line2}");
         assert!(line.contains("--zds-socket /z.sock"), "{line}");
         assert!(
             line.ends_with("--cert-ttl-secs 60 --worker-threads 1"),

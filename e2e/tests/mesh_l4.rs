@@ -365,3 +365,25 @@ fn connections_to_one_destination_share_a_pooled_hbone_connection() {
     let inbound = metric(&m2, "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
     assert_eq!(inbound, 20.0, "every tunnel reached the destination");
 }
+
+/// Sends a bodiless `POST` to ztunnel's admin port from inside `node_ns`.
+fn admin_post(node_ns: &NetNs, path: &str) -> String {
+    let mut s = connect(node_ns, SocketAddr::from(([127, 0, 0, 1], 15000)), TIMEOUT).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_log_level_changes_at_run_time_from_the_admin_endpoint() {
+    let Some(c) = cluster("l4-loglevel") else { return };
+    let node_ns = &c.mesh.lab().node(c.nodes[0]).netns;
+    let ok = admin_post(node_ns, "/logging?level=debug");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(c.mesh.ztunnel(c.nodes[0]).admin_get("/logging").unwrap().trim(), "debug");
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"now logged at debug").unwrap();
+    let bad = admin_post(node_ns, "/logging?level=ztunnel%3Dbogus");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    assert_eq!(c.mesh.ztunnel(c.nodes[0]).admin_get("/logging").unwrap().trim(), "debug", "a bad level changes nothing");
+}

@@ -1,50 +1,21 @@
 //! The HTTP endpoints: admin (15000: config dump, run-time log level),
 //! metrics (15020: Prometheus text) and readiness (15021).
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use ambit_telemetry::{serve, text, Body, LogControl};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
-use tracing_subscriber::{reload, EnvFilter, Registry as Subscriber};
+use tracing::info;
 
 use crate::certs::CertManager;
 use crate::config::Config;
 use crate::state::{ProxyState, SharedState};
 
-type Body = Full<Bytes>;
-
-/// Changes the log filter at run time (`RUST_LOG` syntax).
-pub struct LogControl {
-    handle: reload::Handle<EnvFilter, Subscriber>,
-    current: Mutex<String>,
-}
-
-impl LogControl {
-    pub fn new(handle: reload::Handle<EnvFilter, Subscriber>, initial: String) -> Self {
-        LogControl { handle, current: Mutex::new(initial) }
-    }
-
-    fn set(&self, directives: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid log level {directives:?}: {e}"))?;
-        self.handle.reload(filter).map_err(|e| format!("bug: cannot reload log filter: {e}"))?;
-        *self.current.lock().expect("bug: poisoned") = directives.to_owned();
-        Ok(())
-    }
-
-    fn current(&self) -> String {
-        self.current.lock().expect("bug: poisoned").clone()
-    }
-}
+pub use ambit_telemetry::serve_metrics;
 
 /// A pod as listed in the config dump.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -76,12 +47,6 @@ impl Readiness {
     fn is_ready(&self) -> bool {
         self.state_loaded.load(Ordering::Relaxed) && self.zds_connected.load(Ordering::Relaxed)
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r
 }
 
 fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
@@ -160,28 +125,6 @@ pub async fn serve_admin(listener: TcpListener, inputs: Arc<AdminInputs>) {
     serve(listener, move |req| admin(&inputs, &req)).await
 }
 
-/// Serves Prometheus metrics on `/metrics`.
-pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
-    serve(listener, move |req| {
-        if req.uri().path() != "/metrics" {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        }
-        let mut out = String::new();
-        match prometheus_client::encoding::text::encode(&mut out, &registry) {
-            Ok(()) => {
-                let mut r = text(StatusCode::OK, out);
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8".parse().expect("bug: header"),
-                );
-                r
-            }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("bug: cannot encode metrics: {e}\n")),
-        }
-    })
-    .await
-}
-
 /// Serves `/healthz/ready`.
 pub async fn serve_readiness(listener: TcpListener, readiness: Arc<Readiness>) {
     serve(listener, move |req| match req.uri().path() {
@@ -190,29 +133,4 @@ pub async fn serve_readiness(listener: TcpListener, readiness: Arc<Readiness>) {
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
     .await
-}
-
-async fn serve<F>(listener: TcpListener, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "http accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let h = handler.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let h = h.clone();
-                async move { Ok::<_, Infallible>(h(req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
 }

@@ -9,14 +9,18 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::admin::{self, AdminInputs, LogControl, Readiness};
-use crate::certs::{CertError, CertManager, LocalCa};
-use crate::config::Config;
+use ambit_telemetry::LogControl;
+
+use crate::admin::{self, AdminInputs, Readiness};
+use crate::ca_client::{tls_endpoint, CaClient, CaClientError};
+use crate::certs::{CertError, CertManager, CertificateProvider, LocalCa};
+use crate::config::{CertificateSource, Config, StateSource};
 use crate::hbone::pool::{HbonePool, PoolSettings};
 use crate::inpod::InPodManager;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::ProxyInputs;
 use crate::state::{LoadOptions, SharedState, StateError, StateFile};
+use crate::xds::{BearerToken, XdsClient, XdsConfig, XdsError};
 
 /// Why ztunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +29,12 @@ pub enum AppError {
     State(#[from] StateError),
     #[error("{0}")]
     Certs(#[from] CertError),
+    #[error("cannot read {what} {path}: {source}")]
+    Read { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("controller connection: {0}")]
+    Controller(#[from] CaClientError),
+    #[error("xds: {0}")]
+    Xds(#[from] XdsError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -40,19 +50,70 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     let metrics = Metrics::new(&mut registry);
     let readiness = Arc::new(Readiness::default());
 
-    let opts = LoadOptions {
-        default_trust_domain: config.trust_domain.clone(),
-        root_namespace: config.root_namespace.clone(),
+    // The controller channel (xDS and CA share it), connected lazily so
+    // ztunnel starts, and keeps serving, while the controller is away.
+    let controller = match &config.controller {
+        Some(c) => {
+            let read = |what, path: &std::path::Path| {
+                std::fs::read_to_string(path).map_err(|source| AppError::Read { what, path: path.to_owned(), source })
+            };
+            let root = read("the mesh root", &c.mesh_root)?;
+            let token = read("the token file", &c.token_file)?.trim().to_owned();
+            let address = match (&config.state, &config.certificates) {
+                (StateSource::Xds(a), _) | (_, CertificateSource::CaService(a)) => a.clone(),
+                _ => unreachable!("bug: controller connection without an address"),
+            };
+            Some((tls_endpoint(&address, &root, &c.server_name)?.connect_lazy(), token))
+        }
+        None => None,
     };
-    let mut state_file = StateFile::new(&config.state_file, opts);
-    let initial = state_file.poll()?.unwrap_or_default();
-    let state = Arc::new(SharedState::new(initial));
-    readiness.state_loaded.store(true, Ordering::Relaxed);
-    tokio::spawn(watch_state(state_file, state.clone(), metrics.clone(), config.state_poll_interval));
 
-    let provider = LocalCa::from_files(&config.ca_cert, &config.ca_key, config.cert_ttl)?;
-    warn!("development CA: this ztunnel signs workload certificates with a root key read from disk");
-    let certs = CertManager::new(Arc::new(provider), metrics.clone());
+    let state = Arc::new(SharedState::new(Default::default()));
+    match &config.state {
+        StateSource::File(path) => {
+            let opts = LoadOptions {
+                default_trust_domain: config.trust_domain.clone(),
+                root_namespace: config.root_namespace.clone(),
+            };
+            let mut file = StateFile::new(path, opts);
+            state.replace(file.poll()?.unwrap_or_default());
+            readiness.state_loaded.store(true, Ordering::Relaxed);
+            tokio::spawn(watch_state(file, state.clone(), metrics.clone(), config.state_poll_interval));
+        }
+        StateSource::Xds(_) => {
+            let (channel, token) = controller.clone().expect("bug: xds without a controller channel");
+            let xds_config =
+                XdsConfig::new(format!("ztunnel~{}", config.node_name), &config.node_name, &config.trust_domain);
+            let auth = BearerToken::new(Some(&token))?.with_node(&config.node_name)?;
+            let client = XdsClient::new(channel, auth, xds_config);
+            let mut synced = client.synced();
+            let (state, metrics, readiness) = (state.clone(), metrics.clone(), readiness.clone());
+            tokio::spawn(async move {
+                while synced.changed().await.is_ok() {
+                    if *synced.borrow() {
+                        readiness.state_loaded.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(client.run(move |new| {
+                state.replace(new);
+                metrics.state_reloads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
+            }));
+        }
+    }
+
+    let provider: Arc<dyn CertificateProvider> = match &config.certificates {
+        CertificateSource::LocalCa { cert, key } => {
+            warn!("development CA: this ztunnel signs workload certificates with a root key read from disk");
+            Arc::new(LocalCa::from_files(cert, key, config.cert_ttl)?)
+        }
+        CertificateSource::CaService(_) => {
+            let (channel, token) = controller.expect("bug: CA service without a controller channel");
+            Arc::new(CaClient::new(channel, &token, &config.node_name, config.cert_ttl)?)
+        }
+    };
+    let certs = CertManager::new(provider, metrics.clone());
     let pool = HbonePool::new(
         PoolSettings {
             max_streams: config.pool_max_streams,
@@ -78,7 +139,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     let zds_socket = config.zds_socket.clone();
     tokio::select! {
         _ = manager.run(&zds_socket, readiness) => {}
-        _ = shutdown_signal() => info!("shutting down"),
+        _ = ambit_telemetry::shutdown_signal() => info!("shutting down"),
     }
     Ok(())
 }
@@ -99,16 +160,5 @@ async fn watch_state(mut file: StateFile, state: Arc<SharedState>, metrics: Arc<
                 warn!(error = %e, "state file rejected; keeping the previous state");
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -30,9 +30,33 @@ pub struct Args {
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "ambit-system")]
     pub root_namespace: String,
 
-    /// Local state file (workloads, services, policies as YAML), polled for changes.
+    /// Local state file (workloads, services, policies as YAML), polled for
+    /// changes. Exactly one of --state-file and --xds-address.
     #[arg(long, env = "AMBIT_STATE_FILE")]
-    pub state_file: PathBuf,
+    pub state_file: Option<PathBuf>,
+
+    /// The controller's xDS endpoint (e.g. https://10.0.0.200:15012): state
+    /// comes from delta xDS instead of a file.
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// The controller's CA endpoint: workload certificates come from it
+    /// instead of a development CA. Exactly one of --ca-address and --ca-cert/--ca-key.
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// PEM root certificate of the mesh: verifies the controller's serving
+    /// certificate (with --xds-address / --ca-address).
+    #[arg(long, env = "AMBIT_MESH_ROOT")]
+    pub mesh_root: Option<PathBuf>,
+
+    /// File holding the bearer token presented to the controller.
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Name the controller's serving certificate must carry.
+    #[arg(long, env = "AMBIT_CONTROLLER_SERVER_NAME", default_value = "ambit-controller.ambit-system.svc")]
+    pub controller_server_name: String,
 
     /// How often the state file is checked for changes, in milliseconds.
     #[arg(long, env = "AMBIT_STATE_POLL_MS", default_value_t = 250)]
@@ -42,11 +66,11 @@ pub struct Args {
     /// workloads' certificates itself (development mode; the controller's CA
     /// replaces it in production).
     #[arg(long, env = "AMBIT_CA_CERT")]
-    pub ca_cert: PathBuf,
+    pub ca_cert: Option<PathBuf>,
 
     /// Development CA: PEM private key of --ca-cert.
     #[arg(long, env = "AMBIT_CA_KEY")]
-    pub ca_key: PathBuf,
+    pub ca_key: Option<PathBuf>,
 
     /// Lifetime of workload certificates, in seconds; rotated at half-life.
     #[arg(long, env = "AMBIT_CERT_TTL_SECS", default_value_t = 86_400)]
@@ -113,10 +137,10 @@ pub struct Config {
     pub node_name: String,
     pub trust_domain: String,
     pub root_namespace: String,
-    pub state_file: PathBuf,
+    pub state: StateSource,
     pub state_poll_interval: Duration,
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    pub certificates: CertificateSource,
+    pub controller: Option<ControllerConnection>,
     pub cert_ttl: Duration,
     pub zds_socket: PathBuf,
     pub admin_addr: SocketAddr,
@@ -131,9 +155,43 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Where the mesh state comes from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateSource {
+    /// A local YAML file, polled.
+    File(PathBuf),
+    /// The controller's delta xDS.
+    Xds(String),
+}
+
+/// Who signs workload certificates.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateSource {
+    /// Development mode: a root key on disk, signing in-process.
+    LocalCa { cert: PathBuf, key: PathBuf },
+    /// The controller's CA service.
+    CaService(String),
+}
+
+/// How to reach and trust the controller (xDS and CA).
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerConnection {
+    pub mesh_root: PathBuf,
+    pub token_file: PathBuf,
+    pub server_name: String,
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("give exactly one of --state-file and --xds-address")]
+    StateSource,
+    #[error("give exactly one of --ca-address and the pair --ca-cert, --ca-key")]
+    CertificateSource,
+    #[error("--xds-address and --ca-address need --mesh-root and --token-file")]
+    ControllerTrust,
     #[error("--node-name must not be empty")]
     EmptyNodeName,
     #[error("--trust-domain {0:?} is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")]
@@ -154,15 +212,34 @@ pub enum ConfigError {
 
 impl Config {
     /// Builds the configuration from parsed flags (pure: no I/O).
-    pub fn from_args(a: Args) -> Config {
-        Config {
+    pub fn from_args(a: Args) -> Result<Config, ConfigError> {
+        let state = match (a.state_file, a.xds_address) {
+            (Some(f), None) => StateSource::File(f),
+            (None, Some(x)) => StateSource::Xds(x),
+            _ => return Err(ConfigError::StateSource),
+        };
+        let certificates = match (a.ca_address, a.ca_cert, a.ca_key) {
+            (Some(addr), None, None) => CertificateSource::CaService(addr),
+            (None, Some(cert), Some(key)) => CertificateSource::LocalCa { cert, key },
+            _ => return Err(ConfigError::CertificateSource),
+        };
+        let needs_controller =
+            matches!(state, StateSource::Xds(_)) || matches!(certificates, CertificateSource::CaService(_));
+        let controller = match (needs_controller, a.mesh_root, a.token_file) {
+            (false, _, _) => None,
+            (true, Some(mesh_root), Some(token_file)) => {
+                Some(ControllerConnection { mesh_root, token_file, server_name: a.controller_server_name })
+            }
+            (true, _, _) => return Err(ConfigError::ControllerTrust),
+        };
+        Ok(Config {
             node_name: a.node_name,
             trust_domain: a.trust_domain,
             root_namespace: a.root_namespace,
-            state_file: a.state_file,
+            state,
             state_poll_interval: Duration::from_millis(a.state_poll_ms),
-            ca_cert: a.ca_cert,
-            ca_key: a.ca_key,
+            certificates,
+            controller,
             cert_ttl: Duration::from_secs(a.cert_ttl_secs),
             zds_socket: a.zds_socket,
             admin_addr: a.admin_addr,
@@ -175,7 +252,7 @@ impl Config {
             connect_timeout: Duration::from_millis(a.connect_timeout_ms),
             worker_threads: a.worker_threads,
             log_format: a.log_format,
-        }
+        })
     }
 
     /// Checks values that flags' types cannot express.
@@ -183,12 +260,7 @@ impl Config {
         if self.node_name.trim().is_empty() {
             return Err(ConfigError::EmptyNodeName);
         }
-        let td_ok = !self.trust_domain.is_empty()
-            && self
-                .trust_domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-        if !td_ok {
+        if ambit_identity::spiffe::validate_trust_domain(&self.trust_domain).is_err() {
             return Err(ConfigError::BadTrustDomain(self.trust_domain.clone()));
         }
         if self.cert_ttl < Duration::from_secs(60) {
@@ -236,7 +308,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_documented_ports() {
-        let c = Config::from_args(args(&[]));
+        let c = Config::from_args(args(&[])).unwrap();
         assert_eq!(c.admin_addr.port(), 15000);
         assert_eq!(c.metrics_addr.port(), 15020);
         assert_eq!(c.readiness_addr.port(), 15021);
@@ -246,19 +318,37 @@ mod tests {
 
     #[test]
     fn a_bad_trust_domain_is_refused_with_its_value() {
-        let c = Config::from_args(args(&["--trust-domain", "Bad Domain"]));
+        let c = Config::from_args(args(&["--trust-domain", "Bad Domain"])).unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("\"Bad Domain\""), "{err}");
     }
 
     #[test]
     fn a_certificate_lifetime_under_a_minute_is_refused() {
-        let c = Config::from_args(args(&["--cert-ttl-secs", "5"]));
+        let c = Config::from_args(args(&["--cert-ttl-secs", "5"])).unwrap();
         assert_eq!(c.validate(), Err(ConfigError::CertTtlTooShort(5)));
     }
 
     #[test]
     fn a_missing_required_flag_is_a_parse_error() {
-        assert!(Args::try_parse_from(["ztunnel", "--node-name", "n"]).is_err());
+        assert!(Args::try_parse_from(["ztunnel"]).is_err());
+    }
+
+    #[test]
+    fn state_and_certificates_come_from_exactly_one_place() {
+        let both = args(&["--xds-address", "https://c:15012"]);
+        assert_eq!(Config::from_args(both).unwrap_err(), ConfigError::StateSource);
+        let half_ca = Args::try_parse_from(["ztunnel", "--node-name", "n", "--state-file", "s", "--ca-cert", "c"]).unwrap();
+        assert_eq!(Config::from_args(half_ca).unwrap_err(), ConfigError::CertificateSource);
+        let untrusted = Args::try_parse_from(["ztunnel", "--node-name", "n", "--xds-address", "x", "--ca-address", "x"]).unwrap();
+        assert_eq!(Config::from_args(untrusted).unwrap_err(), ConfigError::ControllerTrust);
+        let ok = Args::try_parse_from([
+            "ztunnel", "--node-name", "n", "--xds-address", "https://c:15012", "--ca-address", "https://c:15012",
+            "--mesh-root", "/r.pem", "--token-file", "/t",
+        ])
+        .unwrap();
+        let c = Config::from_args(ok).unwrap();
+        assert!(matches!(c.state, StateSource::Xds(_)) && matches!(c.certificates, CertificateSource::CaService(_)));
+        assert_eq!(c.controller.unwrap().server_name, "ambit-controller.ambit-system.svc");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca_client;
 pub mod certs;
 pub mod config;
 pub mod hbone;
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+pub mod xds;

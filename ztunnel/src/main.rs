@@ -1,10 +1,6 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter};
-use ztunnel::admin::LogControl;
 use ztunnel::config::{Args, Config, LogFormat};
 
 /// The data path allocates 128 KiB read buffers and frees them on other
@@ -35,23 +31,28 @@ fn raise_open_files_limit() {
 fn main() {
     tune_malloc();
     raise_open_files_limit();
-    let config = Config::from_args(Args::parse());
+    let config = match Config::from_args(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztunnel: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = config.validate() {
         eprintln!("ztunnel: invalid configuration: {e}");
         std::process::exit(2);
     }
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
-        eprintln!("ztunnel: invalid RUST_LOG {directives:?}: {e}");
-        std::process::exit(2);
-    });
-    let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    match config.log_format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
-    }
-    let log = Arc::new(LogControl::new(handle, directives));
+    let format = match config.log_format {
+        LogFormat::Json => ambit_telemetry::LogFormat::Json,
+        LogFormat::Plain => ambit_telemetry::LogFormat::Plain,
+    };
+    let log = match ambit_telemetry::init_logging(format) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            eprintln!("ztunnel: {e}");
+            std::process::exit(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()

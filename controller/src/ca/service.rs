@@ -1,0 +1,210 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: signs a workload
+//! certificate for a caller, but only for an identity that runs on the
+//! caller's node according to the latest snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_api::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use ambit_api::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use ambit_identity::{CertificateAuthority, Identity};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rcgen::{CertificateSigningRequestParams, SanType};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::auth::{Caller, CallerAuthenticator};
+use crate::model::SnapshotRx;
+
+/// Longest validity the CA grants unless configured otherwise.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How a certificate request ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// A certificate was issued.
+    success,
+    /// No or a wrong credential.
+    unauthenticated,
+    /// The identity does not run on the caller's node.
+    permission_denied,
+    /// The CSR is malformed or asks for the wrong kind of name.
+    invalid_argument,
+    /// Signing failed.
+    internal,
+}
+
+/// Labels of `ambit_ca_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// How the request ended.
+    pub outcome: Outcome,
+}
+
+/// The CA service (cheap to clone: one per listener).
+#[derive(Clone)]
+pub struct CaService {
+    ca: Arc<CertificateAuthority>,
+    trust_domain: String,
+    auth: Arc<dyn CallerAuthenticator>,
+    snapshots: SnapshotRx,
+    max_ttl: Duration,
+    requests: Family<OutcomeLabels, Counter>,
+}
+
+impl CaService {
+    /// A CA service signing with `ca` for identities of `trust_domain`, for
+    /// callers `auth` accepts, as allowed by the latest of `snapshots`.
+    /// Registers `ambit_ca_requests_total{outcome}` into `registry`.
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        trust_domain: impl Into<String>,
+        auth: Arc<dyn CallerAuthenticator>,
+        snapshots: SnapshotRx,
+        registry: &mut Registry,
+    ) -> Self {
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "ambit_ca_requests",
+            "Certificate signing requests, by outcome",
+            requests.clone(),
+        );
+        CaService {
+            ca,
+            trust_domain: trust_domain.into(),
+            auth,
+            snapshots,
+            max_ttl: DEFAULT_MAX_TTL,
+            requests,
+        }
+    }
+
+    /// Caps the validity of issued certificates at `max_ttl` (default 24 h).
+    pub fn with_max_ttl(mut self, max_ttl: Duration) -> Self {
+        self.max_ttl = max_ttl;
+        self
+    }
+
+    /// The service wrapped for a tonic server.
+    pub fn into_server(self) -> IstioCertificateServiceServer<Self> {
+        IstioCertificateServiceServer::new(self)
+    }
+
+    fn handle(
+        &self,
+        request: &Request<IstioCertificateRequest>,
+    ) -> Result<(Identity, Vec<String>), Status> {
+        // An AuthInterceptor in front of the service has done this already.
+        let caller = match Caller::of(request) {
+            Some(c) => c.clone(),
+            None => self.auth.authenticate(request.metadata())?,
+        };
+        let req = request.get_ref();
+        let identity = csr_identity(&req.csr, &self.trust_domain)?;
+        let allowed = self
+            .snapshots
+            .borrow()
+            .identities_by_node
+            .get(&caller.node)
+            .is_some_and(|ids| {
+                ids.contains(&(identity.namespace.clone(), identity.service_account.clone()))
+            });
+        if !allowed {
+            return Err(Status::permission_denied(format!(
+                "node {} runs no workload with identity {identity}",
+                caller.node
+            )));
+        }
+        let ttl = match u64::try_from(req.validity_duration) {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs).min(self.max_ttl),
+            _ => self.max_ttl,
+        };
+        let chain = self
+            .ca
+            .sign_csr(&req.csr, &identity, ttl)
+            .map_err(|e| match e {
+                ambit_identity::CaError::Csr(_) | ambit_identity::CaError::CsrIdentity { .. } => {
+                    Status::invalid_argument(e.to_string())
+                }
+                other => Status::internal(format!("cannot sign: {other}")),
+            })?;
+        info!(node = %caller.node, identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
+        Ok((identity, chain))
+    }
+}
+
+/// The one SPIFFE identity of `trust_domain` a PEM CSR asks for.
+fn csr_identity(csr_pem: &str, trust_domain: &str) -> Result<Identity, Status> {
+    // from_pem also checks the CSR's signature: the caller holds the key.
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| Status::invalid_argument(format!("bad csr: {e}")))?;
+    let uri = match csr.params.subject_alt_names.as_slice() {
+        [SanType::URI(uri)] => uri.as_str().to_owned(),
+        [other] => {
+            return Err(Status::invalid_argument(format!(
+                "csr subject alternative name {other:?} is not a spiffe uri"
+            )))
+        }
+        sans => {
+            return Err(Status::invalid_argument(format!(
+                "csr has {} subject alternative names, want exactly one spiffe uri",
+                sans.len()
+            )))
+        }
+    };
+    let identity: Identity = uri
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("csr subject alternative name: {e}")))?;
+    if identity.trust_domain != trust_domain {
+        return Err(Status::invalid_argument(format!(
+            "csr identity {identity} is not in trust domain {trust_domain}"
+        )));
+    }
+    Ok(identity)
+}
+
+fn outcome_of(code: tonic::Code) -> Outcome {
+    match code {
+        tonic::Code::Unauthenticated => Outcome::unauthenticated,
+        tonic::Code::PermissionDenied => Outcome::permission_denied,
+        tonic::Code::InvalidArgument => Outcome::invalid_argument,
+        _ => Outcome::internal,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        match self.handle(&request) {
+            Ok((_, cert_chain)) => {
+                self.requests
+                    .get_or_create(&OutcomeLabels {
+                        outcome: Outcome::success,
+                    })
+                    .inc();
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(status) => {
+                let outcome = outcome_of(status.code());
+                self.requests
+                    .get_or_create(&OutcomeLabels { outcome })
+                    .inc();
+                warn!(code = ?status.code(), message = status.message(), "refused a certificate request");
+                Err(status)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

@@ -1,0 +1,171 @@
+//! The delta xDS server (`envoy.service.discovery.v3.AggregatedDiscoveryService/
+//! DeltaAggregatedResources`): pushes the model's `istio.workload.Address` and
+//! `istio.security.Authorization` resources to every ztunnel.
+//!
+//! One task per stream. It reads the latest [`Snapshot`](crate::model::Snapshot)
+//! from the watch channel (so a slow stream skips intermediate snapshots
+//! instead of queueing them) and writes into a small bounded channel that
+//! tonic drains; a client that stops reading blocks only its own task.
+//! Resource versions are content hashes ([`version`]), so a reconnecting
+//! client that lists what it holds gets only what changed.
+
+mod metrics;
+mod stream;
+pub mod version;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use ambit_api::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ambit_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+pub use metrics::{TypeLabel, TypeLabels, XdsMetrics};
+pub use stream::{visible_to_node, NodeInfo};
+pub use version::ResourceType;
+
+use crate::model::SnapshotRx;
+use stream::{Outgoing, StreamState};
+use version::{Cache, Prepared};
+
+/// Responses buffered per stream before its task waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    /// The client went away (its response stream was dropped).
+    #[error("client disconnected")]
+    ClientGone,
+    /// Reading a request failed.
+    #[error("receiving request: {0}")]
+    Receive(#[from] Status),
+    /// The model's publisher is gone: the controller is shutting down.
+    #[error("snapshot publisher closed")]
+    PublisherClosed,
+}
+
+/// The delta ADS service. Cheap to clone the handles it holds; wrap it with
+/// [`XdsServer::into_service`] to add it to a tonic router.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    snapshots: SnapshotRx,
+    metrics: Arc<XdsMetrics>,
+    cache: Arc<Cache>,
+}
+
+impl XdsServer {
+    /// A server that publishes whatever `snapshots` holds.
+    pub fn new(snapshots: SnapshotRx, metrics: Arc<XdsMetrics>) -> Self {
+        XdsServer {
+            snapshots,
+            metrics,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The tonic service, ready for `Server::builder().add_service(...)`.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let conn = Connection {
+            requests: request.into_inner(),
+            tx,
+            snapshots: self.snapshots.clone(),
+            cache: self.cache.clone(),
+            state: StreamState::new(self.metrics.clone()),
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(async move {
+            let _connected = conn.metrics.connected();
+            let (result, node) = conn.run().await;
+            match result {
+                Ok(()) | Err(XdsError::ClientGone) => {
+                    debug!(?peer, node = ?node, "xds: stream closed")
+                }
+                Err(e) => info!(?peer, node = ?node, error = %e, "xds: stream ended"),
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One stream's task.
+struct Connection {
+    requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    snapshots: SnapshotRx,
+    cache: Arc<Cache>,
+    state: StreamState,
+    metrics: Arc<XdsMetrics>,
+}
+
+impl Connection {
+    /// Serves until the client leaves; returns why, and the node's name.
+    async fn run(mut self) -> (Result<(), XdsError>, Option<String>) {
+        let r = self.serve().await;
+        (r, self.state.node().map(|n| n.name.clone()))
+    }
+
+    async fn serve(&mut self) -> Result<(), XdsError> {
+        let mut prepared = self.latest();
+        loop {
+            tokio::select! {
+                req = self.requests.message() => {
+                    let Some(req) = req? else { return Ok(()) };
+                    if let Some(out) = self.state.on_request(req, &prepared) {
+                        self.send(out, None).await?;
+                    }
+                }
+                changed = self.snapshots.changed() => {
+                    changed.map_err(|_| XdsError::PublisherClosed)?;
+                    prepared = self.latest();
+                    for out in self.state.on_snapshot(&prepared) {
+                        self.send(out, Some(&prepared)).await?;
+                    }
+                }
+                () = self.tx.closed() => return Err(XdsError::ClientGone),
+            }
+        }
+    }
+
+    /// The newest snapshot, marked seen so `changed()` waits for the next.
+    fn latest(&mut self) -> Arc<Prepared> {
+        let snap = self.snapshots.borrow_and_update().clone();
+        self.cache.prepare(snap)
+    }
+
+    /// Sends one response; `pushed` is set for pushes caused by a new
+    /// snapshot, whose latency is measured from its publication.
+    async fn send(&mut self, out: Outgoing, pushed: Option<&Prepared>) -> Result<(), XdsError> {
+        let ty = out.ty;
+        self.tx
+            .send(Ok(out.response))
+            .await
+            .map_err(|_| XdsError::ClientGone)?;
+        self.metrics.push(ty);
+        if let Some(p) = pushed {
+            self.metrics.push_latency(p.observed.elapsed());
+        }
+        Ok(())
+    }
+}

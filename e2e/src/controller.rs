@@ -1,0 +1,151 @@
+//! Runs the real `ambit-controller` in the lab: in file mode, on an external
+//! host of the fabric, reading Kubernetes YAML generated from the lab's pods.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::lab::{Host, Lab};
+use crate::netns::NetNs;
+use crate::ztunnel::{workspace_binary, ControllerFlags};
+
+/// The controller's TLS gRPC port (xDS and CA).
+pub const GRPC_PORT: u16 = 15012;
+
+/// A running controller; Drop stops it (SIGTERM, then SIGKILL; this PID only).
+#[derive(Debug)]
+pub struct ControllerProcess {
+    child: Child,
+    dir: PathBuf,
+    ip: Ipv4Addr,
+    log: PathBuf,
+}
+
+impl ControllerProcess {
+    /// Starts the controller on `host`, with its files under `lab.dir()/controller`: `cluster/` (the watched
+    /// YAML), `ca/` (the root it generates), `token` (the bootstrap token). Waits until its port accepts.
+    pub fn start(lab: &Lab, host: &Host) -> anyhow::Result<Self> {
+        let dir = lab.dir().join("controller");
+        std::fs::create_dir_all(dir.join("cluster"))?;
+        std::fs::write(dir.join("token"), format!("lab-token-{}\n", std::process::id()))?;
+        let log = dir.join("controller.log");
+        let out = File::options().create(true).append(true).open(&log)?;
+        let bin = workspace_binary("ambit-controller", "AMBIT_CONTROLLER_BIN")?;
+        let netns = NetNs::borrowed(host.netns.name());
+        let child = netns
+            .command(&bin)
+            .args(["--config-dir", &dir.join("cluster").display().to_string()])
+            .args(["--config-poll-ms", "100"])
+            .args(["--ca-dir", &dir.join("ca").display().to_string()])
+            .args(["--bootstrap-token-file", &dir.join("token").display().to_string()])
+            .args(["--listen", &format!("0.0.0.0:{GRPC_PORT}")])
+            .args(["--serving-ips", &host.ip.to_string()])
+            .args(["--serving-dns-names", "ambit-controller.ambit-system.svc"])
+            .args(["--metrics-addr", "0.0.0.0:15014"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let mut c = ControllerProcess { child, dir, ip: host.ip, log };
+        let addr = SocketAddr::from((host.ip, GRPC_PORT));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.child.try_wait()? {
+                bail!("controller exited with {status}; log:\n{}", c.log_text());
+            }
+            if netns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))).is_ok() {
+                return Ok(c);
+            }
+            if Instant::now() > deadline {
+                bail!("controller not listening on {addr} after 15 s; log:\n{}", c.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The flags a ztunnel needs to use this controller.
+    pub fn flags(&self) -> ControllerFlags {
+        ControllerFlags {
+            address: format!("https://{}:{GRPC_PORT}", self.ip),
+            mesh_root: self.dir.join("ca").join("root-cert.pem"),
+            token_file: self.dir.join("token"),
+        }
+    }
+
+    /// The watched directory of Kubernetes YAML.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.join("cluster")
+    }
+
+    /// Writes `file` (a name in the watched directory) atomically.
+    pub fn write(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        write_atomic(&self.cluster_dir().join(file), yaml)
+    }
+
+    /// Removes `file` from the watched directory.
+    pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.cluster_dir().join(file)).with_context(|| format!("remove {file}"))
+    }
+
+    /// The controller's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own, not yet reaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+}
+
+/// Kubernetes YAML for the lab's pods: a Namespace per pod namespace (labelled
+/// `istio.io/dataplane-mode=ambient` when listed in `ambient`) and a Pod per
+/// pod, scheduled, with its IP and Ready, as a kubelet would report it.
+pub fn cluster_yaml(lab: &Lab, ambient: &[&str]) -> String {
+    let mut out = String::new();
+    let mut namespaces: Vec<&str> = lab.pods().iter().map(|p| p.namespace.as_str()).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for ns in namespaces {
+        let label = if ambient.contains(&ns) { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
+        out.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}\n"));
+    }
+    for p in lab.pods() {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    app: {name}\n\
+             spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: lab\n\
+             status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+            name = p.name,
+            ns = p.namespace,
+            uid = p.uid.replace('/', "-"),
+            node = lab.node(p.node).name,
+            sa = p.service_account,
+            ip = p.ip,
+        ));
+    }
+    out
+}

@@ -6,8 +6,10 @@
 //! Layering, top down: `app` → `xds`, `ca` → `model` ← `sources`.
 
 pub mod app;
+pub mod bench;
 pub mod ca;
 pub mod config;
 pub mod model;
 pub mod sources;
+pub mod waypoints;
 pub mod xds;

@@ -61,6 +61,11 @@ pub struct Report {
 const THROUGHPUT_PORT: u16 = 9300;
 const ECHO_PORT: u16 = 9301;
 const CONN_PORT: u16 = 9302;
+// The mesh phase uses other server ports: the direct phase leaves thousands
+// of TIME_WAIT sockets in the server pod keyed (server:port, client:port), and
+// ztunnel's connections from the client's own address to the same server
+// port would collide with them (a SYN that hits one waits a retransmit, 1 s).
+const MESH_PORT_OFFSET: u16 = 10;
 const IO_BUF: usize = 128 * 1024;
 
 /// Builds the lab, runs both paths, returns the figures.
@@ -71,11 +76,17 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let client = lab.add_pod(n1, PodSpec::new("client", "bench", "client"))?;
     let server = lab.add_pod(n2, PodSpec::new("server", "bench", "server"))?;
     let mut mesh = Mesh::new(lab)?;
-    let servers = Servers::start(&mesh.lab().pod(server).netns)?;
+    let servers = [0, MESH_PORT_OFFSET].map(|offset| Servers::start(&mesh.lab().pod(server).netns, offset));
+    let servers = servers.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let target = mesh.lab().pod(server).ip;
 
-    eprintln!("measuring direct pod-to-pod TCP ...");
-    let direct = measure(&mesh.lab().pod(client).netns, target.into(), opts)?;
+    // BENCH_SKIP_DIRECT=1 measures only the mesh (for quick experiments).
+    let direct = if std::env::var_os("BENCH_SKIP_DIRECT").is_some() {
+        Figures::default()
+    } else {
+        eprintln!("measuring direct pod-to-pod TCP ...");
+        measure(&mesh.lab().pod(client).netns, target.into(), 0, opts)?
+    };
 
     // Extra ztunnel flags for experiments, e.g. BENCH_ZTUNNEL_ARGS="--worker-threads 1".
     let extra: Vec<String> =
@@ -95,7 +106,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     enroll(&mut mesh, &[client, server])?;
     let cpu_before = cpu(&mesh, [n1, n2]);
     eprintln!("measuring through two ztunnels ...");
-    let through = measure(&mesh.lab().pod(client).netns, target.into(), opts)?;
+    let through = measure(&mesh.lab().pod(client).netns, target.into(), MESH_PORT_OFFSET, opts)?;
     let cpu_after = cpu(&mesh, [n1, n2]);
     for (i, n) in [n1, n2].into_iter().enumerate() {
         zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
@@ -122,10 +133,10 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-fn measure(client: &NetNs, server: std::net::IpAddr, opts: BenchOptions) -> anyhow::Result<Figures> {
-    let tp = SocketAddr::new(server, THROUGHPUT_PORT);
-    let echo = SocketAddr::new(server, ECHO_PORT);
-    let conn = SocketAddr::new(server, CONN_PORT);
+fn measure(client: &NetNs, server: std::net::IpAddr, offset: u16, opts: BenchOptions) -> anyhow::Result<Figures> {
+    let tp = SocketAddr::new(server, THROUGHPUT_PORT + offset);
+    let echo = SocketAddr::new(server, ECHO_PORT + offset);
+    let conn = SocketAddr::new(server, CONN_PORT + offset);
     let d = opts.duration;
     let single_stream_gbps = client.run(move || throughput(tp, 1, d)).context("single-stream throughput")?;
     let four_stream_gbps = client.run(move || throughput(tp, 4, d)).context("4-stream throughput")?;
@@ -215,11 +226,12 @@ struct Servers {
 }
 
 impl Servers {
-    fn start(ns: &NetNs) -> anyhow::Result<Self> {
+    fn start(ns: &NetNs, offset: u16) -> anyhow::Result<Self> {
         let bind = |port: u16| -> anyhow::Result<Arc<TcpListener>> {
             Ok(Arc::new(ns.run(move || TcpListener::bind(("0.0.0.0", port)))?))
         };
-        let (sink, echo, conn) = (bind(THROUGHPUT_PORT)?, bind(ECHO_PORT)?, bind(CONN_PORT)?);
+        let (sink, echo, conn) =
+            (bind(THROUGHPUT_PORT + offset)?, bind(ECHO_PORT + offset)?, bind(CONN_PORT + offset)?);
         spawn_acceptor(sink.clone(), true, |mut s| {
             let mut buf = vec![0u8; IO_BUF];
             let mut n = 0u64;

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod check;
 pub mod controller;
 pub mod http;
+pub mod kube;
 pub mod lab;
 pub mod mesh;
 pub mod netns;

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod root;
 pub mod service;
 pub mod serving;
+pub mod token_review;
 
 pub use auth::{
     AuthError, AuthInterceptor, BootstrapTokenAuthenticator, Caller, CallerAuthenticator,
@@ -16,3 +17,4 @@ pub use root::{
 };
 pub use service::{CaService, DEFAULT_MAX_TTL};
 pub use serving::{serving_identity, ServingError};
+pub use token_review::{AsyncCallerAuthenticator, TokenReviewAuthenticator};

@@ -2,5 +2,7 @@
 //! (`--config-dir`); later: Kubernetes watches.
 
 pub mod file;
+pub mod kube;
 
 pub use file::FileSource;
+pub use kube::KubeSource;

@@ -76,9 +76,10 @@ pub fn visible_to_node(node: &NodeInfo, ty: ResourceType, name: &str, snapshot: 
 fn address_visible(node: &str, a: &Address) -> bool {
     match &a.r#type {
         Some(address::Type::Workload(w)) => {
-            w.node == node
-                || w.tunnel_protocol == i32::from(TunnelProtocol::Hbone)
+            // Cheap inline fields first: most workloads are captured.
+            w.tunnel_protocol == i32::from(TunnelProtocol::Hbone)
                 || !w.services.is_empty()
+                || w.node == node
         }
         Some(address::Type::Service(_)) => true,
         None => false,
@@ -567,7 +568,8 @@ mod tests {
         let (mut s, _) = state();
         let mut req = subscribe(ResourceType::Address);
         req.node = Some(Node {
-            id: "ztunnel~a".into(),
+            // No NODE_NAME metadata: the id is the node name.
+            id: "a".into(),
             ..Default::default()
         });
         let p1 = Prepared::build(Arc::new(cluster(1, true)), None);

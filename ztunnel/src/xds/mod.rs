@@ -116,6 +116,9 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// Largest xDS response accepted.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Exponential backoff with ±20 % jitter, so that ztunnels restarted together
 /// do not reconnect in lockstep.
 #[derive(Debug)]
@@ -218,10 +221,13 @@ impl XdsClient {
                 .await
                 .map_err(|_| XdsError::RequestsClosed)?;
         }
+        // The first response carries the whole mesh (about 3 MB per 10,000
+        // pods): lift tonic's 4 MiB default.
         let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
             self.channel.clone(),
             self.auth.clone(),
-        );
+        )
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut responses = client
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await?

@@ -1,0 +1,691 @@
+//! The Kubernetes source: reflectors (watch + in-memory store) for every kind the model reads. Each change, after a
+//! short debounce that batches bursts, rebuilds the model from the stores and publishes the snapshot if its resources
+//! changed, as the file source does. Istio policies get an `Accepted` status condition saying whether they were used.
+//!
+//! A custom resource whose CRD is not installed must not stop the mesh: its watcher logs once, counts as an empty
+//! kind, and keeps retrying with backoff, so installing the CRD later is picked up.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::model::crd::Resource as CrdResource;
+use crate::model::{
+    self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx,
+};
+
+/// How long to wait after a change for more before rebuilding.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// When a status write failed, how long until the next attempt.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
+/// Field manager of the status writes.
+const FIELD_MANAGER: &str = "ambit-controller";
+
+/// Why a Kubernetes client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// The kubeconfig is unreadable or invalid.
+    #[error("cannot load kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: kube::config::KubeconfigError,
+    },
+    /// The client cannot be built from the configuration (TLS settings…).
+    #[error("cannot create the kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the cluster (and credentials) of the kubeconfig at `path`, in its current context.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSourceError> {
+    let err = |source| KubeSourceError::Kubeconfig {
+        path: path.to_owned(),
+        source,
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(err)?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A custom resource the model reads.
+#[derive(Clone, Copy, Debug)]
+struct Crd {
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+}
+
+const AUTHORIZATION_POLICY: Crd = Crd {
+    group: "security.istio.io",
+    version: "v1",
+    kind: "AuthorizationPolicy",
+    plural: "authorizationpolicies",
+};
+const PEER_AUTHENTICATION: Crd = Crd {
+    group: "security.istio.io",
+    version: "v1",
+    kind: "PeerAuthentication",
+    plural: "peerauthentications",
+};
+const GATEWAY: Crd = Crd {
+    group: "gateway.networking.k8s.io",
+    version: "v1",
+    kind: "Gateway",
+    plural: "gateways",
+};
+
+impl Crd {
+    fn api_resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+}
+
+/// Every kind watched; the model is published only once each has listed (or is known to be absent).
+const KINDS: [&str; 7] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "EndpointSlice",
+    AUTHORIZATION_POLICY.kind,
+    PEER_AUTHENTICATION.kind,
+    GATEWAY.kind,
+];
+
+/// What the watcher tasks tell the build loop.
+#[derive(Debug)]
+enum Signal {
+    /// Objects of a kind changed.
+    Changed,
+    /// A kind's initial list is complete (or its CRD is absent, which counts as empty).
+    Ready(&'static str),
+}
+
+/// The reflector stores, one per kind.
+#[derive(Clone)]
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    policies: Store<DynamicObject>,
+    peer_auths: Store<DynamicObject>,
+    gateways: Store<DynamicObject>,
+}
+
+/// Aborts the watcher tasks when the source stops.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Builds the model from a Kubernetes API server, and keeps it current.
+#[derive(Clone)]
+pub struct KubeSource {
+    client: kube::Client,
+    opts: ModelOptions,
+    debounce: Duration,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("opts", &self.opts)
+            .field("debounce", &self.debounce)
+            .finish()
+    }
+}
+
+impl KubeSource {
+    /// A source reading the cluster of `client` (all namespaces).
+    pub fn new(client: kube::Client, opts: ModelOptions) -> Self {
+        Self {
+            client,
+            opts,
+            debounce: DEFAULT_DEBOUNCE,
+        }
+    }
+
+    /// Changes the debounce delay.
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// Watches the cluster until every receiver of `tx` is gone. Each batch of changes rebuilds the model, reports
+    /// the rejections to `rejections` when they differ from the last report (status writes of our own trigger
+    /// rebuilds too, and must not repeat the report), publishes the snapshot if its resources changed (version one
+    /// above the published one), and writes the policies' `Accepted` conditions that changed.
+    pub async fn run(self, tx: SnapshotTx, rejections: RejectionSink) {
+        let (signal_tx, mut signals) = mpsc::unbounded_channel();
+        let (stores, _tasks) = self.spawn_watchers(&signal_tx);
+        let mut ready = HashSet::new();
+        let mut last_rejections = None::<Vec<Rejection>>;
+        let mut status = StatusWriter::new(self.client.clone(), signal_tx.clone());
+        loop {
+            // Wait for a change, then for the burst to settle.
+            let first = tokio::select! {
+                s = signals.recv() => s,
+                () = tx.closed() => return,
+            };
+            let Some(first) = first else { return };
+            note_signal(first, &mut ready);
+            let settle = tokio::time::sleep(self.debounce);
+            tokio::pin!(settle);
+            loop {
+                tokio::select! {
+                    () = &mut settle => break,
+                    s = signals.recv() => match s {
+                        Some(s) => note_signal(s, &mut ready),
+                        None => return,
+                    },
+                }
+            }
+            if ready.len() < KINDS.len() {
+                continue; // a partial model would withdraw workloads from every ztunnel
+            }
+            let started = std::time::Instant::now();
+            let next = tx.borrow().version + 1;
+            let (objects, mut rejected, crd_keys) = collect(&stores);
+            let opts = self.opts.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let report = model::build_report(&objects, &opts, next);
+                rejected.extend(report.rejections);
+                (report.snapshot, rejected, report.warnings)
+            })
+            .await;
+            let (snapshot, rejected, warnings) = match built {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "bug: model build panicked");
+                    continue;
+                }
+            };
+            if last_rejections.as_ref() != Some(&rejected) {
+                for w in &warnings {
+                    tracing::warn!(kind = %w.kind, namespace = %w.namespace, name = %w.name, reason = %w.reason, "partly applied");
+                }
+                rejections(&rejected);
+                last_rejections = Some(rejected.clone());
+            }
+            let changed = tx.send_if_modified(|current| {
+                if current.same_content(&snapshot) {
+                    return false;
+                }
+                *current = Arc::new(snapshot);
+                true
+            });
+            if changed {
+                let version = tx.borrow().version;
+                tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
+            }
+            status.sync(&stores, &crd_keys, &rejected).await;
+        }
+    }
+
+    fn spawn_watchers(&self, signal: &mpsc::UnboundedSender<Signal>) -> (Stores, Tasks) {
+        let c = &self.client;
+        let mut tasks = Vec::new();
+        let namespaces = spawn_typed::<Namespace>(c, "Namespace", signal, &mut tasks);
+        let pods = spawn_typed::<Pod>(c, "Pod", signal, &mut tasks);
+        let services = spawn_typed::<Service>(c, "Service", signal, &mut tasks);
+        let endpoint_slices = spawn_typed::<EndpointSlice>(c, "EndpointSlice", signal, &mut tasks);
+        let policies = spawn_dynamic(c, AUTHORIZATION_POLICY, signal, &mut tasks);
+        let peer_auths = spawn_dynamic(c, PEER_AUTHENTICATION, signal, &mut tasks);
+        let gateways = spawn_dynamic(c, GATEWAY, signal, &mut tasks);
+        let stores = Stores {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            policies,
+            peer_auths,
+            gateways,
+        };
+        (stores, Tasks(tasks))
+    }
+}
+
+fn note_signal(s: Signal, ready: &mut HashSet<&'static str>) {
+    if let Signal::Ready(kind) = s {
+        ready.insert(kind);
+    }
+}
+
+fn spawn_typed<K>(
+    client: &kube::Client,
+    kind: &'static str,
+    signal: &mpsc::UnboundedSender<Signal>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let writer = Writer::<K>::default();
+    let store = writer.as_reader();
+    tasks.push(tokio::spawn(watch(
+        Api::all(client.clone()),
+        writer,
+        kind,
+        signal.clone(),
+    )));
+    store
+}
+
+fn spawn_dynamic(
+    client: &kube::Client,
+    crd: Crd,
+    signal: &mpsc::UnboundedSender<Signal>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<DynamicObject> {
+    let ar = crd.api_resource();
+    let writer = Writer::<DynamicObject>::new(ar.clone());
+    let store = writer.as_reader();
+    let api = Api::all_with(client.clone(), &ar);
+    tasks.push(tokio::spawn(watch(api, writer, crd.kind, signal.clone())));
+    store
+}
+
+/// Runs one reflector until the build loop is gone; errors are logged and retried with backoff.
+async fn watch<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    kind: &'static str,
+    signal: mpsc::UnboundedSender<Signal>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    futures::pin_mut!(stream);
+    let mut absent = false;
+    let mut last_error = None::<String>;
+    while let Some(item) = stream.next().await {
+        let sent = match item {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue, // the store swaps at InitDone
+            Ok(watcher::Event::InitDone) => {
+                if absent {
+                    tracing::info!(kind, "resource is now served; watching it");
+                }
+                absent = false;
+                last_error = None;
+                signal
+                    .send(Signal::Ready(kind))
+                    .and_then(|()| signal.send(Signal::Changed))
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                signal.send(Signal::Changed)
+            }
+            Err(e) if is_not_found(&e) => {
+                if !absent {
+                    tracing::warn!(kind, "resource not served (CRD not installed?); treating it as empty and retrying");
+                    absent = true;
+                }
+                signal.send(Signal::Ready(kind))
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!(kind, error = %msg, "watch failed; retrying with backoff");
+                    last_error = Some(msg);
+                }
+                continue;
+            }
+        };
+        if sent.is_err() {
+            return; // the build loop ended
+        }
+    }
+}
+
+/// Whether the resource is not served. An unknown API path answers a plain-text 404 that kube-rs wraps in a `Status`
+/// whose reason is not `NotFound`, so the code decides.
+fn is_not_found(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s,
+        _ => return false,
+    };
+    status.code == 404 || status.is_not_found()
+}
+
+/// (kind, namespace, name) of a policy.
+type PolicyKey = (&'static str, String, String);
+
+/// Copies the stores into [`ClusterObjects`]. Custom resources that do not match the model's schema are rejected
+/// here; the keys of all Istio policies seen are returned for their status conditions.
+fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) {
+    let mut objects = ClusterObjects::default();
+    let mut rejections = Vec::new();
+    for o in stores.namespaces.state() {
+        objects.insert(ClusterObject::Namespace(Box::new((*o).clone())));
+    }
+    for o in stores.pods.state() {
+        objects.insert(ClusterObject::Pod(Box::new((*o).clone())));
+    }
+    for o in stores.services.state() {
+        objects.insert(ClusterObject::Service(Box::new((*o).clone())));
+    }
+    for o in stores.endpoint_slices.state() {
+        objects.insert(ClusterObject::EndpointSlice(Box::new((*o).clone())));
+    }
+    let mut keys = Vec::new();
+    for o in stores.policies.state() {
+        keys.push(policy_key(AUTHORIZATION_POLICY.kind, &o));
+        if let Some(t) = typed(&o, AUTHORIZATION_POLICY, &mut rejections) {
+            objects.insert(ClusterObject::AuthorizationPolicy(Box::new(t)));
+        }
+    }
+    for o in stores.peer_auths.state() {
+        keys.push(policy_key(PEER_AUTHENTICATION.kind, &o));
+        if let Some(t) = typed(&o, PEER_AUTHENTICATION, &mut rejections) {
+            objects.insert(ClusterObject::PeerAuthentication(Box::new(t)));
+        }
+    }
+    for o in stores.gateways.state() {
+        if let Some(t) = typed(&o, GATEWAY, &mut rejections) {
+            objects.insert(ClusterObject::Gateway(Box::new(t)));
+        }
+    }
+    (objects, rejections, keys)
+}
+
+fn policy_key(kind: &'static str, o: &DynamicObject) -> PolicyKey {
+    (
+        kind,
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Converts a dynamic object to the model's serde type (the same strict schema the file source applies).
+fn typed<S: DeserializeOwned + Default>(
+    o: &DynamicObject,
+    crd: Crd,
+    rejections: &mut Vec<Rejection>,
+) -> Option<CrdResource<S>> {
+    let result = serde_json::to_value(o).and_then(|mut v| {
+        // List items may lack apiVersion/kind; the watch knows them.
+        v["apiVersion"] = Value::String(format!("{}/{}", crd.group, crd.version));
+        v["kind"] = Value::String(crd.kind.into());
+        serde_json::from_value(v)
+    });
+    match result {
+        Ok(t) => Some(t),
+        Err(e) => {
+            rejections.push(Rejection {
+                kind: crd.kind.into(),
+                namespace: o.metadata.namespace.clone().unwrap_or_default(),
+                name: o.metadata.name.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            });
+            None
+        }
+    }
+}
+
+/// The `Accepted` condition a policy should carry: (status, reason, message, observed generation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Accepted {
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+    generation: Option<i64>,
+}
+
+impl Accepted {
+    /// Whether `conditions` (the object's `status.conditions`) already say this.
+    fn matches(&self, conditions: &[Value]) -> bool {
+        conditions.iter().any(|c| {
+            c["type"] == "Accepted"
+                && c["status"] == self.status
+                && c["reason"] == self.reason
+                && c["message"] == self.message.as_str()
+                && c["observedGeneration"].as_i64() == self.generation
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        let mut c = json!({
+            "type": "Accepted",
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::now()),
+        });
+        if let Some(g) = self.generation {
+            c["observedGeneration"] = json!(g);
+        }
+        c
+    }
+}
+
+/// Writes policies' `Accepted` conditions, only when they changed: it remembers what it wrote and also skips
+/// objects that already carry the condition (after a restart), so its own writes do not make it loop.
+struct StatusWriter {
+    client: kube::Client,
+    written: HashMap<PolicyKey, Accepted>,
+    retry: mpsc::UnboundedSender<Signal>,
+    retry_pending: bool,
+}
+
+impl StatusWriter {
+    fn new(client: kube::Client, retry: mpsc::UnboundedSender<Signal>) -> Self {
+        Self {
+            client,
+            written: HashMap::new(),
+            retry,
+            retry_pending: false,
+        }
+    }
+
+    async fn sync(&mut self, stores: &Stores, keys: &[PolicyKey], rejected: &[Rejection]) {
+        let mut reasons: HashMap<PolicyKey, Vec<&str>> = HashMap::new();
+        for r in rejected {
+            let kind = match r.kind.as_str() {
+                k if k == AUTHORIZATION_POLICY.kind => AUTHORIZATION_POLICY.kind,
+                k if k == PEER_AUTHENTICATION.kind => PEER_AUTHENTICATION.kind,
+                _ => continue,
+            };
+            reasons
+                .entry((kind, r.namespace.clone(), r.name.clone()))
+                .or_default()
+                .push(&r.reason);
+        }
+        let present: HashSet<&PolicyKey> = keys.iter().collect();
+        self.written.retain(|k, _| present.contains(k));
+        let mut failed = false;
+        for key in keys {
+            let (crd, store) = if key.0 == AUTHORIZATION_POLICY.kind {
+                (AUTHORIZATION_POLICY, &stores.policies)
+            } else {
+                (PEER_AUTHENTICATION, &stores.peer_auths)
+            };
+            let Some(obj) = store
+                .get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
+            else {
+                continue; // deleted since the build
+            };
+            let want = match reasons.get(key) {
+                Some(r) => Accepted {
+                    status: "False",
+                    reason: "Invalid",
+                    message: r.join("; "),
+                    generation: obj.metadata.generation,
+                },
+                None => Accepted {
+                    status: "True",
+                    reason: "Accepted",
+                    message: String::new(),
+                    generation: obj.metadata.generation,
+                },
+            };
+            if self.written.get(key) == Some(&want) {
+                continue;
+            }
+            let conditions: Vec<Value> = obj.data["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if want.matches(&conditions) {
+                self.written.insert(key.clone(), want);
+                continue;
+            }
+            // Keep other controllers' conditions; replace ours.
+            let mut next: Vec<Value> = conditions
+                .into_iter()
+                .filter(|c| c["type"] != "Accepted")
+                .collect();
+            next.push(want.to_json());
+            match self.write(crd, &key.1, &key.2, next).await {
+                Ok(()) => {
+                    tracing::debug!(kind = key.0, namespace = %key.1, name = %key.2, status = want.status, "status written");
+                    self.written.insert(key.clone(), want);
+                }
+                Err(e) => {
+                    tracing::warn!(kind = key.0, namespace = %key.1, name = %key.2, error = %e, "cannot write status; will retry");
+                    failed = true;
+                }
+            }
+        }
+        if failed && !self.retry_pending {
+            self.retry_pending = true;
+            let retry = self.retry.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(STATUS_RETRY).await;
+                let _ = retry.send(Signal::Changed);
+            });
+        } else if !failed {
+            self.retry_pending = false;
+        }
+    }
+
+    /// Merge-patches `status.conditions` through the status subresource, or on the object when the CRD has none.
+    async fn write(
+        &self,
+        crd: Crd,
+        ns: &str,
+        name: &str,
+        conditions: Vec<Value>,
+    ) -> Result<(), kube::Error> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &crd.api_resource());
+        let patch = json!({ "status": { "conditions": conditions } });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(s)) if s.is_not_found() => api
+                .patch(name, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop),
+            r => r.map(drop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(yaml: &str) -> DynamicObject {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_policy_with_an_unknown_action_is_rejected_by_name() {
+        let o = dynamic(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: ns1}\n\
+             spec: {action: BOGUS}\n",
+        );
+        let mut rejections = Vec::new();
+        let t: Option<model::crd::AuthorizationPolicy> =
+            typed(&o, AUTHORIZATION_POLICY, &mut rejections);
+        assert!(t.is_none());
+        assert_eq!(rejections.len(), 1);
+        assert_eq!(
+            (
+                rejections[0].namespace.as_str(),
+                rejections[0].name.as_str()
+            ),
+            ("ns1", "bad")
+        );
+        assert!(
+            rejections[0].reason.contains("BOGUS"),
+            "{}",
+            rejections[0].reason
+        );
+    }
+
+    #[test]
+    fn a_list_item_without_type_meta_converts() {
+        // Items of a list response carry no apiVersion/kind.
+        let mut o = dynamic(
+            "metadata: {name: p, namespace: ns1, generation: 2}\nspec: {action: DENY, rules: [{}]}\n\
+             status: {conditions: []}\n",
+        );
+        o.types = None;
+        let mut rejections = Vec::new();
+        let t: model::crd::AuthorizationPolicy =
+            typed(&o, AUTHORIZATION_POLICY, &mut rejections).unwrap();
+        assert!(rejections.is_empty(), "{rejections:?}");
+        assert_eq!(t.spec.action, model::crd::AuthorizationAction::Deny);
+        assert_eq!(t.kind, "AuthorizationPolicy");
+    }
+
+    #[test]
+    fn a_condition_matches_only_with_the_same_status_reason_message_and_generation() {
+        let want = Accepted {
+            status: "False",
+            reason: "Invalid",
+            message: "bad".into(),
+            generation: Some(3),
+        };
+        let mut c = want.to_json();
+        assert!(want.matches(std::slice::from_ref(&c)));
+        c["observedGeneration"] = json!(2);
+        assert!(!want.matches(std::slice::from_ref(&c)));
+        let accepted = Accepted {
+            status: "True",
+            reason: "Accepted",
+            message: String::new(),
+            generation: Some(3),
+        };
+        assert!(!accepted.matches(&[want.to_json()]));
+    }
+}

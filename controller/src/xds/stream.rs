@@ -111,6 +111,9 @@ struct TypeState {
     names: BTreeSet<String>,
     /// name → version the client holds (as far as the server knows).
     known: HashMap<String, String>,
+    /// The snapshot version `known` was last brought up to date with; a
+    /// snapshot prepared against it needs only its changed names examined.
+    synced_to: Option<u64>,
 }
 
 impl TypeState {
@@ -137,6 +140,7 @@ impl TypeState {
         // later subscribe resends it.
         let (wildcard, names) = (self.wildcard, &self.names);
         self.known.retain(|n, _| wildcard || names.contains(n));
+        self.synced_to = None;
     }
 }
 
@@ -293,16 +297,10 @@ impl StreamState {
             ResourceType::Authorization => Box::new(std::iter::repeat(true)),
         };
         let mut resources = Vec::new();
-        // How many of the names the client is known to hold stay visible;
-        // when that is all of them, nothing is to be removed.
-        let mut kept = 0;
-        for ((name, enc), visible) in current.iter().zip(visible) {
-            if !visible || !st.subscribed(name) {
-                continue;
-            }
-            kept += 1;
+        let mut removed: Vec<String> = Vec::new();
+        let mut send = |st: &mut TypeState, name: &String, enc: &crate::xds::version::Encoded| {
             if st.known.get(name) == Some(&enc.version) {
-                continue;
+                return;
             }
             st.known.insert(name.clone(), enc.version.clone());
             resources.push(Resource {
@@ -312,20 +310,48 @@ impl StreamState {
                 aliases: Vec::new(),
                 ttl: None,
             });
-        }
-        let mut removed: Vec<String> = if st.known.len() == kept {
-            Vec::new()
-        } else {
-            st.known
-                .keys()
-                .filter(|n| !current.contains_key(*n) || !visible_to_node(node, ty, n, snapshot))
-                .cloned()
-                .collect()
         };
-        removed.sort();
-        for n in &removed {
-            st.known.remove(n);
+        if !always && st.synced_to.is_some() && st.synced_to == prepared.base {
+            // Up to date with the snapshot this one was diffed against: only
+            // the changed names can differ (visibility changes only with the
+            // resource itself).
+            for name in prepared.changed(ty) {
+                match current.get(name) {
+                    Some(enc) if st.subscribed(name) && visible_to_node(node, ty, name, snapshot) => {
+                        send(st, name, enc)
+                    }
+                    _ => {
+                        if st.known.remove(name).is_some() {
+                            removed.push(name.clone());
+                        }
+                    }
+                }
+            }
+        } else {
+            // How many of the names the client is known to hold stay visible;
+            // when that is all of them, nothing is to be removed.
+            let mut kept = 0;
+            for ((name, enc), visible) in current.iter().zip(visible) {
+                if !visible || !st.subscribed(name) {
+                    continue;
+                }
+                kept += 1;
+                send(st, name, enc);
+            }
+            if st.known.len() != kept {
+                removed = st
+                    .known
+                    .keys()
+                    .filter(|n| !current.contains_key(*n) || !visible_to_node(node, ty, n, snapshot))
+                    .cloned()
+                    .collect();
+            }
+            for n in &removed {
+                st.known.remove(n);
+            }
         }
+        removed.sort();
+        st.synced_to = Some(snapshot.version);
         if resources.is_empty() && removed.is_empty() && !always {
             return None;
         }
@@ -404,6 +430,40 @@ mod tests {
         );
         node.metadata = Some(md);
         assert_eq!(NodeInfo::from_node(&node).name, "node-a");
+    }
+
+    #[test]
+    fn a_stream_up_to_date_with_the_base_gets_exactly_the_changes() {
+        let (mut s, _) = state();
+        let p1 = prepared(1, &["a", "b", "c"]);
+        s.on_request(subscribe(ResourceType::Authorization), &p1).unwrap();
+        // v2 against v1: "b" changed, "c" removed, "d" added, "a" untouched.
+        let mut s2 = (*p1.snapshot).clone();
+        s2.version = 2;
+        s2.authorizations.get_mut("ns/b").unwrap().action = 1;
+        s2.authorizations.remove("ns/c");
+        s2.authorizations.insert("ns/d".into(), policy("d"));
+        let p2 = Prepared::build(Arc::new(s2), Some(&p1));
+        assert_eq!(p2.base, Some(1));
+        let mut changed = p2.changed(ResourceType::Authorization).to_vec();
+        changed.sort();
+        assert_eq!(changed, ["ns/b", "ns/c", "ns/d"]);
+        let out = s.on_snapshot(&p2);
+        assert_eq!(out.len(), 1);
+        let names: Vec<_> = out[0].response.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["ns/b", "ns/d"]);
+        assert_eq!(out[0].response.removed_resources, ["ns/c"]);
+        // A stream that missed v2 gets the same result from the full walk at v3.
+        let (mut late, _) = state();
+        late.on_request(subscribe(ResourceType::Authorization), &p1).unwrap();
+        let mut s3 = (*p2.snapshot).clone();
+        s3.version = 3;
+        let p3 = Prepared::build(Arc::new(s3), Some(&p2));
+        let out = late.on_snapshot(&p3);
+        let names: Vec<_> = out[0].response.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["ns/b", "ns/d"]);
+        assert_eq!(out[0].response.removed_resources, ["ns/c"]);
+        assert!(s.on_snapshot(&p3).is_empty(), "nothing changed between v2 and v3");
     }
 
     #[test]

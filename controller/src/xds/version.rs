@@ -116,29 +116,41 @@ pub(crate) struct Prepared {
     /// When this server first saw the snapshot: the start of push latency.
     pub observed: Instant,
     by_type: [BTreeMap<String, Encoded>; 2],
+    /// The version of the snapshot this one was compared with.
+    pub base: Option<u64>,
+    /// Per type, the names added, changed or removed since `base`: a stream
+    /// that is up to date with `base` looks only at these.
+    changed: [Vec<String>; 2],
 }
 
 impl Prepared {
     /// Encodes `snapshot`, reusing the encoding of resources equal to those in
     /// `prev` (most snapshots change a handful of resources).
     pub fn build(snapshot: Arc<Snapshot>, prev: Option<&Prepared>) -> Self {
-        let addresses = encode_all(
+        let (addresses, changed_addresses) = encode_all(
             &snapshot.addresses,
             prev.map(|p| (&p.snapshot.addresses, &p.by_type[0])),
             ADDRESS_TYPE_URL,
             address_version,
         );
-        let authorizations = encode_all(
+        let (authorizations, changed_authorizations) = encode_all(
             &snapshot.authorizations,
             prev.map(|p| (&p.snapshot.authorizations, &p.by_type[1])),
             AUTHORIZATION_TYPE_URL,
             authorization_version,
         );
         Prepared {
+            base: prev.map(|p| p.snapshot.version),
             snapshot,
             observed: Instant::now(),
             by_type: [addresses, authorizations],
+            changed: [changed_addresses, changed_authorizations],
         }
+    }
+
+    /// Names of type `ty` added, changed or removed since [`Prepared::base`].
+    pub fn changed(&self, ty: ResourceType) -> &[String] {
+        &self.changed[ty.index()]
     }
 
     /// The encoded resources of one type, by name.
@@ -150,13 +162,16 @@ impl Prepared {
 /// The previous snapshot's messages of one type and their encodings.
 type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a BTreeMap<String, Encoded>);
 
+/// Encodes `current`, reusing `prev`'s encodings of equal messages; also
+/// returns the names that differ from `prev` (added, changed, removed).
 fn encode_all<M: Message + PartialEq>(
     current: &BTreeMap<String, M>,
     prev: Option<Previous<'_, M>>,
     type_url: &str,
     version: fn(&M) -> String,
-) -> BTreeMap<String, Encoded> {
-    current
+) -> (BTreeMap<String, Encoded>, Vec<String>) {
+    let mut changed = Vec::new();
+    let encoded = current
         .iter()
         .map(|(name, msg)| {
             let reused = prev.and_then(|(msgs, enc)| {
@@ -164,16 +179,23 @@ fn encode_all<M: Message + PartialEq>(
                     .then(|| enc.get(name).cloned())
                     .flatten()
             });
-            let e = reused.unwrap_or_else(|| Encoded {
-                version: version(msg),
-                any: prost_types::Any {
-                    type_url: type_url.to_owned(),
-                    value: msg.encode_to_vec(),
-                },
+            let e = reused.unwrap_or_else(|| {
+                changed.push(name.clone());
+                Encoded {
+                    version: version(msg),
+                    any: prost_types::Any {
+                        type_url: type_url.to_owned(),
+                        value: msg.encode_to_vec(),
+                    },
+                }
             });
             (name.clone(), e)
         })
-        .collect()
+        .collect();
+    if let Some((msgs, _)) = prev {
+        changed.extend(msgs.keys().filter(|n| !current.contains_key(*n)).cloned());
+    }
+    (encoded, changed)
 }
 
 /// The latest prepared snapshot, so that N streams encode a snapshot once.

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
 
 export CARGO_TERM_COLOR=never
+cargo fmt --all -- --check
 # The lab starts the ztunnel and controller binaries: build them first.
 cargo build --release --workspace --bins
 cargo test --release --workspace --no-fail-fast -- --test-threads="${AMBIT_TEST_THREADS:-2}"

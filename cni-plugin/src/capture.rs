@@ -107,19 +107,13 @@ impl CaptureConfig {
     /// Checks the marks are non-zero and disjoint, ztunnel's ports are
     /// non-zero and distinct, and the route table is not a kernel one.
     pub fn validate(&self) -> Result<(), CaptureError> {
-        for (which, mark) in [
-            ("ztunnel_mark", self.ztunnel_mark),
-            ("tproxy_mark", self.tproxy_mark),
-        ] {
+        for (which, mark) in [("ztunnel_mark", self.ztunnel_mark), ("tproxy_mark", self.tproxy_mark)] {
             if mark == 0 {
                 return Err(CaptureError::ZeroMark { which });
             }
         }
         if self.ztunnel_mark & self.tproxy_mark != 0 {
-            return Err(CaptureError::OverlappingMarks {
-                ztunnel: self.ztunnel_mark,
-                tproxy: self.tproxy_mark,
-            });
+            return Err(CaptureError::OverlappingMarks { ztunnel: self.ztunnel_mark, tproxy: self.tproxy_mark });
         }
         let ports = [
             ("outbound_port", self.outbound_port),
@@ -131,11 +125,7 @@ impl CaptureConfig {
                 return Err(CaptureError::ZeroPort { which });
             }
             if let Some(&(second, _)) = ports[i + 1..].iter().find(|(_, p)| *p == port) {
-                return Err(CaptureError::DuplicatePort {
-                    first: which,
-                    second,
-                    port,
-                });
+                return Err(CaptureError::DuplicatePort { first: which, second, port });
             }
         }
         if self.exclude_inbound_ports.contains(&0) {
@@ -170,11 +160,7 @@ pub fn install(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
 /// is not an error, so this is safe to repeat.
 pub fn uninstall(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
     // The table goes first, so nothing is marked for a route that is gone.
-    let script = format!(
-        "table {f} {t} {{}}\ndelete table {f} {t}\n",
-        f = nft::TABLE_FAMILY,
-        t = nft::TABLE_NAME
-    );
+    let script = format!("table {f} {t} {{}}\ndelete table {f} {t}\n", f = nft::TABLE_FAMILY, t = nft::TABLE_NAME);
     exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&script))?;
     routing::uninstall(netns, Family::V4, cfg.tproxy_mark, cfg.route_table)?;
     match routing::uninstall(netns, Family::V6, cfg.tproxy_mark, cfg.route_table) {
@@ -203,93 +189,45 @@ mod tests {
 
     #[test]
     fn validate_rejects_overlapping_marks() {
-        let cfg = CaptureConfig {
-            ztunnel_mark: 0x600,
-            tproxy_mark: 0x200,
-            ..Default::default()
-        };
+        let cfg = CaptureConfig { ztunnel_mark: 0x600, tproxy_mark: 0x200, ..Default::default() };
         let err = cfg.validate().expect_err("0x600 and 0x200 share a bit");
-        assert!(
-            matches!(err, CaptureError::OverlappingMarks { .. }),
-            "{err}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "tproxy_mark 0x200 shares bits with ztunnel_mark 0x600"
-        );
+        assert!(matches!(err, CaptureError::OverlappingMarks { .. }), "{err}");
+        assert_eq!(err.to_string(), "tproxy_mark 0x200 shares bits with ztunnel_mark 0x600");
     }
 
     #[test]
     fn validate_rejects_a_zero_mark() {
-        let cfg = CaptureConfig {
-            tproxy_mark: 0,
-            ..Default::default()
-        };
-        assert!(matches!(
-            cfg.validate(),
-            Err(CaptureError::ZeroMark {
-                which: "tproxy_mark"
-            })
-        ));
+        let cfg = CaptureConfig { tproxy_mark: 0, ..Default::default() };
+        assert!(matches!(cfg.validate(), Err(CaptureError::ZeroMark { which: "tproxy_mark" })));
     }
 
     #[test]
     fn validate_rejects_duplicate_and_zero_ports() {
-        let dup = CaptureConfig {
-            hbone_port: 15001,
-            ..Default::default()
-        };
+        let dup = CaptureConfig { hbone_port: 15001, ..Default::default() };
         assert!(matches!(
             dup.validate(),
-            Err(CaptureError::DuplicatePort {
-                first: "outbound_port",
-                second: "hbone_port",
-                port: 15001
-            })
+            Err(CaptureError::DuplicatePort { first: "outbound_port", second: "hbone_port", port: 15001 })
         ));
-        let zero = CaptureConfig {
-            inbound_plaintext_port: 0,
-            ..Default::default()
-        };
-        assert!(matches!(
-            zero.validate(),
-            Err(CaptureError::ZeroPort { .. })
-        ));
-        let excluded = CaptureConfig {
-            exclude_inbound_ports: vec![8080, 0],
-            ..Default::default()
-        };
-        assert!(matches!(
-            excluded.validate(),
-            Err(CaptureError::ZeroExcludedPort)
-        ));
+        let zero = CaptureConfig { inbound_plaintext_port: 0, ..Default::default() };
+        assert!(matches!(zero.validate(), Err(CaptureError::ZeroPort { .. })));
+        let excluded = CaptureConfig { exclude_inbound_ports: vec![8080, 0], ..Default::default() };
+        assert!(matches!(excluded.validate(), Err(CaptureError::ZeroExcludedPort)));
     }
 
     #[test]
     fn validate_rejects_kernel_route_tables() {
         for table in [0, 253, 254, 255] {
-            let cfg = CaptureConfig {
-                route_table: table,
-                ..Default::default()
-            };
-            assert!(
-                matches!(cfg.validate(), Err(CaptureError::ReservedRouteTable(t)) if t == table)
-            );
+            let cfg = CaptureConfig { route_table: table, ..Default::default() };
+            assert!(matches!(cfg.validate(), Err(CaptureError::ReservedRouteTable(t)) if t == table));
         }
     }
 
     #[test]
     fn install_rejects_an_invalid_config_before_touching_the_namespace() {
-        let cfg = CaptureConfig {
-            ztunnel_mark: 0x200,
-            ..Default::default()
-        };
+        let cfg = CaptureConfig { ztunnel_mark: 0x200, ..Default::default() };
         // The namespace path does not exist: only validation can produce
         // OverlappingMarks, so nothing was run.
         let err = install(Path::new("/nonexistent-netns"), &cfg).expect_err("invalid");
-        assert!(
-            matches!(err, CaptureError::OverlappingMarks { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CaptureError::OverlappingMarks { .. }), "{err}");
     }
 }

@@ -59,14 +59,7 @@ pub struct ClusterSpec {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        Self {
-            pods: 10_000,
-            nodes: 100,
-            services: 1_000,
-            policies: 500,
-            namespaces: 10,
-            uncaptured: 0,
-        }
+        Self { pods: 10_000, nodes: 100, services: 1_000, policies: 500, namespaces: 10, uncaptured: 0 }
     }
 }
 
@@ -108,20 +101,13 @@ impl ClusterSpec {
 
     /// (namespace, name) of policy `k`.
     pub fn policy_key(&self, k: u32) -> ObjectKey {
-        (
-            self.service_namespace(k % self.services.max(1)),
-            format!("ap{k}"),
-        )
+        (self.service_namespace(k % self.services.max(1)), format!("ap{k}"))
     }
 
     /// The YAML of pod `i`, Ready or not.
     pub fn pod_yaml(&self, pod: u32, ready: bool) -> String {
         let (ns, name) = self.pod_key(pod);
-        let app = if self.captured(pod) {
-            format!("app{}", pod % self.services.max(1))
-        } else {
-            format!("batch{pod}")
-        };
+        let app = if self.captured(pod) { format!("app{}", pod % self.services.max(1)) } else { format!("batch{pod}") };
         // Skip x.x.x.0 and keep every pod's address distinct.
         let n = pod + 256;
         let ip = format!("10.{}.{}.{}", 1 + (n >> 16), (n >> 8) & 255, n & 255);
@@ -156,10 +142,7 @@ impl ClusterSpec {
             );
         }
         if self.uncaptured > 0 {
-            let _ = write!(
-                out,
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {LEGACY_NAMESPACE}}}\n---\n"
-            );
+            let _ = write!(out, "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {LEGACY_NAMESPACE}}}\n---\n");
         }
         for i in 0..self.pods {
             out += &self.pod_yaml(i, true);
@@ -244,9 +227,7 @@ fn node(name: &str) -> Node {
     let mut md = prost_types::Struct::default();
     md.fields.insert(
         "NODE_NAME".into(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(name.into())),
-        },
+        prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(name.into())) },
     );
     Node {
         id: format!("ztunnel~10.0.0.1~ztunnel-{name}.ambit-system~ambit-system.svc.cluster.local"),
@@ -265,16 +246,10 @@ pub async fn run_client(
     client: usize,
     report: mpsc::UnboundedSender<Received>,
 ) -> Result<(), BenchError> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let (tx, rx) = mpsc::channel(8);
-    let mut grpc =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
-    for (i, type_url) in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL]
-        .into_iter()
-        .enumerate()
-    {
+    let mut grpc = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    for (i, type_url) in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL].into_iter().enumerate() {
         let req = DeltaDiscoveryRequest {
             node: (i == 0).then(|| node(&node_name)),
             type_url: type_url.into(),
@@ -282,10 +257,7 @@ pub async fn run_client(
         };
         tx.send(req).await.map_err(|_| BenchError::RequestClosed)?;
     }
-    let mut stream = grpc
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut stream = grpc.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
     let mut held: BTreeMap<String, String> = BTreeMap::new();
     while let Some(resp) = stream.message().await? {
         let at = Instant::now();
@@ -312,11 +284,7 @@ pub async fn run_client(
             bytes: resp.encoded_len(),
             at,
         };
-        let ack = DeltaDiscoveryRequest {
-            type_url: resp.type_url,
-            response_nonce: resp.nonce,
-            ..Default::default()
-        };
+        let ack = DeltaDiscoveryRequest { type_url: resp.type_url, response_nonce: resp.nonce, ..Default::default() };
         tx.send(ack).await.map_err(|_| BenchError::RequestClosed)?;
         if report.send(seen).is_err() {
             return Ok(());
@@ -332,14 +300,7 @@ mod tests {
     use ambit_api::workload::address;
 
     fn small() -> ClusterSpec {
-        ClusterSpec {
-            pods: 40,
-            nodes: 4,
-            services: 10,
-            policies: 5,
-            namespaces: 2,
-            uncaptured: 10,
-        }
+        ClusterSpec { pods: 40, nodes: 4, services: 10, policies: 5, namespaces: 2, uncaptured: 10 }
     }
 
     fn objects(spec: &ClusterSpec) -> ClusterObjects {
@@ -372,10 +333,7 @@ mod tests {
         assert_eq!(backing, 30, "every captured pod backs its service");
         let nodes: std::collections::BTreeSet<_> = workloads.iter().map(|w| &w.node).collect();
         assert_eq!(nodes.len(), 4);
-        let selected = workloads
-            .iter()
-            .filter(|w| !w.authorization_policies.is_empty())
-            .count();
+        let selected = workloads.iter().filter(|w| !w.authorization_policies.is_empty()).count();
         assert_eq!(selected, 15, "5 policies select the 3 pods of 5 services");
     }
 

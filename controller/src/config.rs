@@ -45,7 +45,12 @@ pub struct Args {
     pub cert_max_ttl_secs: u64,
 
     /// DNS names of the serving certificate (comma-separated).
-    #[arg(long, env = "AMBIT_SERVING_DNS_NAMES", value_delimiter = ',', default_value = "ambit-controller.ambit-system.svc,localhost")]
+    #[arg(
+        long,
+        env = "AMBIT_SERVING_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "ambit-controller.ambit-system.svc,localhost"
+    )]
     pub serving_dns_names: Vec<String>,
 
     /// IP addresses of the serving certificate (comma-separated).

@@ -42,12 +42,7 @@ impl StreamHash {
 
     /// A hash of the empty stream so far.
     pub fn new() -> Self {
-        StreamHash {
-            state: 0x243F_6A88_85A3_08D3,
-            len: 0,
-            tail: [0; 8],
-            tail_len: 0,
-        }
+        StreamHash { state: 0x243F_6A88_85A3_08D3, len: 0, tail: [0; 8], tail_len: 0 }
     }
 
     /// Feeds the next bytes of the stream.
@@ -66,9 +61,7 @@ impl StreamHash {
         }
         let mut words = data.chunks_exact(8);
         for w in &mut words {
-            self.mix(u64::from_le_bytes(
-                w.try_into().expect("bug: chunks_exact(8) yields 8 bytes"),
-            ));
+            self.mix(u64::from_le_bytes(w.try_into().expect("bug: chunks_exact(8) yields 8 bytes")));
         }
         let rest = words.remainder();
         self.tail[..rest.len()].copy_from_slice(rest);
@@ -128,9 +121,7 @@ impl Pattern {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
-        Pattern {
-            state: if z == 0 { 0x5DEE_CE66_D1CE_4E5B } else { z },
-        }
+        Pattern { state: if z == 0 { 0x5DEE_CE66_D1CE_4E5B } else { z } }
     }
 
     /// Fills `buf` with the next bytes; `buf.len()` must be a multiple of 8 except for the last call.
@@ -187,9 +178,7 @@ pub fn connect(netns: &NetNs, addr: SocketAddr, timeout: Duration) -> io::Result
 
 /// Binds a listener on `addr` inside `netns`.
 fn listen(netns: &NetNs, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    netns
-        .run(move || TcpListener::bind(addr))
-        .with_context(|| format!("listen on {addr} in netns {}", netns.name()))
+    netns.run(move || TcpListener::bind(addr)).with_context(|| format!("listen on {addr} in netns {}", netns.name()))
 }
 
 /// A listener's accept loop on its own thread; stops (and joins) on drop.
@@ -211,25 +200,17 @@ impl Acceptor {
         let listener = Arc::new(listener);
         let l = listener.clone();
         let conn_name = format!("{name}-conn");
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                // accept fails once Drop shuts the listener down.
-                while let Ok((stream, peer)) = l.accept() {
-                    let serve = serve.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name(conn_name.clone())
-                        .spawn(move || serve(stream, peer));
-                    if let Err(e) = spawned {
-                        eprintln!("{conn_name}: spawn: {e}");
-                    }
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            // accept fails once Drop shuts the listener down.
+            while let Ok((stream, peer)) = l.accept() {
+                let serve = serve.clone();
+                let spawned = std::thread::Builder::new().name(conn_name.clone()).spawn(move || serve(stream, peer));
+                if let Err(e) = spawned {
+                    eprintln!("{conn_name}: spawn: {e}");
                 }
-            })?;
-        Ok(Acceptor {
-            listener,
-            local,
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(Acceptor { listener, local, thread: Some(thread) })
     }
 }
 
@@ -325,12 +306,7 @@ impl SinkServer {
                     Err(_) => break,
                 }
             }
-            let rec = Received {
-                peer,
-                bytes: hash.len(),
-                hash: hash.finish(),
-                elapsed: start.elapsed(),
-            };
+            let rec = Received { peer, bytes: hash.len(), hash: hash.finish(), elapsed: start.elapsed() };
             let (lock, cv) = &*d;
             lock.lock().expect("sink lock").push(rec);
             cv.notify_all();
@@ -352,10 +328,7 @@ impl SinkServer {
         while done.len() < n_conns {
             let now = Instant::now();
             if now >= deadline {
-                bail!(
-                    "sink: {} of {n_conns} connections ended within {timeout:?}",
-                    done.len()
-                );
+                bail!("sink: {} of {n_conns} connections ended within {timeout:?}", done.len());
             }
             done = cv.wait_timeout(done, deadline - now).expect("sink lock").0;
         }

@@ -60,7 +60,8 @@ mod tests {
 
     #[test]
     fn metric_sums_the_samples_whose_labels_match() {
-        let text = "a_total{x=\"1\",y=\"2\"} 3\na_total{x=\"1\",y=\"3\"} 4\nab_total{x=\"1\"} 100\n# a_total{x=\"1\"} 9\n";
+        let text =
+            "a_total{x=\"1\",y=\"2\"} 3\na_total{x=\"1\",y=\"3\"} 4\nab_total{x=\"1\"} 100\n# a_total{x=\"1\"} 9\n";
         assert_eq!(metric(text, "a_total", &[("x", "1")]), 7.0);
         assert_eq!(metric(text, "a_total", &[("y", "3")]), 4.0);
         assert_eq!(metric(text, "a_total", &[("x", "2")]), 0.0);

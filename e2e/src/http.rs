@@ -22,25 +22,14 @@ pub struct Response {
 }
 
 /// Sends `GET path` to `addr` from inside `netns`; `timeout` bounds the connect and each read.
-pub fn get(
-    netns: &NetNs,
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<Response> {
-    let mut stream = crate::apps::connect(netns, addr, timeout)
-        .with_context(|| format!("connect {addr} in {}", netns.name()))?;
+pub fn get(netns: &NetNs, addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Response> {
+    let mut stream =
+        crate::apps::connect(netns, addr, timeout).with_context(|| format!("connect {addr} in {}", netns.name()))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: ambit-lab\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: ambit-lab\r\n\r\n")?;
     let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
-        .with_context(|| format!("read response of GET {addr}{path}"))?;
+    stream.take(MAX_RESPONSE).read_to_end(&mut raw).with_context(|| format!("read response of GET {addr}{path}"))?;
     parse_response(&raw).with_context(|| format!("GET {addr}{path}"))
 }
 
@@ -67,41 +56,28 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
         if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
             chunked = true;
         } else if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .parse::<usize>()
-                    .with_context(|| format!("bad content-length {value:?}"))?,
-            );
+            length = Some(value.parse::<usize>().with_context(|| format!("bad content-length {value:?}"))?);
         }
     }
     let rest = &raw[head_end + 4..];
     let body = if chunked {
         dechunk(rest)?
     } else if let Some(n) = length {
-        rest.get(..n)
-            .with_context(|| format!("body has {} of {n} bytes", rest.len()))?
-            .to_vec()
+        rest.get(..n).with_context(|| format!("body has {} of {n} bytes", rest.len()))?.to_vec()
     } else {
         rest.to_vec()
     };
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok(Response { status, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// Decodes a chunked body.
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("chunk size line not terminated")?;
+        let line_end = data.windows(2).position(|w| w == b"\r\n").context("chunk size line not terminated")?;
         let size_text = std::str::from_utf8(&data[..line_end]).context("chunk size is not text")?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .with_context(|| format!("bad chunk size {size_text:?}"))?;
+        let size = usize::from_str_radix(size_text, 16).with_context(|| format!("bad chunk size {size_text:?}"))?;
         data = &data[line_end + 2..];
         if size == 0 {
             return Ok(out);
@@ -118,26 +94,16 @@ mod tests {
     #[test]
     fn a_content_length_response_is_parsed() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").unwrap();
-        assert_eq!(
-            r,
-            Response {
-                status: 200,
-                body: "hello".into()
-            }
-        );
+        assert_eq!(r, Response { status: 200, body: "hello".into() });
     }
 
     #[test]
     fn a_chunked_response_is_decoded() {
-        let r = parse_response(b"HTTP/1.1 503 NA\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
-            .unwrap();
-        assert_eq!(
-            r,
-            Response {
-                status: 503,
-                body: "abcde".into()
-            }
-        );
+        let r = parse_response(
+            b"HTTP/1.1 503 NA\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r, Response { status: 503, body: "abcde".into() });
     }
 
     #[test]

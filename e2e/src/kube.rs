@@ -35,32 +35,18 @@ impl KubeCluster {
     /// (the test) and this process. Takes a few seconds.
     pub fn start(name: &str) -> anyhow::Result<Self> {
         let kube_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube");
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
+        let safe: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
         let dir = std::env::temp_dir().join(format!("ambit-kube-{safe}-{}", std::process::id()));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("remove stale {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
         }
         std::fs::create_dir_all(&dir)?;
-        let build = Command::new(kube_dir.join("build.sh"))
-            .stdin(Stdio::null())
-            .output()
-            .context("run e2e/kube/build.sh")?;
+        let build =
+            Command::new(kube_dir.join("build.sh")).stdin(Stdio::null()).output().context("run e2e/kube/build.sh")?;
         if !build.status.success() {
             let _ = std::fs::remove_dir_all(&dir);
-            bail!(
-                "e2e/kube/build.sh failed: {}",
-                String::from_utf8_lossy(&build.stderr).trim()
-            );
+            bail!("e2e/kube/build.sh failed: {}", String::from_utf8_lossy(&build.stderr).trim());
         }
         let bin = String::from_utf8_lossy(&build.stdout).trim().to_string();
         let start = Command::new(kube_dir.join("start.sh"))
@@ -70,18 +56,10 @@ impl KubeCluster {
             .output()
             .context("run e2e/kube/start.sh")?;
         // From here the guard owns the directory: a failed start still stops whatever did start.
-        let mut cluster = KubeCluster {
-            dir,
-            env: HashMap::new(),
-            kube_dir,
-        };
+        let mut cluster = KubeCluster { dir, env: HashMap::new(), kube_dir };
         if !start.status.success() {
             cluster.load_env().ok();
-            bail!(
-                "e2e/kube/start.sh failed ({}): {}",
-                start.status,
-                String::from_utf8_lossy(&start.stderr).trim()
-            );
+            bail!("e2e/kube/start.sh failed ({}): {}", start.status, String::from_utf8_lossy(&start.stderr).trim());
         }
         cluster.load_env()?;
         Ok(cluster)
@@ -89,8 +67,7 @@ impl KubeCluster {
 
     fn load_env(&mut self) -> anyhow::Result<()> {
         let path = self.dir.join("env");
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         self.env = text
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -133,19 +110,13 @@ impl KubeCluster {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let bin =
-            Path::new(self.env("KUBE_BIN").context("KUBE_BIN missing from env")?).join("kubectl");
-        let args: Vec<std::ffi::OsString> =
-            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let bin = Path::new(self.env("KUBE_BIN").context("KUBE_BIN missing from env")?).join("kubectl");
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let mut child = Command::new(&bin)
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
             .args(&args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -156,12 +127,7 @@ impl KubeCluster {
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!(
-                "kubectl {:?} failed ({}): {}",
-                args,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("kubectl {:?} failed ({}): {}", args, out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -169,14 +135,7 @@ impl KubeCluster {
     /// Server-side applies YAML (one or more documents) as field manager `ambit-e2e`.
     pub fn apply(&self, yaml: &str) -> anyhow::Result<String> {
         self.kubectl_stdin(
-            [
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=ambit-e2e",
-                "-f",
-                "-",
-            ],
+            ["apply", "--server-side", "--force-conflicts", "--field-manager=ambit-e2e", "-f", "-"],
             Some(yaml),
         )
     }
@@ -184,11 +143,8 @@ impl KubeCluster {
     /// A kube-rs client for this cluster, from the admin kubeconfig.
     pub async fn client(&self) -> anyhow::Result<::kube::Client> {
         let kubeconfig = ::kube::config::Kubeconfig::read_from(self.kubeconfig())?;
-        let config = ::kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &::kube::config::KubeConfigOptions::default(),
-        )
-        .await?;
+        let config =
+            ::kube::Config::from_custom_kubeconfig(kubeconfig, &::kube::config::KubeConfigOptions::default()).await?;
         Ok(::kube::Client::try_from(config)?)
     }
 
@@ -219,28 +175,13 @@ impl KubeCluster {
 
     /// Creates a Node object that reports Ready and has no `not-ready` taint (nothing runs behind it).
     pub fn create_node(&self, name: &str) -> anyhow::Result<()> {
-        self.apply(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
-        ))?;
+        self.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"))?;
         let status = serde_json::json!({
             "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}
         });
-        self.kubectl([
-            "patch",
-            "node",
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ])?;
+        self.kubectl(["patch", "node", name, "--subresource=status", "--type=merge", "-p", &status.to_string()])?;
         // The API server taints new nodes not-ready and only the node-lifecycle controller (not run) would lift it.
-        if let Err(e) = self.kubectl([
-            "taint",
-            "node",
-            name,
-            "node.kubernetes.io/not-ready:NoSchedule-",
-        ]) {
+        if let Err(e) = self.kubectl(["taint", "node", name, "node.kubernetes.io/not-ready:NoSchedule-"]) {
             if !format!("{e:#}").contains("not found") {
                 return Err(e);
             }
@@ -279,11 +220,7 @@ mod tests {
             Err(e) if skip_without_kube("kube-selftest", &e) => return,
             Err(e) => panic!("{e:#}"),
         };
-        assert!(
-            cluster.url().starts_with("https://127.0.0.1:"),
-            "{}",
-            cluster.url()
-        );
+        assert!(cluster.url().starts_with("https://127.0.0.1:"), "{}", cluster.url());
         cluster.create_node("node-1").unwrap();
         cluster
             .apply(
@@ -292,22 +229,16 @@ mod tests {
             )
             .unwrap();
         cluster.set_pod_running("default", "p", "10.1.0.5").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let pod = rt.block_on(async {
             let client = cluster.client().await.unwrap();
-            let pods: ::kube::Api<k8s_openapi::api::core::v1::Pod> =
-                ::kube::Api::namespaced(client, "default");
+            let pods: ::kube::Api<k8s_openapi::api::core::v1::Pod> = ::kube::Api::namespaced(client, "default");
             pods.get("p").await.unwrap()
         });
         let status = pod.status.unwrap();
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.1.0.5"));
-        let taints = cluster
-            .kubectl(["get", "node", "node-1", "-o", "jsonpath={.spec.taints}"])
-            .unwrap();
+        let taints = cluster.kubectl(["get", "node", "node-1", "-o", "jsonpath={.spec.taints}"]).unwrap();
         assert!(!taints.contains("not-ready"), "{taints}");
         let dir = cluster.dir().to_path_buf();
         let pid: u32 = cluster.env("APISERVER_PID").unwrap().parse().unwrap();
@@ -316,9 +247,6 @@ mod tests {
         // Dead means gone or a zombie (its parent, start.sh, has exited; reaping is init's job).
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let state = state.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
-        assert!(
-            matches!(state, None | Some(Some('Z' | 'X'))),
-            "apiserver {pid} still running: {state:?}"
-        );
+        assert!(matches!(state, None | Some(Some('Z' | 'X'))), "apiserver {pid} still running: {state:?}");
     }
 }

@@ -144,11 +144,8 @@ impl Lab {
     ///
     /// Namespaces are named `<test_name>-<pid>[-<n>]-<role>` (the test name shortened to 24 characters).
     pub fn new(test_name: &str) -> anyhow::Result<Self> {
-        let mut short: String = test_name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(24)
-            .collect();
+        let mut short: String =
+            test_name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
         if short.is_empty() {
             short.push_str("lab");
         }
@@ -165,25 +162,14 @@ impl Lab {
         let fabric = NetNs::create(&format!("{prefix}-fabric"))?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
-        Ok(Lab {
-            prefix,
-            dir,
-            children: Vec::new(),
-            pods: Vec::new(),
-            hosts: Vec::new(),
-            nodes: Vec::new(),
-            fabric,
-        })
+        Ok(Lab { prefix, dir, children: Vec::new(), pods: Vec::new(), hosts: Vec::new(), nodes: Vec::new(), fabric })
     }
 
     /// Adds node number `nodes + 1` (at most 199): `10.0.0.<i>/24` on the fabric, forwarding on, routes to the pod
     /// ranges of the other nodes (and theirs to this one).
     pub fn add_node(&mut self, name: &str) -> anyhow::Result<NodeId> {
         ensure!(self.nodes.len() < 199, "a lab holds at most 199 nodes");
-        ensure!(
-            self.nodes.iter().all(|n| n.name != name),
-            "node {name} already exists"
-        );
+        ensure!(self.nodes.iter().all(|n| n.name != name), "node {name} already exists");
         let i = self.nodes.len() as u8 + 1;
         let netns = self.new_netns(name)?;
         for (key, value) in FORWARDING_SYSCTLS {
@@ -192,43 +178,17 @@ impl Lab {
         let ip = Ipv4Addr::new(10, 0, 0, i);
         let fabric_iface = format!("n{i}");
         self.attach_to_fabric(&netns, &fabric_iface, ip)?;
-        let pod_cidr =
-            Ipv4Net::new(Ipv4Addr::new(10, i, 0, 0), 24).expect("bug: /24 is a valid prefix");
+        let pod_cidr = Ipv4Net::new(Ipv4Addr::new(10, i, 0, 0), 24).expect("bug: /24 is a valid prefix");
 
         // Routes between this node's pod range and every other node's (both ways), and from external hosts.
         for other in &self.nodes {
-            netns.ip(&[
-                "route",
-                "add",
-                &other.pod_cidr.to_string(),
-                "via",
-                &other.ip.to_string(),
-            ])?;
-            other.netns.ip(&[
-                "route",
-                "add",
-                &pod_cidr.to_string(),
-                "via",
-                &ip.to_string(),
-            ])?;
+            netns.ip(&["route", "add", &other.pod_cidr.to_string(), "via", &other.ip.to_string()])?;
+            other.netns.ip(&["route", "add", &pod_cidr.to_string(), "via", &ip.to_string()])?;
         }
         for host in &self.hosts {
-            host.netns.ip(&[
-                "route",
-                "add",
-                &pod_cidr.to_string(),
-                "via",
-                &ip.to_string(),
-            ])?;
+            host.netns.ip(&["route", "add", &pod_cidr.to_string(), "via", &ip.to_string()])?;
         }
-        self.nodes.push(Node {
-            name: name.to_string(),
-            ip,
-            pod_cidr,
-            fabric_iface,
-            netns,
-            next_pod: 2,
-        });
+        self.nodes.push(Node { name: name.to_string(), ip, pod_cidr, fabric_iface, netns, next_pod: 2 });
         Ok(NodeId(self.nodes.len() - 1))
     }
 
@@ -236,15 +196,9 @@ impl Lab {
     /// gateway address `10.<i>.0.1/32` and a host route back to the pod.
     pub fn add_pod(&mut self, node: NodeId, spec: PodSpec) -> anyhow::Result<PodId> {
         let uid = format!("lab/{}/{}", spec.namespace, spec.name);
-        ensure!(
-            self.pods.iter().all(|p| p.uid != uid),
-            "pod {uid} already exists"
-        );
+        ensure!(self.pods.iter().all(|p| p.uid != uid), "pod {uid} already exists");
         let prefix = self.prefix.clone();
-        let n = self
-            .nodes
-            .get_mut(node.0)
-            .with_context(|| format!("no node {node:?}"))?;
+        let n = self.nodes.get_mut(node.0).with_context(|| format!("no node {node:?}"))?;
         ensure!(n.next_pod < 255, "node {} is full", n.name);
         let k = n.next_pod;
         n.next_pod += 1;
@@ -252,46 +206,20 @@ impl Lab {
         let ip = Ipv4Addr::new(o[0], o[1], o[2], k);
         let gw = n.gateway();
         let node_iface = format!("p{k}");
-        let netns = NetNs::create(&format!(
-            "{prefix}-{}-{k}-{}",
-            n.name,
-            short_role(&spec.name)
-        ))?;
+        let netns = NetNs::create(&format!("{prefix}-{}-{k}-{}", n.name, short_role(&spec.name)))?;
         for (key, value) in RP_FILTER_OFF {
             netns.set_sysctl(key, value)?;
         }
 
-        n.netns.ip(&[
-            "link",
-            "add",
-            &node_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
-        n.netns
-            .set_sysctl(&format!("net/ipv4/conf/{node_iface}/rp_filter"), "0")?;
-        n.netns
-            .ip(&["addr", "add", &format!("{gw}/32"), "dev", &node_iface])?;
+        n.netns.ip(&["link", "add", &node_iface, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        n.netns.set_sysctl(&format!("net/ipv4/conf/{node_iface}/rp_filter"), "0")?;
+        n.netns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &node_iface])?;
         n.netns.ip(&["link", "set", &node_iface, "up"])?;
-        n.netns
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &node_iface])?;
+        n.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &node_iface])?;
 
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&[
-            "route",
-            "add",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
+        netns.ip(&["route", "add", &gw.to_string(), "dev", "eth0", "scope", "link"])?;
         netns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
 
         self.pods.push(Pod {
@@ -310,10 +238,7 @@ impl Lab {
 
     /// Adds a host outside the mesh on the fabric (`10.0.0.200`, `.201`, ...) with routes to every pod range.
     pub fn add_external_host(&mut self, name: &str) -> anyhow::Result<HostId> {
-        ensure!(
-            self.hosts.len() < 55,
-            "a lab holds at most 55 external hosts"
-        );
+        ensure!(self.hosts.len() < 55, "a lab holds at most 55 external hosts");
         let last = 200 + self.hosts.len() as u8;
         let netns = self.new_netns(name)?;
         for (key, value) in RP_FILTER_OFF {
@@ -323,29 +248,16 @@ impl Lab {
         let fabric_iface = format!("h{last}");
         self.attach_to_fabric(&netns, &fabric_iface, ip)?;
         for node in &self.nodes {
-            netns.ip(&[
-                "route",
-                "add",
-                &node.pod_cidr.to_string(),
-                "via",
-                &node.ip.to_string(),
-            ])?;
+            netns.ip(&["route", "add", &node.pod_cidr.to_string(), "via", &node.ip.to_string()])?;
         }
-        self.hosts.push(Host {
-            name: name.to_string(),
-            ip,
-            fabric_iface,
-            netns,
-        });
+        self.hosts.push(Host { name: name.to_string(), ip, fabric_iface, netns });
         Ok(HostId(self.hosts.len() - 1))
     }
 
     /// Starts `cmd` (typically from [`NetNs::command`]) and keeps it: it is killed (SIGKILL, this PID only) when
     /// the lab is dropped. Returns its PID.
     pub fn spawn(&mut self, cmd: &mut Command) -> anyhow::Result<u32> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+        let child = cmd.spawn().with_context(|| format!("spawn {:?}", cmd.get_program()))?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
@@ -411,25 +323,9 @@ impl Lab {
     }
 
     /// Connects `netns` to the fabric bridge: `fabric_iface` in the fabric, `eth0` with `ip/24` inside.
-    fn attach_to_fabric(
-        &self,
-        netns: &NetNs,
-        fabric_iface: &str,
-        ip: Ipv4Addr,
-    ) -> anyhow::Result<()> {
+    fn attach_to_fabric(&self, netns: &NetNs, fabric_iface: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
         let f = &self.fabric;
-        f.ip(&[
-            "link",
-            "add",
-            fabric_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        f.ip(&["link", "add", fabric_iface, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
         f.ip(&["link", "set", fabric_iface, "master", "br0"])?;
         f.ip(&["link", "set", fabric_iface, "up"])?;
         netns.set_sysctl("net/ipv4/conf/eth0/rp_filter", "0")?;
@@ -456,31 +352,17 @@ impl Drop for Lab {
 }
 
 /// Sysctls of a namespace that routes (nodes): forwarding on, reverse-path filtering off.
-const FORWARDING_SYSCTLS: [(&str, &str); 3] = [
-    ("net/ipv4/ip_forward", "1"),
-    ("net/ipv4/conf/all/rp_filter", "0"),
-    ("net/ipv4/conf/default/rp_filter", "0"),
-];
+const FORWARDING_SYSCTLS: [(&str, &str); 3] =
+    [("net/ipv4/ip_forward", "1"), ("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/default/rp_filter", "0")];
 
 /// Reverse-path filtering off (the effective value is the max of `all` and the interface's, which starts from
 /// `default`), so redirected and spoofed-source traffic is not dropped.
-const RP_FILTER_OFF: [(&str, &str); 2] = [
-    ("net/ipv4/conf/all/rp_filter", "0"),
-    ("net/ipv4/conf/default/rp_filter", "0"),
-];
+const RP_FILTER_OFF: [(&str, &str); 2] =
+    [("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/default/rp_filter", "0")];
 
 /// A role name usable inside a namespace name: ASCII alphanumerics and dashes, at most 24 characters.
 fn short_role(role: &str) -> String {
-    role.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(24)
-        .collect()
+    role.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(24).collect()
 }
 
 #[cfg(test)]
@@ -512,9 +394,6 @@ mod tests {
         assert_eq!(lab.pod_by_ip(Ipv4Addr::new(10, 1, 0, 3)), Some(b));
         let routes = lab.node(n1).netns.ip(&["route"]).unwrap();
         assert!(routes.contains("10.2.0.0/24 via 10.0.0.2"), "{routes}");
-        assert!(
-            lab.add_pod(n1, PodSpec::new("a", "default", "sa")).is_err(),
-            "duplicate uid accepted"
-        );
+        assert!(lab.add_pod(n1, PodSpec::new("a", "default", "sa")).is_err(), "duplicate uid accepted");
     }
 }

@@ -36,8 +36,6 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: needs root (network namespaces) and CI is set");
     }
-    eprintln!(
-        "note: {test} skipped: needs root (network namespaces); set CI to make this a failure"
-    );
+    eprintln!("note: {test} skipped: needs root (network namespaces); set CI to make this a failure");
     false
 }

@@ -55,10 +55,7 @@ pub struct Mesh {
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mesh")
-            .field("lab", &self.lab.prefix())
-            .field("enrolled", &self.enrolled)
-            .finish()
+        f.debug_struct("Mesh").field("lab", &self.lab.prefix()).field("enrolled", &self.enrolled).finish()
     }
 }
 
@@ -66,15 +63,11 @@ impl Mesh {
     /// Takes over `lab`: generates a root CA for [`TRUST_DOMAIN`] (`ca-cert.pem`, `ca-key.pem` in the lab
     /// directory) and writes the initial state file (`state.yaml`, every pod `NONE`). No ztunnel runs yet.
     pub fn new(lab: Lab) -> anyhow::Result<Self> {
-        let ca =
-            CertificateAuthority::generate_root(TRUST_DOMAIN, Duration::from_secs(7 * 24 * 3600))
-                .context("generate the lab's root CA")?;
+        let ca = CertificateAuthority::generate_root(TRUST_DOMAIN, Duration::from_secs(7 * 24 * 3600))
+            .context("generate the lab's root CA")?;
         std::fs::write(lab.dir().join("ca-cert.pem"), ca.cert_pem())?;
         std::fs::write(lab.dir().join("ca-key.pem"), ca.key_pem())?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("build runtime")?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("build runtime")?;
         let state = StateFile::new(lab.dir().join("state.yaml"));
         let mesh = Mesh {
             nodes: Vec::new(),
@@ -142,8 +135,7 @@ impl Mesh {
         ports: &[(u16, u16)],
         backends: &[PodId],
     ) {
-        self.state
-            .add_service_for(&self.lab, name, namespace, vip, ports, backends);
+        self.state.add_service_for(&self.lab, name, namespace, vip, ports, backends);
     }
 
     /// The state file.
@@ -180,11 +172,7 @@ impl Mesh {
     /// Starts ztunnel on `node` with arguments adjusted by `customize`, replacing (SIGTERM) any running one, then:
     /// accepts its ZDS connection, replays the node's enrolled pods (`add`, with their namespace fds) and
     /// `snapshot_sent`, and waits until it reports ready.
-    pub fn start_ztunnel_with(
-        &mut self,
-        node: NodeId,
-        customize: impl FnOnce(&mut ZtunnelArgs),
-    ) -> anyhow::Result<()> {
+    pub fn start_ztunnel_with(&mut self, node: NodeId, customize: impl FnOnce(&mut ZtunnelArgs)) -> anyhow::Result<()> {
         let mut args = ZtunnelArgs::for_node(&self.lab, node);
         args.controller = self.controller.clone();
         customize(&mut args);
@@ -195,16 +183,9 @@ impl Mesh {
         let mn = &mut self.nodes[node.0];
         mn.conn = None;
         mn.ztunnel = None; // stops the previous one first
-        if mn
-            .server
-            .as_ref()
-            .is_none_or(|s| s.path() != args.zds_socket)
-        {
+        if mn.server.as_ref().is_none_or(|s| s.path() != args.zds_socket) {
             let path = args.zds_socket.clone();
-            mn.server = Some(
-                block_on(rt, async move { ZdsServer::bind(&path) })
-                    .context("bind the ZDS socket")?,
-            );
+            mn.server = Some(block_on(rt, async move { ZdsServer::bind(&path) }).context("bind the ZDS socket")?);
         }
         let server = mn.server.as_ref().context("bug: ZDS server just bound")?;
         let binary = match &self.binary {
@@ -213,35 +194,19 @@ impl Mesh {
         };
         let mut zt = ZtunnelProcess::start_binary(&binary, self.lab.node(node), args)?;
 
-        let accepted = block_on(rt, async {
-            tokio::time::timeout(ZDS_CONNECT_TIMEOUT, server.accept()).await
-        });
+        let accepted = block_on(rt, async { tokio::time::timeout(ZDS_CONNECT_TIMEOUT, server.accept()).await });
         let mut conn = match accepted {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => bail!("ztunnel's ZDS hello failed: {e}; log:\n{}", zt.log_tail(50)),
-            Err(_) => bail!(
-                "ztunnel did not connect to ZDS within {ZDS_CONNECT_TIMEOUT:?}; log:\n{}",
-                zt.log_tail(50)
-            ),
+            Err(_) => bail!("ztunnel did not connect to ZDS within {ZDS_CONNECT_TIMEOUT:?}; log:\n{}", zt.log_tail(50)),
         };
 
-        let pods: Vec<PodId> = self
-            .enrolled
-            .iter()
-            .copied()
-            .filter(|p| self.lab.pod(*p).node == node)
-            .collect();
+        let pods: Vec<PodId> = self.enrolled.iter().copied().filter(|p| self.lab.pod(*p).node == node).collect();
         for pod in pods {
             let p = self.lab.pod(pod);
-            let fd = p
-                .netns
-                .open()
-                .with_context(|| format!("open netns of {}", p.uid))?;
-            block_on(
-                rt,
-                conn.add(&p.uid, workload_info(&self.lab, pod), fd.as_fd()),
-            )
-            .with_context(|| format!("ZDS add {} (snapshot)", p.uid))?;
+            let fd = p.netns.open().with_context(|| format!("open netns of {}", p.uid))?;
+            block_on(rt, conn.add(&p.uid, workload_info(&self.lab, pod), fd.as_fd()))
+                .with_context(|| format!("ZDS add {} (snapshot)", p.uid))?;
         }
         block_on(rt, conn.snapshot_sent()).context("ZDS snapshot_sent")?;
         zt.wait_ready(READY_TIMEOUT)?;
@@ -252,18 +217,12 @@ impl Mesh {
 
     /// The ztunnel of `node`; panics if none was started.
     pub fn ztunnel(&self, node: NodeId) -> &ZtunnelProcess {
-        self.nodes
-            .get(node.0)
-            .and_then(|n| n.ztunnel.as_ref())
-            .unwrap_or_else(|| panic!("no ztunnel on {node:?}"))
+        self.nodes.get(node.0).and_then(|n| n.ztunnel.as_ref()).unwrap_or_else(|| panic!("no ztunnel on {node:?}"))
     }
 
     /// The ztunnel of `node`, e.g. to kill it; panics if none was started.
     pub fn ztunnel_mut(&mut self, node: NodeId) -> &mut ZtunnelProcess {
-        self.nodes
-            .get_mut(node.0)
-            .and_then(|n| n.ztunnel.as_mut())
-            .unwrap_or_else(|| panic!("no ztunnel on {node:?}"))
+        self.nodes.get_mut(node.0).and_then(|n| n.ztunnel.as_mut()).unwrap_or_else(|| panic!("no ztunnel on {node:?}"))
     }
 
     /// Stops (SIGTERM) the ztunnel of `node` and forgets its ZDS connection; its enrolled pods stay enrolled and
@@ -281,19 +240,12 @@ impl Mesh {
         let p = self.lab.pod(pod);
         self.enrolled.insert(pod);
         self.write_state()?;
-        capture::install(&p.netns.path(), &self.capture)
-            .with_context(|| format!("install capture for {}", p.uid))?;
+        capture::install(&p.netns.path(), &self.capture).with_context(|| format!("install capture for {}", p.uid))?;
         let rt = self.rt.as_ref().context("bug: runtime used after drop")?;
         if let Some(conn) = self.nodes.get_mut(p.node.0).and_then(|n| n.conn.as_mut()) {
-            let fd = p
-                .netns
-                .open()
-                .with_context(|| format!("open netns of {}", p.uid))?;
-            block_on(
-                rt,
-                conn.add(&p.uid, workload_info(&self.lab, pod), fd.as_fd()),
-            )
-            .with_context(|| format!("ZDS add {}", p.uid))?;
+            let fd = p.netns.open().with_context(|| format!("open netns of {}", p.uid))?;
+            block_on(rt, conn.add(&p.uid, workload_info(&self.lab, pod), fd.as_fd()))
+                .with_context(|| format!("ZDS add {}", p.uid))?;
         }
         Ok(())
     }
@@ -329,11 +281,7 @@ impl Drop for Mesh {
 /// The ZDS workload info of a pod.
 fn workload_info(lab: &Lab, pod: PodId) -> WorkloadInfo {
     let p = lab.pod(pod);
-    WorkloadInfo {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        service_account: p.service_account.clone(),
-    }
+    WorkloadInfo { name: p.name.clone(), namespace: p.namespace.clone(), service_account: p.service_account.clone() }
 }
 
 /// Runs `fut` to completion on `rt` from a helper thread, so that it works whether or not the caller is itself
@@ -400,27 +348,18 @@ while True:
     /// Lines the mock logged for requests whose bytes contain `uid`.
     fn requests_for(mesh: &Mesh, node: NodeId, uid: &str) -> Vec<String> {
         let log = std::fs::read_to_string(&mesh.ztunnel(node).args().log_file).unwrap();
-        log.lines()
-            .filter(|l| l.starts_with("request") && l.contains(&hex(uid)))
-            .map(str::to_string)
-            .collect()
+        log.lines().filter(|l| l.starts_with("request") && l.contains(&hex(uid))).map(str::to_string).collect()
     }
 
     #[test]
     fn enrolling_installs_capture_sends_the_netns_fd_and_is_replayed_after_a_restart() {
-        if !crate::require_root(
-            "enrolling_installs_capture_sends_the_netns_fd_and_is_replayed_after_a_restart",
-        ) {
+        if !crate::require_root("enrolling_installs_capture_sends_the_netns_fd_and_is_replayed_after_a_restart") {
             return;
         }
         let mut lab = Lab::new("mesh-unit-enroll").unwrap();
         let n = lab.add_node("node1").unwrap();
-        let a = lab
-            .add_pod(n, PodSpec::new("a", "default", "sa-a"))
-            .unwrap();
-        let b = lab
-            .add_pod(n, PodSpec::new("b", "default", "sa-b"))
-            .unwrap();
+        let a = lab.add_pod(n, PodSpec::new("a", "default", "sa-a")).unwrap();
+        let b = lab.add_pod(n, PodSpec::new("b", "default", "sa-b")).unwrap();
         let bin = mock_binary(&lab);
         let mut mesh = Mesh::new(lab).unwrap();
         mesh.set_ztunnel_binary(bin);
@@ -433,10 +372,7 @@ while True:
         assert!(capture::is_installed(&pod.netns.path()).unwrap());
         let adds = requests_for(&mesh, n, &pod.uid);
         assert_eq!(adds.len(), 1, "{adds:?}");
-        assert!(
-            adds[0].starts_with("request 0a") && adds[0].ends_with(&format!("inodes {ino}")),
-            "{adds:?}"
-        );
+        assert!(adds[0].starts_with("request 0a") && adds[0].ends_with(&format!("inodes {ino}")), "{adds:?}");
         let state = std::fs::read_to_string(mesh.state().path()).unwrap();
         assert!(state.contains("protocol: HBONE"), "{state}");
         assert!(!mesh.is_enrolled(b));
@@ -445,40 +381,19 @@ while True:
         mesh.start_ztunnel(n).unwrap();
         let uid = mesh.lab().pod(a).uid.clone();
         // The log file is appended to across restarts: one add from enroll, one from the replay.
-        assert_eq!(
-            requests_for(&mesh, n, &uid).len(),
-            2,
-            "not replayed to the new process"
-        );
+        assert_eq!(requests_for(&mesh, n, &uid).len(), 2, "not replayed to the new process");
         let log = std::fs::read_to_string(&mesh.ztunnel(n).args().log_file).unwrap();
-        let snapshots: Vec<_> = log
-            .lines()
-            .filter(|l| l.starts_with("request 1a00"))
-            .collect();
-        assert_eq!(
-            snapshots.len(),
-            2,
-            "one snapshot_sent per process in:\n{log}"
-        );
+        let snapshots: Vec<_> = log.lines().filter(|l| l.starts_with("request 1a00")).collect();
+        assert_eq!(snapshots.len(), 2, "one snapshot_sent per process in:\n{log}");
         let replay_at = log.rfind(&hex(&uid)).unwrap();
-        assert!(
-            replay_at < log.rfind("request 1a00").unwrap(),
-            "the replay comes before snapshot_sent"
-        );
+        assert!(replay_at < log.rfind("request 1a00").unwrap(), "the replay comes before snapshot_sent");
 
         mesh.release(a).unwrap();
         let pod = mesh.lab().pod(a);
         assert!(!capture::is_installed(&pod.netns.path()).unwrap());
         // del = field 2, carrying the uid in its field 2.
-        assert!(
-            requests_for(&mesh, n, &uid)
-                .iter()
-                .any(|l| l.starts_with("request 12")),
-            "no del"
-        );
-        assert!(!std::fs::read_to_string(mesh.state().path())
-            .unwrap()
-            .contains("HBONE"));
+        assert!(requests_for(&mesh, n, &uid).iter().any(|l| l.starts_with("request 12")), "no del");
+        assert!(!std::fs::read_to_string(mesh.state().path()).unwrap().contains("HBONE"));
     }
 
     #[tokio::test]
@@ -488,9 +403,7 @@ while True:
         }
         let mut lab = Lab::new("mesh-unit-tokio").unwrap();
         let n = lab.add_node("node1").unwrap();
-        let a = lab
-            .add_pod(n, PodSpec::new("a", "default", "sa-a"))
-            .unwrap();
+        let a = lab.add_pod(n, PodSpec::new("a", "default", "sa-a")).unwrap();
         let bin = mock_binary(&lab);
         let mut mesh = Mesh::new(lab).unwrap();
         mesh.set_ztunnel_binary(bin);

@@ -26,20 +26,14 @@ impl NetNs {
     /// Creates the namespace `name` with its loopback up. Fails if it already exists.
     pub fn create(name: &str) -> anyhow::Result<Self> {
         run_cmd(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = NetNs {
-            name: name.to_string(),
-            owned: true,
-        };
+        let ns = NetNs { name: name.to_string(), owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     /// A handle on an existing namespace `name` that is NOT deleted on drop (its owner deletes it).
     pub fn borrowed(name: &str) -> Self {
-        NetNs {
-            name: name.to_string(),
-            owned: false,
-        }
+        NetNs { name: name.to_string(), owned: false }
     }
 
     /// The namespace's name (as `ip netns list` shows it).
@@ -62,9 +56,7 @@ impl NetNs {
     /// Sockets created by `f` stay in this namespace for life and can be used from any thread afterwards.
     /// A panic in `f` is propagated to the caller.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = self
-            .open()
-            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        let file = self.open().unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
         let name = self.name.clone();
         let thread = std::thread::Builder::new()
             .name(format!("netns-{name}"))
@@ -87,9 +79,7 @@ impl NetNs {
     ///
     /// Panics if the namespace file cannot be opened (the namespace is owned by `self`, so it exists).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let file = self
-            .open()
-            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        let file = self.open().unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
         let mut cmd = Command::new(program);
         // The closure owns `file`, so the fd stays open until the Command is dropped; it is CLOEXEC, so the
         // program itself does not inherit it.
@@ -135,16 +125,10 @@ impl Drop for NetNs {
         if !self.owned {
             return;
         }
-        let out = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
         match out {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
+            Ok(o) => eprintln!("ip netns del {}: {}", self.name, String::from_utf8_lossy(&o.stderr).trim()),
             Err(e) => eprintln!("ip netns del {}: {e}", self.name),
         }
     }
@@ -155,11 +139,7 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> anyhow::Result<String> {
     let line = command_line(cmd);
     let out = cmd.output().with_context(|| format!("spawn `{line}`"))?;
     if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{line}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -210,10 +190,7 @@ mod tests {
         // A thread inside the namespace sees only its loopback.
         let links = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev").unwrap());
         assert!(links.contains("lo:"));
-        assert!(
-            !links.contains("eth0:"),
-            "entered the wrong namespace: {links}"
-        );
+        assert!(!links.contains("eth0:"), "entered the wrong namespace: {links}");
 
         // A command inside it, too.
         let out = ns.exec("ip", &["-o", "link"]).unwrap();
@@ -233,9 +210,7 @@ mod tests {
             return;
         }
         let ns = NetNs::create(&unique("netns-unit-fail")).unwrap();
-        let err = ns
-            .exec("ip", &["link", "set", "nosuchdev", "up"])
-            .unwrap_err();
+        let err = ns.exec("ip", &["link", "set", "nosuchdev", "up"]).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("ip link set nosuchdev up"), "{msg}");
         assert!(msg.to_lowercase().contains("nosuchdev"), "{msg}");

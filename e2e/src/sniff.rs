@@ -39,19 +39,13 @@ impl Sniffer {
             .with_context(|| format!("packet socket on {iface} in netns {}", netns.name()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("sniff-{iface}"))
-            .spawn(move || capture_loop(&fd, &s))?;
-        Ok(Sniffer {
-            stop,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name(format!("sniff-{iface}")).spawn(move || capture_loop(&fd, &s))?;
+        Ok(Sniffer { stop, thread: Some(thread) })
     }
 
     /// Stops capturing (after draining frames already queued) and returns the capture.
     pub fn stop(mut self) -> Capture {
-        self.finish()
-            .unwrap_or_else(|e| panic!("sniffer failed: {e}"))
+        self.finish().unwrap_or_else(|e| panic!("sniffer failed: {e}"))
     }
 
     fn finish(&mut self) -> io::Result<Capture> {
@@ -112,18 +106,12 @@ impl Capture {
 
     /// Segments whose payload starts with a TLS 1.2/1.3 application-data record header (`17 03 03`).
     pub fn tls_application_data_records(&self) -> usize {
-        self.segments
-            .iter()
-            .filter(|s| self.kept(s).starts_with(&[0x17, 0x03, 0x03]))
-            .count()
+        self.segments.iter().filter(|s| self.kept(s).starts_with(&[0x17, 0x03, 0x03])).count()
     }
 
     /// The distinct `(source port, destination port)` pairs of the TCP segments.
     pub fn tcp_ports_seen(&self) -> BTreeSet<(u16, u16)> {
-        self.segments
-            .iter()
-            .map(|s| (s.src_port, s.dst_port))
-            .collect()
+        self.segments.iter().map(|s| (s.src_port, s.dst_port)).collect()
     }
 
     /// Total TCP payload bytes seen (including those not kept).
@@ -150,13 +138,7 @@ impl Capture {
         let kept = payload.len().min(MAX_PAYLOAD - self.payload.len());
         let offset = self.payload.len();
         self.payload.extend_from_slice(&payload[..kept]);
-        self.segments.push(Segment {
-            src_port,
-            dst_port,
-            len: payload.len(),
-            offset,
-            kept,
-        });
+        self.segments.push(Segment { src_port, dst_port, len: payload.len(), offset, kept });
     }
 }
 
@@ -191,16 +173,12 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
         return true;
     }
     let first = needle[0];
-    hay.iter()
-        .enumerate()
-        .filter(|(_, &b)| b == first)
-        .any(|(i, _)| hay.get(i..i + needle.len()) == Some(needle))
+    hay.iter().enumerate().filter(|(_, &b)| b == first).any(|(i, _)| hay.get(i..i + needle.len()) == Some(needle))
 }
 
 /// Opens a packet socket bound to `iface` of the current thread's namespace.
 fn open_packet_socket(iface: &str) -> io::Result<OwnedFd> {
-    let c_iface = CString::new(iface)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul in name"))?;
+    let c_iface = CString::new(iface).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul in name"))?;
     // SAFETY: plain syscalls on values we own; the fd is wrapped in OwnedFd at once.
     unsafe {
         let ifindex = libc::if_nametoindex(c_iface.as_ptr());
@@ -222,10 +200,7 @@ fn open_packet_socket(iface: &str) -> io::Result<OwnedFd> {
             (&bufsize as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
         if libc::setsockopt(
             raw,
             libc::SOL_SOCKET,
@@ -265,9 +240,7 @@ fn capture_loop(fd: &OwnedFd, stop: &AtomicBool) -> io::Result<Capture> {
             let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut if stopping => return Ok(cap),
-                io::ErrorKind::WouldBlock
-                | io::ErrorKind::TimedOut
-                | io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => continue,
                 _ => return Err(err),
             }
         }
@@ -283,9 +256,7 @@ mod tests {
         let mut f = vec![0u8; 12];
         f.extend_from_slice(&[0x08, 0x00]);
         let total = (20 + 20 + payload.len()) as u16;
-        let mut ip = vec![
-            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
-        ];
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         ip[2..4].copy_from_slice(&total.to_be_bytes());
         f.extend_from_slice(&ip);
         let mut tcp = vec![0u8; 20];
@@ -307,15 +278,9 @@ mod tests {
         assert_eq!(cap.frames(), 4);
         assert_eq!(cap.tcp_segments(), 3);
         assert_eq!(cap.tls_application_data_records(), 1);
-        assert!(
-            cap.contains(b"MARKER"),
-            "a marker split across segments is found"
-        );
+        assert!(cap.contains(b"MARKER"), "a marker split across segments is found");
         assert!(!cap.contains(b"absent"));
-        assert_eq!(
-            cap.tcp_ports_seen(),
-            BTreeSet::from([(40000, 15008), (40001, 80)])
-        );
+        assert_eq!(cap.tcp_ports_seen(), BTreeSet::from([(40000, 15008), (40001, 80)]));
         assert_eq!(cap.payload_bytes(), 5 + 9 + 9);
     }
 
@@ -323,9 +288,6 @@ mod tests {
     fn truncated_frames_are_ignored() {
         let f = frame(1, 2, b"x");
         assert!(parse_ipv4_tcp(&f[..30]).is_none());
-        assert_eq!(
-            parse_ipv4_tcp(&f).map(|(s, d, p)| (s, d, p.to_vec())),
-            Some((1, 2, b"x".to_vec()))
-        );
+        assert_eq!(parse_ipv4_tcp(&f).map(|(s, d, p)| (s, d, p.to_vec())), Some((1, 2, b"x".to_vec())));
     }
 }

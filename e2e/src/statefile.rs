@@ -62,9 +62,8 @@ impl StateFile {
     /// Removes the policies named `namespace/name`; returns how many were removed.
     pub fn remove_policy(&mut self, namespace: &str, name: &str) -> usize {
         let before = self.policies.len();
-        self.policies.retain(|p| {
-            !(p.get("namespace") == Some(&namespace.into()) && p.get("name") == Some(&name.into()))
-        });
+        self.policies
+            .retain(|p| !(p.get("namespace") == Some(&namespace.into()) && p.get("name") == Some(&name.into())));
         before - self.policies.len()
     }
 
@@ -86,10 +85,7 @@ impl StateFile {
 
     /// Sets `key: value` in the generated entry of the pod with this uid (overriding a generated field).
     pub fn set_workload_field(&mut self, uid: &str, key: &str, value: Value) {
-        self.workload_fields
-            .entry(uid.to_string())
-            .or_default()
-            .insert(key.into(), value);
+        self.workload_fields.entry(uid.to_string()).or_default().insert(key.into(), value);
     }
 
     /// Declares service `name.namespace.svc.cluster.local` with address `vip` and `(servicePort, targetPort)`
@@ -117,24 +113,16 @@ impl StateFile {
         svc.insert("name".into(), name.into());
         svc.insert("namespace".into(), namespace.into());
         svc.insert("hostname".into(), hostname.as_str().into());
-        svc.insert(
-            "addresses".into(),
-            Value::Sequence(vec![vip.to_string().into()]),
-        );
+        svc.insert("addresses".into(), Value::Sequence(vec![vip.to_string().into()]));
         svc.insert("ports".into(), Value::Sequence(port_list.clone()));
         self.services.push(Value::Mapping(svc));
 
         for &pod in backends {
             let uid = lab.pod(pod).uid.clone();
             let fields = self.workload_fields.entry(uid).or_default();
-            let services = fields
-                .entry("services".into())
-                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            let services = fields.entry("services".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
             if let Value::Mapping(m) = services {
-                m.insert(
-                    format!("{namespace}/{hostname}").into(),
-                    Value::Sequence(port_list.clone()),
-                );
+                m.insert(format!("{namespace}/{hostname}").into(), Value::Sequence(port_list.clone()));
             }
         }
     }
@@ -147,17 +135,10 @@ impl StateFile {
             w.insert("uid".into(), pod.uid.as_str().into());
             w.insert("name".into(), pod.name.as_str().into());
             w.insert("namespace".into(), pod.namespace.as_str().into());
-            w.insert(
-                "addresses".into(),
-                Value::Sequence(vec![pod.ip.to_string().into()]),
-            );
+            w.insert("addresses".into(), Value::Sequence(vec![pod.ip.to_string().into()]));
             w.insert("node".into(), lab.node(pod.node).name.as_str().into());
             w.insert("serviceAccount".into(), pod.service_account.as_str().into());
-            let protocol = if enrolled.contains(&PodId(i)) {
-                "HBONE"
-            } else {
-                "NONE"
-            };
+            let protocol = if enrolled.contains(&PodId(i)) { "HBONE" } else { "NONE" };
             w.insert("protocol".into(), protocol.into());
             if let Some(extra) = self.workload_fields.get(&pod.uid) {
                 for (k, v) in extra {
@@ -171,24 +152,19 @@ impl StateFile {
         doc.insert("workloads".into(), Value::Sequence(workloads));
         doc.insert("services".into(), Value::Sequence(self.services.clone()));
         doc.insert("policies".into(), Value::Sequence(self.policies.clone()));
-        doc.insert(
-            "peerAuthentications".into(),
-            Value::Sequence(self.peer_authentications.clone()),
-        );
+        doc.insert("peerAuthentications".into(), Value::Sequence(self.peer_authentications.clone()));
         Value::Mapping(doc)
     }
 
     /// Writes [`StateFile::render`] atomically: a temporary file in the same directory, then a rename, so ztunnel
     /// never reads half a file.
     pub fn write(&self, lab: &Lab, enrolled: &BTreeSet<PodId>) -> anyhow::Result<()> {
-        let text = serde_yaml::to_string(&self.render(lab, enrolled))
-            .context("bug: state is not serialisable")?;
+        let text = serde_yaml::to_string(&self.render(lab, enrolled)).context("bug: state is not serialisable")?;
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(format!(".tmp-{}", std::process::id()));
         let tmp = PathBuf::from(tmp);
         std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("rename to {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("rename to {}", self.path.display()))?;
         Ok(())
     }
 }
@@ -205,32 +181,17 @@ mod tests {
         }
         let mut lab = Lab::new("statefile-unit").unwrap();
         let n = lab.add_node("node1").unwrap();
-        let a = lab
-            .add_pod(n, PodSpec::new("a", "default", "sa-a"))
-            .unwrap();
-        let b = lab
-            .add_pod(n, PodSpec::new("b", "default", "sa-b"))
-            .unwrap();
+        let a = lab.add_pod(n, PodSpec::new("a", "default", "sa-a")).unwrap();
+        let b = lab.add_pod(n, PodSpec::new("b", "default", "sa-b")).unwrap();
         let mut state = StateFile::new(lab.dir().join("state.yaml"));
-        state.add_service_for(
-            &lab,
-            "echo",
-            "default",
-            Ipv4Addr::new(10, 96, 0, 10),
-            &[(80, 8080)],
-            &[b],
-        );
+        state.add_service_for(&lab, "echo", "default", Ipv4Addr::new(10, 96, 0, 10), &[(80, 8080)], &[b]);
         state.add_policy(
-            yaml(
-                "{name: deny-all, namespace: default, scope: Namespace, action: Deny, rules: [{}]}",
-            )
-            .unwrap(),
+            yaml("{name: deny-all, namespace: default, scope: Namespace, action: Deny, rules: [{}]}").unwrap(),
         );
         state.set_workload_field(&lab.pod(a).uid, "status", "Unhealthy".into());
         state.write(&lab, &BTreeSet::from([a])).unwrap();
 
-        let doc: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(state.path()).unwrap()).unwrap();
+        let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(state.path()).unwrap()).unwrap();
         let w = &doc["workloads"];
         assert_eq!(w[0]["uid"], Value::from("lab/default/a"));
         assert_eq!(w[0]["protocol"], Value::from("HBONE"));
@@ -239,24 +200,11 @@ mod tests {
         assert_eq!(w[0]["node"], Value::from("node1"));
         assert_eq!(w[0]["serviceAccount"], Value::from("sa-a"));
         assert_eq!(w[1]["protocol"], Value::from("NONE"));
-        assert_eq!(
-            w[1]["services"]["default/echo.default.svc.cluster.local"][0]["targetPort"],
-            Value::from(8080)
-        );
-        assert_eq!(
-            doc["services"][0]["addresses"][0],
-            Value::from("10.96.0.10")
-        );
+        assert_eq!(w[1]["services"]["default/echo.default.svc.cluster.local"][0]["targetPort"], Value::from(8080));
+        assert_eq!(doc["services"][0]["addresses"][0], Value::from("10.96.0.10"));
         assert_eq!(doc["policies"][0]["name"], Value::from("deny-all"));
         assert_eq!(state.remove_policy("default", "deny-all"), 1);
-        let leftovers: Vec<_> = std::fs::read_dir(lab.dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            leftovers,
-            vec![std::ffi::OsString::from("state.yaml")],
-            "temporary file left behind"
-        );
+        let leftovers: Vec<_> = std::fs::read_dir(lab.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("state.yaml")], "temporary file left behind");
     }
 }

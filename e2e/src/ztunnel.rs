@@ -180,8 +180,7 @@ impl ZtunnelProcess {
     /// Starts `binary` (a ztunnel) inside `node`'s namespace.
     pub fn start_binary(binary: &Path, node: &Node, args: ZtunnelArgs) -> anyhow::Result<Self> {
         if let Some(parent) = args.zds_socket.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("create {}", parent.display()))?;
+            std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
         }
         let log = File::options()
             .create(true)
@@ -200,12 +199,7 @@ impl ZtunnelProcess {
             .stderr(log2)
             .spawn()
             .with_context(|| format!("start {} in {}", binary.display(), node.netns.name()))?;
-        Ok(ZtunnelProcess {
-            child,
-            netns,
-            args,
-            exited: false,
-        })
+        Ok(ZtunnelProcess { child, netns, args, exited: false })
     }
 
     /// Waits until `GET /healthz/ready` on the readiness port answers 200; fails early, with the log's tail, if
@@ -216,10 +210,7 @@ impl ZtunnelProcess {
         loop {
             if let Some(status) = self.child.try_wait()? {
                 self.exited = true;
-                bail!(
-                    "ztunnel exited with {status} before it was ready; log:\n{}",
-                    self.log_tail(50)
-                );
+                bail!("ztunnel exited with {status} before it was ready; log:\n{}", self.log_tail(50));
             }
             let last = match crate::http::get(&self.netns, addr, "/healthz/ready", HTTP_TIMEOUT) {
                 Ok(r) if r.status == 200 => return Ok(()),
@@ -227,10 +218,7 @@ impl ZtunnelProcess {
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() >= deadline {
-                bail!(
-                    "ztunnel not ready within {timeout:?} ({last}); log:\n{}",
-                    self.log_tail(50)
-                );
+                bail!("ztunnel not ready within {timeout:?} ({last}); log:\n{}", self.log_tail(50));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -281,12 +269,7 @@ impl ZtunnelProcess {
             return 0.0;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         (ticks(11) + ticks(12)) as f64 / hz
@@ -421,35 +404,25 @@ mod tests {
             ..args.clone()
         };
         let line2 = with_controller.to_args().join(" ");
-        assert!(line2.contains("--xds-address https://10.0.0.200:15012 --ca-address https://10.0.0.200:15012"), "{line2}");
+        assert!(
+            line2.contains("--xds-address https://10.0.0.200:15012 --ca-address https://10.0.0.200:15012"),
+            "{line2}"
+        );
         assert!(!line2.contains("--state-file") && !line2.contains("--ca-key"), "{line2}");
         assert!(line.contains("--zds-socket /z.sock"), "{line}");
-        assert!(
-            line.ends_with("--cert-ttl-secs 60 --worker-threads 1"),
-            "{line}"
-        );
+        assert!(line.ends_with("--cert-ttl-secs 60 --worker-threads 1"), "{line}");
     }
 
     #[test]
     fn wildcard_addresses_are_queried_on_loopback() {
-        assert_eq!(
-            local("0.0.0.0:15021".parse().unwrap()),
-            "127.0.0.1:15021".parse().unwrap()
-        );
-        assert_eq!(
-            local("10.0.0.1:15000".parse().unwrap()),
-            "10.0.0.1:15000".parse().unwrap()
-        );
+        assert_eq!(local("0.0.0.0:15021".parse().unwrap()), "127.0.0.1:15021".parse().unwrap());
+        assert_eq!(local("10.0.0.1:15000".parse().unwrap()), "10.0.0.1:15000".parse().unwrap());
     }
 
     #[test]
     fn the_log_tail_keeps_the_last_lines() {
         let path = std::env::temp_dir().join(format!("ambit-e2e-tail-{}.log", std::process::id()));
-        std::fs::write(
-            &path,
-            (1..=10).map(|i| format!("line {i}\n")).collect::<String>(),
-        )
-        .unwrap();
+        std::fs::write(&path, (1..=10).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
         assert_eq!(log_tail(&path, 2), "line 9\nline 10\n");
         std::fs::remove_file(&path).unwrap();
     }

@@ -33,20 +33,9 @@ fn apply_retrying(cluster: &KubeCluster, yaml: &str) {
     }
 }
 
-async fn wait_for(
-    rx: &mut SnapshotRx,
-    secs: u64,
-    what: &str,
-    f: impl Fn(&Snapshot) -> bool,
-) -> Instant {
-    let found = tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|s| f(s)))
-        .await
-        .is_ok();
-    assert!(
-        found,
-        "no snapshot where {what} within {secs} s; last: {:#?}",
-        rx.borrow()
-    );
+async fn wait_for(rx: &mut SnapshotRx, secs: u64, what: &str, f: impl Fn(&Snapshot) -> bool) -> Instant {
+    let found = tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|s| f(s))).await.is_ok();
+    assert!(found, "no snapshot where {what} within {secs} s; last: {:#?}", rx.borrow());
     Instant::now()
 }
 
@@ -80,10 +69,7 @@ async fn wait_accepted(cluster: &KubeCluster, name: &str, f: impl Fn(&str) -> bo
         if f(&c) {
             return c;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: Accepted condition is {c:?} after 20 s"
-        );
+        assert!(Instant::now() < deadline, "{name}: Accepted condition is {c:?} after 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -91,9 +77,7 @@ async fn wait_accepted(cluster: &KubeCluster, name: &str, f: impl Fn(&str) -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_status() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,ambit_controller=debug".into()),
-        )
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,ambit_controller=debug".into()))
         .with_test_writer()
         .try_init();
     let cluster = match KubeCluster::start("kube-source") {
@@ -115,46 +99,27 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let client = cluster.client().await.unwrap();
     let source = tokio::spawn(KubeSource::new(client, ModelOptions::default()).run(tx, sink));
-    wait_for(&mut rx, 20, "a first model is published", |s| {
-        s.version >= 1
-    })
-    .await;
-    assert!(
-        !is_hbone(&rx.borrow(), "a"),
-        "pod a is HBONE before its namespace is ambient"
-    );
+    wait_for(&mut rx, 20, "a first model is published", |s| s.version >= 1).await;
+    assert!(!is_hbone(&rx.borrow(), "a"), "pod a is HBONE before its namespace is ambient");
 
     // Labelling the namespace ambient captures its running pods.
     let t0 = Instant::now();
-    cluster
-        .kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"])
-        .unwrap();
+    cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"]).unwrap();
     let t = wait_for(&mut rx, 10, "pod a is HBONE", |s| is_hbone(s, "a")).await;
     println!("namespace label → published snapshot: {:?}", t - t0);
-    let identities = rx
-        .borrow()
-        .identities_by_node
-        .get("node-1")
-        .cloned()
-        .unwrap_or_default();
-    assert!(
-        identities.contains(&(NS.to_string(), "default".to_string())),
-        "{identities:?}"
-    );
+    let identities = rx.borrow().identities_by_node.get("node-1").cloned().unwrap_or_default();
+    assert!(identities.contains(&(NS.to_string(), "default".to_string())), "{identities:?}");
 
     // One pod change, timed from the API write (the kubelet's status patch) to the published snapshot.
     apply_retrying(&cluster, &pod_yaml("b"));
     // The write goes through kube-rs, not kubectl, so that the time excludes a process start.
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-        kube::Api::namespaced(cluster.client().await.unwrap(), NS);
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(cluster.client().await.unwrap(), NS);
     let status = serde_json::json!({"status": {
         "phase": "Running", "podIP": "10.1.0.6", "podIPs": [{"ip": "10.1.0.6"}],
         "conditions": [{"type": "Ready", "status": "True"}],
     }});
     let t0 = Instant::now();
-    pods.patch_status("b", &Default::default(), &kube::api::Patch::Merge(&status))
-        .await
-        .unwrap();
+    pods.patch_status("b", &Default::default(), &kube::api::Patch::Merge(&status)).await.unwrap();
     let written = Instant::now();
     let t = wait_for(&mut rx, 10, "pod b is HBONE", |s| is_hbone(s, "b")).await;
     println!(
@@ -164,27 +129,12 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     );
 
     // Deleting a pod removes it.
-    cluster
-        .kubectl([
-            "-n",
-            NS,
-            "delete",
-            "pod",
-            "a",
-            "--grace-period=0",
-            "--force",
-        ])
-        .unwrap();
-    wait_for(&mut rx, 10, "pod a is gone", |s| {
-        !s.addresses.contains_key(&format!("Kubernetes//Pod/{NS}/a"))
-    })
-    .await;
+    cluster.kubectl(["-n", NS, "delete", "pod", "a", "--grace-period=0", "--force"]).unwrap();
+    wait_for(&mut rx, 10, "pod a is gone", |s| !s.addresses.contains_key(&format!("Kubernetes//Pod/{NS}/a"))).await;
     assert!(is_hbone(&rx.borrow(), "b"));
 
     // Installing the CRDs later is picked up (the watchers retry with backoff), and policies flow.
-    cluster
-        .apply(include_str!("../testdata/crds.yaml"))
-        .unwrap();
+    cluster.apply(include_str!("../testdata/crds.yaml")).unwrap();
     cluster
         .kubectl([
             "wait",
@@ -202,32 +152,18 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
         "  selector: {matchLabels: {app: b}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {namespaces: [mesh]}\n",
     );
     let bogus = policy("bogus-action", "  action: BOGUS\n");
-    let bad_ip = policy(
-        "bad-ipblock",
-        "  rules:\n  - from:\n    - source: {ipBlocks: [not-an-ip]}\n",
-    );
-    cluster
-        .apply(&format!("{good}---\n{bogus}---\n{bad_ip}"))
-        .unwrap();
-    wait_for(&mut rx, 60, "allow-b is an authorization", |s| {
-        s.authorizations.contains_key("mesh/allow-b")
-    })
-    .await;
+    let bad_ip = policy("bad-ipblock", "  rules:\n  - from:\n    - source: {ipBlocks: [not-an-ip]}\n");
+    cluster.apply(&format!("{good}---\n{bogus}---\n{bad_ip}")).unwrap();
+    wait_for(&mut rx, 60, "allow-b is an authorization", |s| s.authorizations.contains_key("mesh/allow-b")).await;
     {
         let s = rx.borrow();
         assert!(!s.authorizations.contains_key("mesh/bogus-action"));
         assert!(!s.authorizations.contains_key("mesh/bad-ipblock"));
-        assert!(
-            is_hbone(&s, "b"),
-            "the pods still publish next to invalid policies"
-        );
+        assert!(is_hbone(&s, "b"), "the pods still publish next to invalid policies");
     }
 
     // Status conditions: the invalid ones say why, the valid one is accepted.
-    let c = wait_accepted(&cluster, "bogus-action", |c| {
-        c.starts_with("False|Invalid|")
-    })
-    .await;
+    let c = wait_accepted(&cluster, "bogus-action", |c| c.starts_with("False|Invalid|")).await;
     assert!(c.contains("BOGUS"), "{c}");
     let c = wait_accepted(&cluster, "bad-ipblock", |c| c.starts_with("False|Invalid|")).await;
     assert!(c.contains("not-an-ip"), "{c}");
@@ -240,31 +176,15 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     // The controller does not loop on its own status writes.
     let rv = || {
         cluster
-            .kubectl([
-                "-n",
-                NS,
-                "get",
-                "authorizationpolicy",
-                "-o",
-                "jsonpath={.items[*].metadata.resourceVersion}",
-            ])
+            .kubectl(["-n", NS, "get", "authorizationpolicy", "-o", "jsonpath={.items[*].metadata.resourceVersion}"])
             .unwrap()
     };
     let before = rv();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        before,
-        rv(),
-        "policies keep changing: the controller rewrites its own status"
-    );
+    assert_eq!(before, rv(), "policies keep changing: the controller rewrites its own status");
 
     // Fixing a policy flips its condition and publishes it.
-    cluster
-        .apply(&policy(
-            "bogus-action",
-            "  action: DENY\n  rules:\n  - {}\n",
-        ))
-        .unwrap();
+    cluster.apply(&policy("bogus-action", "  action: DENY\n  rules:\n  - {}\n")).unwrap();
     wait_for(&mut rx, 10, "the fixed policy is an authorization", |s| {
         s.authorizations.contains_key("mesh/bogus-action")
     })

@@ -30,12 +30,7 @@ fn cluster(test: &str) -> Cluster {
     let c = lab.add_pod(n2, PodSpec::new("c", "default", "c")).unwrap();
     let d = lab.add_pod(n2, PodSpec::new("d", "other", "d")).unwrap();
     let host = lab.add_external_host("ext").unwrap();
-    Cluster {
-        lab,
-        nodes: [n1, n2],
-        pods: [a, b, c, d],
-        host,
-    }
+    Cluster { lab, nodes: [n1, n2], pods: [a, b, c, d], host }
 }
 
 /// Sends a line through an echo connection and checks it comes back.
@@ -53,11 +48,7 @@ fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
 
 /// Names of this process's lab namespaces that still exist.
 fn leftover(prefix: &str) -> Vec<String> {
-    netns::list()
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.starts_with(prefix))
-        .collect()
+    netns::list().unwrap().into_iter().filter(|n| n.starts_with(prefix)).collect()
 }
 
 #[test]
@@ -79,21 +70,10 @@ fn pods_reach_each_other_on_the_same_node_and_across_nodes() {
     echo_round_trip(&mut s, b"cross node");
 
     // Routing is plain: each server saw the client pod's own address.
+    assert_eq!(echo_b.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(), vec![lab.pod(a).ip]);
+    assert_eq!(echo_c.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(), vec![lab.pod(a).ip]);
     assert_eq!(
-        echo_b.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(),
-        vec![lab.pod(a).ip]
-    );
-    assert_eq!(
-        echo_c.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(),
-        vec![lab.pod(a).ip]
-    );
-    assert_eq!(
-        lab.node(c.nodes[1])
-            .netns
-            .ip(&["route", "get", "10.1.0.2"])
-            .unwrap()
-            .split_whitespace()
-            .nth(2),
+        lab.node(c.nodes[1]).netns.ip(&["route", "get", "10.1.0.2"]).unwrap().split_whitespace().nth(2),
         Some("10.0.0.1")
     );
 }
@@ -140,21 +120,10 @@ fn the_sniffer_sees_a_cross_node_plaintext_marker_on_the_fabric() {
     drop(s);
     let cap = sniffer.stop();
 
-    assert!(
-        cap.contains(marker),
-        "marker not seen in {} segments",
-        cap.tcp_segments()
-    );
+    assert!(cap.contains(marker), "marker not seen in {} segments", cap.tcp_segments());
     assert!(!cap.contains(b"never-sent-bytes"));
-    assert!(
-        cap.tcp_ports_seen().contains(&(local_port, 7000)),
-        "{:?}",
-        cap.tcp_ports_seen()
-    );
-    assert!(
-        cap.tcp_ports_seen().contains(&(7000, local_port)),
-        "the echo's reply direction is captured too"
-    );
+    assert!(cap.tcp_ports_seen().contains(&(local_port, 7000)), "{:?}", cap.tcp_ports_seen());
+    assert!(cap.tcp_ports_seen().contains(&(7000, local_port)), "the echo's reply direction is captured too");
     assert_eq!(cap.tls_application_data_records(), 0);
 }
 
@@ -186,25 +155,18 @@ fn dropping_the_lab_removes_every_namespace_when_the_test_panics() {
         let n = lab.add_node("node1").unwrap();
         lab.add_pod(n, PodSpec::new("p", "default", "p")).unwrap();
         // A child process the lab started is killed too.
-        let pid = lab
-            .spawn(lab.node(n).netns.command("sleep").arg("600"))
-            .unwrap();
+        let pid = lab.spawn(lab.node(n).netns.command("sleep").arg("600")).unwrap();
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
         *prefix.lock().unwrap() = format!("{}-|{pid}", lab.prefix());
         panic!("the test body fails");
     });
     assert!(result.is_err());
     let recorded = prefix.lock().unwrap().clone();
-    let (prefix, pid) = recorded
-        .split_once('|')
-        .expect("the closure ran to its panic");
+    let (prefix, pid) = recorded.split_once('|').expect("the closure ran to its panic");
     let prefix = format!("{prefix}-");
     assert_eq!(leftover(&prefix), Vec::<String>::new());
     // Reaped, so its /proc entry is gone.
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "child {pid} survived the lab"
-    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "child {pid} survived the lab");
 }
 
 #[test]

@@ -8,9 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ambit_controller::ca::{
-    AsyncCallerAuthenticator, CallerAuthenticator, TokenReviewAuthenticator,
-};
+use ambit_controller::ca::{AsyncCallerAuthenticator, CallerAuthenticator, TokenReviewAuthenticator};
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
@@ -20,10 +18,7 @@ const CONTROLLER_SA: &str = "system:serviceaccount:ambit-system:ambit-controller
 const ZTUNNEL_SA: &str = "system:serviceaccount:ambit-system:ztunnel";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e has a parent").to_path_buf()
 }
 
 fn manifests() -> String {
@@ -40,9 +35,7 @@ fn start(test: &str) -> Option<KubeCluster> {
 
 /// Applies the manifests as an operator would and waits until the CRDs serve.
 fn install(cluster: &KubeCluster) {
-    cluster
-        .kubectl(["apply", "--server-side", "-k", &manifests()])
-        .expect("manifests apply");
+    cluster.kubectl(["apply", "--server-side", "-k", &manifests()]).expect("manifests apply");
     cluster
         .kubectl([
             "wait",
@@ -60,9 +53,7 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<
     loop {
         match f() {
             Ok(Some(v)) => return v,
-            Ok(None) | Err(_) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
+            Ok(None) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             Ok(None) => panic!("timed out waiting for {what}"),
             Err(e) => panic!("timed out waiting for {what}: {e:#}"),
         }
@@ -89,31 +80,14 @@ fn manifests_apply_cleanly_idempotently_and_the_crds_take_istio_policies() {
         assert!(kinds.contains(crd), "{crd} missing from {kinds}");
     }
     let conditions = cluster
-        .kubectl([
-            "get",
-            "crd",
-            "-o",
-            "jsonpath={range .items[*]}{.status.conditions[*].type}{\"\\n\"}{end}",
-        ])
+        .kubectl(["get", "crd", "-o", "jsonpath={range .items[*]}{.status.conditions[*].type}{\"\\n\"}{end}"])
         .unwrap();
     assert!(!conditions.contains("NonStructuralSchema"), "{conditions}");
-    cluster
-        .kubectl(["diff", "--server-side", "-k", &manifests()])
-        .expect("no drift after apply");
-    let dry = cluster
-        .kubectl(["apply", "--dry-run=server", "-k", &manifests()])
-        .expect("client-side apply dry-run");
+    cluster.kubectl(["diff", "--server-side", "-k", &manifests()]).expect("no drift after apply");
+    let dry = cluster.kubectl(["apply", "--dry-run=server", "-k", &manifests()]).expect("client-side apply dry-run");
     assert!(dry.contains("daemonset.apps/ztunnel"), "{dry}");
-    let objects = cluster
-        .kubectl([
-            "get",
-            "sa,deploy,ds,svc,role,rolebinding",
-            "-n",
-            "ambit-system",
-            "-o",
-            "name",
-        ])
-        .unwrap();
+    let objects =
+        cluster.kubectl(["get", "sa,deploy,ds,svc,role,rolebinding", "-n", "ambit-system", "-o", "name"]).unwrap();
     for o in [
         "serviceaccount/ambit-controller",
         "serviceaccount/ztunnel",
@@ -124,15 +98,7 @@ fn manifests_apply_cleanly_idempotently_and_the_crds_take_istio_policies() {
         assert!(objects.contains(o), "{o} missing from {objects}");
     }
     let ports = cluster
-        .kubectl([
-            "get",
-            "svc",
-            "-n",
-            "ambit-system",
-            "ambit-controller",
-            "-o",
-            "jsonpath={.spec.ports[*].port}",
-        ])
+        .kubectl(["get", "svc", "-n", "ambit-system", "ambit-controller", "-o", "jsonpath={.spec.ports[*].port}"])
         .unwrap();
     assert_eq!(ports, "15012 15014");
 
@@ -218,69 +184,39 @@ spec:
             "jsonpath={.spec.rules[0].from[0].source}",
         ])
         .unwrap();
-    for field in [
-        "notPrincipals",
-        "requestPrincipals",
-        "notNamespaces",
-        "notIpBlocks",
-        "remoteIpBlocks",
-        "notRemoteIpBlocks",
-    ] {
+    for field in
+        ["notPrincipals", "requestPrincipals", "notNamespaces", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"]
+    {
         assert!(source.contains(field), "{field} pruned: {source}");
     }
     let when = cluster
-        .kubectl([
-            "get",
-            "ap",
-            "-n",
-            "demo",
-            "allow-client",
-            "-o",
-            "jsonpath={.spec.rules[0].when[0].notValues}",
-        ])
+        .kubectl(["get", "ap", "-n", "demo", "allow-client", "-o", "jsonpath={.spec.rules[0].when[0].notValues}"])
         .unwrap();
     assert_eq!(when, r#"["10.1.0.3"]"#);
     let port_mode = cluster
-        .kubectl([
-            "get",
-            "pa",
-            "-n",
-            "demo",
-            "strict",
-            "-o",
-            "jsonpath={.spec.portLevelMtls.8080.mode}",
-        ])
+        .kubectl(["get", "pa", "-n", "demo", "strict", "-o", "jsonpath={.spec.portLevelMtls.8080.mode}"])
         .unwrap();
     assert_eq!(port_mode, "PERMISSIVE");
     let route = cluster
-        .kubectl([
-            "get",
-            "httproute",
-            "-n",
-            "demo",
-            "web",
-            "-o",
-            "jsonpath={.spec.rules[0].backendRefs[0].weight}",
-        ])
+        .kubectl(["get", "httproute", "-n", "demo", "web", "-o", "jsonpath={.spec.rules[0].backendRefs[0].weight}"])
         .unwrap();
     assert_eq!(route, "10", "route rules are kept whole");
     // The status subresource: a status write is kept, a spec write through it is not.
     cluster
         .kubectl([
-            "patch", "ap", "-n", "demo", "allow-client", "--subresource=status", "--type=merge", "-p",
-            r#"{"status":{"conditions":[{"type":"Accepted","status":"True","reason":"Accepted","message":"ok"}]}}"#,
-        ])
-        .unwrap();
-    let status = cluster
-        .kubectl([
-            "get",
+            "patch",
             "ap",
             "-n",
             "demo",
             "allow-client",
-            "-o",
-            "jsonpath={.status.conditions[0].type}",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Accepted","status":"True","reason":"Accepted","message":"ok"}]}}"#,
         ])
+        .unwrap();
+    let status = cluster
+        .kubectl(["get", "ap", "-n", "demo", "allow-client", "-o", "jsonpath={.status.conditions[0].type}"])
         .unwrap();
     assert_eq!(status, "Accepted");
 
@@ -310,14 +246,8 @@ fn check_can_i(cluster: &KubeCluster, user: &str, table: &str) {
     let text = std::fs::read_to_string(&path).unwrap();
     let mut wrong = Vec::new();
     let mut checked = 0;
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (want, args) = line
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("bad line in {table}: {line}"));
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (want, args) = line.split_once(' ').unwrap_or_else(|| panic!("bad line in {table}: {line}"));
         let mut cmd = vec!["auth", "can-i", "--as", user];
         cmd.extend(args.split_whitespace());
         // can-i exits 1 for "no": read the answer, not the status.
@@ -344,29 +274,14 @@ fn the_controller_rbac_is_sufficient_and_no_broader_and_ztunnel_has_none() {
     check_can_i(&cluster, CONTROLLER_SA, "controller-can-i.txt");
     check_can_i(&cluster, ZTUNNEL_SA, "ztunnel-can-i.txt");
     // The root Secret is granted by a Role, so no ClusterRole reaches secrets at all.
-    let cluster_role = cluster
-        .kubectl([
-            "get",
-            "clusterrole",
-            "ambit-controller",
-            "-o",
-            "jsonpath={.rules[*].resources}",
-        ])
-        .unwrap();
-    assert!(
-        !cluster_role.contains("secrets") && !cluster_role.contains('*'),
-        "{cluster_role}"
-    );
+    let cluster_role =
+        cluster.kubectl(["get", "clusterrole", "ambit-controller", "-o", "jsonpath={.rules[*].resources}"]).unwrap();
+    assert!(!cluster_role.contains("secrets") && !cluster_role.contains('*'), "{cluster_role}");
 }
 
 fn bearer(token: &str) -> MetadataMap {
     let mut md = MetadataMap::new();
-    md.insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .expect("token is header-safe"),
-    );
+    md.insert("authorization", format!("Bearer {token}").parse().expect("token is header-safe"));
     md
 }
 
@@ -408,38 +323,35 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
     // A node as a kubelet would register it; the DaemonSet then makes its ztunnel pod, which we bind as the
     // scheduler would.
     cluster.create_node("node-1").unwrap();
-    cluster
-        .kubectl(["label", "node", "node-1", "kubernetes.io/os=linux"])
-        .unwrap();
-    let ztunnel_pod = poll(
-        "the DaemonSet's ztunnel pod",
-        Duration::from_secs(30),
-        || {
-            let name = cluster.kubectl([
-                "get",
-                "pods",
-                "-n",
-                "ambit-system",
-                "-l",
-                "app=ztunnel",
-                "-o",
-                "jsonpath={.items[*].metadata.name}",
-            ])?;
-            Ok((!name.trim().is_empty()).then(|| name.trim().to_string()))
-        },
-    );
+    cluster.kubectl(["label", "node", "node-1", "kubernetes.io/os=linux"]).unwrap();
+    let ztunnel_pod = poll("the DaemonSet's ztunnel pod", Duration::from_secs(30), || {
+        let name = cluster.kubectl([
+            "get",
+            "pods",
+            "-n",
+            "ambit-system",
+            "-l",
+            "app=ztunnel",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?;
+        Ok((!name.trim().is_empty()).then(|| name.trim().to_string()))
+    });
     let projected = cluster
-        .kubectl(["get", "pod", "-n", "ambit-system", &ztunnel_pod, "-o", "jsonpath={.spec.volumes[?(@.name==\"ambit-ca-token\")].projected.sources[0].serviceAccountToken.audience}"])
+        .kubectl([
+            "get",
+            "pod",
+            "-n",
+            "ambit-system",
+            &ztunnel_pod,
+            "-o",
+            "jsonpath={.spec.volumes[?(@.name==\"ambit-ca-token\")].projected.sources[0].serviceAccountToken.audience}",
+        ])
         .unwrap();
     assert_eq!(projected, "ambit-ca");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let pods: kube::Api<Pod> =
-            kube::Api::namespaced(cluster.client().await.unwrap(), "ambit-system");
+        let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.client().await.unwrap(), "ambit-system");
         let binding = serde_json::json!({
             "apiVersion": "v1", "kind": "Binding", "metadata": {"name": ztunnel_pod},
             "target": {"kind": "Node", "name": "node-1"}
@@ -455,68 +367,28 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
         .apply("apiVersion: v1\nkind: Pod\nmetadata: {name: app, namespace: default}\nspec:\n  nodeName: node-1\n  containers: [{name: c, image: x}]\n")
         .unwrap();
 
-    let good = token(
-        &cluster,
-        "ztunnel",
-        "ambit-system",
-        &ztunnel_pod,
-        "ambit-ca",
-    );
-    let other_audience = token(
-        &cluster,
-        "ztunnel",
-        "ambit-system",
-        &ztunnel_pod,
-        "istio-ca",
-    );
+    let good = token(&cluster, "ztunnel", "ambit-system", &ztunnel_pod, "ambit-ca");
+    let other_audience = token(&cluster, "ztunnel", "ambit-system", &ztunnel_pod, "istio-ca");
     let other_account = token(&cluster, "default", "default", "app", "ambit-ca");
 
     rt.block_on(async {
         let auth = TokenReviewAuthenticator::new(controller_client(&cluster).await.unwrap());
-        let caller = auth
-            .authenticate_async(&bearer(&good))
-            .await
-            .expect("ztunnel token admitted");
+        let caller = auth.authenticate_async(&bearer(&good)).await.expect("ztunnel token admitted");
         assert_eq!(caller.node, "node-1");
 
-        for (token, want) in [
-            (&other_audience, "audience"),
-            (&other_account, "may not request"),
-        ] {
-            let err = auth
-                .authenticate_async(&bearer(token))
-                .await
-                .expect_err("refused");
-            assert_eq!(
-                err.code(),
-                tonic::Code::Unauthenticated,
-                "{}",
-                err.message()
-            );
-            assert!(
-                err.message().contains(want),
-                "{} does not say {want}",
-                err.message()
-            );
+        for (token, want) in [(&other_audience, "audience"), (&other_account, "may not request")] {
+            let err = auth.authenticate_async(&bearer(token)).await.expect_err("refused");
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{}", err.message());
+            assert!(err.message().contains(want), "{} does not say {want}", err.message());
         }
-        let err = auth
-            .authenticate_async(&bearer("not-a-jwt"))
-            .await
-            .expect_err("garbage refused");
+        let err = auth.authenticate_async(&bearer("not-a-jwt")).await.expect_err("garbage refused");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
         // The synchronous path (for tonic interceptors): a miss starts the review and says "retry"; the retry is
         // answered from the cache.
         let sync = TokenReviewAuthenticator::new(controller_client(&cluster).await.unwrap());
-        let first = sync
-            .authenticate(&bearer(&good))
-            .expect_err("a miss cannot block");
-        assert_eq!(
-            first.code(),
-            tonic::Code::Unavailable,
-            "{}",
-            first.message()
-        );
+        let first = sync.authenticate(&bearer(&good)).expect_err("a miss cannot block");
+        assert_eq!(first.code(), tonic::Code::Unavailable, "{}", first.message());
         let deadline = Instant::now() + Duration::from_secs(10);
         let caller = loop {
             match sync.authenticate(&bearer(&good)) {
@@ -536,10 +408,7 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
                 other => break other,
             }
         };
-        assert_eq!(
-            refused.expect_err("other audience").code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(refused.expect_err("other audience").code(), tonic::Code::Unauthenticated);
 
         // Deleting the pod revokes its token (the API server notices within seconds); an uncached authenticator
         // then refuses it, while a cached admission holds until its TTL, as documented.
@@ -555,29 +424,18 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
                 "--wait=false",
             ])
             .unwrap();
-        let uncached = TokenReviewAuthenticator::new(controller_client(&cluster).await.unwrap())
-            .with_cache_ttl(Duration::ZERO);
+        let uncached =
+            TokenReviewAuthenticator::new(controller_client(&cluster).await.unwrap()).with_cache_ttl(Duration::ZERO);
         let deadline = Instant::now() + Duration::from_secs(45);
         let err = loop {
             match uncached.authenticate_async(&bearer(&good)).await {
                 Err(e) => break e,
-                Ok(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await
-                }
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(500)).await,
                 Ok(_) => panic!("token still admitted 45 s after its pod was deleted"),
             }
         };
-        assert_eq!(
-            err.code(),
-            tonic::Code::Unauthenticated,
-            "{}",
-            err.message()
-        );
-        assert_eq!(
-            auth.authenticate_async(&bearer(&good)).await.unwrap().node,
-            "node-1",
-            "cached for the TTL"
-        );
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{}", err.message());
+        assert_eq!(auth.authenticate_async(&bearer(&good)).await.unwrap().node, "node-1", "cached for the TTL");
     });
 }
 
@@ -586,24 +444,14 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     // No cluster needed: read the manifests themselves.
     let read = |f: &str| -> Vec<serde_yaml::Value> {
         let text = std::fs::read_to_string(repo().join("manifests/core").join(f)).unwrap();
-        text.split("\n---\n")
-            .map(|d| serde_yaml::from_str(d).unwrap())
-            .collect()
+        text.split("\n---\n").map(|d| serde_yaml::from_str(d).unwrap()).collect()
     };
     let container = |docs: &[serde_yaml::Value], kind: &str| -> serde_yaml::Value {
-        let doc = docs
-            .iter()
-            .find(|d| d["kind"] == kind)
-            .unwrap_or_else(|| panic!("no {kind}"));
+        let doc = docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
         doc["spec"]["template"]["spec"]["containers"][0].clone()
     };
     let args = |c: &serde_yaml::Value| -> Vec<String> {
-        c["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect()
+        c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
     };
     let flag = |args: &[String], name: &str| -> String {
         args.iter()
@@ -617,21 +465,11 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     let zt_args = args(&zt);
     let mut argv = vec!["ztunnel".to_string(), "--node-name=node-1".to_string()];
     argv.extend(zt_args.iter().cloned());
-    let parsed = <ztunnel::config::Args as clap::Parser>::try_parse_from(&argv)
-        .expect("ztunnel flags parse");
+    let parsed = <ztunnel::config::Args as clap::Parser>::try_parse_from(&argv).expect("ztunnel flags parse");
     let config = ztunnel::config::Config::from_args(parsed).expect("ztunnel config builds");
     config.validate().expect("ztunnel config validates");
-    let node_env = zt["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "NODE_NAME")
-        .unwrap()
-        .clone();
-    assert_eq!(
-        node_env["valueFrom"]["fieldRef"]["fieldPath"],
-        "spec.nodeName"
-    );
+    let node_env = zt["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap().clone();
+    assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     // The token and root files live where the volumes are mounted.
     let mounts = zt["volumeMounts"].as_sequence().unwrap();
     let mounted = |path: &str| -> String {
@@ -644,31 +482,15 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     assert_eq!(mounted(&flag(&zt_args, "token-file")), "ambit-ca-token");
     assert_eq!(mounted(&flag(&zt_args, "mesh-root")), "ambit-ca-root-cert");
     assert_eq!(mounted(&flag(&zt_args, "zds-socket")), "ztunnel-socket-dir");
-    let volumes = ds[0]["spec"]["template"]["spec"]["volumes"]
-        .as_sequence()
-        .unwrap();
-    let token_volume = volumes
-        .iter()
-        .find(|v| v["name"] == "ambit-ca-token")
-        .unwrap();
+    let volumes = ds[0]["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
+    let token_volume = volumes.iter().find(|v| v["name"] == "ambit-ca-token").unwrap();
     let sa_token = &token_volume["projected"]["sources"][0]["serviceAccountToken"];
-    assert_eq!(
-        sa_token["audience"],
-        ambit_controller::ca::token_review::DEFAULT_AUDIENCE
-    );
-    assert!(
-        flag(&zt_args, "token-file").ends_with(&format!("/{}", sa_token["path"].as_str().unwrap()))
-    );
-    let root_volume = volumes
-        .iter()
-        .find(|v| v["name"] == "ambit-ca-root-cert")
-        .unwrap();
+    assert_eq!(sa_token["audience"], ambit_controller::ca::token_review::DEFAULT_AUDIENCE);
+    assert!(flag(&zt_args, "token-file").ends_with(&format!("/{}", sa_token["path"].as_str().unwrap())));
+    let root_volume = volumes.iter().find(|v| v["name"] == "ambit-ca-root-cert").unwrap();
     assert_eq!(root_volume["configMap"]["name"], "ambit-ca-root-cert");
     assert_eq!(zt["readinessProbe"]["httpGet"]["port"], 15021);
-    assert_eq!(
-        flag(&zt_args, "xds-address"),
-        "https://ambit-controller.ambit-system.svc:15012"
-    );
+    assert_eq!(flag(&zt_args, "xds-address"), "https://ambit-controller.ambit-system.svc:15012");
 
     let controller_docs = read("controller.yaml");
     let ctl = container(&controller_docs, "Deployment");
@@ -676,15 +498,12 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     argv.extend(args(&ctl));
     // File-mode flags that the Kubernetes source replaces; given here only so today's parser accepts the rest.
     argv.extend(["--config-dir=/unused", "--bootstrap-token-file=/unused"].map(String::from));
-    let parsed = <ambit_controller::config::Args as clap::Parser>::try_parse_from(&argv)
-        .expect("controller flags parse");
+    let parsed =
+        <ambit_controller::config::Args as clap::Parser>::try_parse_from(&argv).expect("controller flags parse");
     let config = ambit_controller::config::Config::from_args(parsed);
     config.validate().expect("controller config validates");
     assert!(
-        config
-            .serving_dns_names
-            .iter()
-            .any(|n| n == &config_server_name(&zt_args)),
+        config.serving_dns_names.iter().any(|n| n == &config_server_name(&zt_args)),
         "the serving certificate names what ztunnel checks"
     );
     assert_eq!(config.listen.port(), 15012);

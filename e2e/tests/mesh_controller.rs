@@ -73,7 +73,8 @@ fn ztunnels_take_state_and_certificates_from_the_controller() {
 
     let m2 = mesh.ztunnel(n2).metrics().unwrap();
     assert!(
-        metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")]) >= 1.0,
+        metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")])
+            >= 1.0,
         "{m2}"
     );
 }

@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use ambit_e2e::check::{eventually, metric, round_trip};
 use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
+use ambit_e2e::check::{eventually, metric, round_trip};
 use ambit_e2e::sniff::Sniffer;
 use ambit_e2e::statefile::yaml;
 use ambit_e2e::{require_root, Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
@@ -137,15 +137,18 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
     round_trip(c.pod_ns(c.local), c.app(remote), b"other identity passes").expect("local is not denied");
     let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
     assert!(
-        metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")]) >= 1.0,
+        metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")])
+            >= 1.0,
         "{m2}"
     );
 
     // ALLOW by namespace: only namespace `other` may connect; `default` pods are refused.
     c.mesh.state_mut().clear_policies();
     c.mesh.state_mut().add_policy(
-        yaml("{name: only-other, namespace: default, scope: Namespace, action: Allow,
-               rules: [{clauses: [{matches: [{namespaces: [{exact: other}]}]}]}]}")
+        yaml(
+            "{name: only-other, namespace: default, scope: Namespace, action: Allow,
+               rules: [{clauses: [{matches: [{namespaces: [{exact: other}]}]}]}]}",
+        )
         .unwrap(),
     );
     c.mesh.write_state().unwrap();
@@ -213,7 +216,8 @@ fn destinations_outside_the_mesh_pass_through() {
     let n2 = c.nodes[1];
     let plain = c.mesh.lab_mut().add_pod(n2, PodSpec::new("legacy", "default", "legacy")).unwrap();
     c.mesh.write_state().unwrap();
-    let _legacy = EchoServer::start(&c.mesh.lab().pod(plain).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
+    let _legacy =
+        EchoServer::start(&c.mesh.lab().pod(plain).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
     let legacy = SocketAddr::from((c.mesh.lab().pod(plain).ip, APP_PORT));
     assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), legacy, b"plain tcp").is_ok()));
 }
@@ -353,11 +357,11 @@ fn connections_to_one_destination_share_a_pooled_hbone_connection() {
         round_trip(c.pod_ns(c.client), c.app(c.remote), b"pooled").unwrap();
     }
     let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
-    let pooled = metric(&m1, "ztunnel_pooled_connections", &[]) + m1
-        .lines()
-        .find_map(|l| l.strip_prefix("ztunnel_pooled_connections "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let pooled = metric(&m1, "ztunnel_pooled_connections", &[])
+        + m1.lines()
+            .find_map(|l| l.strip_prefix("ztunnel_pooled_connections "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
     // Sequential tunnels reuse one connection (a second may open while the
     // previous tunnel is still closing; the pool spreads over at most two).
     assert!((1.0..=2.0).contains(&pooled), "pooled connections: {pooled}\n{m1}");
@@ -385,5 +389,9 @@ fn the_log_level_changes_at_run_time_from_the_admin_endpoint() {
     round_trip(c.pod_ns(c.client), c.app(c.remote), b"now logged at debug").unwrap();
     let bad = admin_post(node_ns, "/logging?level=ztunnel%3Dbogus");
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
-    assert_eq!(c.mesh.ztunnel(c.nodes[0]).admin_get("/logging").unwrap().trim(), "debug", "a bad level changes nothing");
+    assert_eq!(
+        c.mesh.ztunnel(c.nodes[0]).admin_get("/logging").unwrap().trim(),
+        "debug",
+        "a bad level changes nothing"
+    );
 }

@@ -70,10 +70,7 @@ fn step(clock: &mut Instant, what: &str) {
 }
 
 fn condition<'a>(gw: &'a DynamicObject, type_: &str) -> Option<(&'a str, &'a str)> {
-    let c = gw.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)?;
+    let c = gw.data["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
     Some((c["status"].as_str()?, c["reason"].as_str()?))
 }
 
@@ -87,19 +84,12 @@ fn waypoint_gateways_get_an_owned_deployment_service_and_status() {
         Err(e) => panic!("{e:#}"),
     };
     step(&mut clock, "start the api server");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(scenario(&cluster, clock)).unwrap();
 }
 
 async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<()> {
-    let crds = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/gateway-api/crds.yaml"
-    );
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/gateway-api/crds.yaml");
     cluster.kubectl(["apply", "--server-side", "-f", crds])?;
     cluster.kubectl([
         "wait",
@@ -122,30 +112,17 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     // A Gateway of another class first: by the time the waypoint is done, it has had its chance.
     cluster.apply(&gateway("ingress", "some-other-class"))?;
     cluster.apply(&gateway("wp", "ambit-waypoint"))?;
-    let gateways: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NS, &waypoints::gateway_resource());
+    let gateways: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &waypoints::gateway_resource());
     let gw = gateways.get("wp").await?;
     let uid = gw.metadata.uid.clone().context("gateway uid")?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
-    let dep = eventually("the waypoint deployment", || async {
-        Ok(deployments.get_opt("wp").await?)
-    })
-    .await?;
-    let svc = eventually("the waypoint service", || async {
-        Ok(services.get_opt("wp").await?)
-    })
-    .await?;
-    let sa = eventually("the waypoint service account", || async {
-        Ok(accounts.get_opt("wp").await?)
-    })
-    .await?;
-    step(
-        &mut clock,
-        "deployment, service and service account created",
-    );
+    let dep = eventually("the waypoint deployment", || async { Ok(deployments.get_opt("wp").await?) }).await?;
+    let svc = eventually("the waypoint service", || async { Ok(services.get_opt("wp").await?) }).await?;
+    let sa = eventually("the waypoint service account", || async { Ok(accounts.get_opt("wp").await?) }).await?;
+    step(&mut clock, "deployment, service and service account created");
 
     for (kind, owners) in [
         ("Deployment", &dep.metadata.owner_references),
@@ -154,10 +131,7 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     ] {
         let owners = owners.as_deref().unwrap_or_default();
         assert!(
-            owners.iter().any(|o| o.kind == "Gateway"
-                && o.name == "wp"
-                && o.uid == uid
-                && o.controller == Some(true)),
+            owners.iter().any(|o| o.kind == "Gateway" && o.name == "wp" && o.uid == uid && o.controller == Some(true)),
             "{kind} must be owned by the Gateway: {owners:?}"
         );
     }
@@ -165,45 +139,17 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     assert_eq!(pod.service_account_name.as_deref(), Some("wp"));
     let container = &pod.containers[0];
     assert_eq!(container.image.as_deref(), Some(IMAGE));
-    let mut ports: Vec<i32> = container
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.container_port)
-        .collect();
+    let mut ports: Vec<i32> = container.ports.iter().flatten().map(|p| p.container_port).collect();
     ports.sort_unstable();
     assert_eq!(ports, [15008, 15020, 15021]);
-    let requests = container
-        .resources
-        .as_ref()
-        .unwrap()
-        .requests
-        .as_ref()
-        .unwrap();
+    let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
     assert_eq!(requests["cpu"].0, "200m");
     assert_eq!(requests["memory"].0, "64Mi");
-    let labels = dep
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .as_ref()
-        .unwrap();
+    let labels = dep.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
     assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], "wp");
     let svc_spec = svc.spec.as_ref().unwrap();
-    assert!(
-        svc_spec.ports.iter().flatten().any(|p| p.port == 15008),
-        "{:?}",
-        svc_spec.ports
-    );
-    let cluster_ip = svc_spec
-        .cluster_ip
-        .clone()
-        .context("service has no clusterIP")?;
+    assert!(svc_spec.ports.iter().flatten().any(|p| p.port == 15008), "{:?}", svc_spec.ports);
+    let cluster_ip = svc_spec.cluster_ip.clone().context("service has no clusterIP")?;
     assert!(cluster_ip.starts_with("10.96."), "{cluster_ip}");
 
     // Accepted, not yet Programmed, with the Service's address.
@@ -218,22 +164,14 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     assert_eq!(addresses[0]["type"], "IPAddress", "{addresses}");
     assert_eq!(addresses[0]["value"], cluster_ip.as_str(), "{addresses}");
     assert_eq!(addresses.as_array().map(Vec::len), Some(1), "{addresses}");
-    step(
-        &mut clock,
-        "status Accepted=True, Programmed=False, address = ClusterIP",
-    );
+    step(&mut clock, "status Accepted=True, Programmed=False, address = ClusterIP");
 
     // Play the kubelet: the ReplicaSet's pod becomes Ready, the real controllers make the
     // Deployment available, and that Deployment change reconciles the Gateway.
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let selector = ListParams::default().labels("gateway.networking.k8s.io/gateway-name=wp");
     let pod_name = eventually("the waypoint pod", || async {
-        Ok(pods
-            .list(&selector)
-            .await?
-            .items
-            .into_iter()
-            .find_map(|p| p.metadata.name))
+        Ok(pods.list(&selector).await?.items.into_iter().find_map(|p| p.metadata.name))
     })
     .await?;
     cluster.set_pod_running(NS, &pod_name, "10.1.0.9")?;
@@ -265,69 +203,28 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     ])?;
     eventually("the tampered service label restored", || async {
         let s = services.get("wp").await?;
-        let class = s
-            .metadata
-            .labels
-            .unwrap_or_default()
-            .remove("gateway.networking.k8s.io/gateway-class-name");
+        let class = s.metadata.labels.unwrap_or_default().remove("gateway.networking.k8s.io/gateway-class-name");
         Ok((class.as_deref() == Some("ambit-waypoint")).then_some(()))
     })
     .await?;
     let dep = deployments.get("wp").await?;
-    assert_eq!(
-        dep.metadata.generation,
-        Some(1),
-        "repeated applies must not change the deployment spec"
-    );
-    let managers: Vec<_> = dep
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .map(|m| m.manager.clone())
-        .collect();
-    assert!(
-        managers
-            .iter()
-            .any(|m| m.as_deref() == Some("ambit-controller")),
-        "{managers:?}"
-    );
+    assert_eq!(dep.metadata.generation, Some(1), "repeated applies must not change the deployment spec");
+    let managers: Vec<_> = dep.metadata.managed_fields.iter().flatten().map(|m| m.manager.clone()).collect();
+    assert!(managers.iter().any(|m| m.as_deref() == Some("ambit-controller")), "{managers:?}");
     let gw = gateways.get("wp").await?;
-    assert_eq!(
-        gw.metadata.resource_version, gw_version,
-        "an unchanged status must not be written"
-    );
+    assert_eq!(gw.metadata.resource_version, gw_version, "an unchanged status must not be written");
     step(&mut clock, "a no-op reconcile writes nothing");
 
     // The other class: no objects, no status.
-    assert!(
-        deployments.get_opt("ingress").await?.is_none(),
-        "a non-waypoint Gateway got a Deployment"
-    );
-    assert!(
-        services.get_opt("ingress").await?.is_none(),
-        "a non-waypoint Gateway got a Service"
-    );
-    assert!(
-        accounts.get_opt("ingress").await?.is_none(),
-        "a non-waypoint Gateway got a ServiceAccount"
-    );
+    assert!(deployments.get_opt("ingress").await?.is_none(), "a non-waypoint Gateway got a Deployment");
+    assert!(services.get_opt("ingress").await?.is_none(), "a non-waypoint Gateway got a Service");
+    assert!(accounts.get_opt("ingress").await?.is_none(), "a non-waypoint Gateway got a ServiceAccount");
     let ingress = gateways.get("ingress").await?;
-    assert!(
-        ingress
-            .data
-            .get("status")
-            .is_none_or(|s| s.get("conditions").is_none()),
-        "{:?}",
-        ingress.data
-    );
+    assert!(ingress.data.get("status").is_none_or(|s| s.get("conditions").is_none()), "{:?}", ingress.data);
 
     // `istio-waypoint` works too; a Gateway that stops being a waypoint loses its objects.
     cluster.apply(&gateway("wp2", "istio-waypoint"))?;
-    eventually("the istio-waypoint deployment", || async {
-        Ok(deployments.get_opt("wp2").await?)
-    })
-    .await?;
+    eventually("the istio-waypoint deployment", || async { Ok(deployments.get_opt("wp2").await?) }).await?;
     step(&mut clock, "an istio-waypoint Gateway deployed");
     cluster.apply(&gateway("wp2", "some-other-class"))?;
     eventually("wp2's objects removed after its class changed", || async {
@@ -337,30 +234,20 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
         Ok(gone.then_some(()))
     })
     .await?;
-    step(
-        &mut clock,
-        "class changed away from waypoint: objects removed",
-    );
+    step(&mut clock, "class changed away from waypoint: objects removed");
 
     // Deleting the Gateway lets the garbage collector remove what it owned.
     cluster.kubectl(["-n", NS, "delete", "gateway", "wp", "--wait=true"])?;
-    eventually_within(
-        GC_TIMEOUT,
-        "deployment, service and service account gone",
-        || async {
-            let gone = deployments.get_opt("wp").await?.is_none()
-                && services.get_opt("wp").await?.is_none()
-                && accounts.get_opt("wp").await?.is_none();
-            Ok(gone.then_some(()))
-        },
-    )
+    eventually_within(GC_TIMEOUT, "deployment, service and service account gone", || async {
+        let gone = deployments.get_opt("wp").await?.is_none()
+            && services.get_opt("wp").await?.is_none()
+            && accounts.get_opt("wp").await?.is_none();
+        Ok(gone.then_some(()))
+    })
     .await?;
     step(&mut clock, "garbage collection after deleting the Gateway");
 
-    assert!(
-        !controller.is_finished(),
-        "the controller must keep running"
-    );
+    assert!(!controller.is_finished(), "the controller must keep running");
     controller.abort();
     Ok(())
 }

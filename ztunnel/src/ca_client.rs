@@ -47,18 +47,9 @@ pub enum CaClientError {
 /// An endpoint for the controller's TLS gRPC port (`https://host:15012`),
 /// trusting only `root_pem` and expecting `server_name` in the serving
 /// certificate. Use `connect_lazy()` to start without the controller up.
-pub fn tls_endpoint(
-    endpoint: &str,
-    root_pem: &str,
-    server_name: &str,
-) -> Result<Endpoint, CaClientError> {
-    let err = |source| CaClientError::Endpoint {
-        endpoint: endpoint.to_owned(),
-        source,
-    };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root_pem))
-        .domain_name(server_name);
+pub fn tls_endpoint(endpoint: &str, root_pem: &str, server_name: &str) -> Result<Endpoint, CaClientError> {
+    let err = |source| CaClientError::Endpoint { endpoint: endpoint.to_owned(), source };
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root_pem)).domain_name(server_name);
     // No per-request timeout here: the same channel may carry long-lived xDS streams.
     Endpoint::from_shared(endpoint.to_owned())
         .map_err(err)?
@@ -68,18 +59,11 @@ pub fn tls_endpoint(
 }
 
 /// Connects to the controller's TLS gRPC port now (see [`tls_endpoint`]).
-pub async fn connect_channel(
-    endpoint: &str,
-    root_pem: &str,
-    server_name: &str,
-) -> Result<Channel, CaClientError> {
+pub async fn connect_channel(endpoint: &str, root_pem: &str, server_name: &str) -> Result<Channel, CaClientError> {
     tls_endpoint(endpoint, root_pem, server_name)?
         .connect()
         .await
-        .map_err(|source| CaClientError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        })
+        .map_err(|source| CaClientError::Connect { endpoint: endpoint.to_owned(), source })
 }
 
 /// Fetches workload certificates from the controller's CA.
@@ -93,49 +77,26 @@ pub struct CaClient {
 
 impl std::fmt::Debug for CaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaClient")
-            .field("node", &self.node)
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("CaClient").field("node", &self.node).field("ttl", &self.ttl).finish_non_exhaustive()
     }
 }
 
 impl CaClient {
     /// A client over `channel` (TLS set up by the caller) presenting `token`
     /// for node `node` and asking for certificates valid for `ttl`.
-    pub fn new(
-        channel: Channel,
-        token: &str,
-        node: &str,
-        ttl: Duration,
-    ) -> Result<Self, CaClientError> {
+    pub fn new(channel: Channel, token: &str, node: &str, ttl: Duration) -> Result<Self, CaClientError> {
         let authorization = MetadataValue::try_from(format!("Bearer {}", token.trim()))
             .map_err(|_| CaClientError::Metadata("bearer token"))?;
-        let node =
-            MetadataValue::try_from(node).map_err(|_| CaClientError::Metadata("node name"))?;
-        Ok(CaClient {
-            client: IstioCertificateServiceClient::new(channel),
-            authorization,
-            node,
-            ttl,
-        })
+        let node = MetadataValue::try_from(node).map_err(|_| CaClientError::Metadata("node name"))?;
+        Ok(CaClient { client: IstioCertificateServiceClient::new(channel), authorization, node, ttl })
     }
 
     async fn fetch_certificate(&self, id: &Identity) -> Result<WorkloadCertificate, String> {
-        let (csr, key) =
-            ambit_identity::generate_csr(id).map_err(|e| format!("cannot make a csr: {e}"))?;
+        let (csr, key) = ambit_identity::generate_csr(id).map_err(|e| format!("cannot make a csr: {e}"))?;
         let validity_duration = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration,
-            metadata: None,
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", self.authorization.clone());
-        request
-            .metadata_mut()
-            .insert(NODE_METADATA_KEY, self.node.clone());
+        let mut request = tonic::Request::new(IstioCertificateRequest { csr, validity_duration, metadata: None });
+        request.metadata_mut().insert("authorization", self.authorization.clone());
+        request.metadata_mut().insert(NODE_METADATA_KEY, self.node.clone());
         request.set_timeout(REQUEST_TIMEOUT);
         let mut client = self.client.clone();
         let response = tokio::time::timeout(REQUEST_TIMEOUT, client.create_certificate(request))
@@ -143,12 +104,8 @@ impl CaClient {
             .map_err(|_| format!("ca did not answer within {REQUEST_TIMEOUT:?}"))?
             .map_err(|s| format!("ca refused ({:?}): {}", s.code(), s.message()))?;
         let chain = response.into_inner().cert_chain;
-        let Some((root, leaf_chain)) = chain.split_last().filter(|(_, rest)| !rest.is_empty())
-        else {
-            return Err(format!(
-                "ca returned {} certificates, want the leaf and the root",
-                chain.len()
-            ));
+        let Some((root, leaf_chain)) = chain.split_last().filter(|(_, rest)| !rest.is_empty()) else {
+            return Err(format!("ca returned {} certificates, want the leaf and the root", chain.len()));
         };
         let cert = WorkloadCertificate::from_pem(&leaf_chain.concat(), &key, root)
             .map_err(|e| format!("ca returned an unusable certificate: {e}"))?;
@@ -165,12 +122,7 @@ impl CertificateProvider for CaClient {
         id: &'a Identity,
     ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + 'a>> {
         Box::pin(async move {
-            self.fetch_certificate(id)
-                .await
-                .map_err(|message| CertError::Provider {
-                    identity: id.clone(),
-                    message,
-                })
+            self.fetch_certificate(id).await.map_err(|message| CertError::Provider { identity: id.clone(), message })
         })
     }
 }
@@ -178,9 +130,7 @@ impl CertificateProvider for CaClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ambit_api::ca::istio_certificate_service_server::{
-        IstioCertificateService, IstioCertificateServiceServer,
-    };
+    use ambit_api::ca::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
     use ambit_api::ca::IstioCertificateResponse;
     use ambit_identity::CertificateAuthority;
 
@@ -212,9 +162,7 @@ mod tests {
                     chain
                 }
             };
-            Ok(tonic::Response::new(IstioCertificateResponse {
-                cert_chain,
-            }))
+            Ok(tonic::Response::new(IstioCertificateResponse { cert_chain }))
         }
     }
 
@@ -222,9 +170,8 @@ mod tests {
     async fn client_of(ca: MisbehavingCa) -> (CaClient, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = futures::stream::unfold(listener, |l| async move {
-            Some((l.accept().await.map(|(s, _)| s), l))
-        });
+        let incoming =
+            futures::stream::unfold(listener, |l| async move { Some((l.accept().await.map(|(s, _)| s), l)) });
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(IstioCertificateServiceServer::new(ca))
@@ -232,11 +179,7 @@ mod tests {
                 .await
                 .unwrap()
         });
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         (CaClient::new(channel, "t", "node-a", HOUR).unwrap(), server)
     }
 
@@ -247,11 +190,7 @@ mod tests {
     #[tokio::test]
     async fn a_certificate_for_someone_else_is_refused() {
         let other = Identity::new("cluster.local", "kube-system", "admin");
-        let (client, server) = client_of(MisbehavingCa {
-            ca: ca(),
-            answers_for: Some(other),
-        })
-        .await;
+        let (client, server) = client_of(MisbehavingCa { ca: ca(), answers_for: Some(other) }).await;
         let id = Identity::new("cluster.local", "default", "client");
         let err = client.fetch(&id).await.unwrap_err();
         server.abort();
@@ -260,18 +199,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_without_the_root_is_refused() {
-        let (client, server) = client_of(MisbehavingCa {
-            ca: ca(),
-            answers_for: None,
-        })
-        .await;
+        let (client, server) = client_of(MisbehavingCa { ca: ca(), answers_for: None }).await;
         let id = Identity::new("cluster.local", "default", "client");
         let err = client.fetch(&id).await.unwrap_err();
         server.abort();
-        assert!(
-            err.to_string().contains("ca returned 1 certificates"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("ca returned 1 certificates"), "{err}");
     }
 
     #[tokio::test]

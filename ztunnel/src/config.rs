@@ -338,13 +338,24 @@ mod tests {
     fn state_and_certificates_come_from_exactly_one_place() {
         let both = args(&["--xds-address", "https://c:15012"]);
         assert_eq!(Config::from_args(both).unwrap_err(), ConfigError::StateSource);
-        let half_ca = Args::try_parse_from(["ztunnel", "--node-name", "n", "--state-file", "s", "--ca-cert", "c"]).unwrap();
+        let half_ca =
+            Args::try_parse_from(["ztunnel", "--node-name", "n", "--state-file", "s", "--ca-cert", "c"]).unwrap();
         assert_eq!(Config::from_args(half_ca).unwrap_err(), ConfigError::CertificateSource);
-        let untrusted = Args::try_parse_from(["ztunnel", "--node-name", "n", "--xds-address", "x", "--ca-address", "x"]).unwrap();
+        let untrusted =
+            Args::try_parse_from(["ztunnel", "--node-name", "n", "--xds-address", "x", "--ca-address", "x"]).unwrap();
         assert_eq!(Config::from_args(untrusted).unwrap_err(), ConfigError::ControllerTrust);
         let ok = Args::try_parse_from([
-            "ztunnel", "--node-name", "n", "--xds-address", "https://c:15012", "--ca-address", "https://c:15012",
-            "--mesh-root", "/r.pem", "--token-file", "/t",
+            "ztunnel",
+            "--node-name",
+            "n",
+            "--xds-address",
+            "https://c:15012",
+            "--ca-address",
+            "https://c:15012",
+            "--mesh-root",
+            "/r.pem",
+            "--token-file",
+            "/t",
         ])
         .unwrap();
         let c = Config::from_args(ok).unwrap();

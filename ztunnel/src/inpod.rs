@@ -65,7 +65,9 @@ impl InPodManager {
                         warn!("node agent closed the connection");
                     }
                 }
-                Err(e) => warn!(socket = %socket.display(), error = %e, retry_in = ?backoff, "cannot reach the node agent"),
+                Err(e) => {
+                    warn!(socket = %socket.display(), error = %e, retry_in = ?backoff, "cannot reach the node agent")
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -190,6 +190,9 @@ mod tests {
         assert!(out.contains("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"unknown\""), "{out}");
         assert!(out.contains("istio_tcp_sent_bytes_total{") && out.contains("} 42"), "{out}");
         assert!(out.contains("connection_security_policy=\"mutual_tls\""), "{out}");
-        assert!(out.contains("ztunnel_connection_failures_total{direction=\"inbound\",reason=\"policy_denied\"} 1"), "{out}");
+        assert!(
+            out.contains("ztunnel_connection_failures_total{direction=\"inbound\",reason=\"policy_denied\"} 1"),
+            "{out}"
+        );
     }
 }

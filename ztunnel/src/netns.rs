@@ -139,7 +139,8 @@ impl PodNetns {
     pub async fn listener(&self, addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, NetnsError> {
         let r = self
             .run(move || -> std::io::Result<std::net::TcpListener> {
-                let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+                let s =
+                    Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
                 s.set_reuse_address(true)?;
                 if transparent {
                     s.set_ip_transparent(true)?;

@@ -50,25 +50,14 @@ pub(super) fn run_in_netns(
 ) -> Result<String, ExecError> {
     let mut net_arg = std::ffi::OsString::from("--net=");
     net_arg.push(netns);
-    let command = format!(
-        "nsenter --net={} {program} {}",
-        netns.display(),
-        args.join(" ")
-    );
-    let spawn_err = |source| ExecError::Spawn {
-        command: command.clone(),
-        source,
-    };
+    let command = format!("nsenter --net={} {program} {}", netns.display(), args.join(" "));
+    let spawn_err = |source| ExecError::Spawn { command: command.clone(), source };
 
     let mut child = Command::new("nsenter")
         .arg(&net_arg)
         .arg(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -103,10 +92,7 @@ mod tests {
         let err = run_in_netns(Path::new("/nonexistent-netns"), "ip", &["link"], None)
             .expect_err("entering a missing namespace must fail");
         let text = err.to_string();
-        assert!(
-            text.contains("nsenter --net=/nonexistent-netns ip link"),
-            "{text}"
-        );
+        assert!(text.contains("nsenter --net=/nonexistent-netns ip link"), "{text}");
         assert!(!err.stderr().is_empty(), "{text}");
     }
 }

@@ -69,18 +69,14 @@ impl Netns {
                 setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
                 f()
             });
-            handle
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let status = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("warning: could not delete netns {}: {status:?}", self.name);
         }
@@ -88,15 +84,9 @@ impl Drop for Netns {
 }
 
 fn host_cmd(program: &str, args: &[&str]) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A pod and a peer namespace joined by a veth pair, with capture installed
@@ -108,10 +98,7 @@ struct Lab {
 
 impl Lab {
     fn new(test: &str, cfg: &CaptureConfig) -> Lab {
-        let lab = Lab {
-            pod: Netns::new(test, "pod"),
-            peer: Netns::new(test, "peer"),
-        };
+        let lab = Lab { pod: Netns::new(test, "pod"), peer: Netns::new(test, "peer") };
         // Both ends are created inside their namespaces, so parallel tests
         // never collide on interface names in the host namespace.
         host_cmd(
@@ -157,11 +144,7 @@ fn transparent_listener(addr: SocketAddrV4) -> TcpListener {
 
 /// A socket as ztunnel opens one in a pod: carrying its mark, optionally
 /// transparent and bound to someone else's address.
-fn ztunnel_connect(
-    mark: u32,
-    bind: Option<SocketAddrV4>,
-    to: SocketAddrV4,
-) -> std::io::Result<TcpStream> {
+fn ztunnel_connect(mark: u32, bind: Option<SocketAddrV4>, to: SocketAddrV4) -> std::io::Result<TcpStream> {
     let fd = tcp_socket();
     socket::setsockopt(&fd, sockopt::Mark, &mark).expect("SO_MARK");
     // connect() honours the send timeout, so a dropped SYN cannot hang us.
@@ -175,13 +158,7 @@ fn ztunnel_connect(
 }
 
 fn tcp_socket() -> OwnedFd {
-    socket::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket")
+    socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket")
 }
 
 fn raw(fd: &OwnedFd) -> std::os::fd::RawFd {
@@ -215,10 +192,7 @@ fn accept_within(listener: &TcpListener, wait: Duration) -> Option<(TcpStream, S
 
 fn original_dst(stream: &TcpStream) -> SocketAddrV4 {
     let sin = socket::getsockopt(stream, sockopt::OriginalDst).expect("SO_ORIGINAL_DST");
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-        u16::from_be(sin.sin_port),
-    )
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), u16::from_be(sin.sin_port))
 }
 
 fn count_lines(text: &str, needle: &str) -> usize {
@@ -237,19 +211,12 @@ fn installing_twice_leaves_one_table_and_one_rule_and_uninstall_removes_them() {
     install(&pod.path, &cfg).expect("second install");
 
     assert!(is_installed(&pod.path).expect("is_installed"));
-    assert_eq!(
-        count_lines(&pod.nft(&["list", "tables"]), "table inet ambit"),
-        1
-    );
+    assert_eq!(count_lines(&pod.nft(&["list", "tables"]), "table inet ambit"), 1);
     let table = pod.nft(&["list", "table", "inet", "ambit"]);
     assert_eq!(count_lines(&table, "redirect to :15001"), 1, "{table}");
     for family in ["-4", "-6"] {
         let rules = pod.ip(&[family, "rule", "list"]);
-        assert_eq!(
-            count_lines(&rules, "fwmark 0x200/0x200 lookup 133"),
-            1,
-            "{rules}"
-        );
+        assert_eq!(count_lines(&rules, "fwmark 0x200/0x200 lookup 133"), 1, "{rules}");
         let routes = pod.ip(&[family, "route", "show", "table", "133"]);
         assert_eq!(count_lines(&routes, "local default dev lo"), 1, "{routes}");
     }
@@ -258,14 +225,8 @@ fn installing_twice_leaves_one_table_and_one_rule_and_uninstall_removes_them() {
     assert!(!is_installed(&pod.path).expect("is_installed"));
     assert_eq!(count_lines(&pod.nft(&["list", "tables"]), "ambit"), 0);
     for family in ["-4", "-6"] {
-        assert_eq!(
-            count_lines(&pod.ip(&[family, "rule", "list"]), "lookup 133"),
-            0
-        );
-        assert_eq!(
-            pod.ip(&[family, "route", "show", "table", "133"]).trim(),
-            ""
-        );
+        assert_eq!(count_lines(&pod.ip(&[family, "rule", "list"]), "lookup 133"), 0);
+        assert_eq!(pod.ip(&[family, "route", "show", "table", "133"]).trim(), "");
     }
     uninstall(&pod.path, &cfg).expect("uninstalling again is harmless");
 }
@@ -279,8 +240,7 @@ fn install_works_in_a_namespace_with_ipv6_disabled() {
     let pod = Netns::new(T, "pod");
     pod.run(|| {
         for key in ["all", "default", "lo"] {
-            std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1")
-                .expect("disable ipv6");
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1").expect("disable ipv6");
         }
     });
     let cfg = CaptureConfig::default();
@@ -306,10 +266,7 @@ fn outbound_tcp_lands_on_the_outbound_port_with_its_original_destination() {
     let (accepted, from) = accept_within(&outbound, WAIT).expect("redirected to 15001");
     assert_eq!(original_dst(&accepted), peer_addr);
     assert_eq!(from, app.local_addr().expect("local addr"));
-    assert!(
-        accept_within(&peer_app, QUIET).is_none(),
-        "the peer must not see the captured connection"
-    );
+    assert!(accept_within(&peer_app, QUIET).is_none(), "the peer must not see the captured connection");
 }
 
 #[test]
@@ -330,18 +287,13 @@ fn ztunnel_marked_outbound_tcp_is_not_redirected() {
 
     let (mut accepted, from) = accept_within(&peer_app, WAIT).expect("the peer accepts directly");
     assert_eq!(from.ip(), POD_IP);
-    assert!(
-        accept_within(&outbound, QUIET).is_none(),
-        "marked traffic must bypass 15001"
-    );
+    assert!(accept_within(&outbound, QUIET).is_none(), "marked traffic must bypass 15001");
     // Replies come back through the pod's prerouting chain, which must let
     // an established connection through rather than tproxy it.
     accepted.write_all(b"hello").expect("peer writes");
     let mut buf = [0u8; 5];
     ztunnel.set_read_timeout(Some(WAIT)).expect("timeout");
-    ztunnel
-        .read_exact(&mut buf)
-        .expect("ztunnel reads the reply");
+    ztunnel.read_exact(&mut buf).expect("ztunnel reads the reply");
     assert_eq!(&buf, b"hello");
 }
 
@@ -353,26 +305,14 @@ fn inbound_tcp_is_tproxied_to_the_inbound_port_keeping_both_addresses() {
     }
     let lab = Lab::new(T, &CaptureConfig::default());
     let app_addr = SocketAddrV4::new(POD_IP, 8080);
-    let (inbound, app) = lab.pod.run(|| {
-        (
-            transparent_listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15006)),
-            listen(app_addr),
-        )
-    });
-    let mut client = lab
-        .peer
-        .run(|| connect(app_addr).expect("connect to the pod"));
+    let (inbound, app) =
+        lab.pod.run(|| (transparent_listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15006)), listen(app_addr)));
+    let mut client = lab.peer.run(|| connect(app_addr).expect("connect to the pod"));
 
     let (mut accepted, from) = accept_within(&inbound, WAIT).expect("tproxied to 15006");
-    assert_eq!(
-        accepted.local_addr().expect("local addr"),
-        SocketAddr::from(app_addr)
-    );
+    assert_eq!(accepted.local_addr().expect("local addr"), SocketAddr::from(app_addr));
     assert_eq!(from.ip(), PEER_IP);
-    assert!(
-        accept_within(&app, QUIET).is_none(),
-        "the app must not see it directly"
-    );
+    assert!(accept_within(&app, QUIET).is_none(), "the app must not see it directly");
     client.write_all(b"ping").expect("client writes");
     let mut buf = [0u8; 4];
     accepted.read_exact(&mut buf).expect("ztunnel reads");
@@ -388,14 +328,9 @@ fn inbound_tcp_is_dropped_when_nothing_listens_on_the_inbound_port() {
     let lab = Lab::new(T, &CaptureConfig::default());
     let app_addr = SocketAddrV4::new(POD_IP, 8080);
     let app = lab.pod.run(|| listen(app_addr));
-    let attempt = lab
-        .peer
-        .run(|| TcpStream::connect_timeout(&app_addr.into(), Duration::from_millis(500)));
+    let attempt = lab.peer.run(|| TcpStream::connect_timeout(&app_addr.into(), Duration::from_millis(500)));
     assert!(attempt.is_err(), "connected around ztunnel: {attempt:?}");
-    assert!(
-        accept_within(&app, QUIET).is_none(),
-        "the app must not be reachable around ztunnel"
-    );
+    assert!(accept_within(&app, QUIET).is_none(), "the app must not be reachable around ztunnel");
 }
 
 #[test]
@@ -410,8 +345,7 @@ fn ztunnel_spoofing_the_client_gets_the_apps_replies() {
     let (app, mut ztunnel) = lab.pod.run(|| {
         let app = listen(app_addr);
         let spoofed = SocketAddrV4::new(PEER_IP, 0);
-        let conn =
-            ztunnel_connect(cfg.ztunnel_mark, Some(spoofed), app_addr).expect("spoofed connect");
+        let conn = ztunnel_connect(cfg.ztunnel_mark, Some(spoofed), app_addr).expect("spoofed connect");
         (app, conn)
     });
 
@@ -423,9 +357,7 @@ fn ztunnel_spoofing_the_client_gets_the_apps_replies() {
     served.read_exact(&mut buf).expect("app reads");
     assert_eq!(&buf, b"ping");
     served.write_all(b"pong").expect("app echoes");
-    ztunnel
-        .read_exact(&mut buf)
-        .expect("ztunnel reads the reply");
+    ztunnel.read_exact(&mut buf).expect("ztunnel reads the reply");
     assert_eq!(&buf, b"pong");
 }
 
@@ -443,20 +375,12 @@ fn hbone_port_is_reached_directly_not_tproxied() {
             listen(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15008)),
         )
     });
-    let _client = lab
-        .peer
-        .run(|| connect(hbone_addr).expect("connect to HBONE"));
+    let _client = lab.peer.run(|| connect(hbone_addr).expect("connect to HBONE"));
 
     let (accepted, from) = accept_within(&hbone, WAIT).expect("the HBONE listener accepts");
     assert_eq!(from.ip(), PEER_IP);
-    assert_eq!(
-        accepted.local_addr().expect("local addr"),
-        SocketAddr::from(hbone_addr)
-    );
-    assert!(
-        accept_within(&inbound, QUIET).is_none(),
-        "HBONE must not be tproxied"
-    );
+    assert_eq!(accepted.local_addr().expect("local addr"), SocketAddr::from(hbone_addr));
+    assert!(accept_within(&inbound, QUIET).is_none(), "HBONE must not be tproxied");
 }
 
 #[test]
@@ -465,30 +389,15 @@ fn excluded_inbound_port_reaches_the_app_directly() {
     if !root_available(T) {
         return;
     }
-    let cfg = CaptureConfig {
-        exclude_inbound_ports: vec![8081],
-        ..Default::default()
-    };
+    let cfg = CaptureConfig { exclude_inbound_ports: vec![8081], ..Default::default() };
     let lab = Lab::new(T, &cfg);
     let probe_addr = SocketAddrV4::new(POD_IP, 8081);
-    let (inbound, app) = lab.pod.run(|| {
-        (
-            transparent_listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15006)),
-            listen(probe_addr),
-        )
-    });
-    let _client = lab
-        .peer
-        .run(|| connect(probe_addr).expect("connect to the probe port"));
+    let (inbound, app) =
+        lab.pod.run(|| (transparent_listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15006)), listen(probe_addr)));
+    let _client = lab.peer.run(|| connect(probe_addr).expect("connect to the probe port"));
 
-    assert!(
-        accept_within(&app, WAIT).is_some(),
-        "the app accepts on its excluded port"
-    );
-    assert!(
-        accept_within(&inbound, QUIET).is_none(),
-        "excluded ports must not be tproxied"
-    );
+    assert!(accept_within(&app, WAIT).is_some(), "the app accepts on its excluded port");
+    assert!(accept_within(&inbound, QUIET).is_none(), "excluded ports must not be tproxied");
 }
 
 #[test]

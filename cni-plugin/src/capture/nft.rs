@@ -29,16 +29,10 @@ pub fn nft_ruleset(cfg: &CaptureConfig) -> String {
     let _ = writeln!(s, "table {TABLE_FAMILY} {TABLE_NAME} {{");
 
     let _ = writeln!(s, "\tchain prerouting {{");
-    let _ = writeln!(
-        s,
-        "\t\ttype filter hook prerouting priority mangle; policy accept;"
-    );
+    let _ = writeln!(s, "\t\ttype filter hook prerouting priority mangle; policy accept;");
     // ztunnel's own connection to the app, looped back through lo: remember it
     // in conntrack so the app's replies to the spoofed client go to ztunnel.
-    let _ = writeln!(
-        s,
-        "\t\tmeta mark & {zt:#x} == {zt:#x} ct mark set ct mark | {tp:#x} accept"
-    );
+    let _ = writeln!(s, "\t\tmeta mark & {zt:#x} == {zt:#x} ct mark set ct mark | {tp:#x} accept");
     let _ = writeln!(s, "\t\tiifname \"lo\" accept");
     let _ = writeln!(s, "\t\tct state established,related accept");
     let _ = writeln!(s, "\t\ttcp dport {} accept", cfg.hbone_port);
@@ -61,16 +55,10 @@ pub fn nft_ruleset(cfg: &CaptureConfig) -> String {
     let _ = writeln!(s, "\t}}");
 
     let _ = writeln!(s, "\tchain output_route {{");
-    let _ = writeln!(
-        s,
-        "\t\ttype route hook output priority mangle; policy accept;"
-    );
+    let _ = writeln!(s, "\t\ttype route hook output priority mangle; policy accept;");
     // A mark change in a route chain triggers a new routing decision: the
     // fwmark rule then delivers the app's replies locally, to ztunnel.
-    let _ = writeln!(
-        s,
-        "\t\tct mark & {tp:#x} == {tp:#x} meta mark set meta mark | {tp:#x}"
-    );
+    let _ = writeln!(s, "\t\tct mark & {tp:#x} == {tp:#x} meta mark set meta mark | {tp:#x}");
     let _ = writeln!(s, "\t}}");
 
     let _ = writeln!(s, "\tchain output_nat {{");
@@ -93,11 +81,7 @@ fn excluded_ports(cfg: &CaptureConfig) -> String {
     let mut ports = cfg.exclude_inbound_ports.clone();
     ports.sort_unstable();
     ports.dedup();
-    ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -105,10 +89,7 @@ mod tests {
     use super::*;
 
     fn rules(cfg: &CaptureConfig) -> Vec<String> {
-        nft_ruleset(cfg)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .collect()
+        nft_ruleset(cfg).lines().map(|l| l.trim().to_string()).collect()
     }
 
     fn has(rules: &[String], rule: &str) -> bool {
@@ -127,10 +108,7 @@ mod tests {
             "{r:#?}"
         );
         assert!(
-            has(
-                &r,
-                "ip6 daddr != ::1 meta l4proto tcp tproxy ip6 to :15006 meta mark set meta mark | 0x200 accept"
-            ),
+            has(&r, "ip6 daddr != ::1 meta l4proto tcp tproxy ip6 to :15006 meta mark set meta mark | 0x200 accept"),
             "{r:#?}"
         );
         assert!(has(&r, "tcp dport 15008 accept"), "{r:#?}");
@@ -139,30 +117,16 @@ mod tests {
     #[test]
     fn ztunnel_marked_packets_are_neither_redirected_nor_tproxied() {
         let r = rules(&CaptureConfig::default());
-        assert!(
-            has(
-                &r,
-                "meta mark & 0x400 == 0x400 ct mark set ct mark | 0x200 accept"
-            ),
-            "{r:#?}"
-        );
+        assert!(has(&r, "meta mark & 0x400 == 0x400 ct mark set ct mark | 0x200 accept"), "{r:#?}");
         assert!(has(&r, "meta mark & 0x400 == 0x400 accept"), "{r:#?}");
-        assert!(
-            has(
-                &r,
-                "ct mark & 0x200 == 0x200 meta mark set meta mark | 0x200"
-            ),
-            "{r:#?}"
-        );
+        assert!(has(&r, "ct mark & 0x200 == 0x200 meta mark set meta mark | 0x200"), "{r:#?}");
     }
 
     #[test]
     fn rules_run_in_the_order_the_capture_design_requires() {
         let r = rules(&CaptureConfig::default());
         let pos = |rule: &str| {
-            r.iter()
-                .position(|x| x.starts_with(rule))
-                .unwrap_or_else(|| panic!("missing {rule:?} in {r:#?}"))
+            r.iter().position(|x| x.starts_with(rule)).unwrap_or_else(|| panic!("missing {rule:?} in {r:#?}"))
         };
         assert!(pos("meta mark & 0x400") < pos("iifname \"lo\" accept"));
         assert!(pos("iifname \"lo\" accept") < pos("ct state established,related accept"));
@@ -185,10 +149,7 @@ mod tests {
         };
         let r = rules(&cfg);
         assert!(has(&r, "meta l4proto tcp redirect to :25001"), "{r:#?}");
-        assert!(
-            r.iter().any(|x| x.contains("tproxy ip to :25006")),
-            "{r:#?}"
-        );
+        assert!(r.iter().any(|x| x.contains("tproxy ip to :25006")), "{r:#?}");
         assert!(has(&r, "tcp dport 25008 accept"), "{r:#?}");
         assert!(has(&r, "meta mark & 0x539 == 0x539 accept"), "{r:#?}");
         assert!(has(&r, "tcp dport { 80, 9090 } accept"), "{r:#?}");

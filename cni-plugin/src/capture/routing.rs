@@ -33,54 +33,20 @@ impl Family {
 }
 
 /// Adds the fwmark rule (once) and the local default route of `table`.
-pub(super) fn install(
-    netns: &Path,
-    family: Family,
-    mark: u32,
-    table: u32,
-) -> Result<(), ExecError> {
+pub(super) fn install(netns: &Path, family: Family, mark: u32, table: u32) -> Result<(), ExecError> {
     let fwmark = format!("{mark:#x}/{mark:#x}");
     let table = table.to_string();
     // `ip rule add` happily adds duplicates, so add only when absent.
     if !rule_present(netns, family, &fwmark, &table)? {
-        ip(
-            netns,
-            &[
-                family.flag(),
-                "rule",
-                "add",
-                "fwmark",
-                &fwmark,
-                "lookup",
-                &table,
-            ],
-        )?;
+        ip(netns, &[family.flag(), "rule", "add", "fwmark", &fwmark, "lookup", &table])?;
     }
-    ip(
-        netns,
-        &[
-            family.flag(),
-            "route",
-            "replace",
-            "local",
-            family.default_route(),
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-    )?;
+    ip(netns, &[family.flag(), "route", "replace", "local", family.default_route(), "dev", "lo", "table", &table])?;
     Ok(())
 }
 
 /// Removes every copy of the fwmark rule and the local default route; absent
 /// ones are not an error.
-pub(super) fn uninstall(
-    netns: &Path,
-    family: Family,
-    mark: u32,
-    table: u32,
-) -> Result<(), ExecError> {
+pub(super) fn uninstall(netns: &Path, family: Family, mark: u32, table: u32) -> Result<(), ExecError> {
     let fwmark = format!("{mark:#x}/{mark:#x}");
     let table = table.to_string();
     // Bounded: each pass deletes one copy; a rule that will not go away after
@@ -89,46 +55,11 @@ pub(super) fn uninstall(
         if !rule_present(netns, family, &fwmark, &table)? {
             break;
         }
-        ip(
-            netns,
-            &[
-                family.flag(),
-                "rule",
-                "del",
-                "fwmark",
-                &fwmark,
-                "lookup",
-                &table,
-            ],
-        )?;
+        ip(netns, &[family.flag(), "rule", "del", "fwmark", &fwmark, "lookup", &table])?;
     }
-    let routes = ip(
-        netns,
-        &[
-            family.flag(),
-            "route",
-            "show",
-            "table",
-            &table,
-            "type",
-            "local",
-        ],
-    )?;
+    let routes = ip(netns, &[family.flag(), "route", "show", "table", &table, "type", "local"])?;
     if routes.lines().any(|l| l.starts_with("local default ")) {
-        ip(
-            netns,
-            &[
-                family.flag(),
-                "route",
-                "del",
-                "local",
-                family.default_route(),
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ],
-        )?;
+        ip(netns, &[family.flag(), "route", "del", "local", family.default_route(), "dev", "lo", "table", &table])?;
     }
     Ok(())
 }
@@ -140,24 +71,8 @@ pub(super) fn is_ipv6_unavailable(err: &ExecError) -> bool {
     stderr.contains("Address family not supported") || stderr.contains("IPv6 is disabled")
 }
 
-fn rule_present(
-    netns: &Path,
-    family: Family,
-    fwmark: &str,
-    table: &str,
-) -> Result<bool, ExecError> {
-    let out = ip(
-        netns,
-        &[
-            family.flag(),
-            "rule",
-            "list",
-            "fwmark",
-            fwmark,
-            "lookup",
-            table,
-        ],
-    )?;
+fn rule_present(netns: &Path, family: Family, fwmark: &str, table: &str) -> Result<bool, ExecError> {
+    let out = ip(netns, &[family.flag(), "rule", "list", "fwmark", fwmark, "lookup", table])?;
     Ok(out.lines().any(|l| !l.trim().is_empty()))
 }
 

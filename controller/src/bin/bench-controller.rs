@@ -88,30 +88,14 @@ async fn main() -> anyhow::Result<()> {
     let (mut objects, rejected) = files.objects();
     let parse_time = t.elapsed();
     drop(files);
-    ensure!(
-        rejected.is_empty(),
-        "rejected: {:?}",
-        &rejected[..rejected.len().min(3)]
-    );
+    ensure!(rejected.is_empty(), "rejected: {:?}", &rejected[..rejected.len().min(3)]);
     let t = Instant::now();
     let report = model::build_report(&objects, &opts, 1);
     let build_time = t.elapsed();
-    ensure!(
-        report.rejections.is_empty(),
-        "rejected: {:?}",
-        report.rejections.first()
-    );
+    ensure!(report.rejections.is_empty(), "rejected: {:?}", report.rejections.first());
     let snapshot = report.snapshot;
-    let full_bytes: usize = snapshot
-        .addresses
-        .values()
-        .map(Message::encoded_len)
-        .sum::<usize>()
-        + snapshot
-            .authorizations
-            .values()
-            .map(Message::encoded_len)
-            .sum::<usize>();
+    let full_bytes: usize = snapshot.addresses.values().map(Message::encoded_len).sum::<usize>()
+        + snapshot.authorizations.values().map(Message::encoded_len).sum::<usize>();
     let full_count = snapshot.addresses.len() + snapshot.authorizations.len();
 
     let (tx, _) = watch::channel(Arc::new(snapshot));
@@ -245,15 +229,10 @@ async fn main() -> anyhow::Result<()> {
 
 /// Starts the real xDS server (plaintext) on 127.0.0.1:0.
 async fn serve(tx: &SnapshotTx) -> anyhow::Result<SocketAddr> {
-    let svc =
-        XdsServer::new(tx.subscribe(), XdsMetrics::new(&mut Registry::default())).into_service();
+    let svc = XdsServer::new(tx.subscribe(), XdsMetrics::new(&mut Registry::default())).into_service();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
+    tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(TcpIncoming::from(listener)));
     Ok(addr)
 }
 
@@ -304,31 +283,14 @@ async fn publish(
     let t = Instant::now();
     let report = model::build_report(objects, opts, *version);
     let rebuild = t.elapsed();
-    ensure!(
-        report.rejections.is_empty(),
-        "rejected: {:?}",
-        report.rejections.first()
-    );
-    let expected = if only_node.is_some() {
-        1
-    } else {
-        clients as usize
-    };
+    ensure!(report.rejections.is_empty(), "rejected: {:?}", report.rejections.first());
+    let expected = if only_node.is_some() { 1 } else { clients as usize };
     let published = Instant::now();
     tx.send_replace(Arc::new(report.snapshot));
-    let mut change = Change {
-        kind,
-        version: *version,
-        rebuild,
-        published,
-        expected,
-        received: Vec::new(),
-    };
+    let mut change = Change { kind, version: *version, rebuild, published, expected, received: Vec::new() };
     let mut who = BTreeSet::new();
     while who.len() < expected {
-        let r = next(reports)
-            .await
-            .with_context(|| format!("{kind:?} change v{version}"))?;
+        let r = next(reports).await.with_context(|| format!("{kind:?} change v{version}"))?;
         if r.version == *version {
             who.insert(r.client);
             change.received.push(r);
@@ -446,11 +408,7 @@ fn print_table(f: &Figures<'_>) {
             "| {label}: clients reached per change (of {}) | {} | {} |",
             s.nodes,
             min_avg_max(&reached),
-            if kind == Kind::Uncaptured {
-                "1 (its node)"
-            } else {
-                "all"
-            }
+            if kind == Kind::Uncaptured { "1 (its node)" } else { "all" }
         );
         println!(
             "| {label}: delta per client | {:.1} resources, {:.0} bytes | — |",

@@ -58,18 +58,14 @@ pub struct BootstrapTokenAuthenticator {
 
 impl std::fmt::Debug for BootstrapTokenAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BootstrapTokenAuthenticator")
-            .finish_non_exhaustive()
+        f.debug_struct("BootstrapTokenAuthenticator").finish_non_exhaustive()
     }
 }
 
 impl BootstrapTokenAuthenticator {
     /// Reads the token from `path` (trimmed, non-empty).
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_owned(), source })?;
         Self::new(&text).map_err(|e| match e {
             AuthError::Empty(_) => AuthError::Empty(path.to_owned()),
             other => other,
@@ -85,9 +81,7 @@ impl BootstrapTokenAuthenticator {
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(AuthError::NotHeaderSafe);
         }
-        Ok(BootstrapTokenAuthenticator {
-            token: token.as_bytes().to_vec(),
-        })
+        Ok(BootstrapTokenAuthenticator { token: token.as_bytes().to_vec() })
     }
 }
 
@@ -104,12 +98,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The bearer token of `metadata`, or why there is none.
 pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
-    let value = metadata.get("authorization").ok_or_else(|| {
-        Status::unauthenticated("missing authorization metadata (want \"Bearer <token>\")")
-    })?;
-    let value = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("authorization metadata is not ascii"))?;
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization metadata (want \"Bearer <token>\")"))?;
+    let value = value.to_str().map_err(|_| Status::unauthenticated("authorization metadata is not ascii"))?;
     value
         .strip_prefix(BEARER)
         .map(str::trim)
@@ -128,14 +120,8 @@ impl CallerAuthenticator for BootstrapTokenAuthenticator {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated(format!(
-                    "missing {NODE_METADATA_KEY} metadata naming the node"
-                ))
-            })?;
-        Ok(Caller {
-            node: node.to_owned(),
-        })
+            .ok_or_else(|| Status::unauthenticated(format!("missing {NODE_METADATA_KEY} metadata naming the node")))?;
+        Ok(Caller { node: node.to_owned() })
     }
 }
 
@@ -177,18 +163,9 @@ mod tests {
     #[test]
     fn the_right_token_and_a_node_name_authenticate_the_node() {
         let auth = BootstrapTokenAuthenticator::new(" s3cret\n").unwrap();
-        let caller = auth
-            .authenticate(&metadata(&[
-                ("authorization", "Bearer s3cret"),
-                ("x-ambit-node", "node-a"),
-            ]))
-            .unwrap();
-        assert_eq!(
-            caller,
-            Caller {
-                node: "node-a".into()
-            }
-        );
+        let caller =
+            auth.authenticate(&metadata(&[("authorization", "Bearer s3cret"), ("x-ambit-node", "node-a")])).unwrap();
+        assert_eq!(caller, Caller { node: "node-a".into() });
     }
 
     #[test]
@@ -196,30 +173,14 @@ mod tests {
         let auth = BootstrapTokenAuthenticator::new("s3cret").unwrap();
         for (md, want) in [
             (metadata(&[("x-ambit-node", "n")]), "missing authorization"),
-            (
-                metadata(&[("authorization", "Bearer s3creT"), ("x-ambit-node", "n")]),
-                "invalid bootstrap token",
-            ),
-            (
-                metadata(&[("authorization", "Bearer s3cre"), ("x-ambit-node", "n")]),
-                "invalid bootstrap token",
-            ),
-            (
-                metadata(&[("authorization", "Basic s3cret"), ("x-ambit-node", "n")]),
-                "not \"Bearer",
-            ),
-            (
-                metadata(&[("authorization", "Bearer s3cret")]),
-                "x-ambit-node",
-            ),
+            (metadata(&[("authorization", "Bearer s3creT"), ("x-ambit-node", "n")]), "invalid bootstrap token"),
+            (metadata(&[("authorization", "Bearer s3cre"), ("x-ambit-node", "n")]), "invalid bootstrap token"),
+            (metadata(&[("authorization", "Basic s3cret"), ("x-ambit-node", "n")]), "not \"Bearer"),
+            (metadata(&[("authorization", "Bearer s3cret")]), "x-ambit-node"),
         ] {
             let status = auth.authenticate(&md).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated);
-            assert!(
-                status.message().contains(want),
-                "{} does not say {want}",
-                status.message()
-            );
+            assert!(status.message().contains(want), "{} does not say {want}", status.message());
         }
     }
 
@@ -235,23 +196,13 @@ mod tests {
 
     #[test]
     fn the_interceptor_puts_the_caller_into_the_request() {
-        let auth: Arc<dyn CallerAuthenticator> =
-            Arc::new(BootstrapTokenAuthenticator::new("t").unwrap());
+        let auth: Arc<dyn CallerAuthenticator> = Arc::new(BootstrapTokenAuthenticator::new("t").unwrap());
         let mut interceptor = AuthInterceptor::new(auth);
         let mut req = Request::new(());
-        *req.metadata_mut() =
-            metadata(&[("authorization", "Bearer t"), ("x-ambit-node", "node-b")]);
+        *req.metadata_mut() = metadata(&[("authorization", "Bearer t"), ("x-ambit-node", "node-b")]);
         let req = interceptor.call(req).unwrap();
-        assert_eq!(
-            Caller::of(&req),
-            Some(&Caller {
-                node: "node-b".into()
-            })
-        );
-        assert_eq!(
-            interceptor.call(Request::new(())).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(Caller::of(&req), Some(&Caller { node: "node-b".into() }));
+        assert_eq!(interceptor.call(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

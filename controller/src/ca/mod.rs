@@ -9,12 +9,8 @@ pub mod service;
 pub mod serving;
 pub mod token_review;
 
-pub use auth::{
-    AuthError, AuthInterceptor, BootstrapTokenAuthenticator, Caller, CallerAuthenticator,
-};
-pub use root::{
-    load_or_create, load_or_create_root, CaError, FileRootStore, RootStore, StoredRoot,
-};
+pub use auth::{AuthError, AuthInterceptor, BootstrapTokenAuthenticator, Caller, CallerAuthenticator};
+pub use root::{load_or_create, load_or_create_root, CaError, FileRootStore, RootStore, StoredRoot};
 pub use service::{CaService, DEFAULT_MAX_TTL};
 pub use serving::{serving_identity, ServingError};
 pub use token_review::{AsyncCallerAuthenticator, TokenReviewAuthenticator};

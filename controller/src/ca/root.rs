@@ -53,9 +53,7 @@ pub struct StoredRoot {
 
 impl std::fmt::Debug for StoredRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredRoot")
-            .field("cert_pem", &self.cert_pem)
-            .finish_non_exhaustive()
+        f.debug_struct("StoredRoot").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
     }
 }
 
@@ -96,22 +94,14 @@ fn read_if_exists(path: &Path) -> Result<Option<String>, CaError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CaError::Io {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(CaError::Io { action: "read", path: path.to_owned(), source }),
     }
 }
 
 /// Writes `contents` to a temporary file beside `path`, syncs it and renames
 /// it over `path`, so a reader sees the old file or the whole new one.
 fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
-    let io = |action, source| CaError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    };
+    let io = |action, source| CaError::Io { action, path: path.to_owned(), source };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -121,10 +111,8 @@ fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), CaErro
         .open(&tmp)
         .map_err(|e| io("create a temporary file for", e))?;
     // The mode given to open is masked by the umask; set it exactly.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io("set permissions of", e))?;
-    f.write_all(contents.as_bytes())
-        .map_err(|e| io("write", e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io("set permissions of", e))?;
+    f.write_all(contents.as_bytes()).map_err(|e| io("write", e))?;
     f.sync_all().map_err(|e| io("sync", e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -163,11 +151,7 @@ impl RootStore for FileRootStore {
     }
 
     fn location(&self) -> String {
-        format!(
-            "{} and {}",
-            self.cert_path().display(),
-            self.key_path().display()
-        )
+        format!("{} and {}", self.cert_path().display(), self.key_path().display())
     }
 }
 
@@ -179,29 +163,18 @@ pub fn load_or_create(
     validity: Duration,
 ) -> Result<CertificateAuthority, CaError> {
     if let Some(root) = store.load()? {
-        return CertificateAuthority::from_pem(&root.cert_pem, &root.key_pem).map_err(|source| {
-            CaError::Corrupt {
-                location: store.location(),
-                source,
-            }
-        });
+        return CertificateAuthority::from_pem(&root.cert_pem, &root.key_pem)
+            .map_err(|source| CaError::Corrupt { location: store.location(), source });
     }
-    let ca =
-        CertificateAuthority::generate_root(trust_domain, validity).map_err(CaError::Generate)?;
-    store.save(&StoredRoot {
-        cert_pem: ca.cert_pem(),
-        key_pem: ca.key_pem(),
-    })?;
+    let ca = CertificateAuthority::generate_root(trust_domain, validity).map_err(CaError::Generate)?;
+    store.save(&StoredRoot { cert_pem: ca.cert_pem(), key_pem: ca.key_pem() })?;
     tracing::info!(location = %store.location(), trust_domain, "generated a new mesh root");
     Ok(ca)
 }
 
 /// Loads `dir/root-cert.pem` and `dir/root-key.pem`, or generates a ten-year
 /// root for `trust_domain` and writes them.
-pub fn load_or_create_root(
-    dir: &Path,
-    trust_domain: &str,
-) -> Result<CertificateAuthority, CaError> {
+pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> Result<CertificateAuthority, CaError> {
     load_or_create(&FileRootStore::new(dir), trust_domain, ROOT_VALIDITY)
 }
 
@@ -219,18 +192,12 @@ mod tests {
     fn a_root_persisted_then_reloaded_is_the_same_root() {
         let dir = temp_dir("reload");
         let first = load_or_create_root(&dir, "cluster.local").unwrap();
-        let mode = std::fs::metadata(dir.join(ROOT_KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.join(ROOT_KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the key file is private");
         let second = load_or_create_root(&dir, "cluster.local").unwrap();
         assert_eq!(first.cert_pem(), second.cert_pem());
         assert_eq!(first.key_pem(), second.key_pem());
-        let leftovers: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 2, "no temporary files left: {leftovers:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -243,10 +210,7 @@ mod tests {
         let err = load_or_create_root(&dir, "cluster.local").unwrap_err();
         assert!(matches!(err, CaError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains(ROOT_CERT_FILE), "{err}");
-        assert_eq!(
-            std::fs::read_to_string(dir.join(ROOT_CERT_FILE)).unwrap(),
-            "garbage"
-        );
+        assert_eq!(std::fs::read_to_string(dir.join(ROOT_CERT_FILE)).unwrap(), "garbage");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

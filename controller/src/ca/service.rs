@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_api::ca::istio_certificate_service_server::{
-    IstioCertificateService, IstioCertificateServiceServer,
-};
+use ambit_api::ca::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
 use ambit_api::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use ambit_identity::{CertificateAuthority, Identity};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -70,19 +68,8 @@ impl CaService {
         registry: &mut Registry,
     ) -> Self {
         let requests = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "ambit_ca_requests",
-            "Certificate signing requests, by outcome",
-            requests.clone(),
-        );
-        CaService {
-            ca,
-            trust_domain: trust_domain.into(),
-            auth,
-            snapshots,
-            max_ttl: DEFAULT_MAX_TTL,
-            requests,
-        }
+        registry.register("ambit_ca_requests", "Certificate signing requests, by outcome", requests.clone());
+        CaService { ca, trust_domain: trust_domain.into(), auth, snapshots, max_ttl: DEFAULT_MAX_TTL, requests }
     }
 
     /// Caps the validity of issued certificates at `max_ttl` (default 24 h).
@@ -96,10 +83,7 @@ impl CaService {
         IstioCertificateServiceServer::new(self)
     }
 
-    fn handle(
-        &self,
-        request: &Request<IstioCertificateRequest>,
-    ) -> Result<(Identity, Vec<String>), Status> {
+    fn handle(&self, request: &Request<IstioCertificateRequest>) -> Result<(Identity, Vec<String>), Status> {
         // An AuthInterceptor in front of the service has done this already.
         let caller = match Caller::of(request) {
             Some(c) => c.clone(),
@@ -112,9 +96,7 @@ impl CaService {
             .borrow()
             .identities_by_node
             .get(&caller.node)
-            .is_some_and(|ids| {
-                ids.contains(&(identity.namespace.clone(), identity.service_account.clone()))
-            });
+            .is_some_and(|ids| ids.contains(&(identity.namespace.clone(), identity.service_account.clone())));
         if !allowed {
             return Err(Status::permission_denied(format!(
                 "node {} runs no workload with identity {identity}",
@@ -125,15 +107,12 @@ impl CaService {
             Ok(secs) if secs > 0 => Duration::from_secs(secs).min(self.max_ttl),
             _ => self.max_ttl,
         };
-        let chain = self
-            .ca
-            .sign_csr(&req.csr, &identity, ttl)
-            .map_err(|e| match e {
-                ambit_identity::CaError::Csr(_) | ambit_identity::CaError::CsrIdentity { .. } => {
-                    Status::invalid_argument(e.to_string())
-                }
-                other => Status::internal(format!("cannot sign: {other}")),
-            })?;
+        let chain = self.ca.sign_csr(&req.csr, &identity, ttl).map_err(|e| match e {
+            ambit_identity::CaError::Csr(_) | ambit_identity::CaError::CsrIdentity { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            other => Status::internal(format!("cannot sign: {other}")),
+        })?;
         info!(node = %caller.node, identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
         Ok((identity, chain))
     }
@@ -147,9 +126,7 @@ fn csr_identity(csr_pem: &str, trust_domain: &str) -> Result<Identity, Status> {
     let uri = match csr.params.subject_alt_names.as_slice() {
         [SanType::URI(uri)] => uri.as_str().to_owned(),
         [other] => {
-            return Err(Status::invalid_argument(format!(
-                "csr subject alternative name {other:?} is not a spiffe uri"
-            )))
+            return Err(Status::invalid_argument(format!("csr subject alternative name {other:?} is not a spiffe uri")))
         }
         sans => {
             return Err(Status::invalid_argument(format!(
@@ -158,13 +135,10 @@ fn csr_identity(csr_pem: &str, trust_domain: &str) -> Result<Identity, Status> {
             )))
         }
     };
-    let identity: Identity = uri
-        .parse()
-        .map_err(|e| Status::invalid_argument(format!("csr subject alternative name: {e}")))?;
+    let identity: Identity =
+        uri.parse().map_err(|e| Status::invalid_argument(format!("csr subject alternative name: {e}")))?;
     if identity.trust_domain != trust_domain {
-        return Err(Status::invalid_argument(format!(
-            "csr identity {identity} is not in trust domain {trust_domain}"
-        )));
+        return Err(Status::invalid_argument(format!("csr identity {identity} is not in trust domain {trust_domain}")));
     }
     Ok(identity)
 }
@@ -186,18 +160,12 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         match self.handle(&request) {
             Ok((_, cert_chain)) => {
-                self.requests
-                    .get_or_create(&OutcomeLabels {
-                        outcome: Outcome::success,
-                    })
-                    .inc();
+                self.requests.get_or_create(&OutcomeLabels { outcome: Outcome::success }).inc();
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(status) => {
                 let outcome = outcome_of(status.code());
-                self.requests
-                    .get_or_create(&OutcomeLabels { outcome })
-                    .inc();
+                self.requests.get_or_create(&OutcomeLabels { outcome }).inc();
                 warn!(code = ?status.code(), message = status.message(), "refused a certificate request");
                 Err(status)
             }

@@ -32,15 +32,8 @@ fn client_id() -> Identity {
 /// `node-a` runs `default/client`.
 fn snapshot_with(node: &str, ns: &str, sa: &str) -> Arc<Snapshot> {
     let mut by_node = BTreeMap::new();
-    by_node.insert(
-        node.to_owned(),
-        BTreeSet::from([(ns.to_owned(), sa.to_owned())]),
-    );
-    Arc::new(Snapshot {
-        version: 1,
-        identities_by_node: by_node,
-        ..Default::default()
-    })
+    by_node.insert(node.to_owned(), BTreeSet::from([(ns.to_owned(), sa.to_owned())]));
+    Arc::new(Snapshot { version: 1, identities_by_node: by_node, ..Default::default() })
 }
 
 /// A CA service served over TLS on 127.0.0.1:0; stops on drop.
@@ -69,23 +62,16 @@ enum Auth {
 impl Harness {
     async fn start(max_ttl: Duration, auth: Auth) -> Harness {
         let ca = Arc::new(CertificateAuthority::generate_root(TD, 24 * HOUR).unwrap());
-        let (snapshots, rx) =
-            tokio::sync::watch::channel(snapshot_with("node-a", "default", "client"));
+        let (snapshots, rx) = tokio::sync::watch::channel(snapshot_with("node-a", "default", "client"));
         let mut registry = Registry::default();
         let service_token = match auth {
             Auth::InService => TOKEN,
             Auth::Interceptor => "a-token-nobody-sends",
         };
         let authenticator = Arc::new(BootstrapTokenAuthenticator::new(service_token).unwrap());
-        let service = CaService::new(ca.clone(), TD, authenticator, rx, &mut registry)
-            .with_max_ttl(max_ttl)
-            .into_server();
-        let (chain, key) = serving_identity(
-            &ca,
-            &[SERVER_NAME.to_string()],
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
+        let service =
+            CaService::new(ca.clone(), TD, authenticator, rx, &mut registry).with_max_ttl(max_ttl).into_server();
+        let (chain, key) = serving_identity(&ca, &[SERVER_NAME.to_string()], &["127.0.0.1".parse().unwrap()]).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let incoming = futures::stream::unfold(listener, |l| async move {
@@ -93,65 +79,31 @@ impl Harness {
             Some((conn, l))
         });
         let mut builder = Server::builder()
-            .tls_config(
-                ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key)),
-            )
+            .tls_config(ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key)))
             .unwrap();
         let router = match auth {
             Auth::InService => builder.add_service(service),
             Auth::Interceptor => {
-                let interceptor = AuthInterceptor::new(Arc::new(
-                    BootstrapTokenAuthenticator::new(TOKEN).unwrap(),
-                ));
-                builder.add_service(tonic::service::interceptor::InterceptedService::new(
-                    service,
-                    interceptor,
-                ))
+                let interceptor = AuthInterceptor::new(Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap()));
+                builder.add_service(tonic::service::interceptor::InterceptedService::new(service, interceptor))
             }
         };
-        let server =
-            tokio::spawn(async move { router.serve_with_incoming(incoming).await.unwrap() });
-        Harness {
-            addr,
-            ca,
-            registry,
-            snapshots,
-            server,
-        }
+        let server = tokio::spawn(async move { router.serve_with_incoming(incoming).await.unwrap() });
+        Harness { addr, ca, registry, snapshots, server }
     }
 
     async fn channel(&self) -> Channel {
-        connect_channel(
-            &format!("https://{}", self.addr),
-            &self.ca.roots_pem(),
-            SERVER_NAME,
-        )
-        .await
-        .unwrap()
+        connect_channel(&format!("https://{}", self.addr), &self.ca.roots_pem(), SERVER_NAME).await.unwrap()
     }
 
     /// Sends `csr` with `token` for `node`, asking for `validity`.
-    async fn create(
-        &self,
-        token: &str,
-        node: &str,
-        csr: String,
-        validity: Duration,
-    ) -> Result<Vec<String>, Status> {
+    async fn create(&self, token: &str, node: &str, csr: String, validity: Duration) -> Result<Vec<String>, Status> {
         let mut client = IstioCertificateServiceClient::new(self.channel().await);
-        let mut req = Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration: validity.as_secs() as i64,
-            metadata: None,
-        });
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        req.metadata_mut()
-            .insert("x-ambit-node", node.parse().unwrap());
-        client
-            .create_certificate(req)
-            .await
-            .map(|r| r.into_inner().cert_chain)
+        let mut req =
+            Request::new(IstioCertificateRequest { csr, validity_duration: validity.as_secs() as i64, metadata: None });
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req.metadata_mut().insert("x-ambit-node", node.parse().unwrap());
+        client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
     }
 
     fn metrics(&self) -> String {
@@ -171,18 +123,12 @@ fn csr_with_sans(sans: Vec<SanType>) -> String {
 /// Checks `chain` as a TLS server would check a client: path to `root_pem`, client-auth usage.
 fn verify_as_client_certificate(chain: &[String], root_pem: &str) {
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap())
-        .unwrap();
+    roots.add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .unwrap();
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
     let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes()).unwrap();
-    verifier
-        .verify_client_cert(&leaf, &[], rustls_pki_types::UnixTime::now())
-        .unwrap();
+    verifier.verify_client_cert(&leaf, &[], rustls_pki_types::UnixTime::now()).unwrap();
 }
 
 #[tokio::test]
@@ -196,33 +142,17 @@ async fn a_node_with_the_right_token_gets_a_verifying_chain_for_an_identity_on_i
     let cert = WorkloadCertificate::from_pem(&chain[0], &key, &chain[1]).unwrap();
     assert_eq!(cert.identity(), &client_id());
     let ttl = cert.not_after().duration_since(SystemTime::now()).unwrap();
-    assert!(
-        ttl <= HOUR && ttl > HOUR - Duration::from_secs(60),
-        "{ttl:?}"
-    );
-    assert!(
-        h.metrics()
-            .contains("ambit_ca_requests_total{outcome=\"success\"} 1"),
-        "{}",
-        h.metrics()
-    );
+    assert!(ttl <= HOUR && ttl > HOUR - Duration::from_secs(60), "{ttl:?}");
+    assert!(h.metrics().contains("ambit_ca_requests_total{outcome=\"success\"} 1"), "{}", h.metrics());
 }
 
 #[tokio::test]
 async fn a_wrong_token_is_unauthenticated() {
     let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
-    let status = h
-        .create("not-the-token", "node-a", csr, HOUR)
-        .await
-        .unwrap_err();
+    let status = h.create("not-the-token", "node-a", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    assert!(
-        h.metrics()
-            .contains("ambit_ca_requests_total{outcome=\"unauthenticated\"} 1"),
-        "{}",
-        h.metrics()
-    );
+    assert!(h.metrics().contains("ambit_ca_requests_total{outcome=\"unauthenticated\"} 1"), "{}", h.metrics());
 }
 
 #[tokio::test]
@@ -232,11 +162,7 @@ async fn an_identity_not_on_the_callers_node_is_permission_denied() {
     let status = h.create(TOKEN, "node-b", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("node-b"), "{}", status.message());
-    assert!(
-        status.message().contains(&client_id().to_string()),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains(&client_id().to_string()), "{}", status.message());
 
     let (csr, _) = generate_csr(&Identity::new(TD, "kube-system", "admin")).unwrap();
     let status = h.create(TOKEN, "node-a", csr, HOUR).await.unwrap_err();
@@ -247,13 +173,8 @@ async fn an_identity_not_on_the_callers_node_is_permission_denied() {
 async fn a_new_snapshot_changes_what_a_node_may_request() {
     let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
-    h.snapshots
-        .send(snapshot_with("node-b", "default", "client"))
-        .unwrap();
-    let status = h
-        .create(TOKEN, "node-a", csr.clone(), HOUR)
-        .await
-        .unwrap_err();
+    h.snapshots.send(snapshot_with("node-b", "default", "client")).unwrap();
+    let status = h.create(TOKEN, "node-a", csr.clone(), HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     h.create(TOKEN, "node-b", csr, HOUR).await.unwrap();
 }
@@ -264,11 +185,7 @@ async fn a_csr_for_another_trust_domain_is_invalid() {
     let (csr, _) = generate_csr(&Identity::new("evil.example", "default", "client")).unwrap();
     let status = h.create(TOKEN, "node-a", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("trust domain"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("trust domain"), "{}", status.message());
 }
 
 #[tokio::test]
@@ -276,29 +193,17 @@ async fn a_csr_whose_name_is_not_spiffe_is_invalid() {
     let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
     for sans in [
         vec![SanType::DnsName("client.default.svc".try_into().unwrap())],
-        vec![SanType::URI(
-            "https://client.default.svc/".try_into().unwrap(),
-        )],
+        vec![SanType::URI("https://client.default.svc/".try_into().unwrap())],
         vec![],
         vec![
             SanType::URI(client_id().to_string().try_into().unwrap()),
             SanType::DnsName("kubernetes.default.svc".try_into().unwrap()),
         ],
     ] {
-        let status = h
-            .create(TOKEN, "node-a", csr_with_sans(sans.clone()), HOUR)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            status.code(),
-            tonic::Code::InvalidArgument,
-            "{sans:?}: {status:?}"
-        );
+        let status = h.create(TOKEN, "node-a", csr_with_sans(sans.clone()), HOUR).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{sans:?}: {status:?}");
     }
-    let status = h
-        .create(TOKEN, "node-a", "not a csr".into(), HOUR)
-        .await
-        .unwrap_err();
+    let status = h.create(TOKEN, "node-a", "not a csr".into(), HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 }
 
@@ -317,15 +222,8 @@ async fn a_caller_authenticated_by_an_interceptor_is_trusted_by_the_service() {
     let h = Harness::start(DEFAULT_MAX_TTL, Auth::Interceptor).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
     h.create(TOKEN, "node-a", csr.clone(), HOUR).await.unwrap();
-    let status = h
-        .create("a-token-nobody-sends", "node-a", csr, HOUR)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        status.code(),
-        tonic::Code::Unauthenticated,
-        "the interceptor decides: {status:?}"
-    );
+    let status = h.create("a-token-nobody-sends", "node-a", csr, HOUR).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "the interceptor decides: {status:?}");
 }
 
 #[tokio::test]
@@ -334,11 +232,7 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
     let client = CaClient::new(h.channel().await, TOKEN, "node-a", HOUR).unwrap();
     let cert = client.fetch(&client_id()).await.unwrap();
     assert_eq!(cert.identity(), &client_id());
-    assert_eq!(
-        cert.chain().len(),
-        1,
-        "the root is kept apart from the chain"
-    );
+    assert_eq!(cert.chain().len(), 1, "the root is kept apart from the chain");
     assert_eq!(cert.roots_pem(), h.ca.roots_pem());
     // The certificate works for mutual TLS as ztunnel uses it.
     ambit_identity::tls::server_config(&cert, &[b"h2"]).unwrap();
@@ -347,10 +241,7 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
     match other.fetch(&client_id()).await.unwrap_err() {
         CertError::Provider { identity, message } => {
             assert_eq!(identity, client_id());
-            assert!(
-                message.contains("PermissionDenied") && message.contains("node-b"),
-                "{message}"
-            );
+            assert!(message.contains("PermissionDenied") && message.contains("node-b"), "{message}");
         }
         e => panic!("unexpected error: {e}"),
     }
@@ -363,14 +254,6 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
 async fn a_client_trusting_another_root_refuses_the_serving_certificate() {
     let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
     let other = CertificateAuthority::generate_root(TD, HOUR).unwrap();
-    let r = connect_channel(
-        &format!("https://{}", h.addr),
-        &other.roots_pem(),
-        SERVER_NAME,
-    )
-    .await;
-    assert!(
-        r.is_err(),
-        "a serving certificate from another root was accepted"
-    );
+    let r = connect_channel(&format!("https://{}", h.addr), &other.roots_pem(), SERVER_NAME).await;
+    assert!(r.is_err(), "a serving certificate from another root was accepted");
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use ambit_identity::CertificateAuthority;
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::pem::PemObject;
 
@@ -60,26 +60,13 @@ pub fn serving_identity(
 
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    let common_name = dns_names
-        .first()
-        .cloned()
-        .unwrap_or_else(|| ips[0].to_string());
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
+    let common_name = dns_names.first().cloned().unwrap_or_else(|| ips[0].to_string());
+    params.distinguished_name.push(DnType::CommonName, common_name);
     for name in dns_names {
-        let dns = name
-            .clone()
-            .try_into()
-            .map_err(|source| ServingError::DnsName {
-                name: name.clone(),
-                source,
-            })?;
+        let dns = name.clone().try_into().map_err(|source| ServingError::DnsName { name: name.clone(), source })?;
         params.subject_alt_names.push(SanType::DnsName(dns));
     }
-    params
-        .subject_alt_names
-        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -89,9 +76,7 @@ pub fn serving_identity(
     params.not_after = (now + SERVING_VALIDITY).min(ca.not_after()).into();
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ServingError::Sign)?;
-    let leaf = params
-        .signed_by(&key, &issuer, &ca_key)
-        .map_err(ServingError::Sign)?;
+    let leaf = params.signed_by(&key, &issuer, &ca_key).map_err(ServingError::Sign)?;
     let mut chain = leaf.pem();
     chain.push_str(&intermediates_pem(&bundle_pem));
     Ok((chain, key.serialize_pem()))
@@ -99,10 +84,7 @@ pub fn serving_identity(
 
 /// The blocks of a CA bundle PEM except the last (the root).
 fn intermediates_pem(bundle_pem: &str) -> String {
-    let blocks: Vec<&str> = bundle_pem
-        .split_inclusive(PEM_END)
-        .filter(|b| b.contains(PEM_END))
-        .collect();
+    let blocks: Vec<&str> = bundle_pem.split_inclusive(PEM_END).filter(|b| b.contains(PEM_END)).collect();
     let mut out = String::new();
     for block in &blocks[..blocks.len().saturating_sub(1)] {
         out.push_str(block.trim_start());
@@ -119,61 +101,39 @@ mod tests {
 
     #[test]
     fn serving_certificate_verifies_against_the_root_for_its_dns_name_and_ip() {
-        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600))
-            .unwrap();
-        let (chain, _key) = serving_identity(
-            &ca,
-            &["ambit-controller.ambit-system.svc".to_string()],
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
-        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(
-            certs.len(),
-            1,
-            "a root signs directly: the chain is the leaf"
-        );
+        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
+        let (chain, _key) =
+            serving_identity(&ca, &["ambit-controller.ambit-system.svc".to_string()], &["127.0.0.1".parse().unwrap()])
+                .unwrap();
+        let certs: Vec<_> =
+            rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().unwrap();
+        assert_eq!(certs.len(), 1, "a root signs directly: the chain is the leaf");
         let mut roots = rustls::RootCertStore::empty();
         for root in rustls_pki_types::CertificateDer::pem_slice_iter(ca.roots_pem().as_bytes()) {
             roots.add(root.unwrap()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .unwrap();
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
         let now = rustls_pki_types::UnixTime::now();
         for name in ["ambit-controller.ambit-system.svc", "127.0.0.1"] {
             let name = rustls_pki_types::ServerName::try_from(name).unwrap();
-            verifier
-                .verify_server_cert(&certs[0], &[], &name, &[], now)
-                .unwrap();
+            verifier.verify_server_cert(&certs[0], &[], &name, &[], now).unwrap();
         }
         let other = rustls_pki_types::ServerName::try_from("evil.example").unwrap();
-        assert!(verifier
-            .verify_server_cert(&certs[0], &[], &other, &[], now)
-            .is_err());
+        assert!(verifier.verify_server_cert(&certs[0], &[], &other, &[], now).is_err());
     }
 
     #[test]
     fn a_serving_certificate_needs_a_name() {
-        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600))
-            .unwrap();
-        assert!(matches!(
-            serving_identity(&ca, &[], &[]),
-            Err(ServingError::NoNames)
-        ));
+        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
+        assert!(matches!(serving_identity(&ca, &[], &[]), Err(ServingError::NoNames)));
     }
 
     #[test]
     fn intermediates_are_every_block_but_the_root() {
         let bundle = "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nB\n-----END CERTIFICATE-----\n";
-        assert_eq!(
-            intermediates_pem(bundle),
-            "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n"
-        );
+        assert_eq!(intermediates_pem(bundle), "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n");
         assert_eq!(intermediates_pem(&bundle[..bundle.len() / 2 + 1]), "");
     }
 }

@@ -86,29 +86,17 @@ struct Cache {
 impl Cache {
     fn get(&self, token: &str, now: Instant) -> Option<Result<Caller, Status>> {
         let entry = self.entries.get(token).filter(|e| e.expires > now)?;
-        Some(
-            entry
-                .result
-                .clone()
-                .map_err(|(code, msg)| Status::new(code, msg)),
-        )
+        Some(entry.result.clone().map_err(|(code, msg)| Status::new(code, msg)))
     }
 
-    fn insert(
-        &mut self,
-        token: &str,
-        result: &Result<Caller, Status>,
-        now: Instant,
-        ttl: Duration,
-    ) {
+    fn insert(&mut self, token: &str, result: &Result<Caller, Status>, now: Instant, ttl: Duration) {
         let (result, ttl) = match result {
             Ok(caller) => (Ok(caller.clone()), ttl),
             // Only the token's own verdict is worth remembering; an unreachable
             // API server is retried on the next call.
-            Err(s) if s.code() == Code::Unauthenticated => (
-                Err((s.code(), s.message().to_owned())),
-                REFUSAL_TTL.min(ttl),
-            ),
+            Err(s) if s.code() == Code::Unauthenticated => {
+                (Err((s.code(), s.message().to_owned())), REFUSAL_TTL.min(ttl))
+            }
             Err(_) => return,
         };
         if ttl.is_zero() {
@@ -122,13 +110,7 @@ impl Cache {
                 self.entries.clear();
             }
         }
-        self.entries.insert(
-            token.to_owned(),
-            Entry {
-                result,
-                expires: now + ttl,
-            },
-        );
+        self.entries.insert(token.to_owned(), Entry { result, expires: now + ttl });
     }
 }
 
@@ -172,10 +154,7 @@ impl TokenReviewAuthenticator {
     }
 
     /// Admits these Kubernetes users (`system:serviceaccount:<ns>:<name>`) instead.
-    pub fn with_allowed_users(
-        mut self,
-        users: impl IntoIterator<Item = impl Into<String>>,
-    ) -> Self {
+    pub fn with_allowed_users(mut self, users: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.allowed_users = users.into_iter().map(Into::into).collect();
         self
     }
@@ -189,20 +168,14 @@ impl TokenReviewAuthenticator {
     /// Asks the API server about `token` (no cache) and checks the answer.
     pub async fn review(&self, token: &str) -> Result<Caller, Status> {
         let request = TokenReview {
-            spec: TokenReviewSpec {
-                token: token.to_owned(),
-                audiences: Some(vec![self.audience.clone()]),
-            },
+            spec: TokenReviewSpec { token: token.to_owned(), audiences: Some(vec![self.audience.clone()]) },
             ..Default::default()
         };
         let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &request)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "token review failed");
-                Status::unavailable(format!("cannot review the token with the API server: {e}"))
-            })?;
+        let answer = api.create(&PostParams::default(), &request).await.map_err(|e| {
+            tracing::warn!(error = %e, "token review failed");
+            Status::unavailable(format!("cannot review the token with the API server: {e}"))
+        })?;
         caller_from_review(answer.status.as_ref(), &self.audience, &self.allowed_users)
     }
 
@@ -232,9 +205,7 @@ impl TokenReviewAuthenticator {
                 return Ok(());
             }
             if cache.in_flight.len() >= MAX_IN_FLIGHT {
-                return Err(Status::unavailable(
-                    "too many token reviews in progress; retry later",
-                ));
+                return Err(Status::unavailable("too many token reviews in progress; retry later"));
             }
             cache.in_flight.insert(token.to_owned());
         }
@@ -288,9 +259,7 @@ pub fn caller_from_review(
                 "token of {username} is not bound to a pod on a node (no {NODE_NAME_EXTRA})"
             ))
         })?;
-    Ok(Caller {
-        node: node.to_owned(),
-    })
+    Ok(Caller { node: node.to_owned() })
 }
 
 impl CallerAuthenticator for TokenReviewAuthenticator {
@@ -300,9 +269,7 @@ impl CallerAuthenticator for TokenReviewAuthenticator {
             return hit;
         }
         self.review_in_background(token)?;
-        Err(Status::unavailable(
-            "token review in progress; retry in a moment",
-        ))
+        Err(Status::unavailable("token review in progress; retry in a moment"))
     }
 }
 
@@ -332,11 +299,7 @@ mod tests {
         TokenReviewStatus {
             authenticated: Some(true),
             audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
-            user: Some(UserInfo {
-                username: Some(user.to_owned()),
-                extra: Some(extra),
-                ..Default::default()
-            }),
+            user: Some(UserInfo { username: Some(user.to_owned()), extra: Some(extra), ..Default::default() }),
             error: None,
         }
     }
@@ -349,12 +312,7 @@ mod tests {
     fn an_authenticated_ztunnel_token_bound_to_a_pod_gives_its_node() {
         let status = answer(DEFAULT_ZTUNNEL_IDENTITY, Some("node-1"), &["ambit-ca"]);
         let caller = caller_from_review(Some(&status), "ambit-ca", &allowed()).unwrap();
-        assert_eq!(
-            caller,
-            Caller {
-                node: "node-1".into()
-            }
-        );
+        assert_eq!(caller, Caller { node: "node-1".into() });
     }
 
     #[test]
@@ -364,34 +322,14 @@ mod tests {
         not_auth.error = Some("token has been invalidated".into());
         for (status, want) in [
             (not_auth, "token has been invalidated"),
-            (
-                answer(DEFAULT_ZTUNNEL_IDENTITY, Some("n"), &["other"]),
-                "audience",
-            ),
-            (
-                answer(
-                    "system:serviceaccount:default:app",
-                    Some("n"),
-                    &["ambit-ca"],
-                ),
-                "may not request",
-            ),
-            (
-                answer(DEFAULT_ZTUNNEL_IDENTITY, None, &["ambit-ca"]),
-                "not bound to a pod",
-            ),
-            (
-                answer(DEFAULT_ZTUNNEL_IDENTITY, Some(" "), &["ambit-ca"]),
-                "not bound to a pod",
-            ),
+            (answer(DEFAULT_ZTUNNEL_IDENTITY, Some("n"), &["other"]), "audience"),
+            (answer("system:serviceaccount:default:app", Some("n"), &["ambit-ca"]), "may not request"),
+            (answer(DEFAULT_ZTUNNEL_IDENTITY, None, &["ambit-ca"]), "not bound to a pod"),
+            (answer(DEFAULT_ZTUNNEL_IDENTITY, Some(" "), &["ambit-ca"]), "not bound to a pod"),
         ] {
             let err = caller_from_review(Some(&status), "ambit-ca", &allowed()).unwrap_err();
             assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
-            assert!(
-                err.message().contains(want),
-                "{} does not say {want}",
-                err.message()
-            );
+            assert!(err.message().contains(want), "{} does not say {want}", err.message());
         }
         let err = caller_from_review(None, "ambit-ca", &allowed()).unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
@@ -403,34 +341,15 @@ mod tests {
         let t0 = Instant::now();
         let ok = Ok(Caller { node: "n1".into() });
         cache.insert("good", &ok, t0, Duration::from_secs(60));
-        cache.insert(
-            "bad",
-            &Err(Status::unauthenticated("nope")),
-            t0,
-            Duration::from_secs(60),
-        );
-        cache.insert(
-            "down",
-            &Err(Status::unavailable("api down")),
-            t0,
-            Duration::from_secs(60),
-        );
+        cache.insert("bad", &Err(Status::unauthenticated("nope")), t0, Duration::from_secs(60));
+        cache.insert("down", &Err(Status::unavailable("api down")), t0, Duration::from_secs(60));
 
         let later = t0 + Duration::from_secs(30);
         assert_eq!(cache.get("good", later).unwrap().unwrap().node, "n1");
-        assert!(
-            cache.get("bad", later).is_none(),
-            "refusals expire after {REFUSAL_TTL:?}"
-        );
-        let bad = cache
-            .get("bad", t0 + Duration::from_secs(1))
-            .unwrap()
-            .unwrap_err();
+        assert!(cache.get("bad", later).is_none(), "refusals expire after {REFUSAL_TTL:?}");
+        let bad = cache.get("bad", t0 + Duration::from_secs(1)).unwrap().unwrap_err();
         assert_eq!((bad.code(), bad.message()), (Code::Unauthenticated, "nope"));
-        assert!(
-            cache.get("down", t0).is_none(),
-            "an unreachable API server is not a verdict"
-        );
+        assert!(cache.get("down", t0).is_none(), "an unreachable API server is not a verdict");
         assert!(cache.get("good", t0 + Duration::from_secs(61)).is_none());
     }
 
@@ -447,12 +366,7 @@ mod tests {
         let mut cache = Cache::default();
         let now = Instant::now();
         for i in 0..MAX_CACHED + 10 {
-            cache.insert(
-                &format!("t{i}"),
-                &Ok(Caller { node: "n".into() }),
-                now,
-                DEFAULT_CACHE_TTL,
-            );
+            cache.insert(&format!("t{i}"), &Ok(Caller { node: "n".into() }), now, DEFAULT_CACHE_TTL);
         }
         assert!(cache.entries.len() <= MAX_CACHED);
     }

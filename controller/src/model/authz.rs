@@ -6,13 +6,10 @@
 use std::net::IpAddr;
 
 use ambit_api::security::{
-    string_match::MatchType, Action, Address, Authorization, Clause, Match, Rule, Scope,
-    StringMatch,
+    string_match::MatchType, Action, Address, Authorization, Clause, Match, Rule, Scope, StringMatch,
 };
 
-use super::crd::{
-    AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Condition, Operation, Source,
-};
+use super::crd::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Condition, Operation, Source};
 use super::index::validate_labels;
 
 /// Why a policy is rejected.
@@ -45,11 +42,7 @@ pub struct Converted {
 pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converted, PolicyError> {
     let namespace = p.metadata.namespace.clone().unwrap_or_default();
     let name = p.metadata.name.clone().unwrap_or_default();
-    let selector = p
-        .spec
-        .selector
-        .as_ref()
-        .filter(|s| !s.match_labels.is_empty());
+    let selector = p.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty());
     if let Some(s) = selector {
         validate_labels(&s.match_labels).map_err(PolicyError::BadSelector)?;
     }
@@ -63,8 +56,7 @@ pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converte
         AuthorizationAction::Allow => Action::Allow,
         AuthorizationAction::Deny => Action::Deny,
         a @ (AuthorizationAction::Audit | AuthorizationAction::Custom) => {
-            out.warnings
-                .push(format!("action {a:?} needs a waypoint; not enforced at L4"));
+            out.warnings.push(format!("action {a:?} needs a waypoint; not enforced at L4"));
             return Ok(out);
         }
     };
@@ -91,13 +83,7 @@ pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converte
             rules.push(rule);
         }
     }
-    out.authorization = Some(Authorization {
-        name,
-        namespace,
-        scope: scope.into(),
-        action: action.into(),
-        rules,
-    });
+    out.authorization = Some(Authorization { name, namespace, scope: scope.into(), action: action.into(), rules });
     Ok(out)
 }
 
@@ -106,18 +92,11 @@ fn convert_rule(r: &AuthorizationRule) -> Result<(Rule, Vec<&'static str>), Poli
     let mut l7 = Vec::new();
     let mut clauses = Vec::new();
     if !r.from.is_empty() {
-        let matches = r
-            .from
-            .iter()
-            .map(|f| source_match(&f.source, &mut l7))
-            .collect::<Result<Vec<_>, _>>()?;
+        let matches = r.from.iter().map(|f| source_match(&f.source, &mut l7)).collect::<Result<Vec<_>, _>>()?;
         clauses.push(Clause { matches });
     }
     if !r.to.is_empty() {
-        let matches =
-            r.to.iter()
-                .map(|t| operation_match(&t.operation, &mut l7))
-                .collect::<Result<Vec<_>, _>>()?;
+        let matches = r.to.iter().map(|t| operation_match(&t.operation, &mut l7)).collect::<Result<Vec<_>, _>>()?;
         clauses.push(Clause { matches });
     }
     for c in &r.when {
@@ -134,11 +113,7 @@ fn convert_rule(r: &AuthorizationRule) -> Result<(Rule, Vec<&'static str>), Poli
 
 fn source_match(s: &Source, l7: &mut Vec<&'static str>) -> Result<Match, PolicyError> {
     note(l7, !s.request_principals.is_empty(), "requestPrincipals");
-    note(
-        l7,
-        !s.not_request_principals.is_empty(),
-        "notRequestPrincipals",
-    );
+    note(l7, !s.not_request_principals.is_empty(), "notRequestPrincipals");
     note(l7, !s.remote_ip_blocks.is_empty(), "remoteIpBlocks");
     note(l7, !s.not_remote_ip_blocks.is_empty(), "notRemoteIpBlocks");
     let mut principals: Vec<_> = s.principals.iter().map(|v| principal(v)).collect();
@@ -163,49 +138,32 @@ fn operation_match(o: &Operation, l7: &mut Vec<&'static str>) -> Result<Match, P
     note(l7, !o.not_methods.is_empty(), "notMethods");
     note(l7, !o.paths.is_empty(), "paths");
     note(l7, !o.not_paths.is_empty(), "notPaths");
-    Ok(Match {
-        destination_ports: ports(&o.ports)?,
-        not_destination_ports: ports(&o.not_ports)?,
-        ..Default::default()
-    })
+    Ok(Match { destination_ports: ports(&o.ports)?, not_destination_ports: ports(&o.not_ports)?, ..Default::default() })
 }
 
 /// A `when` condition on an L4 key as a match; `None` (noted in `l7`) for other keys.
-fn condition_match(
-    c: &Condition,
-    l7: &mut Vec<&'static str>,
-) -> Result<Option<Match>, PolicyError> {
+fn condition_match(c: &Condition, l7: &mut Vec<&'static str>) -> Result<Option<Match>, PolicyError> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err(PolicyError::EmptyCondition(c.key.clone()));
     }
     let (v, nv) = (&c.values, &c.not_values);
     let strings = |vals: &[String], f: fn(&str) -> StringMatch| vals.iter().map(|s| f(s)).collect();
     let m = match c.key.as_str() {
-        "source.ip" => Match {
-            source_ips: ip_blocks(v)?,
-            not_source_ips: ip_blocks(nv)?,
-            ..Default::default()
-        },
+        "source.ip" => Match { source_ips: ip_blocks(v)?, not_source_ips: ip_blocks(nv)?, ..Default::default() },
         "source.namespace" => Match {
             namespaces: strings(v, string_match),
             not_namespaces: strings(nv, string_match),
             ..Default::default()
         },
-        "source.principal" => Match {
-            principals: strings(v, principal),
-            not_principals: strings(nv, principal),
-            ..Default::default()
-        },
-        "destination.ip" => Match {
-            destination_ips: ip_blocks(v)?,
-            not_destination_ips: ip_blocks(nv)?,
-            ..Default::default()
-        },
-        "destination.port" => Match {
-            destination_ports: ports(v)?,
-            not_destination_ports: ports(nv)?,
-            ..Default::default()
-        },
+        "source.principal" => {
+            Match { principals: strings(v, principal), not_principals: strings(nv, principal), ..Default::default() }
+        }
+        "destination.ip" => {
+            Match { destination_ips: ip_blocks(v)?, not_destination_ips: ip_blocks(nv)?, ..Default::default() }
+        }
+        "destination.port" => {
+            Match { destination_ports: ports(v)?, not_destination_ports: ports(nv)?, ..Default::default() }
+        }
         _ => {
             l7.push("when");
             return Ok(None);
@@ -231,9 +189,7 @@ pub fn string_match(v: &str) -> StringMatch {
     } else {
         MatchType::Exact(v.into())
     };
-    StringMatch {
-        match_type: Some(t),
-    }
+    StringMatch { match_type: Some(t) }
 }
 
 /// A principal (`td/ns/x/sa/y`) matched against the peer's SPIFFE ID, which
@@ -241,9 +197,7 @@ pub fn string_match(v: &str) -> StringMatch {
 fn principal(v: &str) -> StringMatch {
     let mut m = string_match(v);
     match &mut m.match_type {
-        Some(MatchType::Exact(s) | MatchType::Prefix(s)) if !s.starts_with("spiffe://") => {
-            s.insert_str(0, "spiffe://")
-        }
+        Some(MatchType::Exact(s) | MatchType::Prefix(s)) if !s.starts_with("spiffe://") => s.insert_str(0, "spiffe://"),
         _ => {}
     }
     m
@@ -256,9 +210,7 @@ fn service_account(v: &str) -> StringMatch {
         Some((ns, sa)) => format!("/ns/{ns}/sa/{sa}"),
         None => format!("/sa/{v}"),
     };
-    StringMatch {
-        match_type: Some(MatchType::Suffix(suffix)),
-    }
+    StringMatch { match_type: Some(MatchType::Suffix(suffix)) }
 }
 
 fn ip_blocks(values: &[String]) -> Result<Vec<Address>, PolicyError> {
@@ -306,68 +258,36 @@ mod tests {
     }
 
     fn exact(s: &str) -> StringMatch {
-        StringMatch {
-            match_type: Some(MatchType::Exact(s.into())),
-        }
+        StringMatch { match_type: Some(MatchType::Exact(s.into())) }
     }
 
     #[test]
     fn string_syntax_maps_to_presence_prefix_suffix_and_exact() {
         assert_eq!(string_match("*").match_type, Some(MatchType::Presence(())));
-        assert_eq!(
-            string_match("*-dev").match_type,
-            Some(MatchType::Suffix("-dev".into()))
-        );
-        assert_eq!(
-            string_match("team-*").match_type,
-            Some(MatchType::Prefix("team-".into()))
-        );
+        assert_eq!(string_match("*-dev").match_type, Some(MatchType::Suffix("-dev".into())));
+        assert_eq!(string_match("team-*").match_type, Some(MatchType::Prefix("team-".into())));
         assert_eq!(string_match("a"), exact("a"));
-        assert_eq!(
-            principal("cluster.local/ns/a/sa/b"),
-            exact("spiffe://cluster.local/ns/a/sa/b")
-        );
+        assert_eq!(principal("cluster.local/ns/a/sa/b"), exact("spiffe://cluster.local/ns/a/sa/b"));
     }
 
     #[test]
     fn ip_blocks_become_bytes_and_length() {
-        assert_eq!(
-            ip_block("10.1.0.0/16").unwrap(),
-            Address {
-                address: vec![10, 1, 0, 0],
-                length: 16
-            }
-        );
+        assert_eq!(ip_block("10.1.0.0/16").unwrap(), Address { address: vec![10, 1, 0, 0], length: 16 });
         assert_eq!(ip_block("10.1.2.3").unwrap().length, 32);
         assert_eq!(ip_block("fd00::1").unwrap().length, 128);
         for bad in ["10.1.0.0/33", "10.1.0", "x/8", "10.0.0.0/-1", ""] {
-            assert_eq!(
-                ip_block(bad),
-                Err(PolicyError::BadIpBlock(bad.into())),
-                "{bad}"
-            );
+            assert_eq!(ip_block(bad), Err(PolicyError::BadIpBlock(bad.into())), "{bad}");
         }
     }
 
     #[test]
     fn scope_follows_selector_and_root_namespace() {
-        let scope = |spec: &str, ns: &str| {
-            convert(&policy(spec, ns), "ambit-system")
-                .unwrap()
-                .authorization
-                .unwrap()
-                .scope()
-        };
+        let scope =
+            |spec: &str, ns: &str| convert(&policy(spec, ns), "ambit-system").unwrap().authorization.unwrap().scope();
         assert_eq!(scope("  action: ALLOW\n", "ambit-system"), Scope::Global);
         assert_eq!(scope("  action: ALLOW\n", "default"), Scope::Namespace);
-        assert_eq!(
-            scope("  selector: {matchLabels: {app: a}}\n", "default"),
-            Scope::WorkloadSelector
-        );
-        assert_eq!(
-            scope("  selector: {matchLabels: {app: a}}\n", "ambit-system"),
-            Scope::WorkloadSelector
-        );
+        assert_eq!(scope("  selector: {matchLabels: {app: a}}\n", "default"), Scope::WorkloadSelector);
+        assert_eq!(scope("  selector: {matchLabels: {app: a}}\n", "ambit-system"), Scope::WorkloadSelector);
     }
 
     #[test]
@@ -389,17 +309,11 @@ mod tests {
         let clauses = &a.rules[0].clauses;
         assert_eq!(clauses.len(), 4);
         assert_eq!(clauses[0].matches.len(), 2);
-        assert_eq!(
-            clauses[0].matches[0].principals,
-            vec![exact("spiffe://cluster.local/ns/default/sa/client")]
-        );
+        assert_eq!(clauses[0].matches[0].principals, vec![exact("spiffe://cluster.local/ns/default/sa/client")]);
         assert_eq!(clauses[0].matches[1].not_source_ips[0].length, 16);
         assert_eq!(clauses[1].matches[0].destination_ports, vec![8080]);
         assert_eq!(clauses[1].matches[0].not_destination_ports, vec![15000]);
-        assert_eq!(
-            clauses[2].matches[0].destination_ips[0].address,
-            vec![10, 1, 0, 3]
-        );
+        assert_eq!(clauses[2].matches[0].destination_ips[0].address, vec![10, 1, 0, 3]);
         assert_eq!(clauses[3].matches[0].not_namespaces, vec![exact("legacy")]);
     }
 
@@ -412,24 +326,14 @@ mod tests {
         let c = convert(&p, "ambit-system").unwrap();
         let a = c.authorization.unwrap();
         assert_eq!(a.rules.len(), 1, "only the L4 rule is left");
-        assert_eq!(
-            a.rules[0].clauses[0].matches[0].namespaces,
-            vec![exact("a")]
-        );
+        assert_eq!(a.rules[0].clauses[0].matches[0].namespaces, vec![exact("a")]);
         assert_eq!(c.warnings.len(), 1);
-        assert!(
-            c.warnings[0].contains("methods") && c.warnings[0].contains("dropped"),
-            "{:?}",
-            c.warnings
-        );
+        assert!(c.warnings[0].contains("methods") && c.warnings[0].contains("dropped"), "{:?}", c.warnings);
     }
 
     #[test]
     fn allow_policy_with_only_l7_rules_allows_nothing_at_l4() {
-        let p = policy(
-            "  rules:\n  - to: [{operation: {paths: [/admin]}}]\n",
-            "default",
-        );
+        let p = policy("  rules:\n  - to: [{operation: {paths: [/admin]}}]\n", "default");
         let a = convert(&p, "ambit-system").unwrap().authorization.unwrap();
         assert!(a.rules.is_empty(), "an ALLOW with no rules matches nothing");
     }
@@ -450,10 +354,7 @@ mod tests {
         assert_eq!(a.action(), Action::Deny);
         // The operation had only a method, so its clause matches everything and goes away.
         assert_eq!(a.rules[0].clauses.len(), 1);
-        assert_eq!(
-            a.rules[0].clauses[0].matches[0].namespaces,
-            vec![exact("bad")]
-        );
+        assert_eq!(a.rules[0].clauses[0].matches[0].namespaces, vec![exact("bad")]);
         assert!(c.warnings[0].contains("ignored"), "{:?}", c.warnings);
         assert!(c.warnings[0].contains("requestPrincipals") && c.warnings[0].contains("when"));
     }
@@ -474,22 +375,10 @@ mod tests {
     fn invalid_parts_reject_the_policy() {
         let cases = [
             ("  selector: {matchLabels: {app: '*'}}\n", "bad selector"),
-            (
-                "  rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]\n",
-                "bad ipBlock",
-            ),
-            (
-                "  rules: [{to: [{operation: {ports: ['70000']}}]}]\n",
-                "bad port",
-            ),
-            (
-                "  rules: [{to: [{operation: {notPorts: ['0']}}]}]\n",
-                "bad port",
-            ),
-            (
-                "  rules: [{when: [{key: destination.port, values: [x]}]}]\n",
-                "bad port",
-            ),
+            ("  rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]\n", "bad ipBlock"),
+            ("  rules: [{to: [{operation: {ports: ['70000']}}]}]\n", "bad port"),
+            ("  rules: [{to: [{operation: {notPorts: ['0']}}]}]\n", "bad port"),
+            ("  rules: [{when: [{key: destination.port, values: [x]}]}]\n", "bad port"),
             ("  rules: [{when: [{key: source.ip}]}]\n", "neither values"),
         ];
         for (spec, want) in cases {
@@ -500,10 +389,7 @@ mod tests {
 
     #[test]
     fn empty_rule_matches_everything_and_service_accounts_become_principal_suffixes() {
-        let p = policy(
-            "  rules:\n  - {}\n  - from: [{source: {serviceAccounts: [other/sa1]}}]\n",
-            "default",
-        );
+        let p = policy("  rules:\n  - {}\n  - from: [{source: {serviceAccounts: [other/sa1]}}]\n", "default");
         let a = convert(&p, "ambit-system").unwrap().authorization.unwrap();
         assert!(a.rules[0].clauses.is_empty());
         assert_eq!(

@@ -325,8 +325,7 @@ spec:
     fn unknown_action_and_unknown_field_are_errors() {
         let bad_action = "apiVersion: v\nkind: k\nspec: {action: MAYBE}\n";
         assert!(serde_yaml::from_str::<AuthorizationPolicy>(bad_action).is_err());
-        let bad_field =
-            "apiVersion: v\nkind: k\nspec: {rules: [{from: [{source: {principal: [x]}}]}]}\n";
+        let bad_field = "apiVersion: v\nkind: k\nspec: {rules: [{from: [{source: {principal: [x]}}]}]}\n";
         assert!(serde_yaml::from_str::<AuthorizationPolicy>(bad_field).is_err());
     }
 

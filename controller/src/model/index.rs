@@ -59,9 +59,7 @@ impl<'a> PodIndex<'a> {
         let mut ambient_ns: HashMap<&str, bool> = HashMap::new();
         for ((_, name), ns) in &objects.namespaces {
             let labels = ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
-            let ambient = labels
-                .get(DATAPLANE_MODE_LABEL)
-                .is_some_and(|v| v == "ambient");
+            let ambient = labels.get(DATAPLANE_MODE_LABEL).is_some_and(|v| v == "ambient");
             ambient_ns.insert(name, ambient);
         }
         let mut index = Self::default();
@@ -81,11 +79,7 @@ impl<'a> PodIndex<'a> {
             }
             // Host-network pods share their node's IPs by design.
             if !view.host_network {
-                if let Some(other) = view
-                    .ips
-                    .iter()
-                    .find_map(|ip| index.by_ip.get(ip).map(|&i| (ip, i)))
-                {
+                if let Some(other) = view.ips.iter().find_map(|ip| index.by_ip.get(ip).map(|&i| (ip, i))) {
                     let owner = index.pods[other.1].key;
                     rejections.push(reject(format!(
                         "duplicate pod IP {}: already used by pod {}/{}",
@@ -104,10 +98,7 @@ impl<'a> PodIndex<'a> {
             let ns = index.by_ns.entry(key.0.as_str()).or_default();
             ns.all.push(i);
             for (k, v) in view.labels {
-                ns.by_label
-                    .entry((k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(i);
+                ns.by_label.entry((k.as_str(), v.as_str())).or_default().push(i);
             }
             index.pods.push(view);
         }
@@ -128,9 +119,7 @@ impl<'a> PodIndex<'a> {
             for (k, v) in labels {
                 match pods.by_label.get(&(k.as_str(), v.as_str())) {
                     None => return,
-                    Some(list) if shortest.is_none_or(|s| list.len() < s.len()) => {
-                        shortest = Some(list)
-                    }
+                    Some(list) if shortest.is_none_or(|s| list.len() < s.len()) => shortest = Some(list),
                     Some(_) => {}
                 }
             }
@@ -168,11 +157,7 @@ impl<'a> PodIndex<'a> {
 }
 
 /// The usable part of a pod; `None` for pods that are not scheduled, have no IP yet or have finished.
-fn view<'a>(
-    key: &'a ObjectKey,
-    pod: &'a Pod,
-    ambient_ns: &HashMap<&str, bool>,
-) -> Option<PodView<'a>> {
+fn view<'a>(key: &'a ObjectKey, pod: &'a Pod, ambient_ns: &HashMap<&str, bool>) -> Option<PodView<'a>> {
     let spec = pod.spec.as_ref()?;
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
@@ -195,14 +180,8 @@ fn view<'a>(
     let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
     let host_network = spec.host_network == Some(true);
     let ns_ambient = ambient_ns.get(key.0.as_str()).copied().unwrap_or(false);
-    let opted_out = labels
-        .get(DATAPLANE_MODE_LABEL)
-        .is_some_and(|v| v == "none");
-    let service_account = spec
-        .service_account_name
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default");
+    let opted_out = labels.get(DATAPLANE_MODE_LABEL).is_some_and(|v| v == "none");
+    let service_account = spec.service_account_name.as_deref().filter(|s| !s.is_empty()).unwrap_or("default");
     Some(PodView {
         key,
         pod,
@@ -228,8 +207,7 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> 
                 && p.split('.').all(|l| {
                     !l.is_empty()
                         && l.len() <= 63
-                        && l.bytes()
-                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                         && !l.starts_with('-')
                         && !l.ends_with('-')
                 });
@@ -241,9 +219,7 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> 
             return Err(format!("label key {k:?} is not a valid label name"));
         }
         if !v.is_empty() && !label_value_ok(v) {
-            return Err(format!(
-                "label value {v:?} of {k:?} is not a valid label value"
-            ));
+            return Err(format!("label value {v:?} of {k:?} is not a valid label value"));
         }
     }
     Ok(())
@@ -253,8 +229,7 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> 
 fn label_value_ok(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -264,20 +239,12 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn label_syntax_follows_kubernetes() {
-        assert!(validate_labels(&labels(&[
-            ("app", "a"),
-            ("app.kubernetes.io/name", "x-1"),
-            ("e", "")
-        ]))
-        .is_ok());
+        assert!(validate_labels(&labels(&[("app", "a"), ("app.kubernetes.io/name", "x-1"), ("e", "")])).is_ok());
         assert!(validate_labels(&labels(&[("app", "*")])).is_err());
         assert!(validate_labels(&labels(&[("bad key", "a")])).is_err());
         assert!(validate_labels(&labels(&[("Bad_Prefix/a", "a")])).is_err());

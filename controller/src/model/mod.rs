@@ -119,11 +119,7 @@ pub struct BuildReport {
 }
 
 /// Builds the snapshot of `objects` at `version`; warnings are logged.
-pub fn build(
-    objects: &ClusterObjects,
-    opts: &ModelOptions,
-    version: u64,
-) -> (Snapshot, Vec<Rejection>) {
+pub fn build(objects: &ClusterObjects, opts: &ModelOptions, version: u64) -> (Snapshot, Vec<Rejection>) {
     let report = build_report(objects, opts, version);
     for w in &report.warnings {
         tracing::warn!(kind = %w.kind, namespace = %w.namespace, name = %w.name, reason = %w.reason, "partly applied");
@@ -147,11 +143,8 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
         reason,
     };
     let pods = index::PodIndex::new(objects, &mut report.rejections);
-    let ns_labels: HashMap<&str, &BTreeMap<String, String>> = objects
-        .namespaces
-        .iter()
-        .filter_map(|((_, n), ns)| Some((n.as_str(), ns.metadata.labels.as_ref()?)))
-        .collect();
+    let ns_labels: HashMap<&str, &BTreeMap<String, String>> =
+        objects.namespaces.iter().filter_map(|((_, n), ns)| Some((n.as_str(), ns.metadata.labels.as_ref()?))).collect();
     let gateways = waypoints(objects, &opts.domain_suffix);
     let waypoint_index = waypoint::WaypointIndex::new(&gateways);
     let mut extras: Vec<workloads::Extras> = pods.pods.iter().map(|_| Default::default()).collect();
@@ -162,28 +155,16 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
         let converted = match authz::convert(p, &opts.root_namespace) {
             Ok(c) => c,
             Err(e) => {
-                report
-                    .rejections
-                    .push(note("AuthorizationPolicy", key, e.to_string()));
+                report.rejections.push(note("AuthorizationPolicy", key, e.to_string()));
                 continue;
             }
         };
-        report.warnings.extend(
-            converted
-                .warnings
-                .into_iter()
-                .map(|w| warn("AuthorizationPolicy", key, w)),
-        );
+        report.warnings.extend(converted.warnings.into_iter().map(|w| warn("AuthorizationPolicy", key, w)));
         let Some(a) = converted.authorization else {
             continue;
         };
         let name = format!("{}/{}", key.0, key.1);
-        if let Some(sel) = p
-            .spec
-            .selector
-            .as_ref()
-            .filter(|s| !s.match_labels.is_empty())
-        {
+        if let Some(sel) = p.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
             // A selector in the root namespace selects in every namespace.
             let in_ns = (key.0 != opts.root_namespace).then_some(key.0.as_str());
             for i in pods.select(in_ns, &sel.match_labels) {
@@ -194,16 +175,8 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
     }
 
     let mut pa_rejected = Vec::new();
-    let modes = peer_auth::NamespaceModes::new(
-        &objects.peer_authentications,
-        &opts.root_namespace,
-        &mut pa_rejected,
-    );
-    for (key, p) in objects
-        .peer_authentications
-        .iter()
-        .filter(|(_, p)| peer_auth::has_selector(p))
-    {
+    let modes = peer_auth::NamespaceModes::new(&objects.peer_authentications, &opts.root_namespace, &mut pa_rejected);
+    for (key, p) in objects.peer_authentications.iter().filter(|(_, p)| peer_auth::has_selector(p)) {
         let converted = match peer_auth::convert_selector(p, modes.effective(&key.0)) {
             Ok(c) => c,
             Err(e) => {
@@ -211,12 +184,7 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
                 continue;
             }
         };
-        report.warnings.extend(
-            converted
-                .warnings
-                .into_iter()
-                .map(|w| warn("PeerAuthentication", key, w)),
-        );
+        report.warnings.extend(converted.warnings.into_iter().map(|w| warn("PeerAuthentication", key, w)));
         let Some(a) = converted.authorization else {
             continue;
         };
@@ -229,13 +197,10 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
     }
     pa_rejected.sort_by(|a, b| a.0.cmp(b.0));
     for (key, e) in pa_rejected {
-        report
-            .rejections
-            .push(note("PeerAuthentication", key, e.to_string()));
+        report.rejections.push(note("PeerAuthentication", key, e.to_string()));
     }
     for a in modes.strict_policies(pods.namespaces()) {
-        snap.authorizations
-            .insert(format!("{}/{}", a.namespace, a.name), a);
+        snap.authorizations.insert(format!("{}/{}", a.namespace, a.name), a);
     }
 
     let slices = services::slices_by_service(&objects.endpoint_slices);
@@ -255,39 +220,22 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
                 continue;
             }
         };
-        if let Some((ip, owner)) = model
-            .vips
-            .iter()
-            .find_map(|ip| vip_owner.get(ip).map(|o| (ip, o)))
-        {
-            let reason = format!(
-                "duplicate clusterIP {ip}: already used by service {}/{}",
-                owner.0, owner.1
-            );
+        if let Some((ip, owner)) = model.vips.iter().find_map(|ip| vip_owner.get(ip).map(|o| (ip, o))) {
+            let reason = format!("duplicate clusterIP {ip}: already used by service {}/{}", owner.0, owner.1);
             report.rejections.push(note("Service", key, reason));
             continue;
         }
         vip_owner.extend(model.vips.iter().map(|ip| (*ip, key)));
-        report
-            .warnings
-            .extend(model.warnings.into_iter().map(|w| warn("Service", key, w)));
+        report.warnings.extend(model.warnings.into_iter().map(|w| warn("Service", key, w)));
         for (i, ports) in model.endpoints {
             extras[i].services.insert(model.key.clone(), ports);
         }
-        let addr = Address {
-            r#type: Some(address::Type::Service(model.service)),
-        };
+        let addr = Address { r#type: Some(address::Type::Service(model.service)) };
         snap.addresses.insert(model.key, addr);
     }
 
     for (v, extra) in pods.pods.iter().zip(extras) {
-        let (w, warning) = workloads::build(
-            v,
-            extra,
-            ns_labels.get(v.key.0.as_str()).copied(),
-            &waypoint_index,
-            opts,
-        );
+        let (w, warning) = workloads::build(v, extra, ns_labels.get(v.key.0.as_str()).copied(), &waypoint_index, opts);
         if let Some(reason) = warning {
             report.warnings.push(warn("Pod", v.key, reason));
         }
@@ -295,12 +243,7 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
             let ids = snap.identities_by_node.entry(w.node.clone()).or_default();
             ids.insert((w.namespace.clone(), w.service_account.clone()));
         }
-        snap.addresses.insert(
-            w.uid.clone(),
-            Address {
-                r#type: Some(address::Type::Workload(w)),
-            },
-        );
+        snap.addresses.insert(w.uid.clone(), Address { r#type: Some(address::Type::Workload(w)) });
     }
     report
 }

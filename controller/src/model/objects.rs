@@ -56,10 +56,7 @@ impl ClusterObject {
             Self::PeerAuthentication(o) => &o.metadata,
             Self::Gateway(o) => &o.metadata,
         };
-        (
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        )
+        (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
 }
 
@@ -109,8 +106,6 @@ impl ClusterObjects {
 
     /// Labels of namespace `ns` (empty when the namespace is unknown).
     pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
-        self.namespaces
-            .get(&(String::new(), ns.to_owned()))
-            .and_then(|n| n.metadata.labels.as_ref())
+        self.namespaces.get(&(String::new(), ns.to_owned())).and_then(|n| n.metadata.labels.as_ref())
     }
 }

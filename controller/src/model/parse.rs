@@ -34,44 +34,20 @@ pub fn parse_documents(text: &str, origin: &str) -> (Vec<ClusterObject>, Vec<Rej
     (objects, rejections)
 }
 
-fn parse_value(
-    value: Value,
-    origin: &str,
-    objects: &mut Vec<ClusterObject>,
-    rejections: &mut Vec<Rejection>,
-) {
+fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rejections: &mut Vec<Rejection>) {
     if value.is_null() {
         return; // an empty document (`---` at the end)
     }
-    let str_field = |k: &str| {
-        value
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let str_field = |k: &str| value.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let (api_version, kind) = (str_field("apiVersion"), str_field("kind"));
     let meta = value.get("metadata");
-    let meta_str = |k: &str| {
-        meta.and_then(|m| m.get(k))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let meta_str = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).unwrap_or("").to_owned();
     let (name, mut namespace) = (meta_str("name"), meta_str("namespace"));
     let reject = |rejections: &mut Vec<Rejection>, kind: &str, ns: &str, reason: String| {
         rejections.push(Rejection {
-            kind: if kind.is_empty() {
-                FILE_KIND.into()
-            } else {
-                kind.into()
-            },
+            kind: if kind.is_empty() { FILE_KIND.into() } else { kind.into() },
             namespace: ns.into(),
-            name: if name.is_empty() {
-                origin.into()
-            } else {
-                name.clone()
-            },
+            name: if name.is_empty() { origin.into() } else { name.clone() },
             reason,
         })
     };
@@ -82,22 +58,12 @@ fn parse_value(
                     parse_value(item.clone(), origin, objects, rejections);
                 }
             }
-            None => reject(
-                rejections,
-                &kind,
-                "",
-                format!("{origin}: List without items"),
-            ),
+            None => reject(rejections, &kind, "", format!("{origin}: List without items")),
         }
         return;
     }
     if api_version.is_empty() || kind.is_empty() {
-        reject(
-            rejections,
-            &kind,
-            &namespace,
-            format!("{origin}: apiVersion and kind are required"),
-        );
+        reject(rejections, &kind, &namespace, format!("{origin}: apiVersion and kind are required"));
         return;
     }
     let cluster_scoped = kind == "Namespace";
@@ -105,12 +71,7 @@ fn parse_value(
         namespace = "default".into(); // as kubectl applies it
     }
     if name.is_empty() {
-        reject(
-            rejections,
-            &kind,
-            &namespace,
-            format!("{origin}: metadata.name is required"),
-        );
+        reject(rejections, &kind, &namespace, format!("{origin}: metadata.name is required"));
         return;
     }
     let group = api_version.split_once('/').map_or("", |(g, _)| g);
@@ -119,12 +80,8 @@ fn parse_value(
         ("", "Pod") if api_version == "v1" => typed(value, ClusterObject::Pod),
         ("", "Service") if api_version == "v1" => typed(value, ClusterObject::Service),
         ("discovery.k8s.io", "EndpointSlice") => typed(value, ClusterObject::EndpointSlice),
-        ("security.istio.io", "AuthorizationPolicy") => {
-            typed(value, ClusterObject::AuthorizationPolicy)
-        }
-        ("security.istio.io", "PeerAuthentication") => {
-            typed(value, ClusterObject::PeerAuthentication)
-        }
+        ("security.istio.io", "AuthorizationPolicy") => typed(value, ClusterObject::AuthorizationPolicy),
+        ("security.istio.io", "PeerAuthentication") => typed(value, ClusterObject::PeerAuthentication),
         ("gateway.networking.k8s.io", "Gateway") => typed(value, ClusterObject::Gateway),
         _ => {
             tracing::debug!(%origin, %api_version, %kind, %name, "skipping a kind the model does not use");
@@ -186,11 +143,7 @@ metadata: {name: p}
         assert_eq!(objects.len(), 2);
         assert_eq!(objects[0].key(), (String::new(), "a".into()));
         assert_eq!(objects[1].kind(), "Pod");
-        assert_eq!(
-            objects[1].key(),
-            ("default".into(), "p".into()),
-            "namespace defaults like kubectl"
-        );
+        assert_eq!(objects[1].key(), ("default".into(), "p".into()), "namespace defaults like kubectl");
     }
 
     #[test]
@@ -209,10 +162,7 @@ metadata: {name: s, namespace: ns}
         assert_eq!(objects.len(), 1);
         assert_eq!(rejections.len(), 1);
         let r = &rejections[0];
-        assert_eq!(
-            (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
-            ("AuthorizationPolicy", "ns", "bad")
-        );
+        assert_eq!((r.kind.as_str(), r.namespace.as_str(), r.name.as_str()), ("AuthorizationPolicy", "ns", "bad"));
         assert!(r.reason.contains("PERMIT"), "{}", r.reason);
     }
 

@@ -5,9 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ambit_api::security::{
-    string_match::MatchType, Action, Authorization, Clause, Match, Rule, Scope, StringMatch,
-};
+use ambit_api::security::{string_match::MatchType, Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
 
 use super::crd::{MtlsMode, PeerAuthentication};
 use super::index::validate_labels;
@@ -31,9 +29,7 @@ pub enum PeerAuthError {
     #[error("portLevelMtls requires a selector")]
     PortLevelWithoutSelector,
     /// Another selector-less PeerAuthentication exists in the namespace.
-    #[error(
-        "namespace already has PeerAuthentication {0:?}; only one without selector is allowed"
-    )]
+    #[error("namespace already has PeerAuthentication {0:?}; only one without selector is allowed")]
     DuplicateNamespacePolicy(String),
 }
 
@@ -62,10 +58,7 @@ impl<'a> NamespaceModes<'a> {
                 continue;
             }
             if let Some(first) = owners.get(key.0.as_str()) {
-                rejected.push((
-                    key,
-                    PeerAuthError::DuplicateNamespacePolicy((*first).to_owned()),
-                ));
+                rejected.push((key, PeerAuthError::DuplicateNamespacePolicy((*first).to_owned())));
                 continue;
             }
             owners.insert(&key.0, &key.1);
@@ -89,11 +82,7 @@ impl<'a> NamespaceModes<'a> {
         &'n self,
         namespaces_with_workloads: impl Iterator<Item = &'n str>,
     ) -> Vec<Authorization> {
-        let own_strict = self
-            .modes
-            .iter()
-            .filter(|(_, m)| **m == MtlsMode::Strict)
-            .map(|(ns, _)| *ns);
+        let own_strict = self.modes.iter().filter(|(_, m)| **m == MtlsMode::Strict).map(|(ns, _)| *ns);
         let all: BTreeSet<&'n str> = namespaces_with_workloads.chain(own_strict).collect();
         all.into_iter()
             .filter(|ns| self.effective(ns) == MtlsMode::Strict)
@@ -119,17 +108,11 @@ pub struct Converted {
 
 /// Whether `pa` selects workloads (a non-empty matchLabels).
 pub fn has_selector(pa: &PeerAuthentication) -> bool {
-    pa.spec
-        .selector
-        .as_ref()
-        .is_some_and(|s| !s.match_labels.is_empty())
+    pa.spec.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty())
 }
 
 /// Converts a selector-scoped PeerAuthentication given its namespace's effective mode.
-pub fn convert_selector(
-    pa: &PeerAuthentication,
-    namespace_mode: MtlsMode,
-) -> Result<Converted, PeerAuthError> {
+pub fn convert_selector(pa: &PeerAuthentication, namespace_mode: MtlsMode) -> Result<Converted, PeerAuthError> {
     let labels = pa.spec.selector.as_ref().map(|s| &s.match_labels);
     if let Some(l) = labels {
         validate_labels(l).map_err(PeerAuthError::BadSelector)?;
@@ -142,10 +125,7 @@ pub fn convert_selector(
     let mut strict_ports = Vec::new();
     let mut open_ports = Vec::new();
     for (&port, m) in &pa.spec.port_level_mtls {
-        let p = u16::try_from(port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or(PeerAuthError::BadPort(port))?;
+        let p = u16::try_from(port).ok().filter(|p| *p != 0).ok_or(PeerAuthError::BadPort(port))?;
         match m.mode {
             MtlsMode::Strict => strict_ports.push(u32::from(p)),
             MtlsMode::Permissive | MtlsMode::Disable => open_ports.push(u32::from(p)),
@@ -163,20 +143,13 @@ pub fn convert_selector(
     if workload_mode == MtlsMode::Strict && !namespace_strict {
         rules.push(no_identity_rule(Vec::new(), open_ports));
     } else if !namespace_strict {
-        rules.extend(
-            strict_ports
-                .into_iter()
-                .map(|p| no_identity_rule(vec![p], Vec::new())),
-        );
+        rules.extend(strict_ports.into_iter().map(|p| no_identity_rule(vec![p], Vec::new())));
     }
     if rules.is_empty() {
         return Ok(out);
     }
     out.authorization = Some(Authorization {
-        name: format!(
-            "{CONVERTED_PREFIX}{}",
-            pa.metadata.name.as_deref().unwrap_or_default()
-        ),
+        name: format!("{CONVERTED_PREFIX}{}", pa.metadata.name.as_deref().unwrap_or_default()),
         namespace: pa.metadata.namespace.clone().unwrap_or_default(),
         scope: Scope::WorkloadSelector.into(),
         action: Action::Deny.into(),
@@ -191,9 +164,7 @@ fn mode(pa: &PeerAuthentication) -> MtlsMode {
 
 /// Denies peers without an identity (on `ports`, or all ports but `not_ports`).
 fn no_identity_rule(ports: Vec<u32>, not_ports: Vec<u32>) -> Rule {
-    let presence = StringMatch {
-        match_type: Some(MatchType::Presence(())),
-    };
+    let presence = StringMatch { match_type: Some(MatchType::Presence(())) };
     Rule {
         clauses: vec![Clause {
             matches: vec![Match {
@@ -214,10 +185,7 @@ mod tests {
         let text = format!(
             "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
         );
-        (
-            (ns.into(), name.into()),
-            serde_yaml::from_str(&text).unwrap(),
-        )
+        ((ns.into(), name.into()), serde_yaml::from_str(&text).unwrap())
     }
 
     fn namespaces_of(policies: &[Authorization]) -> Vec<&str> {
@@ -235,18 +203,12 @@ mod tests {
         let modes = NamespaceModes::new(&pas, "ambit-system", &mut rejected);
         assert!(rejected.is_empty());
         let policies = modes.strict_policies(["default", "legacy", "other"].into_iter());
-        assert_eq!(
-            namespaces_of(&policies),
-            vec!["ambit-system", "default", "other"]
-        );
+        assert_eq!(namespaces_of(&policies), vec!["ambit-system", "default", "other"]);
         let p = &policies[1];
         assert_eq!(p.name, STATIC_STRICT_POLICY);
         assert_eq!((p.scope(), p.action()), (Scope::Namespace, Action::Deny));
         let m = &p.rules[0].clauses[0].matches[0];
-        assert_eq!(
-            m.not_principals[0].match_type,
-            Some(MatchType::Presence(()))
-        );
+        assert_eq!(m.not_principals[0].match_type, Some(MatchType::Presence(())));
     }
 
     #[test]
@@ -269,10 +231,7 @@ mod tests {
         assert_eq!(modes.effective("a"), MtlsMode::Strict);
         assert_eq!(rejected.len(), 2);
         assert_eq!(rejected[0].0 .1, "second");
-        assert_eq!(
-            rejected[0].1,
-            PeerAuthError::DuplicateNamespacePolicy("first".into())
-        );
+        assert_eq!(rejected[0].1, PeerAuthError::DuplicateNamespacePolicy("first".into()));
         assert_eq!(rejected[1].1, PeerAuthError::PortLevelWithoutSelector);
     }
 
@@ -294,28 +253,15 @@ mod tests {
 
     #[test]
     fn selector_port_level_strict_denies_plaintext_on_that_port_only() {
-        let (_, p) = pa(
-            "default",
-            "web",
-            "{selector: {matchLabels: {app: web}}, portLevelMtls: {9000: {mode: STRICT}}}",
-        );
-        let a = convert_selector(&p, MtlsMode::Unset)
-            .unwrap()
-            .authorization
-            .unwrap();
-        assert_eq!(
-            a.rules[0].clauses[0].matches[0].destination_ports,
-            vec![9000]
-        );
+        let (_, p) =
+            pa("default", "web", "{selector: {matchLabels: {app: web}}, portLevelMtls: {9000: {mode: STRICT}}}");
+        let a = convert_selector(&p, MtlsMode::Unset).unwrap().authorization.unwrap();
+        assert_eq!(a.rules[0].clauses[0].matches[0].destination_ports, vec![9000]);
     }
 
     #[test]
     fn selector_permissive_under_namespace_strict_warns_and_adds_nothing() {
-        let (_, p) = pa(
-            "default",
-            "web",
-            "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}}",
-        );
+        let (_, p) = pa("default", "web", "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}}");
         let c = convert_selector(&p, MtlsMode::Strict).unwrap();
         assert_eq!(c.authorization, None);
         assert_eq!(c.warnings.len(), 1);
@@ -323,23 +269,9 @@ mod tests {
 
     #[test]
     fn bad_selector_and_bad_port_are_rejected() {
-        let (_, p) = pa(
-            "default",
-            "x",
-            "{selector: {matchLabels: {'a b': c}}, mtls: {mode: STRICT}}",
-        );
-        assert!(matches!(
-            convert_selector(&p, MtlsMode::Unset),
-            Err(PeerAuthError::BadSelector(_))
-        ));
-        let (_, p) = pa(
-            "default",
-            "x",
-            "{selector: {matchLabels: {a: c}}, portLevelMtls: {70000: {mode: STRICT}}}",
-        );
-        assert_eq!(
-            convert_selector(&p, MtlsMode::Unset),
-            Err(PeerAuthError::BadPort(70000))
-        );
+        let (_, p) = pa("default", "x", "{selector: {matchLabels: {'a b': c}}, mtls: {mode: STRICT}}");
+        assert!(matches!(convert_selector(&p, MtlsMode::Unset), Err(PeerAuthError::BadSelector(_))));
+        let (_, p) = pa("default", "x", "{selector: {matchLabels: {a: c}}, portLevelMtls: {70000: {mode: STRICT}}}");
+        assert_eq!(convert_selector(&p, MtlsMode::Unset), Err(PeerAuthError::BadPort(70000)));
     }
 }

@@ -62,17 +62,10 @@ enum Target<'a> {
 }
 
 /// EndpointSlices by (namespace, service name).
-pub fn slices_by_service(
-    slices: &BTreeMap<ObjectKey, EndpointSlice>,
-) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+pub fn slices_by_service(slices: &BTreeMap<ObjectKey, EndpointSlice>) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for ((ns, _), s) in slices {
-        if let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
             out.entry((ns.as_str(), svc.as_str())).or_default().push(s);
         }
     }
@@ -110,32 +103,21 @@ pub fn build(
     if let Some(s) = selector {
         validate_labels(s).map_err(ServiceError::BadSelector)?;
     }
-    let ports = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter(|p| is_tcp(p))
-        .map(port_spec)
-        .collect::<Result<Vec<_>, _>>()?;
+    let ports = spec.ports.iter().flatten().filter(|p| is_tcp(p)).map(port_spec).collect::<Result<Vec<_>, _>>()?;
     let mut vips = Vec::new();
     let listed = spec.cluster_ips.iter().flatten();
     for ip in spec.cluster_ip.iter().chain(listed) {
         if ip.is_empty() || ip == "None" {
             continue; // headless
         }
-        let ip: IpAddr = ip
-            .parse()
-            .map_err(|_| ServiceError::BadClusterIp(ip.clone()))?;
+        let ip: IpAddr = ip.parse().map_err(|_| ServiceError::BadClusterIp(ip.clone()))?;
         if !vips.contains(&ip) {
             vips.push(ip);
         }
     }
     let hostname = format!("{name}.{ns}.svc.{}", cx.domain_suffix);
     let mut warnings = Vec::new();
-    let waypoint = match cx
-        .waypoints
-        .resolve(ns, svc.metadata.labels.as_ref(), ns_labels, false)
-    {
+    let waypoint = match cx.waypoints.resolve(ns, svc.metadata.labels.as_ref(), ns_labels, false) {
         Resolved::NoWaypoint => None,
         Resolved::Waypoint(w) => Some(w),
         Resolved::Missing(gw) => {
@@ -159,13 +141,7 @@ pub fn build(
         name: name.into(),
         namespace: ns.into(),
         hostname: hostname.clone(),
-        addresses: vips
-            .iter()
-            .map(|ip| NetworkAddress {
-                network: String::new(),
-                address: ip_bytes(ip),
-            })
-            .collect(),
+        addresses: vips.iter().map(|ip| NetworkAddress { network: String::new(), address: ip_bytes(ip) }).collect(),
         ports: ports
             .iter()
             .map(|p| Port {
@@ -179,13 +155,7 @@ pub fn build(
         waypoint,
         ..Default::default()
     };
-    Ok(Some(ServiceModel {
-        key: format!("{ns}/{hostname}"),
-        service,
-        vips,
-        endpoints,
-        warnings,
-    }))
+    Ok(Some(ServiceModel { key: format!("{ns}/{hostname}"), service, vips, endpoints, warnings }))
 }
 
 /// An IP as the bytes the workload API carries (4 or 16).
@@ -202,35 +172,22 @@ fn is_tcp(p: &ServicePort) -> bool {
 }
 
 fn port_spec(p: &ServicePort) -> Result<PortSpec<'_>, ServiceError> {
-    let port = u16::try_from(p.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(ServiceError::BadPort(p.port))?;
+    let port = u16::try_from(p.port).ok().filter(|p| *p != 0).ok_or(ServiceError::BadPort(p.port))?;
     let target = match &p.target_port {
         None => Target::Number(u32::from(port)),
         Some(IntOrString::Int(t)) => {
-            let t = u16::try_from(*t)
-                .ok()
-                .filter(|t| *t != 0)
-                .ok_or(ServiceError::BadTargetPort(*t))?;
+            let t = u16::try_from(*t).ok().filter(|t| *t != 0).ok_or(ServiceError::BadTargetPort(*t))?;
             Target::Number(u32::from(t))
         }
         Some(IntOrString::String(s)) => match s.parse::<i32>() {
             // Some tools write numbers as strings.
             Ok(t) => Target::Number(u32::from(
-                u16::try_from(t)
-                    .ok()
-                    .filter(|t| *t != 0)
-                    .ok_or(ServiceError::BadTargetPort(t))?,
+                u16::try_from(t).ok().filter(|t| *t != 0).ok_or(ServiceError::BadTargetPort(t))?,
             )),
             Err(_) => Target::Named(s),
         },
     };
-    Ok(PortSpec {
-        name: p.name.as_deref().unwrap_or(""),
-        port: u32::from(port),
-        target,
-    })
+    Ok(PortSpec { name: p.name.as_deref().unwrap_or(""), port: u32::from(port), target })
 }
 
 /// The pod's mappings for `ports`, resolving named target ports against its
@@ -245,10 +202,7 @@ fn pod_ports(pod: &Pod, ports: &[PortSpec<'_>]) -> Option<PortList> {
                 None => continue,
             },
         };
-        out.push(Port {
-            service_port: p.port,
-            target_port: target,
-        });
+        out.push(Port { service_port: p.port, target_port: target });
     }
     (ports.is_empty() || !out.is_empty()).then_some(PortList { ports: out })
 }
@@ -276,37 +230,21 @@ fn slice_endpoints(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some((
-                    p.name.as_deref().unwrap_or(""),
-                    u32::try_from(p.port?).ok()?,
-                ))
-            })
+            .filter_map(|p| Some((p.name.as_deref().unwrap_or(""), u32::try_from(p.port?).ok()?)))
             .collect();
         let mapped: Vec<Port> = ports
             .iter()
             .filter_map(|sp| {
                 let (_, target) = slice_ports.iter().find(|(n, _)| *n == sp.name)?;
-                Some(Port {
-                    service_port: sp.port,
-                    target_port: *target,
-                })
+                Some(Port { service_port: sp.port, target_port: *target })
             })
             .collect();
         for e in s.endpoints.iter().flatten() {
-            let by_ref = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    let pod_ns = r.namespace.clone().unwrap_or_else(|| ns.to_owned());
-                    pods.by_key(&(pod_ns, r.name.clone()?))
-                });
-            let by_addr = || {
-                e.addresses
-                    .iter()
-                    .find_map(|a| a.parse().ok().and_then(|ip| pods.by_ip(&ip)))
-            };
+            let by_ref = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                let pod_ns = r.namespace.clone().unwrap_or_else(|| ns.to_owned());
+                pods.by_key(&(pod_ns, r.name.clone()?))
+            });
+            let by_addr = || e.addresses.iter().find_map(|a| a.parse().ok().and_then(|ip| pods.by_ip(&ip)));
             let Some(i) = by_ref.or_else(by_addr) else {
                 tracing::debug!(%ns, addresses = ?e.addresses, "endpoint without a known pod; skipped");
                 continue;
@@ -319,8 +257,5 @@ fn slice_endpoints(
             }
         }
     }
-    by_pod
-        .into_iter()
-        .map(|(i, ports)| (i, PortList { ports }))
-        .collect()
+    by_pod.into_iter().map(|(i, ports)| (i, PortList { ports })).collect()
 }

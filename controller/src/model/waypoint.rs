@@ -74,11 +74,7 @@ pub fn waypoints(objects: &ClusterObjects, domain_suffix: &str) -> Vec<WaypointG
             name: name.clone(),
             class: g.spec.gateway_class_name.clone(),
             waypoint_for: WaypointFor::parse(
-                g.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(WAYPOINT_FOR_LABEL))
-                    .map(String::as_str),
+                g.metadata.labels.as_ref().and_then(|l| l.get(WAYPOINT_FOR_LABEL)).map(String::as_str),
             ),
             hostname: format!("{name}.{ns}.svc.{domain_suffix}"),
         })
@@ -105,10 +101,7 @@ pub enum Resolved {
 impl<'a> WaypointIndex<'a> {
     /// Indexes `gateways`.
     pub fn new(gateways: &'a [WaypointGateway]) -> Self {
-        let by_key = gateways
-            .iter()
-            .map(|g| ((g.namespace.as_str(), g.name.as_str()), g))
-            .collect();
+        let by_key = gateways.iter().map(|g| ((g.namespace.as_str(), g.name.as_str()), g)).collect();
         Self { by_key }
     }
 
@@ -122,10 +115,7 @@ impl<'a> WaypointIndex<'a> {
         for_workload: bool,
     ) -> Resolved {
         // The object's own label wins over its namespace's, including `none`.
-        let source = [labels, ns_labels]
-            .into_iter()
-            .flatten()
-            .find(|l| l.contains_key(USE_WAYPOINT_LABEL));
+        let source = [labels, ns_labels].into_iter().flatten().find(|l| l.contains_key(USE_WAYPOINT_LABEL));
         let Some(l) = source else {
             return Resolved::NoWaypoint;
         };
@@ -133,17 +123,11 @@ impl<'a> WaypointIndex<'a> {
         if name == "none" || name.is_empty() {
             return Resolved::NoWaypoint;
         }
-        let wp_ns = l
-            .get(USE_WAYPOINT_NAMESPACE_LABEL)
-            .map_or(ns, String::as_str);
+        let wp_ns = l.get(USE_WAYPOINT_NAMESPACE_LABEL).map_or(ns, String::as_str);
         let Some(g) = self.by_key.get(&(wp_ns, name)) else {
             return Resolved::Missing(format!("{wp_ns}/{name}"));
         };
-        let applies = if for_workload {
-            g.waypoint_for.workloads()
-        } else {
-            g.waypoint_for.services()
-        };
+        let applies = if for_workload { g.waypoint_for.workloads() } else { g.waypoint_for.services() };
         if !applies {
             return Resolved::NoWaypoint;
         }
@@ -172,61 +156,35 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn object_label_beats_namespace_label_and_none_opts_out() {
-        let gws = [
-            gw("default", "wp", WaypointFor::Service),
-            gw("default", "other", WaypointFor::Service),
-        ];
+        let gws = [gw("default", "wp", WaypointFor::Service), gw("default", "other", WaypointFor::Service)];
         let idx = WaypointIndex::new(&gws);
         let ns = labels(&[(USE_WAYPOINT_LABEL, "wp")]);
         let own = labels(&[(USE_WAYPOINT_LABEL, "other")]);
         let Resolved::Waypoint(a) = idx.resolve("default", Some(&own), Some(&ns), false) else {
             panic!("want a waypoint")
         };
-        let Some(gateway_address::Destination::Hostname(h)) = a.destination else {
-            panic!()
-        };
+        let Some(gateway_address::Destination::Hostname(h)) = a.destination else { panic!() };
         assert_eq!(h.hostname, "other.default.svc.cluster.local");
         assert_eq!(a.hbone_mtls_port, 15008);
         let none = labels(&[(USE_WAYPOINT_LABEL, "none")]);
-        assert_eq!(
-            idx.resolve("default", Some(&none), Some(&ns), false),
-            Resolved::NoWaypoint
-        );
+        assert_eq!(idx.resolve("default", Some(&none), Some(&ns), false), Resolved::NoWaypoint);
     }
 
     #[test]
     fn waypoint_for_decides_between_services_and_workloads() {
-        let gws = [
-            gw("default", "svc", WaypointFor::Service),
-            gw("default", "wl", WaypointFor::Workload),
-        ];
+        let gws = [gw("default", "svc", WaypointFor::Service), gw("default", "wl", WaypointFor::Workload)];
         let idx = WaypointIndex::new(&gws);
         let svc = labels(&[(USE_WAYPOINT_LABEL, "svc")]);
         let wl = labels(&[(USE_WAYPOINT_LABEL, "wl")]);
-        assert!(matches!(
-            idx.resolve("default", Some(&svc), None, false),
-            Resolved::Waypoint(_)
-        ));
-        assert_eq!(
-            idx.resolve("default", Some(&svc), None, true),
-            Resolved::NoWaypoint
-        );
-        assert!(matches!(
-            idx.resolve("default", Some(&wl), None, true),
-            Resolved::Waypoint(_)
-        ));
-        assert_eq!(
-            idx.resolve("default", Some(&wl), None, false),
-            Resolved::NoWaypoint
-        );
+        assert!(matches!(idx.resolve("default", Some(&svc), None, false), Resolved::Waypoint(_)));
+        assert_eq!(idx.resolve("default", Some(&svc), None, true), Resolved::NoWaypoint);
+        assert!(matches!(idx.resolve("default", Some(&wl), None, true), Resolved::Waypoint(_)));
+        assert_eq!(idx.resolve("default", Some(&wl), None, false), Resolved::NoWaypoint);
     }
 
     #[test]
@@ -234,17 +192,8 @@ mod tests {
         let gws = [gw("infra", "wp", WaypointFor::All)];
         let idx = WaypointIndex::new(&gws);
         let l = labels(&[(USE_WAYPOINT_LABEL, "wp")]);
-        assert_eq!(
-            idx.resolve("default", Some(&l), None, false),
-            Resolved::Missing("default/wp".into())
-        );
-        let l = labels(&[
-            (USE_WAYPOINT_LABEL, "wp"),
-            (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
-        ]);
-        assert!(matches!(
-            idx.resolve("default", Some(&l), None, false),
-            Resolved::Waypoint(_)
-        ));
+        assert_eq!(idx.resolve("default", Some(&l), None, false), Resolved::Missing("default/wp".into()));
+        let l = labels(&[(USE_WAYPOINT_LABEL, "wp"), (USE_WAYPOINT_NAMESPACE_LABEL, "infra")]);
+        assert!(matches!(idx.resolve("default", Some(&l), None, false), Resolved::Waypoint(_)));
     }
 }

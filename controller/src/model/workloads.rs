@@ -3,9 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ambit_api::workload::{
-    NetworkMode, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
-};
+use ambit_api::workload::{NetworkMode, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::index::PodView;
@@ -62,45 +60,22 @@ pub fn build(
         namespace: ns.into(),
         addresses: v.ips.iter().map(ip_bytes).collect(),
         network: String::new(),
-        tunnel_protocol: if v.captured {
-            TunnelProtocol::Hbone
-        } else {
-            TunnelProtocol::None
-        }
-        .into(),
+        tunnel_protocol: if v.captured { TunnelProtocol::Hbone } else { TunnelProtocol::None }.into(),
         trust_domain: opts.trust_domain.clone(),
         service_account: v.service_account.into(),
         waypoint,
         node: v.node.into(),
-        canonical_name: label(&[
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ])
-        .unwrap_or_else(|| name.into()),
-        canonical_revision: label(&[
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ])
-        .unwrap_or_else(|| "latest".into()),
+        canonical_name: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+            .unwrap_or_else(|| name.into()),
+        canonical_revision: label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+            .unwrap_or_else(|| "latest".into()),
         workload_type: WorkloadType::Pod.into(),
         workload_name: workload_name(v.pod, name),
         services: extras.services,
         authorization_policies: policies,
-        status: if ready(v.pod) {
-            WorkloadStatus::Healthy
-        } else {
-            WorkloadStatus::Unhealthy
-        }
-        .into(),
+        status: if ready(v.pod) { WorkloadStatus::Healthy } else { WorkloadStatus::Unhealthy }.into(),
         cluster_id: opts.cluster_id.clone(),
-        network_mode: if v.host_network {
-            NetworkMode::HostNetwork
-        } else {
-            NetworkMode::Standard
-        }
-        .into(),
+        network_mode: if v.host_network { NetworkMode::HostNetwork } else { NetworkMode::Standard }.into(),
         ..Default::default()
     };
     (w, warning)
@@ -116,21 +91,12 @@ fn ready(pod: &Pod) -> bool {
 /// The owning workload's name: a Deployment's for ReplicaSet pods (the
 /// ReplicaSet name less its `pod-template-hash`), the controller's otherwise.
 fn workload_name(pod: &Pod, pod_name: &str) -> String {
-    let owner = pod
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true));
+    let owner = pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
     let Some(owner) = owner else {
         return pod_name.into();
     };
     if owner.kind == "ReplicaSet" {
-        let hash = pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("pod-template-hash"));
+        let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
         if let Some(base) = hash.and_then(|h| owner.name.strip_suffix(h.as_str())) {
             if let Some(base) = base.strip_suffix('-') {
                 return base.into();
@@ -146,10 +112,7 @@ mod tests {
 
     #[test]
     fn uid_follows_istio() {
-        assert_eq!(
-            pod_uid("Kubernetes", "default", "client"),
-            "Kubernetes//Pod/default/client"
-        );
+        assert_eq!(pod_uid("Kubernetes", "default", "client"), "Kubernetes//Pod/default/client");
     }
 
     #[test]

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{
-    self, parse, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx, Warning,
-};
+use crate::model::{self, parse, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx, Warning};
 
 /// Default time between two looks at the directory.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
@@ -43,10 +41,7 @@ impl Files {
     /// Reads every `*.yaml`/`*.yml` regular file of `dir` (not recursive; hidden files skipped,
     /// which also skips the `..data` links of mounted ConfigMaps).
     pub fn read(dir: &Path) -> Result<Self, SourceError> {
-        let read_dir_err = |source| SourceError::ReadDir {
-            dir: dir.to_owned(),
-            source,
-        };
+        let read_dir_err = |source| SourceError::ReadDir { dir: dir.to_owned(), source };
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_dir_err)? {
             let path = entry.map_err(read_dir_err)?.path();
@@ -118,11 +113,7 @@ pub struct FileSource {
 impl FileSource {
     /// A source for `dir`, polled every [`DEFAULT_INTERVAL`].
     pub fn new(dir: PathBuf, opts: ModelOptions) -> Self {
-        Self {
-            dir,
-            opts,
-            interval: DEFAULT_INTERVAL,
-        }
+        Self { dir, opts, interval: DEFAULT_INTERVAL }
     }
 
     /// Changes the polling interval.
@@ -229,7 +220,8 @@ mod tests {
         }
     }
 
-    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n";
+    const NS: &str =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n";
 
     fn pod(name: &str, ip: &str) -> String {
         format!(
@@ -242,17 +234,10 @@ mod tests {
     fn sink() -> (RejectionSink, Seen) {
         let seen: Seen = Arc::default();
         let s = seen.clone();
-        (
-            Arc::new(move |r: &[Rejection]| s.lock().unwrap().push(r.to_vec())),
-            seen,
-        )
+        (Arc::new(move |r: &[Rejection]| s.lock().unwrap().push(r.to_vec())), seen)
     }
 
-    async fn wait_for(
-        rx: &mut model::SnapshotRx,
-        what: &str,
-        f: impl Fn(&model::Snapshot) -> bool,
-    ) {
+    async fn wait_for(rx: &mut model::SnapshotRx, what: &str, f: impl Fn(&model::Snapshot) -> bool) {
         let deadline = Duration::from_secs(1);
         tokio::time::timeout(deadline, rx.wait_for(|s| f(s)))
             .await
@@ -267,21 +252,14 @@ mod tests {
         std::fs::write(dir.0.join("pods.yml"), pod("a", "10.1.0.2")).unwrap();
         let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(model::Snapshot::default()));
         let (sink, _) = sink();
-        let source = FileSource::new(dir.0.clone(), ModelOptions::default())
-            .with_interval(Duration::from_millis(100));
+        let source = FileSource::new(dir.0.clone(), ModelOptions::default()).with_interval(Duration::from_millis(100));
         let task = tokio::spawn(source.run(tx, sink));
-        wait_for(&mut rx, "pod a exists", |s| {
-            s.addresses.contains_key("Kubernetes//Pod/default/a")
-        })
-        .await;
+        wait_for(&mut rx, "pod a exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/a")).await;
         assert_eq!(rx.borrow().version, 1);
 
         let both = format!("{}---\n{}", pod("a", "10.1.0.2"), pod("b", "10.1.0.3"));
         std::fs::write(dir.0.join("pods.yml"), both).unwrap();
-        wait_for(&mut rx, "pod b exists", |s| {
-            s.addresses.contains_key("Kubernetes//Pod/default/b")
-        })
-        .await;
+        wait_for(&mut rx, "pod b exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/b")).await;
         assert_eq!(rx.borrow().version, 2);
 
         // Same resources, different text (a comment): no new version.
@@ -298,34 +276,20 @@ mod tests {
         let dir = TempDir::new("file-source-broken");
         std::fs::write(dir.0.join("ns.yaml"), NS).unwrap();
         std::fs::write(dir.0.join("pods.yaml"), pod("a", "10.1.0.2")).unwrap();
-        std::fs::write(
-            dir.0.join("broken.yaml"),
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: [\n",
-        )
-        .unwrap();
+        std::fs::write(dir.0.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: [\n").unwrap();
         std::fs::write(dir.0.join("notes.txt"), "not yaml, not read").unwrap();
         let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(model::Snapshot::default()));
         let (sink, seen) = sink();
-        let source = FileSource::new(dir.0.clone(), ModelOptions::default())
-            .with_interval(Duration::from_millis(100));
+        let source = FileSource::new(dir.0.clone(), ModelOptions::default()).with_interval(Duration::from_millis(100));
         let task = tokio::spawn(source.run(tx, sink));
-        wait_for(&mut rx, "pod a exists", |s| {
-            s.addresses.contains_key("Kubernetes//Pod/default/a")
-        })
-        .await;
+        wait_for(&mut rx, "pod a exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/a")).await;
         let reported = seen.lock().unwrap()[0].clone();
         assert_eq!(reported.len(), 1, "{reported:?}");
-        assert_eq!(
-            (reported[0].kind.as_str(), reported[0].name.as_str()),
-            ("File", "broken.yaml")
-        );
+        assert_eq!((reported[0].kind.as_str(), reported[0].name.as_str()), ("File", "broken.yaml"));
 
         // Fixing the file clears the rejections.
         std::fs::write(dir.0.join("broken.yaml"), pod("b", "10.1.0.3")).unwrap();
-        wait_for(&mut rx, "pod b exists", |s| {
-            s.addresses.contains_key("Kubernetes//Pod/default/b")
-        })
-        .await;
+        wait_for(&mut rx, "pod b exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/b")).await;
         assert!(seen.lock().unwrap().last().unwrap().is_empty());
         task.abort();
     }
@@ -339,10 +303,7 @@ mod tests {
         let (objects, rejections) = files.objects();
         assert_eq!(objects.pods.len(), 1);
         assert_eq!(rejections.len(), 1);
-        assert!(
-            rejections[0].reason.starts_with("b.yaml: duplicate"),
-            "{rejections:?}"
-        );
+        assert!(rejections[0].reason.starts_with("b.yaml: duplicate"), "{rejections:?}");
     }
 
     #[test]

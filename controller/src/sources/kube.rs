@@ -25,9 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::model::crd::Resource as CrdResource;
-use crate::model::{
-    self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx,
-};
+use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx};
 
 /// How long to wait after a change for more before rebuilding.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -54,17 +52,11 @@ pub enum KubeSourceError {
 
 /// A client for the cluster (and credentials) of the kubeconfig at `path`, in its current context.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSourceError> {
-    let err = |source| KubeSourceError::Kubeconfig {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| KubeSourceError::Kubeconfig { path: path.to_owned(), source };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(err)?;
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .map_err(err)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(err)?;
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -77,44 +69,21 @@ struct Crd {
     plural: &'static str,
 }
 
-const AUTHORIZATION_POLICY: Crd = Crd {
-    group: "security.istio.io",
-    version: "v1",
-    kind: "AuthorizationPolicy",
-    plural: "authorizationpolicies",
-};
-const PEER_AUTHENTICATION: Crd = Crd {
-    group: "security.istio.io",
-    version: "v1",
-    kind: "PeerAuthentication",
-    plural: "peerauthentications",
-};
-const GATEWAY: Crd = Crd {
-    group: "gateway.networking.k8s.io",
-    version: "v1",
-    kind: "Gateway",
-    plural: "gateways",
-};
+const AUTHORIZATION_POLICY: Crd =
+    Crd { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" };
+const PEER_AUTHENTICATION: Crd =
+    Crd { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications" };
+const GATEWAY: Crd = Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "Gateway", plural: "gateways" };
 
 impl Crd {
     fn api_resource(&self) -> ApiResource {
-        ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(self.group, self.version, self.kind),
-            self.plural,
-        )
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(self.group, self.version, self.kind), self.plural)
     }
 }
 
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
-const KINDS: [&str; 7] = [
-    "Namespace",
-    "Pod",
-    "Service",
-    "EndpointSlice",
-    AUTHORIZATION_POLICY.kind,
-    PEER_AUTHENTICATION.kind,
-    GATEWAY.kind,
-];
+const KINDS: [&str; 7] =
+    ["Namespace", "Pod", "Service", "EndpointSlice", AUTHORIZATION_POLICY.kind, PEER_AUTHENTICATION.kind, GATEWAY.kind];
 
 /// What the watcher tasks tell the build loop.
 #[derive(Debug)]
@@ -158,21 +127,14 @@ pub struct KubeSource {
 
 impl Debug for KubeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeSource")
-            .field("opts", &self.opts)
-            .field("debounce", &self.debounce)
-            .finish()
+        f.debug_struct("KubeSource").field("opts", &self.opts).field("debounce", &self.debounce).finish()
     }
 }
 
 impl KubeSource {
     /// A source reading the cluster of `client` (all namespaces).
     pub fn new(client: kube::Client, opts: ModelOptions) -> Self {
-        Self {
-            client,
-            opts,
-            debounce: DEFAULT_DEBOUNCE,
-        }
+        Self { client, opts, debounce: DEFAULT_DEBOUNCE }
     }
 
     /// Changes the debounce delay.
@@ -262,15 +224,7 @@ impl KubeSource {
         let policies = spawn_dynamic(c, AUTHORIZATION_POLICY, signal, &mut tasks);
         let peer_auths = spawn_dynamic(c, PEER_AUTHENTICATION, signal, &mut tasks);
         let gateways = spawn_dynamic(c, GATEWAY, signal, &mut tasks);
-        let stores = Stores {
-            namespaces,
-            pods,
-            services,
-            endpoint_slices,
-            policies,
-            peer_auths,
-            gateways,
-        };
+        let stores = Stores { namespaces, pods, services, endpoint_slices, policies, peer_auths, gateways };
         (stores, Tasks(tasks))
     }
 }
@@ -292,12 +246,7 @@ where
 {
     let writer = Writer::<K>::default();
     let store = writer.as_reader();
-    tasks.push(tokio::spawn(watch(
-        Api::all(client.clone()),
-        writer,
-        kind,
-        signal.clone(),
-    )));
+    tasks.push(tokio::spawn(watch(Api::all(client.clone()), writer, kind, signal.clone())));
     store
 }
 
@@ -316,19 +265,12 @@ fn spawn_dynamic(
 }
 
 /// Runs one reflector until the build loop is gone; errors are logged and retried with backoff.
-async fn watch<K>(
-    api: Api<K>,
-    writer: Writer<K>,
-    kind: &'static str,
-    signal: mpsc::UnboundedSender<Signal>,
-) where
+async fn watch<K>(api: Api<K>, writer: Writer<K>, kind: &'static str, signal: mpsc::UnboundedSender<Signal>)
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
     futures::pin_mut!(stream);
     let mut absent = false;
     let mut last_error = None::<String>;
@@ -341,13 +283,9 @@ async fn watch<K>(
                 }
                 absent = false;
                 last_error = None;
-                signal
-                    .send(Signal::Ready(kind))
-                    .and_then(|()| signal.send(Signal::Changed))
+                signal.send(Signal::Ready(kind)).and_then(|()| signal.send(Signal::Changed))
             }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                signal.send(Signal::Changed)
-            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => signal.send(Signal::Changed),
             Err(e) if is_not_found(&e) => {
                 if !absent {
                     tracing::warn!(kind, "resource not served (CRD not installed?); treating it as empty and retrying");
@@ -425,11 +363,7 @@ fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) 
 }
 
 fn policy_key(kind: &'static str, o: &DynamicObject) -> PolicyKey {
-    (
-        kind,
-        o.metadata.namespace.clone().unwrap_or_default(),
-        o.metadata.name.clone().unwrap_or_default(),
-    )
+    (kind, o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default())
 }
 
 /// Converts a dynamic object to the model's serde type (the same strict schema the file source applies).
@@ -505,12 +439,7 @@ struct StatusWriter {
 
 impl StatusWriter {
     fn new(client: kube::Client, retry: mpsc::UnboundedSender<Signal>) -> Self {
-        Self {
-            client,
-            written: HashMap::new(),
-            retry,
-            retry_pending: false,
-        }
+        Self { client, written: HashMap::new(), retry, retry_pending: false }
     }
 
     async fn sync(&mut self, stores: &Stores, keys: &[PolicyKey], rejected: &[Rejection]) {
@@ -521,10 +450,7 @@ impl StatusWriter {
                 k if k == PEER_AUTHENTICATION.kind => PEER_AUTHENTICATION.kind,
                 _ => continue,
             };
-            reasons
-                .entry((kind, r.namespace.clone(), r.name.clone()))
-                .or_default()
-                .push(&r.reason);
+            reasons.entry((kind, r.namespace.clone(), r.name.clone())).or_default().push(&r.reason);
         }
         let present: HashSet<&PolicyKey> = keys.iter().collect();
         self.written.retain(|k, _| present.contains(k));
@@ -535,8 +461,7 @@ impl StatusWriter {
             } else {
                 (PEER_AUTHENTICATION, &stores.peer_auths)
             };
-            let Some(obj) = store
-                .get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
+            let Some(obj) = store.get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
             else {
                 continue; // deleted since the build
             };
@@ -557,19 +482,13 @@ impl StatusWriter {
             if self.written.get(key) == Some(&want) {
                 continue;
             }
-            let conditions: Vec<Value> = obj.data["status"]["conditions"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let conditions: Vec<Value> = obj.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
             if want.matches(&conditions) {
                 self.written.insert(key.clone(), want);
                 continue;
             }
             // Keep other controllers' conditions; replace ours.
-            let mut next: Vec<Value> = conditions
-                .into_iter()
-                .filter(|c| c["type"] != "Accepted")
-                .collect();
+            let mut next: Vec<Value> = conditions.into_iter().filter(|c| c["type"] != "Accepted").collect();
             next.push(want.to_json());
             match self.write(crd, &key.1, &key.2, next).await {
                 Ok(()) => {
@@ -595,25 +514,14 @@ impl StatusWriter {
     }
 
     /// Merge-patches `status.conditions` through the status subresource, or on the object when the CRD has none.
-    async fn write(
-        &self,
-        crd: Crd,
-        ns: &str,
-        name: &str,
-        conditions: Vec<Value>,
-    ) -> Result<(), kube::Error> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), ns, &crd.api_resource());
+    async fn write(&self, crd: Crd, ns: &str, name: &str, conditions: Vec<Value>) -> Result<(), kube::Error> {
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &crd.api_resource());
         let patch = json!({ "status": { "conditions": conditions } });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(s)) if s.is_not_found() => api
-                .patch(name, &params, &Patch::Merge(&patch))
-                .await
-                .map(drop),
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                api.patch(name, &params, &Patch::Merge(&patch)).await.map(drop)
+            }
             r => r.map(drop),
         }
     }
@@ -634,22 +542,11 @@ mod tests {
              spec: {action: BOGUS}\n",
         );
         let mut rejections = Vec::new();
-        let t: Option<model::crd::AuthorizationPolicy> =
-            typed(&o, AUTHORIZATION_POLICY, &mut rejections);
+        let t: Option<model::crd::AuthorizationPolicy> = typed(&o, AUTHORIZATION_POLICY, &mut rejections);
         assert!(t.is_none());
         assert_eq!(rejections.len(), 1);
-        assert_eq!(
-            (
-                rejections[0].namespace.as_str(),
-                rejections[0].name.as_str()
-            ),
-            ("ns1", "bad")
-        );
-        assert!(
-            rejections[0].reason.contains("BOGUS"),
-            "{}",
-            rejections[0].reason
-        );
+        assert_eq!((rejections[0].namespace.as_str(), rejections[0].name.as_str()), ("ns1", "bad"));
+        assert!(rejections[0].reason.contains("BOGUS"), "{}", rejections[0].reason);
     }
 
     #[test]
@@ -661,8 +558,7 @@ mod tests {
         );
         o.types = None;
         let mut rejections = Vec::new();
-        let t: model::crd::AuthorizationPolicy =
-            typed(&o, AUTHORIZATION_POLICY, &mut rejections).unwrap();
+        let t: model::crd::AuthorizationPolicy = typed(&o, AUTHORIZATION_POLICY, &mut rejections).unwrap();
         assert!(rejections.is_empty(), "{rejections:?}");
         assert_eq!(t.spec.action, model::crd::AuthorizationAction::Deny);
         assert_eq!(t.kind, "AuthorizationPolicy");
@@ -670,22 +566,12 @@ mod tests {
 
     #[test]
     fn a_condition_matches_only_with_the_same_status_reason_message_and_generation() {
-        let want = Accepted {
-            status: "False",
-            reason: "Invalid",
-            message: "bad".into(),
-            generation: Some(3),
-        };
+        let want = Accepted { status: "False", reason: "Invalid", message: "bad".into(), generation: Some(3) };
         let mut c = want.to_json();
         assert!(want.matches(std::slice::from_ref(&c)));
         c["observedGeneration"] = json!(2);
         assert!(!want.matches(std::slice::from_ref(&c)));
-        let accepted = Accepted {
-            status: "True",
-            reason: "Accepted",
-            message: String::new(),
-            generation: Some(3),
-        };
+        let accepted = Accepted { status: "True", reason: "Accepted", message: String::new(), generation: Some(3) };
         assert!(!accepted.matches(&[want.to_json()]));
     }
 }

@@ -25,12 +25,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use resources::{
-    deployment, service, service_account, Owner, GATEWAY_CLASS_LABEL, GATEWAY_NAME_LABEL,
-    HBONE_PORT, MANAGED_BY_LABEL, MANAGER, METRICS_PORT, READINESS_PORT,
+    deployment, service, service_account, Owner, GATEWAY_CLASS_LABEL, GATEWAY_NAME_LABEL, HBONE_PORT, MANAGED_BY_LABEL,
+    MANAGER, METRICS_PORT, READINESS_PORT,
 };
-pub use status::{
-    desired as desired_status, GatewayStatus, GatewayStatusAddress, Observed, ACCEPTED, PROGRAMMED,
-};
+pub use status::{desired as desired_status, GatewayStatus, GatewayStatusAddress, Observed, ACCEPTED, PROGRAMMED};
 
 use crate::model::waypoint::WAYPOINT_CLASSES;
 
@@ -90,10 +88,7 @@ struct Context {
 
 /// The Gateway API `Gateway` resource (`gateway.networking.k8s.io/v1`).
 pub fn gateway_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
-        "gateways",
-    )
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"), "gateways")
 }
 
 /// Runs the waypoint controller until the watch streams end (they do not on
@@ -103,11 +98,7 @@ pub async fn run(client: kube::Client, settings: WaypointSettings) {
     let gateways = gateway_resource();
     // Only our own children are watched: they carry the managed-by label.
     let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        settings,
-        gateways: gateways.clone(),
-    });
+    let ctx = Arc::new(Context { client: client.clone(), settings, gateways: gateways.clone() });
     Controller::new_with(
         Api::<DynamicObject>::all_with(client.clone(), &gateways),
         watcher::Config::default(),
@@ -152,34 +143,17 @@ async fn reconcile(gw: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, 
     }
     let meta = &gw.metadata;
     let owner = Owner {
-        namespace: meta
-            .namespace
-            .clone()
-            .ok_or(Error::MissingMetadata("namespace"))?,
+        namespace: meta.namespace.clone().ok_or(Error::MissingMetadata("namespace"))?,
         name: meta.name.clone().ok_or(Error::MissingMetadata("name"))?,
         uid: meta.uid.clone().ok_or(Error::MissingMetadata("uid"))?,
         class: class.to_string(),
     };
     let ns = owner.namespace.as_str();
     let c = &ctx.client;
-    apply(
-        Api::<ServiceAccount>::namespaced(c.clone(), ns),
-        &owner.name,
-        &service_account(&owner),
-    )
-    .await?;
-    let svc = apply(
-        Api::<Service>::namespaced(c.clone(), ns),
-        &owner.name,
-        &service(&owner),
-    )
-    .await?;
-    let dep = apply(
-        Api::<Deployment>::namespaced(c.clone(), ns),
-        &owner.name,
-        &deployment(&owner, &ctx.settings),
-    )
-    .await?;
+    apply(Api::<ServiceAccount>::namespaced(c.clone(), ns), &owner.name, &service_account(&owner)).await?;
+    let svc = apply(Api::<Service>::namespaced(c.clone(), ns), &owner.name, &service(&owner)).await?;
+    let dep =
+        apply(Api::<Deployment>::namespaced(c.clone(), ns), &owner.name, &deployment(&owner, &ctx.settings)).await?;
 
     let observed = Observed {
         generation: meta.generation,
@@ -187,20 +161,14 @@ async fn reconcile(gw: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, 
         available_replicas: dep.status.and_then(|s| s.available_replicas).unwrap_or(0),
     };
     // A status this controller cannot read (written by someone else) is replaced.
-    let current: GatewayStatus = gw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
+    let current: GatewayStatus =
+        gw.data.get("status").and_then(|s| serde_json::from_value(s.clone()).ok()).unwrap_or_default();
     // The API server keeps whole seconds; so do we, so a re-read compares equal.
-    let now = Timestamp::now()
-        .round(Unit::Second)
-        .unwrap_or_else(|_| Timestamp::now());
+    let now = Timestamp::now().round(Unit::Second).unwrap_or_else(|_| Timestamp::now());
     if let Some(next) = status::desired(&current, &observed, now) {
         let api = Api::<DynamicObject>::namespaced_with(c.clone(), ns, &ctx.gateways);
         let patch = serde_json::json!({ "status": next });
-        api.patch_status(&owner.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        api.patch_status(&owner.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         tracing::info!(namespace = ns, name = %owner.name, programmed = observed.available_replicas >= 1, "waypoint status written");
     }
     // Changes to the Gateway and its children trigger reconciles; this is a safety net.
@@ -211,19 +179,12 @@ async fn reconcile(gw: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, 
 /// controls: a Gateway whose class changed away from a waypoint class keeps
 /// nothing. Objects of the same name owned by someone else are left alone.
 async fn remove_owned(gw: &DynamicObject, client: &kube::Client) -> Result<(), Error> {
-    let (Some(ns), Some(name), Some(uid)) =
-        (&gw.metadata.namespace, &gw.metadata.name, &gw.metadata.uid)
-    else {
+    let (Some(ns), Some(name), Some(uid)) = (&gw.metadata.namespace, &gw.metadata.name, &gw.metadata.uid) else {
         return Ok(());
     };
     delete_if_owned(Api::<Deployment>::namespaced(client.clone(), ns), name, uid).await?;
     delete_if_owned(Api::<Service>::namespaced(client.clone(), ns), name, uid).await?;
-    delete_if_owned(
-        Api::<ServiceAccount>::namespaced(client.clone(), ns),
-        name,
-        uid,
-    )
-    .await?;
+    delete_if_owned(Api::<ServiceAccount>::namespaced(client.clone(), ns), name, uid).await?;
     Ok(())
 }
 
@@ -234,19 +195,11 @@ where
     let Some(obj) = api.get_metadata_opt(name).await? else {
         return Ok(());
     };
-    let owned = obj
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == owner_uid && o.controller == Some(true));
+    let owned =
+        obj.metadata.owner_references.iter().flatten().any(|o| o.uid == owner_uid && o.controller == Some(true));
     if owned {
-        api.delete(name, &kube::api::DeleteParams::background())
-            .await?;
-        tracing::info!(
-            name,
-            "removed a waypoint object of a gateway that is no longer a waypoint"
-        );
+        api.delete(name, &kube::api::DeleteParams::background()).await?;
+        tracing::info!(name, "removed a waypoint object of a gateway that is no longer a waypoint");
     }
     Ok(())
 }

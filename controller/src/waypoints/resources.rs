@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service, ServiceAccount, ServicePort,
-    ServiceSpec,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -85,10 +84,7 @@ impl Owner {
 
 /// The waypoint's service account: its SPIFFE identity is `ns/<ns>/sa/<name>`.
 pub fn service_account(owner: &Owner) -> ServiceAccount {
-    ServiceAccount {
-        metadata: owner.meta(),
-        ..ServiceAccount::default()
-    }
+    ServiceAccount { metadata: owner.meta(), ..ServiceAccount::default() }
 }
 
 /// The waypoint Service; its ClusterIP becomes the Gateway's address.
@@ -106,10 +102,7 @@ pub fn service(owner: &Owner) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(owner.selector()),
-            ports: Some(vec![
-                port("mesh", HBONE_PORT, Some("all")),
-                port("status-port", READINESS_PORT, None),
-            ]),
+            ports: Some(vec![port("mesh", HBONE_PORT, Some("all")), port("status-port", READINESS_PORT, None)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -130,10 +123,7 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
     let field_env = |name: &str, path: &str| EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..ObjectFieldSelector::default()
-            }),
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..ObjectFieldSelector::default() }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -143,18 +133,10 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("INSTANCE_IP", "status.podIP"),
         field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        EnvVar {
-            name: "WAYPOINT_NAME".into(),
-            value: Some(owner.name.clone()),
-            ..EnvVar::default()
-        },
+        EnvVar { name: "WAYPOINT_NAME".into(), value: Some(owner.name.clone()), ..EnvVar::default() },
     ];
     if let Some(addr) = &settings.xds_address {
-        env.push(EnvVar {
-            name: "XDS_ADDRESS".into(),
-            value: Some(addr.clone()),
-            ..EnvVar::default()
-        });
+        env.push(EnvVar { name: "XDS_ADDRESS".into(), value: Some(addr.clone()), ..EnvVar::default() });
     }
     let quantities = |cpu: &Option<String>, memory: &Option<String>| {
         let map: BTreeMap<String, Quantity> = [("cpu", cpu), ("memory", memory)]
@@ -193,10 +175,7 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
         metadata: owner.meta(),
         spec: Some(DeploymentSpec {
             replicas: Some(settings.replicas),
-            selector: LabelSelector {
-                match_labels: Some(owner.selector()),
-                ..LabelSelector::default()
-            },
+            selector: LabelSelector { match_labels: Some(owner.selector()), ..LabelSelector::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -224,12 +203,7 @@ mod tests {
     use super::*;
 
     fn owner() -> Owner {
-        Owner {
-            namespace: "shop".into(),
-            name: "waypoint".into(),
-            uid: "1234".into(),
-            class: "istio-waypoint".into(),
-        }
+        Owner { namespace: "shop".into(), name: "waypoint".into(), uid: "1234".into(), class: "istio-waypoint".into() }
     }
 
     #[test]
@@ -254,13 +228,7 @@ mod tests {
         assert_eq!(pod.service_account_name.as_deref(), Some("waypoint"));
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("example/waypoint:1"));
-        let ports: Vec<i32> = c
-            .ports
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|p| p.container_port)
-            .collect();
+        let ports: Vec<i32> = c.ports.as_ref().unwrap().iter().map(|p| p.container_port).collect();
         assert_eq!(ports, [15008, 15021, 15020]);
         let res = c.resources.as_ref().unwrap();
         let req = res.requests.as_ref().unwrap();
@@ -280,35 +248,17 @@ mod tests {
     fn service_selects_the_waypoint_pods_on_hbone_and_readiness_ports() {
         let s = service(&owner());
         let spec = s.spec.unwrap();
-        assert_eq!(
-            spec.selector.unwrap(),
-            BTreeMap::from([(GATEWAY_NAME_LABEL.to_string(), "waypoint".to_string())])
-        );
-        let ports: Vec<(String, i32)> = spec
-            .ports
-            .unwrap()
-            .into_iter()
-            .map(|p| (p.name.unwrap(), p.port))
-            .collect();
-        assert_eq!(
-            ports,
-            [("mesh".into(), 15008), ("status-port".into(), 15021)]
-        );
+        assert_eq!(spec.selector.unwrap(), BTreeMap::from([(GATEWAY_NAME_LABEL.to_string(), "waypoint".to_string())]));
+        let ports: Vec<(String, i32)> = spec.ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
+        assert_eq!(ports, [("mesh".into(), 15008), ("status-port".into(), 15021)]);
         assert_eq!(s.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGER);
     }
 
     #[test]
     fn no_resources_are_requested_when_the_settings_name_none() {
-        let settings = WaypointSettings {
-            cpu_request: None,
-            memory_request: None,
-            ..WaypointSettings::default()
-        };
+        let settings = WaypointSettings { cpu_request: None, memory_request: None, ..WaypointSettings::default() };
         let d = deployment(&owner(), &settings);
-        let res = d.spec.unwrap().template.spec.unwrap().containers[0]
-            .resources
-            .clone()
-            .unwrap();
+        let res = d.spec.unwrap().template.spec.unwrap().containers[0].resources.clone().unwrap();
         assert_eq!(res.requests, None);
         assert_eq!(res.limits, None);
     }

@@ -46,40 +46,19 @@ pub struct Observed {
 
 /// The status to write, or `None` when `current` already says the same.
 /// Unchanged conditions keep their `lastTransitionTime`.
-pub fn desired(
-    current: &GatewayStatus,
-    observed: &Observed,
-    now: Timestamp,
-) -> Option<GatewayStatus> {
+pub fn desired(current: &GatewayStatus, observed: &Observed, now: Timestamp) -> Option<GatewayStatus> {
     let programmed = observed.available_replicas >= 1;
     let (p_status, p_reason, p_message) = if programmed {
-        (
-            "True",
-            "Programmed",
-            "the waypoint deployment has available replicas",
-        )
+        ("True", "Programmed", "the waypoint deployment has available replicas")
     } else {
-        (
-            "False",
-            "Pending",
-            "waiting for the waypoint deployment to have an available replica",
-        )
+        ("False", "Pending", "waiting for the waypoint deployment to have an available replica")
     };
     let ours = [
-        (
-            ACCEPTED,
-            "True",
-            "Accepted",
-            "the waypoint is deployed by ambit-controller",
-        ),
+        (ACCEPTED, "True", "Accepted", "the waypoint is deployed by ambit-controller"),
         (PROGRAMMED, p_status, p_reason, p_message),
     ];
-    let mut conditions: Vec<Condition> = current
-        .conditions
-        .iter()
-        .filter(|c| !ours.iter().any(|(t, ..)| *t == c.type_))
-        .cloned()
-        .collect();
+    let mut conditions: Vec<Condition> =
+        current.conditions.iter().filter(|c| !ours.iter().any(|(t, ..)| *t == c.type_)).cloned().collect();
     for (type_, status, reason, message) in ours {
         let old = current.conditions.iter().find(|c| c.type_ == type_);
         // Kubernetes convention: the transition time moves only when the status flips.
@@ -100,15 +79,9 @@ pub fn desired(
         .cluster_ip
         .iter()
         .filter(|ip| !ip.is_empty() && *ip != "None")
-        .map(|ip| GatewayStatusAddress {
-            type_: Some("IPAddress".into()),
-            value: ip.clone(),
-        })
+        .map(|ip| GatewayStatusAddress { type_: Some("IPAddress".into()), value: ip.clone() })
         .collect();
-    let next = GatewayStatus {
-        addresses,
-        conditions,
-    };
+    let next = GatewayStatus { addresses, conditions };
     (!same(current, &next)).then_some(next)
 }
 
@@ -128,11 +101,7 @@ mod tests {
     }
 
     fn observed(replicas: i32) -> Observed {
-        Observed {
-            generation: Some(1),
-            cluster_ip: Some("10.96.0.7".into()),
-            available_replicas: replicas,
-        }
+        Observed { generation: Some(1), cluster_ip: Some("10.96.0.7".into()), available_replicas: replicas }
     }
 
     fn condition<'a>(s: &'a GatewayStatus, type_: &str) -> &'a Condition {
@@ -162,10 +131,7 @@ mod tests {
         let s = desired(&GatewayStatus::default(), &observed(0), t(100)).unwrap();
         let s2 = desired(&s, &observed(1), t(200)).unwrap();
         let p = condition(&s2, PROGRAMMED);
-        assert_eq!(
-            (p.status.as_str(), p.reason.as_str()),
-            ("True", "Programmed")
-        );
+        assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "Programmed"));
         assert_eq!(p.last_transition_time, Time(t(200)));
         assert_eq!(condition(&s2, ACCEPTED).last_transition_time, Time(t(100)));
     }
@@ -181,10 +147,7 @@ mod tests {
             observed_generation: None,
             last_transition_time: Time(t(1)),
         });
-        let obs = Observed {
-            cluster_ip: None,
-            ..observed(0)
-        };
+        let obs = Observed { cluster_ip: None, ..observed(0) };
         let s = desired(&current, &obs, t(100)).unwrap();
         assert!(s.addresses.is_empty());
         assert_eq!(s.conditions.len(), 3);
@@ -194,15 +157,9 @@ mod tests {
     #[test]
     fn a_new_generation_is_written() {
         let s = desired(&GatewayStatus::default(), &observed(1), t(100)).unwrap();
-        let obs = Observed {
-            generation: Some(2),
-            ..observed(1)
-        };
+        let obs = Observed { generation: Some(2), ..observed(1) };
         let s2 = desired(&s, &obs, t(200)).unwrap();
         assert_eq!(condition(&s2, PROGRAMMED).observed_generation, Some(2));
-        assert_eq!(
-            condition(&s2, PROGRAMMED).last_transition_time,
-            Time(t(100))
-        );
+        assert_eq!(condition(&s2, PROGRAMMED).last_transition_time, Time(t(100)));
     }
 }

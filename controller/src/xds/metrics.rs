@@ -64,27 +64,11 @@ impl XdsMetrics {
             push_latency: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
         };
         let reg = registry.sub_registry_with_prefix("ambit_xds");
-        reg.register(
-            "connected_clients",
-            "Connected xDS streams",
-            m.connected.clone(),
-        );
+        reg.register("connected_clients", "Connected xDS streams", m.connected.clone());
         // prometheus-client appends `_total` to counters.
-        reg.register(
-            "pushes",
-            "xDS responses sent, by resource type",
-            m.pushes.clone(),
-        );
-        reg.register(
-            "acks",
-            "xDS responses acknowledged, by resource type",
-            m.acks.clone(),
-        );
-        reg.register(
-            "nacks",
-            "xDS responses rejected by the client, by resource type",
-            m.nacks.clone(),
-        );
+        reg.register("pushes", "xDS responses sent, by resource type", m.pushes.clone());
+        reg.register("acks", "xDS responses acknowledged, by resource type", m.acks.clone());
+        reg.register("nacks", "xDS responses rejected by the client, by resource type", m.nacks.clone());
         reg.register(
             "push_latency_seconds",
             "Time from a snapshot's publication to sending its delta to a client",
@@ -165,19 +149,10 @@ mod tests {
         m.push_latency(Duration::from_millis(2));
         let mut out = String::new();
         encode(&mut out, &reg).unwrap();
-        assert!(
-            out.contains("ambit_xds_pushes_total{type=\"address\"} 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ambit_xds_nacks_total{type=\"unknown\"} 1"),
-            "{out}"
-        );
+        assert!(out.contains("ambit_xds_pushes_total{type=\"address\"} 1"), "{out}");
+        assert!(out.contains("ambit_xds_nacks_total{type=\"unknown\"} 1"), "{out}");
         assert!(out.contains("ambit_xds_connected_clients 1"), "{out}");
-        assert!(
-            out.contains("ambit_xds_push_latency_seconds_count 1"),
-            "{out}"
-        );
+        assert!(out.contains("ambit_xds_push_latency_seconds_count 1"), "{out}");
         drop(g);
         assert_eq!(m.connected_clients(), 0);
     }

@@ -64,11 +64,7 @@ pub struct XdsServer {
 impl XdsServer {
     /// A server that publishes whatever `snapshots` holds.
     pub fn new(snapshots: SnapshotRx, metrics: Arc<XdsMetrics>) -> Self {
-        XdsServer {
-            snapshots,
-            metrics,
-            cache: Arc::default(),
-        }
+        XdsServer { snapshots, metrics, cache: Arc::default() }
     }
 
     /// The tonic service, ready for `Server::builder().add_service(...)`.
@@ -158,10 +154,7 @@ impl Connection {
     /// snapshot, whose latency is measured from its publication.
     async fn send(&mut self, out: Outgoing, pushed: Option<&Prepared>) -> Result<(), XdsError> {
         let ty = out.ty;
-        self.tx
-            .send(Ok(out.response))
-            .await
-            .map_err(|_| XdsError::ClientGone)?;
+        self.tx.send(Ok(out.response)).await.map_err(|_| XdsError::ClientGone)?;
         self.metrics.push(ty);
         if let Some(p) = pushed {
             self.metrics.push_latency(p.observed.elapsed());

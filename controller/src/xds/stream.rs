@@ -40,10 +40,7 @@ impl NodeInfo {
                 _ => None,
             })
             .unwrap_or_else(|| node.id.clone());
-        NodeInfo {
-            id: node.id.clone(),
-            name,
-        }
+        NodeInfo { id: node.id.clone(), name }
     }
 }
 
@@ -65,10 +62,7 @@ impl NodeInfo {
 pub fn visible_to_node(node: &NodeInfo, ty: ResourceType, name: &str, snapshot: &Snapshot) -> bool {
     match ty {
         ResourceType::Authorization => snapshot.authorizations.contains_key(name),
-        ResourceType::Address => snapshot
-            .addresses
-            .get(name)
-            .is_some_and(|a| address_visible(&node.name, a)),
+        ResourceType::Address => snapshot.addresses.get(name).is_some_and(|a| address_visible(&node.name, a)),
     }
 }
 
@@ -77,9 +71,7 @@ fn address_visible(node: &str, a: &Address) -> bool {
     match &a.r#type {
         Some(address::Type::Workload(w)) => {
             // Cheap inline fields first: most workloads are captured.
-            w.tunnel_protocol == i32::from(TunnelProtocol::Hbone)
-                || !w.services.is_empty()
-                || w.node == node
+            w.tunnel_protocol == i32::from(TunnelProtocol::Hbone) || !w.services.is_empty() || w.node == node
         }
         Some(address::Type::Service(_)) => true,
         None => false,
@@ -97,10 +89,7 @@ fn next_nonce() -> String {
 
 /// Process-unique enough: time and pid mixed, no RNG dependency needed.
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (t as u32) ^ std::process::id().rotate_left(16)
 }
 
@@ -162,12 +151,7 @@ pub(crate) struct StreamState {
 
 impl StreamState {
     pub fn new(metrics: Arc<XdsMetrics>) -> Self {
-        StreamState {
-            node: None,
-            types: [None, None],
-            pending: VecDeque::new(),
-            metrics,
-        }
+        StreamState { node: None, types: [None, None], pending: VecDeque::new(), metrics }
     }
 
     /// The node, once a request named it.
@@ -177,11 +161,7 @@ impl StreamState {
 
     /// Handles one request: ACK/NACK bookkeeping, then subscription changes.
     /// Returns the response to send, if any.
-    pub fn on_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        prepared: &Prepared,
-    ) -> Option<Outgoing> {
+    pub fn on_request(&mut self, req: DeltaDiscoveryRequest, prepared: &Prepared) -> Option<Outgoing> {
         if let Some(node) = &req.node {
             if self.node.is_none() {
                 self.node = Some(NodeInfo::from_node(node));
@@ -198,14 +178,8 @@ impl StreamState {
         match &mut self.types[ty.index()] {
             None => {
                 // First request of this type: wildcard unless names are listed.
-                let mut st = TypeState {
-                    wildcard: req.resource_names_subscribe.is_empty(),
-                    ..Default::default()
-                };
-                st.apply_subscriptions(
-                    &req.resource_names_subscribe,
-                    &req.resource_names_unsubscribe,
-                );
+                let mut st = TypeState { wildcard: req.resource_names_subscribe.is_empty(), ..Default::default() };
+                st.apply_subscriptions(&req.resource_names_subscribe, &req.resource_names_unsubscribe);
                 st.known = req.initial_resource_versions.into_iter().collect();
                 // What it holds beyond its subscription is not ours to track.
                 st.apply_subscriptions(&[], &[]);
@@ -215,26 +189,17 @@ impl StreamState {
                 self.delta(ty, prepared, true)
             }
             Some(st) => {
-                if req.resource_names_subscribe.is_empty()
-                    && req.resource_names_unsubscribe.is_empty()
-                {
+                if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
                     return None;
                 }
-                st.apply_subscriptions(
-                    &req.resource_names_subscribe,
-                    &req.resource_names_unsubscribe,
-                );
+                st.apply_subscriptions(&req.resource_names_subscribe, &req.resource_names_unsubscribe);
                 self.delta(ty, prepared, false)
             }
         }
     }
 
     fn on_reply(&mut self, req: &DeltaDiscoveryRequest, ty: Option<ResourceType>) {
-        let Some(pos) = self
-            .pending
-            .iter()
-            .position(|(n, _)| *n == req.response_nonce)
-        else {
+        let Some(pos) = self.pending.iter().position(|(n, _)| *n == req.response_nonce) else {
             debug!(nonce = %req.response_nonce, "xds: reply to an unknown or expired nonce");
             return;
         };
@@ -264,10 +229,7 @@ impl StreamState {
 
     /// Responses for a new snapshot: per subscribed type, what changed.
     pub fn on_snapshot(&mut self, prepared: &Prepared) -> Vec<Outgoing> {
-        ResourceType::ALL
-            .into_iter()
-            .filter_map(|ty| self.delta(ty, prepared, false))
-            .collect()
+        ResourceType::ALL.into_iter().filter_map(|ty| self.delta(ty, prepared, false)).collect()
     }
 
     /// What the client of type `ty` lacks or holds in excess; `None` when
@@ -282,17 +244,8 @@ impl StreamState {
         // snapshot's map of the same type have the same keys in the same order.
         let visible: Box<dyn Iterator<Item = bool>> = match ty {
             ResourceType::Address => {
-                debug_assert_eq!(
-                    current.len(),
-                    snapshot.addresses.len(),
-                    "bug: prepared and snapshot differ"
-                );
-                Box::new(
-                    snapshot
-                        .addresses
-                        .values()
-                        .map(|a| address_visible(&node.name, a)),
-                )
+                debug_assert_eq!(current.len(), snapshot.addresses.len(), "bug: prepared and snapshot differ");
+                Box::new(snapshot.addresses.values().map(|a| address_visible(&node.name, a)))
             }
             ResourceType::Authorization => Box::new(std::iter::repeat(true)),
         };
@@ -382,31 +335,17 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn policy(name: &str) -> Authorization {
-        Authorization {
-            name: name.into(),
-            namespace: "ns".into(),
-            ..Default::default()
-        }
+        Authorization { name: name.into(), namespace: "ns".into(), ..Default::default() }
     }
 
     fn prepared(version: u64, names: &[&str]) -> Prepared {
-        let authorizations: BTreeMap<_, _> = names
-            .iter()
-            .map(|n| (format!("ns/{n}"), policy(n)))
-            .collect();
-        let s = Snapshot {
-            version,
-            authorizations,
-            ..Default::default()
-        };
+        let authorizations: BTreeMap<_, _> = names.iter().map(|n| (format!("ns/{n}"), policy(n))).collect();
+        let s = Snapshot { version, authorizations, ..Default::default() };
         Prepared::build(Arc::new(s), None)
     }
 
     fn subscribe(ty: ResourceType) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest {
-            type_url: ty.type_url().into(),
-            ..Default::default()
-        }
+        DeltaDiscoveryRequest { type_url: ty.type_url().into(), ..Default::default() }
     }
 
     fn state() -> (StreamState, Arc<XdsMetrics>) {
@@ -416,18 +355,10 @@ mod tests {
 
     #[test]
     fn node_name_comes_from_metadata_and_falls_back_to_the_id() {
-        let mut node = Node {
-            id: "ztunnel~10.0.0.1~z.ns~ns.svc.cluster.local".into(),
-            ..Default::default()
-        };
+        let mut node = Node { id: "ztunnel~10.0.0.1~z.ns~ns.svc.cluster.local".into(), ..Default::default() };
         assert_eq!(NodeInfo::from_node(&node).name, node.id);
         let mut md = prost_types::Struct::default();
-        md.fields.insert(
-            "NODE_NAME".into(),
-            prost_types::Value {
-                kind: Some(Kind::StringValue("node-a".into())),
-            },
-        );
+        md.fields.insert("NODE_NAME".into(), prost_types::Value { kind: Some(Kind::StringValue("node-a".into())) });
         node.metadata = Some(md);
         assert_eq!(NodeInfo::from_node(&node).name, "node-a");
     }
@@ -469,9 +400,7 @@ mod tests {
     #[test]
     fn first_request_is_answered_even_when_empty() {
         let (mut s, _) = state();
-        let out = s
-            .on_request(subscribe(ResourceType::Address), &prepared(1, &[]))
-            .unwrap();
+        let out = s.on_request(subscribe(ResourceType::Address), &prepared(1, &[])).unwrap();
         assert!(out.response.resources.is_empty());
         assert_eq!(out.response.type_url, ambit_api::ADDRESS_TYPE_URL);
     }
@@ -480,28 +409,17 @@ mod tests {
     fn nack_is_counted_and_nothing_is_resent_until_a_change() {
         let (mut s, m) = state();
         let p1 = prepared(1, &["a"]);
-        let out = s
-            .on_request(subscribe(ResourceType::Authorization), &p1)
-            .unwrap();
+        let out = s.on_request(subscribe(ResourceType::Authorization), &p1).unwrap();
         let mut nack = subscribe(ResourceType::Authorization);
         nack.response_nonce = out.response.nonce.clone();
-        nack.error_detail = Some(Status {
-            code: 3,
-            message: "bad".into(),
-            details: vec![],
-        });
+        nack.error_detail = Some(Status { code: 3, message: "bad".into(), details: vec![] });
         assert!(s.on_request(nack, &p1).is_none());
         assert_eq!(m.nacks(ResourceType::Authorization), 1);
         assert!(s.on_snapshot(&p1).is_empty());
         let p2 = prepared(2, &["a", "b"]);
         let out = s.on_snapshot(&p2);
         assert_eq!(out.len(), 1);
-        let names: Vec<_> = out[0]
-            .response
-            .resources
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
+        let names: Vec<_> = out[0].response.resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["ns/b"]);
     }
 
@@ -519,10 +437,7 @@ mod tests {
         more.resource_names_unsubscribe = vec!["ns/a".into()];
         let out = s.on_request(more, &p).unwrap();
         assert_eq!(out.response.resources[0].name, "ns/b");
-        assert!(
-            out.response.removed_resources.is_empty(),
-            "unsubscribed names are not 'removed'"
-        );
+        assert!(out.response.removed_resources.is_empty(), "unsubscribed names are not 'removed'");
     }
 
     fn pod(node: &str, captured: bool, service: Option<&str>) -> Address {
@@ -530,16 +445,8 @@ mod tests {
         Address {
             r#type: Some(address::Type::Workload(Workload {
                 node: node.into(),
-                tunnel_protocol: if captured {
-                    TunnelProtocol::Hbone
-                } else {
-                    TunnelProtocol::None
-                }
-                .into(),
-                services: service
-                    .map(|s| (s.to_owned(), PortList::default()))
-                    .into_iter()
-                    .collect(),
+                tunnel_protocol: if captured { TunnelProtocol::Hbone } else { TunnelProtocol::None }.into(),
+                services: service.map(|s| (s.to_owned(), PortList::default())).into_iter().collect(),
                 ..Default::default()
             })),
         }
@@ -547,33 +454,19 @@ mod tests {
 
     /// Pods on nodes a and b, captured or not, backing a service or not.
     fn cluster(version: u64, b_plain_captured: bool) -> Snapshot {
-        let mut s = Snapshot {
-            version,
-            authorizations: [("ns/p".to_owned(), policy("p"))].into(),
-            ..Default::default()
-        };
-        let svc = Address {
-            r#type: Some(address::Type::Service(Default::default())),
-        };
-        s.addresses
-            .insert("ns/svc.ns.svc.cluster.local".into(), svc);
+        let mut s =
+            Snapshot { version, authorizations: [("ns/p".to_owned(), policy("p"))].into(), ..Default::default() };
+        let svc = Address { r#type: Some(address::Type::Service(Default::default())) };
+        s.addresses.insert("ns/svc.ns.svc.cluster.local".into(), svc);
         s.addresses.insert("a-plain".into(), pod("a", false, None));
-        s.addresses
-            .insert("b-plain".into(), pod("b", b_plain_captured, None));
-        s.addresses
-            .insert("b-captured".into(), pod("b", true, None));
-        s.addresses.insert(
-            "b-backend".into(),
-            pod("b", false, Some("ns/svc.ns.svc.cluster.local")),
-        );
+        s.addresses.insert("b-plain".into(), pod("b", b_plain_captured, None));
+        s.addresses.insert("b-captured".into(), pod("b", true, None));
+        s.addresses.insert("b-backend".into(), pod("b", false, Some("ns/svc.ns.svc.cluster.local")));
         s
     }
 
     fn node(name: &str) -> NodeInfo {
-        NodeInfo {
-            id: format!("ztunnel~{name}"),
-            name: name.into(),
-        }
+        NodeInfo { id: format!("ztunnel~{name}"), name: name.into() }
     }
 
     #[test]
@@ -588,39 +481,18 @@ mod tests {
         };
         assert_eq!(
             seen("a"),
-            [
-                "a-plain",
-                "b-backend",
-                "b-captured",
-                "ns/svc.ns.svc.cluster.local"
-            ],
+            ["a-plain", "b-backend", "b-captured", "ns/svc.ns.svc.cluster.local"],
             "b-plain is neither captured nor a backend, nor on node a"
         );
         assert_eq!(
             seen("b"),
-            [
-                "a-plain",
-                "b-backend",
-                "b-captured",
-                "b-plain",
-                "ns/svc.ns.svc.cluster.local"
-            ]
-            .into_iter()
-            .filter(|n| *n != "a-plain")
-            .collect::<Vec<_>>()
+            ["a-plain", "b-backend", "b-captured", "b-plain", "ns/svc.ns.svc.cluster.local"]
+                .into_iter()
+                .filter(|n| *n != "a-plain")
+                .collect::<Vec<_>>()
         );
-        assert!(visible_to_node(
-            &node("a"),
-            ResourceType::Authorization,
-            "ns/p",
-            &s
-        ));
-        assert!(!visible_to_node(
-            &node("a"),
-            ResourceType::Address,
-            "missing",
-            &s
-        ));
+        assert!(visible_to_node(&node("a"), ResourceType::Authorization, "ns/p", &s));
+        assert!(!visible_to_node(&node("a"), ResourceType::Address, "missing", &s));
     }
 
     #[test]
@@ -634,22 +506,8 @@ mod tests {
         });
         let p1 = Prepared::build(Arc::new(cluster(1, true)), None);
         let out = s.on_request(req, &p1).unwrap();
-        let names: Vec<_> = out
-            .response
-            .resources
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "a-plain",
-                "b-backend",
-                "b-captured",
-                "b-plain",
-                "ns/svc.ns.svc.cluster.local"
-            ]
-        );
+        let names: Vec<_> = out.response.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a-plain", "b-backend", "b-captured", "b-plain", "ns/svc.ns.svc.cluster.local"]);
         // b-plain leaves the mesh: node a no longer needs it.
         let p2 = Prepared::build(Arc::new(cluster(2, false)), Some(&p1));
         let out = s.on_snapshot(&p2);

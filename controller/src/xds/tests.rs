@@ -38,24 +38,14 @@ fn workload(uid: &str, ip: [u8; 4], name_pad: usize) -> Address {
 }
 
 fn policy(name: &str) -> Authorization {
-    Authorization {
-        name: name.into(),
-        namespace: "default".into(),
-        ..Default::default()
-    }
+    Authorization { name: name.into(), namespace: "default".into(), ..Default::default() }
 }
 
 fn snapshot(version: u64, workloads: &[(&str, u8)], policies: &[&str]) -> Snapshot {
     Snapshot {
         version,
-        addresses: workloads
-            .iter()
-            .map(|(uid, last)| (uid.to_string(), workload(uid, [10, 0, 0, *last], 0)))
-            .collect(),
-        authorizations: policies
-            .iter()
-            .map(|p| (format!("default/{p}"), policy(p)))
-            .collect(),
+        addresses: workloads.iter().map(|(uid, last)| (uid.to_string(), workload(uid, [10, 0, 0, *last], 0))).collect(),
+        authorizations: policies.iter().map(|p| (format!("default/{p}"), policy(p))).collect(),
         identities_by_node: BTreeMap::new(),
     }
 }
@@ -84,32 +74,18 @@ fn serve_on(addr: SocketAddr, tx: SnapshotTx, metrics: Arc<XdsMetrics>) -> TestS
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            tokio::spawn(
-                Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming(TcpIncoming::from(listener)),
-            );
+            tokio::spawn(Server::builder().add_service(svc).serve_with_incoming(TcpIncoming::from(listener)));
         });
         // Until the TestServer drops; then the runtime and every connection go.
         let _ = stopped.recv();
         drop(rt);
     });
     let addr = addr_rx.recv().unwrap();
-    TestServer {
-        addr,
-        tx,
-        metrics,
-        stop: Some(stop),
-        thread: Some(thread),
-    }
+    TestServer { addr, tx, metrics, stop: Some(stop), thread: Some(thread) }
 }
 
 fn start(initial: Snapshot) -> TestServer {
@@ -119,9 +95,7 @@ fn start(initial: Snapshot) -> TestServer {
 }
 
 fn channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy()
+    Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy()
 }
 
 /// A hand-driven delta ADS stream.
@@ -134,11 +108,7 @@ impl RawClient {
     async fn connect(addr: SocketAddr) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let mut client = AggregatedDiscoveryServiceClient::new(channel(addr));
-        let rx = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let rx = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
         RawClient { tx, rx }
     }
 
@@ -185,10 +155,7 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
 }
 
 fn versions(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
-    r.resources
-        .iter()
-        .map(|r| (r.name.clone(), r.version.clone()))
-        .collect()
+    r.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect()
 }
 
 /// Waits until `f` holds, polling.
@@ -211,14 +178,10 @@ async fn initial_sync_delivers_every_resource_of_both_types() {
     assert_ne!(a.nonce, p.nonce);
     let any = a.resources[0].resource.as_ref().unwrap();
     assert_eq!(any.type_url, ADDRESS_TYPE_URL);
-    assert_eq!(
-        <Address as prost::Message>::decode(any.value.as_slice()).unwrap(),
-        workload("w1", [10, 0, 0, 1], 0)
-    );
+    assert_eq!(<Address as prost::Message>::decode(any.value.as_slice()).unwrap(), workload("w1", [10, 0, 0, 1], 0));
     assert_eq!(srv.metrics.connected_clients(), 1);
     eventually("two acks", || {
-        srv.metrics.acks(ResourceType::Address) == 1
-            && srv.metrics.acks(ResourceType::Authorization) == 1
+        srv.metrics.acks(ResourceType::Address) == 1 && srv.metrics.acks(ResourceType::Authorization) == 1
     })
     .await;
 }
@@ -229,8 +192,7 @@ async fn a_change_pushes_only_the_changed_and_new_resources() {
     let mut c = RawClient::connect(srv.addr).await;
     let (first, _) = c.sync().await;
     let mut s = snapshot(2, &[("w1", 1), ("w2", 2), ("w3", 3)], &["p1"]);
-    s.addresses
-        .insert("w2".into(), workload("w2", [10, 0, 0, 22], 0));
+    s.addresses.insert("w2".into(), workload("w2", [10, 0, 0, 22], 0));
     srv.tx.send_replace(Arc::new(s));
     let d = c.next().await;
     assert_eq!(d.type_url, ADDRESS_TYPE_URL);
@@ -239,16 +201,9 @@ async fn a_change_pushes_only_the_changed_and_new_resources() {
     assert_ne!(versions(&d)["w2"], versions(&first)["w2"]);
     // Policies did not change: the next response is the policy change below,
     // not a resend of anything.
-    srv.tx.send_replace(Arc::new(snapshot(
-        3,
-        &[("w1", 1), ("w2", 22), ("w3", 3)],
-        &["p1", "p2"],
-    )));
+    srv.tx.send_replace(Arc::new(snapshot(3, &[("w1", 1), ("w2", 22), ("w3", 3)], &["p1", "p2"])));
     let d = c.next().await;
-    assert_eq!(
-        d.type_url, AUTHORIZATION_TYPE_URL,
-        "unchanged addresses are not resent"
-    );
+    assert_eq!(d.type_url, AUTHORIZATION_TYPE_URL, "unchanged addresses are not resent");
     assert_eq!(names(&d), ["default/p2"]);
 }
 
@@ -257,8 +212,7 @@ async fn a_removal_sends_removed_resources() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
     let mut c = RawClient::connect(srv.addr).await;
     c.sync().await;
-    srv.tx
-        .send_replace(Arc::new(snapshot(2, &[("w1", 1)], &["p1"])));
+    srv.tx.send_replace(Arc::new(snapshot(2, &[("w1", 1)], &["p1"])));
     let d = c.next().await;
     assert_eq!(d.type_url, ADDRESS_TYPE_URL);
     assert!(d.resources.is_empty());
@@ -274,8 +228,7 @@ async fn reconnect_with_initial_versions_gets_only_what_changed_meanwhile() {
     eventually("disconnect", || srv.metrics.connected_clients() == 0).await;
     // Meanwhile: w1 changes, w2 goes, w4 comes; policies unchanged.
     let mut s = snapshot(2, &[("w1", 1), ("w3", 3), ("w4", 4)], &["p1"]);
-    s.addresses
-        .insert("w1".into(), workload("w1", [10, 0, 0, 11], 0));
+    s.addresses.insert("w1".into(), workload("w1", [10, 0, 0, 11], 0));
     srv.tx.send_replace(Arc::new(s));
     let mut c = RawClient::connect(srv.addr).await;
     c.subscribe(ADDRESS_TYPE_URL, versions(&a)).await;
@@ -284,10 +237,7 @@ async fn reconnect_with_initial_versions_gets_only_what_changed_meanwhile() {
     assert_eq!(names(&a2), ["w1", "w4"]);
     assert_eq!(a2.removed_resources, ["w2"]);
     let p2 = c.next().await;
-    assert!(
-        p2.resources.is_empty() && p2.removed_resources.is_empty(),
-        "{p2:?}"
-    );
+    assert!(p2.resources.is_empty() && p2.removed_resources.is_empty(), "{p2:?}");
 }
 
 #[tokio::test]
@@ -302,10 +252,7 @@ async fn versions_survive_a_server_restart() {
     let mut c = RawClient::connect(srv.addr).await;
     c.subscribe(ADDRESS_TYPE_URL, versions(&a)).await;
     let a2 = c.next().await;
-    assert!(
-        a2.resources.is_empty(),
-        "content hash versions are stable: {a2:?}"
-    );
+    assert!(a2.resources.is_empty(), "content hash versions are stable: {a2:?}");
 }
 
 fn bad_workload(uid: &str) -> Address {
@@ -320,53 +267,33 @@ fn bad_workload(uid: &str) -> Address {
 #[tokio::test]
 async fn ztunnel_client_syncs_nacks_bad_config_and_keeps_the_last_good_state() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
-    let cfg = ztunnel::xds::XdsConfig::new(
-        "ztunnel~10.0.0.100~z.ambit~ambit.svc.cluster.local",
-        "node-a",
-        "cluster.local",
-    );
+    let cfg =
+        ztunnel::xds::XdsConfig::new("ztunnel~10.0.0.100~z.ambit~ambit.svc.cluster.local", "node-a", "cluster.local");
     let client = ztunnel::xds::XdsClient::new(channel(srv.addr), Default::default(), cfg);
     let mut synced = client.synced();
     let (state_tx, mut states) = mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(move |st| {
         let _ = state_tx.send(st);
     }));
-    tokio::time::timeout(WAIT, synced.wait_for(|s| *s))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, synced.wait_for(|s| *s)).await.unwrap().unwrap();
     let st = states.recv().await.unwrap();
     assert_eq!(st.workloads().count(), 2);
     assert_eq!(st.policies().count(), 1);
-    assert!(
-        states.try_recv().is_err(),
-        "one state for the initial sync, not one per type"
-    );
+    assert!(states.try_recv().is_err(), "one state for the initial sync, not one per type");
 
     let mut bad = snapshot(2, &[("w1", 1), ("w2", 2)], &["p1"]);
     bad.addresses.insert("w3".into(), bad_workload("w3"));
     srv.tx.send_replace(Arc::new(bad));
     eventually("a nack", || srv.metrics.nacks(ResourceType::Address) == 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        states.try_recv().is_err(),
-        "a rejected update produces no state"
-    );
+    assert!(states.try_recv().is_err(), "a rejected update produces no state");
 
-    srv.tx
-        .send_replace(Arc::new(snapshot(3, &[("w1", 1), ("w3", 3)], &["p1"])));
-    let st = tokio::time::timeout(WAIT, states.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    srv.tx.send_replace(Arc::new(snapshot(3, &[("w1", 1), ("w3", 3)], &["p1"])));
+    let st = tokio::time::timeout(WAIT, states.recv()).await.unwrap().unwrap();
     let mut uids: Vec<_> = st.workloads().map(|w| w.uid.clone()).collect();
     uids.sort();
     assert_eq!(uids, ["w1", "w3"]);
-    assert_eq!(
-        srv.metrics.nacks(ResourceType::Address),
-        1,
-        "the bad content is not resent"
-    );
+    assert_eq!(srv.metrics.nacks(ResourceType::Address), 1, "the bad content is not resent");
     task.abort();
 }
 
@@ -385,36 +312,19 @@ async fn ztunnel_client_reconnects_and_catches_up() {
     let task = tokio::spawn(client.run(move |st| {
         let _ = state_tx.send(st);
     }));
-    tokio::time::timeout(WAIT, synced.wait_for(|s| *s))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, synced.wait_for(|s| *s)).await.unwrap().unwrap();
     assert_eq!(states.recv().await.unwrap().workloads().count(), 2);
     let (tx, metrics) = (srv.tx.clone(), srv.metrics.clone());
     drop(srv);
 
-    tx.send_replace(Arc::new(snapshot(
-        2,
-        &[("w1", 1), ("w2", 2), ("w3", 3)],
-        &["p1"],
-    )));
+    tx.send_replace(Arc::new(snapshot(2, &[("w1", 1), ("w2", 2), ("w3", 3)], &["p1"])));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        *synced.borrow(),
-        "still serving the last state while the controller is away"
-    );
+    assert!(*synced.borrow(), "still serving the last state while the controller is away");
     let pushes_before = metrics.pushes(ResourceType::Address);
     let srv = serve_on(addr, tx, metrics);
-    let st = tokio::time::timeout(WAIT, states.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let st = tokio::time::timeout(WAIT, states.recv()).await.unwrap().unwrap();
     assert_eq!(st.workloads().count(), 3);
-    assert_eq!(
-        st.policies().count(),
-        1,
-        "unchanged policies kept from before the reconnect"
-    );
+    assert_eq!(st.policies().count(), 1, "unchanged policies kept from before the reconnect");
     assert_eq!(srv.metrics.pushes(ResourceType::Address), pushes_before + 1);
     task.abort();
 }
@@ -424,10 +334,7 @@ async fn ztunnel_client_reconnects_and_catches_up() {
 #[tokio::test]
 async fn a_stalled_client_does_not_delay_another() {
     fn big(version: u64) -> Snapshot {
-        let mut s = Snapshot {
-            version,
-            ..Default::default()
-        };
+        let mut s = Snapshot { version, ..Default::default() };
         for i in 0..200u32 {
             let uid = format!("w{i}-v{version}");
             let ip = [10, 1, (i / 250) as u8, (i % 250) as u8 + 1];
@@ -450,23 +357,12 @@ async fn a_stalled_client_does_not_delay_another() {
         assert_eq!(d.system_version_info, v.to_string());
         assert_eq!(d.resources.len(), 200);
         assert_eq!(d.removed_resources.len(), 200);
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "live client delayed: {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "live client delayed: {:?}", started.elapsed());
     }
-    assert_eq!(
-        srv.metrics.connected_clients(),
-        2,
-        "the stalled client is still connected"
-    );
+    assert_eq!(srv.metrics.connected_clients(), 2, "the stalled client is still connected");
     let pushes = srv.metrics.pushes(ResourceType::Address);
     println!("stalled test: {pushes} address responses sent to both clients for 21 snapshots");
-    assert!(
-        pushes < 2 * 21,
-        "the stalled client really stalled: {pushes}"
-    );
+    assert!(pushes < 2 * 21, "the stalled client really stalled: {pushes}");
     drop(stalled);
 }
 
@@ -481,8 +377,7 @@ async fn push_latency_of_a_one_resource_change_is_printed() {
     let mut samples = Vec::new();
     for v in 2..22u64 {
         let mut s = snapshot(v, &refs, &["p1"]);
-        s.addresses
-            .insert("w1".into(), workload("w1", [10, 0, 0, 1], v as usize));
+        s.addresses.insert("w1".into(), workload("w1", [10, 0, 0, 1], v as usize));
         let t = Instant::now();
         srv.tx.send_replace(Arc::new(s));
         let d = c.next().await;

@@ -174,19 +174,13 @@ fn encode_all<M: Message + PartialEq>(
     let encoded = current
         .iter()
         .map(|(name, msg)| {
-            let reused = prev.and_then(|(msgs, enc)| {
-                (msgs.get(name) == Some(msg))
-                    .then(|| enc.get(name).cloned())
-                    .flatten()
-            });
+            let reused =
+                prev.and_then(|(msgs, enc)| (msgs.get(name) == Some(msg)).then(|| enc.get(name).cloned()).flatten());
             let e = reused.unwrap_or_else(|| {
                 changed.push(name.clone());
                 Encoded {
                     version: version(msg),
-                    any: prost_types::Any {
-                        type_url: type_url.to_owned(),
-                        value: msg.encode_to_vec(),
-                    },
+                    any: prost_types::Any { type_url: type_url.to_owned(), value: msg.encode_to_vec() },
                 }
             });
             (name.clone(), e)
@@ -216,10 +210,7 @@ impl Cache {
         }
         let p = Arc::new(Prepared::build(snapshot, latest.as_deref()));
         // A stream that lags behind must not replace a newer entry.
-        if latest
-            .as_ref()
-            .is_none_or(|l| l.snapshot.version <= p.snapshot.version)
-        {
+        if latest.as_ref().is_none_or(|l| l.snapshot.version <= p.snapshot.version) {
             *latest = Some(p.clone());
         }
         p
@@ -235,10 +226,7 @@ mod tests {
         Address {
             r#type: Some(address::Type::Workload(Workload {
                 uid: uid.into(),
-                services: services
-                    .iter()
-                    .map(|s| (s.to_string(), PortList::default()))
-                    .collect(),
+                services: services.iter().map(|s| (s.to_string(), PortList::default())).collect(),
                 ..Default::default()
             })),
         }
@@ -258,18 +246,9 @@ mod tests {
 
     #[test]
     fn any_field_change_changes_the_version() {
-        assert_ne!(
-            address_version(&workload("u1", &["a", "b"])),
-            address_version(&workload("u2", &["a", "b"]))
-        );
-        assert_ne!(
-            address_version(&workload("u", &["a", "b"])),
-            address_version(&workload("u", &["a", "c"]))
-        );
-        assert_ne!(
-            address_version(&workload("u", &[])),
-            address_version(&workload("v", &[]))
-        );
+        assert_ne!(address_version(&workload("u1", &["a", "b"])), address_version(&workload("u2", &["a", "b"])));
+        assert_ne!(address_version(&workload("u", &["a", "b"])), address_version(&workload("u", &["a", "c"])));
+        assert_ne!(address_version(&workload("u", &[])), address_version(&workload("v", &[])));
     }
 
     #[test]
@@ -301,10 +280,7 @@ mod tests {
         let p3 = cache.prepare(Arc::new(s2));
         let r = p3.resources(ResourceType::Address);
         assert_eq!(r.len(), 2);
-        assert_eq!(
-            r["u"].version,
-            p1.resources(ResourceType::Address)["u"].version
-        );
+        assert_eq!(r["u"].version, p1.resources(ResourceType::Address)["u"].version);
         assert_eq!(r["u"].any.type_url, ADDRESS_TYPE_URL);
     }
 }

@@ -5,9 +5,9 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::certificate::X509Certificate;
@@ -80,34 +80,19 @@ impl CertificateAuthority {
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
         // A unique name per root: verifiers match issuers by name, so a leaf from another root
         // of the same trust domain then fails as "unknown issuer", not "bad signature".
-        let tag: String = serial.to_bytes()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("ambit root ca {tag}"));
+        let tag: String = serial.to_bytes()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        params.distinguished_name.push(DnType::CommonName, format!("ambit root ca {tag}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = (now + validity).into();
         params.serial_number = Some(serial);
         let issuer = params.self_signed(&key)?;
-        Ok(Self {
-            bundle: vec![issuer.der().clone()],
-            not_after: now + validity,
-            issuer,
-            key,
-        })
+        Ok(Self { bundle: vec![issuer.der().clone()], not_after: now + validity, issuer, key })
     }
 
     /// Loads a CA from PEM: `cert_pem` is the CA certificate, optionally followed by its chain up
@@ -115,10 +100,7 @@ impl CertificateAuthority {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let bundle = cert::parse_certs_pem(cert_pem)?;
         let (_, ca) = X509Certificate::from_der(&bundle[0]).map_err(CertError::from)?;
-        let is_ca = ca
-            .basic_constraints()
-            .map_err(CertError::from)?
-            .is_some_and(|bc| bc.value.ca);
+        let is_ca = ca.basic_constraints().map_err(CertError::from)?.is_some_and(|bc| bc.value.ca);
         if !is_ca {
             return Err(CaError::NotCa);
         }
@@ -130,20 +112,12 @@ impl CertificateAuthority {
         // rcgen signs with a Certificate; rebuilding one from the parsed CA keeps its subject
         // name and key identifier, which is what the leaves refer to.
         let issuer = CertificateParams::from_ca_cert_der(&bundle[0])?.self_signed(&key)?;
-        Ok(Self {
-            issuer,
-            key,
-            bundle,
-            not_after,
-        })
+        Ok(Self { issuer, key, bundle, not_after })
     }
 
     /// The CA certificate followed by its chain, as PEM (the file a dev CA is loaded from).
     pub fn cert_pem(&self) -> String {
-        self.bundle
-            .iter()
-            .map(|c| cert::to_pem("CERTIFICATE", c))
-            .collect()
+        self.bundle.iter().map(|c| cert::to_pem("CERTIFICATE", c)).collect()
     }
 
     /// The CA's private key as PKCS#8 PEM.
@@ -163,11 +137,7 @@ impl CertificateAuthority {
 
     /// Development-mode signing: a new P-256 key and a leaf for `identity`, valid from five
     /// minutes ago (clock skew) for `ttl`.
-    pub fn issue(
-        &self,
-        identity: &Identity,
-        ttl: Duration,
-    ) -> Result<WorkloadCertificate, CaError> {
+    pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCertificate, CaError> {
         let now = SystemTime::now();
         self.issue_with_validity(identity, now - CLOCK_SKEW, now + ttl)
     }
@@ -186,32 +156,20 @@ impl CertificateAuthority {
         chain.push(leaf.der().clone());
         chain.extend_from_slice(&self.bundle[..self.bundle.len() - 1]);
         let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        Ok(WorkloadCertificate::from_der(
-            chain,
-            key,
-            vec![self.root().clone()],
-        )?)
+        Ok(WorkloadCertificate::from_der(chain, key, vec![self.root().clone()])?)
     }
 
     /// Signs a PEM PKCS#10 CSR for the CA service. The CSR must ask for exactly one subject
     /// alternative name, the URI `identity`; every other field of the leaf is set by the CA.
     /// Returns the PEM chain `[leaf, ..intermediates, root]`.
-    pub fn sign_csr(
-        &self,
-        csr_pem: &str,
-        identity: &Identity,
-        ttl: Duration,
-    ) -> Result<Vec<String>, CaError> {
+    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<Vec<String>, CaError> {
         // from_pem checks the CSR's self-signature: the caller holds the key.
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
         let expected = identity.to_string();
         let sans = &csr.params.subject_alt_names;
         let matches = matches!(sans.as_slice(), [SanType::URI(uri)] if uri.as_str() == expected);
         if !matches {
-            return Err(CaError::CsrIdentity {
-                expected,
-                found: sans.iter().map(describe_san).collect(),
-            });
+            return Err(CaError::CsrIdentity { expected, found: sans.iter().map(describe_san).collect() });
         }
         let now = SystemTime::now();
         let leaf = self.sign_leaf(&csr.public_key, identity, now - CLOCK_SKEW, now + ttl)?;
@@ -240,21 +198,12 @@ impl CertificateAuthority {
         // Like Istio: an empty subject, so the SAN carries the identity and must be critical
         // (RFC 5280 4.2.1.6), which rcgen's own SAN writer does not do.
         params.distinguished_name = DistinguishedName::new();
-        let mut san = CustomExtension::from_oid_content(
-            OID_SUBJECT_ALT_NAME,
-            uri_san_der(&identity.to_string()),
-        );
+        let mut san = CustomExtension::from_oid_content(OID_SUBJECT_ALT_NAME, uri_san_der(&identity.to_string()));
         san.set_criticality(true);
         params.custom_extensions = vec![san];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial()?);
         params.not_before = not_before.into();
@@ -286,10 +235,7 @@ pub fn generate_csr(identity: &Identity) -> Result<(String, String), CaError> {
 /// A positive 128-bit serial (RFC 5280: positive, at most 20 bytes, unpredictable).
 fn random_serial() -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    crate::provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| CaError::Random)?;
+    crate::provider().secure_random.fill(&mut bytes).map_err(|_| CaError::Random)?;
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     Ok(SerialNumber::from_slice(&bytes))
 }
@@ -347,22 +293,13 @@ mod tests {
         let before = SystemTime::now();
         let cert = ca.issue(&reviews(), HOUR).unwrap();
         assert_eq!(cert.identity(), &reviews());
-        assert_eq!(
-            cert.chain().len(),
-            1,
-            "a root signs directly: no intermediates"
-        );
+        assert_eq!(cert.chain().len(), 1, "a root signs directly: no intermediates");
         assert_eq!(cert.roots().len(), 1);
 
         let (_, leaf) = X509Certificate::from_der(&cert.chain()[0]).unwrap();
         let san = leaf.subject_alternative_name().unwrap().unwrap();
         assert!(san.critical, "an empty subject needs a critical san");
-        assert_eq!(
-            san.value.general_names,
-            vec![GeneralName::URI(
-                "spiffe://cluster.local/ns/default/sa/reviews"
-            )]
-        );
+        assert_eq!(san.value.general_names, vec![GeneralName::URI("spiffe://cluster.local/ns/default/sa/reviews")]);
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         let ku = leaf.key_usage().unwrap().unwrap().value;
@@ -372,15 +309,9 @@ mod tests {
         assert_eq!(leaf.subject().iter().count(), 0);
 
         let skew = before.duration_since(cert.not_before()).unwrap();
-        assert!(
-            (CLOCK_SKEW - Duration::from_secs(2)..=CLOCK_SKEW + Duration::from_secs(2))
-                .contains(&skew)
-        );
+        assert!((CLOCK_SKEW - Duration::from_secs(2)..=CLOCK_SKEW + Duration::from_secs(2)).contains(&skew));
         let ttl = cert.not_after().duration_since(before).unwrap();
-        assert!(
-            ttl <= HOUR && ttl > HOUR - Duration::from_secs(2),
-            "{ttl:?}"
-        );
+        assert!(ttl <= HOUR && ttl > HOUR - Duration::from_secs(2), "{ttl:?}");
 
         // The leaf chains to the root for both usages.
         let (_, root) = X509Certificate::from_der(&cert.roots()[0]).unwrap();
@@ -459,16 +390,12 @@ mod tests {
     #[test]
     fn sign_csr_rejects_a_csr_for_another_identity() {
         let ca = root();
-        let (csr, _) =
-            generate_csr(&Identity::new("cluster.local", "kube-system", "admin")).unwrap();
+        let (csr, _) = generate_csr(&Identity::new("cluster.local", "kube-system", "admin")).unwrap();
         let err = ca.sign_csr(&csr, &reviews(), HOUR).unwrap_err();
         match err {
             CaError::CsrIdentity { expected, found } => {
                 assert_eq!(expected, reviews().to_string());
-                assert_eq!(
-                    found,
-                    vec!["spiffe://cluster.local/ns/kube-system/sa/admin"]
-                );
+                assert_eq!(found, vec!["spiffe://cluster.local/ns/kube-system/sa/admin"]);
             }
             other => panic!("unexpected error: {other}"),
         }

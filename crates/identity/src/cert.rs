@@ -108,10 +108,7 @@ impl WorkloadCertificate {
         let (_, leaf) = X509Certificate::from_der(leaf_der)?;
         let identity = identity_of(&leaf)?;
 
-        let signing_key = crate::provider()
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(CertError::Key)?;
+        let signing_key = crate::provider().key_provider.load_private_key(key.clone_key()).map_err(CertError::Key)?;
         match signing_key.public_key() {
             Some(spki) if spki.as_ref() == leaf.public_key().raw => {}
             _ => return Err(CertError::KeyMismatch),
@@ -166,10 +163,7 @@ impl WorkloadCertificate {
     /// When to fetch a new certificate: halfway through the validity, leaving the
     /// other half to ride out a CA outage.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
+        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or(Duration::ZERO);
         self.not_before + lifetime / 2
     }
 
@@ -180,18 +174,12 @@ impl WorkloadCertificate {
 
     /// The chain as PEM, leaf first.
     pub fn chain_pem(&self) -> String {
-        self.chain
-            .iter()
-            .map(|c| to_pem("CERTIFICATE", c))
-            .collect()
+        self.chain.iter().map(|c| to_pem("CERTIFICATE", c)).collect()
     }
 
     /// The trust anchors as PEM.
     pub fn roots_pem(&self) -> String {
-        self.roots
-            .iter()
-            .map(|c| to_pem("CERTIFICATE", c))
-            .collect()
+        self.roots.iter().map(|c| to_pem("CERTIFICATE", c)).collect()
     }
 
     /// The private key as PEM (to hand to another process; never log it).
@@ -211,16 +199,8 @@ impl WorkloadCertificate {
             serial: self.serial.clone(),
             not_before: rfc3339(self.not_before),
             not_after: rfc3339(self.not_after),
-            chain_pem: self
-                .chain
-                .iter()
-                .map(|c| to_pem("CERTIFICATE", c))
-                .collect(),
-            roots_pem: self
-                .roots
-                .iter()
-                .map(|c| to_pem("CERTIFICATE", c))
-                .collect(),
+            chain_pem: self.chain.iter().map(|c| to_pem("CERTIFICATE", c)).collect(),
+            roots_pem: self.roots.iter().map(|c| to_pem("CERTIFICATE", c)).collect(),
         }
     }
 }
@@ -279,13 +259,10 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, CertError> {
 
 fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, CertError> {
     let san = cert.subject_alternative_name()?;
-    let mut uris = san
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
+    let mut uris = san.iter().flat_map(|s| s.value.general_names.iter()).filter_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
     let first = uris.next().ok_or(CertError::NoUriSan)?;
     let extra = uris.count();
     if extra > 0 {
@@ -325,12 +302,10 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -350,50 +325,37 @@ mod tests {
     #[test]
     fn from_pem_round_trips_a_workload_certificate() {
         let (_, cert) = issued();
-        let loaded =
-            WorkloadCertificate::from_pem(&cert.chain_pem(), &cert.key_pem(), &cert.roots_pem())
-                .unwrap();
+        let loaded = WorkloadCertificate::from_pem(&cert.chain_pem(), &cert.key_pem(), &cert.roots_pem()).unwrap();
         assert_eq!(loaded.identity(), cert.identity());
         assert_eq!(loaded.chain(), cert.chain());
         assert_eq!(loaded.roots(), cert.roots());
         assert_eq!(loaded.serial(), cert.serial());
         assert_eq!(loaded.not_after(), cert.not_after());
-        assert_eq!(
-            loaded.private_key().secret_der(),
-            cert.private_key().secret_der()
-        );
+        assert_eq!(loaded.private_key().secret_der(), cert.private_key().secret_der());
     }
 
     #[test]
     fn from_pem_drops_a_trailing_root_from_the_chain() {
         let (_, cert) = issued();
         let chain_with_root = cert.chain_pem() + &cert.roots_pem();
-        let loaded =
-            WorkloadCertificate::from_pem(&chain_with_root, &cert.key_pem(), &cert.roots_pem())
-                .unwrap();
+        let loaded = WorkloadCertificate::from_pem(&chain_with_root, &cert.key_pem(), &cert.roots_pem()).unwrap();
         assert_eq!(loaded.chain().len(), 1);
     }
 
     #[test]
     fn from_pem_rejects_a_key_of_another_certificate() {
         let (ca, cert) = issued();
-        let other = ca
-            .issue(&Identity::new("cluster.local", "default", "other"), HOUR)
-            .unwrap();
-        let err =
-            WorkloadCertificate::from_pem(&cert.chain_pem(), &other.key_pem(), &cert.roots_pem())
-                .unwrap_err();
+        let other = ca.issue(&Identity::new("cluster.local", "default", "other"), HOUR).unwrap();
+        let err = WorkloadCertificate::from_pem(&cert.chain_pem(), &other.key_pem(), &cert.roots_pem()).unwrap_err();
         assert!(matches!(err, CertError::KeyMismatch), "{err}");
     }
 
     #[test]
     fn from_pem_rejects_empty_inputs() {
         let (_, cert) = issued();
-        let err =
-            WorkloadCertificate::from_pem("", &cert.key_pem(), &cert.roots_pem()).unwrap_err();
+        let err = WorkloadCertificate::from_pem("", &cert.key_pem(), &cert.roots_pem()).unwrap_err();
         assert!(matches!(err, CertError::NoCertificate), "{err}");
-        let err =
-            WorkloadCertificate::from_pem(&cert.chain_pem(), &cert.key_pem(), "").unwrap_err();
+        let err = WorkloadCertificate::from_pem(&cert.chain_pem(), &cert.key_pem(), "").unwrap_err();
         assert!(matches!(err, CertError::NoRoots), "{err}");
     }
 
@@ -411,21 +373,12 @@ mod tests {
         let (_, cert) = issued();
         let debug = format!("{cert:?}");
         let key_pem = cert.key_pem();
-        let key_b64: String = key_pem
-            .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect();
-        assert!(
-            debug.contains("spiffe://cluster.local/ns/default/sa/reviews"),
-            "{debug}"
-        );
+        let key_b64: String = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(debug.contains("spiffe://cluster.local/ns/default/sa/reviews"), "{debug}");
         assert!(!debug.contains("PRIVATE"), "{debug}");
         // No 16-character run of the key's base64 (nor its bytes in hex) appears.
         for window in key_b64.as_bytes().windows(16) {
-            assert!(
-                !debug.contains(std::str::from_utf8(window).unwrap()),
-                "{debug}"
-            );
+            assert!(!debug.contains(std::str::from_utf8(window).unwrap()), "{debug}");
         }
         assert!(!debug.contains(&hex(&cert.private_key().secret_der()[..16])));
         assert!(!debug.contains(&format!("{:?}", &cert.private_key().secret_der()[..8])));
@@ -435,10 +388,7 @@ mod tests {
     fn summary_shows_identity_validity_and_chain_but_no_key() {
         let (_, cert) = issued();
         let summary = cert.summary();
-        assert_eq!(
-            summary.identity,
-            "spiffe://cluster.local/ns/default/sa/reviews"
-        );
+        assert_eq!(summary.identity, "spiffe://cluster.local/ns/default/sa/reviews");
         assert_eq!(summary.serial, cert.serial());
         assert!(summary.not_after.ends_with('Z'), "{}", summary.not_after);
         assert_eq!(summary.chain_pem.concat(), cert.chain_pem());

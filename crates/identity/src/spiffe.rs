@@ -25,11 +25,7 @@ pub enum IdentityError {
     EmptySegment { uri: String, segment: &'static str },
     /// A path segment holds a character SPIFFE does not allow (only `a-z A-Z 0-9 . - _`).
     #[error("invalid character {found:?} in {segment} of {uri:?}")]
-    InvalidSegment {
-        uri: String,
-        segment: &'static str,
-        found: char,
-    },
+    InvalidSegment { uri: String, segment: &'static str, found: char },
 }
 
 /// A workload identity: `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`.
@@ -52,11 +48,7 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Self {
-        Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        }
+        Self { trust_domain: trust_domain.into(), namespace: namespace.into(), service_account: service_account.into() }
     }
 }
 
@@ -64,19 +56,11 @@ impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
-        let rest = uri
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| IdentityError::NotSpiffe(uri.to_owned()))?;
+        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| IdentityError::NotSpiffe(uri.to_owned()))?;
         let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
         check_trust_domain(uri, trust_domain)?;
         let mut segments = path.split('/');
-        let shape = (
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-        );
+        let shape = (segments.next(), segments.next(), segments.next(), segments.next(), segments.next());
         let (namespace, service_account) = match shape {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => (ns, sa),
             _ => return Err(IdentityError::WrongPathShape(uri.to_owned())),
@@ -96,51 +80,30 @@ fn check_trust_domain(uri: &str, trust_domain: &str) -> Result<(), IdentityError
     if trust_domain.is_empty() {
         return Err(IdentityError::EmptyTrustDomain(uri.to_owned()));
     }
-    match trust_domain
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
-    {
-        Some(found) => Err(IdentityError::InvalidTrustDomain {
-            uri: uri.to_owned(),
-            found,
-        }),
+    match trust_domain.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_')) {
+        Some(found) => Err(IdentityError::InvalidTrustDomain { uri: uri.to_owned(), found }),
         None => Ok(()),
     }
 }
 
 fn check_segment(uri: &str, segment: &'static str, value: &str) -> Result<(), IdentityError> {
     if value.is_empty() {
-        return Err(IdentityError::EmptySegment {
-            uri: uri.to_owned(),
-            segment,
-        });
+        return Err(IdentityError::EmptySegment { uri: uri.to_owned(), segment });
     }
     // "." and ".." are forbidden by the SPIFFE ID spec even though their characters are allowed.
     if let Some(found) = value
         .chars()
         .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
-        .or(if value == "." || value == ".." {
-            Some('.')
-        } else {
-            None
-        })
+        .or(if value == "." || value == ".." { Some('.') } else { None })
     {
-        return Err(IdentityError::InvalidSegment {
-            uri: uri.to_owned(),
-            segment,
-            found,
-        });
+        return Err(IdentityError::InvalidSegment { uri: uri.to_owned(), segment, found });
     }
     Ok(())
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -164,15 +127,8 @@ mod tests {
 
     #[test]
     fn other_schemes_are_rejected() {
-        for uri in [
-            "https://cluster.local/ns/a/sa/b",
-            "spiffe:/cluster.local/ns/a/sa/b",
-            "",
-        ] {
-            assert!(
-                matches!(uri.parse::<Identity>(), Err(IdentityError::NotSpiffe(_))),
-                "{uri}"
-            );
+        for uri in ["https://cluster.local/ns/a/sa/b", "spiffe:/cluster.local/ns/a/sa/b", ""] {
+            assert!(matches!(uri.parse::<Identity>(), Err(IdentityError::NotSpiffe(_))), "{uri}");
         }
     }
 
@@ -189,10 +145,7 @@ mod tests {
             "spiffe://cluster.local//ns/a/sa/b",
         ] {
             assert!(
-                matches!(
-                    uri.parse::<Identity>(),
-                    Err(IdentityError::WrongPathShape(_))
-                ),
+                matches!(uri.parse::<Identity>(), Err(IdentityError::WrongPathShape(_))),
                 "{uri}: {:?}",
                 uri.parse::<Identity>()
             );
@@ -201,23 +154,14 @@ mod tests {
 
     #[test]
     fn empty_segments_are_rejected() {
-        assert!(matches!(
-            "spiffe:///ns/a/sa/b".parse::<Identity>(),
-            Err(IdentityError::EmptyTrustDomain(_))
-        ));
+        assert!(matches!("spiffe:///ns/a/sa/b".parse::<Identity>(), Err(IdentityError::EmptyTrustDomain(_))));
         assert!(matches!(
             "spiffe://td/ns//sa/b".parse::<Identity>(),
-            Err(IdentityError::EmptySegment {
-                segment: "namespace",
-                ..
-            })
+            Err(IdentityError::EmptySegment { segment: "namespace", .. })
         ));
         assert!(matches!(
             "spiffe://td/ns/a/sa/".parse::<Identity>(),
-            Err(IdentityError::EmptySegment {
-                segment: "service account",
-                ..
-            })
+            Err(IdentityError::EmptySegment { segment: "service account", .. })
         ));
     }
 
@@ -232,10 +176,7 @@ mod tests {
         ] {
             let err = uri.parse::<Identity>().unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    IdentityError::InvalidTrustDomain { .. } | IdentityError::InvalidSegment { .. }
-                ),
+                matches!(err, IdentityError::InvalidTrustDomain { .. } | IdentityError::InvalidSegment { .. }),
                 "{uri}: {err}"
             );
         }

@@ -22,17 +22,8 @@ impl ZdsClient {
     /// Must be called inside a tokio runtime.
     pub async fn connect(path: &Path) -> Result<Self, ZdsError> {
         let mut sock = PacketSocket::connect(path).await?;
-        sock.send(
-            &ZdsHello {
-                version: Version::V1 as i32,
-            },
-            None,
-        )
-        .await?;
-        Ok(Self {
-            sock,
-            ack_pending: false,
-        })
+        sock.send(&ZdsHello { version: Version::V1 as i32 }, None).await?;
+        Ok(Self { sock, ack_pending: false })
     }
 
     /// Receives the next request; `None` when the agent closed the connection.
@@ -50,9 +41,7 @@ impl ZdsClient {
         }
         let decoded = match self.sock.recv().await {
             Ok(None) => return Ok(None),
-            Ok(Some(packet)) => {
-                ZdsRequest::decode(packet.bytes, packet.fds).map_err(ZdsError::from)
-            }
+            Ok(Some(packet)) => ZdsRequest::decode(packet.bytes, packet.fds).map_err(ZdsError::from),
             Err(e) if e.is_packet_local() => Err(ZdsError::from(e)),
             Err(e) => return Err(e.into()),
         };
@@ -81,9 +70,7 @@ impl ZdsClient {
     }
 
     async fn send_ack(&mut self, error: String) -> Result<(), ZdsError> {
-        let response = WorkloadResponse {
-            payload: Some(workload_response::Payload::Ack(Ack { error })),
-        };
+        let response = WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error })) };
         Ok(self.sock.send(&response, None).await?)
     }
 }
@@ -95,9 +82,7 @@ mod tests {
     use crate::request::RequestError;
     use crate::server::ZdsServer;
     use crate::testutil::{netns_fd, TestDir};
-    use ambit_api::workload::zds::{
-        workload_request::Payload, AddWorkload, DelWorkload, WorkloadRequest,
-    };
+    use ambit_api::workload::zds::{workload_request::Payload, AddWorkload, DelWorkload, WorkloadRequest};
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use prost::Message;
     use std::io::IoSlice;
@@ -113,18 +98,11 @@ mod tests {
     impl RawAgent {
         async fn start(dir: &TestDir) -> (Self, ZdsClient) {
             let listener = PacketListener::bind(&dir.path("ztunnel.sock")).unwrap();
-            let (client, sock) =
-                tokio::join!(ZdsClient::connect(listener.path()), listener.accept());
+            let (client, sock) = tokio::join!(ZdsClient::connect(listener.path()), listener.accept());
             let mut sock = sock.unwrap();
             let hello = ZdsHello::decode(sock.recv().await.unwrap().unwrap().bytes).unwrap();
             assert_eq!(hello.version, Version::V1 as i32);
-            (
-                Self {
-                    _listener: listener,
-                    sock,
-                },
-                client.unwrap(),
-            )
+            (Self { _listener: listener, sock }, client.unwrap())
         }
 
         /// Sends raw bytes with the given descriptors (possibly several).
@@ -140,12 +118,7 @@ mod tests {
         }
 
         async fn ack_error(&mut self) -> String {
-            let packet = self
-                .sock
-                .recv()
-                .await
-                .unwrap()
-                .expect("client closed instead of acking");
+            let packet = self.sock.recv().await.unwrap().expect("client closed instead of acking");
             match WorkloadResponse::decode(packet.bytes).unwrap().payload {
                 Some(workload_response::Payload::Ack(ack)) => ack.error,
                 None => panic!("response without an ack"),
@@ -154,10 +127,7 @@ mod tests {
     }
 
     fn encode(payload: Payload) -> Vec<u8> {
-        WorkloadRequest {
-            payload: Some(payload),
-        }
-        .encode_to_vec()
+        WorkloadRequest { payload: Some(payload) }.encode_to_vec()
     }
 
     fn del(uid: &str) -> Vec<u8> {
@@ -168,28 +138,14 @@ mod tests {
     async fn add_without_a_descriptor_is_reported_and_acked_with_an_error() {
         let dir = TestDir::new("client_add_no_fd");
         let (mut agent, mut client) = RawAgent::start(&dir).await;
-        agent.send_raw(
-            &encode(Payload::Add(AddWorkload {
-                uid: "u1".into(),
-                workload_info: None,
-            })),
-            &[],
-        );
+        agent.send_raw(&encode(Payload::Add(AddWorkload { uid: "u1".into(), workload_info: None })), &[]);
         let err = client.recv().await.unwrap_err();
-        assert!(
-            matches!(err, ZdsError::Request(RequestError::MissingFd { .. })),
-            "{err:?}"
-        );
+        assert!(matches!(err, ZdsError::Request(RequestError::MissingFd { .. })), "{err:?}");
         assert!(!err.is_fatal());
-        assert!(agent
-            .ack_error()
-            .await
-            .contains("u1 carries no network namespace descriptor"));
+        assert!(agent.ack_error().await.contains("u1 carries no network namespace descriptor"));
 
         agent.send_raw(&del("u1"), &[]);
-        assert!(
-            matches!(client.recv().await.unwrap(), Some(ZdsRequest::Del { uid }) if uid == "u1")
-        );
+        assert!(matches!(client.recv().await.unwrap(), Some(ZdsRequest::Del { uid }) if uid == "u1"));
         client.ack(None).await.unwrap();
         assert_eq!(agent.ack_error().await, "");
     }
@@ -200,29 +156,17 @@ mod tests {
         let (mut agent, mut client) = RawAgent::start(&dir).await;
         agent.send_raw(&[0xff, 0xff, 0xff], &[]);
         let err = client.recv().await.unwrap_err();
-        assert!(
-            matches!(err, ZdsError::Request(RequestError::Decode(_))),
-            "{err:?}"
-        );
-        assert!(agent
-            .ack_error()
-            .await
-            .starts_with("invalid zds request: malformed request"));
+        assert!(matches!(err, ZdsError::Request(RequestError::Decode(_))), "{err:?}");
+        assert!(agent.ack_error().await.starts_with("invalid zds request: malformed request"));
 
         // An unknown payload (field 9) is reported the same way.
         agent.send_raw(&[0x48, 0x01], &[]);
         let err = client.recv().await.unwrap_err();
-        assert!(
-            matches!(err, ZdsError::Request(RequestError::UnknownPayload)),
-            "{err:?}"
-        );
+        assert!(matches!(err, ZdsError::Request(RequestError::UnknownPayload)), "{err:?}");
         assert!(!agent.ack_error().await.is_empty());
 
         agent.send_raw(&del("u2"), &[]);
-        assert!(matches!(
-            client.recv().await.unwrap(),
-            Some(ZdsRequest::Del { .. })
-        ));
+        assert!(matches!(client.recv().await.unwrap(), Some(ZdsRequest::Del { .. })));
     }
 
     #[tokio::test]
@@ -234,10 +178,7 @@ mod tests {
         assert!(!err.is_fatal(), "{err:?}");
         assert!(agent.ack_error().await.contains("truncated"));
         agent.send_raw(&del("u3"), &[]);
-        assert!(matches!(
-            client.recv().await.unwrap(),
-            Some(ZdsRequest::Del { .. })
-        ));
+        assert!(matches!(client.recv().await.unwrap(), Some(ZdsRequest::Del { .. })));
     }
 
     #[tokio::test]
@@ -246,29 +187,18 @@ mod tests {
         let (mut agent, mut client) = RawAgent::start(&dir).await;
         // Send the write end of a pipe twice; once every copy is closed the read end sees EOF.
         let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
-        let add = encode(Payload::Add(AddWorkload {
-            uid: "u1".into(),
-            workload_info: None,
-        }));
+        let add = encode(Payload::Add(AddWorkload { uid: "u1".into(), workload_info: None }));
         agent.send_raw(&add, &[write_end.as_raw_fd(), write_end.as_raw_fd()]);
         drop(write_end);
         let err = client.recv().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ZdsError::Request(RequestError::TooManyFds { count: 2, .. })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, ZdsError::Request(RequestError::TooManyFds { count: 2, .. })), "{err:?}");
         assert!(agent.ack_error().await.contains("2 descriptors"));
 
         let mut buf = [0u8; 1];
         for _ in 0..100 {
             match nix::unistd::read(read_end.as_fd(), &mut buf) {
                 Ok(0) => return,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
+                Err(nix::errno::Errno::EAGAIN) => tokio::time::sleep(Duration::from_millis(10)).await,
                 other => panic!("unexpected read result {other:?}"),
             }
         }
@@ -282,16 +212,7 @@ mod tests {
         let netns = netns_fd();
         agent.send_raw(&del("u1"), &[netns.as_raw_fd()]);
         let err = client.recv().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ZdsError::Request(RequestError::UnexpectedFds {
-                    kind: "del",
-                    count: 1
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, ZdsError::Request(RequestError::UnexpectedFds { kind: "del", count: 1 })), "{err:?}");
         assert!(!agent.ack_error().await.is_empty());
     }
 
@@ -302,9 +223,7 @@ mod tests {
         let (client, conn) = tokio::join!(ZdsClient::connect(server.path()), server.accept());
         let mut client = client.unwrap();
         drop(conn.unwrap());
-        let next = tokio::time::timeout(Duration::from_secs(5), client.recv())
-            .await
-            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), client.recv()).await.unwrap();
         assert!(next.unwrap().is_none());
     }
 
@@ -312,10 +231,7 @@ mod tests {
     async fn ack_without_a_request_and_recv_before_ack_are_refused() {
         let dir = TestDir::new("client_misuse");
         let (agent, mut client) = RawAgent::start(&dir).await;
-        assert!(matches!(
-            client.ack(None).await,
-            Err(ZdsError::NoPendingRequest)
-        ));
+        assert!(matches!(client.ack(None).await, Err(ZdsError::NoPendingRequest)));
         agent.send_raw(&del("u1"), &[]);
         client.recv().await.unwrap().unwrap();
         assert!(matches!(client.recv().await, Err(ZdsError::AckPending)));

@@ -65,9 +65,7 @@ impl ZdsError {
     /// unusable: later calls return `Broken`.
     pub fn is_fatal(&self) -> bool {
         match self {
-            Self::Request(_) | Self::Rejected(_) | Self::NoPendingRequest | Self::AckPending => {
-                false
-            }
+            Self::Request(_) | Self::Rejected(_) | Self::NoPendingRequest | Self::AckPending => false,
             Self::Packet(e) => !e.is_packet_local(),
             _ => true,
         }
@@ -94,10 +92,7 @@ mod tests {
     #[test]
     fn error_text_joins_the_source_chain() {
         let err = ZdsError::from(RequestError::MissingFd { uid: "u1".into() });
-        assert_eq!(
-            error_text(&err),
-            "invalid zds request: add for u1 carries no network namespace descriptor"
-        );
+        assert_eq!(error_text(&err), "invalid zds request: add for u1 carries no network namespace descriptor");
     }
 
     #[test]

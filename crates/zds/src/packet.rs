@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
-    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -140,10 +140,7 @@ impl PacketSocket {
 
     /// Connects to the seqpacket socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self, PacketError> {
-        let connect_err = |source: io::Error| PacketError::Connect {
-            path: path.to_owned(),
-            source,
-        };
+        let connect_err = |source: io::Error| PacketError::Connect { path: path.to_owned(), source };
         let addr = unix_addr(path)?;
         let fd = new_socket()?;
         loop {
@@ -159,11 +156,7 @@ impl PacketSocket {
     }
 
     /// Sends `msg` as one packet, with `fd` attached as `SCM_RIGHTS` if given.
-    pub async fn send<M: prost::Message>(
-        &mut self,
-        msg: &M,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), PacketError> {
+    pub async fn send<M: prost::Message>(&mut self, msg: &M, fd: Option<BorrowedFd<'_>>) -> Result<(), PacketError> {
         self.send_buf.clear();
         msg.encode(&mut self.send_buf)?;
         let len = self.send_buf.len();
@@ -178,8 +171,7 @@ impl PacketSocket {
             .fd
             .async_io(Interest::WRITABLE, |sock| {
                 // MSG_NOSIGNAL: a vanished peer is an error to report, not a SIGPIPE.
-                sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-                    .map_err(io::Error::from)
+                sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
             })
             .await
             .map_err(PacketError::Send)?;
@@ -193,22 +185,12 @@ impl PacketSocket {
     ///
     /// Cancel safe: a packet is consumed only when this returns it.
     pub async fn recv(&mut self) -> Result<Option<Packet<'_>>, PacketError> {
-        let Self {
-            fd,
-            recv_buf,
-            cmsg_buf,
-            ..
-        } = self;
+        let Self { fd, recv_buf, cmsg_buf, .. } = self;
         let (len, flags, fds) = fd
             .async_io(Interest::READABLE, |sock| {
                 let mut iov = [IoSliceMut::new(recv_buf)];
-                let msg = recvmsg::<()>(
-                    sock.as_raw_fd(),
-                    &mut iov,
-                    Some(cmsg_buf),
-                    MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(io::Error::from)?;
+                let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(cmsg_buf), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(io::Error::from)?;
                 // Take ownership of every descriptor before any check can return,
                 // so that all of them are closed on every error path.
                 let mut fds = Vec::new();
@@ -217,10 +199,7 @@ impl PacketSocket {
                         if let ControlMessageOwned::ScmRights(raw) = cmsg {
                             // SAFETY: the kernel just installed these descriptors for us
                             // and nothing else refers to them.
-                            fds.extend(
-                                raw.into_iter()
-                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
+                            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
                         }
                     }
                 }
@@ -239,10 +218,7 @@ impl PacketSocket {
         if len == 0 && fds.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Packet {
-            bytes: &recv_buf[..len],
-            fds,
-        }))
+        Ok(Some(Packet { bytes: &recv_buf[..len], fds }))
     }
 }
 
@@ -265,20 +241,11 @@ impl PacketListener {
     /// Binds and listens on `path` with mode 0600, creating missing parent
     /// directories and first removing a stale socket file. Needs a tokio runtime.
     pub fn bind(path: &Path) -> Result<Self, PacketError> {
-        let bind_err = |source: io::Error| PacketError::Bind {
-            path: path.to_owned(),
-            source,
-        };
+        let bind_err = |source: io::Error| PacketError::Bind { path: path.to_owned(), source };
         let addr = unix_addr(path)?;
         match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                std::fs::remove_file(path).map_err(bind_err)?
-            }
-            Ok(_) => {
-                return Err(PacketError::NotASocket {
-                    path: path.to_owned(),
-                })
-            }
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(bind_err)?,
+            Ok(_) => return Err(PacketError::NotASocket { path: path.to_owned() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(bind_err)?;
@@ -309,10 +276,7 @@ impl PacketListener {
         let fd = self
             .fd
             .async_io(Interest::READABLE, |sock| {
-                let raw = accept4(
-                    sock.as_raw_fd(),
-                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                )?;
+                let raw = accept4(sock.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?;
                 // SAFETY: accept4 returned a new descriptor that only we hold.
                 Ok(unsafe { OwnedFd::from_raw_fd(raw) })
             })
@@ -341,20 +305,12 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
 }
 
 fn unix_addr(path: &Path) -> Result<UnixAddr, PacketError> {
-    UnixAddr::new(path).map_err(|e| PacketError::Address {
-        path: path.to_owned(),
-        source: e.into(),
-    })
+    UnixAddr::new(path).map_err(|e| PacketError::Address { path: path.to_owned(), source: e.into() })
 }
 
 fn new_socket() -> Result<OwnedFd, PacketError> {
-    socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| PacketError::Create(e.into()))
+    socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| PacketError::Create(e.into()))
 }
 
 #[cfg(test)]
@@ -371,9 +327,7 @@ mod tests {
         let mut client = PacketSocket::connect(listener.path()).await.unwrap();
         let mut server = listener.accept().await.unwrap();
         let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
-        let hello = ZdsHello {
-            version: Version::V1 as i32,
-        };
+        let hello = ZdsHello { version: Version::V1 as i32 };
         client.send(&hello, Some(netns.as_fd())).await.unwrap();
         let packet = server.recv().await.unwrap().unwrap();
         assert_eq!(ZdsHello::decode(packet.bytes).unwrap(), hello);
@@ -387,22 +341,8 @@ mod tests {
         let client = PacketSocket::connect(listener.path()).await.unwrap();
         let mut server = listener.accept().await.unwrap();
         let big = vec![7u8; MAX_PACKET + 1];
-        sendmsg::<()>(
-            client.fd.as_raw_fd(),
-            &[IoSlice::new(&big)],
-            &[],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        sendmsg::<()>(
-            client.fd.as_raw_fd(),
-            &[IoSlice::new(&[1, 2])],
-            &[],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        sendmsg::<()>(client.fd.as_raw_fd(), &[IoSlice::new(&big)], &[], MsgFlags::empty(), None).unwrap();
+        sendmsg::<()>(client.fd.as_raw_fd(), &[IoSlice::new(&[1, 2])], &[], MsgFlags::empty(), None).unwrap();
         assert!(matches!(server.recv().await, Err(PacketError::Truncated)));
         assert_eq!(server.recv().await.unwrap().unwrap().bytes, &[1, 2]);
     }
@@ -412,14 +352,8 @@ mod tests {
         let dir = TestDir::new("packet_too_large");
         let listener = PacketListener::bind(&dir.path("s.sock")).unwrap();
         let mut client = PacketSocket::connect(listener.path()).await.unwrap();
-        let info = ambit_api::workload::zds::WorkloadInfo {
-            name: "x".repeat(MAX_PACKET),
-            ..Default::default()
-        };
-        assert!(matches!(
-            client.send(&info, None).await,
-            Err(PacketError::TooLarge { .. })
-        ));
+        let info = ambit_api::workload::zds::WorkloadInfo { name: "x".repeat(MAX_PACKET), ..Default::default() };
+        assert!(matches!(client.send(&info, None).await, Err(PacketError::TooLarge { .. })));
     }
 
     #[tokio::test]
@@ -440,10 +374,7 @@ mod tests {
         let dir = TestDir::new("packet_parents");
         let path = dir.path("a/b/s.sock");
         let _listener = PacketListener::bind(&path).unwrap();
-        assert!(std::fs::symlink_metadata(&path)
-            .unwrap()
-            .file_type()
-            .is_socket());
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
     }
 
     #[tokio::test]
@@ -451,10 +382,7 @@ mod tests {
         let dir = TestDir::new("packet_regular_file");
         let path = dir.path("s.sock");
         std::fs::write(&path, b"keep me").unwrap();
-        assert!(matches!(
-            PacketListener::bind(&path),
-            Err(PacketError::NotASocket { .. })
-        ));
+        assert!(matches!(PacketListener::bind(&path), Err(PacketError::NotASocket { .. })));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
     }
 
@@ -476,9 +404,7 @@ mod tests {
     #[tokio::test]
     async fn connecting_to_a_missing_socket_fails() {
         let dir = TestDir::new("packet_missing");
-        let err = PacketSocket::connect(&dir.path("nope.sock"))
-            .await
-            .unwrap_err();
+        let err = PacketSocket::connect(&dir.path("nope.sock")).await.unwrap_err();
         assert!(matches!(err, PacketError::Connect { .. }), "{err:?}");
     }
 }

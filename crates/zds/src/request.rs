@@ -3,9 +3,7 @@
 
 use std::os::fd::OwnedFd;
 
-use ambit_api::workload::zds::{
-    workload_request::Payload, AddWorkload, WorkloadInfo, WorkloadRequest,
-};
+use ambit_api::workload::zds::{workload_request::Payload, AddWorkload, WorkloadInfo, WorkloadRequest};
 use prost::Message;
 
 /// One request from the node agent, validated.
@@ -55,10 +53,7 @@ impl ZdsRequest {
             Payload::SnapshotSent(_) => ("snapshot_sent", Self::SnapshotSent),
         };
         if !fds.is_empty() {
-            return Err(RequestError::UnexpectedFds {
-                kind,
-                count: fds.len(),
-            });
+            return Err(RequestError::UnexpectedFds { kind, count: fds.len() });
         }
         if request.uid() == Some("") {
             return Err(RequestError::EmptyUid { kind });
@@ -71,19 +66,12 @@ impl ZdsRequest {
             return Err(RequestError::EmptyUid { kind: "add" });
         }
         if fds.len() > 1 {
-            return Err(RequestError::TooManyFds {
-                uid: add.uid,
-                count: fds.len(),
-            });
+            return Err(RequestError::TooManyFds { uid: add.uid, count: fds.len() });
         }
         let Some(netns) = fds.pop() else {
             return Err(RequestError::MissingFd { uid: add.uid });
         };
-        Ok(Self::Add {
-            uid: add.uid,
-            info: add.workload_info.unwrap_or_default(),
-            netns,
-        })
+        Ok(Self::Add { uid: add.uid, info: add.workload_info.unwrap_or_default(), netns })
     }
 }
 
@@ -133,10 +121,7 @@ mod tests {
     use ambit_api::workload::zds::{DelWorkload, KeepWorkload, SnapshotSent};
 
     fn encode(payload: Payload) -> Vec<u8> {
-        WorkloadRequest {
-            payload: Some(payload),
-        }
-        .encode_to_vec()
+        WorkloadRequest { payload: Some(payload) }.encode_to_vec()
     }
 
     fn netns() -> OwnedFd {
@@ -146,30 +131,21 @@ mod tests {
     fn add(uid: &str) -> Vec<u8> {
         encode(Payload::Add(AddWorkload {
             uid: uid.into(),
-            workload_info: Some(WorkloadInfo {
-                name: "p".into(),
-                namespace: "n".into(),
-                service_account: "sa".into(),
-            }),
+            workload_info: Some(WorkloadInfo { name: "p".into(), namespace: "n".into(), service_account: "sa".into() }),
         }))
     }
 
     #[test]
     fn add_with_one_descriptor_decodes() {
         let req = ZdsRequest::decode(&add("u1"), vec![netns()]).unwrap();
-        let ZdsRequest::Add { uid, info, .. } = req else {
-            panic!("not an add: {req:?}")
-        };
+        let ZdsRequest::Add { uid, info, .. } = req else { panic!("not an add: {req:?}") };
         assert_eq!(uid, "u1");
         assert_eq!(info.service_account, "sa");
     }
 
     #[test]
     fn add_without_workload_info_gets_empty_info() {
-        let bytes = encode(Payload::Add(AddWorkload {
-            uid: "u1".into(),
-            workload_info: None,
-        }));
+        let bytes = encode(Payload::Add(AddWorkload { uid: "u1".into(), workload_info: None }));
         let req = ZdsRequest::decode(&bytes, vec![netns()]).unwrap();
         assert!(matches!(req, ZdsRequest::Add { info, .. } if info == WorkloadInfo::default()));
     }
@@ -178,61 +154,36 @@ mod tests {
     fn add_without_descriptor_is_rejected() {
         let err = ZdsRequest::decode(&add("u1"), vec![]).unwrap_err();
         assert!(matches!(err, RequestError::MissingFd { .. }), "{err:?}");
-        assert_eq!(
-            err.to_string(),
-            "add for u1 carries no network namespace descriptor"
-        );
+        assert_eq!(err.to_string(), "add for u1 carries no network namespace descriptor");
     }
 
     #[test]
     fn add_with_two_descriptors_is_rejected() {
         let err = ZdsRequest::decode(&add("u1"), vec![netns(), netns()]).unwrap_err();
-        assert!(
-            matches!(err, RequestError::TooManyFds { count: 2, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, RequestError::TooManyFds { count: 2, .. }), "{err:?}");
     }
 
     #[test]
     fn del_with_a_descriptor_is_rejected() {
         let bytes = encode(Payload::Del(DelWorkload { uid: "u1".into() }));
         let err = ZdsRequest::decode(&bytes, vec![netns()]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RequestError::UnexpectedFds {
-                    kind: "del",
-                    count: 1
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, RequestError::UnexpectedFds { kind: "del", count: 1 }), "{err:?}");
     }
 
     #[test]
     fn keep_del_and_snapshot_sent_decode() {
         let keep = encode(Payload::Keep(KeepWorkload { uid: "k".into() }));
-        assert!(
-            matches!(ZdsRequest::decode(&keep, vec![]), Ok(ZdsRequest::Keep { uid }) if uid == "k")
-        );
+        assert!(matches!(ZdsRequest::decode(&keep, vec![]), Ok(ZdsRequest::Keep { uid }) if uid == "k"));
         let del = encode(Payload::Del(DelWorkload { uid: "d".into() }));
-        assert!(
-            matches!(ZdsRequest::decode(&del, vec![]), Ok(ZdsRequest::Del { uid }) if uid == "d")
-        );
+        assert!(matches!(ZdsRequest::decode(&del, vec![]), Ok(ZdsRequest::Del { uid }) if uid == "d"));
         let snap = encode(Payload::SnapshotSent(SnapshotSent {}));
-        assert!(matches!(
-            ZdsRequest::decode(&snap, vec![]),
-            Ok(ZdsRequest::SnapshotSent)
-        ));
+        assert!(matches!(ZdsRequest::decode(&snap, vec![]), Ok(ZdsRequest::SnapshotSent)));
     }
 
     #[test]
     fn empty_uid_is_rejected() {
         let bytes = encode(Payload::Del(DelWorkload { uid: String::new() }));
-        assert!(matches!(
-            ZdsRequest::decode(&bytes, vec![]),
-            Err(RequestError::EmptyUid { kind: "del" })
-        ));
+        assert!(matches!(ZdsRequest::decode(&bytes, vec![]), Err(RequestError::EmptyUid { kind: "del" })));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ambit_api::workload::zds::{
-    workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload,
-    SnapshotSent, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
+    workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, Version,
+    WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
 };
 use prost::Message;
 
@@ -65,21 +65,14 @@ impl ZdsServer {
             .map_err(|_| ZdsError::HelloTimeout(self.hello_timeout))??
             .ok_or(ZdsError::Closed)?;
         if !packet.fds.is_empty() {
-            return Err(ZdsError::UnexpectedFds {
-                what: "hello",
-                count: packet.fds.len(),
-            });
+            return Err(ZdsError::UnexpectedFds { what: "hello", count: packet.fds.len() });
         }
         let hello = ZdsHello::decode(packet.bytes).map_err(ZdsError::BadHello)?;
         if hello.version != Version::V1 as i32 {
             return Err(ZdsError::UnsupportedVersion(hello.version));
         }
         tracing::debug!(path = %self.path().display(), "zds client connected");
-        Ok(ZdsAgentConnection {
-            sock,
-            ack_timeout: self.ack_timeout,
-            broken: false,
-        })
+        Ok(ZdsAgentConnection { sock, ack_timeout: self.ack_timeout, broken: false })
     }
 }
 
@@ -97,45 +90,24 @@ pub struct ZdsAgentConnection {
 
 impl ZdsAgentConnection {
     /// Enrolls a pod, passing its network namespace. `Rejected` if ztunnel refuses.
-    pub async fn add(
-        &mut self,
-        uid: &str,
-        info: WorkloadInfo,
-        netns: BorrowedFd<'_>,
-    ) -> Result<(), ZdsError> {
-        let add = AddWorkload {
-            uid: uid.to_owned(),
-            workload_info: Some(info),
-        };
+    pub async fn add(&mut self, uid: &str, info: WorkloadInfo, netns: BorrowedFd<'_>) -> Result<(), ZdsError> {
+        let add = AddWorkload { uid: uid.to_owned(), workload_info: Some(info) };
         self.request(Payload::Add(add), Some(netns)).await
     }
 
     /// During the snapshot: keeps a pod whose namespace cannot be opened.
     pub async fn keep(&mut self, uid: &str) -> Result<(), ZdsError> {
-        self.request(
-            Payload::Keep(KeepWorkload {
-                uid: uid.to_owned(),
-            }),
-            None,
-        )
-        .await
+        self.request(Payload::Keep(KeepWorkload { uid: uid.to_owned() }), None).await
     }
 
     /// Releases a pod.
     pub async fn del(&mut self, uid: &str) -> Result<(), ZdsError> {
-        self.request(
-            Payload::Del(DelWorkload {
-                uid: uid.to_owned(),
-            }),
-            None,
-        )
-        .await
+        self.request(Payload::Del(DelWorkload { uid: uid.to_owned() }), None).await
     }
 
     /// Ends the snapshot: ztunnel drops pods neither added nor kept since the hello.
     pub async fn snapshot_sent(&mut self) -> Result<(), ZdsError> {
-        self.request(Payload::SnapshotSent(SnapshotSent {}), None)
-            .await
+        self.request(Payload::SnapshotSent(SnapshotSent {}), None).await
     }
 
     /// Sets how long each call waits for its ack.
@@ -158,11 +130,7 @@ impl ZdsAgentConnection {
         }
     }
 
-    async fn request(
-        &mut self,
-        payload: Payload,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ZdsError> {
+    async fn request(&mut self, payload: Payload, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
         if self.broken {
             return Err(ZdsError::Broken);
         }
@@ -173,28 +141,14 @@ impl ZdsAgentConnection {
         result
     }
 
-    async fn exchange(
-        &mut self,
-        payload: Payload,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ZdsError> {
-        self.sock
-            .send(
-                &WorkloadRequest {
-                    payload: Some(payload),
-                },
-                fd,
-            )
-            .await?;
+    async fn exchange(&mut self, payload: Payload, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
+        self.sock.send(&WorkloadRequest { payload: Some(payload) }, fd).await?;
         let packet = tokio::time::timeout(self.ack_timeout, self.sock.recv())
             .await
             .map_err(|_| ZdsError::AckTimeout(self.ack_timeout))??
             .ok_or(ZdsError::Closed)?;
         if !packet.fds.is_empty() {
-            return Err(ZdsError::UnexpectedFds {
-                what: "response",
-                count: packet.fds.len(),
-            });
+            return Err(ZdsError::UnexpectedFds { what: "response", count: packet.fds.len() });
         }
         let response = WorkloadResponse::decode(packet.bytes).map_err(ZdsError::BadResponse)?;
         match response.payload {
@@ -214,11 +168,7 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn info(name: &str) -> WorkloadInfo {
-        WorkloadInfo {
-            name: name.into(),
-            namespace: "default".into(),
-            service_account: "sa".into(),
-        }
+        WorkloadInfo { name: name.into(), namespace: "default".into(), service_account: "sa".into() }
     }
 
     #[tokio::test]
@@ -232,41 +182,23 @@ mod tests {
             while let Some(req) = client.recv().await.unwrap() {
                 if let ZdsRequest::Add { netns, .. } = &req {
                     let expected = netns_fd();
-                    assert!(
-                        same_file(netns.as_fd(), expected.as_fd()),
-                        "received fd is not our netns"
-                    );
+                    assert!(same_file(netns.as_fd(), expected.as_fd()), "received fd is not our netns");
                     let flags = nix::fcntl::fcntl(netns, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-                    assert_ne!(
-                        flags & nix::libc::FD_CLOEXEC,
-                        0,
-                        "received fd must be close-on-exec"
-                    );
+                    assert_ne!(flags & nix::libc::FD_CLOEXEC, 0, "received fd must be close-on-exec");
                 }
-                seen.push(
-                    format!("{req:?}")
-                        .split([' ', '{'])
-                        .next()
-                        .unwrap()
-                        .to_owned(),
-                );
+                seen.push(format!("{req:?}").split([' ', '{']).next().unwrap().to_owned());
                 client.ack(None).await.unwrap();
             }
             seen
         });
         let mut conn = server.accept().await.unwrap();
         let netns = netns_fd();
-        conn.add("uid-1", info("pod-1"), netns.as_fd())
-            .await
-            .unwrap();
+        conn.add("uid-1", info("pod-1"), netns.as_fd()).await.unwrap();
         conn.keep("uid-2").await.unwrap();
         conn.del("uid-1").await.unwrap();
         conn.snapshot_sent().await.unwrap();
         drop(conn);
-        assert_eq!(
-            ztunnel.await.unwrap(),
-            ["Add", "Keep", "Del", "SnapshotSent"]
-        );
+        assert_eq!(ztunnel.await.unwrap(), ["Add", "Keep", "Del", "SnapshotSent"]);
     }
 
     #[tokio::test]
@@ -283,10 +215,7 @@ mod tests {
         });
         let mut conn = server.accept().await.unwrap();
         let err = conn.del("uid-1").await.unwrap_err();
-        assert!(
-            matches!(&err, ZdsError::Rejected(m) if m == "no such pod"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, ZdsError::Rejected(m) if m == "no such pod"), "{err:?}");
         conn.snapshot_sent().await.unwrap();
         ztunnel.await.unwrap();
     }
@@ -303,14 +232,7 @@ mod tests {
         // Version 0 (NOT_USED) encodes to an empty packet, which on a seqpacket
         // socket reads exactly like end of stream.
         let mut raw = PacketSocket::connect(server.path()).await.unwrap();
-        raw.send(
-            &ZdsHello {
-                version: Version::NotUsed as i32,
-            },
-            None,
-        )
-        .await
-        .unwrap();
+        raw.send(&ZdsHello { version: Version::NotUsed as i32 }, None).await.unwrap();
         let err = server.accept().await.unwrap_err();
         assert!(matches!(err, ZdsError::Closed), "{err:?}");
 
@@ -326,10 +248,7 @@ mod tests {
         let server = ZdsServer::bind(&dir.path("ztunnel.sock")).unwrap();
         let mut raw = PacketSocket::connect(server.path()).await.unwrap();
         // A WorkloadInfo whose name field (1) is a string: not a valid varint version.
-        let junk = WorkloadInfo {
-            name: "x".into(),
-            ..Default::default()
-        };
+        let junk = WorkloadInfo { name: "x".into(), ..Default::default() };
         raw.send(&junk, None).await.unwrap();
         let err = server.accept().await.unwrap_err();
         assert!(matches!(err, ZdsError::BadHello(_)), "{err:?}");
@@ -370,10 +289,7 @@ mod tests {
         let (client, conn) = tokio::join!(ZdsClient::connect(server.path()), server.accept());
         let mut conn = conn.unwrap();
         drop(client.unwrap());
-        tokio::time::timeout(Duration::from_secs(5), conn.closed())
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap().unwrap();
         assert!(matches!(conn.snapshot_sent().await, Err(ZdsError::Broken)));
     }
 

@@ -33,9 +33,6 @@ pub fn netns_fd() -> OwnedFd {
 
 /// True when both descriptors refer to the same file (same device and inode).
 pub fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
-    let (a, b) = (
-        nix::sys::stat::fstat(a).unwrap(),
-        nix::sys::stat::fstat(b).unwrap(),
-    );
+    let (a, b) = (nix::sys::stat::fstat(a).unwrap(), nix::sys::stat::fstat(b).unwrap());
     (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 }

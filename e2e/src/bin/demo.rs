@@ -52,7 +52,14 @@ fn main() -> anyhow::Result<()> {
     let node_ns = |n| mesh.lab().node(n).netns.path().display().to_string();
     println!("Ambit demo mesh is up (lab directory {}):", mesh.lab().dir().display());
     for p in mesh.lab().pods() {
-        println!("  pod {:<11} {}  on {}  identity spiffe://cluster.local/ns/{}/sa/{}", p.name, p.ip, mesh.lab().node(p.node).name, p.namespace, p.service_account);
+        println!(
+            "  pod {:<11} {}  on {}  identity spiffe://cluster.local/ns/{}/sa/{}",
+            p.name,
+            p.ip,
+            mesh.lab().node(p.node).name,
+            p.namespace,
+            p.service_account
+        );
     }
     println!("  service backend.demo.svc.cluster.local {vip}:80 -> backend-v1, backend-v2 :8080");
     println!("Look at it while it runs:");

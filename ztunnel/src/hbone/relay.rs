@@ -36,7 +36,11 @@ pub struct Transferred {
 /// Relays until both directions have finished. A half-close on one side is
 /// passed on (TCP FIN ↔ END_STREAM). On an error in either direction the
 /// stream is reset and the socket dropped, so the far side sees it too.
-pub async fn relay(tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> (Transferred, Result<(), RelayError>) {
+pub async fn relay(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (Transferred, Result<(), RelayError>) {
     let (mut r, mut w) = tcp.into_split();
     let mut t = Transferred::default();
     let result = {

@@ -27,8 +27,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
     let p = pod.clone();
-    accept_loop(listener, "inbound-hbone", p, move |stream, peer| handle_connection(inputs.clone(), pod.clone(), stream, peer))
-        .await
+    accept_loop(listener, "inbound-hbone", p, move |stream, peer| {
+        handle_connection(inputs.clone(), pod.clone(), stream, peer)
+    })
+    .await
 }
 
 async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {

@@ -79,11 +79,11 @@ impl PodProxies {
         let listen = |addr: SocketAddr, transparent| {
             let pod = pod.clone();
             async move {
-                let l = pod
-                    .netns
-                    .listener(addr, transparent)
-                    .await
-                    .map_err(|source| ProxyError::Listen { pod: pod.uid.clone(), addr, source })?;
+                let l = pod.netns.listener(addr, transparent).await.map_err(|source| ProxyError::Listen {
+                    pod: pod.uid.clone(),
+                    addr,
+                    source,
+                })?;
                 Ok::<_, ProxyError>(tokio::net::TcpListener::from_std(l)?)
             }
         };

@@ -32,7 +32,13 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
         let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                libc::SO_ORIGINAL_DST,
+                (&mut addr as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());

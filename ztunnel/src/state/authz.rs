@@ -37,51 +37,25 @@ impl ProxyState {
     /// ones, Namespace ones in `dst`'s namespace, and those `dst` lists. Any
     /// matching DENY denies; otherwise, if an ALLOW applies, one must match.
     pub fn authorize(&self, conn: &ConnectionAttributes, dst: &Workload) -> Result<(), Denied> {
-        let ns = self
-            .namespace_policies
-            .get(&dst.namespace)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let ns = self.namespace_policies.get(&dst.namespace).map(Vec::as_slice).unwrap_or_default();
         let applicable = || {
-            let scoped = self
-                .global_policies
-                .iter()
-                .chain(ns)
-                .map(|&i| &*self.policies[i]);
-            scoped.chain(
-                dst.authorization_policies
-                    .iter()
-                    .filter_map(|k| self.policy(k))
-                    .map(|p| &**p),
-            )
+            let scoped = self.global_policies.iter().chain(ns).map(|&i| &*self.policies[i]);
+            scoped.chain(dst.authorization_policies.iter().filter_map(|k| self.policy(k)).map(|p| &**p))
         };
-        if let Some(p) = applicable().find(|p| p.action == Action::Deny && policy_matches(p, conn))
-        {
-            return Err(Denied {
-                policy: Some(p.key()),
-                reason: "denied by policy",
-            });
+        if let Some(p) = applicable().find(|p| p.action == Action::Deny && policy_matches(p, conn)) {
+            return Err(Denied { policy: Some(p.key()), reason: "denied by policy" });
         }
-        let mut allows = applicable()
-            .filter(|p| p.action == Action::Allow)
-            .peekable();
+        let mut allows = applicable().filter(|p| p.action == Action::Allow).peekable();
         if allows.peek().is_none() || allows.any(|p| policy_matches(p, conn)) {
             return Ok(());
         }
-        Err(Denied {
-            policy: None,
-            reason: "no allow policy matched",
-        })
+        Err(Denied { policy: None, reason: "no allow policy matched" })
     }
 }
 
 /// Any rule; a rule matches when all its clauses do; a clause when any match does.
 fn policy_matches(p: &Authorization, conn: &ConnectionAttributes) -> bool {
-    p.rules.iter().any(|r| {
-        r.clauses
-            .iter()
-            .all(|c| c.matches.iter().any(|m| match_matches(m, conn)))
-    })
+    p.rules.iter().any(|r| r.clauses.iter().all(|c| c.matches.iter().any(|m| match_matches(m, conn))))
 }
 
 fn match_matches(m: &Match, conn: &ConnectionAttributes) -> bool {
@@ -129,8 +103,7 @@ fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
     ];
     match m {
         StringMatch::Exact(s) => {
-            s.len() == pieces.iter().map(|p| p.len()).sum::<usize>()
-                && starts_with(&pieces, s.as_bytes())
+            s.len() == pieces.iter().map(|p| p.len()).sum::<usize>() && starts_with(&pieces, s.as_bytes())
         }
         StringMatch::Prefix(s) => starts_with(&pieces, s.as_bytes()),
         StringMatch::Suffix(s) => ends_with(&pieces, s.as_bytes()),
@@ -172,11 +145,7 @@ mod tests {
     use super::*;
 
     fn id(ns: &str, sa: &str) -> Identity {
-        Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: ns.into(),
-            service_account: sa.into(),
-        }
+        Identity { trust_domain: "cluster.local".into(), namespace: ns.into(), service_account: sa.into() }
     }
 
     fn conn(src: Option<Identity>) -> ConnectionAttributes {
@@ -189,16 +158,8 @@ mod tests {
     }
 
     fn policy(name: &str, scope: Scope, action: Action, m: Match) -> Authorization {
-        let rules = vec![Rule {
-            clauses: vec![Clause { matches: vec![m] }],
-        }];
-        Authorization {
-            name: name.into(),
-            namespace: "default".into(),
-            scope,
-            action,
-            rules,
-        }
+        let rules = vec![Rule { clauses: vec![Clause { matches: vec![m] }] }];
+        Authorization { name: name.into(), namespace: "default".into(), scope, action, rules }
     }
 
     fn dst() -> Workload {
@@ -237,19 +198,10 @@ mod tests {
             "deny",
             Scope::Global,
             Action::Deny,
-            Match {
-                principals: vec![exact(CLIENT)],
-                ..Default::default()
-            },
+            Match { principals: vec![exact(CLIENT)], ..Default::default() },
         );
         let denied = decide(vec![allow, deny], &conn(Some(id("default", "client")))).unwrap_err();
-        assert_eq!(
-            denied,
-            Denied {
-                policy: Some("default/deny".into()),
-                reason: "denied by policy"
-            }
-        );
+        assert_eq!(denied, Denied { policy: Some("default/deny".into()), reason: "denied by policy" });
         assert_eq!(denied.to_string(), "denied by policy (default/deny)");
     }
 
@@ -259,15 +211,9 @@ mod tests {
             "deny",
             Scope::Global,
             Action::Deny,
-            Match {
-                principals: vec![exact(CLIENT)],
-                ..Default::default()
-            },
+            Match { principals: vec![exact(CLIENT)], ..Default::default() },
         );
-        assert_eq!(
-            decide(vec![deny], &conn(Some(id("default", "other")))),
-            Ok(())
-        );
+        assert_eq!(decide(vec![deny], &conn(Some(id("default", "other")))), Ok(()));
     }
 
     #[test]
@@ -276,28 +222,12 @@ mod tests {
             "allow",
             Scope::Namespace,
             Action::Allow,
-            Match {
-                destination_ports: vec![1],
-                ..Default::default()
-            },
+            Match { destination_ports: vec![1], ..Default::default() },
         );
         let denied = decide(vec![allow], &conn(None)).unwrap_err();
-        assert_eq!(
-            denied,
-            Denied {
-                policy: None,
-                reason: "no allow policy matched"
-            }
-        );
-        let no_rules = Authorization {
-            name: "empty".into(),
-            namespace: "default".into(),
-            ..Default::default()
-        };
-        assert!(
-            decide(vec![no_rules], &conn(None)).is_err(),
-            "a policy with no rules matches nothing"
-        );
+        assert_eq!(denied, Denied { policy: None, reason: "no allow policy matched" });
+        let no_rules = Authorization { name: "empty".into(), namespace: "default".into(), ..Default::default() };
+        assert!(decide(vec![no_rules], &conn(None)).is_err(), "a policy with no rules matches nothing");
     }
 
     #[test]
@@ -315,19 +245,9 @@ mod tests {
     fn policies_of_other_namespaces_and_unlisted_selectors_do_not_apply() {
         let mut other_ns = policy("n", Scope::Namespace, Action::Deny, Match::default());
         other_ns.namespace = "other".into();
-        let unlisted = policy(
-            "unlisted",
-            Scope::WorkloadSelector,
-            Action::Deny,
-            Match::default(),
-        );
+        let unlisted = policy("unlisted", Scope::WorkloadSelector, Action::Deny, Match::default());
         assert_eq!(decide(vec![other_ns, unlisted], &conn(None)), Ok(()));
-        let listed = policy(
-            "selected",
-            Scope::WorkloadSelector,
-            Action::Deny,
-            Match::default(),
-        );
+        let listed = policy("selected", Scope::WorkloadSelector, Action::Deny, Match::default());
         assert!(decide(vec![listed], &conn(None)).is_err());
     }
 
@@ -338,53 +258,23 @@ mod tests {
     #[test]
     fn principals_match_the_full_spiffe_uri_exactly_by_prefix_or_suffix() {
         let client = conn(Some(id("default", "client")));
-        let m = |s: StringMatch| Match {
-            principals: vec![s],
-            ..Default::default()
-        };
+        let m = |s: StringMatch| Match { principals: vec![s], ..Default::default() };
         assert!(allowed_by(m(exact(CLIENT)), &client));
-        assert!(!allowed_by(
-            m(exact("spiffe://cluster.local/ns/default/sa/clien")),
-            &client
-        ));
-        assert!(!allowed_by(
-            m(exact("cluster.local/ns/default/sa/client")),
-            &client
-        ));
-        assert!(allowed_by(
-            m(StringMatch::Prefix("spiffe://cluster.local/ns/def".into())),
-            &client
-        ));
+        assert!(!allowed_by(m(exact("spiffe://cluster.local/ns/default/sa/clien")), &client));
+        assert!(!allowed_by(m(exact("cluster.local/ns/default/sa/client")), &client));
+        assert!(allowed_by(m(StringMatch::Prefix("spiffe://cluster.local/ns/def".into())), &client));
         assert!(allowed_by(m(StringMatch::Prefix(String::new())), &client));
-        assert!(!allowed_by(
-            m(StringMatch::Prefix(format!("{CLIENT}x"))),
-            &client
-        ));
-        assert!(allowed_by(
-            m(StringMatch::Suffix("/sa/client".into())),
-            &client
-        ));
+        assert!(!allowed_by(m(StringMatch::Prefix(format!("{CLIENT}x"))), &client));
+        assert!(allowed_by(m(StringMatch::Suffix("/sa/client".into())), &client));
         assert!(allowed_by(m(StringMatch::Suffix(CLIENT.into())), &client));
-        assert!(!allowed_by(
-            m(StringMatch::Suffix(format!("x{CLIENT}"))),
-            &client
-        ));
-        assert!(!allowed_by(
-            m(StringMatch::Suffix("/sa/server".into())),
-            &client
-        ));
-        assert!(
-            !allowed_by(m(exact(CLIENT)), &conn(None)),
-            "no identity fails a positive principal match"
-        );
+        assert!(!allowed_by(m(StringMatch::Suffix(format!("x{CLIENT}"))), &client));
+        assert!(!allowed_by(m(StringMatch::Suffix("/sa/server".into())), &client));
+        assert!(!allowed_by(m(exact(CLIENT)), &conn(None)), "no identity fails a positive principal match");
     }
 
     #[test]
     fn namespaces_match_the_source_identity_namespace() {
-        let m = Match {
-            namespaces: vec![StringMatch::Prefix("team-".into())],
-            ..Default::default()
-        };
+        let m = Match { namespaces: vec![StringMatch::Prefix("team-".into())], ..Default::default() };
         assert!(allowed_by(m.clone(), &conn(Some(id("team-a", "x")))));
         assert!(!allowed_by(m.clone(), &conn(Some(id("default", "x")))));
         assert!(!allowed_by(m, &conn(None)));
@@ -394,54 +284,14 @@ mod tests {
     fn ip_blocks_and_ports_match_source_destination_and_port() {
         let c = conn(None);
         let net = |s: &str| vec![s.parse().unwrap()];
-        assert!(allowed_by(
-            Match {
-                source_ips: net("10.0.0.0/8"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                source_ips: net("10.2.0.0/16"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(allowed_by(
-            Match {
-                destination_ips: net("10.1.0.3/32"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                destination_ips: net("10.1.0.2/32"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(allowed_by(
-            Match {
-                destination_ports: vec![9090, 8080],
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                destination_ports: vec![9090],
-                ..Default::default()
-            },
-            &c
-        ));
+        assert!(allowed_by(Match { source_ips: net("10.0.0.0/8"), ..Default::default() }, &c));
+        assert!(!allowed_by(Match { source_ips: net("10.2.0.0/16"), ..Default::default() }, &c));
+        assert!(allowed_by(Match { destination_ips: net("10.1.0.3/32"), ..Default::default() }, &c));
+        assert!(!allowed_by(Match { destination_ips: net("10.1.0.2/32"), ..Default::default() }, &c));
+        assert!(allowed_by(Match { destination_ports: vec![9090, 8080], ..Default::default() }, &c));
+        assert!(!allowed_by(Match { destination_ports: vec![9090], ..Default::default() }, &c));
         // Set fields are AND-ed.
-        let both = Match {
-            source_ips: net("10.0.0.0/8"),
-            destination_ports: vec![9090],
-            ..Default::default()
-        };
+        let both = Match { source_ips: net("10.0.0.0/8"), destination_ports: vec![9090], ..Default::default() };
         assert!(!allowed_by(both, &c));
     }
 
@@ -449,62 +299,14 @@ mod tests {
     fn not_fields_exclude_what_they_match() {
         let c = conn(Some(id("default", "client")));
         let net = |s: &str| vec![s.parse().unwrap()];
-        assert!(!allowed_by(
-            Match {
-                not_principals: vec![exact(CLIENT)],
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(allowed_by(
-            Match {
-                not_principals: vec![exact("spiffe://x/ns/a/sa/b")],
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                not_namespaces: vec![exact("default")],
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                not_source_ips: net("10.1.0.0/24"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(allowed_by(
-            Match {
-                not_source_ips: net("10.9.0.0/24"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                not_destination_ips: net("10.1.0.3/32"),
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(!allowed_by(
-            Match {
-                not_destination_ports: vec![8080],
-                ..Default::default()
-            },
-            &c
-        ));
-        assert!(allowed_by(
-            Match {
-                not_destination_ports: vec![80],
-                ..Default::default()
-            },
-            &c
-        ));
+        assert!(!allowed_by(Match { not_principals: vec![exact(CLIENT)], ..Default::default() }, &c));
+        assert!(allowed_by(Match { not_principals: vec![exact("spiffe://x/ns/a/sa/b")], ..Default::default() }, &c));
+        assert!(!allowed_by(Match { not_namespaces: vec![exact("default")], ..Default::default() }, &c));
+        assert!(!allowed_by(Match { not_source_ips: net("10.1.0.0/24"), ..Default::default() }, &c));
+        assert!(allowed_by(Match { not_source_ips: net("10.9.0.0/24"), ..Default::default() }, &c));
+        assert!(!allowed_by(Match { not_destination_ips: net("10.1.0.3/32"), ..Default::default() }, &c));
+        assert!(!allowed_by(Match { not_destination_ports: vec![8080], ..Default::default() }, &c));
+        assert!(allowed_by(Match { not_destination_ports: vec![80], ..Default::default() }, &c));
     }
 
     #[test]
@@ -513,24 +315,15 @@ mod tests {
             "strict",
             Scope::Namespace,
             Action::Deny,
-            Match {
-                not_principals: vec![StringMatch::Presence],
-                ..Default::default()
-            },
+            Match { not_principals: vec![StringMatch::Presence], ..Default::default() },
         );
         assert!(decide(vec![strict.clone()], &conn(None)).is_err());
-        assert_eq!(
-            decide(vec![strict], &conn(Some(id("elsewhere", "anyone")))),
-            Ok(())
-        );
+        assert_eq!(decide(vec![strict], &conn(Some(id("elsewhere", "anyone")))), Ok(()));
     }
 
     #[test]
     fn a_clause_needs_one_of_its_matches_and_a_rule_all_its_clauses() {
-        let port = |p| Match {
-            destination_ports: vec![p],
-            ..Default::default()
-        };
+        let port = |p| Match { destination_ports: vec![p], ..Default::default() };
         let clause = |ms: Vec<Match>| Clause { matches: ms };
         let allow = |clauses| Authorization {
             name: "p".into(),
@@ -540,10 +333,6 @@ mod tests {
         };
         let c = conn(None);
         assert!(decide(vec![allow(vec![clause(vec![port(1), port(8080)])])], &c).is_ok());
-        assert!(decide(
-            vec![allow(vec![clause(vec![port(8080)]), clause(vec![port(1)])])],
-            &c
-        )
-        .is_err());
+        assert!(decide(vec![allow(vec![clause(vec![port(8080)]), clause(vec![port(1)])])], &c).is_err());
     }
 }

@@ -9,8 +9,8 @@ use ambit_api::workload as pb;
 use ipnet::IpNet;
 
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope,
-    Service, StringMatch, TunnelProtocol, Workload,
+    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service, StringMatch,
+    TunnelProtocol, Workload,
 };
 
 /// Why a protobuf resource could not be converted.
@@ -18,32 +18,16 @@ use super::model::{
 pub enum ConvertError {
     /// An address field is neither 4 nor 16 bytes long.
     #[error("{object}: {field} holds {len} bytes, expected 4 (IPv4) or 16 (IPv6)")]
-    BadIp {
-        object: String,
-        field: &'static str,
-        len: usize,
-    },
+    BadIp { object: String, field: &'static str, len: usize },
     /// A CIDR prefix length is longer than its address.
     #[error("{object}: {field} has prefix length {len}, longer than the address")]
-    BadPrefixLen {
-        object: String,
-        field: &'static str,
-        len: u32,
-    },
+    BadPrefixLen { object: String, field: &'static str, len: u32 },
     /// A port is 0 where one is required, or above 65535.
     #[error("{object}: {field} {port} is not a port (1-65535)")]
-    BadPort {
-        object: String,
-        field: &'static str,
-        port: u32,
-    },
+    BadPort { object: String, field: &'static str, port: u32 },
     /// An enum field holds a value this version does not know.
     #[error("{object}: {field} has unknown value {value}")]
-    UnknownEnum {
-        object: String,
-        field: &'static str,
-        value: i32,
-    },
+    UnknownEnum { object: String, field: &'static str, value: i32 },
     /// A string match sets none of exact, prefix, suffix, presence.
     #[error("{object}: {field} has a string match with no match type")]
     EmptyStringMatch { object: String, field: &'static str },
@@ -56,11 +40,7 @@ fn ip_from_bytes(b: &[u8], object: &str, field: &'static str) -> Result<IpAddr, 
     } else if let Ok(a) = <[u8; 16]>::try_from(b) {
         Ok(IpAddr::V6(Ipv6Addr::from(a)))
     } else {
-        Err(ConvertError::BadIp {
-            object: object.to_owned(),
-            field,
-            len: b.len(),
-        })
+        Err(ConvertError::BadIp { object: object.to_owned(), field, len: b.len() })
     }
 }
 
@@ -68,21 +48,13 @@ fn ip_from_bytes(b: &[u8], object: &str, field: &'static str) -> Result<IpAddr, 
 pub(crate) fn port(p: u32, object: &str, field: &'static str) -> Result<u16, ConvertError> {
     match u16::try_from(p) {
         Ok(v) if v != 0 => Ok(v),
-        _ => Err(ConvertError::BadPort {
-            object: object.to_owned(),
-            field,
-            port: p,
-        }),
+        _ => Err(ConvertError::BadPort { object: object.to_owned(), field, port: p }),
     }
 }
 
 /// A target port, where 0 means "same as the service port".
 fn target_port(p: u32, object: &str) -> Result<u16, ConvertError> {
-    u16::try_from(p).map_err(|_| ConvertError::BadPort {
-        object: object.to_owned(),
-        field: "target_port",
-        port: p,
-    })
+    u16::try_from(p).map_err(|_| ConvertError::BadPort { object: object.to_owned(), field: "target_port", port: p })
 }
 
 fn mappings(ports: &[pb::Port], object: &str) -> Result<Vec<PortMapping>, ConvertError> {
@@ -98,11 +70,7 @@ fn mappings(ports: &[pb::Port], object: &str) -> Result<Vec<PortMapping>, Conver
 }
 
 fn unknown(object: &str, field: &'static str, value: i32) -> ConvertError {
-    ConvertError::UnknownEnum {
-        object: object.to_owned(),
-        field,
-        value,
-    }
+    ConvertError::UnknownEnum { object: object.to_owned(), field, value }
 }
 
 impl TryFrom<pb::Workload> for Workload {
@@ -110,11 +78,7 @@ impl TryFrom<pb::Workload> for Workload {
 
     fn try_from(w: pb::Workload) -> Result<Self, ConvertError> {
         let object = format!("workload {}", w.uid);
-        let addresses = w
-            .addresses
-            .iter()
-            .map(|a| ip_from_bytes(a, &object, "addresses"))
-            .collect::<Result<_, _>>()?;
+        let addresses = w.addresses.iter().map(|a| ip_from_bytes(a, &object, "addresses")).collect::<Result<_, _>>()?;
         let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
             Ok(pb::TunnelProtocol::None) => TunnelProtocol::None,
             Ok(pb::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
@@ -156,11 +120,8 @@ impl TryFrom<pb::Service> for Service {
     /// are round robin.
     fn try_from(s: pb::Service) -> Result<Self, ConvertError> {
         let object = format!("service {}/{}", s.namespace, s.hostname);
-        let vips = s
-            .addresses
-            .iter()
-            .map(|a| ip_from_bytes(&a.address, &object, "addresses"))
-            .collect::<Result<_, _>>()?;
+        let vips =
+            s.addresses.iter().map(|a| ip_from_bytes(&a.address, &object, "addresses")).collect::<Result<_, _>>()?;
         let ports = mappings(&s.ports, &object)?;
         Ok(Service {
             vips,
@@ -197,39 +158,25 @@ impl TryFrom<pb_sec::Authorization> for Authorization {
                     .clauses
                     .into_iter()
                     .map(|c| {
-                        let matches = c
-                            .matches
-                            .into_iter()
-                            .map(|m| convert_match(m, &object))
-                            .collect::<Result<_, _>>()?;
+                        let matches =
+                            c.matches.into_iter().map(|m| convert_match(m, &object)).collect::<Result<_, _>>()?;
                         Ok(Clause { matches })
                     })
                     .collect::<Result<_, ConvertError>>()?;
                 Ok(Rule { clauses })
             })
             .collect::<Result<_, ConvertError>>()?;
-        Ok(Authorization {
-            name: a.name,
-            namespace: a.namespace,
-            scope,
-            action,
-            rules,
-        })
+        Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules })
     }
 }
 
 fn convert_match(m: pb_sec::Match, object: &str) -> Result<Match, ConvertError> {
     let strings = |v: Vec<pb_sec::StringMatch>, field| -> Result<Vec<_>, _> {
-        v.into_iter()
-            .map(|s| string_match(s, object, field))
-            .collect()
+        v.into_iter().map(|s| string_match(s, object, field)).collect()
     };
-    let nets = |v: Vec<pb_sec::Address>, field| -> Result<Vec<_>, _> {
-        v.iter().map(|a| ip_net(a, object, field)).collect()
-    };
-    let ports = |v: Vec<u32>, field| -> Result<Vec<_>, _> {
-        v.into_iter().map(|p| port(p, object, field)).collect()
-    };
+    let nets =
+        |v: Vec<pb_sec::Address>, field| -> Result<Vec<_>, _> { v.iter().map(|a| ip_net(a, object, field)).collect() };
+    let ports = |v: Vec<u32>, field| -> Result<Vec<_>, _> { v.into_iter().map(|p| port(p, object, field)).collect() };
     Ok(Match {
         namespaces: strings(m.namespaces, "namespaces")?,
         not_namespaces: strings(m.not_namespaces, "not_namespaces")?,
@@ -244,31 +191,20 @@ fn convert_match(m: pb_sec::Match, object: &str) -> Result<Match, ConvertError> 
     })
 }
 
-fn string_match(
-    s: pb_sec::StringMatch,
-    object: &str,
-    field: &'static str,
-) -> Result<StringMatch, ConvertError> {
+fn string_match(s: pb_sec::StringMatch, object: &str, field: &'static str) -> Result<StringMatch, ConvertError> {
     use pb_sec::string_match::MatchType;
     match s.match_type {
         Some(MatchType::Exact(v)) => Ok(StringMatch::Exact(v)),
         Some(MatchType::Prefix(v)) => Ok(StringMatch::Prefix(v)),
         Some(MatchType::Suffix(v)) => Ok(StringMatch::Suffix(v)),
         Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
-        None => Err(ConvertError::EmptyStringMatch {
-            object: object.to_owned(),
-            field,
-        }),
+        None => Err(ConvertError::EmptyStringMatch { object: object.to_owned(), field }),
     }
 }
 
 fn ip_net(a: &pb_sec::Address, object: &str, field: &'static str) -> Result<IpNet, ConvertError> {
     let ip = ip_from_bytes(&a.address, object, field)?;
-    let bad = || ConvertError::BadPrefixLen {
-        object: object.to_owned(),
-        field,
-        len: a.length,
-    };
+    let bad = || ConvertError::BadPrefixLen { object: object.to_owned(), field, len: a.length };
     let len = u8::try_from(a.length).map_err(|_| bad())?;
     IpNet::new(ip, len).map_err(|_| bad())
 }
@@ -289,12 +225,7 @@ mod tests {
             service_account: "client".into(),
             services: HashMap::from([(
                 "default/echo.default.svc.cluster.local".to_owned(),
-                pb::PortList {
-                    ports: vec![pb::Port {
-                        service_port: 80,
-                        target_port: 8080,
-                    }],
-                },
+                pb::PortList { ports: vec![pb::Port { service_port: 80, target_port: 8080 }] },
             )]),
             authorization_policies: vec!["default/allow".into()],
             ..Default::default()
@@ -304,21 +235,12 @@ mod tests {
     #[test]
     fn workload_converts_addresses_protocol_status_and_services() {
         let w = Workload::try_from(pb_workload()).unwrap();
-        assert_eq!(
-            w.addresses,
-            vec![
-                "10.1.0.2".parse::<IpAddr>().unwrap(),
-                "::1".parse().unwrap()
-            ]
-        );
+        assert_eq!(w.addresses, vec!["10.1.0.2".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
         assert_eq!(w.protocol, TunnelProtocol::Hbone);
         assert_eq!(w.status, HealthStatus::Unhealthy);
         assert_eq!(
             w.services["default/echo.default.svc.cluster.local"],
-            vec![PortMapping {
-                service_port: 80,
-                target_port: 8080
-            }]
+            vec![PortMapping { service_port: 80, target_port: 8080 }]
         );
         assert_eq!(w.authorization_policies, vec!["default/allow".to_owned()]);
     }
@@ -329,11 +251,7 @@ mod tests {
         w.addresses = vec![vec![1, 2, 3, 4, 5]];
         let err = Workload::try_from(w).unwrap_err();
         assert!(matches!(err, ConvertError::BadIp { len: 5, .. }));
-        assert!(
-            err.to_string()
-                .contains("workload cluster1//Pod/default/client"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("workload cluster1//Pod/default/client"), "{err}");
     }
 
     #[test]
@@ -342,11 +260,7 @@ mod tests {
         w.tunnel_protocol = 7;
         assert!(matches!(
             Workload::try_from(w),
-            Err(ConvertError::UnknownEnum {
-                field: "tunnel_protocol",
-                value: 7,
-                ..
-            })
+            Err(ConvertError::UnknownEnum { field: "tunnel_protocol", value: 7, .. })
         ));
     }
 
@@ -356,31 +270,16 @@ mod tests {
             name: "echo".into(),
             namespace: "default".into(),
             hostname: "echo.default.svc.cluster.local".into(),
-            addresses: vec![pb::NetworkAddress {
-                network: String::new(),
-                address: vec![10, 96, 0, 10],
-            }],
-            ports: vec![pb::Port {
-                service_port: 70000,
-                target_port: 0,
-            }],
+            addresses: vec![pb::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 10] }],
+            ports: vec![pb::Port { service_port: 70000, target_port: 0 }],
             ..Default::default()
         };
-        assert!(matches!(
-            Service::try_from(s.clone()),
-            Err(ConvertError::BadPort { port: 70000, .. })
-        ));
+        assert!(matches!(Service::try_from(s.clone()), Err(ConvertError::BadPort { port: 70000, .. })));
         let mut ok = s;
         ok.ports[0].service_port = 80;
         let svc = Service::try_from(ok).unwrap();
         assert_eq!(svc.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
-        assert_eq!(
-            svc.ports,
-            vec![PortMapping {
-                service_port: 80,
-                target_port: 0
-            }]
-        );
+        assert_eq!(svc.ports, vec![PortMapping { service_port: 80, target_port: 0 }]);
         assert_eq!(svc.load_balancer, LoadBalancer::RoundRobin);
     }
 
@@ -390,9 +289,7 @@ mod tests {
             namespace: "ns".into(),
             scope: pb_sec::Scope::Namespace as i32,
             action: pb_sec::Action::Deny as i32,
-            rules: vec![pb_sec::Rule {
-                clauses: vec![pb_sec::Clause { matches: vec![m] }],
-            }],
+            rules: vec![pb_sec::Rule { clauses: vec![pb_sec::Clause { matches: vec![m] }] }],
         }
     }
 
@@ -400,22 +297,11 @@ mod tests {
     fn authorization_converts_every_match_field() {
         use pb_sec::string_match::MatchType;
         let m = pb_sec::Match {
-            principals: vec![pb_sec::StringMatch {
-                match_type: Some(MatchType::Exact("spiffe://a".into())),
-            }],
-            not_principals: vec![pb_sec::StringMatch {
-                match_type: Some(MatchType::Presence(())),
-            }],
-            namespaces: vec![pb_sec::StringMatch {
-                match_type: Some(MatchType::Prefix("team-".into())),
-            }],
-            not_namespaces: vec![pb_sec::StringMatch {
-                match_type: Some(MatchType::Suffix("-dev".into())),
-            }],
-            source_ips: vec![pb_sec::Address {
-                address: vec![10, 0, 0, 0],
-                length: 8,
-            }],
+            principals: vec![pb_sec::StringMatch { match_type: Some(MatchType::Exact("spiffe://a".into())) }],
+            not_principals: vec![pb_sec::StringMatch { match_type: Some(MatchType::Presence(())) }],
+            namespaces: vec![pb_sec::StringMatch { match_type: Some(MatchType::Prefix("team-".into())) }],
+            not_namespaces: vec![pb_sec::StringMatch { match_type: Some(MatchType::Suffix("-dev".into())) }],
+            source_ips: vec![pb_sec::Address { address: vec![10, 0, 0, 0], length: 8 }],
             destination_ports: vec![8080],
             ..Default::default()
         };
@@ -433,36 +319,18 @@ mod tests {
     #[test]
     fn authorization_with_ipv4_prefix_33_is_rejected() {
         let m = pb_sec::Match {
-            source_ips: vec![pb_sec::Address {
-                address: vec![10, 0, 0, 0],
-                length: 33,
-            }],
+            source_ips: vec![pb_sec::Address { address: vec![10, 0, 0, 0], length: 33 }],
             ..Default::default()
         };
         let err = Authorization::try_from(pb_policy(m)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "policy ns/p: source_ips has prefix length 33, longer than the address"
-        );
+        assert_eq!(err.to_string(), "policy ns/p: source_ips has prefix length 33, longer than the address");
     }
 
     #[test]
     fn authorization_with_empty_string_match_or_port_zero_is_rejected() {
-        let m = pb_sec::Match {
-            principals: vec![pb_sec::StringMatch { match_type: None }],
-            ..Default::default()
-        };
-        assert!(matches!(
-            Authorization::try_from(pb_policy(m)),
-            Err(ConvertError::EmptyStringMatch { .. })
-        ));
-        let m = pb_sec::Match {
-            destination_ports: vec![0],
-            ..Default::default()
-        };
-        assert!(matches!(
-            Authorization::try_from(pb_policy(m)),
-            Err(ConvertError::BadPort { port: 0, .. })
-        ));
+        let m = pb_sec::Match { principals: vec![pb_sec::StringMatch { match_type: None }], ..Default::default() };
+        assert!(matches!(Authorization::try_from(pb_policy(m)), Err(ConvertError::EmptyStringMatch { .. })));
+        let m = pb_sec::Match { destination_ports: vec![0], ..Default::default() };
+        assert!(matches!(Authorization::try_from(pb_policy(m)), Err(ConvertError::BadPort { port: 0, .. })));
     }
 }

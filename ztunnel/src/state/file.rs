@@ -60,8 +60,8 @@ use serde_yaml::with::singleton_map_recursive;
 
 use super::convert::port;
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope,
-    Service, StringMatch, TunnelProtocol, Workload,
+    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service, StringMatch,
+    TunnelProtocol, Workload,
 };
 use super::peer_auth::{self, PeerAuthentication};
 use super::{ProxyState, StateError};
@@ -78,10 +78,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     /// `cluster.local` and `ambit-system`.
     fn default() -> Self {
-        LoadOptions {
-            default_trust_domain: "cluster.local".into(),
-            root_namespace: "ambit-system".into(),
-        }
+        LoadOptions { default_trust_domain: "cluster.local".into(), root_namespace: "ambit-system".into() }
     }
 }
 
@@ -102,11 +99,7 @@ pub struct StateFile {
 impl StateFile {
     /// Watches `path`; the first `poll` loads it.
     pub fn new(path: impl Into<PathBuf>, opts: LoadOptions) -> Self {
-        StateFile {
-            path: path.into(),
-            opts,
-            last: None,
-        }
+        StateFile { path: path.into(), opts, last: None }
     }
 
     /// Polled by ztunnel: returns Some(new state) only when the file's content changed since the last successful or
@@ -114,10 +107,7 @@ impl StateFile {
     pub fn poll(&mut self) -> Result<Option<ProxyState>, StateError> {
         let bytes = std::fs::read(&self.path).map_err(|source| {
             self.last = None;
-            StateError::Read {
-                path: self.path.display().to_string(),
-                source,
-            }
+            StateError::Read { path: self.path.display().to_string(), source }
         })?;
         let mut h = DefaultHasher::new();
         h.write(&bytes);
@@ -319,10 +309,7 @@ fn ports(ps: Vec<LocalPort>, object: &str) -> Result<Vec<PortMapping>, StateErro
                 Some(t) => port(t, object, "targetPort")?,
                 None => 0,
             };
-            Ok(PortMapping {
-                service_port,
-                target_port,
-            })
+            Ok(PortMapping { service_port, target_port })
         })
         .collect()
 }
@@ -331,11 +318,8 @@ fn build(cfg: LocalConfig, opts: &LoadOptions) -> Result<ProxyState, StateError>
     let mut workloads = Vec::with_capacity(cfg.workloads.len());
     for w in cfg.workloads {
         let object = format!("workload {}", w.uid);
-        let services = w
-            .services
-            .into_iter()
-            .map(|(k, v)| Ok((k, ports(v, &object)?)))
-            .collect::<Result<_, StateError>>()?;
+        let services =
+            w.services.into_iter().map(|(k, v)| Ok((k, ports(v, &object)?))).collect::<Result<_, StateError>>()?;
         workloads.push(Workload {
             uid: w.uid,
             name: w.name,
@@ -374,11 +358,7 @@ fn build(cfg: LocalConfig, opts: &LoadOptions) -> Result<ProxyState, StateError>
             },
         });
     }
-    let mut policies = cfg
-        .policies
-        .into_iter()
-        .map(policy)
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut policies = cfg.policies.into_iter().map(policy).collect::<Result<Vec<_>, _>>()?;
     let namespaces = workloads
         .iter()
         .map(|w| w.namespace.as_str())
@@ -403,11 +383,7 @@ fn policy(p: LocalPolicy) -> Result<Authorization, StateError> {
             .collect()
     };
     let nets = |v: Vec<Cidr>| v.into_iter().map(|c| c.0).collect::<Vec<_>>();
-    let port_list = |v: Vec<u32>, field| {
-        v.into_iter()
-            .map(|p| port(p, &object, field))
-            .collect::<Result<Vec<_>, _>>()
-    };
+    let port_list = |v: Vec<u32>, field| v.into_iter().map(|p| port(p, &object, field)).collect::<Result<Vec<_>, _>>();
     let mut rules = Vec::with_capacity(p.rules.len());
     for r in p.rules {
         let mut clauses = Vec::with_capacity(r.clauses.len());
@@ -424,10 +400,7 @@ fn policy(p: LocalPolicy) -> Result<Authorization, StateError> {
                     destination_ips: nets(m.destination_ips),
                     not_destination_ips: nets(m.not_destination_ips),
                     destination_ports: port_list(m.destination_ports, "destinationPorts")?,
-                    not_destination_ports: port_list(
-                        m.not_destination_ports,
-                        "notDestinationPorts",
-                    )?,
+                    not_destination_ports: port_list(m.not_destination_ports, "notDestinationPorts")?,
                 });
             }
             clauses.push(Clause { matches });

@@ -7,19 +7,8 @@ use ambit_identity::Identity;
 /// The example in this module's docs, extracted so that the docs stay valid.
 fn doc_example() -> String {
     let src = include_str!("file.rs");
-    let block = src
-        .split("//! ```yaml\n")
-        .nth(1)
-        .and_then(|s| s.split("//! ```").next())
-        .unwrap();
-    block
-        .lines()
-        .map(|l| {
-            l.strip_prefix("//! ")
-                .unwrap_or(l.trim_start_matches("//!"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    let block = src.split("//! ```yaml\n").nth(1).and_then(|s| s.split("//! ```").next()).unwrap();
+    block.lines().map(|l| l.strip_prefix("//! ").unwrap_or(l.trim_start_matches("//!"))).collect::<Vec<_>>().join("\n")
 }
 
 fn opts() -> LoadOptions {
@@ -29,19 +18,12 @@ fn opts() -> LoadOptions {
 #[test]
 fn the_documented_example_parses_with_every_field() {
     let yaml = doc_example();
-    assert_eq!(
-        yaml.trim(),
-        include_str!("../../tests/data/state-example.yaml").trim(),
-        "tests/data copy is stale"
-    );
+    assert_eq!(yaml.trim(), include_str!("../../tests/data/state-example.yaml").trim(), "tests/data copy is stale");
     let st = parse_local_config(&yaml, &opts()).unwrap();
 
     let w = st.workload_by_ip("10.1.0.2".parse().unwrap()).unwrap();
     assert_eq!(w.uid, "lab/Pod/default/client");
-    assert_eq!(
-        (w.name.as_str(), w.namespace.as_str(), w.node.as_str()),
-        ("client", "default", "node1")
-    );
+    assert_eq!((w.name.as_str(), w.namespace.as_str(), w.node.as_str()), ("client", "default", "node1"));
     assert_eq!(w.protocol, TunnelProtocol::Hbone);
     assert_eq!(w.status, HealthStatus::Healthy);
     assert_eq!(w.canonical_name, "client");
@@ -55,64 +37,29 @@ fn the_documented_example_parses_with_every_field() {
     );
     assert_eq!(
         w.services["default/echo.default.svc.cluster.local"],
-        vec![PortMapping {
-            service_port: 80,
-            target_port: 8080
-        }]
+        vec![PortMapping { service_port: 80, target_port: 8080 }]
     );
-    assert_eq!(
-        w.authorization_policies,
-        vec!["default/allow-client".to_owned()]
-    );
+    assert_eq!(w.authorization_policies, vec!["default/allow-client".to_owned()]);
 
     let s = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
     assert_eq!(s.hostname, "echo.default.svc.cluster.local");
     assert_eq!(s.load_balancer, LoadBalancer::RoundRobin);
-    assert_eq!(
-        st.endpoints("default/echo.default.svc.cluster.local")
-            .count(),
-        1
-    );
+    assert_eq!(st.endpoints("default/echo.default.svc.cluster.local").count(), 1);
 
     let p = st.policy("default/allow-client").unwrap();
-    assert_eq!(
-        (p.scope, p.action),
-        (Scope::WorkloadSelector, Action::Allow)
-    );
+    assert_eq!((p.scope, p.action), (Scope::WorkloadSelector, Action::Allow));
     let m = &p.rules[0].clauses[0].matches[0];
-    assert_eq!(
-        m.principals,
-        vec![StringMatch::Exact(
-            "spiffe://cluster.local/ns/default/sa/client".into()
-        )]
-    );
+    assert_eq!(m.principals, vec![StringMatch::Exact("spiffe://cluster.local/ns/default/sa/client".into())]);
     assert_eq!(m.namespaces, vec![StringMatch::Prefix("team-".into())]);
     assert_eq!(m.not_principals, vec![StringMatch::Presence]);
     assert_eq!(m.not_namespaces, vec![StringMatch::Suffix("-dev".into())]);
     assert_eq!(m.source_ips, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
-    assert_eq!(
-        m.destination_ips,
-        vec!["10.1.0.3/32".parse::<IpNet>().unwrap()]
-    );
-    assert_eq!(
-        m.not_source_ips,
-        vec!["10.9.0.0/16".parse::<IpNet>().unwrap()]
-    );
-    assert_eq!(
-        (
-            m.destination_ports.as_slice(),
-            m.not_destination_ports.as_slice()
-        ),
-        (&[8080][..], &[15000][..])
-    );
+    assert_eq!(m.destination_ips, vec!["10.1.0.3/32".parse::<IpNet>().unwrap()]);
+    assert_eq!(m.not_source_ips, vec!["10.9.0.0/16".parse::<IpNet>().unwrap()]);
+    assert_eq!((m.destination_ports.as_slice(), m.not_destination_ports.as_slice()), (&[8080][..], &[15000][..]));
 
-    let strict = st
-        .policy(&format!("default/{STATIC_STRICT_POLICY}"))
-        .unwrap();
-    assert_eq!(
-        (strict.scope, strict.action),
-        (Scope::Namespace, Action::Deny)
-    );
+    let strict = st.policy(&format!("default/{STATIC_STRICT_POLICY}")).unwrap();
+    assert_eq!((strict.scope, strict.action), (Scope::Namespace, Action::Deny));
 }
 
 #[test]
@@ -125,39 +72,16 @@ workloads:
 services:
 - {name: s, namespace: ns, hostname: s.ns, addresses: [10.96.0.1], ports: [{servicePort: 80}]}
 ";
-    let o = LoadOptions {
-        default_trust_domain: "example.org".into(),
-        root_namespace: "root".into(),
-    };
+    let o = LoadOptions { default_trust_domain: "example.org".into(), root_namespace: "root".into() };
     let st = parse_local_config(yaml, &o).unwrap();
     let w = st.workload_by_uid("u1").unwrap();
-    assert_eq!(
-        (w.protocol, w.status),
-        (TunnelProtocol::None, HealthStatus::Healthy)
-    );
-    assert_eq!(
-        (w.trust_domain.as_str(), w.service_account.as_str()),
-        ("example.org", "default")
-    );
+    assert_eq!((w.protocol, w.status), (TunnelProtocol::None, HealthStatus::Healthy));
+    assert_eq!((w.trust_domain.as_str(), w.service_account.as_str()), ("example.org", "default"));
     let s = st.service_by_key("ns/s.ns").unwrap();
-    assert_eq!(
-        s.ports,
-        vec![PortMapping {
-            service_port: 80,
-            target_port: 0
-        }]
-    );
+    assert_eq!(s.ports, vec![PortMapping { service_port: 80, target_port: 0 }]);
     assert_eq!(s.load_balancer, LoadBalancer::RoundRobin);
-    assert_eq!(
-        st.policies().count(),
-        0,
-        "no PeerAuthentication means permissive: no generated policy"
-    );
-    assert_eq!(
-        parse_local_config("", &o).unwrap().workloads().count(),
-        0,
-        "an empty file is an empty mesh"
-    );
+    assert_eq!(st.policies().count(), 0, "no PeerAuthentication means permissive: no generated policy");
+    assert_eq!(parse_local_config("", &o).unwrap().workloads().count(), 0, "an empty file is an empty mesh");
 }
 
 #[test]
@@ -171,15 +95,12 @@ fn an_unknown_field_is_an_error_with_its_line() {
 #[test]
 fn a_string_match_must_name_exactly_one_known_kind() {
     let pol = |m: &str| {
-        format!("policies:\n- name: p\n  namespace: ns\n  rules: [{{clauses: [{{matches: [{{principals: [{m}]}}]}}]}}]\n")
+        format!(
+            "policies:\n- name: p\n  namespace: ns\n  rules: [{{clauses: [{{matches: [{{principals: [{m}]}}]}}]}}]\n"
+        )
     };
-    let err = parse_local_config(&pol("{exakt: a}"), &opts())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("unknown variant `exakt`") && err.contains("line 4"),
-        "{err}"
-    );
+    let err = parse_local_config(&pol("{exakt: a}"), &opts()).unwrap_err().to_string();
+    assert!(err.contains("unknown variant `exakt`") && err.contains("line 4"), "{err}");
     assert!(parse_local_config(&pol("{exact: a, prefix: b}"), &opts()).is_err());
     assert!(parse_local_config(&pol("{suffix: a}"), &opts()).is_ok());
 }
@@ -188,10 +109,7 @@ fn a_string_match_must_name_exactly_one_known_kind() {
 fn an_ip_owned_by_two_workloads_is_an_error() {
     let yaml = "workloads:\n- {uid: a, addresses: [10.0.0.1]}\n- {uid: b, addresses: [10.0.0.1]}\n";
     let err = parse_local_config(yaml, &opts()).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        "address 10.0.0.1 is owned by both workload a and workload b"
-    );
+    assert_eq!(err, "address 10.0.0.1 is owned by both workload a and workload b");
 }
 
 #[test]
@@ -204,35 +122,20 @@ fn a_bad_cidr_is_an_error_naming_it_with_its_line() {
 
 #[test]
 fn port_zero_and_ports_above_65535_are_errors_naming_the_object() {
-    let svc = |p: &str| {
-        format!("services:\n- {{name: s, namespace: ns, hostname: s.ns, ports: [{{servicePort: {p}}}]}}\n")
-    };
-    let err = parse_local_config(&svc("0"), &opts())
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        err,
-        "service ns/s.ns: servicePort 0 is not a port (1-65535)"
-    );
-    let err = parse_local_config(&svc("70000"), &opts())
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        err,
-        "service ns/s.ns: servicePort 70000 is not a port (1-65535)"
-    );
+    let svc =
+        |p: &str| format!("services:\n- {{name: s, namespace: ns, hostname: s.ns, ports: [{{servicePort: {p}}}]}}\n");
+    let err = parse_local_config(&svc("0"), &opts()).unwrap_err().to_string();
+    assert_eq!(err, "service ns/s.ns: servicePort 0 is not a port (1-65535)");
+    let err = parse_local_config(&svc("70000"), &opts()).unwrap_err().to_string();
+    assert_eq!(err, "service ns/s.ns: servicePort 70000 is not a port (1-65535)");
     let pol = "policies:\n- {name: p, namespace: ns, rules: [{clauses: [{matches: [{destinationPorts: [0]}]}]}]}\n";
     let err = parse_local_config(pol, &opts()).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        "policy ns/p: destinationPorts 0 is not a port (1-65535)"
-    );
+    assert_eq!(err, "policy ns/p: destinationPorts 0 is not a port (1-65535)");
 }
 
 #[test]
 fn a_policy_referenced_by_a_workload_may_not_exist_yet() {
-    let yaml =
-        "workloads:\n- {uid: a, authorizationPolicies: [ns/later], services: {ns/gone.ns: []}}\n";
+    let yaml = "workloads:\n- {uid: a, authorizationPolicies: [ns/later], services: {ns/gone.ns: []}}\n";
     let st = parse_local_config(yaml, &opts()).unwrap();
     let a = st.workload_by_uid("a").unwrap();
     let conn = ConnectionAttributes {
@@ -264,16 +167,9 @@ peerAuthentications:
     let secure = st.workload_by_uid("s").unwrap();
     let legacy = st.workload_by_uid("l").unwrap();
     let denied = st.authorize(&conn(None, "10.0.0.1"), secure).unwrap_err();
-    assert_eq!(
-        denied.policy.as_deref(),
-        Some("secure/istio_converted_static_strict")
-    );
+    assert_eq!(denied.policy.as_deref(), Some("secure/istio_converted_static_strict"));
     assert_eq!(st.authorize(&conn(None, "10.0.0.2"), legacy), Ok(()));
-    let peer = Identity {
-        trust_domain: "cluster.local".into(),
-        namespace: "x".into(),
-        service_account: "y".into(),
-    };
+    let peer = Identity { trust_domain: "cluster.local".into(), namespace: "x".into(), service_account: "y".into() };
     assert_eq!(st.authorize(&conn(Some(peer), "10.0.0.1"), secure), Ok(()));
 }
 
@@ -299,25 +195,16 @@ fn poll_reports_changes_only_and_recovers_after_a_broken_file() {
     let dir = TempDir::new("poll");
     let path = dir.0.join("state.yaml");
     let mut file = StateFile::new(&path, opts());
-    assert!(
-        matches!(file.poll(), Err(StateError::Read { .. })),
-        "a missing file is a read error"
-    );
+    assert!(matches!(file.poll(), Err(StateError::Read { .. })), "a missing file is a read error");
 
     std::fs::write(&path, "workloads:\n- {uid: a, addresses: [10.0.0.1]}\n").unwrap();
     let st = file.poll().unwrap().expect("first read loads");
     assert!(st.workload_by_uid("a").is_some());
-    assert!(
-        file.poll().unwrap().is_none(),
-        "unchanged content is not reloaded"
-    );
+    assert!(file.poll().unwrap().is_none(), "unchanged content is not reloaded");
 
     std::fs::write(&path, "workloads:\n- {uid: a, addresses: [10.0.0.1]\n").unwrap();
     assert!(matches!(file.poll(), Err(StateError::Parse(_))));
-    assert!(
-        file.poll().unwrap().is_none(),
-        "the same broken content is reported once"
-    );
+    assert!(file.poll().unwrap().is_none(), "the same broken content is reported once");
 
     std::fs::write(&path, "workloads:\n- {uid: b, addresses: [10.0.0.2]}\n").unwrap();
     let st = file.poll().unwrap().expect("fixed file loads");

@@ -15,19 +15,9 @@ use super::ProxyState;
 #[derive(Debug)]
 pub enum Upstream {
     /// A mesh workload (protocol HBONE): tunnel to `workload`'s IP on 15008, CONNECT authority = `target`.
-    Hbone {
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-        target: SocketAddr,
-        guard: EndpointGuard,
-    },
+    Hbone { workload: Arc<Workload>, service: Option<Arc<Service>>, target: SocketAddr, guard: EndpointGuard },
     /// A known workload or service endpoint outside the mesh (protocol NONE): plain TCP to `target`.
-    Direct {
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-        target: SocketAddr,
-        guard: EndpointGuard,
-    },
+    Direct { workload: Arc<Workload>, service: Option<Arc<Service>>, target: SocketAddr, guard: EndpointGuard },
     /// Not a known workload or service VIP: pass through to the original destination.
     Passthrough,
     /// A known service VIP whose port is not declared, or with no healthy endpoint.
@@ -44,9 +34,7 @@ pub struct EndpointGuard {
 impl EndpointGuard {
     fn new(active: &Arc<AtomicUsize>) -> Self {
         active.fetch_add(1, Ordering::Relaxed);
-        EndpointGuard {
-            active: active.clone(),
-        }
+        EndpointGuard { active: active.clone() }
     }
 }
 
@@ -74,28 +62,16 @@ impl Counters {
             cursors.extend(st.services.iter().map(|s| s.key.as_str()).zip(&c.cursors));
             active.extend(st.workloads.iter().map(|w| w.uid.as_str()).zip(&c.active));
         }
-        let reuse = |m: &HashMap<&str, &Arc<AtomicUsize>>, k: &str| {
-            m.get(k).map(|c| Arc::clone(c)).unwrap_or_default()
-        };
+        let reuse = |m: &HashMap<&str, &Arc<AtomicUsize>>, k: &str| m.get(k).map(|c| Arc::clone(c)).unwrap_or_default();
         Counters {
-            cursors: new
-                .services
-                .iter()
-                .map(|s| reuse(&cursors, &s.key))
-                .collect(),
-            active: new
-                .workloads
-                .iter()
-                .map(|w| reuse(&active, &w.uid))
-                .collect(),
+            cursors: new.services.iter().map(|s| reuse(&cursors, &s.key)).collect(),
+            active: new.workloads.iter().map(|w| reuse(&active, &w.uid)).collect(),
         }
     }
 
     /// Active connections of the workload at `idx`.
     pub(super) fn active(&self, idx: usize) -> usize {
-        self.active
-            .get(idx)
-            .map_or(0, |a| a.load(Ordering::Relaxed))
+        self.active.get(idx).map_or(0, |a| a.load(Ordering::Relaxed))
     }
 }
 
@@ -106,12 +82,7 @@ pub(super) fn resolve(st: &ProxyState, counters: &Counters, dst: SocketAddr) -> 
     }
     match st.by_ip.get(&dst.ip()) {
         // Addressed directly: health is not consulted, the client chose it.
-        Some(&widx) => upstream(
-            &st.workloads[widx],
-            None,
-            dst,
-            EndpointGuard::new(&counters.active[widx]),
-        ),
+        Some(&widx) => upstream(&st.workloads[widx], None, dst, EndpointGuard::new(&counters.active[widx])),
         None => Upstream::Passthrough,
     }
 }
@@ -120,15 +91,11 @@ fn resolve_service(st: &ProxyState, counters: &Counters, sidx: usize, dst: Socke
     let entry = &st.services[sidx];
     let service = &entry.service;
     let Some(port) = service.ports.iter().find(|p| p.service_port == dst.port()) else {
-        return Upstream::NoHealthyEndpoint {
-            service: service.clone(),
-        };
+        return Upstream::NoHealthyEndpoint { service: service.clone() };
     };
     let eps = &entry.endpoints;
     if eps.is_empty() {
-        return Upstream::NoHealthyEndpoint {
-            service: service.clone(),
-        };
+        return Upstream::NoHealthyEndpoint { service: service.clone() };
     }
     let start = counters.cursors[sidx].fetch_add(1, Ordering::Relaxed);
     let pick = match service.load_balancer {
@@ -157,43 +124,21 @@ fn resolve_service(st: &ProxyState, counters: &Counters, sidx: usize, dst: Socke
         .or(nonzero(port.target_port))
         .unwrap_or(port.service_port);
     let target = SocketAddr::new(pick_ip(workload, dst.ip()), target_port);
-    upstream(
-        workload,
-        Some(service.clone()),
-        target,
-        EndpointGuard::new(&counters.active[ep.workload]),
-    )
+    upstream(workload, Some(service.clone()), target, EndpointGuard::new(&counters.active[ep.workload]))
 }
 
 /// The workload address of the same family as `like`, else its first one
 /// (endpoints always have at least one address).
 fn pick_ip(w: &Workload, like: IpAddr) -> IpAddr {
     let same = w.addresses.iter().find(|a| a.is_ipv4() == like.is_ipv4());
-    *same
-        .or(w.addresses.first())
-        .expect("bug: endpoint without an address")
+    *same.or(w.addresses.first()).expect("bug: endpoint without an address")
 }
 
-fn upstream(
-    w: &Arc<Workload>,
-    service: Option<Arc<Service>>,
-    target: SocketAddr,
-    guard: EndpointGuard,
-) -> Upstream {
+fn upstream(w: &Arc<Workload>, service: Option<Arc<Service>>, target: SocketAddr, guard: EndpointGuard) -> Upstream {
     let workload = w.clone();
     match w.protocol {
-        TunnelProtocol::Hbone => Upstream::Hbone {
-            workload,
-            service,
-            target,
-            guard,
-        },
-        TunnelProtocol::None => Upstream::Direct {
-            workload,
-            service,
-            target,
-            guard,
-        },
+        TunnelProtocol::Hbone => Upstream::Hbone { workload, service, target, guard },
+        TunnelProtocol::None => Upstream::Direct { workload, service, target, guard },
     }
 }
 
@@ -225,14 +170,8 @@ mod tests {
             hostname: "echo.ns.svc".into(),
             vips: vec!["10.96.0.10".parse().unwrap()],
             ports: vec![
-                PortMapping {
-                    service_port: 80,
-                    target_port: 8080,
-                },
-                PortMapping {
-                    service_port: 90,
-                    target_port: 0,
-                },
+                PortMapping { service_port: 80, target_port: 8080 },
+                PortMapping { service_port: 90, target_port: 0 },
             ],
             load_balancer: lb,
         }
@@ -243,16 +182,8 @@ mod tests {
     }
 
     fn three(lb: LoadBalancer) -> SharedState {
-        let ws = (1..=3)
-            .map(|i| {
-                backend(
-                    &format!("w{i}"),
-                    &format!("10.0.0.{i}"),
-                    HealthStatus::Healthy,
-                    vec![],
-                )
-            })
-            .collect();
+        let ws =
+            (1..=3).map(|i| backend(&format!("w{i}"), &format!("10.0.0.{i}"), HealthStatus::Healthy, vec![])).collect();
         shared(ws, lb)
     }
 
@@ -262,12 +193,7 @@ mod tests {
 
     fn pick(up: Upstream) -> (String, SocketAddr, EndpointGuard) {
         match up {
-            Upstream::Hbone {
-                workload,
-                service: Some(_),
-                target,
-                guard,
-            } => (workload.uid.clone(), target, guard),
+            Upstream::Hbone { workload, service: Some(_), target, guard } => (workload.uid.clone(), target, guard),
             other => panic!("expected an HBONE service endpoint, got {other:?}"),
         }
     }
@@ -279,35 +205,17 @@ mod tests {
         for _ in 0..300 {
             *counts.entry(pick(st.resolve(vip(80))).0).or_default() += 1;
         }
-        assert_eq!(
-            counts.values().copied().collect::<Vec<_>>(),
-            vec![100, 100, 100],
-            "{counts:?}"
-        );
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![100, 100, 100], "{counts:?}");
     }
 
     #[test]
     fn round_robin_cursor_survives_a_state_reload() {
         let st = three(LoadBalancer::RoundRobin);
         let first = pick(st.resolve(vip(80))).0;
-        let ws = (1..=3)
-            .map(|i| {
-                backend(
-                    &format!("w{i}"),
-                    &format!("10.0.0.{i}"),
-                    HealthStatus::Healthy,
-                    vec![],
-                )
-            })
-            .collect();
-        st.replace(
-            ProxyState::new(ws, vec![service(LoadBalancer::RoundRobin)], vec![], "td").unwrap(),
-        );
-        assert_ne!(
-            pick(st.resolve(vip(80))).0,
-            first,
-            "cursor restarted after reload"
-        );
+        let ws =
+            (1..=3).map(|i| backend(&format!("w{i}"), &format!("10.0.0.{i}"), HealthStatus::Healthy, vec![])).collect();
+        st.replace(ProxyState::new(ws, vec![service(LoadBalancer::RoundRobin)], vec![], "td").unwrap());
+        assert_ne!(pick(st.resolve(vip(80))).0, first, "cursor restarted after reload");
     }
 
     #[test]
@@ -318,11 +226,7 @@ mod tests {
         let (c, _, _gc) = pick(st.resolve(vip(80)));
         let mut seen = vec![a.clone(), b.clone(), c.clone()];
         seen.sort();
-        assert_eq!(
-            seen,
-            vec!["w1", "w2", "w3"],
-            "each busy endpoint was avoided"
-        );
+        assert_eq!(seen, vec!["w1", "w2", "w3"], "each busy endpoint was avoided");
         drop(gb);
         assert_eq!(st.active_connections(&b), 0);
         assert_eq!(st.active_connections(&a), 1);
@@ -355,18 +259,10 @@ mod tests {
 
     #[test]
     fn an_unhealthy_workload_addressed_directly_is_still_reached() {
-        let st = shared(
-            vec![backend("sick", "10.0.0.1", HealthStatus::Unhealthy, vec![])],
-            LoadBalancer::RoundRobin,
-        );
+        let st = shared(vec![backend("sick", "10.0.0.1", HealthStatus::Unhealthy, vec![])], LoadBalancer::RoundRobin);
         let dst: SocketAddr = "10.0.0.1:9000".parse().unwrap();
         match st.resolve(dst) {
-            Upstream::Hbone {
-                workload,
-                service: None,
-                target,
-                ..
-            } => {
+            Upstream::Hbone { workload, service: None, target, .. } => {
                 assert_eq!(workload.uid, "sick");
                 assert_eq!(target, dst);
             }
@@ -376,27 +272,16 @@ mod tests {
 
     #[test]
     fn a_vip_without_healthy_endpoints_or_with_an_undeclared_port_has_no_healthy_endpoint() {
-        let st = shared(
-            vec![backend("sick", "10.0.0.1", HealthStatus::Unhealthy, vec![])],
-            LoadBalancer::RoundRobin,
-        );
-        assert!(matches!(
-            st.resolve(vip(80)),
-            Upstream::NoHealthyEndpoint { .. }
-        ));
+        let st = shared(vec![backend("sick", "10.0.0.1", HealthStatus::Unhealthy, vec![])], LoadBalancer::RoundRobin);
+        assert!(matches!(st.resolve(vip(80)), Upstream::NoHealthyEndpoint { .. }));
         let st = three(LoadBalancer::RoundRobin);
-        assert!(
-            matches!(st.resolve(vip(81)), Upstream::NoHealthyEndpoint { service } if service.name == "echo")
-        );
+        assert!(matches!(st.resolve(vip(81)), Upstream::NoHealthyEndpoint { service } if service.name == "echo"));
     }
 
     #[test]
     fn an_unknown_ip_passes_through() {
         let st = three(LoadBalancer::RoundRobin);
-        assert!(matches!(
-            st.resolve("192.0.2.1:80".parse().unwrap()),
-            Upstream::Passthrough
-        ));
+        assert!(matches!(st.resolve("192.0.2.1:80".parse().unwrap()), Upstream::Passthrough));
     }
 
     #[test]
@@ -405,16 +290,10 @@ mod tests {
             "w",
             "10.0.0.1",
             HealthStatus::Healthy,
-            vec![PortMapping {
-                service_port: 80,
-                target_port: 9999,
-            }],
+            vec![PortMapping { service_port: 80, target_port: 9999 }],
         )];
         let st = shared(ws, LoadBalancer::RoundRobin);
-        assert_eq!(
-            pick(st.resolve(vip(80))).1,
-            "10.0.0.1:9999".parse().unwrap()
-        );
+        assert_eq!(pick(st.resolve(vip(80))).1, "10.0.0.1:9999".parse().unwrap());
         assert_eq!(pick(st.resolve(vip(90))).1, "10.0.0.1:90".parse().unwrap());
         let st = three(LoadBalancer::RoundRobin);
         assert_eq!(pick(st.resolve(vip(80))).1.port(), 8080);
@@ -426,12 +305,7 @@ mod tests {
         w.protocol = TunnelProtocol::None;
         let st = shared(vec![w], LoadBalancer::RoundRobin);
         match st.resolve(vip(80)) {
-            Upstream::Direct {
-                workload,
-                service: Some(_),
-                target,
-                ..
-            } => {
+            Upstream::Direct { workload, service: Some(_), target, .. } => {
                 assert_eq!(workload.uid, "plain");
                 assert_eq!(target, "10.0.0.1:8080".parse().unwrap());
             }

@@ -29,10 +29,7 @@ pub use peer_auth::{MtlsMode, PeerAuthentication, STATIC_STRICT_POLICY};
 pub enum StateError {
     /// The state file could not be read.
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     /// The YAML is malformed or has unknown fields (message carries line and column).
     #[error("parsing state: {0}")]
     Parse(#[from] serde_yaml::Error),
@@ -47,21 +44,13 @@ pub enum StateError {
     DuplicateUid(String),
     /// An IP is claimed by two workloads.
     #[error("address {ip} is owned by both workload {first} and workload {second}")]
-    DuplicateWorkloadIp {
-        ip: IpAddr,
-        first: String,
-        second: String,
-    },
+    DuplicateWorkloadIp { ip: IpAddr, first: String, second: String },
     /// Two services share `namespace/hostname`.
     #[error("duplicate service {0}")]
     DuplicateService(String),
     /// A VIP is claimed by two services.
     #[error("address {ip} is a VIP of both service {first} and service {second}")]
-    DuplicateVip {
-        ip: IpAddr,
-        first: String,
-        second: String,
-    },
+    DuplicateVip { ip: IpAddr, first: String, second: String },
     /// Two policies share `namespace/name`.
     #[error("duplicate policy {0}")]
     DuplicatePolicy(String),
@@ -119,10 +108,7 @@ impl ProxyState {
         let mut st = ProxyState::default();
         for mut w in workloads {
             if w.uid.is_empty() {
-                return Err(StateError::MissingUid {
-                    name: w.name,
-                    namespace: w.namespace,
-                });
+                return Err(StateError::MissingUid { name: w.name, namespace: w.namespace });
             }
             if w.trust_domain.is_empty() {
                 w.trust_domain = default_trust_domain.to_owned();
@@ -140,11 +126,7 @@ impl ProxyState {
             for ip in &w.addresses {
                 if let Some(prev) = st.by_ip.insert(*ip, idx) {
                     let first = st.workloads[prev].uid.clone();
-                    return Err(StateError::DuplicateWorkloadIp {
-                        ip: *ip,
-                        first,
-                        second: w.uid,
-                    });
+                    return Err(StateError::DuplicateWorkloadIp { ip: *ip, first, second: w.uid });
                 }
             }
             st.workloads.push(Arc::new(w));
@@ -159,18 +141,10 @@ impl ProxyState {
             for ip in &s.vips {
                 if let Some(prev) = st.by_vip.insert(*ip, idx) {
                     let first = st.services[prev].key.clone();
-                    return Err(StateError::DuplicateVip {
-                        ip: *ip,
-                        first,
-                        second: key,
-                    });
+                    return Err(StateError::DuplicateVip { ip: *ip, first, second: key });
                 }
             }
-            st.services.push(ServiceEntry {
-                service: Arc::new(s),
-                key,
-                endpoints: Vec::new(),
-            });
+            st.services.push(ServiceEntry { service: Arc::new(s), key, endpoints: Vec::new() });
         }
         for (widx, w) in st.workloads.iter().enumerate() {
             if w.status != HealthStatus::Healthy || w.addresses.is_empty() {
@@ -178,10 +152,7 @@ impl ProxyState {
             }
             for (key, ports) in &w.services {
                 if let Some(&sidx) = st.by_service_key.get(key) {
-                    st.services[sidx].endpoints.push(Endpoint {
-                        workload: widx,
-                        ports: ports.clone(),
-                    });
+                    st.services[sidx].endpoints.push(Endpoint { workload: widx, ports: ports.clone() });
                 }
             }
         }
@@ -194,9 +165,7 @@ impl ProxyState {
                 .flat_map(|c| &c.matches)
                 .any(|m| m.destination_ports.contains(&0) || m.not_destination_ports.contains(&0));
             if zero_port {
-                return Err(StateError::ZeroPort {
-                    object: format!("policy {key}"),
-                });
+                return Err(StateError::ZeroPort { object: format!("policy {key}") });
             }
             let idx = st.policies.len();
             if st.by_policy_key.insert(key.clone(), idx).is_some() {
@@ -204,11 +173,7 @@ impl ProxyState {
             }
             match p.scope {
                 Scope::Global => st.global_policies.push(idx),
-                Scope::Namespace => st
-                    .namespace_policies
-                    .entry(p.namespace.clone())
-                    .or_default()
-                    .push(idx),
+                Scope::Namespace => st.namespace_policies.entry(p.namespace.clone()).or_default().push(idx),
                 Scope::WorkloadSelector => {}
             }
             st.policies.push(Arc::new(p));
@@ -233,20 +198,13 @@ impl ProxyState {
 
     /// The service with key `namespace/hostname`.
     pub fn service_by_key(&self, key: &str) -> Option<&Arc<Service>> {
-        self.by_service_key
-            .get(key)
-            .map(|&i| &self.services[i].service)
+        self.by_service_key.get(key).map(|&i| &self.services[i].service)
     }
 
     /// Healthy workloads backing the service `namespace/hostname`.
     pub fn endpoints(&self, service_key: &str) -> impl Iterator<Item = &Arc<Workload>> {
-        let eps = self
-            .by_service_key
-            .get(service_key)
-            .map(|&i| self.services[i].endpoints.as_slice());
-        eps.unwrap_or_default()
-            .iter()
-            .map(|e| &self.workloads[e.workload])
+        let eps = self.by_service_key.get(service_key).map(|&i| self.services[i].endpoints.as_slice());
+        eps.unwrap_or_default().iter().map(|e| &self.workloads[e.workload])
     }
 
     /// The policy with key `namespace/name`.
@@ -293,20 +251,12 @@ impl SharedState {
     /// Starts with `state`.
     pub fn new(state: ProxyState) -> Self {
         let counters = Arc::new(lookup::Counters::carry_over(&state, None));
-        SharedState {
-            current: RwLock::new(Current {
-                state: Arc::new(state),
-                counters,
-            }),
-        }
+        SharedState { current: RwLock::new(Current { state: Arc::new(state), counters }) }
     }
 
     fn current(&self) -> Current {
         // A poisoned lock still holds a consistent pair: writers only assign.
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The current state; stays valid (and unchanged) after a `replace`.
@@ -318,14 +268,8 @@ impl SharedState {
     /// of services and workloads that still exist.
     pub fn replace(&self, state: ProxyState) {
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let counters = Arc::new(lookup::Counters::carry_over(
-            &state,
-            Some((&cur.state, &cur.counters)),
-        ));
-        *cur = Current {
-            state: Arc::new(state),
-            counters,
-        };
+        let counters = Arc::new(lookup::Counters::carry_over(&state, Some((&cur.state, &cur.counters))));
+        *cur = Current { state: Arc::new(state), counters };
     }
 
     /// Picks where an outbound connection to `dst` goes: a service VIP is
@@ -339,10 +283,7 @@ impl SharedState {
     /// Connections currently counted against workload `uid` (by live guards).
     pub fn active_connections(&self, uid: &str) -> usize {
         let cur = self.current();
-        cur.state
-            .by_uid
-            .get(uid)
-            .map_or(0, |&i| cur.counters.active(i))
+        cur.state.by_uid.get(uid).map_or(0, |&i| cur.counters.active(i))
     }
 }
 
@@ -351,58 +292,29 @@ mod tests {
     use super::*;
 
     fn w(uid: &str, ip: &str) -> Workload {
-        Workload {
-            uid: uid.into(),
-            namespace: "ns".into(),
-            addresses: vec![ip.parse().unwrap()],
-            ..Default::default()
-        }
+        Workload { uid: uid.into(), namespace: "ns".into(), addresses: vec![ip.parse().unwrap()], ..Default::default() }
     }
 
     #[test]
     fn workloads_are_indexed_by_uid_and_ip_with_defaults_filled() {
-        let st = ProxyState::new(
-            vec![w("a", "10.0.0.1"), w("b", "10.0.0.2")],
-            vec![],
-            vec![],
-            "example.org",
-        )
-        .unwrap();
+        let st = ProxyState::new(vec![w("a", "10.0.0.1"), w("b", "10.0.0.2")], vec![], vec![], "example.org").unwrap();
         let b = st.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(b.uid, "b");
         assert_eq!(b.trust_domain, "example.org");
         assert_eq!(b.service_account, "default");
-        assert_eq!(
-            st.workload_by_uid("a").unwrap().addresses[0],
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(st.workload_by_uid("a").unwrap().addresses[0], "10.0.0.1".parse::<IpAddr>().unwrap());
         assert!(st.workload_by_ip("10.0.0.3".parse().unwrap()).is_none());
     }
 
     #[test]
     fn an_ip_owned_by_two_workloads_is_an_error_naming_both() {
-        let err = ProxyState::new(
-            vec![w("a", "10.0.0.1"), w("b", "10.0.0.1")],
-            vec![],
-            vec![],
-            "td",
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "address 10.0.0.1 is owned by both workload a and workload b"
-        );
+        let err = ProxyState::new(vec![w("a", "10.0.0.1"), w("b", "10.0.0.1")], vec![], vec![], "td").unwrap_err();
+        assert_eq!(err.to_string(), "address 10.0.0.1 is owned by both workload a and workload b");
     }
 
     #[test]
     fn a_duplicate_uid_is_an_error() {
-        let err = ProxyState::new(
-            vec![w("a", "10.0.0.1"), w("a", "10.0.0.2")],
-            vec![],
-            vec![],
-            "td",
-        )
-        .unwrap_err();
+        let err = ProxyState::new(vec![w("a", "10.0.0.1"), w("a", "10.0.0.2")], vec![], vec![], "td").unwrap_err();
         assert!(matches!(err, StateError::DuplicateUid(u) if u == "a"));
     }
 
@@ -416,17 +328,12 @@ mod tests {
             ..Default::default()
         };
         let err = ProxyState::new(vec![], vec![s("x"), s("y")], vec![], "td").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "address 10.96.0.1 is a VIP of both service ns/x.ns and service ns/y.ns"
-        );
+        assert_eq!(err.to_string(), "address 10.96.0.1 is a VIP of both service ns/x.ns and service ns/y.ns");
     }
 
     #[test]
     fn replaced_state_is_seen_by_new_snapshots_but_not_old_ones() {
-        let shared = SharedState::new(
-            ProxyState::new(vec![w("a", "10.0.0.1")], vec![], vec![], "td").unwrap(),
-        );
+        let shared = SharedState::new(ProxyState::new(vec![w("a", "10.0.0.1")], vec![], vec![], "td").unwrap());
         let old = shared.snapshot();
         shared.replace(ProxyState::new(vec![w("b", "10.0.0.2")], vec![], vec![], "td").unwrap());
         assert!(old.workload_by_uid("a").is_some());

@@ -46,16 +46,11 @@ pub fn compile<'a>(
     let mut by_ns = HashMap::new();
     for pa in peer_auths {
         if by_ns.insert(pa.namespace.as_str(), pa.mode).is_some() {
-            return Err(StateError::DuplicatePeerAuthentication(
-                pa.namespace.clone(),
-            ));
+            return Err(StateError::DuplicatePeerAuthentication(pa.namespace.clone()));
         }
     }
     let mesh = by_ns.get(root_namespace).copied().unwrap_or_default();
-    let namespaces: BTreeSet<&str> = namespaces
-        .into_iter()
-        .chain(by_ns.keys().copied())
-        .collect();
+    let namespaces: BTreeSet<&str> = namespaces.into_iter().chain(by_ns.keys().copied()).collect();
     let strict = namespaces.into_iter().filter(|ns| {
         let own = by_ns.get(ns).copied().unwrap_or_default();
         let effective = if own == MtlsMode::Unset { mesh } else { own };
@@ -65,20 +60,13 @@ pub fn compile<'a>(
 }
 
 fn strict_policy(namespace: &str) -> Authorization {
-    let no_identity = Match {
-        not_principals: vec![StringMatch::Presence],
-        ..Default::default()
-    };
+    let no_identity = Match { not_principals: vec![StringMatch::Presence], ..Default::default() };
     Authorization {
         name: STATIC_STRICT_POLICY.to_owned(),
         namespace: namespace.to_owned(),
         scope: Scope::Namespace,
         action: Action::Deny,
-        rules: vec![Rule {
-            clauses: vec![Clause {
-                matches: vec![no_identity],
-            }],
-        }],
+        rules: vec![Rule { clauses: vec![Clause { matches: vec![no_identity] }] }],
     }
 }
 
@@ -87,18 +75,11 @@ mod tests {
     use super::*;
 
     fn pa(ns: &str, mode: MtlsMode) -> PeerAuthentication {
-        PeerAuthentication {
-            namespace: ns.into(),
-            mode,
-        }
+        PeerAuthentication { namespace: ns.into(), mode }
     }
 
     fn strict_namespaces(pas: &[PeerAuthentication], nss: &[&str]) -> Vec<String> {
-        compile(pas, nss.iter().copied(), "ambit-system")
-            .unwrap()
-            .into_iter()
-            .map(|p| p.namespace)
-            .collect()
+        compile(pas, nss.iter().copied(), "ambit-system").unwrap().into_iter().map(|p| p.namespace).collect()
     }
 
     #[test]
@@ -108,15 +89,8 @@ mod tests {
 
     #[test]
     fn mesh_strict_applies_everywhere_except_a_permissive_namespace() {
-        let pas = [
-            pa("ambit-system", MtlsMode::Strict),
-            pa("legacy", MtlsMode::Permissive),
-            pa("b", MtlsMode::Unset),
-        ];
-        assert_eq!(
-            strict_namespaces(&pas, &["a", "b", "legacy"]),
-            vec!["a", "ambit-system", "b"]
-        );
+        let pas = [pa("ambit-system", MtlsMode::Strict), pa("legacy", MtlsMode::Permissive), pa("b", MtlsMode::Unset)];
+        assert_eq!(strict_namespaces(&pas, &["a", "b", "legacy"]), vec!["a", "ambit-system", "b"]);
     }
 
     #[test]
@@ -124,23 +98,12 @@ mod tests {
         let policies = compile(&[pa("a", MtlsMode::Strict)], ["a", "b"], "ambit-system").unwrap();
         assert_eq!(policies, vec![strict_policy("a")]);
         assert_eq!(policies[0].name, STATIC_STRICT_POLICY);
-        assert_eq!(
-            (policies[0].scope, policies[0].action),
-            (Scope::Namespace, Action::Deny)
-        );
+        assert_eq!((policies[0].scope, policies[0].action), (Scope::Namespace, Action::Deny));
     }
 
     #[test]
     fn two_peer_authentications_for_one_namespace_are_an_error() {
-        let err = compile(
-            &[pa("a", MtlsMode::Strict), pa("a", MtlsMode::Permissive)],
-            [],
-            "r",
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "duplicate peer authentication for namespace a"
-        );
+        let err = compile(&[pa("a", MtlsMode::Strict), pa("a", MtlsMode::Permissive)], [], "r").unwrap_err();
+        assert_eq!(err.to_string(), "duplicate peer authentication for namespace a");
     }
 }

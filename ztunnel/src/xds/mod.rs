@@ -13,9 +13,7 @@ mod resources;
 use std::time::Duration;
 
 use ambit_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use ambit_api::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as RpcStatus,
-};
+use ambit_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as RpcStatus};
 use prost_types::value::Kind as ValueKind;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,11 +63,7 @@ pub struct XdsConfig {
 
 impl XdsConfig {
     /// Defaults: backoff 1 s → 30 s.
-    pub fn new(
-        node_id: impl Into<String>,
-        node_name: impl Into<String>,
-        trust_domain: impl Into<String>,
-    ) -> Self {
+    pub fn new(node_id: impl Into<String>, node_name: impl Into<String>, trust_domain: impl Into<String>) -> Self {
         XdsConfig {
             node_id: node_id.into(),
             node_name: node_name.into(),
@@ -90,9 +84,7 @@ pub struct BearerToken {
 impl BearerToken {
     /// A token for the header; `None` sends no header.
     pub fn new(token: Option<&str>) -> Result<Self, XdsError> {
-        let token = token
-            .map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim())))
-            .transpose()?;
+        let token = token.map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim()))).transpose()?;
         Ok(BearerToken { token, node: None })
     }
 
@@ -130,11 +122,7 @@ struct Backoff {
 
 impl Backoff {
     fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
+        Backoff { initial, max, next: initial }
     }
 
     fn next_delay(&mut self) -> Duration {
@@ -164,13 +152,7 @@ impl XdsClient {
     /// A client on `channel` (TLS, if any, is the caller's: a lazily
     /// connecting channel is best, it reconnects by itself).
     pub fn new(channel: Channel, auth: BearerToken, config: XdsConfig) -> Self {
-        XdsClient {
-            channel,
-            auth,
-            config,
-            resources: Resources::default(),
-            synced: watch::Sender::new(false),
-        }
+        XdsClient { channel, auth, config, resources: Resources::default(), synced: watch::Sender::new(false) }
     }
 
     /// Becomes `true` once the first response of both types has been applied
@@ -197,11 +179,7 @@ impl XdsClient {
     }
 
     /// One stream, until it fails. `progressed` is set once a response came.
-    async fn run_stream(
-        &mut self,
-        on_state: &mut (impl FnMut(ProxyState) + Send),
-        progressed: &mut bool,
-    ) -> XdsError {
+    async fn run_stream(&mut self, on_state: &mut (impl FnMut(ProxyState) + Send), progressed: &mut bool) -> XdsError {
         match self.stream(on_state, progressed).await {
             Ok(()) => XdsError::Closed,
             Err(e) => e,
@@ -217,21 +195,13 @@ impl XdsClient {
         // drains this concurrently, so a small buffer never blocks for long.
         let (tx, rx) = mpsc::channel(8);
         for kind in [Kind::Address, Kind::Authorization] {
-            tx.send(self.subscribe(kind))
-                .await
-                .map_err(|_| XdsError::RequestsClosed)?;
+            tx.send(self.subscribe(kind)).await.map_err(|_| XdsError::RequestsClosed)?;
         }
         // The first response carries the whole mesh (about 3 MB per 10,000
         // pods): lift tonic's 4 MiB default.
-        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
-            self.channel.clone(),
-            self.auth.clone(),
-        )
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        let mut responses = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
         debug!("xds: stream open");
         let mut seen = [*self.synced.borrow(); 2];
         while let Some(resp) = responses.message().await? {
@@ -277,11 +247,8 @@ impl XdsClient {
             }
             Err(e) => {
                 warn!(type_url = %resp.type_url, nonce = %resp.nonce, error = %e, "xds: rejecting configuration (NACK); keeping the last good state");
-                reply.error_detail = Some(RpcStatus {
-                    code: INVALID_ARGUMENT,
-                    message: e.to_string(),
-                    details: Vec::new(),
-                });
+                reply.error_detail =
+                    Some(RpcStatus { code: INVALID_ARGUMENT, message: e.to_string(), details: Vec::new() });
             }
         }
         reply
@@ -302,9 +269,7 @@ impl XdsClient {
         let mut metadata = prost_types::Struct::default();
         metadata.fields.insert(
             "NODE_NAME".to_owned(),
-            prost_types::Value {
-                kind: Some(ValueKind::StringValue(self.config.node_name.clone())),
-            },
+            prost_types::Value { kind: Some(ValueKind::StringValue(self.config.node_name.clone())) },
         );
         Node {
             id: self.config.node_id.clone(),
@@ -323,14 +288,8 @@ mod tests {
     fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(
-            d[0] >= Duration::from_millis(800) && d[0] <= Duration::from_millis(1200),
-            "{d:?}"
-        );
-        assert!(
-            d[1] >= Duration::from_millis(1600) && d[1] <= Duration::from_millis(2400),
-            "{d:?}"
-        );
+        assert!(d[0] >= Duration::from_millis(800) && d[0] <= Duration::from_millis(1200), "{d:?}");
+        assert!(d[1] >= Duration::from_millis(1600) && d[1] <= Duration::from_millis(2400), "{d:?}");
         assert!(d.iter().all(|x| *x <= Duration::from_secs(30)), "{d:?}");
         assert!(d[7] >= Duration::from_secs(24), "{d:?}");
         b.reset();
@@ -343,12 +302,7 @@ mod tests {
         let req = t.call(tonic::Request::new(())).unwrap();
         assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer abc");
         let mut none = BearerToken::new(None).unwrap();
-        assert!(none
-            .call(tonic::Request::new(()))
-            .unwrap()
-            .metadata()
-            .get("authorization")
-            .is_none());
+        assert!(none.call(tonic::Request::new(())).unwrap().metadata().get("authorization").is_none());
         assert!(BearerToken::new(Some("a\u{7}b")).is_err());
     }
 }

@@ -24,17 +24,10 @@ pub enum ApplyError {
     MissingPayload { name: String },
     /// A payload's type differs from the response's type.
     #[error("resource {name}: payload type {got}, expected {expected}")]
-    WrongPayloadType {
-        name: String,
-        got: String,
-        expected: &'static str,
-    },
+    WrongPayloadType { name: String, got: String, expected: &'static str },
     /// A payload does not decode.
     #[error("resource {name}: decoding: {source}")]
-    Decode {
-        name: String,
-        source: prost::DecodeError,
-    },
+    Decode { name: String, source: prost::DecodeError },
     /// An Address holds neither a workload nor a service.
     #[error("resource {name}: address is neither a workload nor a service")]
     EmptyAddress { name: String },
@@ -65,9 +58,7 @@ impl Kind {
     }
 
     fn from_type_url(url: &str) -> Option<Kind> {
-        [Kind::Address, Kind::Authorization]
-            .into_iter()
-            .find(|k| k.type_url() == url)
+        [Kind::Address, Kind::Authorization].into_iter().find(|k| k.type_url() == url)
     }
 }
 
@@ -95,16 +86,8 @@ impl Resources {
     /// name → version of one type, for `initial_resource_versions`.
     pub fn versions(&self, kind: Kind) -> HashMap<String, String> {
         match kind {
-            Kind::Address => self
-                .addresses
-                .iter()
-                .map(|(n, (v, _))| (n.clone(), v.clone()))
-                .collect(),
-            Kind::Authorization => self
-                .authorizations
-                .iter()
-                .map(|(n, (v, _))| (n.clone(), v.clone()))
-                .collect(),
+            Kind::Address => self.addresses.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+            Kind::Authorization => self.authorizations.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
         }
     }
 
@@ -120,8 +103,7 @@ impl Resources {
         resp: &DeltaDiscoveryResponse,
         trust_domain: &str,
     ) -> Result<(Kind, ProxyState), ApplyError> {
-        let kind = Kind::from_type_url(&resp.type_url)
-            .ok_or_else(|| ApplyError::UnknownType(resp.type_url.clone()))?;
+        let kind = Kind::from_type_url(&resp.type_url).ok_or_else(|| ApplyError::UnknownType(resp.type_url.clone()))?;
         let decoded = resp
             .resources
             .iter()
@@ -165,21 +147,14 @@ impl Resources {
                 AddressEntry::Service(s) => services.push(s.clone()),
             }
         }
-        let policies = self
-            .authorizations
-            .values()
-            .map(|(_, p)| p.clone())
-            .collect();
+        let policies = self.authorizations.values().map(|(_, p)| p.clone()).collect();
         ProxyState::new(workloads, services, policies, trust_domain)
     }
 }
 
 fn decode(kind: Kind, r: &ambit_api::discovery::Resource) -> Result<Entry, ApplyError> {
     let name = || r.name.clone();
-    let any = r
-        .resource
-        .as_ref()
-        .ok_or_else(|| ApplyError::MissingPayload { name: name() })?;
+    let any = r.resource.as_ref().ok_or_else(|| ApplyError::MissingPayload { name: name() })?;
     if any.type_url != kind.type_url() {
         return Err(ApplyError::WrongPayloadType {
             name: name(),
@@ -187,20 +162,13 @@ fn decode(kind: Kind, r: &ambit_api::discovery::Resource) -> Result<Entry, Apply
             expected: kind.type_url(),
         });
     }
-    let decode_err = |source| ApplyError::Decode {
-        name: name(),
-        source,
-    };
+    let decode_err = |source| ApplyError::Decode { name: name(), source };
     Ok(match kind {
         Kind::Address => {
             let a = pb::Address::decode(any.value.as_slice()).map_err(decode_err)?;
             match a.r#type {
-                Some(address::Type::Workload(w)) => {
-                    Entry::Address(Box::new(AddressEntry::Workload(w.try_into()?)))
-                }
-                Some(address::Type::Service(s)) => {
-                    Entry::Address(Box::new(AddressEntry::Service(s.try_into()?)))
-                }
+                Some(address::Type::Workload(w)) => Entry::Address(Box::new(AddressEntry::Workload(w.try_into()?))),
+                Some(address::Type::Service(s)) => Entry::Address(Box::new(AddressEntry::Service(s.try_into()?))),
                 None => return Err(ApplyError::EmptyAddress { name: name() }),
             }
         }
@@ -228,11 +196,7 @@ mod tests {
         }
     }
 
-    fn response(
-        kind: Kind,
-        res: Vec<(&str, pb::Address)>,
-        removed: &[&str],
-    ) -> DeltaDiscoveryResponse {
+    fn response(kind: Kind, res: Vec<(&str, pb::Address)>, removed: &[&str]) -> DeltaDiscoveryResponse {
         DeltaDiscoveryResponse {
             type_url: kind.type_url().into(),
             resources: res
@@ -240,10 +204,7 @@ mod tests {
                 .map(|(n, a)| Resource {
                     name: n.into(),
                     version: format!("v-{n}"),
-                    resource: Some(prost_types::Any {
-                        type_url: ADDRESS_TYPE_URL.into(),
-                        value: a.encode_to_vec(),
-                    }),
+                    resource: Some(prost_types::Any { type_url: ADDRESS_TYPE_URL.into(), value: a.encode_to_vec() }),
                     ..Default::default()
                 })
                 .collect(),
@@ -259,10 +220,7 @@ mod tests {
             .apply(
                 &response(
                     Kind::Address,
-                    vec![
-                        ("a", workload("a", [10, 0, 0, 1])),
-                        ("b", workload("b", [10, 0, 0, 2])),
-                    ],
+                    vec![("a", workload("a", [10, 0, 0, 1])), ("b", workload("b", [10, 0, 0, 2]))],
                     &[],
                 ),
                 "td",
@@ -270,42 +228,22 @@ mod tests {
             .unwrap();
         assert_eq!(kind, Kind::Address);
         assert_eq!(st.workloads().count(), 2);
-        let (_, st) = r
-            .apply(&response(Kind::Address, vec![], &["a"]), "td")
-            .unwrap();
+        let (_, st) = r.apply(&response(Kind::Address, vec![], &["a"]), "td").unwrap();
         assert_eq!(st.workloads().count(), 1);
         assert!(st.workload_by_uid("b").is_some());
-        assert_eq!(
-            r.versions(Kind::Address),
-            HashMap::from([("b".to_string(), "v-b".to_string())])
-        );
+        assert_eq!(r.versions(Kind::Address), HashMap::from([("b".to_string(), "v-b".to_string())]));
     }
 
     #[test]
     fn a_resource_that_does_not_convert_rejects_the_whole_response() {
         let mut r = Resources::default();
-        r.apply(
-            &response(
-                Kind::Address,
-                vec![("a", workload("a", [10, 0, 0, 1]))],
-                &[],
-            ),
-            "td",
-        )
-        .unwrap();
+        r.apply(&response(Kind::Address, vec![("a", workload("a", [10, 0, 0, 1]))], &[]), "td").unwrap();
         let mut bad = workload("b", [10, 0, 0, 2]);
         if let Some(address::Type::Workload(w)) = &mut bad.r#type {
             w.addresses = vec![vec![1, 2, 3, 4, 5]];
         }
         let err = r
-            .apply(
-                &response(
-                    Kind::Address,
-                    vec![("c", workload("c", [10, 0, 0, 3])), ("b", bad)],
-                    &["a"],
-                ),
-                "td",
-            )
+            .apply(&response(Kind::Address, vec![("c", workload("c", [10, 0, 0, 3])), ("b", bad)], &["a"]), "td")
             .unwrap_err();
         assert!(err.to_string().contains("5 bytes"), "{err}");
         assert_eq!(r.len(), (1, 0), "previous resources kept");
@@ -319,33 +257,20 @@ mod tests {
             .apply(
                 &response(
                     Kind::Address,
-                    vec![
-                        ("a", workload("a", [10, 0, 0, 1])),
-                        ("b", workload("b", [10, 0, 0, 1])),
-                    ],
+                    vec![("a", workload("a", [10, 0, 0, 1])), ("b", workload("b", [10, 0, 0, 1]))],
                     &[],
                 ),
                 "td",
             )
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ApplyError::State(StateError::DuplicateWorkloadIp { .. })
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ApplyError::State(StateError::DuplicateWorkloadIp { .. })), "{err}");
         assert_eq!(r.len(), (0, 0));
     }
 
     #[test]
     fn a_payload_of_the_wrong_type_is_rejected() {
         let mut r = Resources::default();
-        let resp = response(
-            Kind::Authorization,
-            vec![("a", workload("a", [10, 0, 0, 1]))],
-            &[],
-        );
+        let resp = response(Kind::Authorization, vec![("a", workload("a", [10, 0, 0, 1]))], &[]);
         let err = r.apply(&resp, "td").unwrap_err();
         assert!(matches!(err, ApplyError::WrongPayloadType { .. }), "{err}");
     }

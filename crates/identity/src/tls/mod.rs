@@ -66,10 +66,7 @@ impl std::fmt::Debug for PeerError {
 /// Server side of HBONE: presents `cert` and requires a client certificate that chains to
 /// `cert`'s roots, is valid now, has EKU clientAuth and a SPIFFE identity in the same trust
 /// domain. TLS 1.3 only; `alpn` in order of preference (e.g. `b"h2"`).
-pub fn server_config(
-    cert: &WorkloadCertificate,
-    alpn: &[&[u8]],
-) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(cert: &WorkloadCertificate, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = SpiffeClientVerifier::new(cert.roots(), cert.identity().trust_domain.clone())?;
     let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

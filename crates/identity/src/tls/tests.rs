@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{CertificateError, ClientConfig, HandshakeKind, ServerConfig};
 use rustls_pki_types::ServerName;
@@ -47,10 +47,7 @@ impl Side {
 }
 
 /// Handshakes, then echoes five bytes so a rejection by either side surfaces on both.
-async fn exchange(
-    server: Arc<ServerConfig>,
-    client: Arc<ClientConfig>,
-) -> (io::Result<Side>, io::Result<Side>) {
+async fn exchange(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> (io::Result<Side>, io::Result<Side>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_side = tokio::spawn(async move {
@@ -73,21 +70,14 @@ async fn exchange(
         Ok::<_, io::Error>(Side::of(tls.get_ref().1))
     };
     let deadline = Duration::from_secs(10);
-    let client_result = tokio::time::timeout(deadline, client_side)
-        .await
-        .expect("client hung");
-    let server_result = tokio::time::timeout(deadline, server_side)
-        .await
-        .expect("server hung")
-        .unwrap();
+    let client_result = tokio::time::timeout(deadline, client_side).await.expect("client hung");
+    let server_result = tokio::time::timeout(deadline, server_side).await.expect("server hung").unwrap();
     (server_result, client_result)
 }
 
 fn rustls_error(result: &io::Result<Side>) -> &rustls::Error {
     let err = result.as_ref().expect_err("handshake should have failed");
-    err.get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-        .unwrap_or_else(|| panic!("not a rustls error: {err}"))
+    err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).unwrap_or_else(|| panic!("not a rustls error: {err}"))
 }
 
 #[tokio::test]
@@ -138,26 +128,11 @@ async fn resumed_connections_still_know_the_peer_identity() {
 async fn client_rejects_a_server_with_the_wrong_identity() {
     let ca = root("cluster.local");
     let server = server_config(&ca.issue(&id("ratings"), HOUR).unwrap(), H2).unwrap();
-    let client = client_config(
-        &ca.issue(&id("productpage"), HOUR).unwrap(),
-        vec![id("reviews")],
-        H2,
-    )
-    .unwrap();
+    let client = client_config(&ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (server_side, client_side) = exchange(server, client).await;
     let err = rustls_error(&client_side);
-    assert!(
-        matches!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::Other(_))
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string()
-            .contains("spiffe://cluster.local/ns/default/sa/ratings"),
-        "{err}"
-    );
+    assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(_))), "{err:?}");
+    assert!(err.to_string().contains("spiffe://cluster.local/ns/default/sa/ratings"), "{err}");
     assert!(server_side.is_err(), "the server must see the alert");
 }
 
@@ -166,18 +141,10 @@ async fn client_rejects_a_server_from_another_ca() {
     let ours = root("cluster.local");
     let theirs = root("cluster.local");
     let server = server_config(&theirs.issue(&id("reviews"), HOUR).unwrap(), H2).unwrap();
-    let client = client_config(
-        &ours.issue(&id("productpage"), HOUR).unwrap(),
-        vec![id("reviews")],
-        H2,
-    )
-    .unwrap();
+    let client = client_config(&ours.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (_, client_side) = exchange(server, client).await;
     let err = rustls_error(&client_side);
-    assert_eq!(
-        err,
-        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-    );
+    assert_eq!(err, &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
 }
 
 #[tokio::test]
@@ -196,10 +163,7 @@ async fn server_rejects_a_client_from_another_ca() {
     let client = client_config(&client_cert, vec![id("reviews")], H2).unwrap();
     let (server_side, client_side) = exchange(server, client).await;
     let err = rustls_error(&server_side);
-    assert_eq!(
-        err,
-        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-    );
+    assert_eq!(err, &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
     assert!(client_side.is_err(), "the client must see the alert");
 }
 
@@ -208,21 +172,11 @@ async fn server_rejects_a_client_from_another_trust_domain() {
     let ca = root("cluster.local");
     let server = server_config(&ca.issue(&id("reviews"), HOUR).unwrap(), H2).unwrap();
     let stranger = Identity::new("other.mesh", "default", "productpage");
-    let client =
-        client_config(&ca.issue(&stranger, HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
+    let client = client_config(&ca.issue(&stranger, HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (server_side, _) = exchange(server, client).await;
     let err = rustls_error(&server_side);
-    assert!(
-        matches!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::Other(_))
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("trust domain cluster.local"),
-        "{err}"
-    );
+    assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(_))), "{err:?}");
+    assert!(err.to_string().contains("trust domain cluster.local"), "{err}");
 }
 
 #[tokio::test]
@@ -238,10 +192,7 @@ async fn server_rejects_a_client_with_no_certificate() {
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     let (server_side, client_side) = exchange(server, Arc::new(client)).await;
-    assert_eq!(
-        rustls_error(&server_side),
-        &rustls::Error::NoCertificatesPresented
-    );
+    assert_eq!(rustls_error(&server_side), &rustls::Error::NoCertificatesPresented);
     assert!(client_side.is_err());
 }
 
@@ -250,45 +201,24 @@ async fn server_rejects_an_expired_client_certificate() {
     let ca = root("cluster.local");
     let server = server_config(&ca.issue(&id("reviews"), HOUR).unwrap(), H2).unwrap();
     let now = SystemTime::now();
-    let expired = ca
-        .issue_with_validity(&id("productpage"), now - 2 * HOUR, now - HOUR)
-        .unwrap();
+    let expired = ca.issue_with_validity(&id("productpage"), now - 2 * HOUR, now - HOUR).unwrap();
     assert!(expired.is_expired(now));
     let client = client_config(&expired, vec![id("reviews")], H2).unwrap();
     let (server_side, _) = exchange(server, client).await;
     let err = rustls_error(&server_side);
-    assert!(
-        matches!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })), "{err:?}");
 }
 
 #[tokio::test]
 async fn client_rejects_an_expired_server_certificate() {
     let ca = root("cluster.local");
     let now = SystemTime::now();
-    let expired = ca
-        .issue_with_validity(&id("reviews"), now - 2 * HOUR, now - HOUR)
-        .unwrap();
+    let expired = ca.issue_with_validity(&id("reviews"), now - 2 * HOUR, now - HOUR).unwrap();
     let server = server_config(&expired, H2).unwrap();
-    let client = client_config(
-        &ca.issue(&id("productpage"), HOUR).unwrap(),
-        vec![id("reviews")],
-        H2,
-    )
-    .unwrap();
+    let client = client_config(&ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (_, client_side) = exchange(server, client).await;
     let err = rustls_error(&client_side);
-    assert!(
-        matches!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })), "{err:?}");
 }
 
 /// A leaf signed by `ca` with the given EKUs only, built with rcgen from the CA's PEM files.
@@ -298,10 +228,7 @@ fn leaf_with_ekus(
     ekus: Vec<ExtendedKeyUsagePurpose>,
 ) -> WorkloadCertificate {
     let ca_key = KeyPair::from_pem(&ca.key_pem()).unwrap();
-    let issuer = CertificateParams::from_ca_cert_pem(&ca.cert_pem())
-        .unwrap()
-        .self_signed(&ca_key)
-        .unwrap();
+    let issuer = CertificateParams::from_ca_cert_pem(&ca.cert_pem()).unwrap().self_signed(&ca_key).unwrap();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().unwrap())];
@@ -321,11 +248,7 @@ async fn server_rejects_a_client_certificate_without_client_auth_usage() {
         let client = client_config(&cert, vec![id("reviews")], H2).unwrap();
         let (server_side, _) = exchange(server.clone(), client).await;
         let err = rustls_error(&server_side);
-        assert_eq!(
-            err,
-            &rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose),
-            "ekus {ekus:?}"
-        );
+        assert_eq!(err, &rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose), "ekus {ekus:?}");
     }
 }
 
@@ -333,39 +256,24 @@ async fn server_rejects_a_client_certificate_without_client_auth_usage() {
 async fn leaves_of_an_intermediate_ca_are_trusted_through_the_root() {
     let root_ca = root("cluster.local");
     let root_key = KeyPair::from_pem(&root_ca.key_pem()).unwrap();
-    let root_issuer = CertificateParams::from_ca_cert_pem(&root_ca.cert_pem())
-        .unwrap()
-        .self_signed(&root_key)
-        .unwrap();
+    let root_issuer = CertificateParams::from_ca_cert_pem(&root_ca.cert_pem()).unwrap().self_signed(&root_key).unwrap();
     let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "cluster.local");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "intermediate");
+    params.distinguished_name.push(DnType::OrganizationName, "cluster.local");
+    params.distinguished_name.push(DnType::CommonName, "intermediate");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_before = (SystemTime::now() - HOUR).into();
     params.not_after = (SystemTime::now() + 10 * HOUR).into();
     let intermediate = params.signed_by(&int_key, &root_issuer, &root_key).unwrap();
-    let int_ca = CertificateAuthority::from_pem(
-        &(intermediate.pem() + &root_ca.cert_pem()),
-        &int_key.serialize_pem(),
-    )
-    .unwrap();
+    let int_ca =
+        CertificateAuthority::from_pem(&(intermediate.pem() + &root_ca.cert_pem()), &int_key.serialize_pem()).unwrap();
     assert_eq!(int_ca.roots_pem(), root_ca.roots_pem());
 
     let server_cert = int_ca.issue(&id("reviews"), HOUR).unwrap();
     assert_eq!(server_cert.chain().len(), 2, "leaf and intermediate");
     let server = server_config(&server_cert, H2).unwrap();
-    let client = client_config(
-        &root_ca.issue(&id("productpage"), HOUR).unwrap(),
-        vec![id("reviews")],
-        H2,
-    )
-    .unwrap();
+    let client = client_config(&root_ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (server_side, client_side) = exchange(server, client).await;
     assert_eq!(client_side.unwrap().peer, Some(id("reviews")));
     assert_eq!(server_side.unwrap().peer, Some(id("productpage")));
@@ -383,21 +291,8 @@ async fn a_ca_made_by_openssl_issues_certificates_peers_accept() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
     let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/O=cluster.local/CN=Test Root CA",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "1", "-subj", "/O=cluster.local/CN=Test Root CA"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         .arg("-keyout")
@@ -414,12 +309,7 @@ async fn a_ca_made_by_openssl_issues_certificates_peers_accept() {
 
     let ca = CertificateAuthority::from_pem(&cert_pem, &key_pem).unwrap();
     let server = server_config(&ca.issue(&id("reviews"), HOUR).unwrap(), H2).unwrap();
-    let client = client_config(
-        &ca.issue(&id("productpage"), HOUR).unwrap(),
-        vec![id("reviews")],
-        H2,
-    )
-    .unwrap();
+    let client = client_config(&ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
     let (server_side, client_side) = exchange(server, client).await;
     assert_eq!(client_side.unwrap().peer, Some(id("reviews")));
     assert_eq!(server_side.unwrap().peer, Some(id("productpage")));
@@ -440,10 +330,7 @@ async fn server_refuses_tls12_clients() {
         .unwrap();
     let (server_side, _) = exchange(server, Arc::new(client)).await;
     assert!(
-        matches!(
-            rustls_error(&server_side),
-            rustls::Error::PeerIncompatible(_)
-        ),
+        matches!(rustls_error(&server_side), rustls::Error::PeerIncompatible(_)),
         "{:?}",
         rustls_error(&server_side)
     );

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
@@ -34,15 +32,8 @@ impl Anchors {
             .map(|root| webpki::anchor_from_trusted_cert(root).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(TlsError::BadRoot)?;
-        let subjects = anchors
-            .iter()
-            .map(|a| DistinguishedName::from(a.subject.as_ref().to_vec()))
-            .collect();
-        Ok(Self {
-            anchors,
-            subjects,
-            algs: crate::provider().signature_verification_algorithms,
-        })
+        let subjects = anchors.iter().map(|a| DistinguishedName::from(a.subject.as_ref().to_vec())).collect();
+        Ok(Self { anchors, subjects, algs: crate::provider().signature_verification_algorithms })
     }
 
     /// Validates the chain for `usage` at `now`, then reads the leaf's identity and EKUs.
@@ -54,16 +45,8 @@ impl Anchors {
         usage: KeyUsage,
     ) -> Result<LeafFacts, rustls::Error> {
         let leaf = EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        leaf.verify_for_usage(
-            self.algs.all,
-            &self.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(pki_error)?;
+        leaf.verify_for_usage(self.algs.all, &self.anchors, intermediates, now, usage, None, None)
+            .map_err(pki_error)?;
         cert::leaf_facts(end_entity).map_err(|e| peer_error(PeerError::NoIdentity(e)))
     }
 
@@ -94,14 +77,8 @@ pub(crate) struct SpiffeClientVerifier {
 }
 
 impl SpiffeClientVerifier {
-    pub(crate) fn new(
-        roots: &[CertificateDer<'static>],
-        trust_domain: String,
-    ) -> Result<Self, TlsError> {
-        Ok(Self {
-            anchors: Anchors::new(roots)?,
-            trust_domain,
-        })
+    pub(crate) fn new(roots: &[CertificateDer<'static>], trust_domain: String) -> Result<Self, TlsError> {
+        Ok(Self { anchors: Anchors::new(roots)?, trust_domain })
     }
 }
 
@@ -120,9 +97,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let facts = self
-            .anchors
-            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        let facts = self.anchors.verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
         // webpki accepts a leaf without any EKU; the mesh's leaves always carry it.
         if !facts.client_auth {
             return Err(CertificateError::InvalidPurpose.into());
@@ -176,17 +151,11 @@ pub(crate) struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub(crate) fn new(
-        roots: &[CertificateDer<'static>],
-        expected: Vec<Identity>,
-    ) -> Result<Self, TlsError> {
+    pub(crate) fn new(roots: &[CertificateDer<'static>], expected: Vec<Identity>) -> Result<Self, TlsError> {
         if expected.is_empty() {
             return Err(TlsError::NoExpectedIdentity);
         }
-        Ok(Self {
-            anchors: Anchors::new(roots)?,
-            expected,
-        })
+        Ok(Self { anchors: Anchors::new(roots)?, expected })
     }
 }
 
@@ -199,17 +168,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let facts = self
-            .anchors
-            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+        let facts = self.anchors.verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
         if !facts.server_auth {
             return Err(CertificateError::InvalidPurpose.into());
         }
         if !self.expected.contains(&facts.identity) {
-            return Err(peer_error(PeerError::Unexpected {
-                peer: facts.identity,
-                expected: self.expected.clone(),
-            }));
+            return Err(peer_error(PeerError::Unexpected { peer: facts.identity, expected: self.expected.clone() }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -255,12 +219,8 @@ fn pki_error(error: webpki::Error) -> rustls::Error {
     use webpki::Error::*;
     match error {
         BadDer | BadDerTime | TrailingData(_) => CertificateError::BadEncoding.into(),
-        CertNotValidYet { time, not_before } => {
-            CertificateError::NotValidYetContext { time, not_before }.into()
-        }
-        CertExpired { time, not_after } => {
-            CertificateError::ExpiredContext { time, not_after }.into()
-        }
+        CertNotValidYet { time, not_before } => CertificateError::NotValidYetContext { time, not_before }.into(),
+        CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after }.into(),
         InvalidCertValidity => CertificateError::Expired.into(),
         UnknownIssuer => CertificateError::UnknownIssuer.into(),
         CertRevoked => CertificateError::Revoked.into(),
@@ -270,9 +230,7 @@ fn pki_error(error: webpki::Error) -> rustls::Error {
             CertificateError::UnsupportedSignatureAlgorithm.into()
         }
         #[allow(deprecated)]
-        RequiredEkuNotFound | RequiredEkuNotFoundContext(_) => {
-            CertificateError::InvalidPurpose.into()
-        }
+        RequiredEkuNotFound | RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose.into(),
         other => CertificateError::Other(OtherError(Arc::new(other))).into(),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 
 use crate::lab::{Host, Lab};
 use crate::netns::NetNs;
+use crate::statefile::write_atomic;
 use crate::ztunnel::{workspace_binary, ControllerFlags};
 
 /// The controller's TLS gRPC port (xDS and CA).
@@ -114,12 +115,6 @@ impl Drop for ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 /// Kubernetes YAML for the lab's pods: a Namespace per pod namespace (labelled

@@ -11,6 +11,7 @@ pub mod apps;
 pub mod bench;
 pub mod check;
 pub mod controller;
+pub mod fixture;
 pub mod http;
 pub mod kube;
 pub mod lab;

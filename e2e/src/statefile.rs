@@ -160,13 +160,18 @@ impl StateFile {
     /// never reads half a file.
     pub fn write(&self, lab: &Lab, enrolled: &BTreeSet<PodId>) -> anyhow::Result<()> {
         let text = serde_yaml::to_string(&self.render(lab, enrolled)).context("bug: state is not serialisable")?;
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("rename to {}", self.path.display()))?;
-        Ok(())
+        write_atomic(&self.path, &text)
     }
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory
+/// and a rename, so a process watching `path` never reads half a file.
+pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 #[cfg(test)]

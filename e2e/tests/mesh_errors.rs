@@ -9,10 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ambit_e2e::apps::{connect, EchoServer};
-use ambit_e2e::check::{echo_on, eventually, metric, round_trip};
+use ambit_e2e::apps::connect;
+use ambit_e2e::check::{echo_on, eventually, metric, round_trip, TIMEOUT};
+use ambit_e2e::fixture::{Cluster, APP_PORT};
 use ambit_e2e::ztunnel::ZtunnelArgs;
-use ambit_e2e::{require_root, HostId, Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
+use ambit_e2e::{NetNs, NodeId, PodId};
 use ambit_identity::{CertificateAuthority, Identity, WorkloadCertificate};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -24,37 +25,20 @@ use rustls::{AlertDescription, ClientConfig, DigitallySignedStruct, SignatureSch
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-const APP_PORT: u16 = 8080;
 const HBONE_PORT: u16 = 15008;
 const TRUST_DOMAIN: &str = "cluster.local";
 
 /// A two-node mesh: `client` and `local` on node 1, `remote` on node 2, all
 /// enrolled, `local` and `remote` running an echo server on 8080; plus an
 /// external host `ext` (outside the mesh) that plays the hostile peer.
-struct Cluster {
-    mesh: Mesh,
-    nodes: [NodeId; 2],
-    client: PodId,
-    local: PodId,
-    remote: PodId,
-    ext: HostId,
-    _echoes: Vec<EchoServer>,
+/// Error-path helpers on the shared cluster.
+trait ClusterExt {
+    fn hbone(&self, p: PodId) -> SocketAddr;
+    fn inbound_failures(&self, node: NodeId, reason: &str) -> f64;
+    fn log(&self, node: NodeId) -> String;
 }
 
-impl Cluster {
-    fn pod_ns(&self, p: PodId) -> &NetNs {
-        &self.mesh.lab().pod(p).netns
-    }
-    fn ext_ns(&self) -> &NetNs {
-        &self.mesh.lab().host(self.ext).netns
-    }
-    fn ip(&self, p: PodId) -> Ipv4Addr {
-        self.mesh.lab().pod(p).ip
-    }
-    fn app(&self, p: PodId) -> SocketAddr {
-        SocketAddr::from((self.ip(p), APP_PORT))
-    }
+impl ClusterExt for Cluster {
     fn hbone(&self, p: PodId) -> SocketAddr {
         SocketAddr::from((self.ip(p), HBONE_PORT))
     }
@@ -69,35 +53,11 @@ impl Cluster {
 }
 
 fn cluster(test: &str) -> Option<Cluster> {
-    cluster_with(test, |_| {})
+    Cluster::start(test, |_| {})
 }
 
-/// Like [`cluster`], with every ztunnel's arguments adjusted by `customize`.
 fn cluster_with(test: &str, customize: impl Fn(&mut ZtunnelArgs)) -> Option<Cluster> {
-    if !require_root(test) {
-        return None;
-    }
-    let mut lab = Lab::new(test).expect("lab");
-    let n1 = lab.add_node("node1").unwrap();
-    let n2 = lab.add_node("node2").unwrap();
-    let client = lab.add_pod(n1, PodSpec::new("client", "default", "client")).unwrap();
-    let local = lab.add_pod(n1, PodSpec::new("local", "default", "local")).unwrap();
-    let remote = lab.add_pod(n2, PodSpec::new("remote", "default", "remote")).unwrap();
-    let ext = lab.add_external_host("ext").unwrap();
-    let mut mesh = Mesh::new(lab).expect("mesh");
-    for n in [n1, n2] {
-        mesh.start_ztunnel_with(n, &customize).expect("start ztunnel");
-    }
-    for p in [client, local, remote] {
-        mesh.enroll(p).expect("enroll");
-    }
-    let echoes = [local, remote]
-        .iter()
-        .map(|p| EchoServer::start(&mesh.lab().pod(*p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap())
-        .collect();
-    // Let ztunnel pick up the state written by `enroll`.
-    std::thread::sleep(Duration::from_millis(600));
-    Some(Cluster { mesh, nodes: [n1, n2], client, local, remote, ext, _echoes: echoes })
+    Cluster::start(test, customize)
 }
 
 fn identity(sa: &str) -> Identity {

@@ -7,59 +7,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
-use ambit_e2e::check::{eventually, metric, round_trip};
+use ambit_e2e::check::{eventually, metric, round_trip, TIMEOUT};
+use ambit_e2e::fixture::{Cluster, APP_PORT};
 use ambit_e2e::sniff::Sniffer;
 use ambit_e2e::statefile::yaml;
-use ambit_e2e::{require_root, Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-const APP_PORT: u16 = 8080;
-
-/// A two-node mesh: `client` and `local` on node 1, `remote` on node 2,
-/// all enrolled, each running an echo server on 8080 (except `client`).
-struct Cluster {
-    mesh: Mesh,
-    nodes: [NodeId; 2],
-    client: PodId,
-    local: PodId,
-    remote: PodId,
-    echoes: Vec<EchoServer>,
-}
-
-impl Cluster {
-    fn pod_ns(&self, p: PodId) -> &NetNs {
-        &self.mesh.lab().pod(p).netns
-    }
-    fn ip(&self, p: PodId) -> Ipv4Addr {
-        self.mesh.lab().pod(p).ip
-    }
-    fn app(&self, p: PodId) -> SocketAddr {
-        SocketAddr::from((self.ip(p), APP_PORT))
-    }
-}
+use ambit_e2e::{NetNs, PodSpec};
 
 fn cluster(test: &str) -> Option<Cluster> {
-    if !require_root(test) {
-        return None;
-    }
-    let mut lab = Lab::new(test).expect("lab");
-    let n1 = lab.add_node("node1").unwrap();
-    let n2 = lab.add_node("node2").unwrap();
-    let client = lab.add_pod(n1, PodSpec::new("client", "default", "client")).unwrap();
-    let local = lab.add_pod(n1, PodSpec::new("local", "default", "local")).unwrap();
-    let remote = lab.add_pod(n2, PodSpec::new("remote", "default", "remote")).unwrap();
-    let mut mesh = Mesh::new(lab).expect("mesh");
-    mesh.start_all().expect("start ztunnels");
-    for p in [client, local, remote] {
-        mesh.enroll(p).expect("enroll");
-    }
-    let echoes = [local, remote]
-        .iter()
-        .map(|p| EchoServer::start(&mesh.lab().pod(*p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap())
-        .collect();
-    // Let ztunnel pick up the state written by `enroll`.
-    std::thread::sleep(Duration::from_millis(600));
-    Some(Cluster { mesh, nodes: [n1, n2], client, local, remote, echoes })
+    Cluster::start(test, |_| {})
 }
 
 fn principal(sa: &str) -> String {
@@ -189,7 +144,7 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
 #[test]
 fn strict_mtls_rejects_a_client_outside_the_mesh_and_permissive_accepts_it() {
     let Some(mut c) = cluster("l4-strict") else { return };
-    let ext = c.mesh.lab_mut().add_external_host("ext").unwrap();
+    let ext = c.ext;
     let ext_ns = &c.mesh.lab().host(ext).netns;
     // PERMISSIVE (the default): plaintext arrives, with the client's own address.
     round_trip(ext_ns, c.app(c.remote), b"plaintext ok").expect("permissive accepts plaintext");
@@ -207,7 +162,7 @@ fn strict_mtls_rejects_a_client_outside_the_mesh_and_permissive_accepts_it() {
 #[test]
 fn destinations_outside_the_mesh_pass_through() {
     let Some(mut c) = cluster("l4-passthrough") else { return };
-    let ext = c.mesh.lab_mut().add_external_host("ext").unwrap();
+    let ext = c.ext;
     let ext_echo = EchoServer::start(&c.mesh.lab().host(ext).netns, SocketAddr::from(([0, 0, 0, 0], 9000))).unwrap();
     let ext_addr = SocketAddr::from((c.mesh.lab().host(ext).ip, 9000));
     round_trip(c.pod_ns(c.client), ext_addr, b"to the outside").expect("passthrough");

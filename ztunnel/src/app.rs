@@ -20,6 +20,7 @@ use crate::inpod::InPodManager;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::ProxyInputs;
 use crate::state::{LoadOptions, SharedState, StateError, StateFile};
+use crate::workers::Workers;
 use crate::xds::{BearerToken, XdsClient, XdsConfig, XdsError};
 
 /// Why ztunnel could not start.
@@ -35,6 +36,8 @@ pub enum AppError {
     Controller(#[from] CaClientError),
     #[error("xds: {0}")]
     Xds(#[from] XdsError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -123,7 +126,9 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
         },
         metrics.clone(),
     );
-    let inputs = ProxyInputs { config: config.clone(), state: state.clone(), certs: certs.clone(), pool, metrics };
+    let workers = Arc::new(Workers::start(config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
+    let inputs =
+        ProxyInputs { config: config.clone(), state: state.clone(), certs: certs.clone(), pool, metrics, workers };
 
     let admin_l = bind(config.admin_addr, "admin").await?;
     let metrics_l = bind(config.metrics_addr, "metrics").await?;

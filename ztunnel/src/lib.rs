@@ -4,7 +4,8 @@
 //! TLS 1.3 with SPIFFE identities, with L4 authorization at the destination.
 //!
 //! Module layering, top down: `app` → `inpod` → `proxy` → `hbone` →
-//! `state`, `certs`, `netns`, `metrics`; `config` is plain data.
+//! `state`, `certs`, `netns`, `metrics`; `workers` runs the connections;
+//! `config` is plain data.
 
 pub mod admin;
 pub mod app;
@@ -17,4 +18,5 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+pub mod workers;
 pub mod xds;

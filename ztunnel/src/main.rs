@@ -53,14 +53,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| {
-            eprintln!("ztunnel: cannot start the runtime: {e}");
-            std::process::exit(1);
-        });
+    // The control plane (ZDS, xDS, certificates, admin) runs on this thread;
+    // connections run on the data-plane workers (`ztunnel::workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| {
+        eprintln!("ztunnel: cannot start the runtime: {e}");
+        std::process::exit(1);
+    });
     if let Err(e) = runtime.block_on(ztunnel::app::run(config, log)) {
         eprintln!("ztunnel: {e}");
         std::process::exit(1);

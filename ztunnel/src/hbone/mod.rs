@@ -19,6 +19,18 @@ const MAX_FRAME: u32 = 256 * 1024;
 // Bytes h2 may buffer per stream before `poll_capacity` pushes back.
 const SEND_BUFFER: usize = 1024 * 1024;
 
+// rustls reads the socket at most 4 KiB at a time; a read buffer under TLS
+// turns that into one system call per 64 KiB.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The socket under an HBONE TLS session.
+pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps an HBONE connection's socket for TLS (see [`TlsSocket`]).
+pub fn tls_socket(tcp: tokio::net::TcpStream) -> TlsSocket {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// HTTP/2 client settings for HBONE connections.
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();

@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::certs::{CertError, Certs};
 use crate::metrics::Metrics;
 use crate::netns::{NetnsError, PodNetns};
+use crate::workers::Workers;
 
 /// What identifies a shareable connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -82,6 +83,8 @@ struct Conn {
     /// rotation, new tunnels go to a connection with the new certificate
     /// and this one closes once its last stream ends.
     cert_serial: String,
+    /// The worker thread driving it (see [`crate::workers`]).
+    worker: Option<usize>,
 }
 
 /// Counts one open tunnel on a pooled connection.
@@ -164,9 +167,11 @@ impl HbonePool {
     }
 
     /// A live connection for `key` with a free stream slot, reserving it.
-    /// Streams go to the least-loaded connection; while a key has fewer
-    /// than `max_connections`, a busy connection makes way for a new one,
-    /// so concurrent bulk streams are encrypted on several cores.
+    /// Streams go to the least-loaded connection driven by the calling
+    /// worker, else the least-loaded one; while a key has fewer than
+    /// `max_connections`, a busy connection or one on another worker makes
+    /// way for a new one here, so concurrent bulk streams are encrypted on
+    /// several cores and a stream's bytes stay on one thread.
     fn pick(&self, key: &PoolKey, cert_serial: &str) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("bug: poisoned pool");
         let list = conns.get_mut(key)?;
@@ -176,10 +181,12 @@ impl HbonePool {
             }
             !c.closed.load(Ordering::Relaxed)
         });
+        let here = Workers::current();
         loop {
-            let best = list.iter().min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
+            let best = list.iter().min_by_key(|c| (c.worker != here, c.streams.load(Ordering::Relaxed)))?;
             let n = best.streams.load(Ordering::Relaxed);
-            if n >= self.settings.max_streams || (n > 0 && list.len() < self.settings.max_connections) {
+            let elsewhere = n > 0 || best.worker != here;
+            if n >= self.settings.max_streams || (elsewhere && list.len() < self.settings.max_connections) {
                 return None;
             }
             if best.streams.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
@@ -199,7 +206,7 @@ impl HbonePool {
         };
         let tls_config = certs.client_config(&key.dst_identity)?;
         let tls = TlsConnector::from(tls_config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), super::tls_socket(tcp))
             .await
             .map_err(|source| PoolError::Tls { addr, source })?;
         let (sender, connection) =
@@ -209,6 +216,7 @@ impl HbonePool {
             streams: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
             cert_serial: certs.cert.serial().to_owned(),
+            worker: Workers::current(),
         });
         self.conns.lock().expect("bug: poisoned pool").entry(key.clone()).or_default().push(conn.clone());
         self.metrics.pooled_connections.inc();
@@ -222,7 +230,7 @@ impl HbonePool {
         self: &Arc<Self>,
         key: PoolKey,
         conn: Arc<Conn>,
-        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<super::TlsSocket>, Bytes>,
     ) {
         let pool = Arc::downgrade(self);
         let idle = self.settings.idle_timeout;

@@ -6,12 +6,14 @@ use std::future::poll_fn;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-// Read size from TCP; one reusable buffer per direction and connection.
-const READ_CHUNK: usize = 128 * 1024;
+// Read sizes from TCP. A connection starts small and doubles its reads
+// while they come back full (bulk transfers), up to the maximum.
+const FIRST_CHUNK: usize = 16 * 1024;
+const MAX_CHUNK: usize = 256 * 1024;
 
 /// Why a relay ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -60,18 +62,36 @@ pub async fn relay(
 }
 
 async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &mut u64) -> Result<(), RelayError> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut chunk_size = FIRST_CHUNK;
+    let mut buf = BytesMut::new();
     loop {
-        if buf.capacity() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        // Wait before allocating: an idle connection holds no read buffer.
+        r.readable().await?;
+        if buf.capacity() < chunk_size / 4 {
+            buf = BytesMut::with_capacity(chunk_size);
         }
-        let read = r.read_buf(&mut buf).await?;
+        let room = buf.capacity();
+        let read = match read_ready(r.as_ref(), &mut buf) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
         if read == 0 {
             send.send_data(Bytes::new(), true)?;
             return Ok(());
         }
         *n += read as u64;
+        crate::workers::note_activity();
+        if read == room {
+            chunk_size = (chunk_size * 2).min(MAX_CHUNK);
+        } else if read < room / 8 {
+            chunk_size = (chunk_size / 2).max(FIRST_CHUNK);
+        }
         let mut chunk = buf.split().freeze();
+        if read < room {
+            // The socket is drained: let the buffer go with the data.
+            buf = BytesMut::new();
+        }
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -88,11 +108,37 @@ async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &
     }
 }
 
+/// Reads what the socket has into `buf`'s spare capacity. A short read
+/// means the socket is drained: it tells the runtime so (as tokio's own
+/// `poll_read` does), sparing a read that would only say "would block".
+fn read_ready(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let mut read = None;
+    let result = tcp.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        let n = socket2::SockRef::from(tcp).recv(spare)?;
+        read = Some(n);
+        if n > 0 && n < room {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, read) {
+        (Ok(n), _) | (Err(_), Some(n)) => {
+            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            Ok(n)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
 async fn stream_to_tcp(recv: &mut RecvStream, w: &mut OwnedWriteHalf, n: &mut u64) -> Result<(), RelayError> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk?;
         let len = chunk.len();
         w.write_all(&chunk).await?;
+        crate::workers::note_activity();
         *n += len as u64;
         // Only now may the peer send more: the socket took the bytes.
         let _ = recv.flow_control().release_capacity(len);

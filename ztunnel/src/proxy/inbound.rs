@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use super::conn::{Bytes as ConnBytes, ConnMetrics};
 use super::socket::connect_from_pod;
 use super::{accept_loop, Pod, ProxyInputs};
-use crate::hbone::{relay, server_builder};
+use crate::hbone::{relay, server_builder, tls_socket};
 use crate::metrics::{Direction, FailureReason, Peers, Reporter};
 use crate::state::ConnectionAttributes;
 
@@ -27,7 +27,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
     let p = pod.clone();
-    accept_loop(listener, "inbound-hbone", p, move |stream, peer| {
+    let workers = inputs.workers.clone();
+    accept_loop(listener, "inbound-hbone", p, workers, move |stream, peer| {
         handle_connection(inputs.clone(), pod.clone(), stream, peer)
     })
     .await
@@ -42,7 +43,7 @@ async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream
             return;
         }
     };
-    let accept = TlsAcceptor::from(certs.server_config()).accept(stream);
+    let accept = TlsAcceptor::from(certs.server_config()).accept(tls_socket(stream));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

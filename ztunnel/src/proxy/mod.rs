@@ -22,6 +22,7 @@ use crate::hbone::HBONE_PORT;
 use crate::metrics::Metrics;
 use crate::netns::{NetnsError, PodNetns};
 use crate::state::SharedState;
+use crate::workers::Workers;
 
 pub use socket::original_destination;
 
@@ -38,6 +39,7 @@ pub struct ProxyInputs {
     pub certs: Arc<CertManager>,
     pub pool: Arc<HbonePool>,
     pub metrics: Arc<Metrics>,
+    pub workers: Arc<Workers>,
 }
 
 /// One enrolled pod, as the node agent described it.
@@ -73,28 +75,34 @@ pub enum ProxyError {
 }
 
 impl PodProxies {
-    /// Opens the three listeners in `pod`'s netns and starts serving.
+    /// Opens the three listeners in `pod`'s netns and starts serving, each
+    /// accept loop on a worker (see [`Workers`]).
     pub async fn start(inputs: ProxyInputs, pod: Arc<Pod>) -> Result<Self, ProxyError> {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        let workers = inputs.workers.clone();
+        // A listener is registered with the runtime of the worker that polls it.
         let listen = |addr: SocketAddr, transparent| {
-            let pod = pod.clone();
+            let (pod, workers) = (pod.clone(), workers.clone());
             async move {
                 let l = pod.netns.listener(addr, transparent).await.map_err(|source| ProxyError::Listen {
                     pod: pod.uid.clone(),
                     addr,
                     source,
                 })?;
-                Ok::<_, ProxyError>(tokio::net::TcpListener::from_std(l)?)
+                let worker = workers.pick();
+                let registered = workers.spawn_on(worker, async move { tokio::net::TcpListener::from_std(l) });
+                let l = registered.await.expect("bug: listener registration panicked")?;
+                Ok::<_, ProxyError>((worker, l))
             }
         };
-        let outbound_l = listen(any(OUTBOUND_PORT), false).await?;
-        let plaintext_l = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
-        let hbone_l = listen(any(HBONE_PORT), false).await?;
+        let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), false).await?;
+        let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
+        let (w_hbone, hbone_l) = listen(any(HBONE_PORT), false).await?;
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(outbound::serve(inputs.clone(), pod.clone(), outbound_l));
-        tasks.spawn(plaintext::serve(inputs.clone(), pod.clone(), plaintext_l));
-        tasks.spawn(inbound::serve(inputs, pod.clone(), hbone_l));
+        tasks.spawn_on(outbound::serve(inputs.clone(), pod.clone(), outbound_l), workers.handle(w_out));
+        tasks.spawn_on(plaintext::serve(inputs.clone(), pod.clone(), plaintext_l), workers.handle(w_plain));
+        tasks.spawn_on(inbound::serve(inputs, pod.clone(), hbone_l), workers.handle(w_hbone));
         info!(pod = %pod.uid, identity = %pod.identity, "pod proxies listening on 15001, 15006, 15008");
         Ok(PodProxies { tasks })
     }
@@ -105,19 +113,44 @@ impl PodProxies {
     }
 }
 
-/// Accept loop shared by the three listeners: a failed accept (for example
-/// out of file descriptors) is logged and retried after a short pause rather
-/// than ending the listener.
-async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, pod: Arc<Pod>, mut handle: F)
-where
-    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+/// Accept loop shared by the three listeners. Each connection goes to the
+/// next worker (round robin), which then runs everything the connection
+/// needs. A failed accept (for example out of file descriptors) is logged
+/// and retried after a short pause rather than ending the listener.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    pod: Arc<Pod>,
+    workers: Arc<Workers>,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
+                let worker = workers.pick();
+                if Workers::current() == Some(worker) {
+                    tokio::spawn(handle(stream, peer));
+                    continue;
+                }
+                // Re-register the socket with the other worker's runtime.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(pod = %pod.uid, listener = what, error = %e, "cannot hand a connection to a worker");
+                        continue;
+                    }
+                };
+                let (handle, pod) = (handle.clone(), pod.clone());
+                workers.spawn_on(worker, async move {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => handle(stream, peer).await,
+                        Err(e) => warn!(pod = %pod.uid, listener = what, error = %e, "cannot register a connection"),
+                    }
+                });
             }
             Err(e) => {
                 warn!(pod = %pod.uid, listener = what, error = %e, "accept failed");

@@ -18,10 +18,13 @@ use crate::state::{Service, Upstream, Workload};
 
 pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
     let p = pod.clone();
-    accept_loop(listener, "outbound", p, move |stream, peer| handle(inputs.clone(), pod.clone(), stream, peer)).await
+    let workers = inputs.workers.clone();
+    accept_loop(listener, "outbound", p, workers, move |stream, peer| handle(inputs.clone(), pod.clone(), stream, peer))
+        .await
 }
 
 async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+    super::socket::pod_local(&socket2::SockRef::from(&stream));
     let dst = match original_destination(&stream) {
         Ok(d) if Some(d) != stream.local_addr().ok() => d,
         Ok(d) => {

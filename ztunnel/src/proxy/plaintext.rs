@@ -16,8 +16,11 @@ use crate::metrics::{Direction, FailureReason, Reporter};
 
 pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
     let p = pod.clone();
-    accept_loop(listener, "inbound-plaintext", p, move |stream, peer| handle(inputs.clone(), pod.clone(), stream, peer))
-        .await
+    let workers = inputs.workers.clone();
+    accept_loop(listener, "inbound-plaintext", p, workers, move |stream, peer| {
+        handle(inputs.clone(), pod.clone(), stream, peer)
+    })
+    .await
 }
 
 async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {

@@ -70,6 +70,7 @@ pub async fn connect_from_pod(
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let sock = netns.tcp_socket(addr).await?;
+    pod_local(&socket2::SockRef::from(&sock));
     if let Some(src) = as_source {
         bind_transparent(&sock, src).map_err(|source| ConnectError::Bind { src, source })?;
     }
@@ -79,4 +80,11 @@ pub async fn connect_from_pod(
         Ok(Err(source)) => Err(ConnectError::Connect { addr, source }),
         Err(_) => Err(ConnectError::Timeout(addr)),
     }
+}
+
+/// Tunes a connection that never leaves the pod (between an application and
+/// ztunnel, both inside the pod's network namespace): a congestion control
+/// that paces (BBR, a common default) only costs timers on such a path.
+pub fn pod_local(sock: &socket2::SockRef<'_>) {
+    let _ = sock.set_tcp_congestion(b"cubic");
 }

@@ -1,6 +1,9 @@
 //! Wires the controller: the model fed by its source, the delta xDS server
 //! and the CA on one TLS gRPC port (and optionally a plaintext one), and the
-//! metrics endpoint.
+//! metrics endpoint. File mode reads a directory and admits a bootstrap
+//! token; Kubernetes mode watches the API server, keeps the root in a Secret,
+//! publishes its certificate in a ConfigMap, admits ztunnels by TokenReview
+//! and deploys waypoints.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,17 +17,34 @@ use tokio::net::TcpListener;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::ca::{load_or_create_root, serving_identity, AuthInterceptor, BootstrapTokenAuthenticator, CaService};
-use crate::config::Config;
-use crate::model::{ModelOptions, Rejection, RejectionSink, Snapshot};
+use ambit_identity::CertificateAuthority;
+
+use crate::ca::root::ROOT_VALIDITY;
+use crate::ca::{
+    load_or_create, load_or_create_root, publish_root_cert, serving_identity, AsyncCallerAuthenticator,
+    BootstrapTokenAuthenticator, CaService, SecretRootStore, TokenReviewAuthenticator,
+};
+use crate::config::{Config, KubeConfig, Mode};
+use crate::model::{ModelOptions, Rejection, RejectionSink, Snapshot, SnapshotTx};
 use crate::sources::file::FileSource;
+use crate::sources::kube::{client_from_kubeconfig, KubeSource, KubeSourceError};
 use crate::xds::{XdsMetrics, XdsServer};
 
 /// Why the controller could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
     Root(#[from] crate::ca::CaError),
+    #[error("{0}")]
+    SecretStore(#[from] crate::ca::SecretStoreError),
+    #[error("{0}")]
+    PublishRoot(#[from] crate::ca::PublishError),
+    #[error("{0}")]
+    Kube(#[from] KubeSourceError),
+    #[error("bug: the root store task failed: {0}")]
+    RootTask(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Serving(#[from] crate::ca::ServingError),
     #[error("{0}")]
@@ -58,15 +78,21 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             rejected.get_or_create(&KindLabels { kind: r.kind.clone() }).inc();
         }
     });
-    tokio::spawn(FileSource::new(config.config_dir.clone(), opts).with_interval(config.config_poll).run(tx, sink));
-
-    let ca = Arc::new(load_or_create_root(&config.ca_dir, &config.trust_domain)?);
+    let (ca, auth) = match config.mode()? {
+        Mode::File { config_dir, ca_dir, bootstrap_token_file } => {
+            info!(config_dir = %config_dir.display(), "file mode");
+            let ca = load_or_create_root(ca_dir, &config.trust_domain)?;
+            let auth: Arc<dyn AsyncCallerAuthenticator> =
+                Arc::new(BootstrapTokenAuthenticator::from_file(bootstrap_token_file)?);
+            tokio::spawn(FileSource::new(config_dir.to_owned(), opts).with_interval(config.config_poll).run(tx, sink));
+            (Arc::new(ca), auth)
+        }
+        Mode::Kubernetes(kube) => start_kubernetes(kube, &config.trust_domain, opts, tx, sink).await?,
+    };
     let (chain_pem, key_pem) = serving_identity(&ca, &config.serving_dns_names, &config.serving_ips)?;
-    let auth = Arc::new(BootstrapTokenAuthenticator::from_file(&config.bootstrap_token_file)?);
-    let xds = XdsServer::new(rx.clone(), XdsMetrics::new(&mut registry));
-    let ca_service = CaService::new(ca, config.trust_domain.clone(), auth.clone(), rx, &mut registry)
-        .with_max_ttl(config.cert_max_ttl);
-    let interceptor = AuthInterceptor::new(auth);
+    let xds = XdsServer::new(rx.clone(), XdsMetrics::new(&mut registry), auth.clone());
+    let ca_service =
+        CaService::new(ca, config.trust_domain.clone(), auth, rx, &mut registry).with_max_ttl(config.cert_max_ttl);
 
     let metrics_l = bind(config.metrics_addr, "metrics").await?;
     tokio::spawn(ambit_telemetry::serve_metrics(metrics_l, Arc::new(registry)));
@@ -77,13 +103,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         if let Some(tls) = tls {
             b = b.tls_config(tls)?;
         }
-        Ok(b.add_service(AggregatedDiscoveryServiceServer::with_interceptor(xds.clone(), interceptor.clone()))
+        Ok(b.add_service(AggregatedDiscoveryServiceServer::new(xds.clone()))
             .add_service(ca_service.clone().into_server()))
     };
     let listen = config.listen;
     let secure = grpc(Some(tls)).map_err(|source| AppError::Grpc { addr: listen, source })?;
     let secure_l = bind(listen, "xds and ca (tls)").await?;
-    info!(%listen, config_dir = %config.config_dir.display(), "controller serving xds and ca over tls");
+    info!(%listen, "controller serving xds and ca over tls");
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(secure_l);
@@ -105,6 +131,36 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             Ok(())
         }
     }
+}
+
+/// Kubernetes mode: the client, the root from its Secret (created on first
+/// start), its certificate published for ztunnels, the source and the
+/// waypoint controller running, and the TokenReview authenticator.
+async fn start_kubernetes(
+    kube: &KubeConfig,
+    trust_domain: &str,
+    opts: ModelOptions,
+    tx: SnapshotTx,
+    sink: RejectionSink,
+) -> Result<(Arc<CertificateAuthority>, Arc<dyn AsyncCallerAuthenticator>), AppError> {
+    let client = match &kube.kubeconfig {
+        Some(path) => client_from_kubeconfig(path).await?,
+        None => kube::Client::try_default().await.map_err(KubeSourceError::Client)?,
+    };
+    info!(namespace = %kube.namespace, kubeconfig = ?kube.kubeconfig, "kubernetes mode");
+    let store = SecretRootStore::new(client.clone(), &kube.namespace)?;
+    let td = trust_domain.to_owned();
+    // The store blocks on this runtime: it must not run on one of its workers.
+    let ca = tokio::task::spawn_blocking(move || load_or_create(&store, &td, ROOT_VALIDITY)).await??;
+    let published = publish_root_cert(client.clone(), &kube.namespace, &ca.roots_pem()).await?;
+    info!(namespace = %kube.namespace, ?published, "root certificate published for ztunnels");
+    tokio::spawn(KubeSource::new(client.clone(), opts).run(tx, sink));
+    tokio::spawn(crate::waypoints::run(client.clone(), kube.waypoint_settings()));
+    let auth = TokenReviewAuthenticator::new(client)
+        .with_audience(kube.token_audience.clone())
+        .with_allowed_users(kube.allowed_users()?)
+        .with_cache_ttl(kube.token_cache);
+    Ok((Arc::new(ca), Arc::new(auth)))
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, AppError> {

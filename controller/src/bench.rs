@@ -236,6 +236,9 @@ fn node(name: &str) -> Node {
     }
 }
 
+/// The bootstrap token [`run_client`] presents (the benchmark's server admits it).
+pub const BENCH_TOKEN: &str = "ambit-bench-token";
+
 /// A raw delta-ADS client for node `node_name`: subscribes to both types,
 /// decodes every resource (as a ztunnel would), keeps the name → version
 /// map a reconnect needs, ACKs, and reports each response to `report`.
@@ -257,7 +260,12 @@ pub async fn run_client(
         };
         tx.send(req).await.map_err(|_| BenchError::RequestClosed)?;
     }
-    let mut stream = grpc.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    // The server authenticates as in file mode; a header that cannot be built is a bug of the benchmark.
+    let md = request.metadata_mut();
+    md.insert("authorization", format!("Bearer {BENCH_TOKEN}").parse().expect("bug: token is header-safe"));
+    md.insert("x-ambit-node", node_name.parse().expect("bug: node names are header-safe"));
+    let mut stream = grpc.delta_aggregated_resources(request).await?.into_inner();
     let mut held: BTreeMap<String, String> = BTreeMap::new();
     while let Some(resp) = stream.message().await? {
         let at = Instant::now();

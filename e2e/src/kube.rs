@@ -140,12 +140,58 @@ impl KubeCluster {
         )
     }
 
+    /// Waits (up to 60 s) until the CRDs named by `crds` (`crd/NAME`s, or `crd -l SELECTOR`) are Established.
+    pub fn wait_established(&self, crds: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+        args.extend_from_slice(crds);
+        self.kubectl(args)
+    }
+
+    /// The `Accepted` condition of AuthorizationPolicy `ns/name` as "status|reason|message" (empty while none).
+    pub fn policy_accepted(&self, ns: &str, name: &str) -> anyhow::Result<String> {
+        self.kubectl([
+            "-n",
+            ns,
+            "get",
+            "authorizationpolicy",
+            name,
+            "-o",
+            "jsonpath={range .status.conditions[?(@.type==\"Accepted\")]}{.status}|{.reason}|{.message}{end}",
+        ])
+    }
+
     /// A kube-rs client for this cluster, from the admin kubeconfig.
     pub async fn client(&self) -> anyhow::Result<::kube::Client> {
         let kubeconfig = ::kube::config::Kubeconfig::read_from(self.kubeconfig())?;
         let config =
             ::kube::Config::from_custom_kubeconfig(kubeconfig, &::kube::config::KubeConfigOptions::default()).await?;
         Ok(::kube::Client::try_from(config)?)
+    }
+
+    /// Mints a token of service account `ns/sa` (`kubectl create token`) with `extra` arguments (for example
+    /// `--audience`, `--bound-object-kind`, `--bound-object-name`).
+    pub fn create_token(&self, ns: &str, sa: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["create", "token", sa, "-n", ns];
+        args.extend_from_slice(extra);
+        Ok(self.kubectl(args)?.trim().to_string())
+    }
+
+    /// Writes a kubeconfig at `path` holding only the API server's URL and CA and a freshly minted token of
+    /// service account `ns/sa` (valid for two hours): a client using it has exactly that account's rights.
+    pub fn write_service_account_kubeconfig(&self, ns: &str, sa: &str, path: &Path) -> anyhow::Result<()> {
+        let token = self.create_token(ns, sa, &["--duration=2h"])?;
+        let ca = self.env("CA_CERT").context("CA_CERT missing from env")?;
+        let kubeconfig = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "e2e", "cluster": {"server": self.url(), "certificate-authority": ca}}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": sa, "context": {"cluster": "e2e", "user": sa, "namespace": ns}}],
+            "current-context": sa,
+        });
+        // JSON is YAML: kubeconfig readers take either.
+        std::fs::write(path, serde_json::to_vec_pretty(&kubeconfig)?)
+            .with_context(|| format!("write {}", path.display()))
     }
 
     /// Plays the kubelet: marks the pod Running and Ready with `ip` (a merge patch of its status).

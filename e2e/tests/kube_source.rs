@@ -47,25 +47,10 @@ fn is_hbone(s: &Snapshot, pod: &str) -> bool {
     )
 }
 
-/// The `Accepted` condition of a policy as "status|reason|message" (empty while none).
-fn accepted(cluster: &KubeCluster, name: &str) -> String {
-    cluster
-        .kubectl([
-            "-n",
-            NS,
-            "get",
-            "authorizationpolicy",
-            name,
-            "-o",
-            "jsonpath={range .status.conditions[?(@.type==\"Accepted\")]}{.status}|{.reason}|{.message}{end}",
-        ])
-        .unwrap()
-}
-
 async fn wait_accepted(cluster: &KubeCluster, name: &str, f: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let c = accepted(cluster, name);
+        let c = cluster.policy_accepted(NS, name).unwrap();
         if f(&c) {
             return c;
         }
@@ -136,13 +121,7 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     // Installing the CRDs later is picked up (the watchers retry with backoff), and policies flow.
     cluster.apply(include_str!("../testdata/crds.yaml")).unwrap();
     cluster
-        .kubectl([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/authorizationpolicies.security.istio.io",
-            "crd/peerauthentications.security.istio.io",
-        ])
+        .wait_established(&["crd/authorizationpolicies.security.istio.io", "crd/peerauthentications.security.istio.io"])
         .unwrap();
     let policy = |name: &str, spec: &str| {
         format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n{spec}")

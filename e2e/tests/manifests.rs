@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ambit_controller::ca::{AsyncCallerAuthenticator, CallerAuthenticator, TokenReviewAuthenticator};
+use ambit_controller::ca::{AsyncCallerAuthenticator, TokenReviewAuthenticator};
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
@@ -36,16 +36,7 @@ fn start(test: &str) -> Option<KubeCluster> {
 /// Applies the manifests as an operator would and waits until the CRDs serve.
 fn install(cluster: &KubeCluster) {
     cluster.kubectl(["apply", "--server-side", "-k", &manifests()]).expect("manifests apply");
-    cluster
-        .kubectl([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd",
-            "-l",
-            "app.kubernetes.io/part-of=ambit",
-        ])
-        .expect("CRDs established");
+    cluster.wait_established(&["crd", "-l", "app.kubernetes.io/part-of=ambit"]).expect("CRDs established");
 }
 
 fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> T {
@@ -384,32 +375,6 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
         let err = auth.authenticate_async(&bearer("not-a-jwt")).await.expect_err("garbage refused");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-        // The synchronous path (for tonic interceptors): a miss starts the review and says "retry"; the retry is
-        // answered from the cache.
-        let sync = TokenReviewAuthenticator::new(controller_client(&cluster).await.unwrap());
-        let first = sync.authenticate(&bearer(&good)).expect_err("a miss cannot block");
-        assert_eq!(first.code(), tonic::Code::Unavailable, "{}", first.message());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let caller = loop {
-            match sync.authenticate(&bearer(&good)) {
-                Ok(caller) => break caller,
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(s) => panic!("sync path: {s:?}"),
-            }
-        };
-        assert_eq!(caller.node, "node-1");
-        let refused = loop {
-            match sync.authenticate(&bearer(&other_audience)) {
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                other => break other,
-            }
-        };
-        assert_eq!(refused.expect_err("other audience").code(), tonic::Code::Unauthenticated);
-
         // Deleting the pod revokes its token (the API server notices within seconds); an uncached authenticator
         // then refuses it, while a cached admission holds until its TTL, as documented.
         cluster
@@ -496,12 +461,16 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     let ctl = container(&controller_docs, "Deployment");
     let mut argv = vec!["ambit-controller".to_string()];
     argv.extend(args(&ctl));
-    // File-mode flags that the Kubernetes source replaces; given here only so today's parser accepts the rest.
-    argv.extend(["--config-dir=/unused", "--bootstrap-token-file=/unused"].map(String::from));
     let parsed =
         <ambit_controller::config::Args as clap::Parser>::try_parse_from(&argv).expect("controller flags parse");
     let config = ambit_controller::config::Config::from_args(parsed);
     config.validate().expect("controller config validates");
+    assert!(
+        matches!(config.mode(), Ok(ambit_controller::config::Mode::Kubernetes(_))),
+        "the Deployment runs the controller in Kubernetes mode"
+    );
+    assert_eq!(config.kube.token_audience, ambit_controller::ca::token_review::DEFAULT_AUDIENCE);
+    assert!(ctl.get("volumeMounts").is_none(), "the controller needs no writable directory");
     assert!(
         config.serving_dns_names.iter().any(|n| n == &config_server_name(&zt_args)),
         "the serving certificate names what ztunnel checks"

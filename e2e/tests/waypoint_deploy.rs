@@ -91,12 +91,7 @@ fn waypoint_gateways_get_an_owned_deployment_service_and_status() {
 async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<()> {
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/gateway-api/crds.yaml");
     cluster.kubectl(["apply", "--server-side", "-f", crds])?;
-    cluster.kubectl([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/gateways.gateway.networking.k8s.io",
-    ])?;
+    cluster.wait_established(&["crd/gateways.gateway.networking.k8s.io"])?;
     cluster.apply(NAMESPACE)?;
     step(&mut clock, "install the Gateway API CRDs");
 

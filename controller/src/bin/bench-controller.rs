@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_controller::bench::{self, ClusterSpec, Received};
+use ambit_controller::ca::BootstrapTokenAuthenticator;
 use ambit_controller::model::{self, ClusterObjects, ModelOptions, SnapshotTx};
 use ambit_controller::sources::file::Files;
 use ambit_controller::xds::{XdsMetrics, XdsServer};
@@ -229,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// Starts the real xDS server (plaintext) on 127.0.0.1:0.
 async fn serve(tx: &SnapshotTx) -> anyhow::Result<SocketAddr> {
-    let svc = XdsServer::new(tx.subscribe(), XdsMetrics::new(&mut Registry::default())).into_service();
+    let auth = Arc::new(BootstrapTokenAuthenticator::new(bench::BENCH_TOKEN)?);
+    let svc = XdsServer::new(tx.subscribe(), XdsMetrics::new(&mut Registry::default()), auth).into_service();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(TcpIncoming::from(listener)));

@@ -1,13 +1,15 @@
 //! Who is calling: the node a ztunnel runs on, proven by a credential in the
 //! gRPC metadata. File mode uses one bootstrap token shared by all ztunnels,
-//! which then name their node in `x-ambit-node`; Kubernetes mode (TokenReview of
-//! the ztunnel's service-account token) comes later behind the same trait.
+//! which then name their node in `x-ambit-node`; Kubernetes mode reviews the
+//! ztunnel's service-account token ([`super::token_review`]). Both sit behind
+//! [`AsyncCallerAuthenticator`], which the xDS and CA handlers call first.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
 
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Status};
+use tonic::Status;
 
 /// Metadata key carrying the caller's node name in file mode.
 pub const NODE_METADATA_KEY: &str = "x-ambit-node";
@@ -20,17 +22,16 @@ pub struct Caller {
     pub node: String,
 }
 
-impl Caller {
-    /// The caller an [`AuthInterceptor`] put into `request`'s extensions.
-    pub fn of<T>(request: &Request<T>) -> Option<&Caller> {
-        request.extensions().get::<Caller>()
-    }
-}
+/// A boxed authentication future (the trait stays object-safe).
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Caller, Status>> + Send + 'a>>;
 
-/// Authenticates a gRPC caller from its metadata.
-pub trait CallerAuthenticator: Send + Sync {
-    /// The caller, or `Status::unauthenticated` saying what is missing or wrong.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status>;
+/// Authenticates a gRPC caller from its metadata, possibly over the network.
+///
+/// Object-safe so it can be held as `Arc<dyn AsyncCallerAuthenticator>`.
+pub trait AsyncCallerAuthenticator: Send + Sync {
+    /// The caller, `unauthenticated` when the credential is refused, or
+    /// `unavailable` when it cannot be checked now.
+    fn authenticate_async<'a>(&'a self, metadata: &'a MetadataMap) -> AuthFuture<'a>;
 }
 
 /// Why the bootstrap token cannot be loaded.
@@ -109,8 +110,9 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization metadata is not \"Bearer <token>\""))
 }
 
-impl CallerAuthenticator for BootstrapTokenAuthenticator {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+impl BootstrapTokenAuthenticator {
+    /// The caller, or `Status::unauthenticated` saying what is missing or wrong.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let token = bearer_token(metadata)?;
         if !constant_time_eq(token.as_bytes(), &self.token) {
             return Err(Status::unauthenticated("invalid bootstrap token"));
@@ -125,32 +127,16 @@ impl CallerAuthenticator for BootstrapTokenAuthenticator {
     }
 }
 
-/// A tonic interceptor that authenticates every request and puts the
-/// [`Caller`] into its extensions (read it back with [`Caller::of`]).
-#[derive(Clone)]
-pub struct AuthInterceptor {
-    auth: Arc<dyn CallerAuthenticator>,
-}
-
-impl AuthInterceptor {
-    /// An interceptor using `auth`.
-    pub fn new(auth: Arc<dyn CallerAuthenticator>) -> Self {
-        AuthInterceptor { auth }
-    }
-}
-
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = self.auth.authenticate(request.metadata())?;
-        request.extensions_mut().insert(caller);
-        Ok(request)
+/// File mode needs no round trip: the bootstrap token is checked in place.
+impl AsyncCallerAuthenticator for BootstrapTokenAuthenticator {
+    fn authenticate_async<'a>(&'a self, metadata: &'a MetadataMap) -> AuthFuture<'a> {
+        Box::pin(std::future::ready(self.authenticate(metadata)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::service::Interceptor;
 
     fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
         let mut m = MetadataMap::new();
@@ -194,15 +180,13 @@ mod tests {
         assert!(err.to_string().contains("ambit-empty-token"), "{err}");
     }
 
-    #[test]
-    fn the_interceptor_puts_the_caller_into_the_request() {
-        let auth: Arc<dyn CallerAuthenticator> = Arc::new(BootstrapTokenAuthenticator::new("t").unwrap());
-        let mut interceptor = AuthInterceptor::new(auth);
-        let mut req = Request::new(());
-        *req.metadata_mut() = metadata(&[("authorization", "Bearer t"), ("x-ambit-node", "node-b")]);
-        let req = interceptor.call(req).unwrap();
-        assert_eq!(Caller::of(&req), Some(&Caller { node: "node-b".into() }));
-        assert_eq!(interceptor.call(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
+    #[tokio::test]
+    async fn the_async_path_answers_as_the_sync_one() {
+        let auth: Box<dyn AsyncCallerAuthenticator> = Box::new(BootstrapTokenAuthenticator::new("t").unwrap());
+        let md = metadata(&[("authorization", "Bearer t"), ("x-ambit-node", "node-b")]);
+        assert_eq!(auth.authenticate_async(&md).await.unwrap(), Caller { node: "node-b".into() });
+        let err = auth.authenticate_async(&MetadataMap::new()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub enum CaError {
     /// Generating a new root failed (e.g. an invalid trust domain).
     #[error("cannot generate a root: {0}")]
     Generate(#[source] ambit_identity::CaError),
+    /// A store other than files failed (e.g. the Kubernetes API of [`super::SecretRootStore`]).
+    #[error("root store {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The root as stored: the certificate bundle and its PKCS#8 key, both PEM.
@@ -57,14 +64,16 @@ impl std::fmt::Debug for StoredRoot {
     }
 }
 
-/// Where the root lives: files today, a Kubernetes Secret later. Calls are
-/// blocking; they run once at start (an async store can block on its runtime
-/// from `spawn_blocking`).
+/// Where the root lives: files ([`FileRootStore`]) or a Kubernetes Secret
+/// ([`super::SecretRootStore`]). Calls are blocking; they run once at start
+/// (an async store blocks on its runtime from `spawn_blocking`).
 pub trait RootStore: Send + Sync {
     /// The stored root, or `None` when nothing is stored yet.
     fn load(&self) -> Result<Option<StoredRoot>, CaError>;
     /// Saves a newly generated root; must not leave a half-written root behind.
-    fn save(&self, root: &StoredRoot) -> Result<(), CaError>;
+    /// Returns the root now stored: `root`, or the one a concurrent writer
+    /// (another replica) stored first, which then wins.
+    fn save(&self, root: &StoredRoot) -> Result<StoredRoot, CaError>;
     /// Where the root lives, for error messages.
     fn location(&self) -> String;
 }
@@ -138,7 +147,7 @@ impl RootStore for FileRootStore {
         }
     }
 
-    fn save(&self, root: &StoredRoot) -> Result<(), CaError> {
+    fn save(&self, root: &StoredRoot) -> Result<StoredRoot, CaError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| CaError::Io {
             action: "create directory",
             path: self.dir.clone(),
@@ -147,7 +156,8 @@ impl RootStore for FileRootStore {
         // The key first: a crash between the renames leaves only the key, which
         // the next start reports as incomplete instead of trusting a lone cert.
         write_atomically(&self.key_path(), &root.key_pem, 0o600)?;
-        write_atomically(&self.cert_path(), &root.cert_pem, 0o644)
+        write_atomically(&self.cert_path(), &root.cert_pem, 0o644)?;
+        Ok(root.clone())
     }
 
     fn location(&self) -> String {
@@ -156,18 +166,27 @@ impl RootStore for FileRootStore {
 }
 
 /// Loads the root from `store`, or generates one for `trust_domain` valid for
-/// `validity` and saves it.
+/// `validity` and saves it (keeping a concurrent writer's root if it won).
 pub fn load_or_create(
     store: &dyn RootStore,
     trust_domain: &str,
     validity: Duration,
 ) -> Result<CertificateAuthority, CaError> {
+    let parse = |root: &StoredRoot| {
+        CertificateAuthority::from_pem(&root.cert_pem, &root.key_pem)
+            .map_err(|source| CaError::Corrupt { location: store.location(), source })
+    };
     if let Some(root) = store.load()? {
-        return CertificateAuthority::from_pem(&root.cert_pem, &root.key_pem)
-            .map_err(|source| CaError::Corrupt { location: store.location(), source });
+        tracing::info!(location = %store.location(), "loaded the mesh root");
+        return parse(&root);
     }
     let ca = CertificateAuthority::generate_root(trust_domain, validity).map_err(CaError::Generate)?;
-    store.save(&StoredRoot { cert_pem: ca.cert_pem(), key_pem: ca.key_pem() })?;
+    let generated = StoredRoot { cert_pem: ca.cert_pem(), key_pem: ca.key_pem() };
+    let stored = store.save(&generated)?;
+    if stored != generated {
+        tracing::info!(location = %store.location(), "another writer stored the mesh root first: using it");
+        return parse(&stored);
+    }
     tracing::info!(location = %store.location(), trust_domain, "generated a new mesh root");
     Ok(ca)
 }

@@ -16,7 +16,7 @@ use rcgen::{CertificateSigningRequestParams, SanType};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::auth::{Caller, CallerAuthenticator};
+use super::auth::AsyncCallerAuthenticator;
 use crate::model::SnapshotRx;
 
 /// Longest validity the CA grants unless configured otherwise.
@@ -50,7 +50,7 @@ pub struct OutcomeLabels {
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     trust_domain: String,
-    auth: Arc<dyn CallerAuthenticator>,
+    auth: Arc<dyn AsyncCallerAuthenticator>,
     snapshots: SnapshotRx,
     max_ttl: Duration,
     requests: Family<OutcomeLabels, Counter>,
@@ -63,7 +63,7 @@ impl CaService {
     pub fn new(
         ca: Arc<CertificateAuthority>,
         trust_domain: impl Into<String>,
-        auth: Arc<dyn CallerAuthenticator>,
+        auth: Arc<dyn AsyncCallerAuthenticator>,
         snapshots: SnapshotRx,
         registry: &mut Registry,
     ) -> Self {
@@ -83,12 +83,8 @@ impl CaService {
         IstioCertificateServiceServer::new(self)
     }
 
-    fn handle(&self, request: &Request<IstioCertificateRequest>) -> Result<(Identity, Vec<String>), Status> {
-        // An AuthInterceptor in front of the service has done this already.
-        let caller = match Caller::of(request) {
-            Some(c) => c.clone(),
-            None => self.auth.authenticate(request.metadata())?,
-        };
+    async fn handle(&self, request: &Request<IstioCertificateRequest>) -> Result<(Identity, Vec<String>), Status> {
+        let caller = self.auth.authenticate_async(request.metadata()).await?;
         let req = request.get_ref();
         let identity = csr_identity(&req.csr, &self.trust_domain)?;
         let allowed = self
@@ -158,7 +154,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        match self.handle(&request) {
+        match self.handle(&request).await {
             Ok((_, cert_chain)) => {
                 self.requests.get_or_create(&OutcomeLabels { outcome: Outcome::success }).inc();
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))

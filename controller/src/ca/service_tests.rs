@@ -16,7 +16,7 @@ use ztunnel::ca_client::{connect_channel, CaClient};
 use ztunnel::certs::{CertError, CertificateProvider};
 
 use super::*;
-use crate::ca::auth::{AuthInterceptor, BootstrapTokenAuthenticator};
+use crate::ca::auth::BootstrapTokenAuthenticator;
 use crate::ca::serving::serving_identity;
 use crate::model::Snapshot;
 
@@ -51,24 +51,12 @@ impl Drop for Harness {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Auth {
-    /// The service authenticates by itself.
-    InService,
-    /// An interceptor with `TOKEN` in front of a service whose own authenticator would refuse it.
-    Interceptor,
-}
-
 impl Harness {
-    async fn start(max_ttl: Duration, auth: Auth) -> Harness {
+    async fn start(max_ttl: Duration) -> Harness {
         let ca = Arc::new(CertificateAuthority::generate_root(TD, 24 * HOUR).unwrap());
         let (snapshots, rx) = tokio::sync::watch::channel(snapshot_with("node-a", "default", "client"));
         let mut registry = Registry::default();
-        let service_token = match auth {
-            Auth::InService => TOKEN,
-            Auth::Interceptor => "a-token-nobody-sends",
-        };
-        let authenticator = Arc::new(BootstrapTokenAuthenticator::new(service_token).unwrap());
+        let authenticator = Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap());
         let service =
             CaService::new(ca.clone(), TD, authenticator, rx, &mut registry).with_max_ttl(max_ttl).into_server();
         let (chain, key) = serving_identity(&ca, &[SERVER_NAME.to_string()], &["127.0.0.1".parse().unwrap()]).unwrap();
@@ -78,16 +66,10 @@ impl Harness {
             let conn = l.accept().await.map(|(s, _)| s);
             Some((conn, l))
         });
-        let mut builder = Server::builder()
+        let router = Server::builder()
             .tls_config(ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key)))
-            .unwrap();
-        let router = match auth {
-            Auth::InService => builder.add_service(service),
-            Auth::Interceptor => {
-                let interceptor = AuthInterceptor::new(Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap()));
-                builder.add_service(tonic::service::interceptor::InterceptedService::new(service, interceptor))
-            }
-        };
+            .unwrap()
+            .add_service(service);
         let server = tokio::spawn(async move { router.serve_with_incoming(incoming).await.unwrap() });
         Harness { addr, ca, registry, snapshots, server }
     }
@@ -133,7 +115,7 @@ fn verify_as_client_certificate(chain: &[String], root_pem: &str) {
 
 #[tokio::test]
 async fn a_node_with_the_right_token_gets_a_verifying_chain_for_an_identity_on_it() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let (csr, key) = generate_csr(&client_id()).unwrap();
     let chain = h.create(TOKEN, "node-a", csr, HOUR).await.unwrap();
     assert_eq!(chain.len(), 2, "leaf and root");
@@ -148,7 +130,7 @@ async fn a_node_with_the_right_token_gets_a_verifying_chain_for_an_identity_on_i
 
 #[tokio::test]
 async fn a_wrong_token_is_unauthenticated() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
     let status = h.create("not-the-token", "node-a", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -157,7 +139,7 @@ async fn a_wrong_token_is_unauthenticated() {
 
 #[tokio::test]
 async fn an_identity_not_on_the_callers_node_is_permission_denied() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
     let status = h.create(TOKEN, "node-b", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
@@ -171,7 +153,7 @@ async fn an_identity_not_on_the_callers_node_is_permission_denied() {
 
 #[tokio::test]
 async fn a_new_snapshot_changes_what_a_node_may_request() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let (csr, _) = generate_csr(&client_id()).unwrap();
     h.snapshots.send(snapshot_with("node-b", "default", "client")).unwrap();
     let status = h.create(TOKEN, "node-a", csr.clone(), HOUR).await.unwrap_err();
@@ -181,7 +163,7 @@ async fn a_new_snapshot_changes_what_a_node_may_request() {
 
 #[tokio::test]
 async fn a_csr_for_another_trust_domain_is_invalid() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let (csr, _) = generate_csr(&Identity::new("evil.example", "default", "client")).unwrap();
     let status = h.create(TOKEN, "node-a", csr, HOUR).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -190,7 +172,7 @@ async fn a_csr_for_another_trust_domain_is_invalid() {
 
 #[tokio::test]
 async fn a_csr_whose_name_is_not_spiffe_is_invalid() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     for sans in [
         vec![SanType::DnsName("client.default.svc".try_into().unwrap())],
         vec![SanType::URI("https://client.default.svc/".try_into().unwrap())],
@@ -209,7 +191,7 @@ async fn a_csr_whose_name_is_not_spiffe_is_invalid() {
 
 #[tokio::test]
 async fn validity_is_capped_at_the_max_ttl() {
-    let h = Harness::start(Duration::from_secs(600), Auth::InService).await;
+    let h = Harness::start(Duration::from_secs(600)).await;
     let (csr, key) = generate_csr(&client_id()).unwrap();
     let chain = h.create(TOKEN, "node-a", csr, 10 * HOUR).await.unwrap();
     let cert = WorkloadCertificate::from_pem(&chain[0], &key, &chain[1]).unwrap();
@@ -218,17 +200,8 @@ async fn validity_is_capped_at_the_max_ttl() {
 }
 
 #[tokio::test]
-async fn a_caller_authenticated_by_an_interceptor_is_trusted_by_the_service() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::Interceptor).await;
-    let (csr, _) = generate_csr(&client_id()).unwrap();
-    h.create(TOKEN, "node-a", csr.clone(), HOUR).await.unwrap();
-    let status = h.create("a-token-nobody-sends", "node-a", csr, HOUR).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unauthenticated, "the interceptor decides: {status:?}");
-}
-
-#[tokio::test]
 async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let client = CaClient::new(h.channel().await, TOKEN, "node-a", HOUR).unwrap();
     let cert = client.fetch(&client_id()).await.unwrap();
     assert_eq!(cert.identity(), &client_id());
@@ -252,7 +225,7 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
 
 #[tokio::test]
 async fn a_client_trusting_another_root_refuses_the_serving_certificate() {
-    let h = Harness::start(DEFAULT_MAX_TTL, Auth::InService).await;
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
     let other = CertificateAuthority::generate_root(TD, HOUR).unwrap();
     let r = connect_channel(&format!("https://{}", h.addr), &other.roots_pem(), SERVER_NAME).await;
     assert!(r.is_err(), "a serving certificate from another root was accepted");

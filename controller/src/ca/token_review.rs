@@ -6,28 +6,24 @@
 //! node in `status.user.extra["authentication.kubernetes.io/node-name"]`, which
 //! becomes the [`Caller`]'s node.
 //!
-//! A review is a network round trip, but tonic interceptors are synchronous.
-//! So results are cached (60 s by default) and there are two ways in:
-//! - [`AsyncCallerAuthenticator::authenticate_async`] (what the CA and xDS
-//!   handlers should call): a cache hit answers at once, a miss awaits the
-//!   review;
-//! - [`CallerAuthenticator::authenticate`] (usable from [`super::AuthInterceptor`]):
-//!   a cache hit answers at once; a miss starts the review in the background and
-//!   answers `unavailable` ("retry"), so the caller's next attempt — ztunnels
-//!   reconnect with backoff — finds the result.
+//! A review is a network round trip, and every xDS stream and certificate
+//! request starts with one. So answers are cached (60 s by default), and
+//! concurrent calls with the same uncached token share one review: a ztunnel
+//! asking for many certificates at once costs the API server one request.
+//! The review runs in its own task, so a caller that goes away does not leave
+//! the others waiting on a review nobody drives.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::auth::{bearer_token, BootstrapTokenAuthenticator, Caller, CallerAuthenticator};
+use super::auth::{bearer_token, AsyncCallerAuthenticator, AuthFuture, Caller};
 
 /// The audience ztunnel tokens are requested for (the DaemonSet's projected token).
 pub const DEFAULT_AUDIENCE: &str = "ambit-ca";
@@ -38,65 +34,50 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 /// `user.extra` key under which the API server names the node of a token's bound pod.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
-/// Refusals are remembered briefly: long enough that the synchronous path can
-/// report the real reason on the retry, short enough that a fixed cluster is
-/// noticed quickly.
+/// Refusals are remembered briefly: long enough to absorb a retry storm with a
+/// bad token, short enough that a fixed cluster is noticed quickly.
 const REFUSAL_TTL: Duration = Duration::from_secs(5);
 /// Bounds on memory held for tokens, whatever callers send.
 const MAX_CACHED: usize = 16_384;
 const MAX_IN_FLIGHT: usize = 1_024;
 
-/// Authenticates a gRPC caller from its metadata, possibly over the network.
-///
-/// Object-safe (it returns a boxed future) so it can be held as
-/// `Arc<dyn AsyncCallerAuthenticator>`.
-pub trait AsyncCallerAuthenticator: Send + Sync {
-    /// The caller, `unauthenticated` when the credential is refused, or
-    /// `unavailable` when it cannot be checked now.
-    fn authenticate_async<'a>(
-        &'a self,
-        metadata: &'a MetadataMap,
-    ) -> Pin<Box<dyn Future<Output = Result<Caller, Status>> + Send + 'a>>;
+/// A review's answer: the caller, or the refusal's code and message.
+type Verdict = Result<Caller, (Code, String)>;
+
+fn verdict(result: &Result<Caller, Status>) -> Verdict {
+    result.clone().map_err(|s| (s.code(), s.message().to_owned()))
 }
 
-/// File mode needs no round trip: the bootstrap token is checked in place.
-impl AsyncCallerAuthenticator for BootstrapTokenAuthenticator {
-    fn authenticate_async<'a>(
-        &'a self,
-        metadata: &'a MetadataMap,
-    ) -> Pin<Box<dyn Future<Output = Result<Caller, Status>> + Send + 'a>> {
-        let result = self.authenticate(metadata);
-        Box::pin(std::future::ready(result))
-    }
+fn status(verdict: Verdict) -> Result<Caller, Status> {
+    verdict.map_err(|(code, msg)| Status::new(code, msg))
 }
 
-/// A cached answer: the caller, or the refusal's code and message.
+/// A cached answer.
 #[derive(Debug, Clone)]
 struct Entry {
-    result: Result<Caller, (Code, String)>,
+    result: Verdict,
     expires: Instant,
 }
 
+/// Answers by token, and the reviews running now (each publishes its verdict once).
 #[derive(Debug, Default)]
 struct Cache {
     entries: HashMap<String, Entry>,
-    in_flight: std::collections::HashSet<String>,
+    in_flight: HashMap<String, watch::Receiver<Option<Verdict>>>,
 }
 
 impl Cache {
     fn get(&self, token: &str, now: Instant) -> Option<Result<Caller, Status>> {
         let entry = self.entries.get(token).filter(|e| e.expires > now)?;
-        Some(entry.result.clone().map_err(|(code, msg)| Status::new(code, msg)))
+        Some(status(entry.result.clone()))
     }
 
     fn insert(&mut self, token: &str, result: &Result<Caller, Status>, now: Instant, ttl: Duration) {
-        let (result, ttl) = match result {
-            Ok(caller) => (Ok(caller.clone()), ttl),
+        let ttl = match result {
+            Ok(_) => ttl,
             // Only the token's own verdict is worth remembering; an unreachable
             // API server is retried on the next call.
-            Err(s) if s.code() == Code::Unauthenticated => {
-                (Err((s.code(), s.message().to_owned())), REFUSAL_TTL.min(ttl))
-            }
+            Err(s) if s.code() == Code::Unauthenticated => REFUSAL_TTL.min(ttl),
             Err(_) => return,
         };
         if ttl.is_zero() {
@@ -110,7 +91,7 @@ impl Cache {
                 self.entries.clear();
             }
         }
-        self.entries.insert(token.to_owned(), Entry { result, expires: now + ttl });
+        self.entries.insert(token.to_owned(), Entry { result: verdict(result), expires: now + ttl });
     }
 }
 
@@ -179,45 +160,59 @@ impl TokenReviewAuthenticator {
         caller_from_review(answer.status.as_ref(), &self.audience, &self.allowed_users)
     }
 
-    /// The cached answer for `token`, or a fresh review (then cached).
+    /// The cached answer for `token`, or the verdict of a review: the one
+    /// already running for it, else a new one (then cached).
     pub async fn review_cached(&self, token: &str) -> Result<Caller, Status> {
-        if let Some(hit) = self.lock().get(token, Instant::now()) {
-            return hit;
+        let mut running = {
+            let mut cache = self.lock();
+            if let Some(hit) = cache.get(token, Instant::now()) {
+                return hit;
+            }
+            match cache.in_flight.get(token) {
+                // A review whose task died (it cannot, short of a panic) is replaced.
+                Some(rx) if rx.has_changed().is_ok() => rx.clone(),
+                _ => {
+                    if cache.in_flight.len() >= MAX_IN_FLIGHT {
+                        return Err(Status::unavailable("too many token reviews in progress; retry later"));
+                    }
+                    let rx = self.spawn_review(token);
+                    cache.in_flight.insert(token.to_owned(), rx.clone());
+                    rx
+                }
+            }
+        };
+        let verdict = running
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Status::unavailable("the token review ended without an answer; retry"))?
+            .clone();
+        match verdict {
+            Some(v) => status(v),
+            None => Err(Status::internal("bug: a published token review has no verdict")),
         }
-        let result = self.review(token).await;
-        self.lock().insert(token, &result, Instant::now(), self.ttl);
-        result
+    }
+
+    /// Reviews `token` in a task of its own that caches the verdict, forgets
+    /// the in-flight entry and then publishes the verdict.
+    fn spawn_review(&self, token: &str) -> watch::Receiver<Option<Verdict>> {
+        let (tx, rx) = watch::channel(None);
+        let this = self.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let result = this.review(&token).await;
+            {
+                let mut cache = this.lock();
+                cache.in_flight.remove(&token);
+                cache.insert(&token, &result, Instant::now(), this.ttl);
+            }
+            tx.send_replace(Some(verdict(&result)));
+        });
+        rx
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // A panic while holding the lock leaves a map that is still valid.
+        // A panic while holding the lock leaves maps that are still valid.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reviews `token` on the current tokio runtime, caching the result, unless
-    /// a review of it is already running or too many are.
-    fn review_in_background(&self, token: &str) -> Result<(), Status> {
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| Status::internal("bug: token review outside a tokio runtime"))?;
-        {
-            let mut cache = self.lock();
-            if cache.in_flight.contains(token) {
-                return Ok(());
-            }
-            if cache.in_flight.len() >= MAX_IN_FLIGHT {
-                return Err(Status::unavailable("too many token reviews in progress; retry later"));
-            }
-            cache.in_flight.insert(token.to_owned());
-        }
-        let this = self.clone();
-        let token = token.to_owned();
-        handle.spawn(async move {
-            let result = this.review(&token).await;
-            let mut cache = this.lock();
-            cache.in_flight.remove(&token);
-            cache.insert(&token, &result, Instant::now(), this.ttl);
-        });
-        Ok(())
     }
 }
 
@@ -262,22 +257,8 @@ pub fn caller_from_review(
     Ok(Caller { node: node.to_owned() })
 }
 
-impl CallerAuthenticator for TokenReviewAuthenticator {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let token = bearer_token(metadata)?;
-        if let Some(hit) = self.lock().get(token, Instant::now()) {
-            return hit;
-        }
-        self.review_in_background(token)?;
-        Err(Status::unavailable("token review in progress; retry in a moment"))
-    }
-}
-
 impl AsyncCallerAuthenticator for TokenReviewAuthenticator {
-    fn authenticate_async<'a>(
-        &'a self,
-        metadata: &'a MetadataMap,
-    ) -> Pin<Box<dyn Future<Output = Result<Caller, Status>> + Send + 'a>> {
+    fn authenticate_async<'a>(&'a self, metadata: &'a MetadataMap) -> AuthFuture<'a> {
         Box::pin(async move {
             let token = bearer_token(metadata)?;
             self.review_cached(token).await
@@ -369,15 +350,5 @@ mod tests {
             cache.insert(&format!("t{i}"), &Ok(Caller { node: "n".into() }), now, DEFAULT_CACHE_TTL);
         }
         assert!(cache.entries.len() <= MAX_CACHED);
-    }
-
-    #[tokio::test]
-    async fn the_bootstrap_authenticator_answers_the_async_path_in_place() {
-        let auth = BootstrapTokenAuthenticator::new("t").unwrap();
-        let mut md = MetadataMap::new();
-        md.insert("authorization", "Bearer t".parse().unwrap());
-        md.insert("x-ambit-node", "node-9".parse().unwrap());
-        let auth: &dyn AsyncCallerAuthenticator = &auth;
-        assert_eq!(auth.authenticate_async(&md).await.unwrap().node, "node-9");
     }
 }

@@ -8,6 +8,10 @@
 //! tonic drains; a client that stops reading blocks only its own task.
 //! Resource versions are content hashes ([`version`]), so a reconnecting
 //! client that lists what it holds gets only what changed.
+//!
+//! Every stream starts by authenticating its caller (bootstrap token or
+//! TokenReview); the node a stream declares must be the caller's own, since
+//! the node decides which workloads it is sent in full.
 
 mod metrics;
 mod stream;
@@ -31,6 +35,7 @@ pub use metrics::{TypeLabel, TypeLabels, XdsMetrics};
 pub use stream::{visible_to_node, NodeInfo};
 pub use version::ResourceType;
 
+use crate::ca::{AsyncCallerAuthenticator, Caller};
 use crate::model::SnapshotRx;
 use stream::{Outgoing, StreamState};
 use version::{Cache, Prepared};
@@ -50,21 +55,31 @@ pub enum XdsError {
     /// The model's publisher is gone: the controller is shutting down.
     #[error("snapshot publisher closed")]
     PublisherClosed,
+    /// The stream declared a node other than the authenticated caller's.
+    #[error("stream declares node {declared:?} but the caller runs on {caller:?}")]
+    NodeMismatch { declared: String, caller: String },
 }
 
 /// The delta ADS service. Cheap to clone the handles it holds; wrap it with
 /// [`XdsServer::into_service`] to add it to a tonic router.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct XdsServer {
     snapshots: SnapshotRx,
     metrics: Arc<XdsMetrics>,
     cache: Arc<Cache>,
+    auth: Arc<dyn AsyncCallerAuthenticator>,
+}
+
+impl std::fmt::Debug for XdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsServer").field("metrics", &self.metrics).finish_non_exhaustive()
+    }
 }
 
 impl XdsServer {
-    /// A server that publishes whatever `snapshots` holds.
-    pub fn new(snapshots: SnapshotRx, metrics: Arc<XdsMetrics>) -> Self {
-        XdsServer { snapshots, metrics, cache: Arc::default() }
+    /// A server that publishes whatever `snapshots` holds to callers `auth` admits.
+    pub fn new(snapshots: SnapshotRx, metrics: Arc<XdsMetrics>, auth: Arc<dyn AsyncCallerAuthenticator>) -> Self {
+        XdsServer { snapshots, metrics, cache: Arc::default(), auth }
     }
 
     /// The tonic service, ready for `Server::builder().add_service(...)`.
@@ -82,8 +97,12 @@ impl AggregatedDiscoveryService for XdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let caller = self.auth.authenticate_async(request.metadata()).await.inspect_err(|status| {
+            info!(?peer, code = ?status.code(), message = status.message(), "xds: caller refused");
+        })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let conn = Connection {
+            caller,
             requests: request.into_inner(),
             tx,
             snapshots: self.snapshots.clone(),
@@ -107,6 +126,7 @@ impl AggregatedDiscoveryService for XdsServer {
 
 /// One stream's task.
 struct Connection {
+    caller: Caller,
     requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     snapshots: SnapshotRx,
@@ -128,6 +148,9 @@ impl Connection {
             tokio::select! {
                 req = self.requests.message() => {
                     let Some(req) = req? else { return Ok(()) };
+                    if let Some(node) = &req.node {
+                        self.check_node(node).await?;
+                    }
                     if let Some(out) = self.state.on_request(req, &prepared) {
                         self.send(out, None).await?;
                     }
@@ -142,6 +165,18 @@ impl Connection {
                 () = self.tx.closed() => return Err(XdsError::ClientGone),
             }
         }
+    }
+
+    /// Ends the stream with `permission_denied` when `node` is not the caller's.
+    async fn check_node(&mut self, node: &ambit_api::discovery::Node) -> Result<(), XdsError> {
+        let declared = NodeInfo::from_node(node).name;
+        if declared == self.caller.node {
+            return Ok(());
+        }
+        let e = XdsError::NodeMismatch { declared, caller: self.caller.node.clone() };
+        // Best effort: the client may already be gone.
+        let _ = self.tx.send(Err(Status::permission_denied(e.to_string()))).await;
+        Err(e)
     }
 
     /// The newest snapshot, marked seen so `changed()` waits for the next.

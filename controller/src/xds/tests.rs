@@ -19,9 +19,19 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::Streaming;
 
 use super::*;
+use crate::ca::BootstrapTokenAuthenticator;
 use crate::model::{Snapshot, SnapshotTx};
 
 const WAIT: Duration = Duration::from_secs(5);
+/// The bootstrap token every test server requires.
+const TOKEN: &str = "xds-test-token";
+/// The node every test client authenticates as (and declares).
+const NODE: &str = "node-a";
+
+/// Credentials of a ztunnel on [`NODE`].
+fn bearer() -> ztunnel::xds::BearerToken {
+    ztunnel::xds::BearerToken::new(Some(TOKEN)).unwrap().with_node(NODE).unwrap()
+}
 
 fn workload(uid: &str, ip: [u8; 4], name_pad: usize) -> Address {
     Address {
@@ -70,7 +80,8 @@ impl Drop for TestServer {
 }
 
 fn serve_on(addr: SocketAddr, tx: SnapshotTx, metrics: Arc<XdsMetrics>) -> TestServer {
-    let svc = XdsServer::new(tx.subscribe(), metrics.clone()).into_service();
+    let auth = Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap());
+    let svc = XdsServer::new(tx.subscribe(), metrics.clone(), auth).into_service();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
@@ -107,7 +118,7 @@ struct RawClient {
 impl RawClient {
     async fn connect(addr: SocketAddr) -> Self {
         let (tx, rx) = mpsc::channel(16);
-        let mut client = AggregatedDiscoveryServiceClient::new(channel(addr));
+        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(channel(addr), bearer());
         let rx = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
         RawClient { tx, rx }
     }
@@ -267,9 +278,8 @@ fn bad_workload(uid: &str) -> Address {
 #[tokio::test]
 async fn ztunnel_client_syncs_nacks_bad_config_and_keeps_the_last_good_state() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
-    let cfg =
-        ztunnel::xds::XdsConfig::new("ztunnel~10.0.0.100~z.ambit~ambit.svc.cluster.local", "node-a", "cluster.local");
-    let client = ztunnel::xds::XdsClient::new(channel(srv.addr), Default::default(), cfg);
+    let cfg = ztunnel::xds::XdsConfig::new("ztunnel~10.0.0.100~z.ambit~ambit.svc.cluster.local", NODE, "cluster.local");
+    let client = ztunnel::xds::XdsClient::new(channel(srv.addr), bearer(), cfg);
     let mut synced = client.synced();
     let (state_tx, mut states) = mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(move |st| {
@@ -303,10 +313,10 @@ async fn ztunnel_client_syncs_nacks_bad_config_and_keeps_the_last_good_state() {
 async fn ztunnel_client_reconnects_and_catches_up() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
     let addr = srv.addr;
-    let mut cfg = ztunnel::xds::XdsConfig::new("z", "node-a", "cluster.local");
+    let mut cfg = ztunnel::xds::XdsConfig::new("z", NODE, "cluster.local");
     cfg.backoff_initial = Duration::from_millis(50);
     cfg.backoff_max = Duration::from_millis(200);
-    let client = ztunnel::xds::XdsClient::new(channel(addr), Default::default(), cfg);
+    let client = ztunnel::xds::XdsClient::new(channel(addr), bearer(), cfg);
     let mut synced = client.synced();
     let (state_tx, mut states) = mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(move |st| {
@@ -390,4 +400,59 @@ async fn push_latency_of_a_one_resource_change_is_printed() {
         samples[samples.len() / 2],
         samples[samples.len() - 1]
     );
+}
+
+/// Opens a stream with `auth`, declaring `node`, and returns the first answer.
+async fn first_answer(
+    addr: SocketAddr,
+    auth: ztunnel::xds::BearerToken,
+    node: &str,
+) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut md = prost_types::Struct::default();
+    md.fields.insert(
+        "NODE_NAME".into(),
+        prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(node.into())) },
+    );
+    let req = DeltaDiscoveryRequest {
+        node: Some(ambit_api::discovery::Node {
+            id: format!("ztunnel~{node}"),
+            metadata: Some(md),
+            ..Default::default()
+        }),
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec!["*".into()],
+        ..Default::default()
+    };
+    tx.send(req).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::with_interceptor(channel(addr), auth);
+    let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let first = tokio::time::timeout(WAIT, stream.message()).await.expect("no answer in time");
+    drop(tx);
+    first?.ok_or_else(|| tonic::Status::unknown("stream ended without an answer"))
+}
+
+#[tokio::test]
+async fn a_stream_without_the_token_is_unauthenticated_and_gets_nothing() {
+    let srv = start(snapshot(1, &[("w1", 1)], &["p1"]));
+    for (auth, what) in [
+        (ztunnel::xds::BearerToken::default(), "no token"),
+        (ztunnel::xds::BearerToken::new(Some("wrong")).unwrap().with_node(NODE).unwrap(), "a wrong token"),
+        (ztunnel::xds::BearerToken::new(Some(TOKEN)).unwrap(), "no node name"),
+    ] {
+        let status = first_answer(srv.addr, auth, NODE).await.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{what}: {status:?}");
+    }
+    assert_eq!(srv.metrics.pushes(ResourceType::Address), 0);
+    let ok = first_answer(srv.addr, bearer(), NODE).await.unwrap();
+    assert_eq!(names(&ok), ["w1"]);
+}
+
+#[tokio::test]
+async fn a_stream_declaring_another_node_than_its_callers_is_refused() {
+    let srv = start(snapshot(1, &[("w1", 1)], &["p1"]));
+    let status = first_answer(srv.addr, bearer(), "node-b").await.expect_err("another node");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("node-b") && status.message().contains(NODE), "{}", status.message());
+    assert_eq!(srv.metrics.pushes(ResourceType::Address), 0);
 }

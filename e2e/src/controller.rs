@@ -7,15 +7,20 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use ambit_identity::CertificateAuthority;
 use anyhow::{bail, Context};
 
 use crate::lab::{Host, Lab};
 use crate::netns::NetNs;
+use crate::objects::KubeObjects;
 use crate::statefile::write_atomic;
 use crate::ztunnel::{workspace_binary, ControllerFlags};
 
 /// The controller's TLS gRPC port (xDS and CA).
 pub const GRPC_PORT: u16 = 15012;
+
+/// The controller's Prometheus port.
+pub const METRICS_PORT: u16 = 15014;
 
 /// A running controller; Drop stops it (SIGTERM, then SIGKILL; this PID only).
 #[derive(Debug)]
@@ -23,6 +28,7 @@ pub struct ControllerProcess {
     child: Child,
     dir: PathBuf,
     ip: Ipv4Addr,
+    netns: String,
     log: PathBuf,
 }
 
@@ -46,14 +52,14 @@ impl ControllerProcess {
             .args(["--listen", &format!("0.0.0.0:{GRPC_PORT}")])
             .args(["--serving-ips", &host.ip.to_string()])
             .args(["--serving-dns-names", "ambit-controller.ambit-system.svc"])
-            .args(["--metrics-addr", "0.0.0.0:15014"])
+            .args(["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
-        let mut c = ControllerProcess { child, dir, ip: host.ip, log };
+        let mut c = ControllerProcess { child, dir, ip: host.ip, netns: host.netns.name().to_string(), log };
         let addr = SocketAddr::from((host.ip, GRPC_PORT));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -77,6 +83,32 @@ impl ControllerProcess {
             mesh_root: self.dir.join("ca").join("root-cert.pem"),
             token_file: self.dir.join("token"),
         }
+    }
+
+    /// The directory of the root it generated (`root-cert.pem`, `root-key.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// The mesh root the ztunnels trust, with its key (to mint certificates in tests).
+    pub fn root(&self) -> anyhow::Result<CertificateAuthority> {
+        let read = |f: &str| {
+            let path = self.ca_dir().join(f);
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+        };
+        CertificateAuthority::from_pem(&read("root-cert.pem")?, &read("root-key.pem")?)
+            .context("load the controller's root")
+    }
+
+    /// `GET /metrics` on the controller's metrics port (Prometheus text).
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let netns = NetNs::borrowed(&self.netns);
+        let r =
+            crate::http::get(&netns, SocketAddr::from((self.ip, METRICS_PORT)), "/metrics", Duration::from_secs(5))?;
+        if r.status != 200 {
+            bail!("controller /metrics: status {}", r.status);
+        }
+        Ok(r.body)
     }
 
     /// The watched directory of Kubernetes YAML.
@@ -119,28 +151,8 @@ impl Drop for ControllerProcess {
 
 /// Kubernetes YAML for the lab's pods: a Namespace per pod namespace (labelled
 /// `istio.io/dataplane-mode=ambient` when listed in `ambient`) and a Pod per
-/// pod, scheduled, with its IP and Ready, as a kubelet would report it.
+/// pod, scheduled, with its IP and Ready, as a kubelet would report it (see
+/// [`KubeObjects`], which also declares services).
 pub fn cluster_yaml(lab: &Lab, ambient: &[&str]) -> String {
-    let mut out = String::new();
-    let mut namespaces: Vec<&str> = lab.pods().iter().map(|p| p.namespace.as_str()).collect();
-    namespaces.sort_unstable();
-    namespaces.dedup();
-    for ns in namespaces {
-        let label = if ambient.contains(&ns) { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
-        out.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}\n"));
-    }
-    for p in lab.pods() {
-        out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    app: {name}\n\
-             spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: lab\n\
-             status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
-            name = p.name,
-            ns = p.namespace,
-            uid = p.uid.replace('/', "-"),
-            node = lab.node(p.node).name,
-            sa = p.service_account,
-            ip = p.ip,
-        ));
-    }
-    out
+    KubeObjects::new(ambient).render(lab)
 }

@@ -1,6 +1,11 @@
-//! Glue for the mesh tests: a lab plus a development CA, ztunnel's state file, one ZDS server and one ztunnel per
-//! node, and enrolling pods the way the CNI node agent does (capture rules in the pod's namespace, then a ZDS
-//! `add` carrying the namespace's fd).
+//! Glue for the mesh tests: a lab, a control plane, one ZDS server and one ztunnel per node, and enrolling pods the
+//! way the CNI node agent does (capture rules in the pod's namespace, then a ZDS `add` carrying the namespace's fd).
+//!
+//! Two control planes: **file mode** ([`Mesh::new`]: ztunnel's local state file and a development CA) and
+//! **controller mode** ([`Mesh::with_controller`]: the real `ambit-controller` reading the lab's Kubernetes objects
+//! from a directory, ztunnels on xDS and its CA). Changes made through the typed methods ([`Mesh::add_service`],
+//! [`Mesh::set_ready`], [`Mesh::apply`], ...) work in the modes that have the concept and return once every running
+//! ztunnel's `/config_dump` shows them.
 //!
 //! All methods are blocking, so a `Mesh` works from a plain `#[test]` and from a `#[tokio::test]` alike: the ZDS
 //! sockets live on the mesh's own single-threaded runtime, driven from a short-lived helper thread during each call
@@ -10,7 +15,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_cni::capture::{self, CaptureConfig};
 use ambit_identity::CertificateAuthority;
@@ -18,9 +23,12 @@ use ambit_zds::{WorkloadInfo, ZdsAgentConnection, ZdsServer};
 use anyhow::{bail, Context};
 use tokio::runtime::Runtime;
 
-use crate::lab::{Lab, NodeId, PodId};
+use crate::controller::ControllerProcess;
+use crate::dump;
+use crate::lab::{HostId, Lab, NodeId, PodId, PodSpec};
+use crate::objects::{self, KubeObjects, ServiceSpec, DATAPLANE_MODE_LABEL};
 use crate::statefile::StateFile;
-use crate::ztunnel::{ControllerFlags, ZtunnelArgs, ZtunnelProcess};
+use crate::ztunnel::{ZtunnelArgs, ZtunnelProcess};
 
 /// How long a new ztunnel has to connect to its node's ZDS socket.
 const ZDS_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -28,8 +36,20 @@ const ZDS_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a new ztunnel has to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a change has to reach every ztunnel's config dump.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The trust domain of the lab's development CA.
 pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// The file of the controller's directory holding the lab's own objects (namespaces, pods, services).
+pub const LAB_OBJECTS_FILE: &str = "lab.yaml";
+
+/// The controller and what the lab declares to it.
+struct ControlPlane {
+    process: ControllerProcess,
+    objects: KubeObjects,
+}
 
 /// Per node: its ZDS server, the connected ztunnel and that connection.
 #[derive(Default)]
@@ -47,7 +67,8 @@ pub struct Mesh {
     enrolled: BTreeSet<PodId>,
     capture: CaptureConfig,
     binary: Option<PathBuf>,
-    controller: Option<ControllerFlags>,
+    /// `None` in file mode.
+    control: Option<ControlPlane>,
     ca: CertificateAuthority,
     rt: Option<Runtime>,
     lab: Lab,
@@ -75,13 +96,47 @@ impl Mesh {
             enrolled: BTreeSet::new(),
             capture: CaptureConfig::default(),
             binary: None,
-            controller: None,
+            control: None,
             ca,
             rt: Some(rt),
             lab,
         };
         mesh.write_state()?;
         Ok(mesh)
+    }
+
+    /// Takes over `lab` in controller mode: starts `ambit-controller` on the lab's external host `controller_host`
+    /// and declares the lab's pods to it as Kubernetes objects, with the namespaces in `ambient` labelled
+    /// `istio.io/dataplane-mode=ambient`. ztunnels started from now on use its xDS and CA; [`Mesh::ca`] is its root.
+    /// No ztunnel runs yet.
+    pub fn with_controller(lab: Lab, controller_host: HostId, ambient: &[&str]) -> anyhow::Result<Self> {
+        let process = ControllerProcess::start(&lab, lab.host(controller_host))?;
+        let ca = process.root()?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("build runtime")?;
+        let mesh = Mesh {
+            nodes: Vec::new(),
+            state: StateFile::new(lab.dir().join("state.yaml")),
+            enrolled: BTreeSet::new(),
+            capture: CaptureConfig::default(),
+            binary: None,
+            control: Some(ControlPlane { process, objects: KubeObjects::new(ambient) }),
+            ca,
+            rt: Some(rt),
+            lab,
+        };
+        mesh.write_state()?;
+        Ok(mesh)
+    }
+
+    /// The controller, in controller mode.
+    pub fn controller(&self) -> Option<&ControllerProcess> {
+        self.control.as_ref().map(|c| &c.process)
+    }
+
+    /// The Kubernetes objects the lab declares, in controller mode (call [`Mesh::write_state`] after changing them,
+    /// or use the typed methods that do).
+    pub fn objects_mut(&mut self) -> Option<&mut KubeObjects> {
+        self.control.as_mut().map(|c| &mut c.objects)
     }
 
     /// The lab.
@@ -94,7 +149,8 @@ impl Mesh {
         &mut self.lab
     }
 
-    /// The development CA (also written to the lab directory).
+    /// The root the ztunnels trust, with its key: the development CA (also written to the lab directory) in file
+    /// mode, the controller's root in controller mode.
     pub fn ca(&self) -> &CertificateAuthority {
         &self.ca
     }
@@ -104,18 +160,12 @@ impl Mesh {
         &mut self.capture
     }
 
-    /// ztunnels started from now on take their state and certificates from
-    /// the controller (see [`crate::controller::ControllerProcess`]).
-    pub fn use_controller(&mut self, flags: ControllerFlags) {
-        self.controller = Some(flags);
-    }
-
     /// Runs `binary` instead of [`crate::ztunnel::ztunnel_binary`] for ztunnels started from now on.
     pub fn set_ztunnel_binary(&mut self, binary: impl Into<PathBuf>) {
         self.binary = Some(binary.into());
     }
 
-    /// The state file, to add services and policies; then call [`Mesh::write_state`].
+    /// The state file (file mode), to add services and policies; then call [`Mesh::write_state`].
     pub fn state_mut(&mut self) -> &mut StateFile {
         &mut self.state
     }
@@ -143,10 +193,181 @@ impl Mesh {
         &self.state
     }
 
-    /// Rewrites the state file (atomically) from the lab's pods and the tests' additions. ztunnel polls the file,
-    /// so a change takes effect after its poll interval (250 ms by default).
+    /// Rewrites (atomically) what the control plane reads from the lab's pods and the tests' additions: the state
+    /// file in file mode (ztunnel polls it, 250 ms by default), the lab's Kubernetes objects ([`LAB_OBJECTS_FILE`]
+    /// in the controller's directory, polled every 100 ms) in controller mode.
     pub fn write_state(&self) -> anyhow::Result<()> {
-        self.state.write(&self.lab, &self.enrolled)
+        match &self.control {
+            None => self.state.write(&self.lab, &self.enrolled),
+            Some(c) => c.process.write(LAB_OBJECTS_FILE, &c.objects.render(&self.lab)),
+        }
+    }
+
+    /// Writes `yaml` (Kubernetes objects, e.g. `security.istio.io/v1` policies) as `file` in the controller's
+    /// directory and waits until the L4 authorizations it produces (see [`objects::expected_authorizations`])
+    /// are in every running ztunnel. Controller mode only.
+    pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let c = self.control.as_ref().context("apply needs controller mode (file mode: use state_mut)")?;
+        c.process.write(file, yaml)?;
+        let expected = objects::expected_authorizations(yaml);
+        self.wait_for_config(&format!("policies of {file}"), |d| {
+            expected.iter().all(|(ns, name)| dump::has_policy(d, ns, name))
+        })
+        .map(drop)
+    }
+
+    /// Removes `file` from the controller's directory and waits until the authorizations it produced are gone
+    /// from every running ztunnel. Controller mode only.
+    pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        let c = self.control.as_ref().context("remove needs controller mode (file mode: use state_mut)")?;
+        let old = std::fs::read_to_string(c.process.cluster_dir().join(file)).unwrap_or_default();
+        c.process.remove(file)?;
+        let gone = objects::expected_authorizations(&old);
+        self.wait_for_config(&format!("removal of {file}"), |d| {
+            gone.iter().all(|(ns, name)| !dump::has_policy(d, ns, name))
+        })
+        .map(drop)
+    }
+
+    /// Declares a service (both modes: a Kubernetes Service, or a state-file service whose backends are the lab
+    /// pods its selector picks) and waits until every running ztunnel has it with all its endpoints.
+    pub fn add_service(&mut self, svc: ServiceSpec) -> anyhow::Result<()> {
+        let backends: Vec<PodId> =
+            (0..self.lab.pods().len()).map(PodId).filter(|p| svc.selects(self.lab.pod(*p))).collect();
+        match &mut self.control {
+            None => {
+                let ports: Vec<(u16, u16)> = svc.ports.clone();
+                self.state.add_service_for(&self.lab, &svc.name, &svc.namespace, svc.cluster_ip, &ports, &backends);
+            }
+            Some(c) => c.objects.add_service(svc.clone()),
+        }
+        self.write_state()?;
+        let (ns, host, n) = (svc.namespace.clone(), svc.hostname(), backends.len());
+        self.wait_for_config(&format!("service {host} with {n} endpoints"), |d| {
+            dump::service(d, &host).is_some() && dump::endpoints(d, &ns, &host) == n
+        })
+        .map(drop)
+    }
+
+    /// Declares `pod` Ready or not (its Pod's Ready condition, or the state file's workload status) and waits until
+    /// its node's ztunnel shows the status.
+    pub fn set_ready(&mut self, pod: PodId, ready: bool) -> anyhow::Result<()> {
+        let uid = self.lab.pod(pod).uid.clone();
+        match &mut self.control {
+            None => {
+                let status = if ready { "Healthy" } else { "Unhealthy" };
+                self.state.set_workload_field(&uid, "status", status.into());
+            }
+            Some(c) => c.objects.set_ready(&uid, ready),
+        }
+        self.write_state()?;
+        let want = if ready { "Healthy" } else { "Unhealthy" };
+        self.wait_for_pod(pod, &format!("{uid} {want}"), |w| w["status"] == want).map(drop)
+    }
+
+    /// Declares that `pod` runs as `service_account` (its Pod object, or the state file's workload) while its
+    /// node's ztunnel keeps the identity it was given at enrollment; waits until ztunnels show the declared one.
+    pub fn declare_service_account(&mut self, pod: PodId, service_account: &str) -> anyhow::Result<()> {
+        let p = self.lab.pod(pod);
+        let uid = p.uid.clone();
+        let identity = format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{service_account}", p.namespace);
+        match &mut self.control {
+            None => self.state.set_workload_field(&uid, "serviceAccount", service_account.into()),
+            Some(c) => c.objects.set_service_account(&uid, service_account),
+        }
+        self.write_state()?;
+        self.wait_for_pod(pod, &format!("{uid} as {identity}"), |w| w["identity"] == identity.as_str()).map(drop)
+    }
+
+    /// Labels namespace `ns` ambient (controller mode; file mode has no namespaces, every enrolled pod is HBONE).
+    pub fn set_ambient(&mut self, ns: &str, ambient: bool) -> anyhow::Result<()> {
+        if let Some(c) = &mut self.control {
+            c.objects.set_ambient(ns, ambient);
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    /// Adds a pod at run time the way a cluster does: the lab pod, its object (or state-file entry), then, if it is
+    /// captured (controller mode: an ambient namespace; both modes: no `istio.io/dataplane-mode=none` label),
+    /// enrollment. Returns once every running ztunnel that should know it has it.
+    pub fn add_pod(&mut self, node: NodeId, spec: PodSpec) -> anyhow::Result<PodId> {
+        let pod = self.lab.add_pod(node, spec)?;
+        let p = self.lab.pod(pod);
+        let captured = match &self.control {
+            Some(c) => c.objects.is_captured(p),
+            None => p.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) != Some("none"),
+        };
+        if captured {
+            self.enroll(pod)?;
+            let ip = self.lab.pod(pod).ip;
+            self.wait_for_config(&format!("captured workload {ip}"), |d| dump::has_captured_workload(d, ip))?;
+        } else {
+            self.write_state()?;
+            self.wait_for_pod(pod, "uncaptured workload", |w| w["protocol"] == "None")?;
+        }
+        Ok(pod)
+    }
+
+    /// Polls the config dump of every running ztunnel until `holds` is true of each; how long that took. The error
+    /// names `what` and shows the last dump that did not hold.
+    pub fn wait_for_config(&self, what: &str, holds: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<Duration> {
+        let nodes: Vec<NodeId> =
+            (0..self.nodes.len()).filter(|i| self.nodes[*i].ztunnel.is_some()).map(NodeId).collect();
+        self.wait_on(&nodes, what, holds)
+    }
+
+    /// [`Mesh::wait_for_config`] with `holds` given the pod's workload, on the ztunnels that know the pod: every
+    /// running one for an enrolled pod, else (an uncaptured pod is only sent to its own node) its node's.
+    fn wait_for_pod(
+        &self,
+        pod: PodId,
+        what: &str,
+        holds: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let p = self.lab.pod(pod);
+        let running = |n: &NodeId| self.nodes.get(n.0).is_some_and(|n| n.ztunnel.is_some());
+        let nodes: Vec<NodeId> = if self.enrolled.contains(&pod) {
+            (0..self.nodes.len()).map(NodeId).filter(running).collect()
+        } else {
+            Some(p.node).filter(running).into_iter().collect()
+        };
+        let ip = p.ip;
+        self.wait_on(&nodes, what, |d| dump::workload(d, ip).is_some_and(&holds))
+    }
+
+    fn wait_on(
+        &self,
+        nodes: &[NodeId],
+        what: &str,
+        holds: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut pending: Vec<NodeId> = nodes.to_vec();
+        let mut last = String::new();
+        loop {
+            pending.retain(|n| match self.ztunnel(*n).admin_get("/config_dump") {
+                Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(v) if holds(&v) => false,
+                    _ => {
+                        last = text;
+                        true
+                    }
+                },
+                Err(e) => {
+                    last = format!("{e:#}");
+                    true
+                }
+            });
+            if pending.is_empty() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > APPLY_TIMEOUT {
+                let log = self.controller().map(|c| c.log_text()).unwrap_or_default();
+                bail!("{what}: not in the config of {pending:?} after {APPLY_TIMEOUT:?}; last dump:\n{last}\ncontroller log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether `pod` is enrolled.
@@ -174,7 +395,7 @@ impl Mesh {
     /// `snapshot_sent`, and waits until it reports ready.
     pub fn start_ztunnel_with(&mut self, node: NodeId, customize: impl FnOnce(&mut ZtunnelArgs)) -> anyhow::Result<()> {
         let mut args = ZtunnelArgs::for_node(&self.lab, node);
-        args.controller = self.controller.clone();
+        args.controller = self.control.as_ref().map(|c| c.process.flags());
         customize(&mut args);
         while self.nodes.len() <= node.0 {
             self.nodes.push(MeshNode::default());
@@ -234,12 +455,19 @@ impl Mesh {
         }
     }
 
-    /// Enrolls `pod`: marks it HBONE in the state file, installs capture in its namespace, and (if its node's
-    /// ztunnel runs) sends ZDS `add` with its namespace fd, waiting for the ack.
+    /// Enrolls `pod`: marks it HBONE in the state file (file mode; in controller mode its object is written and
+    /// its namespace decides), installs capture in its namespace, and (if its node's ztunnel runs) sends ZDS
+    /// `add` with its namespace fd, waiting for the ack. In controller mode it first waits until that ztunnel knows
+    /// the pod, as the controller's CA signs only identities of pods it knows on the caller's node.
     pub fn enroll(&mut self, pod: PodId) -> anyhow::Result<()> {
         let p = self.lab.pod(pod);
         self.enrolled.insert(pod);
         self.write_state()?;
+        if self.control.is_some() && self.nodes.get(p.node.0).is_some_and(|n| n.ztunnel.is_some()) {
+            let ip = p.ip;
+            let what = format!("workload of {}", p.uid);
+            self.wait_on(&[p.node], &what, |d| dump::workload(d, ip).is_some())?;
+        }
         capture::install(&p.netns.path(), &self.capture).with_context(|| format!("install capture for {}", p.uid))?;
         let rt = self.rt.as_ref().context("bug: runtime used after drop")?;
         if let Some(conn) = self.nodes.get_mut(p.node.0).and_then(|n| n.conn.as_mut()) {
@@ -250,7 +478,8 @@ impl Mesh {
         Ok(())
     }
 
-    /// Releases `pod`: ZDS `del` (if its node's ztunnel runs), removes capture, and marks it `NONE` again.
+    /// Releases `pod`: ZDS `del` (if its node's ztunnel runs), removes capture, and marks it `NONE` again (file
+    /// mode; in controller mode its object is unchanged: label it `istio.io/dataplane-mode=none` to opt it out).
     pub fn release(&mut self, pod: PodId) -> anyhow::Result<()> {
         let p = self.lab.pod(pod);
         let rt = self.rt.as_ref().context("bug: runtime used after drop")?;

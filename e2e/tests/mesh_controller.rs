@@ -1,44 +1,31 @@
 //! The lab with the control plane: `ambit-controller` in file mode on a host
 //! of the fabric, ztunnels taking their state over delta xDS and their
-//! certificates from the controller's CA (TLS, bootstrap token).
+//! certificates from the controller's CA (TLS, bootstrap token). Measures how
+//! fast a policy change and a new pod reach the ztunnels.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ambit_e2e::apps::EchoServer;
 use ambit_e2e::check::{eventually, metric, round_trip, TIMEOUT};
-use ambit_e2e::controller::{cluster_yaml, ControllerProcess};
-use ambit_e2e::{require_root, Lab, Mesh, PodSpec};
+use ambit_e2e::dump::has_captured_workload;
+use ambit_e2e::fixture::{Cluster, APP_PORT};
+use ambit_e2e::PodSpec;
 
-const APP_PORT: u16 = 8080;
+/// A generous bound for changes that should take well under a second: a
+/// sanity check, not the figure (which is printed).
+const SANITY_BOUND: Duration = Duration::from_secs(3);
 
 #[test]
 fn ztunnels_take_state_and_certificates_from_the_controller() {
-    if !require_root("ztunnels_take_state_and_certificates_from_the_controller") {
-        return;
-    }
-    let mut lab = Lab::new("ctrl-mesh").unwrap();
-    let n1 = lab.add_node("node1").unwrap();
-    let n2 = lab.add_node("node2").unwrap();
-    let client = lab.add_pod(n1, PodSpec::new("client", "default", "client")).unwrap();
-    let remote = lab.add_pod(n2, PodSpec::new("remote", "default", "remote")).unwrap();
-    let host = lab.add_external_host("controller").unwrap();
-    let controller = ControllerProcess::start(&lab, lab.host(host)).unwrap();
-    controller.write("pods.yaml", &cluster_yaml(&lab, &["default"])).unwrap();
-
-    let mut mesh = Mesh::new(lab).unwrap();
-    mesh.use_controller(controller.flags());
-    mesh.start_all().unwrap();
-    for p in [client, remote] {
-        mesh.enroll(p).unwrap();
-    }
-    let _echo = EchoServer::start(&mesh.lab().pod(remote).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
-    let target = SocketAddr::from((mesh.lab().pod(remote).ip, APP_PORT));
-    let client_ns = &mesh.lab().pod(client).netns;
+    let Some(c) = Cluster::start("ctrl-mesh", |_| {}) else { return };
+    let controller = c.mesh.controller().expect("controller mode");
+    let [n1, n2] = c.nodes;
+    let (client_ns, target) = (c.pod_ns(c.client), c.app(c.remote));
     round_trip(client_ns, target, b"via the controller").expect("pod to pod with xDS state and CA certificates");
 
-    // The certificates come from the controller's CA, not the lab's development CA.
-    let dump = mesh.ztunnel(n1).admin_get("/config_dump").unwrap();
+    // The certificates come from the controller's CA, and no development CA exists.
+    let dump = c.mesh.ztunnel(n1).admin_get("/config_dump").unwrap();
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let cert = v["certificates"]
         .as_array()
@@ -51,9 +38,9 @@ fn ztunnels_take_state_and_certificates_from_the_controller() {
     let roots: Vec<&str> = cert["roots_pem"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
     assert_eq!(roots.len(), 1, "{cert}");
     assert_eq!(roots[0].trim(), controller_root.trim(), "certificate not rooted in the controller's CA");
-    let dev_root = std::fs::read_to_string(mesh.lab().dir().join("ca-cert.pem")).unwrap();
-    assert_ne!(roots[0].trim(), dev_root.trim());
-    assert_eq!(v["state"]["workloads"].as_array().unwrap().len(), 2, "{dump}");
+    assert_eq!(c.mesh.ca().cert_pem().trim(), controller_root.trim(), "Mesh::ca is not the trusted root");
+    assert!(!c.mesh.lab().dir().join("ca-key.pem").exists(), "a development CA was generated in controller mode");
+    assert_eq!(v["state"]["workloads"].as_array().unwrap().len(), 3, "{dump}");
 
     // A policy written to the watched directory reaches the ztunnels: measure how fast.
     let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: default\n\
@@ -66,15 +53,48 @@ fn ztunnels_take_state_and_certificates_from_the_controller() {
         controller.log_text()
     );
     let applied = start.elapsed();
-    controller.remove("policy.yaml").unwrap();
+    c.remove("policy.yaml");
     assert!(eventually(TIMEOUT, || round_trip(client_ns, target, b"x").is_ok()), "removing the policy did not apply");
     println!("policy change to enforcement (controller poll 100 ms + xDS push + first denied connection): {applied:?}");
-    assert!(applied < Duration::from_secs(3), "policy took {applied:?}");
+    assert!(applied < SANITY_BOUND, "policy took {applied:?}");
 
-    let m2 = mesh.ztunnel(n2).metrics().unwrap();
+    let m2 = c.mesh.ztunnel(n2).metrics().unwrap();
     assert!(
         metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")])
             >= 1.0,
         "{m2}"
     );
+}
+
+#[test]
+fn a_new_pod_reaches_every_ztunnel_quickly() {
+    let Some(mut c) = Cluster::start("ctrl-new-pod", |_| {}) else { return };
+    let n2 = c.nodes[1];
+    // The pod's sandbox and app exist first (the lab plays the kubelet); the clock starts at its object.
+    let late = c.mesh.lab_mut().add_pod(n2, PodSpec::new("late", "default", "late")).unwrap();
+    let _echo = EchoServer::start(&c.mesh.lab().pod(late).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
+    let ip = c.ip(late);
+
+    let start = Instant::now();
+    // Writes the Pod object, waits until node 2's ztunnel knows it, installs capture and sends ZDS add.
+    c.mesh.enroll(late).unwrap();
+    let enrolled = start.elapsed();
+    c.mesh.wait_for_config("the new pod", |d| has_captured_workload(d, ip)).unwrap();
+    let in_every_dump = start.elapsed();
+    assert!(
+        eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(late), b"hello newcomer").is_ok()),
+        "no connection to the new pod"
+    );
+    let connected = start.elapsed();
+    println!(
+        "new pod: object to its node's ztunnel + enrolled {enrolled:?}, in both ztunnels' config {in_every_dump:?}, \
+         first connection through the mesh {connected:?}"
+    );
+    assert!(connected < SANITY_BOUND, "a new pod took {connected:?} to be reachable");
+
+    // It went through the mesh: node 2's ztunnel counted an mTLS inbound connection to it.
+    let m2 = c.mesh.ztunnel(n2).metrics().unwrap();
+    let inbound =
+        [("reporter", "destination"), ("destination_workload", "late"), ("connection_security_policy", "mutual_tls")];
+    assert!(metric(&m2, "istio_tcp_connections_opened_total", &inbound) >= 1.0, "{m2}");
 }

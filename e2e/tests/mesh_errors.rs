@@ -2,7 +2,10 @@
 //! (a real TLS + HTTP/2 client on an external host of the lab), certificate
 //! rotation under a live connection, and a ztunnel killed mid-stream. Every
 //! failure must be refused with a labelled metric, leave other connections
-//! alone and leave ztunnel running. Needs root; fails (not skips) under CI.
+//! alone and leave ztunnel running. The ztunnels run in controller mode (xDS
+//! and the controller's CA); the hostile peer mints its certificates from the
+//! root they trust ([`ambit_e2e::Mesh::ca`]: the controller's). Needs root;
+//! fails (not skips) under CI.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -1,6 +1,9 @@
 //! End-to-end tests of the L4 mesh: the real `ztunnel` binary on lab nodes
 //! (network namespaces), pods enrolled over ZDS with nftables capture, HBONE
-//! over mutual TLS between nodes. Needs root; fails (not skips) under CI.
+//! over mutual TLS between nodes. The control plane is the real
+//! `ambit-controller` (file mode) reading the lab as Kubernetes objects;
+//! policies are `security.istio.io/v1` YAML written to its directory. Needs
+//! root; fails (not skips) under CI.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -8,13 +11,22 @@ use std::time::{Duration, Instant};
 
 use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
 use ambit_e2e::check::{eventually, metric, round_trip, TIMEOUT};
-use ambit_e2e::fixture::{Cluster, APP_PORT};
+use ambit_e2e::dump::has_policy;
+use ambit_e2e::fixture::{Cluster, APP_PORT, ECHO_LABEL};
+use ambit_e2e::objects::{ServiceSpec, DATAPLANE_MODE_LABEL};
 use ambit_e2e::sniff::Sniffer;
 use ambit_e2e::statefile::yaml;
 use ambit_e2e::{NetNs, PodSpec};
 
 fn cluster(test: &str) -> Option<Cluster> {
     Cluster::start(test, |_| {})
+}
+
+/// An AuthorizationPolicy in namespace `default`; `spec` is its indented body.
+fn authorization_policy(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}"
+    )
 }
 
 fn principal(sa: &str) -> String {
@@ -76,15 +88,13 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
     let Some(mut c) = cluster("l4-authz") else { return };
     let (client, remote) = (c.client, c.remote);
     // DENY by principal: client is refused, local (another identity) is not.
-    c.mesh.state_mut().add_policy(
-        yaml(&format!(
-            "{{name: deny-client, namespace: default, scope: Namespace, action: Deny,
-               rules: [{{clauses: [{{matches: [{{principals: [{{exact: '{}'}}]}}]}}]}}]}}",
-            principal("client")
-        ))
-        .unwrap(),
+    c.apply(
+        "deny-client.yaml",
+        &authorization_policy(
+            "deny-client",
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/default/sa/client]\n",
+        ),
     );
-    c.mesh.write_state().unwrap();
     assert!(
         eventually(TIMEOUT, || round_trip(c.pod_ns(client), c.app(remote), b"x").is_err()),
         "deny policy not applied"
@@ -98,41 +108,38 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
     );
 
     // ALLOW by namespace: only namespace `other` may connect; `default` pods are refused.
-    c.mesh.state_mut().clear_policies();
-    c.mesh.state_mut().add_policy(
-        yaml(
-            "{name: only-other, namespace: default, scope: Namespace, action: Allow,
-               rules: [{clauses: [{matches: [{namespaces: [{exact: other}]}]}]}]}",
-        )
-        .unwrap(),
+    c.remove("deny-client.yaml");
+    c.apply(
+        "only-other.yaml",
+        &authorization_policy(
+            "only-other",
+            "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
+        ),
     );
-    c.mesh.write_state().unwrap();
     assert!(
         eventually(TIMEOUT, || round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_err()),
         "allow policy did not deny a non-matching namespace"
     );
-    // A pod of namespace `other` on node 1 is admitted.
+    // A pod of namespace `other` (labelled ambient) on node 1 is admitted.
     let n1 = c.nodes[0];
-    let other = c.mesh.lab_mut().add_pod(n1, PodSpec::new("visitor", "other", "visitor")).unwrap();
-    c.mesh.enroll(other).unwrap();
+    c.mesh.set_ambient("other", true).unwrap();
+    let other = c.add_pod(n1, PodSpec::new("visitor", "other", "visitor"));
+    assert!(c.mesh.is_enrolled(other), "a pod of an ambient namespace is enrolled");
     assert!(
         eventually(TIMEOUT, || round_trip(&c.mesh.lab().pod(other).netns, c.app(remote), b"welcome").is_ok()),
         "allow policy did not admit its namespace"
     );
 
     // ALLOW by principal, scoped to the workload by selector.
-    c.mesh.state_mut().clear_policies();
-    c.mesh.state_mut().add_policy(
-        yaml(&format!(
-            "{{name: only-client, namespace: default, scope: WorkloadSelector, action: Allow,
-               rules: [{{clauses: [{{matches: [{{principals: [{{exact: '{}'}}]}}]}}]}}]}}",
-            principal("client")
-        ))
-        .unwrap(),
+    c.remove("only-other.yaml");
+    c.apply(
+        "only-client.yaml",
+        &authorization_policy(
+            "only-client",
+            "  selector:\n    matchLabels:\n      app: remote\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        \
+             principals: [cluster.local/ns/default/sa/client]\n",
+        ),
     );
-    let remote_uid = c.mesh.lab().pod(remote).uid.clone();
-    c.mesh.state_mut().set_workload_field(&remote_uid, "authorizationPolicies", yaml("[default/only-client]").unwrap());
-    c.mesh.write_state().unwrap();
     assert!(eventually(TIMEOUT, || {
         round_trip(c.pod_ns(client), c.app(remote), b"x").is_ok()
             && round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_err()
@@ -143,7 +150,7 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
 
 #[test]
 fn strict_mtls_rejects_a_client_outside_the_mesh_and_permissive_accepts_it() {
-    let Some(mut c) = cluster("l4-strict") else { return };
+    let Some(c) = cluster("l4-strict") else { return };
     let ext = c.ext;
     let ext_ns = &c.mesh.lab().host(ext).netns;
     // PERMISSIVE (the default): plaintext arrives, with the client's own address.
@@ -151,8 +158,11 @@ fn strict_mtls_rejects_a_client_outside_the_mesh_and_permissive_accepts_it() {
     let ext_ip = c.mesh.lab().host(ext).ip;
     assert_eq!(c.echoes[1].peers().last().unwrap().ip(), std::net::IpAddr::V4(ext_ip));
 
-    c.mesh.state_mut().add_peer_authentication(yaml("{namespace: default, mode: STRICT}").unwrap());
-    c.mesh.write_state().unwrap();
+    c.apply(
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\n\
+         spec:\n  mtls:\n    mode: STRICT\n",
+    );
     let ext_ns = &c.mesh.lab().host(ext).netns;
     assert!(eventually(TIMEOUT, || round_trip(ext_ns, c.app(c.remote), b"x").is_err()), "STRICT did not reject");
     // Mesh clients still get through.
@@ -167,10 +177,12 @@ fn destinations_outside_the_mesh_pass_through() {
     let ext_addr = SocketAddr::from((c.mesh.lab().host(ext).ip, 9000));
     round_trip(c.pod_ns(c.client), ext_addr, b"to the outside").expect("passthrough");
     assert_eq!(ext_echo.peers()[0].ip(), std::net::IpAddr::V4(c.ip(c.client)));
-    // A pod that is not enrolled (protocol NONE) is reached with plain TCP.
+    // A pod that opts out of the mesh (protocol NONE) is reached with plain TCP.
     let n2 = c.nodes[1];
-    let plain = c.mesh.lab_mut().add_pod(n2, PodSpec::new("legacy", "default", "legacy")).unwrap();
-    c.mesh.write_state().unwrap();
+    let mut spec = PodSpec::new("legacy", "default", "legacy");
+    spec.labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+    let plain = c.add_pod(n2, spec);
+    assert!(!c.mesh.is_enrolled(plain), "a pod that opts out is not enrolled");
     let _legacy =
         EchoServer::start(&c.mesh.lab().pod(plain).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
     let legacy = SocketAddr::from((c.mesh.lab().pod(plain).ip, APP_PORT));
@@ -235,9 +247,12 @@ fn killing_one_side_mid_stream_closes_the_other_and_ztunnel_carries_on() {
     round_trip(c.pod_ns(c.client), c.app(c.local), b"still alive").unwrap();
 }
 
+/// File mode on purpose: the subject is ztunnel's own local state file (its
+/// watcher and its rejection of a broken file). The controller-mode
+/// counterparts follow.
 #[test]
 fn a_policy_change_in_the_watched_file_applies_without_restarting_ztunnel() {
-    let Some(mut c) = cluster("l4-reload") else { return };
+    let Some(mut c) = Cluster::start_file_mode("l4-reload", |_| {}) else { return };
     let pid = c.mesh.ztunnel(c.nodes[1]).pid();
     round_trip(c.pod_ns(c.client), c.app(c.remote), b"before").unwrap();
     c.mesh
@@ -250,20 +265,75 @@ fn a_policy_change_in_the_watched_file_applies_without_restarting_ztunnel() {
     assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_ok()));
     assert_eq!(c.mesh.ztunnel(c.nodes[1]).pid(), pid, "ztunnel was restarted");
     // A broken file is rejected and the last good state stays in force.
+    let failures = |c: &Cluster| {
+        let m = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+        metric(&m, "ztunnel_state_reloads_total", &[("outcome", "failure")])
+    };
+    let before = failures(&c);
     std::fs::write(c.mesh.state().path(), "workloads: [ {uid: 1, bogusField: true} ]").unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    assert!(eventually(TIMEOUT, || failures(&c) > before), "the broken file was not noticed");
     round_trip(c.pod_ns(c.client), c.app(c.remote), b"still served").expect("last good state kept");
-    let m = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
-    assert!(metric(&m, "ztunnel_state_reloads_total", &[("outcome", "failure")]) >= 1.0, "{m}");
+}
+
+#[test]
+fn a_policy_change_in_the_controller_directory_applies_without_restarting_ztunnel() {
+    let Some(c) = cluster("l4-ctrl-reload") else { return };
+    let pids = c.nodes.map(|n| c.mesh.ztunnel(n).pid());
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"before").unwrap();
+    c.apply("deny-all.yaml", &authorization_policy("deny-all", "  action: DENY\n  rules:\n  - {}\n"));
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_err()));
+    c.remove("deny-all.yaml");
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_ok()));
+    assert_eq!(c.nodes.map(|n| c.mesh.ztunnel(n).pid()), pids, "a ztunnel was restarted");
+}
+
+#[test]
+fn an_invalid_object_is_rejected_and_the_rest_keeps_working() {
+    let Some(mut c) = cluster("l4-ctrl-invalid") else { return };
+    let controller = c.mesh.controller().expect("controller mode");
+    // One file: a DENY whose ipBlocks (node 1's pods, and garbage) cannot all
+    // parse, and a valid DENY of `local`; plus a file that is not YAML at all.
+    let bad_ips = authorization_policy(
+        "broken-deny-node1",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [10.1.0.0/16, not-an-ip]\n",
+    );
+    let deny_local = authorization_policy(
+        "deny-local",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/default/sa/local]\n",
+    );
+    controller.write("garbage.yaml", "kind: [this is not: yaml\n").unwrap();
+    controller.write("policies.yaml", &format!("{bad_ips}---\n{deny_local}")).unwrap();
+    c.mesh.wait_for_config("deny-local", |d| has_policy(d, "default", "deny-local")).unwrap();
+    assert!(
+        eventually(TIMEOUT, || round_trip(c.pod_ns(c.local), c.app(c.remote), b"x").is_err()),
+        "the valid policy beside the invalid one was not applied"
+    );
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"not denied").expect("the rejected policy is not in force");
+    let dump: serde_json::Value =
+        serde_json::from_str(&c.mesh.ztunnel(c.nodes[1]).admin_get("/config_dump").unwrap()).unwrap();
+    assert!(!has_policy(&dump, "default", "broken-deny-node1"), "rejected policy served");
+    let m = controller.metrics().unwrap();
+    assert!(metric(&m, "ambit_controller_rejected_objects_total", &[("kind", "AuthorizationPolicy")]) >= 1.0, "{m}");
+    let log = controller.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("object rejected") && l.contains("broken-deny-node1")),
+        "no log line for the rejected policy:\n{log}"
+    );
+    // The model keeps updating: a service added afterwards reaches the ztunnels.
+    c.add_service(
+        ServiceSpec::new("echo", "default", Ipv4Addr::new(10, 96, 0, 11))
+            .port(80, APP_PORT)
+            .select(ECHO_LABEL.0, ECHO_LABEL.1),
+    );
+    let svc = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 11), 80));
+    assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), svc, b"via vip").is_ok()));
 }
 
 #[test]
 fn a_service_vip_spreads_connections_over_its_endpoints() {
     let Some(mut c) = cluster("l4-service") else { return };
     let vip = Ipv4Addr::new(10, 96, 0, 10);
-    let (local, remote) = (c.local, c.remote);
-    c.mesh.add_service_for("echo", "default", vip, &[(80, APP_PORT)], &[local, remote]);
-    c.mesh.write_state().unwrap();
+    c.add_service(ServiceSpec::new("echo", "default", vip).port(80, APP_PORT).select(ECHO_LABEL.0, ECHO_LABEL.1));
     let svc = SocketAddr::from((vip, 80));
     assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), svc, b"via vip").is_ok()));
     for _ in 0..9 {
@@ -271,15 +341,28 @@ fn a_service_vip_spreads_connections_over_its_endpoints() {
     }
     let (a, b) = (c.echoes[0].peers().len(), c.echoes[1].peers().len());
     assert!(a >= 4 && b >= 4, "round robin should spread 10 connections: local {a}, remote {b}");
+
+    // A backend whose pod is not Ready gets no new connections; Ready again, it gets its share.
+    let local = c.local;
+    c.mesh.set_ready(local, false).unwrap();
+    for _ in 0..6 {
+        round_trip(c.pod_ns(c.client), svc, b"ready only").unwrap();
+    }
+    assert_eq!(c.echoes[0].peers().len(), a, "a backend that is not Ready was picked");
+    assert_eq!(c.echoes[1].peers().len(), b + 6);
+    c.mesh.set_ready(local, true).unwrap();
+    for _ in 0..4 {
+        round_trip(c.pod_ns(c.client), svc, b"ready again").unwrap();
+    }
+    assert!(c.echoes[0].peers().len() > a, "a backend Ready again got no connection");
 }
 
 #[test]
 fn a_server_with_the_wrong_identity_is_rejected() {
     let Some(mut c) = cluster("l4-identity") else { return };
-    // The state says `remote` runs as `impostor`; its ztunnel presents `remote`.
-    let uid = c.mesh.lab().pod(c.remote).uid.clone();
-    c.mesh.state_mut().set_workload_field(&uid, "serviceAccount", "impostor".into());
-    c.mesh.write_state().unwrap();
+    // The Pod object now says `remote` runs as `impostor`; its ztunnel still presents `remote`.
+    let remote = c.remote;
+    c.mesh.declare_service_account(remote, "impostor").unwrap();
     assert!(eventually(TIMEOUT, || round_trip(c.pod_ns(c.client), c.app(c.remote), b"x").is_err()));
     let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
     assert!(

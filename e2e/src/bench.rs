@@ -297,7 +297,7 @@ pub fn render(r: &Report) -> String {
         ("new connections per second", r.direct.conns_per_sec, r.mesh.conns_per_sec, true),
     ];
     for (name, d, m, show_ratio) in rows {
-        let rat = if show_ratio { ratio(m, d) } else { format!("+{:.1} µs", m - d) };
+        let rat = if show_ratio { ratio(m, d) } else { format!("{:+.1} µs", m - d) };
         out.push_str(&format!("| {name} | {d:.2} | {m:.2} | {rat} |\n"));
     }
     let z = &r.ztunnel;

@@ -67,3 +67,17 @@ mod tests {
         assert_eq!(metric(text, "a_total", &[("x", "2")]), 0.0);
     }
 }
+
+/// Polls `f` every 200 ms until it yields a value; panics after `timeout`
+/// with `what` (and the last error, if any).
+pub fn poll_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(Some(v)) => return v,
+            Ok(None) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Ok(None) => panic!("timed out waiting for {what}"),
+            Err(e) => panic!("timed out waiting for {what}: {e:#}"),
+        }
+    }
+}

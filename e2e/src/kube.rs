@@ -160,6 +160,21 @@ impl KubeCluster {
         ])
     }
 
+    /// [`KubeCluster::apply`], retrying for up to 30 s while the namespace's service accounts (made by the
+    /// controller-manager) are missing; panics otherwise.
+    pub fn apply_retrying(&self, yaml: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self.apply(yaml) {
+                Ok(_) => return,
+                Err(e) if std::time::Instant::now() < deadline && format!("{e:#}").contains("serviceaccount") => {
+                    std::thread::sleep(std::time::Duration::from_millis(200))
+                }
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+    }
+
     /// A kube-rs client for this cluster, from the admin kubeconfig.
     pub async fn client(&self) -> anyhow::Result<::kube::Client> {
         let kubeconfig = ::kube::config::Kubeconfig::read_from(self.kubeconfig())?;

@@ -25,6 +25,7 @@ use ambit_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
 use ambit_api::ADDRESS_TYPE_URL;
 use ambit_controller::ca::root::ROOT_VALIDITY;
 use ambit_controller::ca::{load_or_create, SecretRootStore};
+use ambit_e2e::check::poll_for;
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use ambit_e2e::ztunnel::workspace_binary;
 use ambit_identity::{generate_csr, Identity};
@@ -113,33 +114,6 @@ impl Drop for Controller {
 /// A loopback port free now (the controller binds it right after).
 fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// Polls `f` until it yields a value, for at most `WAIT`.
-fn poll<T>(what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f() {
-            Ok(Some(v)) => return v,
-            Ok(None) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            Ok(None) => panic!("timed out waiting for {what}"),
-            Err(e) => panic!("timed out waiting for {what}: {e:#}"),
-        }
-    }
-}
-
-/// Applies, retrying while the namespace's service accounts (made by the controller-manager) are missing.
-fn apply_retrying(cluster: &KubeCluster, yaml: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match cluster.apply(yaml) {
-            Ok(_) => return,
-            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("serviceaccount") => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => panic!("{e:#}"),
-        }
-    }
 }
 
 fn repo() -> PathBuf {
@@ -305,12 +279,12 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
     cluster.kubectl(["create", "namespace", NS]).unwrap();
     cluster.kubectl(["-n", NS, "create", "serviceaccount", "sa-a"]).unwrap();
     cluster.kubectl(["-n", NS, "create", "serviceaccount", "sa-b"]).unwrap();
-    apply_retrying(&cluster, &pod_yaml(NS, "a", "sa-a", "node-1"));
-    apply_retrying(&cluster, &pod_yaml(NS, "b", "sa-b", "node-2"));
+    cluster.apply_retrying(&pod_yaml(NS, "a", "sa-a", "node-1"));
+    cluster.apply_retrying(&pod_yaml(NS, "b", "sa-b", "node-2"));
     cluster.set_pod_running(NS, "a", "10.1.0.5").unwrap();
     cluster.set_pod_running(NS, "b", "10.1.0.6").unwrap();
     // The ztunnel of node-1, whose token proves that node.
-    apply_retrying(&cluster, &pod_yaml("ambit-system", "ztunnel-node-1", "ztunnel", "node-1"));
+    cluster.apply_retrying(&pod_yaml("ambit-system", "ztunnel-node-1", "ztunnel", "node-1"));
     let bound = |audience: &str| {
         cluster
             .create_token(
@@ -330,8 +304,8 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
 
     // First start: the root is generated into the Secret and published in the ConfigMap.
     let mut controller = Controller::start(&kubeconfig, &log).unwrap();
-    let (rv, secret_cert) = poll("the root Secret", || secret_root(&cluster).map(Some));
-    let root = poll("the root ConfigMap", || Ok(Some(configmap_root(&cluster)).filter(|r| !r.is_empty())));
+    let (rv, secret_cert) = poll_for("the root Secret", WAIT, || secret_root(&cluster).map(Some));
+    let root = poll_for("the root ConfigMap", WAIT, || Ok(Some(configmap_root(&cluster)).filter(|r| !r.is_empty())));
     assert_eq!(root.trim(), secret_cert.trim(), "the ConfigMap publishes the Secret's root");
     assert!(controller.log_text().contains("generated a new mesh root"), "{}", controller.tail());
 
@@ -407,7 +381,7 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
              spec:\n  rules:\n  - from:\n    - source: {{ipBlocks: [not-an-ip]}}\n"
         ))
         .unwrap();
-    let c = poll("the policy's Accepted condition", || {
+    let c = poll_for("the policy's Accepted condition", WAIT, || {
         Ok(Some(cluster.policy_accepted(NS, "bad-ipblock").unwrap_or_default()).filter(|c| c.starts_with("False|")))
     });
     assert!(c.contains("not-an-ip"), "{c}");
@@ -419,7 +393,7 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
              spec:\n  gatewayClassName: ambit-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
         ))
         .unwrap();
-    let image = poll("the waypoint Deployment", || {
+    let image = poll_for("the waypoint Deployment", WAIT, || {
         let out = cluster
             .kubectl([
                 "-n",

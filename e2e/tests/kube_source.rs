@@ -19,20 +19,6 @@ fn pod_yaml(name: &str) -> String {
     )
 }
 
-/// Applies, retrying while the namespace's `default` service account (made by the controller-manager) is missing.
-fn apply_retrying(cluster: &KubeCluster, yaml: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match cluster.apply(yaml) {
-            Ok(_) => return,
-            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("serviceaccount") => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => panic!("{e:#}"),
-        }
-    }
-}
-
 async fn wait_for(rx: &mut SnapshotRx, secs: u64, what: &str, f: impl Fn(&Snapshot) -> bool) -> Instant {
     let found = tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|s| f(s))).await.is_ok();
     assert!(found, "no snapshot where {what} within {secs} s; last: {:#?}", rx.borrow());
@@ -72,7 +58,7 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     };
     cluster.create_node("node-1").unwrap();
     cluster.kubectl(["create", "namespace", NS]).unwrap();
-    apply_retrying(&cluster, &pod_yaml("a"));
+    cluster.apply_retrying(&pod_yaml("a"));
     cluster.set_pod_running(NS, "a", "10.1.0.5").unwrap();
 
     // Started before any Istio CRD exists (and the Gateway CRD never does): the core kinds must still publish.
@@ -96,7 +82,7 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     assert!(identities.contains(&(NS.to_string(), "default".to_string())), "{identities:?}");
 
     // One pod change, timed from the API write (the kubelet's status patch) to the published snapshot.
-    apply_retrying(&cluster, &pod_yaml("b"));
+    cluster.apply_retrying(&pod_yaml("b"));
     // The write goes through kube-rs, not kubectl, so that the time excludes a process start.
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(cluster.client().await.unwrap(), NS);
     let status = serde_json::json!({"status": {

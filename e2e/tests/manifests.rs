@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ambit_controller::ca::{AsyncCallerAuthenticator, TokenReviewAuthenticator};
+use ambit_e2e::check::poll_for;
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
@@ -37,18 +38,6 @@ fn start(test: &str) -> Option<KubeCluster> {
 fn install(cluster: &KubeCluster) {
     cluster.kubectl(["apply", "--server-side", "-k", &manifests()]).expect("manifests apply");
     cluster.wait_established(&["crd", "-l", "app.kubernetes.io/part-of=ambit"]).expect("CRDs established");
-}
-
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(Some(v)) => return v,
-            Ok(None) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            Ok(None) => panic!("timed out waiting for {what}"),
-            Err(e) => panic!("timed out waiting for {what}: {e:#}"),
-        }
-    }
 }
 
 #[test]
@@ -315,7 +304,7 @@ fn the_token_review_authenticator_admits_a_ztunnel_daemonset_token_with_its_node
     // scheduler would.
     cluster.create_node("node-1").unwrap();
     cluster.kubectl(["label", "node", "node-1", "kubernetes.io/os=linux"]).unwrap();
-    let ztunnel_pod = poll("the DaemonSet's ztunnel pod", Duration::from_secs(30), || {
+    let ztunnel_pod = poll_for("the DaemonSet's ztunnel pod", Duration::from_secs(30), || {
         let name = cluster.kubectl([
             "get",
             "pods",

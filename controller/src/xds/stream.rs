@@ -12,7 +12,7 @@ use prost_types::value::Kind;
 use tracing::{debug, warn};
 
 use super::metrics::XdsMetrics;
-use super::version::{Prepared, ResourceType};
+use super::version::{parse_version, version_string, Prepared, ResourceType};
 use crate::model::Snapshot;
 
 /// How many unacknowledged nonces a stream remembers; older ones count as
@@ -98,8 +98,9 @@ fn rand_u32() -> u32 {
 struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
-    /// name → version the client holds (as far as the server knows).
-    known: HashMap<String, String>,
+    /// name → version the client holds (as far as the server knows); the
+    /// names are those of the prepared snapshot, shared.
+    known: HashMap<Arc<str>, u64>,
     /// The snapshot version `known` was last brought up to date with; a
     /// snapshot prepared against it needs only its changed names examined.
     synced_to: Option<u64>,
@@ -128,7 +129,7 @@ impl TypeState {
         // The client drops what it unsubscribed from; forget it too, so a
         // later subscribe resends it.
         let (wildcard, names) = (self.wildcard, &self.names);
-        self.known.retain(|n, _| wildcard || names.contains(n));
+        self.known.retain(|n, _| wildcard || names.contains(&**n));
         self.synced_to = None;
     }
 }
@@ -180,7 +181,12 @@ impl StreamState {
                 // First request of this type: wildcard unless names are listed.
                 let mut st = TypeState { wildcard: req.resource_names_subscribe.is_empty(), ..Default::default() };
                 st.apply_subscriptions(&req.resource_names_subscribe, &req.resource_names_unsubscribe);
-                st.known = req.initial_resource_versions.into_iter().collect();
+                // A version this server cannot have sent is left out: the resource is sent again.
+                st.known = req
+                    .initial_resource_versions
+                    .into_iter()
+                    .filter_map(|(name, v)| Some((Arc::from(name), parse_version(&v)?)))
+                    .collect();
                 // What it holds beyond its subscription is not ours to track.
                 st.apply_subscriptions(&[], &[]);
                 self.types[ty.index()] = Some(st);
@@ -251,14 +257,14 @@ impl StreamState {
         };
         let mut resources = Vec::new();
         let mut removed: Vec<String> = Vec::new();
-        let mut send = |st: &mut TypeState, name: &String, enc: &crate::xds::version::Encoded| {
+        let mut send = |st: &mut TypeState, name: &Arc<str>, enc: &crate::xds::version::Encoded| {
             if st.known.get(name) == Some(&enc.version) {
                 return;
             }
-            st.known.insert(name.clone(), enc.version.clone());
+            st.known.insert(name.clone(), enc.version);
             resources.push(Resource {
-                name: name.clone(),
-                version: enc.version.clone(),
+                name: name.to_string(),
+                version: version_string(enc.version),
                 resource: Some(enc.any.clone()),
                 aliases: Vec::new(),
                 ttl: None,
@@ -269,12 +275,12 @@ impl StreamState {
             // the changed names can differ (visibility changes only with the
             // resource itself).
             for name in prepared.changed(ty) {
-                match current.get(name) {
-                    Some(enc) if st.subscribed(name) && visible_to_node(node, ty, name, snapshot) => {
-                        send(st, name, enc)
+                match current.get_key_value(name.as_str()) {
+                    Some((shared, enc)) if st.subscribed(name) && visible_to_node(node, ty, name, snapshot) => {
+                        send(st, shared, enc)
                     }
                     _ => {
-                        if st.known.remove(name).is_some() {
+                        if st.known.remove(name.as_str()).is_some() {
                             removed.push(name.clone());
                         }
                     }
@@ -296,11 +302,11 @@ impl StreamState {
                     .known
                     .keys()
                     .filter(|n| !current.contains_key(*n) || !visible_to_node(node, ty, n, snapshot))
-                    .cloned()
+                    .map(|n| n.to_string())
                     .collect();
             }
             for n in &removed {
-                st.known.remove(n);
+                st.known.remove(n.as_str());
             }
         }
         removed.sort();

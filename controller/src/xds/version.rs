@@ -74,7 +74,7 @@ impl Fnv {
 /// The version of an `Address`. prost encodes `map` fields in hash order,
 /// which differs between processes, so a workload's service map is hashed
 /// sorted by key.
-pub fn address_version(a: &Address) -> String {
+pub fn address_version(a: &Address) -> u64 {
     let mut h = Fnv::new();
     match &a.r#type {
         Some(address::Type::Workload(w)) if w.services.len() > 1 => {
@@ -91,22 +91,37 @@ pub fn address_version(a: &Address) -> String {
         }
         _ => h.write_field(&a.encode_to_vec()),
     }
-    format!("{:016x}", h.0)
+    h.0
 }
 
 /// The version of an `Authorization` (no map fields: plain encoding).
-pub fn authorization_version(p: &Authorization) -> String {
+pub fn authorization_version(p: &Authorization) -> u64 {
     let mut h = Fnv::new();
     h.write_field(&p.encode_to_vec());
-    format!("{:016x}", h.0)
+    h.0
+}
+
+/// A version as it travels in xDS: 16 hex digits.
+pub fn version_string(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// The version a client declares, if it is one this server could have sent.
+pub fn parse_version(s: &str) -> Option<u64> {
+    (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok()).flatten()
 }
 
 /// One resource ready to send.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Encoded {
-    pub version: String,
+    pub version: u64,
     pub any: prost_types::Any,
 }
+
+/// Resource name → encoding. Names are shared (`Arc<str>`) by consecutive
+/// snapshots and by every stream's record of what its client holds, so a
+/// stream costs a pointer per resource, not a copy of each name.
+pub(crate) type EncodedMap = BTreeMap<Arc<str>, Arc<Encoded>>;
 
 /// A snapshot with every resource encoded and versioned once, shared by all
 /// streams.
@@ -115,7 +130,7 @@ pub(crate) struct Prepared {
     pub snapshot: Arc<Snapshot>,
     /// When this server first saw the snapshot: the start of push latency.
     pub observed: Instant,
-    by_type: [BTreeMap<String, Encoded>; 2],
+    by_type: [EncodedMap; 2],
     /// The version of the snapshot this one was compared with.
     pub base: Option<u64>,
     /// Per type, the names added, changed or removed since `base`: a stream
@@ -154,13 +169,13 @@ impl Prepared {
     }
 
     /// The encoded resources of one type, by name.
-    pub fn resources(&self, ty: ResourceType) -> &BTreeMap<String, Encoded> {
+    pub fn resources(&self, ty: ResourceType) -> &EncodedMap {
         &self.by_type[ty.index()]
     }
 }
 
 /// The previous snapshot's messages of one type and their encodings.
-type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a BTreeMap<String, Encoded>);
+type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a EncodedMap);
 
 /// Encodes `current`, reusing `prev`'s encodings of equal messages; also
 /// returns the names that differ from `prev` (added, changed, removed).
@@ -168,22 +183,23 @@ fn encode_all<M: Message + PartialEq>(
     current: &BTreeMap<String, M>,
     prev: Option<Previous<'_, M>>,
     type_url: &str,
-    version: fn(&M) -> String,
-) -> (BTreeMap<String, Encoded>, Vec<String>) {
+    version: fn(&M) -> u64,
+) -> (EncodedMap, Vec<String>) {
     let mut changed = Vec::new();
     let encoded = current
         .iter()
         .map(|(name, msg)| {
-            let reused =
-                prev.and_then(|(msgs, enc)| (msgs.get(name) == Some(msg)).then(|| enc.get(name).cloned()).flatten());
-            let e = reused.unwrap_or_else(|| {
-                changed.push(name.clone());
-                Encoded {
-                    version: version(msg),
-                    any: prost_types::Any { type_url: type_url.to_owned(), value: msg.encode_to_vec() },
-                }
+            let reused = prev.and_then(|(msgs, enc)| {
+                (msgs.get(name) == Some(msg)).then(|| enc.get_key_value(name.as_str())).flatten()
             });
-            (name.clone(), e)
+            match reused {
+                Some((name, e)) => (name.clone(), e.clone()),
+                None => {
+                    changed.push(name.clone());
+                    let any = prost_types::Any { type_url: type_url.to_owned(), value: msg.encode_to_vec() };
+                    (Arc::from(name.as_str()), Arc::new(Encoded { version: version(msg), any }))
+                }
+            }
         })
         .collect();
     if let Some((msgs, _)) = prev {
@@ -258,8 +274,12 @@ mod tests {
         assert_eq!(address_version(&workload("u", &[])), {
             let mut h = Fnv::new();
             h.write_field(&workload("u", &[]).encode_to_vec());
-            format!("{:016x}", h.0)
+            h.0
         });
+        assert_eq!(version_string(0xab), "00000000000000ab");
+        assert_eq!(parse_version("00000000000000ab"), Some(0xab));
+        assert_eq!(parse_version("ab"), None, "not one of ours");
+        assert_eq!(parse_version("zzzzzzzzzzzzzzzz"), None);
         let mut h = Fnv::new();
         h.write(b"a");
         assert_eq!(h.0, 0xaf63_dc4c_8601_ec8c, "FNV-1a 64 of \"a\"");
@@ -281,6 +301,9 @@ mod tests {
         let r = p3.resources(ResourceType::Address);
         assert_eq!(r.len(), 2);
         assert_eq!(r["u"].version, p1.resources(ResourceType::Address)["u"].version);
+        let (old_name, old_enc) = p1.resources(ResourceType::Address).get_key_value("u").unwrap();
+        let (new_name, new_enc) = r.get_key_value("u").unwrap();
+        assert!(Arc::ptr_eq(old_name, new_name) && Arc::ptr_eq(old_enc, new_enc), "unchanged resource not shared");
         assert_eq!(r["u"].any.type_url, ADDRESS_TYPE_URL);
     }
 }

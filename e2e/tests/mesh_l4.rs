@@ -341,6 +341,14 @@ fn a_service_vip_spreads_connections_over_its_endpoints() {
     }
     let (a, b) = (c.echoes[0].peers().len(), c.echoes[1].peers().len());
     assert!(a >= 4 && b >= 4, "round robin should spread 10 connections: local {a}, remote {b}");
+    // Both reporters name the service (the destination infers it from the pod's services and the port).
+    let service = [("destination_service", "echo.default.svc.cluster.local")];
+    let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
+    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
+    let source = [("reporter", "source"), service[0]];
+    assert_eq!(metric(&m1, "istio_tcp_connections_opened_total", &source), 10.0, "{m1}");
+    let destination = [("reporter", "destination"), ("destination_workload", "remote"), service[0]];
+    assert_eq!(metric(&m2, "istio_tcp_connections_opened_total", &destination), b as f64, "{m2}");
 
     // A backend whose pod is not Ready gets no new connections; Ready again, it gets its share.
     let local = c.local;

@@ -20,7 +20,7 @@ use super::socket::connect_from_pod;
 use super::{accept_loop, Pod, ProxyInputs};
 use crate::hbone::{relay, server_builder, tls_socket};
 use crate::metrics::{Direction, FailureReason, Peers, Reporter};
-use crate::state::ConnectionAttributes;
+use crate::state::{ConnectionAttributes, ProxyState, Workload};
 
 // A peer that does not finish its TLS handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +148,16 @@ pub(super) struct InboundRequest {
     pub target: SocketAddr,
 }
 
+/// The service an inbound connection most likely came through: HBONE names
+/// only the pod, so, as Istio's ztunnel does, take the first of the pod's
+/// services with a target port equal to the connection's.
+fn inbound_service(state: &ProxyState, dst: &Workload, port: u16) -> Option<String> {
+    let (key, _) = dst.services.iter().find(|(_, ports)| {
+        ports.iter().any(|p| (if p.target_port == 0 { p.service_port } else { p.target_port }) == port)
+    })?;
+    state.service_by_key(key).map(|s| s.hostname.clone())
+}
+
 /// Checks that `req` targets this pod and is allowed by policy, then
 /// connects to the application as the client's address. On failure returns
 /// the reason, having logged it.
@@ -169,7 +179,7 @@ pub(super) async fn authorize_and_connect(
         destination_workload: Some(dst.name.clone()),
         destination_namespace: Some(dst.namespace.clone()),
         destination_principal: Some(pod.identity.to_string()),
-        destination_service: None,
+        destination_service: inbound_service(&state, dst, req.target.port()),
     };
     let attrs = ConnectionAttributes {
         src_identity: req.src_identity.clone(),

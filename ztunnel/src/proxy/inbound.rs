@@ -11,13 +11,13 @@ use ambit_identity::{tls, Identity};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::conn::{Bytes as ConnBytes, ConnMetrics};
 use super::socket::connect_from_pod;
-use super::{accept_loop, Pod, ProxyInputs};
+use super::{Pod, ProxyInputs};
 use crate::hbone::{relay, server_builder, tls_socket};
 use crate::metrics::{Direction, FailureReason, Peers, Reporter};
 use crate::state::{ConnectionAttributes, ProxyState, Workload};
@@ -25,16 +25,7 @@ use crate::state::{ConnectionAttributes, ProxyState, Workload};
 // A peer that does not finish its TLS handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
-    let p = pod.clone();
-    let workers = inputs.workers.clone();
-    accept_loop(listener, "inbound-hbone", p, workers, move |stream, peer| {
-        handle_connection(inputs.clone(), pod.clone(), stream, peer)
-    })
-    .await
-}
-
-async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     let certs = match inputs.certs.get(&pod.identity).await {
         Ok(c) => c,
         Err(e) => {

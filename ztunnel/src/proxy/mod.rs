@@ -100,9 +100,12 @@ impl PodProxies {
         let (w_hbone, hbone_l) = listen(any(HBONE_PORT), false).await?;
 
         let mut tasks = JoinSet::new();
-        tasks.spawn_on(outbound::serve(inputs.clone(), pod.clone(), outbound_l), workers.handle(w_out));
-        tasks.spawn_on(plaintext::serve(inputs.clone(), pod.clone(), plaintext_l), workers.handle(w_plain));
-        tasks.spawn_on(inbound::serve(inputs, pod.clone(), hbone_l), workers.handle(w_hbone));
+        let outbound = accept_loop(outbound_l, "outbound", inputs.clone(), pod.clone(), outbound::handle);
+        let plaintext = accept_loop(plaintext_l, "inbound-plaintext", inputs.clone(), pod.clone(), plaintext::handle);
+        let hbone = accept_loop(hbone_l, "inbound-hbone", inputs, pod.clone(), inbound::handle_connection);
+        tasks.spawn_on(outbound, workers.handle(w_out));
+        tasks.spawn_on(plaintext, workers.handle(w_plain));
+        tasks.spawn_on(hbone, workers.handle(w_hbone));
         info!(pod = %pod.uid, identity = %pod.identity, "pod proxies listening on 15001, 15006, 15008");
         Ok(PodProxies { tasks })
     }
@@ -120,20 +123,20 @@ impl PodProxies {
 async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     what: &'static str,
+    inputs: ProxyInputs,
     pod: Arc<Pod>,
-    workers: Arc<Workers>,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    F: Fn(ProxyInputs, Arc<Pod>, tokio::net::TcpStream, SocketAddr) -> Fut + Copy + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let worker = workers.pick();
+                let worker = inputs.workers.pick();
                 if Workers::current() == Some(worker) {
-                    tokio::spawn(handle(stream, peer));
+                    tokio::spawn(handle(inputs.clone(), pod.clone(), stream, peer));
                     continue;
                 }
                 // Re-register the socket with the other worker's runtime.
@@ -144,10 +147,10 @@ async fn accept_loop<F, Fut>(
                         continue;
                     }
                 };
-                let (handle, pod) = (handle.clone(), pod.clone());
-                workers.spawn_on(worker, async move {
+                let (inputs_, pod) = (inputs.clone(), pod.clone());
+                inputs.workers.spawn_on(worker, async move {
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => handle(stream, peer).await,
+                        Ok(stream) => handle(inputs_, pod, stream, peer).await,
                         Err(e) => warn!(pod = %pod.uid, listener = what, error = %e, "cannot register a connection"),
                     }
                 });

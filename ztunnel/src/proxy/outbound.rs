@@ -5,25 +5,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::conn::{relay_plain, Bytes, ConnMetrics};
 use super::socket::{connect_from_pod, original_destination};
-use super::{accept_loop, Pod, ProxyInputs};
+use super::{Pod, ProxyInputs};
 use crate::hbone::pool::{PoolError, PoolKey};
 use crate::hbone::{relay, HBONE_PORT};
 use crate::metrics::{Direction, FailureReason, Peers, Reporter};
 use crate::state::{Service, Upstream, Workload};
 
-pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
-    let p = pod.clone();
-    let workers = inputs.workers.clone();
-    accept_loop(listener, "outbound", p, workers, move |stream, peer| handle(inputs.clone(), pod.clone(), stream, peer))
-        .await
-}
-
-async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     super::socket::pod_local(&socket2::SockRef::from(&stream));
     let dst = match original_destination(&stream) {
         Ok(d) if Some(d) != stream.local_addr().ok() => d,

@@ -6,24 +6,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::conn::{relay_plain, ConnMetrics};
 use super::inbound::{authorize_and_connect, InboundRequest};
-use super::{accept_loop, Pod, ProxyInputs};
+use super::{Pod, ProxyInputs};
 use crate::metrics::{Direction, FailureReason, Reporter};
 
-pub(super) async fn serve(inputs: ProxyInputs, pod: Arc<Pod>, listener: TcpListener) {
-    let p = pod.clone();
-    let workers = inputs.workers.clone();
-    accept_loop(listener, "inbound-plaintext", p, workers, move |stream, peer| {
-        handle(inputs.clone(), pod.clone(), stream, peer)
-    })
-    .await
-}
-
-async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     // With TPROXY the accepted socket's local address is the original destination.
     let dst = match stream.local_addr() {
         Ok(d) => d,

@@ -416,6 +416,27 @@ fn connections_to_one_destination_share_a_pooled_hbone_connection() {
     assert_eq!(inbound, 20.0, "every tunnel reached the destination");
 }
 
+#[test]
+fn hbone_connections_use_the_configured_congestion_control_on_both_sides() {
+    // reno: built into every kernel and never the default, so seeing it
+    // proves the flag took effect on the dialled and the accepted socket.
+    let Some(c) =
+        Cluster::start("l4-congestion", |a| a.extra.extend(["--hbone-congestion-control".into(), "reno".into()]))
+    else {
+        return;
+    };
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"over reno").unwrap();
+    // The pooled connection stays open after the tunnel closes.
+    let sockets = |pod, filter: &str| {
+        c.pod_ns(pod).exec("ss", &["-tinH", "state", "established", filter]).expect("ss in the pod's netns")
+    };
+    let dialled = sockets(c.client, "dport = :15008");
+    let accepted = sockets(c.remote, "sport = :15008");
+    for (side, out) in [("dialled", &dialled), ("accepted", &accepted)] {
+        assert!(out.contains(" reno "), "{side} HBONE socket is not reno:\n{out}");
+    }
+}
+
 /// Sends a bodiless `POST` to ztunnel's admin port from inside `node_ns`.
 fn admin_post(node_ns: &NetNs, path: &str) -> String {
     let mut s = connect(node_ns, SocketAddr::from(([127, 0, 0, 1], 15000)), TIMEOUT).unwrap();

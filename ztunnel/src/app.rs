@@ -38,12 +38,25 @@ pub enum AppError {
     Xds(#[from] XdsError),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error(
+        "--hbone-congestion-control {name}: {source} (available: /proc/sys/net/ipv4/tcp_available_congestion_control)"
+    )]
+    CongestionControl { name: String, source: std::io::Error },
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr).await.map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// Refuses at startup a congestion control the kernel cannot set, which
+/// would otherwise fail every HBONE connection.
+fn check_congestion_control(name: Option<&str>) -> Result<(), AppError> {
+    let Some(name) = name else { return Ok(()) };
+    let err = |source| AppError::CongestionControl { name: name.to_owned(), source };
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(err)?;
+    crate::hbone::set_congestion_control((&probe).into(), Some(name)).map_err(err)
 }
 
 /// Runs ztunnel until SIGTERM or SIGINT.
@@ -123,9 +136,11 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
             max_connections: config.pool_max_connections,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout: config.connect_timeout,
+            congestion_control: config.hbone_congestion_control.clone(),
         },
         metrics.clone(),
     );
+    check_congestion_control(config.hbone_congestion_control.as_deref())?;
     let workers = Arc::new(Workers::start(config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
     let inputs =
         ProxyInputs { config: config.clone(), state: state.clone(), certs: certs.clone(), pool, metrics, workers };
@@ -165,5 +180,20 @@ async fn watch_state(mut file: StateFile, state: Arc<SharedState>, metrics: Arc<
                 warn!(error = %e, "state file rejected; keeping the previous state");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_congestion_control_is_refused_at_startup_with_its_name() {
+        assert!(check_congestion_control(None).is_ok());
+        // reno is built into every kernel.
+        assert!(check_congestion_control(Some("reno")).is_ok());
+        let err = check_congestion_control(Some("nosuchcc")).unwrap_err();
+        assert!(matches!(&err, AppError::CongestionControl { name, .. } if name == "nosuchcc"), "{err}");
+        assert!(err.to_string().contains("tcp_available_congestion_control"), "{err}");
     }
 }

@@ -130,6 +130,15 @@ pub struct Args {
     #[arg(long, env = "AMBIT_BUSY_POLL_US", default_value_t = 50)]
     pub busy_poll_us: u64,
 
+    /// TCP congestion control for HBONE connections, the ones ztunnel opens
+    /// and the ones it accepts (for example `cubic`). Default: the node's
+    /// (`net.ipv4.tcp_congestion_control`). A pod's side of a veth has no
+    /// queueing discipline, so BBR paces every connection there with a timer
+    /// per packet burst; where BBR is the node default, `cubic` spares
+    /// ztunnel that cost (see the README's benchmark).
+    #[arg(long, env = "AMBIT_HBONE_CONGESTION_CONTROL")]
+    pub hbone_congestion_control: Option<String>,
+
     /// Log format: `plain` or `json`.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
@@ -166,6 +175,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub worker_threads: usize,
     pub busy_poll: Duration,
+    pub hbone_congestion_control: Option<String>,
     pub log_format: LogFormat,
 }
 
@@ -220,6 +230,10 @@ pub enum ConfigError {
     BadPoolMaxConnections(usize),
     #[error("--busy-poll-us must be at most 1000, got {0}")]
     BadBusyPoll(u64),
+    #[error(
+        "--hbone-congestion-control must be a kernel congestion control name (1-15 letters, digits or _), got {0:?}"
+    )]
+    BadCongestionControl(String),
     #[error("--worker-threads must be between 1 and 64, got {0}")]
     BadWorkerThreads(usize),
     #[error("--state-poll-ms must be between 10 and 60000, got {0}")]
@@ -268,6 +282,7 @@ impl Config {
             connect_timeout: Duration::from_millis(a.connect_timeout_ms),
             worker_threads: a.worker_threads,
             busy_poll: Duration::from_micros(a.busy_poll_us),
+            hbone_congestion_control: a.hbone_congestion_control,
             log_format: a.log_format,
         })
     }
@@ -297,6 +312,13 @@ impl Config {
         }
         if self.busy_poll > MAX_BUSY_POLL {
             return Err(ConfigError::BadBusyPoll(self.busy_poll.as_micros() as u64));
+        }
+        if let Some(name) = &self.hbone_congestion_control {
+            // The kernel's names: up to 15 characters (TCP_CA_NAME_MAX).
+            let valid = (1..=15).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(ConfigError::BadCongestionControl(name.clone()));
+            }
         }
         let poll = self.state_poll_interval.as_millis() as u64;
         if !(10..=60_000).contains(&poll) {
@@ -357,6 +379,17 @@ mod tests {
         assert_eq!(off.validate(), Ok(()));
         let long = Config::from_args(args(&["--busy-poll-us", "5000"])).unwrap();
         assert_eq!(long.validate(), Err(ConfigError::BadBusyPoll(5000)));
+    }
+
+    #[test]
+    fn the_hbone_congestion_control_is_the_nodes_unless_named() {
+        assert_eq!(Config::from_args(args(&[])).unwrap().hbone_congestion_control, None);
+        let cubic = Config::from_args(args(&["--hbone-congestion-control", "cubic"])).unwrap();
+        assert_eq!((cubic.hbone_congestion_control.as_deref(), cubic.validate()), (Some("cubic"), Ok(())));
+        for bad in ["", "bbr;rm", "a_name_longer_than_15"] {
+            let c = Config::from_args(args(&["--hbone-congestion-control", bad])).unwrap();
+            assert_eq!(c.validate(), Err(ConfigError::BadCongestionControl(bad.into())), "{bad:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,15 @@ const MAX_FRAME: u32 = 256 * 1024;
 // Bytes h2 may buffer per stream before `poll_capacity` pushes back.
 const SEND_BUFFER: usize = 1024 * 1024;
 
+// rustls holds 64 KiB of encrypted records by default, so a 256 KiB DATA
+// frame left a small tail record that cost a system call and a TCP segment of
+// its own. With 1 MiB a whole frame goes out in one write.
+const TLS_SEND_BUFFER: usize = 1024 * 1024;
+
+/// The length of an HTTP/2 frame header, which precedes each DATA payload
+/// inside the TLS stream.
+pub const FRAME_HEADER_LEN: usize = 9;
+
 // rustls reads the socket at most 4 KiB at a time; a read buffer under TLS
 // turns that into one system call per 64 KiB.
 const TLS_READ_BUFFER: usize = 64 * 1024;
@@ -29,6 +38,20 @@ pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
 /// Wraps an HBONE connection's socket for TLS (see [`TlsSocket`]).
 pub fn tls_socket(tcp: tokio::net::TcpStream) -> TlsSocket {
     tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
+/// Sets the TLS send buffer of an HBONE connection (see [`TLS_SEND_BUFFER`]).
+pub fn tune_tls<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
+/// Sets the congestion control of an HBONE socket, or of the HBONE listener
+/// (accepted connections inherit it). `None` keeps the kernel's default.
+pub fn set_congestion_control(sock: socket2::SockRef<'_>, name: Option<&str>) -> std::io::Result<()> {
+    match name {
+        Some(name) => sock.set_tcp_congestion(name.as_bytes()),
+        None => Ok(()),
+    }
 }
 
 /// HTTP/2 client settings for HBONE connections.

@@ -111,6 +111,8 @@ pub struct PoolSettings {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// See [`crate::config::Config::hbone_congestion_control`].
+    pub congestion_control: Option<String>,
 }
 
 /// The connection pool of one ztunnel.
@@ -198,6 +200,8 @@ impl HbonePool {
     async fn dial(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
         let addr = key.dst;
         let sock = netns.tcp_socket(addr).await?;
+        super::set_congestion_control((&sock).into(), self.settings.congestion_control.as_deref())
+            .map_err(|source| PoolError::Connect { addr, source })?;
         let connect = tokio::net::TcpSocket::from_std_stream(sock.into()).connect(addr);
         let tcp = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
@@ -205,10 +209,11 @@ impl HbonePool {
             Err(_) => return Err(PoolError::ConnectTimeout(addr)),
         };
         let tls_config = certs.client_config(&key.dst_identity)?;
-        let tls = TlsConnector::from(tls_config)
+        let mut tls = TlsConnector::from(tls_config)
             .connect(ServerName::IpAddress(addr.ip().into()), super::tls_socket(tcp))
             .await
             .map_err(|source| PoolError::Tls { addr, source })?;
+        super::tune_tls(tls.get_mut().1);
         let (sender, connection) =
             super::client_builder().handshake(tls).await.map_err(|source| PoolError::H2 { addr, source })?;
         let conn = Arc::new(Conn {

@@ -11,7 +11,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 // Read sizes from TCP. A connection starts small and doubles its reads
-// while they come back full (bulk transfers), up to the maximum.
+// while they come back full (bulk transfers), up to the maximum. A read
+// leaves room for the DATA frame's header, so a full read and its header
+// fill whole 16 KiB TLS records, with no small record left over.
 const FIRST_CHUNK: usize = 16 * 1024;
 const MAX_CHUNK: usize = 256 * 1024;
 
@@ -68,7 +70,7 @@ async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &
         // Wait before allocating: an idle connection holds no read buffer.
         r.readable().await?;
         if buf.capacity() < chunk_size / 4 {
-            buf = BytesMut::with_capacity(chunk_size);
+            buf = BytesMut::with_capacity(chunk_size - super::FRAME_HEADER_LEN);
         }
         let room = buf.capacity();
         let read = match read_ready(r.as_ref(), &mut buf) {

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use super::conn::{Bytes as ConnBytes, ConnMetrics};
 use super::socket::connect_from_pod;
 use super::{Pod, ProxyInputs};
-use crate::hbone::{relay, server_builder, tls_socket};
+use crate::hbone::{relay, server_builder, tls_socket, tune_tls};
 use crate::metrics::{Direction, FailureReason, Peers, Reporter};
 use crate::state::{ConnectionAttributes, ProxyState, Workload};
 
@@ -36,7 +36,10 @@ pub(super) async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream
     };
     let accept = TlsAcceptor::from(certs.server_config()).accept(tls_socket(stream));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(mut tls)) => {
+            tune_tls(tls.get_mut().1);
+            tls
+        }
         Ok(Err(e)) => {
             warn!(pod = %pod.uid, %peer, error = %e, "hbone tls handshake failed");
             inputs.metrics.failure(Direction::inbound, FailureReason::tls_handshake);

@@ -98,6 +98,12 @@ impl PodProxies {
         let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), false).await?;
         let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
         let (w_hbone, hbone_l) = listen(any(HBONE_PORT), false).await?;
+        crate::hbone::set_congestion_control((&hbone_l).into(), inputs.config.hbone_congestion_control.as_deref())
+            .map_err(|source| ProxyError::Listen {
+                pod: pod.uid.clone(),
+                addr: any(HBONE_PORT),
+                source: NetnsError::Socket { pod: pod.uid.clone(), source },
+            })?;
 
         let mut tasks = JoinSet::new();
         let outbound = accept_loop(outbound_l, "outbound", inputs.clone(), pod.clone(), outbound::handle);

@@ -21,8 +21,9 @@ const SEND_BUFFER: usize = 1024 * 1024;
 
 // rustls holds 64 KiB of encrypted records by default, so a 256 KiB DATA
 // frame left a small tail record that cost a system call and a TCP segment of
-// its own. With 1 MiB a whole frame goes out in one write.
-const TLS_SEND_BUFFER: usize = 1024 * 1024;
+// its own. This takes a whole frame (and a few small ones) in one write, and
+// still bounds what a connection to a slow peer holds.
+const TLS_SEND_BUFFER: usize = 384 * 1024;
 
 /// The length of an HTTP/2 frame header, which precedes each DATA payload
 /// inside the TLS stream.

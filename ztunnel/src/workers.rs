@@ -94,6 +94,12 @@ pub fn note_activity() {
     });
 }
 
+/// How many times the calling thread noted activity (for tests).
+#[cfg(test)]
+pub(crate) fn activity_count() -> u64 {
+    ACTIVITY.with(Cell::get)
+}
+
 /// Runs for ever on a worker: sleeps until there is activity, then keeps
 /// the runtime polling (yielding to the scheduler, which polls the sockets
 /// without blocking) until `window` passes without activity.

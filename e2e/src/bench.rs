@@ -46,6 +46,9 @@ pub struct Figures {
 #[derive(Clone, Debug, Default)]
 pub struct ZtunnelUse {
     pub idle_rss_mib: [f64; 2],
+    /// CPU seconds per GB carried in the single-stream run: steadier than
+    /// the throughput on a shared VM, so the figure to compare changes by.
+    pub single_stream_cpu_per_gb: [f64; 2],
     pub cpu_seconds: [f64; 2],
     pub peak_rss_mib: [f64; 2],
 }
@@ -85,7 +88,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         Figures::default()
     } else {
         eprintln!("measuring direct pod-to-pod TCP ...");
-        measure(&mesh.lab().pod(client).netns, target.into(), 0, opts)?
+        measure(&mesh.lab().pod(client).netns, target.into(), 0, opts, || [0.0; 2])?.0
     };
 
     // Extra ztunnel flags for experiments, e.g. BENCH_ZTUNNEL_ARGS="--worker-threads 1".
@@ -106,8 +109,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     enroll(&mut mesh, &[client, server])?;
     let cpu_before = cpu(&mesh, [n1, n2]);
     eprintln!("measuring through two ztunnels ...");
-    let through = measure(&mesh.lab().pod(client).netns, target.into(), MESH_PORT_OFFSET, opts)?;
+    let (through, single_stream_cpu) =
+        measure(&mesh.lab().pod(client).netns, target.into(), MESH_PORT_OFFSET, opts, || cpu(&mesh, [n1, n2]))?;
     let cpu_after = cpu(&mesh, [n1, n2]);
+    let single_stream_gb = through.single_stream_gbps * opts.duration.as_secs_f64() / 8.0;
+    zt.single_stream_cpu_per_gb = single_stream_cpu.map(|s| s / single_stream_gb);
     for (i, n) in [n1, n2].into_iter().enumerate() {
         zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
         zt.peak_rss_mib[i] = mib(mesh.ztunnel(n).peak_rss_bytes());
@@ -133,17 +139,32 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-fn measure(client: &NetNs, server: std::net::IpAddr, offset: u16, opts: BenchOptions) -> anyhow::Result<Figures> {
+/// Measures every figure from `client`; also returns the CPU seconds per
+/// side that `cpu` (cumulative) counted during the single-stream run. With
+/// BENCH_SINGLE_STREAM_ONLY=1 only that run is made (for quick experiments).
+fn measure(
+    client: &NetNs,
+    server: std::net::IpAddr,
+    offset: u16,
+    opts: BenchOptions,
+    cpu: impl Fn() -> [f64; 2],
+) -> anyhow::Result<(Figures, [f64; 2])> {
     let tp = SocketAddr::new(server, THROUGHPUT_PORT + offset);
     let echo = SocketAddr::new(server, ECHO_PORT + offset);
     let conn = SocketAddr::new(server, CONN_PORT + offset);
     let d = opts.duration;
+    let before = cpu();
     let single_stream_gbps = client.run(move || throughput(tp, 1, d)).context("single-stream throughput")?;
+    let after = cpu();
+    let single_stream_cpu = [after[0] - before[0], after[1] - before[1]];
+    if std::env::var_os("BENCH_SINGLE_STREAM_ONLY").is_some() {
+        return Ok((Figures { single_stream_gbps, ..Figures::default() }, single_stream_cpu));
+    }
     let four_stream_gbps = client.run(move || throughput(tp, 4, d)).context("4-stream throughput")?;
     let n = opts.latency_samples;
     let (p50_us, p99_us) = client.run(move || latency(echo, n)).context("latency")?;
     let conns_per_sec = client.run(move || connection_rate(conn, d)).context("connection rate")?;
-    Ok(Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec })
+    Ok((Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec }, single_stream_cpu))
 }
 
 /// Sends as fast as possible on `streams` connections for `d`; Gbit/s.
@@ -304,6 +325,10 @@ pub fn render(r: &Report) -> String {
     out.push_str(&format!(
         "\nztunnel (client node / server node): idle RSS {:.1} / {:.1} MiB; CPU during the mesh run {:.2} / {:.2} s; peak RSS {:.1} / {:.1} MiB\n",
         z.idle_rss_mib[0], z.idle_rss_mib[1], z.cpu_seconds[0], z.cpu_seconds[1], z.peak_rss_mib[0], z.peak_rss_mib[1]
+    ));
+    out.push_str(&format!(
+        "ztunnel CPU per GB in the single-stream run (client node / server node): {:.2} / {:.2} s\n",
+        z.single_stream_cpu_per_gb[0], z.single_stream_cpu_per_gb[1]
     ));
     out
 }

@@ -54,20 +54,6 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_sums_the_samples_whose_labels_match() {
-        let text =
-            "a_total{x=\"1\",y=\"2\"} 3\na_total{x=\"1\",y=\"3\"} 4\nab_total{x=\"1\"} 100\n# a_total{x=\"1\"} 9\n";
-        assert_eq!(metric(text, "a_total", &[("x", "1")]), 7.0);
-        assert_eq!(metric(text, "a_total", &[("y", "3")]), 4.0);
-        assert_eq!(metric(text, "a_total", &[("x", "2")]), 0.0);
-    }
-}
-
 /// Polls `f` every 200 ms until it yields a value; panics after `timeout`
 /// with `what` (and the last error, if any).
 pub fn poll_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> T {
@@ -79,5 +65,19 @@ pub fn poll_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow:
             Ok(None) => panic!("timed out waiting for {what}"),
             Err(e) => panic!("timed out waiting for {what}: {e:#}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_the_samples_whose_labels_match() {
+        let text =
+            "a_total{x=\"1\",y=\"2\"} 3\na_total{x=\"1\",y=\"3\"} 4\nab_total{x=\"1\"} 100\n# a_total{x=\"1\"} 9\n";
+        assert_eq!(metric(text, "a_total", &[("x", "1")]), 7.0);
+        assert_eq!(metric(text, "a_total", &[("y", "3")]), 4.0);
+        assert_eq!(metric(text, "a_total", &[("x", "2")]), 0.0);
     }
 }

@@ -3,6 +3,9 @@
 //! interoperate with Ambit.
 
 /// `istio.workload`: workloads and services (xDS type `istio.workload.Address`).
+// Generated code: `Address` holds a workload or a service by value, as prost
+// generates every oneof.
+#[allow(clippy::large_enum_variant)]
 pub mod workload {
     tonic::include_proto!("istio.workload");
 

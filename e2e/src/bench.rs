@@ -46,8 +46,8 @@ pub struct Figures {
 #[derive(Clone, Debug, Default)]
 pub struct ZtunnelUse {
     pub idle_rss_mib: [f64; 2],
-    /// CPU seconds per GB carried in the single-stream run: steadier than
-    /// the throughput on a shared VM, so the figure to compare changes by.
+    /// CPU seconds per GB carried in the single-stream run (the cost side
+    /// of a change; with busy polling on, it includes the polling).
     pub single_stream_cpu_per_gb: [f64; 2],
     pub cpu_seconds: [f64; 2],
     pub peak_rss_mib: [f64; 2],
@@ -109,11 +109,10 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     enroll(&mut mesh, &[client, server])?;
     let cpu_before = cpu(&mesh, [n1, n2]);
     eprintln!("measuring through two ztunnels ...");
-    let (through, single_stream_cpu) =
+    let (through, cpu_per_gb) =
         measure(&mesh.lab().pod(client).netns, target.into(), MESH_PORT_OFFSET, opts, || cpu(&mesh, [n1, n2]))?;
     let cpu_after = cpu(&mesh, [n1, n2]);
-    let single_stream_gb = through.single_stream_gbps * opts.duration.as_secs_f64() / 8.0;
-    zt.single_stream_cpu_per_gb = single_stream_cpu.map(|s| s / single_stream_gb);
+    zt.single_stream_cpu_per_gb = cpu_per_gb;
     for (i, n) in [n1, n2].into_iter().enumerate() {
         zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
         zt.peak_rss_mib[i] = mib(mesh.ztunnel(n).peak_rss_bytes());
@@ -139,9 +138,10 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// Measures every figure from `client`; also returns the CPU seconds per
-/// side that `cpu` (cumulative) counted during the single-stream run. With
-/// BENCH_SINGLE_STREAM_ONLY=1 only that run is made (for quick experiments).
+/// Measures every figure from `client`; also returns, per side, the CPU
+/// seconds that `cpu` (cumulative) counted per GB carried in the
+/// single-stream run. With BENCH_SINGLE_STREAM_ONLY=1 only that run is made
+/// (for quick experiments).
 fn measure(
     client: &NetNs,
     server: std::net::IpAddr,
@@ -153,18 +153,18 @@ fn measure(
     let echo = SocketAddr::new(server, ECHO_PORT + offset);
     let conn = SocketAddr::new(server, CONN_PORT + offset);
     let d = opts.duration;
-    let before = cpu();
+    let (before, start) = (cpu(), Instant::now());
     let single_stream_gbps = client.run(move || throughput(tp, 1, d)).context("single-stream throughput")?;
-    let after = cpu();
-    let single_stream_cpu = [after[0] - before[0], after[1] - before[1]];
+    let (after, gb) = (cpu(), single_stream_gbps * start.elapsed().as_secs_f64() / 8.0);
+    let cpu_per_gb = [(after[0] - before[0]) / gb, (after[1] - before[1]) / gb];
     if std::env::var_os("BENCH_SINGLE_STREAM_ONLY").is_some() {
-        return Ok((Figures { single_stream_gbps, ..Figures::default() }, single_stream_cpu));
+        return Ok((Figures { single_stream_gbps, ..Figures::default() }, cpu_per_gb));
     }
     let four_stream_gbps = client.run(move || throughput(tp, 4, d)).context("4-stream throughput")?;
     let n = opts.latency_samples;
     let (p50_us, p99_us) = client.run(move || latency(echo, n)).context("latency")?;
     let conns_per_sec = client.run(move || connection_rate(conn, d)).context("connection rate")?;
-    Ok((Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec }, single_stream_cpu))
+    Ok((Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec }, cpu_per_gb))
 }
 
 /// Sends as fast as possible on `streams` connections for `d`; Gbit/s.

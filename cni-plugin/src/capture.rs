@@ -6,8 +6,11 @@
 //! inbound TCP to 15006 (TPROXY), leave HBONE and excluded ports alone, and
 //! never capture ztunnel's own sockets, which carry `ztunnel_mark`.
 //!
-//! Everything is one nftables table (`inet ambit`, replaced atomically) plus
-//! one policy-routing rule and route per IP family.
+//! Everything is one nftables table (`inet ambit`, replaced atomically) plus,
+//! per IP family, two policy-routing rules: TPROXY-marked packets to a local
+//! route (table 133), and ztunnel's own sockets to a copy of the pod's routes
+//! with `quickack 1` (table 134), so the tunnels' ACKs do not wait for
+//! ztunnel to read.
 
 mod exec;
 mod nft;
@@ -41,6 +44,9 @@ pub struct CaptureConfig {
     pub tproxy_mark: u32,
     /// The routing table holding the local-delivery route (default 133).
     pub route_table: u32,
+    /// The routing table ztunnel's own sockets use: the pod's routes with
+    /// `quickack 1` (default 134; see `routing::install_quickack`).
+    pub ztunnel_route_table: u32,
     /// App ports never captured inbound, e.g. for probes (default none).
     pub exclude_inbound_ports: Vec<u16>,
 }
@@ -54,6 +60,7 @@ impl Default for CaptureConfig {
             ztunnel_mark: 0x400,
             tproxy_mark: 0x200,
             route_table: 133,
+            ztunnel_route_table: 134,
             exclude_inbound_ports: Vec::new(),
         }
     }
@@ -95,9 +102,12 @@ pub enum CaptureError {
     /// An excluded inbound port is zero.
     #[error("exclude_inbound_ports must not contain 0")]
     ZeroExcludedPort,
-    /// The route table is unspecified (0) or one the kernel owns.
-    #[error("route_table {0} is reserved (0, 253 default, 254 main, 255 local)")]
+    /// A route table is unspecified (0) or one the kernel owns.
+    #[error("route table {0} is reserved (0, 253 default, 254 main, 255 local)")]
     ReservedRouteTable(u32),
+    /// The two route tables are the same.
+    #[error("route_table and ztunnel_route_table are both {0}")]
+    SameRouteTable(u32),
     /// A command inside the namespace failed.
     #[error(transparent)]
     Exec(#[from] ExecError),
@@ -131,8 +141,13 @@ impl CaptureConfig {
         if self.exclude_inbound_ports.contains(&0) {
             return Err(CaptureError::ZeroExcludedPort);
         }
-        if matches!(self.route_table, 0 | 253..=255) {
-            return Err(CaptureError::ReservedRouteTable(self.route_table));
+        for table in [self.route_table, self.ztunnel_route_table] {
+            if matches!(table, 0 | 253..=255) {
+                return Err(CaptureError::ReservedRouteTable(table));
+            }
+        }
+        if self.route_table == self.ztunnel_route_table {
+            return Err(CaptureError::SameRouteTable(self.route_table));
         }
         Ok(())
     }
@@ -144,12 +159,15 @@ impl CaptureConfig {
 pub fn install(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
     cfg.validate()?;
     // Routing first: once the nft table exists, packets depend on it.
-    routing::install(netns, Family::V4, cfg.tproxy_mark, cfg.route_table)?;
-    match routing::install(netns, Family::V6, cfg.tproxy_mark, cfg.route_table) {
-        Err(err) if routing::is_ipv6_unavailable(&err) => {
-            tracing::debug!(netns = %netns.display(), "no IPv6 in namespace; IPv6 routing skipped");
+    for family in [Family::V4, Family::V6] {
+        let routes = routing::install(netns, family, cfg.tproxy_mark, cfg.route_table)
+            .and_then(|()| routing::install_quickack(netns, family, cfg.ztunnel_mark, cfg.ztunnel_route_table));
+        match routes {
+            Err(err) if family == Family::V6 && routing::is_ipv6_unavailable(&err) => {
+                tracing::debug!(netns = %netns.display(), "no IPv6 in namespace; IPv6 routing skipped");
+            }
+            other => other?,
         }
-        other => other?,
     }
     exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&nft_ruleset(cfg)))?;
     tracing::info!(netns = %netns.display(), "capture installed");
@@ -162,10 +180,13 @@ pub fn uninstall(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> 
     // The table goes first, so nothing is marked for a route that is gone.
     let script = format!("table {f} {t} {{}}\ndelete table {f} {t}\n", f = nft::TABLE_FAMILY, t = nft::TABLE_NAME);
     exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&script))?;
-    routing::uninstall(netns, Family::V4, cfg.tproxy_mark, cfg.route_table)?;
-    match routing::uninstall(netns, Family::V6, cfg.tproxy_mark, cfg.route_table) {
-        Err(err) if routing::is_ipv6_unavailable(&err) => {}
-        other => other?,
+    for family in [Family::V4, Family::V6] {
+        let routes = routing::uninstall(netns, family, cfg.tproxy_mark, cfg.route_table)
+            .and_then(|()| routing::uninstall_quickack(netns, family, cfg.ztunnel_mark, cfg.ztunnel_route_table));
+        match routes {
+            Err(err) if family == Family::V6 && routing::is_ipv6_unavailable(&err) => {}
+            other => other?,
+        }
     }
     tracing::info!(netns = %netns.display(), "capture uninstalled");
     Ok(())
@@ -219,7 +240,11 @@ mod tests {
         for table in [0, 253, 254, 255] {
             let cfg = CaptureConfig { route_table: table, ..Default::default() };
             assert!(matches!(cfg.validate(), Err(CaptureError::ReservedRouteTable(t)) if t == table));
+            let cfg = CaptureConfig { ztunnel_route_table: table, ..Default::default() };
+            assert!(matches!(cfg.validate(), Err(CaptureError::ReservedRouteTable(t)) if t == table));
         }
+        let same = CaptureConfig { ztunnel_route_table: 133, ..Default::default() };
+        assert!(matches!(same.validate(), Err(CaptureError::SameRouteTable(133))));
     }
 
     #[test]

@@ -437,6 +437,24 @@ fn hbone_connections_use_the_configured_congestion_control_on_both_sides() {
     }
 }
 
+#[test]
+fn both_ends_of_a_tunnel_carry_ztunnels_mark_and_route_with_quickack() {
+    let Some(c) = cluster("l4-quickack") else { return };
+    round_trip(c.pod_ns(c.client), c.app(c.remote), b"acked at once").unwrap();
+    // The pooled connection stays open after the tunnel closes. Both its
+    // sockets carry ztunnel's mark: the dialled one as ztunnel's own, the
+    // accepted one from the HBONE listener.
+    for (pod, filter) in [(c.client, "dport = :15008"), (c.remote, "sport = :15008")] {
+        let ns = c.pod_ns(pod);
+        let out = ns.exec("ss", &["-tinoeH", "state", "established", filter]).expect("ss in the pod's netns");
+        assert!(out.contains("fwmark:0x400"), "{filter} socket without ztunnel's mark:\n{out}");
+        // ... so its packets (the ACKs above all) take the quickack routes.
+        let peer = if pod == c.client { c.ip(c.remote) } else { c.ip(c.client) }.to_string();
+        let route = ns.ip(&["route", "get", &peer, "mark", "0x400"]).unwrap();
+        assert!(route.contains("quickack 1"), "{route}");
+    }
+}
+
 /// Sends a bodiless `POST` to ztunnel's admin port from inside `node_ns`.
 fn admin_post(node_ns: &NetNs, path: &str) -> String {
     let mut s = connect(node_ns, SocketAddr::from(([127, 0, 0, 1], 15000)), TIMEOUT).unwrap();

@@ -232,6 +232,42 @@ fn installing_twice_leaves_one_table_and_one_rule_and_uninstall_removes_them() {
 }
 
 #[test]
+fn ztunnels_sockets_route_by_a_quickack_copy_of_the_pods_routes() {
+    const T: &str = "quickack";
+    if !root_available(T) {
+        return;
+    }
+    let pod = Netns::new(T, "pod");
+    // A pod's usual routes: its gateway on the link, and the default through
+    // it. The peer end stays down, so `ip` prints them with `linkdown`,
+    // which must not be copied as an argument.
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "peer0"]);
+    pod.ip(&["addr", "add", "10.77.0.2/32", "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["route", "add", "10.77.0.1", "dev", "eth0", "scope", "link"]);
+    pod.ip(&["route", "add", "default", "via", "10.77.0.1", "dev", "eth0"]);
+    let cfg = CaptureConfig::default();
+    install(&pod.path, &cfg).expect("first install");
+    install(&pod.path, &cfg).expect("second install");
+
+    let rules = pod.ip(&["-4", "rule", "list"]);
+    assert_eq!(count_lines(&rules, "fwmark 0x400/0x400 lookup 134"), 1, "{rules}");
+    let copy = pod.ip(&["-4", "route", "show", "table", "134"]);
+    assert_eq!(count_lines(&copy, "quickack 1"), 2, "{copy}");
+    assert_eq!(count_lines(&copy, "default via 10.77.0.1 dev eth0"), 1, "{copy}");
+    // A socket with ztunnel's mark gets the quickack route; others the main one.
+    let marked = pod.ip(&["-4", "route", "get", "10.9.9.9", "mark", "0x400"]);
+    assert!(marked.contains("quickack 1") && marked.contains("table 134"), "{marked}");
+    let unmarked = pod.ip(&["-4", "route", "get", "10.9.9.9"]);
+    assert!(!unmarked.contains("quickack"), "{unmarked}");
+
+    uninstall(&pod.path, &cfg).expect("uninstall");
+    assert_eq!(count_lines(&pod.ip(&["-4", "rule", "list"]), "lookup 134"), 0);
+    assert_eq!(pod.ip(&["-4", "route", "show", "table", "134"]).trim(), "");
+    assert_eq!(count_lines(&pod.ip(&["-4", "route", "show"]), "default via 10.77.0.1"), 1, "the pod's own routes stay");
+}
+
+#[test]
 fn install_works_in_a_namespace_with_ipv6_disabled() {
     const T: &str = "nov6";
     if !root_available(T) {

@@ -145,6 +145,7 @@ mod tests {
             ztunnel_mark: 0x539,
             tproxy_mark: 0x10000,
             route_table: 200,
+            ztunnel_route_table: 201,
             exclude_inbound_ports: vec![9090, 80, 9090],
         };
         let r = rules(&cfg);

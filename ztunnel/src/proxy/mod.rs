@@ -98,7 +98,15 @@ impl PodProxies {
         let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), false).await?;
         let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
         let (w_hbone, hbone_l) = listen(any(HBONE_PORT), false).await?;
-        crate::hbone::set_congestion_control((&hbone_l).into(), inputs.config.hbone_congestion_control.as_deref())
+        // Accepted tunnels inherit the listener's mark (so they route by
+        // ztunnel's quickack table, see the capture rules) and its congestion
+        // control.
+        let hbone_sock = socket2::SockRef::from(&hbone_l);
+        hbone_sock
+            .set_mark(inputs.config.socket_mark)
+            .and_then(|()| {
+                crate::hbone::set_congestion_control(hbone_sock, inputs.config.hbone_congestion_control.as_deref())
+            })
             .map_err(|source| ProxyError::Listen {
                 pod: pod.uid.clone(),
                 addr: any(HBONE_PORT),

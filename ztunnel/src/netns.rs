@@ -134,16 +134,22 @@ impl PodNetns {
         }));
     }
 
-    /// A listening socket in the pod's netns. `transparent` lets it accept
-    /// connections TPROXY'd to it for any destination address.
-    pub async fn listener(&self, addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, NetnsError> {
+    /// A listening socket in the pod's netns, set up as `opts` says.
+    pub async fn listener(&self, addr: SocketAddr, opts: ListenOpts) -> Result<std::net::TcpListener, NetnsError> {
+        let mark = self.mark;
         let r = self
             .run(move || -> std::io::Result<std::net::TcpListener> {
                 let s =
                     Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
                 s.set_reuse_address(true)?;
-                if transparent {
+                if opts.transparent {
                     s.set_ip_transparent(true)?;
+                }
+                if opts.marked {
+                    s.set_mark(mark)?;
+                }
+                if let Some(cc) = &opts.congestion_control {
+                    s.set_tcp_congestion(cc.as_bytes())?;
                 }
                 s.bind(&SockAddr::from(addr))?;
                 s.listen(1024)?;
@@ -152,6 +158,18 @@ impl PodNetns {
             .await?;
         r.map_err(|source| NetnsError::Socket { pod: self.pod.clone(), source })
     }
+}
+
+/// How a pod listener is set up; accepted connections inherit the mark and
+/// the congestion control.
+#[derive(Debug, Clone, Default)]
+pub struct ListenOpts {
+    /// Accept connections TPROXY'd to it for any destination address.
+    pub transparent: bool,
+    /// Carry ztunnel's mark, as the sockets ztunnel opens do.
+    pub marked: bool,
+    /// `None`: the kernel's default.
+    pub congestion_control: Option<String>,
 }
 
 fn new_tcp_socket(domain: Domain, mark: u32) -> std::io::Result<Socket> {
@@ -208,7 +226,7 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(ns.inode(), ino);
-        let l = ns.listener("127.0.0.1:0".parse().unwrap(), false).await.unwrap();
+        let l = ns.listener("127.0.0.1:0".parse().unwrap(), ListenOpts::default()).await.unwrap();
         let addr = l.local_addr().unwrap();
         let s = ns.tcp_socket(addr).await.unwrap();
         assert_eq!(s.mark().unwrap(), 0x400);

@@ -46,8 +46,8 @@ pub fn tune_tls<D>(conn: &mut rustls::ConnectionCommon<D>) {
     conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
 }
 
-/// Sets the congestion control of an HBONE socket, or of the HBONE listener
-/// (accepted connections inherit it). `None` keeps the kernel's default.
+/// Sets the congestion control of an HBONE socket. `None` keeps the
+/// kernel's default.
 pub fn set_congestion_control(sock: socket2::SockRef<'_>, name: Option<&str>) -> std::io::Result<()> {
     match name {
         Some(name) => sock.set_tcp_congestion(name.as_bytes()),

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::hbone::pool::HbonePool;
 use crate::hbone::HBONE_PORT;
 use crate::metrics::Metrics;
-use crate::netns::{NetnsError, PodNetns};
+use crate::netns::{ListenOpts, NetnsError, PodNetns};
 use crate::state::SharedState;
 use crate::workers::Workers;
 
@@ -81,10 +81,10 @@ impl PodProxies {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         let workers = inputs.workers.clone();
         // A listener is registered with the runtime of the worker that polls it.
-        let listen = |addr: SocketAddr, transparent| {
+        let listen = |addr: SocketAddr, opts: ListenOpts| {
             let (pod, workers) = (pod.clone(), workers.clone());
             async move {
-                let l = pod.netns.listener(addr, transparent).await.map_err(|source| ProxyError::Listen {
+                let l = pod.netns.listener(addr, opts).await.map_err(|source| ProxyError::Listen {
                     pod: pod.uid.clone(),
                     addr,
                     source,
@@ -95,23 +95,17 @@ impl PodProxies {
                 Ok::<_, ProxyError>((worker, l))
             }
         };
-        let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), false).await?;
-        let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), true).await?;
-        let (w_hbone, hbone_l) = listen(any(HBONE_PORT), false).await?;
-        // Accepted tunnels inherit the listener's mark (so they route by
-        // ztunnel's quickack table, see the capture rules) and its congestion
-        // control.
-        let hbone_sock = socket2::SockRef::from(&hbone_l);
-        hbone_sock
-            .set_mark(inputs.config.socket_mark)
-            .and_then(|()| {
-                crate::hbone::set_congestion_control(hbone_sock, inputs.config.hbone_congestion_control.as_deref())
-            })
-            .map_err(|source| ProxyError::Listen {
-                pod: pod.uid.clone(),
-                addr: any(HBONE_PORT),
-                source: NetnsError::Socket { pod: pod.uid.clone(), source },
-            })?;
+        let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), ListenOpts::default()).await?;
+        let transparent = ListenOpts { transparent: true, ..ListenOpts::default() };
+        let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), transparent).await?;
+        // Accepted tunnels carry ztunnel's mark, so they route by its
+        // quickack table (see the capture rules), as dialled ones do.
+        let tunnels = ListenOpts {
+            marked: true,
+            congestion_control: inputs.config.hbone_congestion_control.clone(),
+            ..ListenOpts::default()
+        };
+        let (w_hbone, hbone_l) = listen(any(HBONE_PORT), tunnels).await?;
 
         let mut tasks = JoinSet::new();
         let outbound = accept_loop(outbound_l, "outbound", inputs.clone(), pod.clone(), outbound::handle);

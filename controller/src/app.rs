@@ -1,7 +1,7 @@
 //! Wires the controller: the model fed by its source, the delta xDS server
 //! and the CA on one TLS gRPC port (and optionally a plaintext one), and the
-//! metrics endpoint. File mode reads a directory and admits a bootstrap
-//! token; Kubernetes mode watches the API server, keeps the root in a Secret,
+//! metrics endpoint. File mode reads a directory and admits bootstrap
+//! tokens (per node, or one shared); Kubernetes mode watches the API server, keeps the root in a Secret,
 //! publishes its certificate in a ConfigMap, admits ztunnels by TokenReview
 //! and deploys waypoints.
 
@@ -22,9 +22,9 @@ use ambit_identity::CertificateAuthority;
 use crate::ca::root::ROOT_VALIDITY;
 use crate::ca::{
     load_or_create, load_or_create_root, publish_root_cert, serving_identity, AsyncCallerAuthenticator,
-    BootstrapTokenAuthenticator, CaService, SecretRootStore, TokenReviewAuthenticator,
+    BootstrapTokenAuthenticator, CaService, NodeTokenAuthenticator, SecretRootStore, TokenReviewAuthenticator,
 };
-use crate::config::{Config, KubeConfig, Mode};
+use crate::config::{Config, FileCredentials, KubeConfig, Mode};
 use crate::model::{ModelOptions, Rejection, RejectionSink, Snapshot, SnapshotTx};
 use crate::sources::file::FileSource;
 use crate::sources::kube::{client_from_kubeconfig, KubeSource, KubeSourceError};
@@ -49,6 +49,8 @@ pub enum AppError {
     Serving(#[from] crate::ca::ServingError),
     #[error("{0}")]
     Auth(#[from] crate::ca::AuthError),
+    #[error("{0}")]
+    NodeTokens(#[from] crate::ca::NodeTokensError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("grpc server on {addr}: {source}")]
@@ -79,11 +81,23 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     });
     let (ca, auth) = match config.mode()? {
-        Mode::File { config_dir, ca_dir, bootstrap_token_file } => {
+        Mode::File { config_dir, ca_dir, credentials } => {
             info!(config_dir = %config_dir.display(), "file mode");
             let ca = load_or_create_root(ca_dir, &config.trust_domain)?;
-            let auth: Arc<dyn AsyncCallerAuthenticator> =
-                Arc::new(BootstrapTokenAuthenticator::from_file(bootstrap_token_file)?);
+            let auth: Arc<dyn AsyncCallerAuthenticator> = match credentials {
+                FileCredentials::NodeTokens(path) => {
+                    let auth = NodeTokenAuthenticator::from_file(path)?;
+                    info!(tokens = auth.len(), "callers prove their node with per-node bootstrap tokens");
+                    Arc::new(auth)
+                }
+                FileCredentials::SharedToken(path) => {
+                    warn!(
+                        "one bootstrap token for all callers proves no node: each names its own \
+                         (x-ambit-node); --bootstrap-tokens scopes a caller to its node by its token"
+                    );
+                    Arc::new(BootstrapTokenAuthenticator::from_file(path)?)
+                }
+            };
             tokio::spawn(FileSource::new(config_dir.to_owned(), opts).with_interval(config.config_poll).run(tx, sink));
             (Arc::new(ca), auth)
         }

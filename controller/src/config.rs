@@ -3,7 +3,8 @@
 //!
 //! Two modes. With `--config-dir` the controller reads a directory of
 //! Kubernetes YAML, keeps the root in `--ca-dir` and admits callers with the
-//! bootstrap token of `--bootstrap-token-file` (file mode: the lab, the demo).
+//! per-node bootstrap tokens of `--bootstrap-tokens`, or the one shared token
+//! of `--bootstrap-token-file` (file mode: the lab, the demo).
 //! Without it, it watches the Kubernetes API (`--kubeconfig`, else in-cluster
 //! credentials or `KUBECONFIG`), keeps the root in the Secret `ambit-ca-root`
 //! of `--namespace`, admits ztunnels by TokenReview and deploys waypoints.
@@ -50,10 +51,18 @@ pub struct Args {
     #[arg(long, env = "AMBIT_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
 
-    /// File mode (required there, refused otherwise): file with the bootstrap
-    /// token callers must present.
+    /// File mode: file with one bootstrap token shared by all callers. It
+    /// proves no node: the CA serves only callers that also name their node
+    /// (`x-ambit-node`). Exactly one of this and --bootstrap-tokens in file
+    /// mode; refused in Kubernetes mode.
     #[arg(long, env = "AMBIT_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
+
+    /// File mode: file of per-node bootstrap tokens, one `<token> <node>` per
+    /// line (`#` comments). A caller's node is its token's, so the CA scopes
+    /// it to its node whatever it sends (an unmodified Istio ztunnel too).
+    #[arg(long, env = "AMBIT_BOOTSTRAP_TOKENS")]
+    pub bootstrap_tokens: Option<PathBuf>,
 
     /// Longest workload certificate the CA signs, in seconds.
     #[arg(long, env = "AMBIT_CERT_MAX_TTL_SECS", default_value_t = 86_400)]
@@ -157,6 +166,7 @@ pub struct Config {
     pub plaintext_listen: Option<SocketAddr>,
     pub ca_dir: Option<PathBuf>,
     pub bootstrap_token_file: Option<PathBuf>,
+    pub bootstrap_tokens: Option<PathBuf>,
     pub cert_max_ttl: Duration,
     pub serving_dns_names: Vec<String>,
     pub serving_ips: Vec<IpAddr>,
@@ -190,10 +200,19 @@ pub struct KubeConfig {
 /// How the controller runs, decided by [`Config::mode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode<'a> {
-    /// A directory of YAML, a root in files, one bootstrap token.
-    File { config_dir: &'a Path, ca_dir: &'a Path, bootstrap_token_file: &'a Path },
+    /// A directory of YAML, a root in files, bootstrap tokens.
+    File { config_dir: &'a Path, ca_dir: &'a Path, credentials: FileCredentials<'a> },
     /// The Kubernetes API, a root in a Secret, TokenReview.
     Kubernetes(&'a KubeConfig),
+}
+
+/// How file mode admits callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCredentials<'a> {
+    /// `--bootstrap-token-file`: one token for all; the node is the one the caller names.
+    SharedToken(&'a Path),
+    /// `--bootstrap-tokens`: each token names its node.
+    NodeTokens(&'a Path),
 }
 
 /// Why a configuration was refused.
@@ -207,11 +226,13 @@ pub enum ConfigError {
     BadPoll(u64),
     #[error("the serving certificate needs at least one --serving-dns-names or --serving-ips entry")]
     NoServingNames,
-    #[error("file mode (--config-dir) needs --bootstrap-token-file")]
+    #[error("file mode (--config-dir) needs --bootstrap-tokens (per-node tokens) or --bootstrap-token-file")]
     MissingBootstrapToken,
+    #[error("give one of --bootstrap-tokens and --bootstrap-token-file, not both")]
+    TwoBootstrapTokenKinds,
     #[error(
-        "--bootstrap-token-file is for file mode only: without --config-dir the controller runs in Kubernetes mode \
-         and admits ztunnels by TokenReview"
+        "--bootstrap-token-file and --bootstrap-tokens are for file mode only: without --config-dir the controller \
+         runs in Kubernetes mode and admits ztunnels by TokenReview"
     )]
     BootstrapTokenInKubeMode,
     #[error("--{0} is for Kubernetes mode only (remove --config-dir to use it)")]
@@ -252,6 +273,7 @@ impl Config {
             plaintext_listen: a.plaintext_listen,
             ca_dir: a.ca_dir,
             bootstrap_token_file: a.bootstrap_token_file,
+            bootstrap_tokens: a.bootstrap_tokens,
             cert_max_ttl: Duration::from_secs(a.cert_max_ttl_secs),
             serving_dns_names: a.serving_dns_names.into_iter().filter(|s| !s.trim().is_empty()).collect(),
             serving_ips: a.serving_ips,
@@ -290,12 +312,18 @@ impl Config {
                 if self.kube.kubeconfig.is_some() {
                     return Err(ConfigError::KubeFlagInFileMode("kubeconfig"));
                 }
-                let bootstrap_token_file =
-                    self.bootstrap_token_file.as_deref().ok_or(ConfigError::MissingBootstrapToken)?;
+                let credentials = match (self.bootstrap_tokens.as_deref(), self.bootstrap_token_file.as_deref()) {
+                    (Some(tokens), None) => FileCredentials::NodeTokens(tokens),
+                    (None, Some(token)) => FileCredentials::SharedToken(token),
+                    (Some(_), Some(_)) => return Err(ConfigError::TwoBootstrapTokenKinds),
+                    (None, None) => return Err(ConfigError::MissingBootstrapToken),
+                };
                 let ca_dir = self.ca_dir.as_deref().unwrap_or(Path::new(DEFAULT_CA_DIR));
-                Ok(Mode::File { config_dir, ca_dir, bootstrap_token_file })
+                Ok(Mode::File { config_dir, ca_dir, credentials })
             }
-            None if self.bootstrap_token_file.is_some() => Err(ConfigError::BootstrapTokenInKubeMode),
+            None if self.bootstrap_token_file.is_some() || self.bootstrap_tokens.is_some() => {
+                Err(ConfigError::BootstrapTokenInKubeMode)
+            }
             None if self.ca_dir.is_some() => Err(ConfigError::CaDirInKubeMode),
             None => Ok(Mode::Kubernetes(&self.kube)),
         }
@@ -471,8 +499,12 @@ mod tests {
             Ok(Mode::File {
                 config_dir: Path::new("/tmp/c"),
                 ca_dir: Path::new(DEFAULT_CA_DIR),
-                bootstrap_token_file: Path::new("/tmp/t"),
+                credentials: FileCredentials::SharedToken(Path::new("/tmp/t")),
             })
+        );
+        let c = try_parse(&["--config-dir", "/tmp/c", "--bootstrap-tokens", "/tmp/nt"]);
+        assert!(
+            matches!(c.mode(), Ok(Mode::File { credentials: FileCredentials::NodeTokens(p), .. }) if p == Path::new("/tmp/nt"))
         );
         let c = parse(&["--ca-dir", "/tmp/ca"]);
         assert!(matches!(c.mode(), Ok(Mode::File { ca_dir, .. }) if ca_dir == Path::new("/tmp/ca")));
@@ -484,6 +516,8 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::MissingBootstrapToken));
         let c = parse(&["--kubeconfig", "/tmp/kc"]);
         assert_eq!(c.validate(), Err(ConfigError::KubeFlagInFileMode("kubeconfig")));
+        let c = parse(&["--bootstrap-tokens", "/tmp/nt"]);
+        assert_eq!(c.validate(), Err(ConfigError::TwoBootstrapTokenKinds));
     }
 
     #[test]
@@ -509,6 +543,8 @@ mod tests {
         let c = try_parse(&["--bootstrap-token-file", "/tmp/t"]);
         assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode));
         assert!(ConfigError::BootstrapTokenInKubeMode.to_string().contains("Kubernetes mode"));
+        let c = try_parse(&["--bootstrap-tokens", "/tmp/nt"]);
+        assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode));
         assert_eq!(try_parse(&["--ca-dir", "/tmp/ca"]).validate(), Err(ConfigError::CaDirInKubeMode));
     }
 

@@ -34,11 +34,20 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     /// Starts the controller on `host`, with its files under `lab.dir()/controller`: `cluster/` (the watched
-    /// YAML), `ca/` (the root it generates), `token` (the bootstrap token). Waits until its port accepts.
+    /// YAML), `ca/` (the root it generates), `bootstrap-tokens` (one token per lab node, `--bootstrap-tokens`)
+    /// and `tokens/<node>` (each node's token, as its ztunnel reads it). Waits until its port accepts.
     pub fn start(lab: &Lab, host: &Host) -> anyhow::Result<Self> {
         let dir = lab.dir().join("controller");
         std::fs::create_dir_all(dir.join("cluster"))?;
-        std::fs::write(dir.join("token"), format!("lab-token-{}\n", std::process::id()))?;
+        std::fs::create_dir_all(dir.join("tokens"))?;
+        let mut table = String::from("# <token> <node>\n");
+        for node in lab.nodes() {
+            let token = node_token(&node.name);
+            table.push_str(&format!("{token} {}\n", node.name));
+            // No trailing newline: a client that sends the file's bytes verbatim (Istio's ztunnel) must work.
+            std::fs::write(dir.join("tokens").join(&node.name), &token)?;
+        }
+        std::fs::write(dir.join("bootstrap-tokens"), table)?;
         let log = dir.join("controller.log");
         let out = File::options().create(true).append(true).open(&log)?;
         let bin = workspace_binary("ambit-controller", "AMBIT_CONTROLLER_BIN")?;
@@ -48,7 +57,7 @@ impl ControllerProcess {
             .args(["--config-dir", &dir.join("cluster").display().to_string()])
             .args(["--config-poll-ms", "100"])
             .args(["--ca-dir", &dir.join("ca").display().to_string()])
-            .args(["--bootstrap-token-file", &dir.join("token").display().to_string()])
+            .args(["--bootstrap-tokens", &dir.join("bootstrap-tokens").display().to_string()])
             .args(["--listen", &format!("0.0.0.0:{GRPC_PORT}")])
             .args(["--serving-ips", &host.ip.to_string()])
             .args(["--serving-dns-names", "ambit-controller.ambit-system.svc"])
@@ -76,13 +85,18 @@ impl ControllerProcess {
         }
     }
 
-    /// The flags a ztunnel needs to use this controller.
-    pub fn flags(&self) -> ControllerFlags {
+    /// The flags the ztunnel of `node` needs to use this controller (its token proves that node).
+    pub fn flags(&self, node: &str) -> ControllerFlags {
         ControllerFlags {
             address: format!("https://{}:{GRPC_PORT}", self.ip),
             mesh_root: self.dir.join("ca").join("root-cert.pem"),
-            token_file: self.dir.join("token"),
+            token_file: self.token_file(node),
         }
+    }
+
+    /// The file holding `node`'s bootstrap token (no trailing newline).
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        self.dir.join("tokens").join(node)
     }
 
     /// The directory of the root it generated (`root-cert.pem`, `root-key.pem`).
@@ -147,6 +161,12 @@ impl Drop for ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A bootstrap token for `node`, unique to this run.
+fn node_token(node: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("lab-{node}-{}-{nanos:x}", std::process::id())
 }
 
 /// Kubernetes YAML for the lab's pods: a Namespace per pod namespace (labelled

@@ -395,7 +395,7 @@ impl Mesh {
     /// `snapshot_sent`, and waits until it reports ready.
     pub fn start_ztunnel_with(&mut self, node: NodeId, customize: impl FnOnce(&mut ZtunnelArgs)) -> anyhow::Result<()> {
         let mut args = ZtunnelArgs::for_node(&self.lab, node);
-        args.controller = self.control.as_ref().map(|c| c.process.flags());
+        args.controller = self.control.as_ref().map(|c| c.process.flags(&args.node_name));
         customize(&mut args);
         while self.nodes.len() <= node.0 {
             self.nodes.push(MeshNode::default());

@@ -247,7 +247,16 @@ fn uid(ns: &str, name: &str) -> String {
 async fn create_certificate(channel: Channel, token: &str, identity: &Identity) -> Result<Vec<String>, tonic::Status> {
     let (csr, _key) = generate_csr(identity).expect("csr");
     let mut client = IstioCertificateServiceClient::new(channel);
-    let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 3600, metadata: None });
+    // As Istio's ztunnel asks: the identity named in the metadata, the node only in the token.
+    let metadata = prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(identity.to_string())) },
+        )]
+        .into(),
+    };
+    let mut req =
+        tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 3600, metadata: Some(metadata) });
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header-safe"));
     client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
 }

@@ -84,7 +84,7 @@ fn the_wire_between_nodes_carries_only_tls() {
 }
 
 #[test]
-fn deny_and_allow_policies_match_principals_and_namespaces() {
+fn deny_and_allow_policies_match_principals_namespaces_and_service_accounts() {
     let Some(mut c) = cluster("l4-authz") else { return };
     let (client, remote) = (c.client, c.remote);
     // DENY by principal: client is refused, local (another identity) is not.
@@ -146,6 +146,37 @@ fn deny_and_allow_policies_match_principals_and_namespaces() {
     }));
     // The policy only selects `remote`: `local` still accepts anyone.
     round_trip(c.pod_ns(c.client), c.app(c.local), b"unselected").expect("unselected workload is open");
+
+    // ALLOW by a bare service account (the policy's namespace), sent as a ServiceAccountMatch.
+    c.remove("only-client.yaml");
+    c.apply(
+        "only-local-sa.yaml",
+        &authorization_policy(
+            "only-local-sa",
+            "  selector:\n    matchLabels:\n      app: remote\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        \
+             serviceAccounts: [local]\n",
+        ),
+    );
+    assert!(
+        eventually(TIMEOUT, || {
+            round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_ok()
+                && round_trip(c.pod_ns(client), c.app(remote), b"x").is_err()
+        }),
+        "allow by service account did not admit exactly its account"
+    );
+    // A principal written with the spiffe:// scheme still denies.
+    c.apply(
+        "deny-local-uri.yaml",
+        &authorization_policy(
+            "deny-local-uri",
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+             principals: [\"spiffe://cluster.local/ns/default/sa/local\"]\n",
+        ),
+    );
+    assert!(
+        eventually(TIMEOUT, || round_trip(c.pod_ns(c.local), c.app(remote), b"x").is_err()),
+        "a DENY by principal in the spiffe:// form was not applied"
+    );
 }
 
 #[test]

@@ -18,10 +18,10 @@ use crate::config::{CertificateSource, Config, StateSource};
 use crate::hbone::pool::{HbonePool, PoolSettings};
 use crate::inpod::InPodManager;
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::ProxyInputs;
+use crate::proxy::{close_denied_on_policy_change, InboundRegistry, ProxyInputs};
 use crate::state::{LoadOptions, SharedState, StateError, StateFile};
 use crate::workers::Workers;
-use crate::xds::{BearerToken, XdsClient, XdsConfig, XdsError};
+use crate::xds::{BearerToken, ProxyNode, XdsClient, XdsConfig, XdsError};
 
 /// Why ztunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum AppError {
     Certs(#[from] CertError),
     #[error("cannot read {what} {path}: {source}")]
     Read { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("the token file {0} is empty")]
+    EmptyToken(std::path::PathBuf),
     #[error("controller connection: {0}")]
     Controller(#[from] CaClientError),
     #[error("xds: {0}")]
@@ -74,7 +76,11 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
                 std::fs::read_to_string(path).map_err(|source| AppError::Read { what, path: path.to_owned(), source })
             };
             let root = read("the mesh root", &c.mesh_root)?;
+            // Trimmed: a file written with a trailing newline holds the same token.
             let token = read("the token file", &c.token_file)?.trim().to_owned();
+            if token.is_empty() {
+                return Err(AppError::EmptyToken(c.token_file.clone()));
+            }
             let address = match (&config.state, &config.certificates) {
                 (StateSource::Xds(a), _) | (_, CertificateSource::CaService(a)) => a.clone(),
                 _ => unreachable!("bug: controller connection without an address"),
@@ -98,8 +104,14 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
         }
         StateSource::Xds(_) => {
             let (channel, token) = controller.clone().expect("bug: xds without a controller channel");
-            let xds_config =
-                XdsConfig::new(format!("ztunnel~{}", config.node_name), &config.node_name, &config.trust_domain);
+            let node = ProxyNode {
+                node_name: config.node_name.clone(),
+                pod_name: config.pod_name.clone(),
+                pod_namespace: config.pod_namespace.clone(),
+                instance_ip: config.instance_ip,
+                cluster_id: config.cluster_id.clone(),
+            };
+            let xds_config = XdsConfig::new(node, &config.trust_domain);
             let auth = BearerToken::new(Some(&token))?.with_node(&config.node_name)?;
             let client = XdsClient::new(channel, auth, xds_config);
             let mut synced = client.synced();
@@ -142,8 +154,17 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     );
     check_congestion_control(config.hbone_congestion_control.as_deref())?;
     let workers = Arc::new(Workers::start(config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
-    let inputs =
-        ProxyInputs { config: config.clone(), state: state.clone(), certs: certs.clone(), pool, metrics, workers };
+    let inbound = Arc::new(InboundRegistry::default());
+    tokio::spawn(close_denied_on_policy_change(inbound.clone(), state.clone(), metrics.clone()));
+    let inputs = ProxyInputs {
+        config: config.clone(),
+        state: state.clone(),
+        certs: certs.clone(),
+        pool,
+        metrics,
+        workers,
+        inbound,
+    };
 
     let admin_l = bind(config.admin_addr, "admin").await?;
     let metrics_l = bind(config.metrics_addr, "metrics").await?;
@@ -172,7 +193,9 @@ async fn watch_state(mut file: StateFile, state: Arc<SharedState>, metrics: Arc<
             Ok(Some(new)) => {
                 state.replace(new);
                 metrics.state_reloads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-                info!("state file changed; new state applies to new connections");
+                info!(
+                    "state file changed; new state applies to new connections (and closes open inbound ones it denies)"
+                );
             }
             Ok(None) => {}
             Err(e) => {

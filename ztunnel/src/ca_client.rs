@@ -1,7 +1,9 @@
 //! Certificates from the controller's CA service
 //! (`istio.v1.auth.IstioCertificateService/CreateCertificate`): the key never
-//! leaves the node; ztunnel sends a CSR for the identity, proves its node with
-//! a bearer token, and checks that what comes back is for that identity.
+//! leaves the node; ztunnel sends a CSR for the identity, names it in the
+//! request metadata as `ImpersonatedIdentity` (as Istio's ztunnel does),
+//! proves its node with a bearer token, and checks that what comes back is for
+//! that identity.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +17,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::certs::{CertError, CertificateProvider};
 
-/// Metadata key carrying this ztunnel's node name (file mode).
+/// Metadata key carrying this ztunnel's node name: an extra for a controller
+/// whose credential proves no node (one shared bootstrap token).
 pub const NODE_METADATA_KEY: &str = "x-ambit-node";
+/// Key of the request's `metadata` struct naming the identity asked for on
+/// behalf of a pod (Istio's name for it).
+pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
 /// How long to wait for the TCP and TLS connection to the controller.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one certificate request may take.
@@ -94,7 +100,15 @@ impl CaClient {
     async fn fetch_certificate(&self, id: &Identity) -> Result<WorkloadCertificate, String> {
         let (csr, key) = ambit_identity::generate_csr(id).map_err(|e| format!("cannot make a csr: {e}"))?;
         let validity_duration = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut request = tonic::Request::new(IstioCertificateRequest { csr, validity_duration, metadata: None });
+        let metadata = prost_types::Struct {
+            fields: [(
+                IMPERSONATED_IDENTITY_KEY.to_owned(),
+                prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id.to_string())) },
+            )]
+            .into(),
+        };
+        let mut request =
+            tonic::Request::new(IstioCertificateRequest { csr, validity_duration, metadata: Some(metadata) });
         request.metadata_mut().insert("authorization", self.authorization.clone());
         request.metadata_mut().insert(NODE_METADATA_KEY, self.node.clone());
         request.set_timeout(REQUEST_TIMEOUT);
@@ -166,8 +180,49 @@ mod tests {
         }
     }
 
+    /// What a [`RecordingCa`] saw of a request: its `metadata` struct and gRPC headers.
+    type Seen = std::sync::Arc<std::sync::Mutex<Option<(Option<prost_types::Struct>, tonic::metadata::MetadataMap)>>>;
+
+    /// A CA that signs the CSR (for default/client) and records the request.
+    struct RecordingCa {
+        ca: CertificateAuthority,
+        seen: Seen,
+    }
+
+    #[tonic::async_trait]
+    impl IstioCertificateService for RecordingCa {
+        async fn create_certificate(
+            &self,
+            request: tonic::Request<IstioCertificateRequest>,
+        ) -> Result<tonic::Response<IstioCertificateResponse>, tonic::Status> {
+            let id = Identity::new("cluster.local", "default", "client");
+            let cert_chain = self.ca.sign_csr(&request.get_ref().csr, &id, HOUR).unwrap();
+            *self.seen.lock().unwrap() = Some((request.get_ref().metadata.clone(), request.metadata().clone()));
+            Ok(tonic::Response::new(IstioCertificateResponse { cert_chain }))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_names_the_identity_as_istios_ztunnel_does_and_the_node_as_an_extra() {
+        let seen = Seen::default();
+        let (client, server) = client_of(RecordingCa { ca: ca(), seen: seen.clone() }).await;
+        let id = Identity::new("cluster.local", "default", "client");
+        let cert = client.fetch(&id).await.unwrap();
+        server.abort();
+        assert_eq!(cert.identity(), &id);
+        let (metadata, headers) = seen.lock().unwrap().take().expect("the CA saw the request");
+        let metadata = metadata.expect("a metadata struct");
+        assert_eq!(metadata.fields.len(), 1, "{metadata:?}");
+        assert_eq!(
+            metadata.fields[IMPERSONATED_IDENTITY_KEY].kind,
+            Some(prost_types::value::Kind::StringValue("spiffe://cluster.local/ns/default/sa/client".into()))
+        );
+        assert_eq!(headers.get("authorization").unwrap(), "Bearer t");
+        assert_eq!(headers.get(NODE_METADATA_KEY).unwrap(), "node-a");
+    }
+
     /// Serves `ca` in plaintext on 127.0.0.1:0 and returns a client for node-a.
-    async fn client_of(ca: MisbehavingCa) -> (CaClient, tokio::task::JoinHandle<()>) {
+    async fn client_of<S: IstioCertificateService>(ca: S) -> (CaClient, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let incoming =

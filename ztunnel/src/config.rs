@@ -2,7 +2,7 @@
 //! turned into a plain [`Config`] by a pure function and validated once at
 //! start. Bad configuration fails with one clear line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,6 +24,25 @@ pub struct Args {
     /// Name of the node this ztunnel serves; only pods on this node are enrolled.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+
+    /// This ztunnel's pod name, which names it to the control plane in its xDS
+    /// `Node` as Istio's ztunnel does (metadata `NAME`, and the id
+    /// `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`).
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+
+    /// This ztunnel's namespace (`Node` metadata `NAMESPACE`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+
+    /// This ztunnel's pod IP (`Node` metadata `INSTANCE_IPS`); unset, the
+    /// `Node` carries Istio's placeholder 1.1.1.1.
+    #[arg(long, env = "INSTANCE_IP")]
+    pub instance_ip: Option<IpAddr>,
+
+    /// The cluster's id (`Node` metadata `CLUSTER_ID`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
 
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -142,6 +161,11 @@ pub struct Args {
     /// Log format: `plain` or `json`.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
+
+    /// Access logs: a line at info level (target `access`) when each
+    /// connection opens and closes; `false` turns them off.
+    #[arg(long, env = "AMBIT_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
 }
 
 /// Log output format.
@@ -157,6 +181,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node_name: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub instance_ip: Option<IpAddr>,
+    pub cluster_id: String,
     pub trust_domain: String,
     pub root_namespace: String,
     pub state: StateSource,
@@ -177,6 +205,7 @@ pub struct Config {
     pub busy_poll: Duration,
     pub hbone_congestion_control: Option<String>,
     pub log_format: LogFormat,
+    pub access_log: bool,
 }
 
 /// Where the mesh state comes from.
@@ -264,6 +293,10 @@ impl Config {
         };
         Ok(Config {
             node_name: a.node_name,
+            pod_name: a.pod_name,
+            pod_namespace: a.pod_namespace,
+            instance_ip: a.instance_ip,
+            cluster_id: a.cluster_id,
             trust_domain: a.trust_domain,
             root_namespace: a.root_namespace,
             state,
@@ -284,6 +317,7 @@ impl Config {
             busy_poll: Duration::from_micros(a.busy_poll_us),
             hbone_congestion_control: a.hbone_congestion_control,
             log_format: a.log_format,
+            access_log: a.access_log,
         })
     }
 

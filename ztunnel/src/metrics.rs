@@ -4,11 +4,17 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write;
+
+use ambit_identity::Identity;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::hbone::headers::Baggage;
+use crate::state::{Service, Workload};
 
 /// Which side of the connection reports (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -26,54 +32,203 @@ pub enum SecurityPolicy {
     unknown,
 }
 
-/// The labels of every `istio_tcp_*` series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConnectionLabels {
-    pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub request_protocol: &'static str,
-    pub response_flags: &'static str,
-    pub connection_security_policy: SecurityPolicy,
+/// Istio's `response_flags` label: how a connection ended, set when it
+/// closes (a connection is counted as opened with `-`).
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub enum ResponseFlags {
+    /// `-`: nothing to report.
+    #[default]
+    None,
+    /// `DENY`: an authorization policy denied it.
+    Deny,
+    /// `CONNECT`: the upstream (the application) could not be reached.
+    Connect,
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, w: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        w.write_str(match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::Connect => "CONNECT",
+        })
+    }
+}
+
+/// A label value, shared rather than copied; empty renders as `unknown`.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Value(Option<Arc<str>>);
+
+impl Value {
+    pub fn new(s: &str) -> Self {
+        Value((!s.is_empty()).then(|| Arc::from(s)))
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// `self`, or `other` when `self` is unknown.
+    pub fn or(self, other: Option<&str>) -> Self {
+        if self.is_unknown() {
+            Value::new(other.unwrap_or_default())
+        } else {
+            self
+        }
+    }
+}
+
+impl Value {
+    /// The value as rendered: `unknown` when empty.
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or("unknown")
+    }
+}
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, w: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        w.write_str(self.as_str())
+    }
+}
+
+/// The labels of one end of a connection. As Istio's ztunnel does, `app`
+/// and `version` repeat the canonical service and revision.
+#[derive(Clone, Debug, Default)]
+pub struct PeerLabels {
+    /// The owning workload's name (e.g. the Deployment's).
+    pub workload: Value,
+    pub canonical_service: Value,
+    pub canonical_revision: Value,
+    pub namespace: Value,
+    /// `spiffe://…`; set only where the identity is proven (mTLS).
+    pub principal: Value,
+    pub cluster: Value,
+}
+
+impl PeerLabels {
+    /// The labels the state gives a workload, without its principal.
+    pub fn of(w: &Workload) -> Self {
+        PeerLabels {
+            workload: Value::new(&w.workload_name),
+            canonical_service: Value::new(&w.canonical_name),
+            canonical_revision: Value::new(&w.canonical_revision),
+            namespace: Value::new(&w.namespace),
+            principal: Value::default(),
+            cluster: Value::new(&w.cluster_id),
+        }
+    }
+
+    pub fn with_principal(mut self, id: &Identity) -> Self {
+        self.principal = Value::new(&id.to_string());
+        self
+    }
+
+    /// Fills what the state left unknown from the peer's baggage. The
+    /// principal never comes from baggage.
+    pub fn fill_from(self, b: &Baggage) -> Self {
+        PeerLabels {
+            workload: self.workload.or(b.workload_name.as_deref()),
+            canonical_service: self.canonical_service.or(b.service_name.as_deref()),
+            canonical_revision: self.canonical_revision.or(b.revision.as_deref()),
+            namespace: self.namespace.or(b.namespace.as_deref()),
+            principal: self.principal,
+            cluster: self.cluster.or(b.cluster_id.as_deref()),
+        }
+    }
+}
+
+/// The destination service's labels.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceLabels {
+    /// The hostname (`destination_service`).
+    pub hostname: Value,
+    pub namespace: Value,
+    pub name: Value,
+}
+
+impl ServiceLabels {
+    pub fn of(s: &Service) -> Self {
+        ServiceLabels {
+            hostname: Value::new(&s.hostname),
+            namespace: Value::new(&s.namespace),
+            name: Value::new(&s.name),
+        }
+    }
 }
 
 /// What ztunnel knows about the two ends of a connection, before labels.
 #[derive(Clone, Debug, Default)]
 pub struct Peers {
-    pub source_workload: Option<String>,
-    pub source_namespace: Option<String>,
-    pub source_principal: Option<String>,
-    pub destination_workload: Option<String>,
-    pub destination_namespace: Option<String>,
-    pub destination_principal: Option<String>,
-    pub destination_service: Option<String>,
+    pub source: PeerLabels,
+    pub destination: PeerLabels,
+    pub service: ServiceLabels,
+}
+
+/// The labels of every `istio_tcp_*` series, in Istio's order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: Reporter,
+    pub source_workload: Value,
+    pub source_canonical_service: Value,
+    pub source_canonical_revision: Value,
+    pub source_workload_namespace: Value,
+    pub source_principal: Value,
+    pub source_app: Value,
+    pub source_version: Value,
+    pub source_cluster: Value,
+    pub destination_service: Value,
+    pub destination_service_namespace: Value,
+    pub destination_service_name: Value,
+    pub destination_workload: Value,
+    pub destination_canonical_service: Value,
+    pub destination_canonical_revision: Value,
+    pub destination_workload_namespace: Value,
+    pub destination_principal: Value,
+    pub destination_app: Value,
+    pub destination_version: Value,
+    pub destination_cluster: Value,
+    pub request_protocol: &'static str,
+    pub response_flags: ResponseFlags,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 impl ConnectionLabels {
-    /// Labels for a connection; missing values become `unknown`.
-    pub fn new(reporter: Reporter, peers: &Peers, mtls: bool) -> Self {
-        fn v(o: &Option<String>) -> String {
-            o.clone().unwrap_or_else(|| "unknown".to_owned())
-        }
+    /// Labels for a connection; missing values render as `unknown`.
+    pub fn new(reporter: Reporter, peers: Peers, mtls: bool) -> Self {
+        let Peers { source: s, destination: d, service } = peers;
         ConnectionLabels {
             reporter,
-            source_workload: v(&peers.source_workload),
-            source_workload_namespace: v(&peers.source_namespace),
-            source_principal: v(&peers.source_principal),
-            destination_workload: v(&peers.destination_workload),
-            destination_workload_namespace: v(&peers.destination_namespace),
-            destination_principal: v(&peers.destination_principal),
-            destination_service: v(&peers.destination_service),
+            source_app: s.canonical_service.clone(),
+            source_version: s.canonical_revision.clone(),
+            source_workload: s.workload,
+            source_canonical_service: s.canonical_service,
+            source_canonical_revision: s.canonical_revision,
+            source_workload_namespace: s.namespace,
+            source_principal: s.principal,
+            source_cluster: s.cluster,
+            destination_service: service.hostname,
+            destination_service_namespace: service.namespace,
+            destination_service_name: service.name,
+            destination_app: d.canonical_service.clone(),
+            destination_version: d.canonical_revision.clone(),
+            destination_workload: d.workload,
+            destination_canonical_service: d.canonical_service,
+            destination_canonical_revision: d.canonical_revision,
+            destination_workload_namespace: d.namespace,
+            destination_principal: d.principal,
+            destination_cluster: d.cluster,
             request_protocol: "tcp",
-            response_flags: "-",
+            response_flags: ResponseFlags::None,
             connection_security_policy: if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
         }
     }
+}
+
+/// Labels of `istio_build`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: &'static str,
+    pub tag: &'static str,
 }
 
 /// Direction of a failed connection.
@@ -130,6 +285,8 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     pub pooled_connections: Gauge,
     pub certificates_issued: Family<OutcomeLabels, Counter>,
+    pub connections_closed_by_policy: Counter,
+    pub build: Family<BuildLabels, Gauge>,
 }
 
 impl Metrics {
@@ -145,13 +302,18 @@ impl Metrics {
             enrolled_pods: Gauge::default(),
             pooled_connections: Gauge::default(),
             certificates_issued: Family::default(),
+            connections_closed_by_policy: Counter::default(),
+            build: Family::default(),
         };
+        // Istio's `istio_build{component="ztunnel",tag="<version>"} 1`.
+        m.build.get_or_create(&BuildLabels { component: "ztunnel", tag: env!("CARGO_PKG_VERSION") }).set(1);
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("tcp_connections_opened", "TCP connections opened", m.connections_opened.clone());
         istio.register("tcp_connections_closed", "TCP connections closed", m.connections_closed.clone());
         istio.register("tcp_sent_bytes", "Bytes sent toward the destination", m.sent_bytes.clone());
         istio.register("tcp_received_bytes", "Bytes received from the destination", m.received_bytes.clone());
+        istio.register("build", "Istio component build info", m.build.clone());
         let z = registry.sub_registry_with_prefix("ztunnel");
         z.register(
             "connection_failures",
@@ -162,6 +324,11 @@ impl Metrics {
         z.register("enrolled_pods", "Pods enrolled on this node over ZDS", m.enrolled_pods.clone());
         z.register("pooled_connections", "Open pooled HBONE connections", m.pooled_connections.clone());
         z.register("certificates", "Workload certificates requested, by outcome", m.certificates_issued.clone());
+        z.register(
+            "connections_closed_by_policy",
+            "Open inbound connections closed because a policy change denies them",
+            m.connections_closed_by_policy.clone(),
+        );
         Arc::new(m)
     }
 
@@ -176,23 +343,116 @@ mod tests {
     use super::*;
     use prometheus_client::encoding::text::encode;
 
+    /// Istio ztunnel's `istio_tcp_*` labels, in its order.
+    const ISTIO_LABELS: [&str; 23] = [
+        "reporter",
+        "source_workload",
+        "source_canonical_service",
+        "source_canonical_revision",
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "source_cluster",
+        "destination_service",
+        "destination_service_namespace",
+        "destination_service_name",
+        "destination_workload",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_cluster",
+        "request_protocol",
+        "response_flags",
+        "connection_security_policy",
+    ];
+
+    fn workload(name: &str, canonical: &str, revision: &str) -> Workload {
+        Workload {
+            name: format!("{name}-0"),
+            namespace: "default".into(),
+            workload_name: name.into(),
+            canonical_name: canonical.into(),
+            canonical_revision: revision.into(),
+            cluster_id: "Kubernetes".into(),
+            ..Default::default()
+        }
+    }
+
+    /// The label names of the first `metric{…}` line, in order.
+    fn label_names<'a>(out: &'a str, metric: &str) -> Vec<&'a str> {
+        let line = out.lines().find(|l| l.starts_with(&format!("{metric}{{"))).unwrap_or_else(|| panic!("{out}"));
+        let inner = &line[metric.len() + 1..line.rfind('}').unwrap()];
+        inner.split("\",").filter_map(|kv| kv.split_once('=')).map(|(k, _)| k.trim_start_matches(',')).collect()
+    }
+
     #[test]
-    fn metrics_render_with_istio_names_and_unknown_labels() {
+    fn connection_labels_are_istios_full_set_in_its_order() {
         let mut reg = Registry::default();
         let m = Metrics::new(&mut reg);
-        let peers = Peers { source_workload: Some("client".into()), ..Default::default() };
-        let l = ConnectionLabels::new(Reporter::source, &peers, true);
+        let client = workload("client", "client-app", "v1");
+        let server = workload("server", "server-app", "");
+        let svc = Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let peers = Peers {
+            source: PeerLabels::of(&client).with_principal(&client.identity()),
+            destination: PeerLabels::of(&server).with_principal(&server.identity()),
+            service: ServiceLabels::of(&svc),
+        };
+        let l = ConnectionLabels::new(Reporter::source, peers, true);
         m.connections_opened.get_or_create(&l).inc();
         m.sent_bytes.get_or_create(&l).inc_by(42);
         m.failure(Direction::inbound, FailureReason::policy_denied);
         let mut out = String::new();
         encode(&mut out, &reg).unwrap();
-        assert!(out.contains("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"unknown\""), "{out}");
+        assert_eq!(label_names(&out, "istio_tcp_connections_opened_total"), ISTIO_LABELS, "{out}");
+        let want = "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",\
+            source_canonical_service=\"client-app\",source_canonical_revision=\"v1\",source_workload_namespace=\"default\",\
+            source_principal=\"spiffe://cluster.local/ns/default/sa/default\",source_app=\"client-app\",source_version=\"v1\",\
+            source_cluster=\"Kubernetes\",destination_service=\"echo.default.svc.cluster.local\",\
+            destination_service_namespace=\"default\",destination_service_name=\"echo\",destination_workload=\"server\",\
+            destination_canonical_service=\"server-app\",destination_canonical_revision=\"unknown\",\
+            destination_workload_namespace=\"default\",destination_principal=\"spiffe://cluster.local/ns/default/sa/default\",\
+            destination_app=\"server-app\",destination_version=\"unknown\",destination_cluster=\"Kubernetes\",\
+            request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 1";
+        assert!(out.contains(want), "{out}");
         assert!(out.contains("istio_tcp_sent_bytes_total{") && out.contains("} 42"), "{out}");
-        assert!(out.contains("connection_security_policy=\"mutual_tls\""), "{out}");
         assert!(
             out.contains("ztunnel_connection_failures_total{direction=\"inbound\",reason=\"policy_denied\"} 1"),
             "{out}"
         );
+        let build = format!("istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(out.contains(&build), "{out}");
+    }
+
+    #[test]
+    fn unknown_values_render_unknown_and_flags_render_istios_names() {
+        let l = ConnectionLabels::new(Reporter::destination, Peers::default(), false);
+        let mut reg = Registry::default();
+        let m = Metrics::new(&mut reg);
+        m.connections_closed
+            .get_or_create(&ConnectionLabels { response_flags: ResponseFlags::Deny, ..l.clone() })
+            .inc();
+        m.connections_closed.get_or_create(&ConnectionLabels { response_flags: ResponseFlags::Connect, ..l }).inc();
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        let line = out.lines().find(|l| l.contains("response_flags=\"DENY\"")).expect(&out);
+        assert!(line.contains("source_workload=\"unknown\",source_canonical_service=\"unknown\""), "{line}");
+        assert!(line.contains("connection_security_policy=\"unknown\""), "{line}");
+        assert!(out.contains("response_flags=\"CONNECT\""), "{out}");
+    }
+
+    #[test]
+    fn values_fill_only_unknowns() {
+        assert_eq!(Value::new("a").or(Some("b")), Value::new("a"));
+        assert_eq!(Value::new("").or(Some("b")), Value::new("b"));
+        assert!(Value::new("").or(None).is_unknown());
     }
 }

@@ -1,7 +1,10 @@
 //! Who is calling: the node a ztunnel runs on, proven by a credential in the
-//! gRPC metadata. File mode uses one bootstrap token shared by all ztunnels,
-//! which then name their node in `x-ambit-node`; Kubernetes mode reviews the
-//! ztunnel's service-account token ([`super::token_review`]). Both sit behind
+//! gRPC metadata. Kubernetes mode reviews the ztunnel's service-account token
+//! ([`super::token_review`]); file mode maps per-node bootstrap tokens to their
+//! nodes ([`super::node_tokens`]), or admits one bootstrap token shared by all
+//! ztunnels ([`BootstrapTokenAuthenticator`]), which proves no node: a caller
+//! may name its node in `x-ambit-node`, else the xDS stream takes it from the
+//! Node the caller declares and the CA refuses. All sit behind
 //! [`AsyncCallerAuthenticator`], which the xDS and CA handlers call first.
 
 use std::future::Future;
@@ -11,15 +14,29 @@ use std::pin::Pin;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-/// Metadata key carrying the caller's node name in file mode.
+/// Metadata key in which Ambit's ztunnel names its node (optional: never
+/// required, and never stronger than a credential that names the node).
 pub const NODE_METADATA_KEY: &str = "x-ambit-node";
 const BEARER: &str = "Bearer ";
 
 /// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caller {
-    /// The Kubernetes node the caller runs on.
-    pub node: String,
+    /// The Kubernetes node the caller runs on, when known: from its credential
+    /// (a per-node token, a TokenReview) or, with the shared bootstrap token,
+    /// from its `x-ambit-node` header. `None`: the xDS stream takes the node
+    /// the caller declares in its `Node`, and the CA refuses the caller.
+    pub node: Option<String>,
+    /// The caller's own workload identity, `(namespace, service account)`,
+    /// when its credential names one (a TokenReview's user).
+    pub service_account: Option<(String, String)>,
+}
+
+impl Caller {
+    /// A caller on `node`, with no identity of its own.
+    pub fn on_node(node: impl Into<String>) -> Self {
+        Caller { node: Some(node.into()), service_account: None }
+    }
 }
 
 /// A boxed authentication future (the trait stays object-safe).
@@ -52,7 +69,10 @@ pub enum AuthError {
     NotHeaderSafe,
 }
 
-/// File mode: every caller presents the same bootstrap token and names its node.
+/// File mode with one token shared by every caller: it proves membership of
+/// the mesh but no node, so the node is the one the caller names (header
+/// `x-ambit-node`), if any. Per-node tokens ([`super::node_tokens`]) are the
+/// credential that scopes a caller to its node.
 pub struct BootstrapTokenAuthenticator {
     token: Vec<u8>,
 }
@@ -88,7 +108,7 @@ impl BootstrapTokenAuthenticator {
 
 /// Compares in time that depends only on the lengths, never on where the
 /// first difference is, so a caller cannot guess the token byte by byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -110,20 +130,20 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization metadata is not \"Bearer <token>\""))
 }
 
+/// The node named in `x-ambit-node`, if the caller sent a non-empty one.
+pub fn declared_node(metadata: &MetadataMap) -> Option<&str> {
+    metadata.get(NODE_METADATA_KEY).and_then(|v| v.to_str().ok()).map(str::trim).filter(|n| !n.is_empty())
+}
+
 impl BootstrapTokenAuthenticator {
-    /// The caller, or `Status::unauthenticated` saying what is missing or wrong.
+    /// The caller (on the node it names, if any), or `Status::unauthenticated`
+    /// saying what is missing or wrong.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let token = bearer_token(metadata)?;
         if !constant_time_eq(token.as_bytes(), &self.token) {
             return Err(Status::unauthenticated("invalid bootstrap token"));
         }
-        let node = metadata
-            .get(NODE_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| Status::unauthenticated(format!("missing {NODE_METADATA_KEY} metadata naming the node")))?;
-        Ok(Caller { node: node.to_owned() })
+        Ok(Caller { node: declared_node(metadata).map(str::to_owned), service_account: None })
     }
 }
 
@@ -151,18 +171,28 @@ mod tests {
         let auth = BootstrapTokenAuthenticator::new(" s3cret\n").unwrap();
         let caller =
             auth.authenticate(&metadata(&[("authorization", "Bearer s3cret"), ("x-ambit-node", "node-a")])).unwrap();
-        assert_eq!(caller, Caller { node: "node-a".into() });
+        assert_eq!(caller, Caller::on_node("node-a"));
     }
 
     #[test]
-    fn a_wrong_or_missing_token_or_node_is_unauthenticated() {
+    fn the_shared_token_without_a_node_header_authenticates_no_node() {
+        let auth = BootstrapTokenAuthenticator::new("s3cret").unwrap();
+        for md in [
+            metadata(&[("authorization", "Bearer s3cret")]),
+            metadata(&[("authorization", "Bearer s3cret"), ("x-ambit-node", " ")]),
+        ] {
+            assert_eq!(auth.authenticate(&md).unwrap(), Caller::default());
+        }
+    }
+
+    #[test]
+    fn a_wrong_or_missing_token_is_unauthenticated() {
         let auth = BootstrapTokenAuthenticator::new("s3cret").unwrap();
         for (md, want) in [
             (metadata(&[("x-ambit-node", "n")]), "missing authorization"),
             (metadata(&[("authorization", "Bearer s3creT"), ("x-ambit-node", "n")]), "invalid bootstrap token"),
             (metadata(&[("authorization", "Bearer s3cre"), ("x-ambit-node", "n")]), "invalid bootstrap token"),
             (metadata(&[("authorization", "Basic s3cret"), ("x-ambit-node", "n")]), "not \"Bearer"),
-            (metadata(&[("authorization", "Bearer s3cret")]), "x-ambit-node"),
         ] {
             let status = auth.authenticate(&md).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated);
@@ -184,7 +214,7 @@ mod tests {
     async fn the_async_path_answers_as_the_sync_one() {
         let auth: Box<dyn AsyncCallerAuthenticator> = Box::new(BootstrapTokenAuthenticator::new("t").unwrap());
         let md = metadata(&[("authorization", "Bearer t"), ("x-ambit-node", "node-b")]);
-        assert_eq!(auth.authenticate_async(&md).await.unwrap(), Caller { node: "node-b".into() });
+        assert_eq!(auth.authenticate_async(&md).await.unwrap(), Caller::on_node("node-b"));
         let err = auth.authenticate_async(&MetadataMap::new()).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }

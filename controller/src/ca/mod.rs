@@ -2,10 +2,11 @@
 //! Kubernetes Secret by [`secret_store`], its certificate published by
 //! [`root_configmap`]), the serving certificate of the
 //! controller's gRPC port ([`serving`]), caller authentication shared with
-//! xDS ([`auth`], [`token_review`]) and the `IstioCertificateService` itself
+//! xDS ([`auth`], [`node_tokens`], [`token_review`]) and the `IstioCertificateService` itself
 //! ([`service`]).
 
 pub mod auth;
+pub mod node_tokens;
 pub mod root;
 pub mod root_configmap;
 pub mod secret_store;
@@ -14,6 +15,7 @@ pub mod serving;
 pub mod token_review;
 
 pub use auth::{AsyncCallerAuthenticator, AuthError, AuthFuture, BootstrapTokenAuthenticator, Caller};
+pub use node_tokens::{NodeTokenAuthenticator, NodeTokensError};
 pub use root::{load_or_create, load_or_create_root, CaError, FileRootStore, RootStore, StoredRoot};
 pub use root_configmap::{publish_root_cert, PublishError, Published};
 pub use secret_store::{SecretRootStore, SecretStoreError};

@@ -1,6 +1,11 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`: signs a workload
 //! certificate for a caller, but only for an identity that runs on the
-//! caller's node according to the latest snapshot.
+//! caller's node according to the latest snapshot, or the caller's own.
+//!
+//! The identity asked for is the CSR's one SPIFFE name. Istio's ztunnel also
+//! names it in the request's `metadata` struct as `ImpersonatedIdentity`
+//! (Ambit's does too); when present it must be the CSR's. The node is never
+//! taken from the request: it comes from the caller's credential.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +23,10 @@ use tracing::{info, warn};
 
 use super::auth::AsyncCallerAuthenticator;
 use crate::model::SnapshotRx;
+
+/// Key of the request metadata naming the identity a node proxy asks for on
+/// behalf of one of its pods (as Istio's ztunnel sends it).
+pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
 
 /// Longest validity the CA grants unless configured otherwise.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -87,17 +96,28 @@ impl CaService {
         let caller = self.auth.authenticate_async(request.metadata()).await?;
         let req = request.get_ref();
         let identity = csr_identity(&req.csr, &self.trust_domain)?;
-        let allowed = self
-            .snapshots
-            .borrow()
-            .identities_by_node
-            .get(&caller.node)
-            .is_some_and(|ids| ids.contains(&(identity.namespace.clone(), identity.service_account.clone())));
-        if !allowed {
-            return Err(Status::permission_denied(format!(
-                "node {} runs no workload with identity {identity}",
-                caller.node
-            )));
+        if let Some(impersonated) = impersonated_identity(req.metadata.as_ref())? {
+            if impersonated != identity {
+                return Err(Status::invalid_argument(format!(
+                    "{IMPERSONATED_IDENTITY_KEY} {impersonated} is not the csr's identity {identity}"
+                )));
+            }
+        }
+        let key = (identity.namespace.clone(), identity.service_account.clone());
+        let own = caller.service_account.as_ref() == Some(&key);
+        if !own {
+            let node = caller.node.as_deref().ok_or_else(|| {
+                Status::unauthenticated(
+                    "the credential names no node (a shared bootstrap token without x-ambit-node): \
+                     give each node its own token (--bootstrap-tokens)",
+                )
+            })?;
+            let on_node = self.snapshots.borrow().identities_by_node.get(node).is_some_and(|ids| ids.contains(&key));
+            if !on_node {
+                return Err(Status::permission_denied(format!(
+                    "node {node} runs no workload with identity {identity}"
+                )));
+            }
         }
         let ttl = match u64::try_from(req.validity_duration) {
             Ok(secs) if secs > 0 => Duration::from_secs(secs).min(self.max_ttl),
@@ -109,9 +129,22 @@ impl CaService {
             }
             other => Status::internal(format!("cannot sign: {other}")),
         })?;
-        info!(node = %caller.node, identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
+        info!(node = caller.node.as_deref().unwrap_or("-"), identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
         Ok((identity, chain))
     }
+}
+
+/// The identity named by `ImpersonatedIdentity` in the request metadata, if any.
+fn impersonated_identity(metadata: Option<&prost_types::Struct>) -> Result<Option<Identity>, Status> {
+    let Some(value) = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY_KEY)) else {
+        return Ok(None);
+    };
+    let Some(prost_types::value::Kind::StringValue(uri)) = &value.kind else {
+        return Err(Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY_KEY} is not a string")));
+    };
+    uri.parse()
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY_KEY} {uri:?}: {e}")))
 }
 
 /// The one SPIFFE identity of `trust_domain` a PEM CSR asks for.

@@ -16,12 +16,16 @@ use ztunnel::ca_client::{connect_channel, CaClient};
 use ztunnel::certs::{CertError, CertificateProvider};
 
 use super::*;
-use crate::ca::auth::BootstrapTokenAuthenticator;
+use crate::ca::auth::{AuthFuture, BootstrapTokenAuthenticator, Caller};
+use crate::ca::node_tokens::NodeTokenAuthenticator;
 use crate::ca::serving::serving_identity;
 use crate::model::Snapshot;
 
 const TD: &str = "cluster.local";
 const TOKEN: &str = "bootstrap-token-for-tests";
+/// node-a's token of [`Harness::per_node`].
+const TOKEN_A: &str = "tok-a";
+const CLIENT_URI: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_NAME: &str = "ambit-controller.ambit-system.svc";
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -53,10 +57,19 @@ impl Drop for Harness {
 
 impl Harness {
     async fn start(max_ttl: Duration) -> Harness {
+        Self::start_with(max_ttl, Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap())).await
+    }
+
+    /// With per-node tokens `tok-a` (node-a) and `tok-b` (node-b).
+    async fn per_node() -> Harness {
+        let auth = NodeTokenAuthenticator::parse("tok-a node-a\ntok-b node-b\n", std::path::Path::new("t")).unwrap();
+        Self::start_with(DEFAULT_MAX_TTL, Arc::new(auth)).await
+    }
+
+    async fn start_with(max_ttl: Duration, authenticator: Arc<dyn AsyncCallerAuthenticator>) -> Harness {
         let ca = Arc::new(CertificateAuthority::generate_root(TD, 24 * HOUR).unwrap());
         let (snapshots, rx) = tokio::sync::watch::channel(snapshot_with("node-a", "default", "client"));
         let mut registry = Registry::default();
-        let authenticator = Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap());
         let service =
             CaService::new(ca.clone(), TD, authenticator, rx, &mut registry).with_max_ttl(max_ttl).into_server();
         let (chain, key) = serving_identity(&ca, &[SERVER_NAME.to_string()], &["127.0.0.1".parse().unwrap()]).unwrap();
@@ -85,6 +98,22 @@ impl Harness {
             Request::new(IstioCertificateRequest { csr, validity_duration: validity.as_secs() as i64, metadata: None });
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         req.metadata_mut().insert("x-ambit-node", node.parse().unwrap());
+        client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+    }
+
+    /// Sends `csr` as Istio's ztunnel does: the token, no node header, and
+    /// `ImpersonatedIdentity` (when given) in the request's metadata struct.
+    async fn create_istio(&self, token: &str, csr: String, impersonated: Option<&str>) -> Result<Vec<String>, Status> {
+        let mut client = IstioCertificateServiceClient::new(self.channel().await);
+        let metadata = impersonated.map(|id| prost_types::Struct {
+            fields: [(
+                IMPERSONATED_IDENTITY_KEY.to_owned(),
+                prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id.to_owned())) },
+            )]
+            .into(),
+        });
+        let mut req = Request::new(IstioCertificateRequest { csr, validity_duration: 3600, metadata });
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
     }
 
@@ -229,4 +258,81 @@ async fn a_client_trusting_another_root_refuses_the_serving_certificate() {
     let other = CertificateAuthority::generate_root(TD, HOUR).unwrap();
     let r = connect_channel(&format!("https://{}", h.addr), &other.roots_pem(), SERVER_NAME).await;
     assert!(r.is_err(), "a serving certificate from another root was accepted");
+}
+
+#[tokio::test]
+async fn a_per_node_token_alone_gets_identities_of_its_node_and_no_other() {
+    let h = Harness::per_node().await;
+    // Exactly Istio's ztunnel: token and ImpersonatedIdentity, no node anywhere in the request.
+    let (csr, key) = generate_csr(&client_id()).unwrap();
+    let chain = h.create_istio("tok-a", csr, Some(CLIENT_URI)).await.unwrap();
+    let cert = WorkloadCertificate::from_pem(&chain[0], &key, &chain[1]).unwrap();
+    assert_eq!(cert.identity(), &client_id());
+    // Without ImpersonatedIdentity the CSR's name is the request.
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    h.create_istio("tok-a", csr, None).await.unwrap();
+    // node-b's token: default/client runs on node-a only.
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create_istio("tok-b", csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("node-b"), "{}", status.message());
+    // node-a's token naming node-b in the header: refused, the header cannot move the token to another node.
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create(TOKEN_A, "node-b", csr, HOUR).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    h.create(TOKEN_A, "node-a", csr, HOUR).await.expect("a header naming the token's own node is fine");
+    // A token nobody was given.
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create_istio("tok-c", csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
+async fn an_impersonated_identity_must_be_the_csrs() {
+    let h = Harness::per_node().await;
+    for (impersonated, want) in [
+        ("spiffe://cluster.local/ns/default/sa/other", "is not the csr's identity"),
+        ("not a spiffe id", "ImpersonatedIdentity \"not a spiffe id\""),
+    ] {
+        let (csr, _) = generate_csr(&client_id()).unwrap();
+        let status = h.create_istio("tok-a", csr, Some(impersonated)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(want), "{} does not say {want}", status.message());
+    }
+    // A CSR for an identity elsewhere does not pass by naming an allowed one.
+    let (csr, _) = generate_csr(&Identity::new(TD, "kube-system", "admin")).unwrap();
+    let status = h.create_istio("tok-a", csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_shared_token_without_a_node_header_gets_no_certificate() {
+    let h = Harness::start(DEFAULT_MAX_TTL).await;
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create_istio(TOKEN, csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("--bootstrap-tokens"), "{}", status.message());
+}
+
+/// A caller as a TokenReview describes one (no API server here): on `node`, as `sa`.
+struct FixedCaller(Caller);
+
+impl AsyncCallerAuthenticator for FixedCaller {
+    fn authenticate_async<'a>(&'a self, _: &'a tonic::metadata::MetadataMap) -> AuthFuture<'a> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
+}
+
+#[tokio::test]
+async fn a_caller_may_have_its_own_identity_wherever_it_runs() {
+    let ztunnel =
+        Caller { node: Some("node-b".into()), service_account: Some(("ambit-system".into(), "ztunnel".into())) };
+    let h = Harness::start_with(DEFAULT_MAX_TTL, Arc::new(FixedCaller(ztunnel))).await;
+    let own = Identity::new(TD, "ambit-system", "ztunnel");
+    let (csr, _) = generate_csr(&own).unwrap();
+    h.create_istio("any", csr, Some(&own.to_string())).await.expect("its own identity");
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create_istio("any", csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "a pod on node-a: {status:?}");
 }

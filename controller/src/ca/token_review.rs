@@ -254,7 +254,13 @@ pub fn caller_from_review(
                 "token of {username} is not bound to a pod on a node (no {NODE_NAME_EXTRA})"
             ))
         })?;
-    Ok(Caller { node: node.to_owned() })
+    Ok(Caller { node: Some(node.to_owned()), service_account: service_account_of(username) })
+}
+
+/// `(namespace, name)` of a `system:serviceaccount:<namespace>:<name>` user.
+fn service_account_of(username: &str) -> Option<(String, String)> {
+    let (ns, name) = username.strip_prefix("system:serviceaccount:")?.split_once(':')?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains(':')).then(|| (ns.to_owned(), name.to_owned()))
 }
 
 impl AsyncCallerAuthenticator for TokenReviewAuthenticator {
@@ -293,7 +299,16 @@ mod tests {
     fn an_authenticated_ztunnel_token_bound_to_a_pod_gives_its_node() {
         let status = answer(DEFAULT_ZTUNNEL_IDENTITY, Some("node-1"), &["ambit-ca"]);
         let caller = caller_from_review(Some(&status), "ambit-ca", &allowed()).unwrap();
-        assert_eq!(caller, Caller { node: "node-1".into() });
+        assert_eq!(caller.node.as_deref(), Some("node-1"), "the node comes from the token's bound pod");
+        assert_eq!(caller.service_account, Some(("ambit-system".to_owned(), "ztunnel".to_owned())));
+    }
+
+    #[test]
+    fn only_service_account_users_have_an_identity_of_their_own() {
+        assert_eq!(service_account_of("system:serviceaccount:ns:sa"), Some(("ns".into(), "sa".into())));
+        for user in ["admin", "system:serviceaccount:ns", "system:serviceaccount::sa", "system:serviceaccount:a:b:c"] {
+            assert_eq!(service_account_of(user), None, "{user}");
+        }
     }
 
     #[test]
@@ -320,13 +335,13 @@ mod tests {
     fn the_cache_keeps_admissions_for_the_ttl_and_refusals_briefly() {
         let mut cache = Cache::default();
         let t0 = Instant::now();
-        let ok = Ok(Caller { node: "n1".into() });
+        let ok = Ok(Caller::on_node("n1"));
         cache.insert("good", &ok, t0, Duration::from_secs(60));
         cache.insert("bad", &Err(Status::unauthenticated("nope")), t0, Duration::from_secs(60));
         cache.insert("down", &Err(Status::unavailable("api down")), t0, Duration::from_secs(60));
 
         let later = t0 + Duration::from_secs(30);
-        assert_eq!(cache.get("good", later).unwrap().unwrap().node, "n1");
+        assert_eq!(cache.get("good", later).unwrap().unwrap().node.as_deref(), Some("n1"));
         assert!(cache.get("bad", later).is_none(), "refusals expire after {REFUSAL_TTL:?}");
         let bad = cache.get("bad", t0 + Duration::from_secs(1)).unwrap().unwrap_err();
         assert_eq!((bad.code(), bad.message()), (Code::Unauthenticated, "nope"));
@@ -338,7 +353,7 @@ mod tests {
     fn a_zero_ttl_caches_nothing() {
         let mut cache = Cache::default();
         let now = Instant::now();
-        cache.insert("t", &Ok(Caller { node: "n".into() }), now, Duration::ZERO);
+        cache.insert("t", &Ok(Caller::on_node("n")), now, Duration::ZERO);
         assert!(cache.get("t", now).is_none());
     }
 
@@ -347,7 +362,7 @@ mod tests {
         let mut cache = Cache::default();
         let now = Instant::now();
         for i in 0..MAX_CACHED + 10 {
-            cache.insert(&format!("t{i}"), &Ok(Caller { node: "n".into() }), now, DEFAULT_CACHE_TTL);
+            cache.insert(&format!("t{i}"), &Ok(Caller::on_node("n")), now, DEFAULT_CACHE_TTL);
         }
         assert!(cache.entries.len() <= MAX_CACHED);
     }

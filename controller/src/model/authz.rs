@@ -6,7 +6,8 @@
 use std::net::IpAddr;
 
 use ambit_api::security::{
-    string_match::MatchType, Action, Address, Authorization, Clause, Match, Rule, Scope, StringMatch,
+    string_match::MatchType, Action, Address, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch,
+    StringMatch,
 };
 
 use super::crd::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Condition, Operation, Source};
@@ -27,6 +28,9 @@ pub enum PolicyError {
     /// A `when` condition has neither values nor notValues.
     #[error("condition {0:?} has neither values nor notValues")]
     EmptyCondition(String),
+    /// A service account is not `ns/sa` or `sa` (no wildcards, no empty parts).
+    #[error("bad service account {0:?}: want namespace/name or name, without wildcards")]
+    BadServiceAccount(String),
 }
 
 /// What a policy becomes at L4.
@@ -67,7 +71,7 @@ pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converte
     };
     let mut rules = Vec::with_capacity(p.spec.rules.len());
     for (i, r) in p.spec.rules.iter().enumerate() {
-        let (rule, l7) = convert_rule(r)?;
+        let (rule, l7) = convert_rule(r, &namespace)?;
         if l7.is_empty() {
             rules.push(rule);
         } else if action == Action::Allow {
@@ -87,12 +91,14 @@ pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converte
     Ok(out)
 }
 
-/// The L4 rule and the names of the L7 attributes it had to leave out.
-fn convert_rule(r: &AuthorizationRule) -> Result<(Rule, Vec<&'static str>), PolicyError> {
+/// The L4 rule and the names of the L7 attributes it had to leave out;
+/// `namespace` is the policy's (where a bare service account name lives).
+fn convert_rule(r: &AuthorizationRule, namespace: &str) -> Result<(Rule, Vec<&'static str>), PolicyError> {
     let mut l7 = Vec::new();
     let mut clauses = Vec::new();
     if !r.from.is_empty() {
-        let matches = r.from.iter().map(|f| source_match(&f.source, &mut l7)).collect::<Result<Vec<_>, _>>()?;
+        let matches =
+            r.from.iter().map(|f| source_match(&f.source, namespace, &mut l7)).collect::<Result<Vec<_>, _>>()?;
         clauses.push(Clause { matches });
     }
     if !r.to.is_empty() {
@@ -111,18 +117,17 @@ fn convert_rule(r: &AuthorizationRule) -> Result<(Rule, Vec<&'static str>), Poli
     Ok((Rule { clauses }, l7))
 }
 
-fn source_match(s: &Source, l7: &mut Vec<&'static str>) -> Result<Match, PolicyError> {
+fn source_match(s: &Source, namespace: &str, l7: &mut Vec<&'static str>) -> Result<Match, PolicyError> {
     note(l7, !s.request_principals.is_empty(), "requestPrincipals");
     note(l7, !s.not_request_principals.is_empty(), "notRequestPrincipals");
     note(l7, !s.remote_ip_blocks.is_empty(), "remoteIpBlocks");
     note(l7, !s.not_remote_ip_blocks.is_empty(), "notRemoteIpBlocks");
-    let mut principals: Vec<_> = s.principals.iter().map(|v| principal(v)).collect();
-    principals.extend(s.service_accounts.iter().map(|v| service_account(v)));
-    let mut not_principals: Vec<_> = s.not_principals.iter().map(|v| principal(v)).collect();
-    not_principals.extend(s.not_service_accounts.iter().map(|v| service_account(v)));
+    let service_accounts = |v: &[String]| v.iter().map(|v| service_account(v, namespace)).collect::<Result<_, _>>();
     Ok(Match {
-        principals,
-        not_principals,
+        principals: s.principals.iter().map(|v| principal(v)).collect(),
+        not_principals: s.not_principals.iter().map(|v| principal(v)).collect(),
+        service_accounts: service_accounts(&s.service_accounts)?,
+        not_service_accounts: service_accounts(&s.not_service_accounts)?,
         namespaces: s.namespaces.iter().map(|v| string_match(v)).collect(),
         not_namespaces: s.not_namespaces.iter().map(|v| string_match(v)).collect(),
         source_ips: ip_blocks(&s.ip_blocks)?,
@@ -192,25 +197,36 @@ pub fn string_match(v: &str) -> StringMatch {
     StringMatch { match_type: Some(t) }
 }
 
-/// A principal (`td/ns/x/sa/y`) matched against the peer's SPIFFE ID, which
-/// ztunnel compares with its `spiffe://` scheme.
+/// A principal as Istio writes it, `td/ns/x/sa/y`: the peer's SPIFFE ID
+/// without its scheme, which is how ztunnels compare it. A value written
+/// with `spiffe://` keeps its meaning: exact and prefix patterns lose the
+/// scheme, and a suffix that spells it pinned the whole ID, so it becomes
+/// exact (a bare suffix would also match longer trust domains).
 fn principal(v: &str) -> StringMatch {
+    const SCHEME: &str = "spiffe://";
     let mut m = string_match(v);
     match &mut m.match_type {
-        Some(MatchType::Exact(s) | MatchType::Prefix(s)) if !s.starts_with("spiffe://") => s.insert_str(0, "spiffe://"),
+        Some(MatchType::Exact(s) | MatchType::Prefix(s)) if s.starts_with(SCHEME) => {
+            s.replace_range(..SCHEME.len(), "")
+        }
+        Some(MatchType::Suffix(s)) if s.starts_with(SCHEME) => {
+            m.match_type = Some(MatchType::Exact(s[SCHEME.len()..].to_owned()));
+        }
         _ => {}
     }
     m
 }
 
-/// `sa` or `ns/sa`: any trust domain. A bare `sa` has no namespace to pin, so
-/// it matches that account name in any namespace.
-fn service_account(v: &str) -> StringMatch {
-    let suffix = match v.split_once('/') {
-        Some((ns, sa)) => format!("/ns/{ns}/sa/{sa}"),
-        None => format!("/sa/{v}"),
-    };
-    StringMatch { match_type: Some(MatchType::Suffix(suffix)) }
+/// `ns/sa`, or a bare `sa` in the policy's `namespace` (as Istio converts
+/// it); any trust domain. Both parts are compared exactly, so wildcards and
+/// empty parts, which would silently match nobody, are rejected.
+fn service_account(v: &str, namespace: &str) -> Result<ServiceAccountMatch, PolicyError> {
+    let (ns, sa) = v.split_once('/').unwrap_or((namespace, v));
+    let bad = |p: &str| p.is_empty() || p.contains(['/', '*']);
+    if bad(ns) || bad(sa) {
+        return Err(PolicyError::BadServiceAccount(v.into()));
+    }
+    Ok(ServiceAccountMatch { namespace: ns.into(), service_account: sa.into() })
 }
 
 fn ip_blocks(values: &[String]) -> Result<Vec<Address>, PolicyError> {
@@ -267,7 +283,19 @@ mod tests {
         assert_eq!(string_match("*-dev").match_type, Some(MatchType::Suffix("-dev".into())));
         assert_eq!(string_match("team-*").match_type, Some(MatchType::Prefix("team-".into())));
         assert_eq!(string_match("a"), exact("a"));
-        assert_eq!(principal("cluster.local/ns/a/sa/b"), exact("spiffe://cluster.local/ns/a/sa/b"));
+    }
+
+    #[test]
+    fn principals_are_written_without_the_scheme_whichever_form_the_user_wrote() {
+        let m = |t| StringMatch { match_type: Some(t) };
+        assert_eq!(principal("cluster.local/ns/a/sa/b"), exact("cluster.local/ns/a/sa/b"));
+        assert_eq!(principal("spiffe://cluster.local/ns/a/sa/b"), exact("cluster.local/ns/a/sa/b"));
+        assert_eq!(principal("spiffe://cluster.local/ns/a/*"), m(MatchType::Prefix("cluster.local/ns/a/".into())));
+        assert_eq!(principal("cluster.local/ns/a/*"), m(MatchType::Prefix("cluster.local/ns/a/".into())));
+        assert_eq!(principal("spiffe://*"), m(MatchType::Prefix(String::new())));
+        assert_eq!(principal("*/sa/b"), m(MatchType::Suffix("/sa/b".into())));
+        assert_eq!(principal("*spiffe://cluster.local/ns/a/sa/b"), exact("cluster.local/ns/a/sa/b"));
+        assert_eq!(principal("*"), m(MatchType::Presence(())));
     }
 
     #[test]
@@ -309,7 +337,7 @@ mod tests {
         let clauses = &a.rules[0].clauses;
         assert_eq!(clauses.len(), 4);
         assert_eq!(clauses[0].matches.len(), 2);
-        assert_eq!(clauses[0].matches[0].principals, vec![exact("spiffe://cluster.local/ns/default/sa/client")]);
+        assert_eq!(clauses[0].matches[0].principals, vec![exact("cluster.local/ns/default/sa/client")]);
         assert_eq!(clauses[0].matches[1].not_source_ips[0].length, 16);
         assert_eq!(clauses[1].matches[0].destination_ports, vec![8080]);
         assert_eq!(clauses[1].matches[0].not_destination_ports, vec![15000]);
@@ -380,6 +408,11 @@ mod tests {
             ("  rules: [{to: [{operation: {notPorts: ['0']}}]}]\n", "bad port"),
             ("  rules: [{when: [{key: destination.port, values: [x]}]}]\n", "bad port"),
             ("  rules: [{when: [{key: source.ip}]}]\n", "neither values"),
+            ("  rules: [{from: [{source: {serviceAccounts: ['ns/']}}]}]\n", "bad service account"),
+            ("  rules: [{from: [{source: {serviceAccounts: ['/sa']}}]}]\n", "bad service account"),
+            ("  rules: [{from: [{source: {notServiceAccounts: ['a/b/c']}}]}]\n", "bad service account"),
+            ("  rules: [{from: [{source: {notServiceAccounts: ['ns/*']}}]}]\n", "bad service account"),
+            ("  rules: [{from: [{source: {serviceAccounts: ['']}}]}]\n", "bad service account"),
         ];
         for (spec, want) in cases {
             let err = convert(&policy(spec, "default"), "ambit-system").unwrap_err();
@@ -388,13 +421,63 @@ mod tests {
     }
 
     #[test]
-    fn empty_rule_matches_everything_and_service_accounts_become_principal_suffixes() {
+    fn empty_rule_matches_everything_and_service_accounts_become_service_account_matches() {
         let p = policy("  rules:\n  - {}\n  - from: [{source: {serviceAccounts: [other/sa1]}}]\n", "default");
         let a = convert(&p, "ambit-system").unwrap().authorization.unwrap();
         assert!(a.rules[0].clauses.is_empty());
-        assert_eq!(
-            a.rules[1].clauses[0].matches[0].principals[0].match_type,
-            Some(MatchType::Suffix("/ns/other/sa/sa1".into()))
+        let m = &a.rules[1].clauses[0].matches[0];
+        assert!(m.principals.is_empty(), "no longer principal suffixes");
+        let want = ServiceAccountMatch { namespace: "other".into(), service_account: "sa1".into() };
+        assert_eq!(m.service_accounts, vec![want]);
+    }
+
+    /// What the controller sends, as bytes on the wire and decoded by a peer,
+    /// checked against the form Istio's control plane writes.
+    #[test]
+    fn emitted_authorization_decodes_field_by_field_in_istios_form() {
+        use prost::Message;
+        let p = policy(
+            r#"  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/c/sa/d", "*"]
+        notPrincipals: ["spiffe://cluster.local/ns/e/*"]
+        serviceAccounts: ["x/y", "bare"]
+        notServiceAccounts: ["z"]
+    when:
+    - {key: source.principal, values: ["spiffe://cluster.local/ns/w/sa/v"], notValues: ["*/sa/u"]}
+"#,
+            "team",
         );
+        let sent = convert(&p, "ambit-system").unwrap().authorization.unwrap();
+        let a = Authorization::decode(sent.encode_to_vec().as_slice()).unwrap();
+        assert_eq!((a.name.as_str(), a.namespace.as_str()), ("p", "team"));
+        assert_eq!((a.scope(), a.action()), (Scope::Namespace, Action::Deny));
+        let clauses = &a.rules[0].clauses;
+        assert_eq!(clauses.len(), 2, "from, then when");
+        let from = &clauses[0].matches[0];
+        let m = |t| StringMatch { match_type: Some(t) };
+        assert_eq!(
+            from.principals,
+            vec![exact("cluster.local/ns/a/sa/b"), exact("cluster.local/ns/c/sa/d"), m(MatchType::Presence(()))]
+        );
+        assert_eq!(from.not_principals, vec![m(MatchType::Prefix("cluster.local/ns/e/".into()))]);
+        let sa = |ns: &str, name: &str| ServiceAccountMatch { namespace: ns.into(), service_account: name.into() };
+        assert_eq!(
+            from.service_accounts,
+            vec![sa("x", "y"), sa("team", "bare")],
+            "a bare name is in the policy's namespace"
+        );
+        assert_eq!(from.not_service_accounts, vec![sa("team", "z")]);
+        assert!(from.extensions.is_empty());
+        let when = &clauses[1].matches[0];
+        assert_eq!(when.principals, vec![exact("cluster.local/ns/w/sa/v")]);
+        assert_eq!(when.not_principals, vec![m(MatchType::Suffix("/sa/u".into()))]);
+        // On the wire: Match fields 11 and 12; ServiceAccountMatch field 1 namespace, 2 serviceAccount.
+        let only = |m: Match| m.encode_to_vec()[0];
+        assert_eq!(only(Match { service_accounts: vec![sa("n", "s")], ..Default::default() }), 11 << 3 | 2);
+        assert_eq!(only(Match { not_service_accounts: vec![sa("n", "s")], ..Default::default() }), 12 << 3 | 2);
+        assert_eq!(sa("ns", "sa").encode_to_vec(), [1 << 3 | 2, 2, b'n', b's', 2 << 3 | 2, 2, b's', b'a']);
     }
 }

@@ -146,7 +146,8 @@ pub struct RuleTo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
-    /// Peer identities `<trust-domain>/ns/<ns>/sa/<sa>`.
+    /// Peer identities `<trust-domain>/ns/<ns>/sa/<sa>` (a leading
+    /// `spiffe://` is accepted and dropped).
     #[serde(default)]
     pub principals: Vec<String>,
     /// Negated principals.
@@ -164,7 +165,7 @@ pub struct Source {
     /// Negated namespaces.
     #[serde(default)]
     pub not_namespaces: Vec<String>,
-    /// Peer service accounts, `sa` or `ns/sa`.
+    /// Peer service accounts, `ns/sa`, or `sa` in the policy's namespace.
     #[serde(default)]
     pub service_accounts: Vec<String>,
     /// Negated service accounts.

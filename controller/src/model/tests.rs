@@ -150,7 +150,7 @@ fn example_cluster_policies_have_every_field() {
     assert_eq!(c.len(), 2);
     assert_eq!(
         c[0].matches[0].principals[0].match_type,
-        Some(MatchType::Exact("spiffe://cluster.local/ns/default/sa/client".into()))
+        Some(MatchType::Exact("cluster.local/ns/default/sa/client".into()))
     );
     assert_eq!(c[1].matches[0].destination_ports, vec![8080]);
     let strict = &s.authorizations["default/istio_converted_static_strict"];

@@ -51,6 +51,7 @@ pub fn build(
     } else {
         None
     };
+    let owner = workload_owner(v.pod, name);
     let mut policies = extras.policies;
     policies.sort_unstable();
     policies.dedup();
@@ -69,8 +70,8 @@ pub fn build(
             .unwrap_or_else(|| name.into()),
         canonical_revision: label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
             .unwrap_or_else(|| "latest".into()),
-        workload_type: WorkloadType::Pod.into(),
-        workload_name: workload_name(v.pod, name),
+        workload_type: owner.1.into(),
+        workload_name: owner.0,
         services: extras.services,
         authorization_policies: policies,
         status: if ready(v.pod) { WorkloadStatus::Healthy } else { WorkloadStatus::Unhealthy }.into(),
@@ -88,22 +89,32 @@ fn ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The owning workload's name: a Deployment's for ReplicaSet pods (the
-/// ReplicaSet name less its `pod-template-hash`), the controller's otherwise.
-fn workload_name(pod: &Pod, pod_name: &str) -> String {
+/// The owning workload's name and kind, as Istio's control plane derives
+/// them: a Deployment for ReplicaSet pods (the ReplicaSet name less its
+/// `pod-template-hash`), a CronJob for the Jobs it names
+/// `<cronjob>-<8 to 10 digits>`, a Job, else the pod itself.
+fn workload_owner(pod: &Pod, pod_name: &str) -> (String, WorkloadType) {
     let owner = pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
     let Some(owner) = owner else {
-        return pod_name.into();
+        return (pod_name.into(), WorkloadType::Pod);
     };
-    if owner.kind == "ReplicaSet" {
-        let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
-        if let Some(base) = hash.and_then(|h| owner.name.strip_suffix(h.as_str())) {
-            if let Some(base) = base.strip_suffix('-') {
-                return base.into();
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+            let base = hash.and_then(|h| owner.name.strip_suffix(h.as_str())).and_then(|b| b.strip_suffix('-'));
+            match base {
+                Some(base) => (base.into(), WorkloadType::Deployment),
+                None => (owner.name.clone(), WorkloadType::Pod),
             }
         }
+        "Job" => match owner.name.rsplit_once('-') {
+            Some((cron, n)) if (8..=10).contains(&n.len()) && n.bytes().all(|c| c.is_ascii_digit()) => {
+                (cron.into(), WorkloadType::Cronjob)
+            }
+            _ => (owner.name.clone(), WorkloadType::Job),
+        },
+        _ => (owner.name.clone(), WorkloadType::Pod),
     }
-    owner.name.clone()
 }
 
 #[cfg(test)]
@@ -116,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn workload_name_strips_the_replicaset_hash() {
+    fn workload_owner_strips_the_replicaset_hash_and_names_the_kind() {
         let pod: Pod = serde_yaml::from_str(
             r#"
 apiVersion: v1
@@ -128,7 +139,14 @@ metadata:
 "#,
         )
         .unwrap();
-        assert_eq!(workload_name(&pod, "web-7d4b9c-x2x"), "web");
-        assert_eq!(workload_name(&Pod::default(), "lonely"), "lonely");
+        assert_eq!(workload_owner(&pod, "web-7d4b9c-x2x"), ("web".into(), WorkloadType::Deployment));
+        assert_eq!(workload_owner(&Pod::default(), "lonely"), ("lonely".into(), WorkloadType::Pod));
+        let owned_by = |kind: &str, name: &str| {
+            let yaml = format!("metadata: {{ownerReferences: [{{apiVersion: v1, kind: {kind}, name: {name}, uid: u, controller: true}}]}}");
+            workload_owner(&serde_yaml::from_str(&yaml).unwrap(), "p")
+        };
+        assert_eq!(owned_by("Job", "backup-28391520"), ("backup".into(), WorkloadType::Cronjob));
+        assert_eq!(owned_by("Job", "migrate"), ("migrate".into(), WorkloadType::Job));
+        assert_eq!(owned_by("StatefulSet", "db"), ("db".into(), WorkloadType::Pod));
     }
 }

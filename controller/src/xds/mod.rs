@@ -10,8 +10,10 @@
 //! client that lists what it holds gets only what changed.
 //!
 //! Every stream starts by authenticating its caller (bootstrap token or
-//! TokenReview); the node a stream declares must be the caller's own, since
-//! the node decides which workloads it is sent in full.
+//! TokenReview). The node decides which workloads a stream is sent in full:
+//! it is the caller's when its credential names one, and a `NODE_NAME` the
+//! stream declares in its `Node` must then agree; with a credential that names
+//! no node (the shared bootstrap token), it is the node the stream declares.
 
 mod metrics;
 mod stream;
@@ -35,7 +37,7 @@ pub use metrics::{TypeLabel, TypeLabels, XdsMetrics};
 pub use stream::{visible_to_node, NodeInfo};
 pub use version::ResourceType;
 
-use crate::ca::{AsyncCallerAuthenticator, Caller};
+use crate::ca::AsyncCallerAuthenticator;
 use crate::model::SnapshotRx;
 use stream::{Outgoing, StreamState};
 use version::{Cache, Prepared};
@@ -55,7 +57,7 @@ pub enum XdsError {
     /// The model's publisher is gone: the controller is shutting down.
     #[error("snapshot publisher closed")]
     PublisherClosed,
-    /// The stream declared a node other than the authenticated caller's.
+    /// The stream declared a node other than the one its caller runs on.
     #[error("stream declares node {declared:?} but the caller runs on {caller:?}")]
     NodeMismatch { declared: String, caller: String },
 }
@@ -101,13 +103,16 @@ impl AggregatedDiscoveryService for XdsServer {
             info!(?peer, code = ?status.code(), message = status.message(), "xds: caller refused");
         })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut state = StreamState::new(self.metrics.clone());
+        if let Some(node) = caller.node {
+            state.set_node(NodeInfo { id: String::new(), name: node });
+        }
         let conn = Connection {
-            caller,
             requests: request.into_inner(),
             tx,
             snapshots: self.snapshots.clone(),
             cache: self.cache.clone(),
-            state: StreamState::new(self.metrics.clone()),
+            state,
             metrics: self.metrics.clone(),
         };
         tokio::spawn(async move {
@@ -126,7 +131,6 @@ impl AggregatedDiscoveryService for XdsServer {
 
 /// One stream's task.
 struct Connection {
-    caller: Caller,
     requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     snapshots: SnapshotRx,
@@ -167,13 +171,18 @@ impl Connection {
         }
     }
 
-    /// Ends the stream with `permission_denied` when `node` is not the caller's.
+    /// Takes the node `node` declares as the stream's, or ends the stream with
+    /// `permission_denied` when it names another than the one already known.
     async fn check_node(&mut self, node: &ambit_api::discovery::Node) -> Result<(), XdsError> {
-        let declared = NodeInfo::from_node(node).name;
-        if declared == self.caller.node {
-            return Ok(());
-        }
-        let e = XdsError::NodeMismatch { declared, caller: self.caller.node.clone() };
+        let known = self.state.node().map(|n| n.name.clone());
+        let declared = match NodeInfo::for_caller(known.as_deref(), node) {
+            Ok(info) => {
+                self.state.set_node(info);
+                return Ok(());
+            }
+            Err(declared) => declared,
+        };
+        let e = XdsError::NodeMismatch { declared, caller: known.unwrap_or_default() };
         // Best effort: the client may already be gone.
         let _ = self.tx.send(Err(Status::permission_denied(e.to_string()))).await;
         Err(e)

@@ -29,18 +29,33 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// Metadata `NODE_NAME`, when set and not empty (Istio's ztunnel sends it
+    /// empty when its `NODE_NAME` environment variable is unset).
+    pub fn declared_name(node: &Node) -> Option<String> {
+        node.metadata.as_ref().and_then(|m| m.fields.get("NODE_NAME")).and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            _ => None,
+        })
+    }
+
     /// Reads the node name from metadata `NODE_NAME`, falling back to the id.
     pub fn from_node(node: &Node) -> Self {
-        let name = node
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get("NODE_NAME"))
-            .and_then(|v| match &v.kind {
-                Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| node.id.clone());
+        let name = Self::declared_name(node).unwrap_or_else(|| node.id.clone());
         NodeInfo { id: node.id.clone(), name }
+    }
+
+    /// The node a stream serves when its caller is known to run on `known`
+    /// (from its credential, or an earlier request) and it now declares
+    /// `node`: `known`, which a declared `NODE_NAME` must agree with (else
+    /// `Err` with the declared name); without `known`, what `node` declares.
+    pub fn for_caller(known: Option<&str>, node: &Node) -> Result<Self, String> {
+        match known {
+            None => Ok(Self::from_node(node)),
+            Some(known) => match Self::declared_name(node) {
+                Some(declared) if declared != known => Err(declared),
+                _ => Ok(NodeInfo { id: node.id.clone(), name: known.to_owned() }),
+            },
+        }
     }
 }
 
@@ -155,9 +170,14 @@ impl StreamState {
         StreamState { node: None, types: [None, None], pending: VecDeque::new(), metrics }
     }
 
-    /// The node, once a request named it.
+    /// The node, once known (from the caller's credential or a request).
     pub fn node(&self) -> Option<&NodeInfo> {
         self.node.as_ref()
+    }
+
+    /// Serves `node` from now on (set before the requests that depend on it).
+    pub fn set_node(&mut self, node: NodeInfo) {
+        self.node = Some(node);
     }
 
     /// Handles one request: ACK/NACK bookkeeping, then subscription changes.
@@ -367,6 +387,41 @@ mod tests {
         md.fields.insert("NODE_NAME".into(), prost_types::Value { kind: Some(Kind::StringValue("node-a".into())) });
         node.metadata = Some(md);
         assert_eq!(NodeInfo::from_node(&node).name, "node-a");
+    }
+
+    /// The Node Istio's ztunnel sends (src/xds/client.rs): id and metadata from its environment.
+    fn istio_node(node_name: &str) -> Node {
+        let mut md = prost_types::Struct::default();
+        for (k, v) in [
+            ("NAME", "ztunnel-x7k2p"),
+            ("NAMESPACE", "istio-system"),
+            ("INSTANCE_IPS", "10.0.0.1"),
+            ("NODE_NAME", node_name),
+            ("CLUSTER_ID", "Kubernetes"),
+        ] {
+            md.fields.insert(k.into(), prost_types::Value { kind: Some(Kind::StringValue(v.into())) });
+        }
+        Node {
+            id: "ztunnel~10.0.0.1~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local".into(),
+            metadata: Some(md),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_istio_node_is_parsed_and_a_known_node_wins_over_what_it_declares() {
+        let node = istio_node("node-a");
+        assert_eq!(NodeInfo::declared_name(&node).as_deref(), Some("node-a"));
+        // Unknown caller node (a shared token): the declared NODE_NAME.
+        assert_eq!(NodeInfo::for_caller(None, &node).unwrap().name, "node-a");
+        // Known: it must agree, and the id is kept for logs.
+        let info = NodeInfo::for_caller(Some("node-a"), &node).unwrap();
+        assert_eq!((info.id.as_str(), info.name.as_str()), (node.id.as_str(), "node-a"));
+        assert_eq!(NodeInfo::for_caller(Some("node-b"), &node).unwrap_err(), "node-a");
+        // An empty NODE_NAME (Istio's ztunnel without the variable) declares nothing: the known node stands.
+        let unnamed = istio_node(" ");
+        assert_eq!(NodeInfo::declared_name(&unnamed), None);
+        assert_eq!(NodeInfo::for_caller(Some("node-b"), &unnamed).unwrap().name, "node-b");
     }
 
     #[test]

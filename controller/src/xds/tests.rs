@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::Streaming;
 
 use super::*;
-use crate::ca::BootstrapTokenAuthenticator;
+use crate::ca::{AsyncCallerAuthenticator, BootstrapTokenAuthenticator, NodeTokenAuthenticator};
 use crate::model::{Snapshot, SnapshotTx};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -80,7 +80,15 @@ impl Drop for TestServer {
 }
 
 fn serve_on(addr: SocketAddr, tx: SnapshotTx, metrics: Arc<XdsMetrics>) -> TestServer {
-    let auth = Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap());
+    serve_with(addr, tx, metrics, Arc::new(BootstrapTokenAuthenticator::new(TOKEN).unwrap()))
+}
+
+fn serve_with(
+    addr: SocketAddr,
+    tx: SnapshotTx,
+    metrics: Arc<XdsMetrics>,
+    auth: Arc<dyn AsyncCallerAuthenticator>,
+) -> TestServer {
     let svc = XdsServer::new(tx.subscribe(), metrics.clone(), auth).into_service();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -278,7 +286,7 @@ fn bad_workload(uid: &str) -> Address {
 #[tokio::test]
 async fn ztunnel_client_syncs_nacks_bad_config_and_keeps_the_last_good_state() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
-    let cfg = ztunnel::xds::XdsConfig::new("ztunnel~10.0.0.100~z.ambit~ambit.svc.cluster.local", NODE, "cluster.local");
+    let cfg = ztunnel::xds::XdsConfig::new(ztunnel::xds::ProxyNode::new(NODE), "cluster.local");
     let client = ztunnel::xds::XdsClient::new(channel(srv.addr), bearer(), cfg);
     let mut synced = client.synced();
     let (state_tx, mut states) = mpsc::unbounded_channel();
@@ -313,7 +321,7 @@ async fn ztunnel_client_syncs_nacks_bad_config_and_keeps_the_last_good_state() {
 async fn ztunnel_client_reconnects_and_catches_up() {
     let srv = start(snapshot(1, &[("w1", 1), ("w2", 2)], &["p1"]));
     let addr = srv.addr;
-    let mut cfg = ztunnel::xds::XdsConfig::new("z", NODE, "cluster.local");
+    let mut cfg = ztunnel::xds::XdsConfig::new(ztunnel::xds::ProxyNode::new(NODE), "cluster.local");
     cfg.backoff_initial = Duration::from_millis(50);
     cfg.backoff_max = Duration::from_millis(200);
     let client = ztunnel::xds::XdsClient::new(channel(addr), bearer(), cfg);
@@ -438,7 +446,6 @@ async fn a_stream_without_the_token_is_unauthenticated_and_gets_nothing() {
     for (auth, what) in [
         (ztunnel::xds::BearerToken::default(), "no token"),
         (ztunnel::xds::BearerToken::new(Some("wrong")).unwrap().with_node(NODE).unwrap(), "a wrong token"),
-        (ztunnel::xds::BearerToken::new(Some(TOKEN)).unwrap(), "no node name"),
     ] {
         let status = first_answer(srv.addr, auth, NODE).await.expect_err(what);
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{what}: {status:?}");
@@ -454,5 +461,67 @@ async fn a_stream_declaring_another_node_than_its_callers_is_refused() {
     let status = first_answer(srv.addr, bearer(), "node-b").await.expect_err("another node");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("node-b") && status.message().contains(NODE), "{}", status.message());
+    assert_eq!(srv.metrics.pushes(ResourceType::Address), 0);
+}
+
+#[tokio::test]
+async fn with_the_shared_token_and_no_node_header_the_stream_serves_the_node_it_declares() {
+    let srv = start(snapshot(1, &[("w1", 1)], &["p1"]));
+    let auth = ztunnel::xds::BearerToken::new(Some(TOKEN)).unwrap();
+    let ok = first_answer(srv.addr, auth, NODE).await.unwrap();
+    assert_eq!(names(&ok), ["w1"]);
+}
+
+/// A workload only node `node` is sent: on it, not captured, backing no service.
+fn node_local(uid: &str, node: &str) -> Address {
+    let mut a = workload(uid, [10, 0, 0, 50], 0);
+    if let Some(address::Type::Workload(w)) = &mut a.r#type {
+        w.node = node.into();
+        w.tunnel_protocol = ambit_api::workload::TunnelProtocol::None.into();
+    }
+    a
+}
+
+/// A server admitting per-node tokens `tok-a` (node-a) and `tok-b` (node-b),
+/// with one workload seen only by node-a and one only by node-b.
+fn start_per_node() -> TestServer {
+    let mut s = snapshot(1, &[], &["p1"]);
+    s.addresses.insert("only-a".into(), node_local("only-a", "node-a"));
+    s.addresses.insert("only-b".into(), node_local("only-b", "node-b"));
+    let (tx, _) = watch::channel(Arc::new(s));
+    let auth = NodeTokenAuthenticator::parse("tok-a node-a\ntok-b node-b\n", std::path::Path::new("t")).unwrap();
+    serve_with("127.0.0.1:0".parse().unwrap(), tx, XdsMetrics::new(&mut Registry::default()), Arc::new(auth))
+}
+
+/// Exactly what Istio's ztunnel sends: a token and its `Node`, no Ambit header.
+fn istio_token(token: &str) -> ztunnel::xds::BearerToken {
+    ztunnel::xds::BearerToken::new(Some(token)).unwrap()
+}
+
+#[tokio::test]
+async fn a_per_node_token_alone_serves_its_node_whatever_node_metadata_is_missing() {
+    let srv = start_per_node();
+    // NODE_NAME agrees with the token.
+    let ok = first_answer(srv.addr, istio_token("tok-a"), "node-a").await.unwrap();
+    assert_eq!(names(&ok), ["only-a"]);
+    // NODE_NAME empty (Istio's ztunnel without the variable): the token's node, not the id.
+    let ok = first_answer(srv.addr, istio_token("tok-b"), "").await.unwrap();
+    assert_eq!(names(&ok), ["only-b"]);
+}
+
+#[tokio::test]
+async fn a_per_node_token_cannot_be_used_for_another_node() {
+    let srv = start_per_node();
+    // A Node declaring another node.
+    let status = first_answer(srv.addr, istio_token("tok-a"), "node-b").await.expect_err("another node");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("node-b") && status.message().contains("node-a"), "{}", status.message());
+    // An x-ambit-node header naming another node.
+    let header = istio_token("tok-a").with_node("node-b").unwrap();
+    let status = first_answer(srv.addr, header, "node-b").await.expect_err("header for another node");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // A token nobody was given.
+    let status = first_answer(srv.addr, istio_token("tok-c"), "node-a").await.expect_err("unknown token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert_eq!(srv.metrics.pushes(ResourceType::Address), 0);
 }

@@ -59,6 +59,14 @@ mod tests {
     }
 
     #[test]
+    fn ca_request_metadata_is_field_four_as_istios() {
+        let metadata = prost_types::Struct::default();
+        let req = ca::IstioCertificateRequest { csr: String::new(), validity_duration: 0, metadata: Some(metadata) };
+        // field 4, wire type 2 -> tag (4 << 3) | 2 = 0x22, empty message.
+        assert_eq!(req.encode_to_vec(), vec![0x22, 0x00]);
+    }
+
+    #[test]
     fn workload_uid_is_field_twenty() {
         let w = workload::Workload { uid: "x".into(), ..Default::default() };
         // field 20, wire type 2 -> tag (20 << 3) | 2 = 162 = 0xa2 0x01

@@ -1,6 +1,7 @@
 //! Logging: `tracing` to stderr, plain or JSON, with the filter taken from
 //! `RUST_LOG` (default `info`) and changeable at run time.
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -54,9 +55,12 @@ pub fn init_logging(format: LogFormat) -> Result<LogControl, LogError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let (filter, handle) = reload::Layer::new(parse(&directives)?);
     let registry = tracing_subscriber::registry().with(filter);
+    // Colour codes only for a person at a terminal, never in collected logs.
+    let layer =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Plain => registry.with(layer).init(),
     }
     Ok(LogControl { handle, current: Mutex::new(directives) })
 }

@@ -2,10 +2,11 @@
 //! port 15008. This module holds the HTTP/2 settings both sides use, the
 //! byte relay between a TCP socket and a stream, and the client pool.
 
+pub mod headers;
 pub mod pool;
 mod relay;
 
-pub use relay::{relay, RelayError, Transferred};
+pub use relay::{relay, relay_until, RelayError, Transferred};
 
 /// The HBONE port, inside every enrolled pod.
 pub const HBONE_PORT: u16 = 15008;

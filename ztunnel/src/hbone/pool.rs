@@ -15,7 +15,7 @@ use ambit_identity::Identity;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, StatusCode, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Version};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
@@ -58,14 +58,15 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    /// True when the peer's certificate did not prove the expected identity
-    /// (or chain to our roots), as opposed to a network failure.
+    /// True when the peer's certificate chains to our roots but names
+    /// another identity than the expected one. A certificate that does not
+    /// verify (unknown issuer, bad chain, expired) is a TLS failure, not this.
     pub fn is_identity_failure(&self) -> bool {
         match self {
             PoolError::Tls { source, .. } => source
                 .get_ref()
                 .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_))),
+                .is_some_and(ambit_identity::tls::is_unexpected_identity),
             _ => false,
         }
     }
@@ -101,6 +102,8 @@ pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     pub guard: StreamGuard,
+    /// The headers of the destination's 200 response (its `baggage`).
+    pub response: HeaderMap,
 }
 
 /// How to dial new connections.
@@ -130,13 +133,15 @@ impl HbonePool {
 
     /// Opens a tunnel to `authority` (the final destination, `ip:port`)
     /// through the ztunnel at `key.dst`, reusing a pooled connection when
-    /// one has room.
+    /// one has room. `headers` go on the CONNECT request (see
+    /// [`super::headers`]).
     pub async fn open(
         self: &Arc<Self>,
         key: &PoolKey,
         netns: &PodNetns,
         certs: &Certs,
         authority: SocketAddr,
+        headers: HeaderMap,
     ) -> Result<Tunnel, PoolError> {
         let serial = certs.cert.serial();
         let conn = match self.pick(key, serial) {
@@ -152,12 +157,13 @@ impl HbonePool {
         };
         let guard = StreamGuard(conn.clone());
         let mut sender = conn.sender.clone();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .version(Version::HTTP_2)
             .uri(authority.to_string())
             .body(())
             .map_err(|_| PoolError::BadRequest(authority.to_string()))?;
+        *req.headers_mut() = headers;
         let h2err = |source| PoolError::H2 { addr: key.dst, source };
         sender = sender.ready().await.map_err(h2err)?;
         let (resp, send) = sender.send_request(req, false).map_err(h2err)?;
@@ -165,7 +171,8 @@ impl HbonePool {
         if resp.status() != StatusCode::OK {
             return Err(PoolError::Refused(resp.status()));
         }
-        Ok(Tunnel { send, recv: resp.into_body(), guard })
+        let (parts, recv) = resp.into_parts();
+        Ok(Tunnel { send, recv, guard, response: parts.headers })
     }
 
     /// A live connection for `key` with a free stream slot, reserving it.
@@ -291,5 +298,60 @@ impl HbonePool {
     /// Number of open pooled connections (for tests and the config dump).
     pub fn connection_count(&self) -> usize {
         self.conns.lock().expect("bug: poisoned pool").values().map(|v| v.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ambit_identity::{tls, CertificateAuthority};
+    use rustls_pki_types::ServerName;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const H2: &[&[u8]] = &[b"h2"];
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "default", sa)
+    }
+
+    /// A real handshake from a client of `client_ca` expecting `reviews` to
+    /// a server whose certificate `server_ca` issued for `server_sa`; the
+    /// client's error.
+    async fn handshake(
+        server_ca: &CertificateAuthority,
+        server_sa: &str,
+        client_ca: &CertificateAuthority,
+    ) -> PoolError {
+        let server = tls::server_config(&server_ca.issue(&id(server_sa), HOUR).unwrap(), H2).unwrap();
+        let client =
+            tls::client_config(&client_ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = TlsAcceptor::from(server).accept(tcp).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let result = TlsConnector::from(client).connect(ServerName::IpAddress(addr.ip().into()), tcp).await;
+        server.await.unwrap();
+        match result {
+            Ok(_) => panic!("the handshake should fail"),
+            Err(source) => PoolError::Tls { addr, source },
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_unknown_issuer_is_a_tls_failure_and_a_wrong_identity_a_mismatch() {
+        let mesh = CertificateAuthority::generate_root("cluster.local", 24 * HOUR).unwrap();
+        let foreign = CertificateAuthority::generate_root("cluster.local", 24 * HOUR).unwrap();
+        let unknown_issuer = handshake(&foreign, "reviews", &mesh).await;
+        assert!(!unknown_issuer.is_identity_failure(), "{unknown_issuer}");
+        let wrong_identity = handshake(&mesh, "ratings", &mesh).await;
+        assert!(wrong_identity.is_identity_failure(), "{wrong_identity}");
     }
 }

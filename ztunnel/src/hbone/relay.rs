@@ -2,7 +2,7 @@
 //! directions, with h2 flow control as backpressure: a slow reader slows
 //! the writer instead of growing a buffer.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -26,6 +26,8 @@ pub enum RelayError {
     Stream(#[from] h2::Error),
     #[error("tunnel stream closed by the peer before the data was sent")]
     StreamClosed,
+    #[error("closed by ztunnel")]
+    Aborted,
 }
 
 /// Bytes moved by a relay.
@@ -40,17 +42,28 @@ pub struct Transferred {
 /// Relays until both directions have finished. A half-close on one side is
 /// passed on (TCP FIN ↔ END_STREAM). On an error in either direction the
 /// stream is reset and the socket dropped, so the far side sees it too.
-pub async fn relay(
+pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> (Transferred, Result<(), RelayError>) {
+    relay_until(tcp, send, recv, std::future::pending()).await
+}
+
+/// [`relay`], ended early when `abort` completes: both sides are then reset
+/// as on an error ([`RelayError::Aborted`]), keeping the byte counts so far.
+pub async fn relay_until(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    abort: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), RelayError>) {
     let (mut r, mut w) = tcp.into_split();
     let mut t = Transferred::default();
     let result = {
         let up = tcp_to_stream(&mut r, &mut send, &mut t.to_tunnel);
         let down = stream_to_tcp(&mut recv, &mut w, &mut t.from_tunnel);
-        tokio::try_join!(up, down).map(|_| ())
+        tokio::select! {
+            biased;
+            done = async { tokio::try_join!(up, down) } => done.map(|_| ()),
+            () = abort => Err(RelayError::Aborted),
+        }
     };
     if result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
@@ -147,4 +160,55 @@ async fn stream_to_tcp(recv: &mut RecvStream, w: &mut OwnedWriteHalf, n: &mut u6
     }
     w.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
+        let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_aborted_relay_resets_the_stream_and_the_socket_and_keeps_the_counts() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ((tunnel_c, tunnel_s), (upstream, mut app)) = (pair(&l).await, pair(&l).await);
+        let server = tokio::spawn(async move {
+            let mut conn = super::super::server_builder(10).handshake::<_, Bytes>(tunnel_s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let send = respond.send_response(http::Response::new(()), false).unwrap();
+            let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+            let relay = tokio::spawn(relay_until(upstream, send, req.into_body(), async {
+                let _ = abort_rx.await;
+            }));
+            (abort_tx, relay)
+        });
+        let (mut client, conn) = super::super::client_builder().handshake::<_, Bytes>(tunnel_c).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::connect("127.0.0.1:8080").body(()).unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        let (abort, relay) = server.await.unwrap();
+        let mut recv = resp.await.unwrap().into_body();
+        send.send_data(Bytes::from_static(b"hello"), false).unwrap();
+        let mut five = [0u8; 5];
+        app.read_exact(&mut five).await.unwrap();
+        assert_eq!(&five, b"hello");
+
+        abort.send(()).unwrap();
+        let (t, result) = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert!(matches!(result, Err(RelayError::Aborted)), "{result:?}");
+        assert_eq!(t, Transferred { to_tunnel: 0, from_tunnel: 5 });
+        let err = recv.data().await.expect("the stream ends with a reset").unwrap_err();
+        assert_eq!(err.reason(), Some(h2::Reason::CANCEL), "{err}");
+        let err = app.read(&mut five).await.expect_err("the application sees a reset, not an end of stream");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
 }

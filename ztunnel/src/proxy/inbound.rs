@@ -16,10 +16,13 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::conn::{Bytes as ConnBytes, ConnMetrics};
+use super::peers::{fill_from_baggage, inbound_service, Claims};
+use super::registry::{InboundConnection, Registration};
 use super::socket::connect_from_pod;
 use super::{Pod, ProxyInputs};
-use crate::hbone::{relay, server_builder, tls_socket, tune_tls};
-use crate::metrics::{Direction, FailureReason, Peers, Reporter};
+use crate::hbone::headers::{forwarded_host, parse_baggage, response_baggage, TraceParent, BAGGAGE};
+use crate::hbone::{relay_until, server_builder, tls_socket, tune_tls};
+use crate::metrics::{Direction, FailureReason, PeerLabels, Peers, Reporter, ResponseFlags};
 use crate::state::{ConnectionAttributes, ProxyState, Workload};
 
 // A peer that does not finish its TLS handshake in this time is dropped.
@@ -98,22 +101,31 @@ async fn handle_stream(
             return;
         }
     };
-    let request = InboundRequest { src: peer, src_identity: Some((*src_identity).clone()), target };
-    let (upstream, peers) = match authorize_and_connect(&inputs, &pod, &request).await {
-        Ok(ok) => ok,
-        Err(reason) => {
-            inputs.metrics.failure(Direction::inbound, reason);
-            let status = match reason {
-                FailureReason::policy_denied => StatusCode::UNAUTHORIZED,
-                FailureReason::bad_request => StatusCode::BAD_REQUEST,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            reply(&mut respond, status);
-            return;
-        }
-    };
-    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::destination, &peers, true);
-    let send = match respond.send_response(Response::new(()), false) {
+    let claims = Claims { service_host: forwarded_host(req.headers()), baggage: parse_baggage(req.headers()) };
+    if let Some(trace) = TraceParent::from_headers(req.headers()) {
+        debug!(pod = %pod.uid, %peer, %target, %trace, "hbone request");
+    }
+    let request = InboundRequest { src: peer, src_identity: Some((*src_identity).clone()), target, claims };
+    let Accepted { upstream, mut metrics, destination, mut registration } =
+        match authorize_and_connect(&inputs, &pod, &request).await {
+            Ok(ok) => ok,
+            Err(reason) => {
+                inputs.metrics.failure(Direction::inbound, reason);
+                let status = match reason {
+                    FailureReason::policy_denied => StatusCode::UNAUTHORIZED,
+                    FailureReason::bad_request => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                reply(&mut respond, status);
+                return;
+            }
+        };
+    // As Istio's ztunnel, the reply names the destination in `baggage`.
+    let mut ok = Response::new(());
+    if let Some(b) = response_baggage(&destination) {
+        ok.headers_mut().insert(BAGGAGE, b);
+    }
+    let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
             debug!(pod = %pod.uid, %peer, error = %e, "hbone stream gone before the response");
@@ -121,11 +133,17 @@ async fn handle_stream(
             return;
         }
     };
-    let (t, r) = relay(upstream, send, req.into_body()).await;
+    let (t, r) = relay_until(upstream, send, req.into_body(), registration.closed()).await;
     metrics.record(ConnBytes { received: t.from_tunnel, sent: t.to_tunnel });
-    if let Err(e) = r {
-        warn!(pod = %pod.uid, %peer, %target, error = %e, "hbone stream broke");
-        inputs.metrics.failure(Direction::inbound, FailureReason::stream_error);
+    match r {
+        Ok(()) => {}
+        // A close by policy was logged and counted where it was decided.
+        Err(_) if registration.closed_by_policy() => metrics.error(FailureReason::policy_denied),
+        Err(e) => {
+            warn!(pod = %pod.uid, %peer, %target, error = %e, "hbone stream broke");
+            metrics.error(FailureReason::stream_error);
+            inputs.metrics.failure(Direction::inbound, FailureReason::stream_error);
+        }
     }
 }
 
@@ -140,41 +158,55 @@ pub(super) struct InboundRequest {
     pub src: SocketAddr,
     pub src_identity: Option<Identity>,
     pub target: SocketAddr,
+    /// What the HBONE request's headers say (telemetry only).
+    pub claims: Claims,
 }
 
-/// The service an inbound connection most likely came through: HBONE names
-/// only the pod, so, as Istio's ztunnel does, take the first of the pod's
-/// services with a target port equal to the connection's.
-fn inbound_service(state: &ProxyState, dst: &Workload, port: u16) -> Option<String> {
-    let (key, _) = dst.services.iter().find(|(_, ports)| {
-        ports.iter().any(|p| (if p.target_port == 0 { p.service_port } else { p.target_port }) == port)
-    })?;
-    state.service_by_key(key).map(|s| s.hostname.clone())
+/// An authorized connection to the application.
+pub(super) struct Accepted {
+    pub upstream: TcpStream,
+    /// Counted open; closes when dropped.
+    pub metrics: ConnMetrics,
+    /// The destination workload (this pod) as the state knows it.
+    pub destination: Arc<Workload>,
+    /// Its place among the open connections a policy change may close.
+    pub registration: Registration,
 }
 
-/// Checks that `req` targets this pod and is allowed by policy, then
-/// connects to the application as the client's address. On failure returns
-/// the reason, having logged it.
+/// The labels of an inbound connection, as Istio's ztunnel sets them: the
+/// source from the state (by IP), what the state lacks from its baggage,
+/// its principal from its certificate; the destination from the state.
+fn inbound_peers(state: &ProxyState, pod: &Pod, dst: &Workload, req: &InboundRequest) -> Peers {
+    let mut source = state.workload_by_ip(req.src.ip()).map(|w| PeerLabels::of(w)).unwrap_or_default();
+    if let Some(id) = &req.src_identity {
+        if let Some(b) = &req.claims.baggage {
+            source = fill_from_baggage(source, b, id);
+        }
+        source = source.with_principal(id);
+    }
+    let service = inbound_service(state, dst, req.claims.service_host.as_deref(), req.target.port());
+    Peers { source, destination: PeerLabels::of(dst).with_principal(&pod.identity), service }
+}
+
+/// Checks that `req` targets this pod and is allowed by policy, registers it
+/// among the open connections (which a later policy change may close), then
+/// connects to the application as the client's address. A connection that
+/// gets that far is counted in Istio's metrics, a denied or failed one
+/// closing with `DENY` or `CONNECT`. On failure returns the reason, having
+/// logged it.
 pub(super) async fn authorize_and_connect(
     inputs: &ProxyInputs,
     pod: &Pod,
     req: &InboundRequest,
-) -> Result<(TcpStream, Peers), FailureReason> {
+) -> Result<Accepted, FailureReason> {
     let state = inputs.state.snapshot();
     let Some(dst) = state.workload_by_ip(req.target.ip()).filter(|w| pod.is(w)) else {
         warn!(pod = %pod.uid, src = %req.src, target = %req.target, "inbound target is not this pod; refusing");
         return Err(FailureReason::bad_request);
     };
-    let src = state.workload_by_ip(req.src.ip());
-    let peers = Peers {
-        source_workload: src.map(|w| w.name.clone()),
-        source_namespace: src.map(|w| w.namespace.clone()),
-        source_principal: req.src_identity.as_ref().map(|i| i.to_string()),
-        destination_workload: Some(dst.name.clone()),
-        destination_namespace: Some(dst.namespace.clone()),
-        destination_principal: Some(pod.identity.to_string()),
-        destination_service: inbound_service(&state, dst, req.target.port()),
-    };
+    let peers = inbound_peers(&state, pod, dst, req);
+    let log = inputs.access_log(req.src, req.target);
+    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::destination, peers, req.src_identity.is_some(), log);
     let attrs = ConnectionAttributes {
         src_identity: req.src_identity.clone(),
         src_ip: req.src.ip(),
@@ -186,13 +218,23 @@ pub(super) async fn authorize_and_connect(
             pod = %pod.uid, src = %req.src, principal = ?req.src_identity.as_ref().map(|i| i.to_string()),
             target = %req.target, policy = ?denied.policy, reason = denied.reason, "connection denied by policy"
         );
+        metrics.flag(ResponseFlags::Deny);
+        metrics.error(FailureReason::policy_denied);
         return Err(FailureReason::policy_denied);
     }
+    let conn = InboundConnection { src: req.src, attrs, dst: dst.clone() };
+    let Ok(registration) = inputs.inbound.register(conn, &state, &inputs.state) else {
+        metrics.flag(ResponseFlags::Deny);
+        metrics.error(FailureReason::policy_denied);
+        return Err(FailureReason::policy_denied); // logged by the registry
+    };
     let cfg = &inputs.config;
     match connect_from_pod(&pod.netns, req.target, Some(req.src.ip()), cfg.connect_timeout).await {
-        Ok(s) => Ok((s, peers)),
+        Ok(upstream) => Ok(Accepted { upstream, metrics, destination: dst.clone(), registration }),
         Err(e) => {
             warn!(pod = %pod.uid, src = %req.src, target = %req.target, error = %e, "application unreachable");
+            metrics.flag(ResponseFlags::Connect);
+            metrics.error(FailureReason::unreachable);
             Err(FailureReason::unreachable)
         }
     }

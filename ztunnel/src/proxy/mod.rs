@@ -2,10 +2,13 @@
 //! pod's network namespace on 15001 (outbound, REDIRECT target), 15006
 //! (inbound plaintext, TPROXY target) and 15008 (inbound HBONE).
 
+mod access_log;
 mod conn;
 mod inbound;
 mod outbound;
+mod peers;
 mod plaintext;
+mod registry;
 mod socket;
 
 use std::net::SocketAddr;
@@ -24,6 +27,7 @@ use crate::netns::{ListenOpts, NetnsError, PodNetns};
 use crate::state::SharedState;
 use crate::workers::Workers;
 
+pub use registry::{close_denied_on_policy_change, InboundRegistry};
 pub use socket::original_destination;
 
 /// Outbound capture port, inside each pod.
@@ -40,6 +44,8 @@ pub struct ProxyInputs {
     pub pool: Arc<HbonePool>,
     pub metrics: Arc<Metrics>,
     pub workers: Arc<Workers>,
+    /// The open inbound connections, which a policy change may close.
+    pub inbound: Arc<InboundRegistry>,
 }
 
 /// One enrolled pod, as the node agent described it.
@@ -52,6 +58,13 @@ pub struct Pod {
     pub netns: PodNetns,
 }
 
+impl ProxyInputs {
+    /// The ends an access log names, when access logs are on.
+    fn access_log(&self, src: SocketAddr, dst: SocketAddr) -> Option<access_log::Ends> {
+        self.config.access_log.then_some(access_log::Ends { src, dst })
+    }
+}
+
 impl Pod {
     /// True when `w` (from the state) is this pod.
     pub fn is(&self, w: &crate::state::Workload) -> bool {
@@ -60,7 +73,7 @@ impl Pod {
 }
 
 /// The running listeners of one pod; dropping it stops them. Connections
-/// already accepted run to completion.
+/// already accepted run to completion (or until a policy change denies them).
 pub struct PodProxies {
     tasks: JoinSet<()>,
 }

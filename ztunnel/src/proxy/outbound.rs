@@ -9,11 +9,13 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::conn::{relay_plain, Bytes, ConnMetrics};
+use super::peers::fill_from_baggage;
 use super::socket::{connect_from_pod, original_destination};
 use super::{Pod, ProxyInputs};
+use crate::hbone::headers::{connect_headers, parse_baggage, TraceParent};
 use crate::hbone::pool::{PoolError, PoolKey};
 use crate::hbone::{relay, HBONE_PORT};
-use crate::metrics::{Direction, FailureReason, Peers, Reporter};
+use crate::metrics::{Direction, FailureReason, PeerLabels, Peers, Reporter, ServiceLabels, Value};
 use crate::state::{Service, Upstream, Workload};
 
 pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
@@ -31,22 +33,20 @@ pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream
             return;
         }
     };
-    let peers = Peers {
-        source_workload: Some(pod.name.clone()),
-        source_namespace: Some(pod.namespace.clone()),
-        source_principal: Some(pod.identity.to_string()),
-        ..Default::default()
-    };
+    // ZDS names the pod; the state knows its owner and canonical names.
+    let source = inputs.state.snapshot().workload_by_ip(peer.ip()).filter(|w| pod.is(w)).cloned();
+    let peers = Peers { source: source_labels(&pod, source.as_deref()), ..Default::default() };
     match inputs.state.resolve(dst) {
         Upstream::Hbone { workload, service, target, guard: _guard } => {
             let peers = destination_peers(peers, &workload, service.as_deref());
-            hbone(&inputs, &pod, stream, peer, target, &workload, peers).await
+            let src = Source { pod: &pod, workload: source.as_deref(), addr: peer };
+            hbone(&inputs, src, stream, target, &workload, service.as_deref(), peers).await
         }
         Upstream::Direct { workload, service, target, guard: _guard } => {
             let peers = destination_peers(peers, &workload, service.as_deref());
-            plain(&inputs, &pod, stream, target, peers).await
+            plain(&inputs, &pod, stream, peer, target, peers).await
         }
-        Upstream::Passthrough => plain(&inputs, &pod, stream, dst, peers).await,
+        Upstream::Passthrough => plain(&inputs, &pod, stream, peer, dst, peers).await,
         Upstream::NoHealthyEndpoint { service } => {
             warn!(pod = %pod.uid, %dst, service = %service.hostname, "no healthy endpoint; closing");
             inputs.metrics.failure(Direction::outbound, FailureReason::no_healthy_endpoint);
@@ -55,40 +55,70 @@ pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream
     }
 }
 
+/// The source's labels: from its workload in the state, else what ZDS says
+/// of the pod. The principal is added only for mTLS, as Istio does.
+fn source_labels(pod: &Pod, w: Option<&Workload>) -> PeerLabels {
+    match w {
+        Some(w) => PeerLabels::of(w),
+        None => {
+            PeerLabels { workload: Value::new(&pod.name), namespace: Value::new(&pod.namespace), ..Default::default() }
+        }
+    }
+}
+
 fn destination_peers(mut peers: Peers, w: &Workload, service: Option<&Service>) -> Peers {
-    peers.destination_workload = Some(w.name.clone());
-    peers.destination_namespace = Some(w.namespace.clone());
-    peers.destination_service = service.map(|s| s.hostname.clone());
+    peers.destination = PeerLabels::of(w).with_principal(&w.identity());
+    peers.service = service.map(ServiceLabels::of).unwrap_or_default();
     peers
+}
+
+/// The client side of an outbound connection.
+struct Source<'a> {
+    pod: &'a Pod,
+    workload: Option<&'a Workload>,
+    /// The application's address.
+    addr: SocketAddr,
 }
 
 async fn hbone(
     inputs: &ProxyInputs,
-    pod: &Pod,
+    src: Source<'_>,
     stream: TcpStream,
-    peer: SocketAddr,
     target: SocketAddr,
     workload: &Workload,
+    service: Option<&Service>,
     mut peers: Peers,
 ) {
+    let pod = src.pod;
     let dst_identity = workload.identity();
-    peers.destination_principal = Some(dst_identity.to_string());
-    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::source, &peers, true);
+    peers.source = peers.source.with_principal(&pod.identity);
+    // Counted once the tunnel is up, so the labels can take the
+    // destination's response baggage; a failure is counted open and closed.
+    let log = inputs.access_log(src.addr, target);
+    let counted = |peers, error: Option<FailureReason>| {
+        let mut m = ConnMetrics::open(&inputs.metrics, Reporter::source, peers, true, log);
+        if let Some(e) = error {
+            m.error(e);
+        }
+        m
+    };
     let certs = match inputs.certs.get(&pod.identity).await {
         Ok(c) => c,
         Err(e) => {
             warn!(pod = %pod.uid, error = %e, "no certificate for the source workload; closing");
             inputs.metrics.failure(Direction::outbound, FailureReason::certificate);
+            drop(counted(peers, Some(FailureReason::certificate)));
             return;
         }
     };
     let key = PoolKey {
-        src: peer.ip(),
+        src: src.addr.ip(),
         src_identity: pod.identity.clone(),
         dst: SocketAddr::new(target.ip(), HBONE_PORT),
         dst_identity,
     };
-    let tunnel = match inputs.pool.open(&key, &pod.netns, &certs, target).await {
+    let headers = connect_headers(src.workload, src.addr, service.map(|s| s.hostname.as_str()), TraceParent::new());
+    let tunnel = match inputs.pool.open(&key, &pod.netns, &certs, target, headers).await {
         Ok(t) => t,
         Err(e) => {
             let reason = match &e {
@@ -100,26 +130,34 @@ async fn hbone(
             };
             warn!(pod = %pod.uid, %target, peer_identity = %key.dst_identity, error = %e, reason = ?reason, "hbone tunnel failed; closing");
             inputs.metrics.failure(Direction::outbound, reason);
+            drop(counted(peers, Some(reason)));
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
     };
+    if let Some(b) = parse_baggage(&tunnel.response) {
+        peers.destination = fill_from_baggage(peers.destination, &b, &key.dst_identity);
+    }
+    let mut metrics = counted(peers, None);
     debug!(pod = %pod.uid, %target, "hbone tunnel open");
     let (t, r) = relay(stream, tunnel.send, tunnel.recv).await;
     metrics.record(Bytes { received: t.to_tunnel, sent: t.from_tunnel });
     if let Err(e) = r {
         warn!(pod = %pod.uid, %target, error = %e, "hbone tunnel broke");
+        metrics.error(FailureReason::stream_error);
         inputs.metrics.failure(Direction::outbound, FailureReason::stream_error);
     }
 }
 
-async fn plain(inputs: &ProxyInputs, pod: &Pod, stream: TcpStream, target: SocketAddr, peers: Peers) {
-    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::source, &peers, false);
+async fn plain(inputs: &ProxyInputs, pod: &Pod, stream: TcpStream, src: SocketAddr, target: SocketAddr, peers: Peers) {
+    let log = inputs.access_log(src, target);
+    let mut metrics = ConnMetrics::open(&inputs.metrics, Reporter::source, peers, false, log);
     let cfg = &inputs.config;
     let upstream = match connect_from_pod(&pod.netns, target, None, cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             warn!(pod = %pod.uid, %target, error = %e, "upstream unreachable; closing");
+            metrics.error(FailureReason::unreachable);
             inputs.metrics.failure(Direction::outbound, FailureReason::unreachable);
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             return;
@@ -129,6 +167,7 @@ async fn plain(inputs: &ProxyInputs, pod: &Pod, stream: TcpStream, target: Socke
     metrics.record(bytes);
     if let Err(e) = r {
         debug!(pod = %pod.uid, %target, error = %e, "plain connection broke");
+        metrics.error(FailureReason::stream_error);
         inputs.metrics.failure(Direction::outbound, FailureReason::stream_error);
     }
 }

@@ -1,12 +1,14 @@
 //! L4 authorization with Istio's semantics: DENY first, then ALLOW if any
-//! ALLOW applies. Evaluation allocates nothing: principals are compared
-//! against the SPIFFE URI's pieces without formatting it.
+//! ALLOW applies. Principals are compared against the peer's SPIFFE ID
+//! without its scheme (`<td>/ns/<ns>/sa/<sa>`), as Istio's ztunnel does.
+//! Evaluation allocates nothing: principals are compared against the ID's
+//! pieces without formatting it.
 
 use std::net::IpAddr;
 
 use ambit_identity::Identity;
 
-use super::model::{Action, Authorization, Match, StringMatch, Workload};
+use super::model::{Action, Authorization, Match, Rule, ServiceAccountMatch, StringMatch, Workload};
 use super::ProxyState;
 
 /// What authorization knows about a connection.
@@ -55,23 +57,41 @@ impl ProxyState {
 
 /// Any rule; a rule matches when all its clauses do; a clause when any match does.
 fn policy_matches(p: &Authorization, conn: &ConnectionAttributes) -> bool {
-    p.rules.iter().any(|r| r.clauses.iter().all(|c| c.matches.iter().any(|m| match_matches(m, conn))))
+    p.rules.iter().any(|r| {
+        if has_unsupported(r) {
+            // Fail closed: whatever the condition means, deny rather than allow.
+            return p.action == Action::Deny;
+        }
+        r.clauses.iter().all(|c| c.matches.iter().any(|m| match_matches(m, conn)))
+    })
 }
 
+/// Whether the rule holds a condition ztunnel cannot evaluate.
+fn has_unsupported(r: &Rule) -> bool {
+    r.clauses.iter().flat_map(|c| &c.matches).any(|m| m.unsupported)
+}
+
+/// Identity-based fields need an identity: a plaintext peer matches no
+/// positive one and is excluded by no negated one (as in Istio's ztunnel).
 fn match_matches(m: &Match, conn: &ConnectionAttributes) -> bool {
     let id = conn.src_identity.as_ref();
     let principal = |s: &StringMatch| id.is_some_and(|id| principal_matches(s, id));
     let namespace = |s: &StringMatch| id.is_some_and(|id| string_matches(s, &id.namespace));
+    let service_account = |s: &ServiceAccountMatch| {
+        id.is_some_and(|id| id.namespace == s.namespace && id.service_account == s.service_account)
+    };
     let src = |n: &ipnet::IpNet| n.contains(&conn.src_ip);
     let dst = |n: &ipnet::IpNet| n.contains(&conn.dst_ip);
     let port = |p: &u16| *p == conn.dst_port;
     all_or_empty(&m.principals, principal)
         && all_or_empty(&m.namespaces, namespace)
+        && all_or_empty(&m.service_accounts, service_account)
         && all_or_empty(&m.source_ips, src)
         && all_or_empty(&m.destination_ips, dst)
         && all_or_empty(&m.destination_ports, port)
         && !m.not_principals.iter().any(principal)
         && !m.not_namespaces.iter().any(namespace)
+        && !m.not_service_accounts.iter().any(service_account)
         && !m.not_source_ips.iter().any(src)
         && !m.not_destination_ips.iter().any(dst)
         && !m.not_destination_ports.iter().any(port)
@@ -91,16 +111,10 @@ fn string_matches(m: &StringMatch, v: &str) -> bool {
     }
 }
 
-/// Matches against `spiffe://<td>/ns/<ns>/sa/<sa>` without building it.
+/// Matches against `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its
+/// scheme) without building it.
 fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
-    let pieces = [
-        "spiffe://".as_bytes(),
-        id.trust_domain.as_bytes(),
-        b"/ns/",
-        id.namespace.as_bytes(),
-        b"/sa/",
-        id.service_account.as_bytes(),
-    ];
+    let pieces = [id.trust_domain.as_bytes(), b"/ns/", id.namespace.as_bytes(), b"/sa/", id.service_account.as_bytes()];
     match m {
         StringMatch::Exact(s) => {
             s.len() == pieces.iter().map(|p| p.len()).sum::<usize>() && starts_with(&pieces, s.as_bytes())
@@ -184,7 +198,8 @@ mod tests {
         StringMatch::Exact(s.into())
     }
 
-    const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+    /// A principal as Istio writes it: the SPIFFE ID without its scheme.
+    const CLIENT: &str = "cluster.local/ns/default/sa/client";
 
     #[test]
     fn no_policy_allows() {
@@ -256,20 +271,96 @@ mod tests {
     }
 
     #[test]
-    fn principals_match_the_full_spiffe_uri_exactly_by_prefix_or_suffix() {
+    fn principals_match_the_spiffe_id_without_scheme_exactly_by_prefix_or_suffix() {
         let client = conn(Some(id("default", "client")));
         let m = |s: StringMatch| Match { principals: vec![s], ..Default::default() };
         assert!(allowed_by(m(exact(CLIENT)), &client));
-        assert!(!allowed_by(m(exact("spiffe://cluster.local/ns/default/sa/clien")), &client));
-        assert!(!allowed_by(m(exact("cluster.local/ns/default/sa/client")), &client));
-        assert!(allowed_by(m(StringMatch::Prefix("spiffe://cluster.local/ns/def".into())), &client));
+        assert!(!allowed_by(m(exact("cluster.local/ns/default/sa/clien")), &client));
+        assert!(!allowed_by(m(exact("cluster.local/ns/default/sa/clientx")), &client));
+        assert!(!allowed_by(m(exact("other.td/ns/default/sa/client")), &client));
+        assert!(allowed_by(m(StringMatch::Prefix("cluster.local/ns/def".into())), &client));
         assert!(allowed_by(m(StringMatch::Prefix(String::new())), &client));
         assert!(!allowed_by(m(StringMatch::Prefix(format!("{CLIENT}x"))), &client));
         assert!(allowed_by(m(StringMatch::Suffix("/sa/client".into())), &client));
         assert!(allowed_by(m(StringMatch::Suffix(CLIENT.into())), &client));
         assert!(!allowed_by(m(StringMatch::Suffix(format!("x{CLIENT}"))), &client));
         assert!(!allowed_by(m(StringMatch::Suffix("/sa/server".into())), &client));
+        assert!(allowed_by(m(StringMatch::Presence), &client));
         assert!(!allowed_by(m(exact(CLIENT)), &conn(None)), "no identity fails a positive principal match");
+        assert!(!allowed_by(m(StringMatch::Presence), &conn(None)));
+    }
+
+    #[test]
+    fn a_pattern_with_the_scheme_matches_only_once_normalised() {
+        // Evaluation compares without the scheme; conversion strips it (StringMatch::principal).
+        let client = conn(Some(id("default", "client")));
+        let m = |s: StringMatch| Match { principals: vec![s], ..Default::default() };
+        let full = format!("spiffe://{CLIENT}");
+        assert!(!allowed_by(m(exact(&full)), &client));
+        assert!(allowed_by(m(exact(&full).principal()), &client));
+        assert!(allowed_by(m(StringMatch::Prefix("spiffe://cluster.local/".into()).principal()), &client));
+        assert!(allowed_by(m(StringMatch::Suffix(full.clone()).principal()), &client));
+        let evil_td = conn(Some(Identity {
+            trust_domain: "evil-cluster.local".into(),
+            namespace: "default".into(),
+            service_account: "client".into(),
+        }));
+        assert!(!allowed_by(m(StringMatch::Suffix(full).principal()), &evil_td), "a scheme suffix pins the whole ID");
+    }
+
+    #[test]
+    fn principal_normalisation_strips_only_a_leading_scheme() {
+        assert_eq!(exact("spiffe://td/ns/a/sa/b").principal(), exact("td/ns/a/sa/b"));
+        assert_eq!(exact("td/ns/a/sa/b").principal(), exact("td/ns/a/sa/b"));
+        assert_eq!(StringMatch::Prefix("spiffe://td/".into()).principal(), StringMatch::Prefix("td/".into()));
+        assert_eq!(StringMatch::Prefix("spiffe://".into()).principal(), StringMatch::Prefix(String::new()));
+        assert_eq!(StringMatch::Suffix("spiffe://td/ns/a/sa/b".into()).principal(), exact("td/ns/a/sa/b"));
+        assert_eq!(StringMatch::Suffix("/sa/b".into()).principal(), StringMatch::Suffix("/sa/b".into()));
+        assert_eq!(StringMatch::Presence.principal(), StringMatch::Presence);
+    }
+
+    fn sa(ns: &str, name: &str) -> ServiceAccountMatch {
+        ServiceAccountMatch { namespace: ns.into(), service_account: name.into() }
+    }
+
+    #[test]
+    fn service_accounts_match_namespace_and_name_exactly_and_need_an_identity() {
+        let m = Match { service_accounts: vec![sa("default", "client")], ..Default::default() };
+        assert!(allowed_by(m.clone(), &conn(Some(id("default", "client")))));
+        assert!(!allowed_by(m.clone(), &conn(Some(id("other", "client")))));
+        assert!(!allowed_by(m.clone(), &conn(Some(id("default", "clientx")))));
+        assert!(!allowed_by(m, &conn(None)), "plaintext never matches a service account");
+        let not = Match { not_service_accounts: vec![sa("default", "client")], ..Default::default() };
+        assert!(!allowed_by(not.clone(), &conn(Some(id("default", "client")))));
+        assert!(allowed_by(not.clone(), &conn(Some(id("default", "other")))));
+        assert!(allowed_by(not, &conn(None)), "a peer without identity is not excluded (as in Istio's ztunnel)");
+    }
+
+    #[test]
+    fn a_rule_with_an_unsupported_match_never_allows_and_always_denies() {
+        let unsupported = Match { unsupported: true, ..Default::default() };
+        let client = conn(Some(id("default", "client")));
+        // Alone, or OR-ed with a match the peer satisfies: the rule is not used to allow.
+        assert!(!allowed_by(unsupported.clone(), &client));
+        let either = Rule {
+            clauses: vec![Clause {
+                matches: vec![Match { principals: vec![exact(CLIENT)], ..Default::default() }, unsupported.clone()],
+            }],
+        };
+        let mut allow = policy("p", Scope::Global, Action::Allow, Match::default());
+        allow.rules = vec![either.clone()];
+        assert!(decide(vec![allow], &client).is_err());
+        // In a DENY it matches every peer, even one its other fields would not.
+        let mut deny = policy("d", Scope::Global, Action::Deny, Match::default());
+        deny.rules = vec![either];
+        assert!(decide(vec![deny.clone()], &conn(Some(id("other", "x")))).is_err());
+        assert!(decide(vec![deny], &conn(None)).is_err());
+        // Other rules of the ALLOW still work.
+        let mut allow = policy("p", Scope::Global, Action::Allow, unsupported);
+        let by_principal = Match { principals: vec![exact(CLIENT)], ..Default::default() };
+        allow.rules.push(Rule { clauses: vec![Clause { matches: vec![by_principal] }] });
+        assert_eq!(decide(vec![allow.clone()], &client), Ok(()));
+        assert!(decide(vec![allow], &conn(Some(id("default", "other")))).is_err());
     }
 
     #[test]
@@ -300,7 +391,7 @@ mod tests {
         let c = conn(Some(id("default", "client")));
         let net = |s: &str| vec![s.parse().unwrap()];
         assert!(!allowed_by(Match { not_principals: vec![exact(CLIENT)], ..Default::default() }, &c));
-        assert!(allowed_by(Match { not_principals: vec![exact("spiffe://x/ns/a/sa/b")], ..Default::default() }, &c));
+        assert!(allowed_by(Match { not_principals: vec![exact("x/ns/a/sa/b")], ..Default::default() }, &c));
         assert!(!allowed_by(Match { not_namespaces: vec![exact("default")], ..Default::default() }, &c));
         assert!(!allowed_by(Match { not_source_ips: net("10.1.0.0/24"), ..Default::default() }, &c));
         assert!(allowed_by(Match { not_source_ips: net("10.9.0.0/24"), ..Default::default() }, &c));

@@ -1,6 +1,8 @@
 //! Conversions from the xDS protobuf types (`istio.workload`, `istio.security`)
 //! to the model. Field values the model cannot represent are errors, never
-//! silently dropped.
+//! silently dropped; authorization conditions ztunnel cannot evaluate
+//! (extensions, string matches of an unknown kind) mark their match
+//! [`Match::unsupported`], so that its rule fails closed.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -9,8 +11,8 @@ use ambit_api::workload as pb;
 use ipnet::IpNet;
 
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service, StringMatch,
-    TunnelProtocol, Workload,
+    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service,
+    ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
 };
 
 /// Why a protobuf resource could not be converted.
@@ -28,9 +30,6 @@ pub enum ConvertError {
     /// An enum field holds a value this version does not know.
     #[error("{object}: {field} has unknown value {value}")]
     UnknownEnum { object: String, field: &'static str, value: i32 },
-    /// A string match sets none of exact, prefix, suffix, presence.
-    #[error("{object}: {field} has a string match with no match type")]
-    EmptyStringMatch { object: String, field: &'static str },
 }
 
 /// Parses an IP from its network-order bytes (4 or 16).
@@ -89,6 +88,13 @@ impl TryFrom<pb::Workload> for Workload {
             Ok(pb::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
             Err(_) => return Err(unknown(&object, "status", w.status)),
         };
+        let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
+            Ok(pb::WorkloadType::Deployment) => WorkloadType::Deployment,
+            Ok(pb::WorkloadType::Cronjob) => WorkloadType::CronJob,
+            Ok(pb::WorkloadType::Pod) => WorkloadType::Pod,
+            Ok(pb::WorkloadType::Job) => WorkloadType::Job,
+            Err(_) => return Err(unknown(&object, "workload_type", w.workload_type)),
+        };
         let services = w
             .services
             .iter()
@@ -107,7 +113,10 @@ impl TryFrom<pb::Workload> for Workload {
             trust_domain: w.trust_domain,
             service_account: w.service_account,
             canonical_name: w.canonical_name,
+            canonical_revision: w.canonical_revision,
             workload_name: w.workload_name,
+            workload_type,
+            cluster_id: w.cluster_id,
             authorization_policies: w.authorization_policies,
         })
     }
@@ -171,35 +180,69 @@ impl TryFrom<pb_sec::Authorization> for Authorization {
 }
 
 fn convert_match(m: pb_sec::Match, object: &str) -> Result<Match, ConvertError> {
-    let strings = |v: Vec<pb_sec::StringMatch>, field| -> Result<Vec<_>, _> {
-        v.into_iter().map(|s| string_match(s, object, field)).collect()
-    };
+    // Fields holding something this version cannot evaluate.
+    let mut unknown = Vec::new();
+    let mut strings = |v: Vec<pb_sec::StringMatch>, field| string_matches(v, field, &mut unknown);
+    let namespaces = strings(m.namespaces, "namespaces");
+    let not_namespaces = strings(m.not_namespaces, "not_namespaces");
+    let principals = strings(m.principals, "principals").into_iter().map(StringMatch::principal).collect();
+    let not_principals = strings(m.not_principals, "not_principals").into_iter().map(StringMatch::principal).collect();
+    if !m.extensions.is_empty() {
+        unknown.push("extensions");
+    }
+    if !unknown.is_empty() {
+        tracing::warn!(
+            %object,
+            fields = ?unknown,
+            "authorization rule holds conditions ztunnel cannot evaluate; it fails closed \
+             (in an ALLOW it never matches, in a DENY it always does)"
+        );
+    }
     let nets =
         |v: Vec<pb_sec::Address>, field| -> Result<Vec<_>, _> { v.iter().map(|a| ip_net(a, object, field)).collect() };
     let ports = |v: Vec<u32>, field| -> Result<Vec<_>, _> { v.into_iter().map(|p| port(p, object, field)).collect() };
     Ok(Match {
-        namespaces: strings(m.namespaces, "namespaces")?,
-        not_namespaces: strings(m.not_namespaces, "not_namespaces")?,
-        principals: strings(m.principals, "principals")?,
-        not_principals: strings(m.not_principals, "not_principals")?,
+        namespaces,
+        not_namespaces,
+        principals,
+        not_principals,
+        service_accounts: m.service_accounts.into_iter().map(service_account).collect(),
+        not_service_accounts: m.not_service_accounts.into_iter().map(service_account).collect(),
         source_ips: nets(m.source_ips, "source_ips")?,
         not_source_ips: nets(m.not_source_ips, "not_source_ips")?,
         destination_ips: nets(m.destination_ips, "destination_ips")?,
         not_destination_ips: nets(m.not_destination_ips, "not_destination_ips")?,
         destination_ports: ports(m.destination_ports, "destination_ports")?,
         not_destination_ports: ports(m.not_destination_ports, "not_destination_ports")?,
+        unsupported: !unknown.is_empty(),
     })
 }
 
-fn string_match(s: pb_sec::StringMatch, object: &str, field: &'static str) -> Result<StringMatch, ConvertError> {
+/// One field's string matches. A match with no type decoded is one this
+/// version does not know (a newer control plane's kind): it is left out and
+/// `field` is noted in `unknown`, which makes the rule fail closed.
+fn string_matches(
+    v: Vec<pb_sec::StringMatch>,
+    field: &'static str,
+    unknown: &mut Vec<&'static str>,
+) -> Vec<StringMatch> {
     use pb_sec::string_match::MatchType;
-    match s.match_type {
-        Some(MatchType::Exact(v)) => Ok(StringMatch::Exact(v)),
-        Some(MatchType::Prefix(v)) => Ok(StringMatch::Prefix(v)),
-        Some(MatchType::Suffix(v)) => Ok(StringMatch::Suffix(v)),
-        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
-        None => Err(ConvertError::EmptyStringMatch { object: object.to_owned(), field }),
+    let mut out = Vec::with_capacity(v.len());
+    for s in v {
+        match s.match_type {
+            Some(MatchType::Exact(v)) => out.push(StringMatch::Exact(v)),
+            Some(MatchType::Prefix(v)) => out.push(StringMatch::Prefix(v)),
+            Some(MatchType::Suffix(v)) => out.push(StringMatch::Suffix(v)),
+            Some(MatchType::Presence(_)) => out.push(StringMatch::Presence),
+            None if unknown.last() != Some(&field) => unknown.push(field),
+            None => {}
+        }
     }
+    out
+}
+
+fn service_account(s: pb_sec::ServiceAccountMatch) -> ServiceAccountMatch {
+    ServiceAccountMatch { namespace: s.namespace, service_account: s.service_account }
 }
 
 fn ip_net(a: &pb_sec::Address, object: &str, field: &'static str) -> Result<IpNet, ConvertError> {
@@ -296,9 +339,13 @@ mod tests {
     #[test]
     fn authorization_converts_every_match_field() {
         use pb_sec::string_match::MatchType;
+        let sa =
+            |ns: &str, name: &str| pb_sec::ServiceAccountMatch { namespace: ns.into(), service_account: name.into() };
         let m = pb_sec::Match {
-            principals: vec![pb_sec::StringMatch { match_type: Some(MatchType::Exact("spiffe://a".into())) }],
+            principals: vec![pb_sec::StringMatch { match_type: Some(MatchType::Exact("td/ns/a/sa/b".into())) }],
             not_principals: vec![pb_sec::StringMatch { match_type: Some(MatchType::Presence(())) }],
+            service_accounts: vec![sa("a", "b")],
+            not_service_accounts: vec![sa("c", "d")],
             namespaces: vec![pb_sec::StringMatch { match_type: Some(MatchType::Prefix("team-".into())) }],
             not_namespaces: vec![pb_sec::StringMatch { match_type: Some(MatchType::Suffix("-dev".into())) }],
             source_ips: vec![pb_sec::Address { address: vec![10, 0, 0, 0], length: 8 }],
@@ -308,8 +355,12 @@ mod tests {
         let a = Authorization::try_from(pb_policy(m)).unwrap();
         assert_eq!((a.scope, a.action), (Scope::Namespace, Action::Deny));
         let m = &a.rules[0].clauses[0].matches[0];
-        assert_eq!(m.principals, vec![StringMatch::Exact("spiffe://a".into())]);
+        assert_eq!(m.principals, vec![StringMatch::Exact("td/ns/a/sa/b".into())]);
         assert_eq!(m.not_principals, vec![StringMatch::Presence]);
+        let sa = |ns: &str, name: &str| ServiceAccountMatch { namespace: ns.into(), service_account: name.into() };
+        assert_eq!(m.service_accounts, vec![sa("a", "b")]);
+        assert_eq!(m.not_service_accounts, vec![sa("c", "d")]);
+        assert!(!m.unsupported);
         assert_eq!(m.namespaces, vec![StringMatch::Prefix("team-".into())]);
         assert_eq!(m.not_namespaces, vec![StringMatch::Suffix("-dev".into())]);
         assert_eq!(m.source_ips, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
@@ -327,10 +378,50 @@ mod tests {
     }
 
     #[test]
-    fn authorization_with_empty_string_match_or_port_zero_is_rejected() {
+    fn principals_written_with_the_scheme_lose_it() {
+        use pb_sec::string_match::MatchType;
+        let sm = |t| pb_sec::StringMatch { match_type: Some(t) };
+        let m = pb_sec::Match {
+            principals: vec![
+                sm(MatchType::Exact("spiffe://td/ns/a/sa/b".into())),
+                sm(MatchType::Prefix("spiffe://td/ns/a/".into())),
+                sm(MatchType::Suffix("spiffe://td/ns/a/sa/c".into())),
+                sm(MatchType::Suffix("/sa/d".into())),
+            ],
+            not_principals: vec![sm(MatchType::Exact("spiffe://td/ns/x/sa/y".into()))],
+            ..Default::default()
+        };
+        let a = Authorization::try_from(pb_policy(m)).unwrap();
+        let m = &a.rules[0].clauses[0].matches[0];
+        assert_eq!(
+            m.principals,
+            vec![
+                StringMatch::Exact("td/ns/a/sa/b".into()),
+                StringMatch::Prefix("td/ns/a/".into()),
+                StringMatch::Exact("td/ns/a/sa/c".into()),
+                StringMatch::Suffix("/sa/d".into()),
+            ]
+        );
+        assert_eq!(m.not_principals, vec![StringMatch::Exact("td/ns/x/sa/y".into())]);
+    }
+
+    #[test]
+    fn extensions_or_an_unknown_string_match_mark_the_match_unsupported() {
+        let m = pb_sec::Match { extensions: vec![vec![0x0a, 0x01, b'x']], ..Default::default() };
+        assert!(Authorization::try_from(pb_policy(m)).unwrap().rules[0].clauses[0].matches[0].unsupported);
         let m = pb_sec::Match { principals: vec![pb_sec::StringMatch { match_type: None }], ..Default::default() };
-        assert!(matches!(Authorization::try_from(pb_policy(m)), Err(ConvertError::EmptyStringMatch { .. })));
+        let a = Authorization::try_from(pb_policy(m)).unwrap();
+        let m = &a.rules[0].clauses[0].matches[0];
+        assert!(m.unsupported && m.principals.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn authorization_with_port_zero_is_rejected() {
         let m = pb_sec::Match { destination_ports: vec![0], ..Default::default() };
         assert!(matches!(Authorization::try_from(pb_policy(m)), Err(ConvertError::BadPort { port: 0, .. })));
     }
 }
+
+#[cfg(test)]
+#[path = "istio_authz_tests.rs"]
+mod istio_authz_tests;

@@ -14,8 +14,11 @@
 //!   trustDomain: cluster.local           # default: ztunnel's trust domain
 //!   protocol: HBONE                      # HBONE = captured, reached through HBONE; NONE = plain TCP (default NONE)
 //!   status: Healthy                      # Healthy | Unhealthy (default Healthy)
-//!   canonicalName: client
-//!   workloadName: client
+//!   canonicalName: client                # telemetry: canonical service, app label
+//!   canonicalRevision: v1                # telemetry: canonical revision, version label
+//!   workloadName: client                 # telemetry: owning workload, e.g. the Deployment
+//!   workloadType: deployment             # deployment | cronjob | pod | job (default deployment)
+//!   clusterId: Kubernetes                # telemetry: cluster label
 //!   services:                            # services this workload backs: "namespace/hostname" -> port mappings
 //!     default/echo.default.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
 //!   authorizationPolicies: [default/allow-client]   # selector-scoped policies that apply to it
@@ -34,13 +37,15 @@
 //!   rules:                               # OR-ed; no rules matches nothing
 //!   - clauses:                           # AND-ed; no clauses matches everything
 //!     - matches:                         # OR-ed
-//!       - principals: [{exact: spiffe://cluster.local/ns/default/sa/client}]
+//!       - principals: [{exact: cluster.local/ns/default/sa/client}]  # Istio's form, no spiffe:// (with it works too)
 //!         namespaces: [{prefix: team-}]  # exact | prefix | suffix | presence: {}
+//!         serviceAccounts: [{namespace: default, serviceAccount: client}]
 //!         sourceIps: [10.0.0.0/8]        # CIDRs; a bare address is a /32 or /128
 //!         destinationIps: [10.1.0.3]
 //!         destinationPorts: [8080]
 //!         notPrincipals: [{presence: {}}]
 //!         notNamespaces: [{suffix: -dev}]
+//!         notServiceAccounts: []
 //!         notSourceIps: [10.9.0.0/16]
 //!         notDestinationIps: []
 //!         notDestinationPorts: [15000]
@@ -60,8 +65,8 @@ use serde_yaml::with::singleton_map_recursive;
 
 use super::convert::port;
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service, StringMatch,
-    TunnelProtocol, Workload,
+    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service,
+    ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
 };
 use super::peer_auth::{self, PeerAuthentication};
 use super::{ProxyState, StateError};
@@ -158,11 +163,27 @@ struct LocalWorkload {
     #[serde(default)]
     canonical_name: String,
     #[serde(default)]
+    canonical_revision: String,
+    #[serde(default)]
     workload_name: String,
+    #[serde(default)]
+    workload_type: LocalWorkloadType,
+    #[serde(default)]
+    cluster_id: String,
     #[serde(default)]
     services: BTreeMap<String, Vec<LocalPort>>,
     #[serde(default)]
     authorization_policies: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LocalWorkloadType {
+    #[default]
+    Deployment,
+    CronJob,
+    Pod,
+    Job,
 }
 
 #[derive(Default, Deserialize)]
@@ -262,6 +283,8 @@ struct LocalMatch {
     principals: Vec<LocalStringMatch>,
     #[serde(deserialize_with = "singleton_map_recursive::deserialize")]
     not_principals: Vec<LocalStringMatch>,
+    service_accounts: Vec<LocalServiceAccount>,
+    not_service_accounts: Vec<LocalServiceAccount>,
     source_ips: Vec<Cidr>,
     not_source_ips: Vec<Cidr>,
     destination_ips: Vec<Cidr>,
@@ -277,6 +300,13 @@ enum LocalStringMatch {
     Prefix(String),
     Suffix(String),
     Presence {},
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LocalServiceAccount {
+    namespace: String,
+    service_account: String,
 }
 
 /// A CIDR, or a bare address meaning a single host.
@@ -338,7 +368,15 @@ fn build(cfg: LocalConfig, opts: &LoadOptions) -> Result<ProxyState, StateError>
                 LocalStatus::Unhealthy => HealthStatus::Unhealthy,
             },
             canonical_name: w.canonical_name,
+            canonical_revision: w.canonical_revision,
             workload_name: w.workload_name,
+            workload_type: match w.workload_type {
+                LocalWorkloadType::Deployment => WorkloadType::Deployment,
+                LocalWorkloadType::CronJob => WorkloadType::CronJob,
+                LocalWorkloadType::Pod => WorkloadType::Pod,
+                LocalWorkloadType::Job => WorkloadType::Job,
+            },
+            cluster_id: w.cluster_id,
             services,
             authorization_policies: w.authorization_policies,
         });
@@ -382,6 +420,12 @@ fn policy(p: LocalPolicy) -> Result<Authorization, StateError> {
             })
             .collect()
     };
+    let principals = |v| strings(v).into_iter().map(StringMatch::principal).collect();
+    let service_accounts = |v: Vec<LocalServiceAccount>| {
+        v.into_iter()
+            .map(|s| ServiceAccountMatch { namespace: s.namespace, service_account: s.service_account })
+            .collect()
+    };
     let nets = |v: Vec<Cidr>| v.into_iter().map(|c| c.0).collect::<Vec<_>>();
     let port_list = |v: Vec<u32>, field| v.into_iter().map(|p| port(p, &object, field)).collect::<Result<Vec<_>, _>>();
     let mut rules = Vec::with_capacity(p.rules.len());
@@ -393,14 +437,17 @@ fn policy(p: LocalPolicy) -> Result<Authorization, StateError> {
                 matches.push(Match {
                     namespaces: strings(m.namespaces),
                     not_namespaces: strings(m.not_namespaces),
-                    principals: strings(m.principals),
-                    not_principals: strings(m.not_principals),
+                    principals: principals(m.principals),
+                    not_principals: principals(m.not_principals),
+                    service_accounts: service_accounts(m.service_accounts),
+                    not_service_accounts: service_accounts(m.not_service_accounts),
                     source_ips: nets(m.source_ips),
                     not_source_ips: nets(m.not_source_ips),
                     destination_ips: nets(m.destination_ips),
                     not_destination_ips: nets(m.not_destination_ips),
                     destination_ports: port_list(m.destination_ports, "destinationPorts")?,
                     not_destination_ports: port_list(m.not_destination_ports, "notDestinationPorts")?,
+                    unsupported: false,
                 });
             }
             clauses.push(Clause { matches });

@@ -27,6 +27,8 @@ fn the_documented_example_parses_with_every_field() {
     assert_eq!(w.protocol, TunnelProtocol::Hbone);
     assert_eq!(w.status, HealthStatus::Healthy);
     assert_eq!(w.canonical_name, "client");
+    assert_eq!((w.canonical_revision.as_str(), w.workload_name.as_str()), ("v1", "client"));
+    assert_eq!((w.workload_type, w.cluster_id.as_str()), (WorkloadType::Deployment, "Kubernetes"));
     assert_eq!(
         w.identity(),
         Identity {
@@ -49,7 +51,9 @@ fn the_documented_example_parses_with_every_field() {
     let p = st.policy("default/allow-client").unwrap();
     assert_eq!((p.scope, p.action), (Scope::WorkloadSelector, Action::Allow));
     let m = &p.rules[0].clauses[0].matches[0];
-    assert_eq!(m.principals, vec![StringMatch::Exact("spiffe://cluster.local/ns/default/sa/client".into())]);
+    assert_eq!(m.principals, vec![StringMatch::Exact("cluster.local/ns/default/sa/client".into())]);
+    let client = ServiceAccountMatch { namespace: "default".into(), service_account: "client".into() };
+    assert_eq!((m.service_accounts.as_slice(), m.not_service_accounts.as_slice()), (&[client][..], &[][..]));
     assert_eq!(m.namespaces, vec![StringMatch::Prefix("team-".into())]);
     assert_eq!(m.not_principals, vec![StringMatch::Presence]);
     assert_eq!(m.not_namespaces, vec![StringMatch::Suffix("-dev".into())]);
@@ -82,6 +86,17 @@ services:
     assert_eq!(s.load_balancer, LoadBalancer::RoundRobin);
     assert_eq!(st.policies().count(), 0, "no PeerAuthentication means permissive: no generated policy");
     assert_eq!(parse_local_config("", &o).unwrap().workloads().count(), 0, "an empty file is an empty mesh");
+}
+
+#[test]
+fn workload_types_are_istios_names_and_an_unknown_one_is_an_error() {
+    let yaml = |t: &str| format!("workloads:\n- {{uid: u1, namespace: ns, workloadType: {t}}}\n");
+    for (name, want) in [("pod", WorkloadType::Pod), ("cronjob", WorkloadType::CronJob), ("job", WorkloadType::Job)] {
+        let st = parse_local_config(&yaml(name), &opts()).unwrap();
+        assert_eq!(st.workload_by_uid("u1").unwrap().workload_type, want);
+    }
+    let err = parse_local_config(&yaml("daemonset"), &opts()).unwrap_err().to_string();
+    assert!(err.contains("daemonset"), "{err}");
 }
 
 #[test]
@@ -171,6 +186,45 @@ peerAuthentications:
     assert_eq!(st.authorize(&conn(None, "10.0.0.2"), legacy), Ok(()));
     let peer = Identity { trust_domain: "cluster.local".into(), namespace: "x".into(), service_account: "y".into() };
     assert_eq!(st.authorize(&conn(Some(peer), "10.0.0.1"), secure), Ok(()));
+}
+
+#[test]
+fn principals_work_with_or_without_the_scheme_and_service_accounts_pin_namespace_and_name() {
+    let yaml = "
+workloads:
+- {uid: s, namespace: app, addresses: [10.0.0.1]}
+policies:
+- name: deny-old-form
+  namespace: app
+  action: Deny
+  rules: [{clauses: [{matches: [{principals: [{exact: spiffe://cluster.local/ns/a/sa/old}]}]}]}]
+- name: deny-istio-form
+  namespace: app
+  action: Deny
+  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/a/sa/new}]}]}]}]
+- name: deny-by-account
+  namespace: app
+  action: Deny
+  rules: [{clauses: [{matches: [{serviceAccounts: [{namespace: b, serviceAccount: x}]}]}]}]
+";
+    let st = parse_local_config(yaml, &opts()).unwrap();
+    let s = st.workload_by_uid("s").unwrap();
+    let from = |ns: &str, sa: &str| ConnectionAttributes {
+        src_identity: Some(Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+        }),
+        src_ip: "10.0.0.9".parse().unwrap(),
+        dst_ip: "10.0.0.1".parse().unwrap(),
+        dst_port: 80,
+    };
+    let denied_by = |ns, sa| st.authorize(&from(ns, sa), s).err().and_then(|d| d.policy);
+    assert_eq!(denied_by("a", "old").as_deref(), Some("app/deny-old-form"));
+    assert_eq!(denied_by("a", "new").as_deref(), Some("app/deny-istio-form"));
+    assert_eq!(denied_by("b", "x").as_deref(), Some("app/deny-by-account"));
+    assert_eq!(denied_by("a", "x"), None);
+    assert_eq!(denied_by("c", "x"), None);
 }
 
 /// A directory removed on drop, even when the test panics.

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 pub use authz::{ConnectionAttributes, Denied};
 pub use convert::ConvertError;
 pub use file::{parse_local_config, LoadOptions, StateFile};
@@ -226,6 +228,23 @@ impl ProxyState {
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
         self.policies.iter()
     }
+
+    /// Whether [`ProxyState::authorize`] decides every connection in `other`
+    /// as in `self`: it reads the policies and, of the destination workload,
+    /// its namespace and the policies it lists, so those are compared (by
+    /// content: every update builds new values). A workload in only one of
+    /// the two counts as no change, since its connections are decided with
+    /// the workload they were admitted to.
+    pub fn same_authorization(&self, other: &ProxyState) -> bool {
+        let same_policies = self.policies.len() == other.policies.len()
+            && self.by_policy_key.iter().all(|(key, &i)| other.policy(key).is_some_and(|p| *p == self.policies[i]));
+        same_policies
+            && self.workloads.iter().all(|w| {
+                other
+                    .workload_by_uid(&w.uid)
+                    .is_none_or(|o| o.namespace == w.namespace && o.authorization_policies == w.authorization_policies)
+            })
+    }
 }
 
 fn check_ports(ports: &[PortMapping], object: impl Fn() -> String) -> Result<(), StateError> {
@@ -245,13 +264,23 @@ struct Current {
 /// Shared, swappable state; readers take a cheap snapshot per connection.
 pub struct SharedState {
     current: RwLock<Current>,
+    /// The latest state, for those that act on changes.
+    changes: watch::Sender<Arc<ProxyState>>,
 }
 
 impl SharedState {
     /// Starts with `state`.
     pub fn new(state: ProxyState) -> Self {
         let counters = Arc::new(lookup::Counters::carry_over(&state, None));
-        SharedState { current: RwLock::new(Current { state: Arc::new(state), counters }) }
+        let state = Arc::new(state);
+        let (changes, _) = watch::channel(state.clone());
+        SharedState { current: RwLock::new(Current { state, counters }), changes }
+    }
+
+    /// The latest state now, and each later one (intermediate states may be
+    /// skipped when they follow each other quickly).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ProxyState>> {
+        self.changes.subscribe()
     }
 
     fn current(&self) -> Current {
@@ -269,7 +298,10 @@ impl SharedState {
     pub fn replace(&self, state: ProxyState) {
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         let counters = Arc::new(lookup::Counters::carry_over(&state, Some((&cur.state, &cur.counters))));
-        *cur = Current { state: Arc::new(state), counters };
+        let state = Arc::new(state);
+        *cur = Current { state: state.clone(), counters };
+        // Under the lock, so subscribers see the states in the order they were swapped in.
+        self.changes.send_replace(state);
     }
 
     /// Picks where an outbound connection to `dst` goes: a service VIP is
@@ -329,6 +361,42 @@ mod tests {
         };
         let err = ProxyState::new(vec![], vec![s("x"), s("y")], vec![], "td").unwrap_err();
         assert_eq!(err.to_string(), "address 10.96.0.1 is a VIP of both service ns/x.ns and service ns/y.ns");
+    }
+
+    #[test]
+    fn same_authorization_compares_policies_by_content_and_the_policies_workloads_list() {
+        let deny = |port| Authorization {
+            name: "deny".into(),
+            namespace: "ns".into(),
+            action: Action::Deny,
+            rules: vec![Rule {
+                clauses: vec![Clause { matches: vec![Match { destination_ports: vec![port], ..Default::default() }] }],
+            }],
+            ..Default::default()
+        };
+        let st = |ws: Vec<Workload>, ps: Vec<Authorization>| ProxyState::new(ws, vec![], ps, "td").unwrap();
+        let base = st(vec![w("a", "10.0.0.1")], vec![deny(80)]);
+        assert!(base.same_authorization(&st(vec![w("a", "10.0.0.1")], vec![deny(80)])), "rebuilt, same content");
+        let unhealthy = Workload { status: HealthStatus::Unhealthy, ..w("a", "10.0.0.9") };
+        let moved = st(vec![unhealthy, w("new", "10.0.0.2")], vec![deny(80)]);
+        assert!(base.same_authorization(&moved), "workload changes outside authorization are not policy changes");
+        assert!(!base.same_authorization(&st(vec![w("a", "10.0.0.1")], vec![deny(81)])), "a policy edited");
+        assert!(!base.same_authorization(&st(vec![w("a", "10.0.0.1")], vec![])), "a policy removed");
+        assert!(!st(vec![], vec![]).same_authorization(&st(vec![], vec![deny(80)])), "a policy added");
+        let listing = Workload { authorization_policies: vec!["ns/deny".into()], ..w("a", "10.0.0.1") };
+        assert!(!base.same_authorization(&st(vec![listing], vec![deny(80)])), "a workload lists another policy");
+        let elsewhere = Workload { namespace: "other".into(), ..w("a", "10.0.0.1") };
+        assert!(!base.same_authorization(&st(vec![elsewhere], vec![deny(80)])), "a workload changed namespace");
+    }
+
+    #[test]
+    fn subscribers_see_each_replaced_state() {
+        let shared = SharedState::new(ProxyState::new(vec![w("a", "10.0.0.1")], vec![], vec![], "td").unwrap());
+        let mut changes = shared.subscribe();
+        assert!(changes.borrow_and_update().workload_by_uid("a").is_some());
+        shared.replace(ProxyState::new(vec![w("b", "10.0.0.2")], vec![], vec![], "td").unwrap());
+        assert!(changes.has_changed().unwrap());
+        assert!(Arc::ptr_eq(&changes.borrow_and_update(), &shared.snapshot()));
     }
 
     #[test]

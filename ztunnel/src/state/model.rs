@@ -34,6 +34,33 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
+/// The kind of controller that owns a workload (Istio's `WorkloadType`);
+/// names the workload in HBONE baggage (`k8s.<type>.name`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkloadType {
+    /// Owned by a Deployment (the workload API's default).
+    #[default]
+    Deployment,
+    /// Owned by a CronJob.
+    CronJob,
+    /// A bare pod, or one whose owner is none of the others.
+    Pod,
+    /// Owned by a Job.
+    Job,
+}
+
+impl WorkloadType {
+    /// The lower-case name Istio's baggage uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadType::Deployment => "deployment",
+            WorkloadType::CronJob => "cronjob",
+            WorkloadType::Pod => "pod",
+            WorkloadType::Job => "job",
+        }
+    }
+}
+
 /// A service port and the port the backing workload listens on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortMapping {
@@ -68,8 +95,14 @@ pub struct Workload {
     pub status: HealthStatus,
     /// Canonical service name (telemetry).
     pub canonical_name: String,
+    /// Canonical revision, e.g. `v1` (telemetry).
+    pub canonical_revision: String,
     /// Owning workload's name, e.g. the Deployment (telemetry).
     pub workload_name: String,
+    /// Kind of the owning workload (telemetry).
+    pub workload_type: WorkloadType,
+    /// Cluster the workload runs in (telemetry).
+    pub cluster_id: String,
     /// Services this workload backs, keyed `namespace/hostname`.
     pub services: BTreeMap<String, Vec<PortMapping>>,
     /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
@@ -189,17 +222,23 @@ pub struct Clause {
 }
 
 /// Conditions on one connection: every non-empty positive field must match
-/// (its values OR-ed) and no `not_*` field may match.
+/// (its values OR-ed) and no `not_*` field may match. A match marked
+/// [`Match::unsupported`] makes its whole rule fail closed instead.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Match {
     /// Source identity's namespace.
     pub namespaces: Vec<StringMatch>,
     /// Source identity's namespace, negated.
     pub not_namespaces: Vec<StringMatch>,
-    /// Source identity's full SPIFFE URI.
+    /// Source identity as `<td>/ns/<ns>/sa/<sa>`, without the `spiffe://`
+    /// scheme (as Istio writes principals); see [`StringMatch::principal`].
     pub principals: Vec<StringMatch>,
-    /// Source identity's full SPIFFE URI, negated.
+    /// Source identity without the scheme, negated.
     pub not_principals: Vec<StringMatch>,
+    /// Source identity's namespace and service account.
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    /// Source identity's namespace and service account, negated.
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
     /// Source IP ranges.
     pub source_ips: Vec<IpNet>,
     /// Source IP ranges, negated.
@@ -212,6 +251,20 @@ pub struct Match {
     pub destination_ports: Vec<u16>,
     /// Destination ports, negated.
     pub not_destination_ports: Vec<u16>,
+    /// The resource carried a condition ztunnel cannot evaluate (an
+    /// extension, a string match of an unknown kind). The rule holding this
+    /// match fails closed: in an ALLOW policy it never matches, in a DENY
+    /// policy it always does.
+    pub unsupported: bool,
+}
+
+/// A Kubernetes service account: both parts must equal the peer identity's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountMatch {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account name.
+    pub service_account: String,
 }
 
 /// A string condition.
@@ -225,4 +278,30 @@ pub enum StringMatch {
     Suffix(String),
     /// The value exists at all (for principals: the peer has an identity).
     Presence,
+}
+
+/// The scheme of a SPIFFE ID, which principals are compared without.
+pub const SPIFFE_SCHEME: &str = "spiffe://";
+
+impl StringMatch {
+    /// A principal pattern in the form it is compared in: without the
+    /// `spiffe://` scheme, as Istio writes principals. Patterns written with
+    /// the scheme (older Ambit controllers, state files) keep their meaning:
+    /// an exact or prefix pattern loses the scheme, and a suffix that spells
+    /// it pinned the whole ID, so it becomes an exact pattern.
+    pub fn principal(self) -> StringMatch {
+        match self {
+            StringMatch::Exact(s) => StringMatch::Exact(strip_scheme(s)),
+            StringMatch::Prefix(s) => StringMatch::Prefix(strip_scheme(s)),
+            StringMatch::Suffix(s) if s.starts_with(SPIFFE_SCHEME) => StringMatch::Exact(strip_scheme(s)),
+            m => m,
+        }
+    }
+}
+
+fn strip_scheme(s: String) -> String {
+    match s.strip_prefix(SPIFFE_SCHEME) {
+        Some(rest) => rest.to_owned(),
+        None => s,
+    }
 }

@@ -8,13 +8,13 @@
 //! listing the versions it holds so that only differences come back; the
 //! last state keeps serving meanwhile.
 
+mod node;
 mod resources;
 
 use std::time::Duration;
 
 use ambit_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ambit_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as RpcStatus};
-use prost_types::value::Kind as ValueKind;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -22,6 +22,7 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+pub use node::ProxyNode;
 pub use resources::{ApplyError, Kind, Resources};
 
 use crate::state::ProxyState;
@@ -49,10 +50,8 @@ pub enum XdsError {
 /// Who this ztunnel is and how patiently it reconnects.
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
-    /// `node.id`, e.g. `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
-    pub node_id: String,
-    /// Kubernetes node name, sent as node metadata `NODE_NAME`.
-    pub node_name: String,
+    /// Who this ztunnel is, sent as the `Node` of every subscription.
+    pub node: ProxyNode,
     /// Trust domain for workloads that carry none.
     pub trust_domain: String,
     /// First reconnect delay (default 1 s).
@@ -63,10 +62,9 @@ pub struct XdsConfig {
 
 impl XdsConfig {
     /// Defaults: backoff 1 s → 30 s.
-    pub fn new(node_id: impl Into<String>, node_name: impl Into<String>, trust_domain: impl Into<String>) -> Self {
+    pub fn new(node: ProxyNode, trust_domain: impl Into<String>) -> Self {
         XdsConfig {
-            node_id: node_id.into(),
-            node_name: node_name.into(),
+            node,
             trust_domain: trust_domain.into(),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
@@ -88,8 +86,9 @@ impl BearerToken {
         Ok(BearerToken { token, node: None })
     }
 
-    /// Also names the caller's node (`x-ambit-node`), which the controller
-    /// requires next to a bootstrap token.
+    /// Also names the caller's node in `x-ambit-node`: an extra for Ambit's
+    /// controller with one shared bootstrap token, which proves no node (the
+    /// `Node` of the stream names it too, as Istio's ztunnel does).
     pub fn with_node(mut self, node: &str) -> Result<Self, XdsError> {
         self.node = Some(MetadataValue::try_from(node)?);
         Ok(self)
@@ -266,17 +265,7 @@ impl XdsClient {
     }
 
     fn node(&self) -> Node {
-        let mut metadata = prost_types::Struct::default();
-        metadata.fields.insert(
-            "NODE_NAME".to_owned(),
-            prost_types::Value { kind: Some(ValueKind::StringValue(self.config.node_name.clone())) },
-        );
-        Node {
-            id: self.config.node_id.clone(),
-            cluster: String::new(),
-            metadata: Some(metadata),
-            user_agent_name: "ambit-ztunnel".to_owned(),
-        }
+        self.config.node.to_node()
     }
 }
 
@@ -294,6 +283,20 @@ mod tests {
         assert!(d[7] >= Duration::from_secs(24), "{d:?}");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(1200));
+    }
+
+    #[tokio::test]
+    async fn every_subscription_carries_the_istio_node() {
+        let mut proxy = ProxyNode::new("node-a");
+        proxy.pod_name = "ztunnel-1".into();
+        proxy.pod_namespace = "ambit-system".into();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = XdsClient::new(channel, BearerToken::default(), XdsConfig::new(proxy.clone(), "cluster.local"));
+        for kind in [Kind::Address, Kind::Authorization] {
+            let req = client.subscribe(kind);
+            assert_eq!(req.node, Some(proxy.to_node()), "{kind:?}");
+            assert_eq!(req.node.unwrap().id, "ztunnel~1.1.1.1~ztunnel-1.ambit-system~ambit-system.svc.cluster.local");
+        }
     }
 
     #[test]

@@ -62,8 +62,10 @@ impl Kind {
     }
 }
 
-/// A converted `Address`.
+/// A converted `Address`. Most addresses are workloads, so boxing the
+/// larger variant would not save memory.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 enum AddressEntry {
     Workload(Workload),
     Service(Service),

@@ -94,6 +94,18 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// True when a handshake failed because the server's certificate verified
+/// (chain, validity, purpose) but its identity is not one the client
+/// expected; false for every other failure, e.g. an unknown issuer.
+pub fn is_unexpected_identity(err: &rustls::Error) -> bool {
+    match err {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            matches!(other.0.downcast_ref::<PeerError>(), Some(PeerError::Unexpected { .. }))
+        }
+        _ => false,
+    }
+}
+
 /// The SPIFFE identity of the peer of an established connection (its leaf's URI SAN).
 pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
     let leaf = conn.peer_certificates()?.first()?;

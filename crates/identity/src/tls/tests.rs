@@ -133,6 +133,7 @@ async fn client_rejects_a_server_with_the_wrong_identity() {
     let err = rustls_error(&client_side);
     assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(_))), "{err:?}");
     assert!(err.to_string().contains("spiffe://cluster.local/ns/default/sa/ratings"), "{err}");
+    assert!(is_unexpected_identity(err), "a good chain with another identity is an identity mismatch");
     assert!(server_side.is_err(), "the server must see the alert");
 }
 
@@ -145,6 +146,7 @@ async fn client_rejects_a_server_from_another_ca() {
     let (_, client_side) = exchange(server, client).await;
     let err = rustls_error(&client_side);
     assert_eq!(err, &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+    assert!(!is_unexpected_identity(err), "an unknown issuer is a certificate failure, not a mismatch");
 }
 
 #[tokio::test]
@@ -207,6 +209,7 @@ async fn server_rejects_an_expired_client_certificate() {
     let (server_side, _) = exchange(server, client).await;
     let err = rustls_error(&server_side);
     assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })), "{err:?}");
+    assert!(!is_unexpected_identity(err));
 }
 
 #[tokio::test]

@@ -25,6 +25,6 @@ if ! command -v cargo >/dev/null; then
     done
 fi
 if ! command -v cargo >/dev/null; then
-    echo "install-deps: a Rust toolchain (cargo, rustc >= 1.85) is required; install it with rustup" >&2
+    echo "install-deps: a Rust toolchain (cargo, rustc >= 1.89) is required; install it with rustup" >&2
     exit 1
 fi

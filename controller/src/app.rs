@@ -51,6 +51,8 @@ pub enum AppError {
     Auth(#[from] crate::ca::AuthError),
     #[error("{0}")]
     NodeTokens(#[from] crate::ca::NodeTokensError),
+    #[error("--config-dir: {0}")]
+    ConfigDir(#[from] crate::sources::file::SourceError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("grpc server on {addr}: {source}")]
@@ -83,6 +85,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let (ca, auth) = match config.mode()? {
         Mode::File { config_dir, ca_dir, credentials } => {
             info!(config_dir = %config_dir.display(), "file mode");
+            // A mistyped directory is a start-up error, not a mesh that stays empty.
+            crate::sources::file::Files::read(config_dir)?;
             let ca = load_or_create_root(ca_dir, &config.trust_domain)?;
             let auth: Arc<dyn AsyncCallerAuthenticator> = match credentials {
                 FileCredentials::NodeTokens(path) => {
@@ -170,6 +174,8 @@ async fn start_kubernetes(
     info!(namespace = %kube.namespace, ?published, "root certificate published for ztunnels");
     tokio::spawn(KubeSource::new(client.clone(), opts).run(tx, sink));
     tokio::spawn(crate::waypoints::run(client.clone(), kube.waypoint_settings()));
+    // Detached: they live as long as the runtime, like the source above.
+    drop(crate::sources::unsupported::spawn(&client, "ambit-controller"));
     let auth = TokenReviewAuthenticator::new(client)
         .with_audience(kube.token_audience.clone())
         .with_allowed_users(kube.allowed_users()?)

@@ -149,15 +149,15 @@ impl KubeCluster {
 
     /// The `Accepted` condition of AuthorizationPolicy `ns/name` as "status|reason|message" (empty while none).
     pub fn policy_accepted(&self, ns: &str, name: &str) -> anyhow::Result<String> {
-        self.kubectl([
-            "-n",
-            ns,
-            "get",
-            "authorizationpolicy",
-            name,
-            "-o",
-            "jsonpath={range .status.conditions[?(@.type==\"Accepted\")]}{.status}|{.reason}|{.message}{end}",
-        ])
+        self.policy_condition(ns, name, "Accepted")
+    }
+
+    /// The condition `type_` of AuthorizationPolicy `ns/name` as "status|reason|message" (empty while none).
+    pub fn policy_condition(&self, ns: &str, name: &str, type_: &str) -> anyhow::Result<String> {
+        let path = format!(
+            "jsonpath={{range .status.conditions[?(@.type==\"{type_}\")]}}{{.status}}|{{.reason}}|{{.message}}{{end}}"
+        );
+        self.kubectl(["-n", ns, "get", "authorizationpolicy", name, "-o", &path])
     }
 
     /// [`KubeCluster::apply`], retrying for up to 30 s while the namespace's service accounts (made by the

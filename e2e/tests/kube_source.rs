@@ -34,13 +34,17 @@ fn is_hbone(s: &Snapshot, pod: &str) -> bool {
 }
 
 async fn wait_accepted(cluster: &KubeCluster, name: &str, f: impl Fn(&str) -> bool) -> String {
+    wait_condition(cluster, name, "Accepted", f).await
+}
+
+async fn wait_condition(cluster: &KubeCluster, name: &str, type_: &str, f: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let c = cluster.policy_accepted(NS, name).unwrap();
+        let c = cluster.policy_condition(NS, name, type_).unwrap();
         if f(&c) {
             return c;
         }
-        assert!(Instant::now() < deadline, "{name}: Accepted condition is {c:?} after 20 s");
+        assert!(Instant::now() < deadline, "{name}: {type_} condition is {c:?} after 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -118,7 +122,10 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     );
     let bogus = policy("bogus-action", "  action: BOGUS\n");
     let bad_ip = policy("bad-ipblock", "  rules:\n  - from:\n    - source: {ipBlocks: [not-an-ip]}\n");
-    cluster.apply(&format!("{good}---\n{bogus}---\n{bad_ip}")).unwrap();
+    let l7 = policy("allow-get", "  action: ALLOW\n  rules:\n  - to:\n    - operation: {methods: [GET]}\n");
+    let waypoint =
+        policy("at-waypoint", "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\n");
+    cluster.apply(&format!("{good}---\n{bogus}---\n{bad_ip}---\n{l7}---\n{waypoint}")).unwrap();
     wait_for(&mut rx, 60, "allow-b is an authorization", |s| s.authorizations.contains_key("mesh/allow-b")).await;
     {
         let s = rx.borrow();
@@ -133,6 +140,14 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     let c = wait_accepted(&cluster, "bad-ipblock", |c| c.starts_with("False|Invalid|")).await;
     assert!(c.contains("not-an-ip"), "{c}");
     wait_accepted(&cluster, "allow-b", |c| c == "True|Accepted|").await;
+    wait_condition(&cluster, "allow-b", "ZtunnelAccepted", |c| c == "True|Accepted|attached to ztunnel").await;
+    wait_condition(&cluster, "bad-ipblock", "ZtunnelAccepted", |c| c.starts_with("False|Invalid|")).await;
+    // Honest status: dropped L7 rules and an unenforced waypoint policy are not plainly "accepted".
+    let c = wait_condition(&cluster, "allow-get", "ZtunnelAccepted", |c| c.starts_with("True|UnsupportedValue|")).await;
+    assert!(c.contains("methods") && c.contains("waypoint"), "{c}");
+    let c = wait_condition(&cluster, "at-waypoint", "WaypointAccepted", |c| c.starts_with("False|Unsupported|")).await;
+    assert!(c.contains("no effect"), "{c}");
+    assert_eq!(cluster.policy_condition(NS, "at-waypoint", "ZtunnelAccepted").unwrap(), "");
     let last = seen.lock().unwrap().last().cloned().unwrap_or_default();
     let mut names: Vec<&str> = last.iter().map(|r| r.name.as_str()).collect();
     names.sort();

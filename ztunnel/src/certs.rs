@@ -23,8 +23,8 @@ pub const HBONE_ALPN: &[&[u8]] = &[b"h2"];
 pub enum CertError {
     #[error("certificate provider failed for {identity}: {message}")]
     Provider { identity: Identity, message: String },
-    #[error("cannot read the development CA: {0}")]
-    ReadCa(#[from] std::io::Error),
+    #[error("cannot read the development CA file {path}: {source}")]
+    ReadCa { path: std::path::PathBuf, source: std::io::Error },
     #[error("invalid development CA: {0}")]
     Ca(#[from] ambit_identity::CaError),
     #[error("cannot build TLS configuration: {0}")]
@@ -49,7 +49,10 @@ pub struct LocalCa {
 
 impl LocalCa {
     pub fn from_files(cert: &std::path::Path, key: &std::path::Path, ttl: Duration) -> Result<Self, CertError> {
-        let ca = CertificateAuthority::from_pem(&std::fs::read_to_string(cert)?, &std::fs::read_to_string(key)?)?;
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|source| CertError::ReadCa { path: path.to_owned(), source })
+        };
+        let ca = CertificateAuthority::from_pem(&read(cert)?, &read(key)?)?;
         Ok(LocalCa { ca, ttl })
     }
 }

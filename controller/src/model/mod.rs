@@ -10,6 +10,7 @@ pub mod objects;
 pub mod parse;
 pub mod peer_auth;
 pub mod services;
+pub mod unsupported;
 pub mod waypoint;
 pub mod workloads;
 
@@ -46,6 +47,11 @@ impl Snapshot {
         self.addresses == other.addresses
             && self.authorizations == other.authorizations
             && self.identities_by_node == other.identities_by_node
+    }
+
+    /// Whether it holds no resource.
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.authorizations.is_empty() && self.identities_by_node.is_empty()
     }
 }
 

@@ -81,6 +81,17 @@ pub struct ClusterObjects {
 }
 
 impl ClusterObjects {
+    /// Whether there is no object at all.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.pods.is_empty()
+            && self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.authorization_policies.is_empty()
+            && self.peer_authentications.is_empty()
+            && self.gateways.is_empty()
+    }
+
     /// Adds `obj` unless one of the same kind and key exists; returns whether it was added.
     pub fn insert(&mut self, obj: ClusterObject) -> bool {
         fn put<T>(map: &mut BTreeMap<ObjectKey, T>, key: ObjectKey, v: T) -> bool {

@@ -84,7 +84,12 @@ fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rej
         ("security.istio.io", "PeerAuthentication") => typed(value, ClusterObject::PeerAuthentication),
         ("gateway.networking.k8s.io", "Gateway") => typed(value, ClusterObject::Gateway),
         _ => {
-            tracing::debug!(%origin, %api_version, %kind, %name, "skipping a kind the model does not use");
+            if super::unsupported::find(group, &kind).is_some() {
+                let message = super::unsupported::message(&kind);
+                tracing::info!(%origin, %kind, %namespace, %name, "{message}");
+            } else {
+                tracing::debug!(%origin, %api_version, %kind, %name, "skipping a kind the model does not use");
+            }
             return;
         }
     };

@@ -157,14 +157,16 @@ impl FileSource {
     async fn rebuild(&self, files: Files, tx: &SnapshotTx, sink: &RejectionSink) {
         let next = tx.borrow().version + 1;
         let opts = self.opts.clone();
+        let file_count = files.0.len();
         let built = tokio::task::spawn_blocking(move || {
             let (objects, mut rejections) = files.objects();
+            let no_objects = objects.is_empty();
             let mut report = model::build_report(&objects, &opts, next);
             rejections.append(&mut report.rejections);
-            (report.snapshot, rejections, report.warnings)
+            (report.snapshot, rejections, report.warnings, no_objects)
         })
         .await;
-        let (snapshot, rejected, warnings) = match built {
+        let (snapshot, rejected, warnings, no_objects) = match built {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "bug: model build panicked");
@@ -173,6 +175,18 @@ impl FileSource {
         };
         log_warnings(&warnings);
         sink(&rejected);
+        // A directory emptied by accident (a failed sync, a half-mounted volume) or wholly unparsable must not
+        // withdraw every workload from every ztunnel: a mesh is emptied on purpose by leaving some object.
+        if no_objects && !tx.borrow().is_empty() {
+            tracing::error!(
+                dir = %self.dir.display(),
+                files = file_count,
+                rejected = rejected.len(),
+                "config dir yields no object; keeping the last snapshot (to empty the mesh on purpose, keep one \
+                 object, e.g. a Namespace)"
+            );
+            return;
+        }
         let changed = tx.send_if_modified(|current| {
             if current.same_content(&snapshot) {
                 return false;
@@ -291,6 +305,38 @@ mod tests {
         std::fs::write(dir.0.join("broken.yaml"), pod("b", "10.1.0.3")).unwrap();
         wait_for(&mut rx, "pod b exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/b")).await;
         assert!(seen.lock().unwrap().last().unwrap().is_empty());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_emptied_or_wholly_broken_directory_keeps_the_last_snapshot() {
+        let dir = TempDir::new("file-source-empty");
+        std::fs::write(dir.0.join("ns.yaml"), NS).unwrap();
+        std::fs::write(dir.0.join("pods.yaml"), pod("a", "10.1.0.2")).unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(model::Snapshot::default()));
+        let (sink, seen) = sink();
+        let source = FileSource::new(dir.0.clone(), ModelOptions::default()).with_interval(Duration::from_millis(50));
+        let task = tokio::spawn(source.run(tx, sink));
+        wait_for(&mut rx, "pod a exists", |s| s.addresses.contains_key("Kubernetes//Pod/default/a")).await;
+        let version = rx.borrow().version;
+
+        // Every file broken, then no file at all: each is read (rejections reported), nothing is withdrawn.
+        std::fs::write(dir.0.join("ns.yaml"), "{{{ not yaml").unwrap();
+        std::fs::write(dir.0.join("pods.yaml"), "kind: [").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !seen.lock().unwrap().last().is_some_and(|r| r.len() == 2) {
+            assert!(std::time::Instant::now() < deadline, "broken files not reported");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::remove_file(dir.0.join("ns.yaml")).unwrap();
+        std::fs::remove_file(dir.0.join("pods.yaml")).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rx.borrow().version, version, "the mesh was withdrawn");
+        assert!(rx.borrow().addresses.contains_key("Kubernetes//Pod/default/a"));
+
+        // Emptying on purpose: one object left, the pod goes.
+        std::fs::write(dir.0.join("ns.yaml"), NS).unwrap();
+        wait_for(&mut rx, "pod a is gone", |s| !s.addresses.contains_key("Kubernetes//Pod/default/a")).await;
         task.abort();
     }
 

@@ -1,6 +1,6 @@
 //! The Kubernetes source: reflectors (watch + in-memory store) for every kind the model reads. Each change, after a
 //! short debounce that batches bursts, rebuilds the model from the stores and publishes the snapshot if its resources
-//! changed, as the file source does. Istio policies get an `Accepted` status condition saying whether they were used.
+//! changed, as the file source does. Istio policies get status conditions saying whether and how they were used (`policy_status`).
 //!
 //! A custom resource whose CRD is not installed must not stop the mesh: its watcher logs once, counts as an empty
 //! kind, and keeps retrying with backoff, so installing the CRD later is picked up.
@@ -24,8 +24,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::policy_status::{self, Cond, Outcome};
 use crate::model::crd::Resource as CrdResource;
-use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx};
+use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx, Warning};
 
 /// How long to wait after a change for more before rebuilding.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -146,7 +147,7 @@ impl KubeSource {
     /// Watches the cluster until every receiver of `tx` is gone. Each batch of changes rebuilds the model, reports
     /// the rejections to `rejections` when they differ from the last report (status writes of our own trigger
     /// rebuilds too, and must not repeat the report), publishes the snapshot if its resources changed (version one
-    /// above the published one), and writes the policies' `Accepted` conditions that changed.
+    /// above the published one), and writes the policies' conditions that changed.
     pub async fn run(self, tx: SnapshotTx, rejections: RejectionSink) {
         let (signal_tx, mut signals) = mpsc::unbounded_channel();
         let (stores, _tasks) = self.spawn_watchers(&signal_tx);
@@ -210,7 +211,7 @@ impl KubeSource {
                 let version = tx.borrow().version;
                 tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
             }
-            status.sync(&stores, &crd_keys, &rejected).await;
+            status.sync(&stores, &crd_keys, &rejected, &warnings).await;
         }
     }
 
@@ -392,47 +393,11 @@ fn typed<S: DeserializeOwned + Default>(
     }
 }
 
-/// The `Accepted` condition a policy should carry: (status, reason, message, observed generation).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Accepted {
-    status: &'static str,
-    reason: &'static str,
-    message: String,
-    generation: Option<i64>,
-}
-
-impl Accepted {
-    /// Whether `conditions` (the object's `status.conditions`) already say this.
-    fn matches(&self, conditions: &[Value]) -> bool {
-        conditions.iter().any(|c| {
-            c["type"] == "Accepted"
-                && c["status"] == self.status
-                && c["reason"] == self.reason
-                && c["message"] == self.message.as_str()
-                && c["observedGeneration"].as_i64() == self.generation
-        })
-    }
-
-    fn to_json(&self) -> Value {
-        let mut c = json!({
-            "type": "Accepted",
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::now()),
-        });
-        if let Some(g) = self.generation {
-            c["observedGeneration"] = json!(g);
-        }
-        c
-    }
-}
-
-/// Writes policies' `Accepted` conditions, only when they changed: it remembers what it wrote and also skips
-/// objects that already carry the condition (after a restart), so its own writes do not make it loop.
+/// Writes policies' status conditions ([`policy_status`]), only when they changed: it remembers what it wrote and
+/// also skips objects that already carry the conditions (after a restart), so its own writes do not make it loop.
 struct StatusWriter {
     client: kube::Client,
-    written: HashMap<PolicyKey, Accepted>,
+    written: HashMap<PolicyKey, Vec<Cond>>,
     retry: mpsc::UnboundedSender<Signal>,
     retry_pending: bool,
 }
@@ -442,18 +407,23 @@ impl StatusWriter {
         Self { client, written: HashMap::new(), retry, retry_pending: false }
     }
 
-    async fn sync(&mut self, stores: &Stores, keys: &[PolicyKey], rejected: &[Rejection]) {
-        let mut reasons: HashMap<PolicyKey, Vec<&str>> = HashMap::new();
-        for r in rejected {
-            let kind = match r.kind.as_str() {
+    async fn sync(&mut self, stores: &Stores, keys: &[PolicyKey], rejected: &[Rejection], warnings: &[Warning]) {
+        let mut outcomes: HashMap<PolicyKey, Outcome<'_>> = HashMap::new();
+        let notes = rejected.iter().map(|r| (&r.kind, &r.namespace, &r.name, &r.reason, false));
+        for (kind, ns, name, reason, is_warning) in
+            notes.chain(warnings.iter().map(|w| (&w.kind, &w.namespace, &w.name, &w.reason, true)))
+        {
+            let kind = match kind.as_str() {
                 k if k == AUTHORIZATION_POLICY.kind => AUTHORIZATION_POLICY.kind,
                 k if k == PEER_AUTHENTICATION.kind => PEER_AUTHENTICATION.kind,
                 _ => continue,
             };
-            reasons.entry((kind, r.namespace.clone(), r.name.clone())).or_default().push(&r.reason);
+            let o = outcomes.entry((kind, ns.clone(), name.clone())).or_default();
+            if is_warning { &mut o.warnings } else { &mut o.rejected }.push(reason);
         }
         let present: HashSet<&PolicyKey> = keys.iter().collect();
         self.written.retain(|k, _| present.contains(k));
+        let now = json!(Time(k8s_openapi::jiff::Timestamp::now()));
         let mut failed = false;
         for key in keys {
             let (crd, store) = if key.0 == AUTHORIZATION_POLICY.kind {
@@ -465,34 +435,19 @@ impl StatusWriter {
             else {
                 continue; // deleted since the build
             };
-            let want = match reasons.get(key) {
-                Some(r) => Accepted {
-                    status: "False",
-                    reason: "Invalid",
-                    message: r.join("; "),
-                    generation: obj.metadata.generation,
-                },
-                None => Accepted {
-                    status: "True",
-                    reason: "Accepted",
-                    message: String::new(),
-                    generation: obj.metadata.generation,
-                },
-            };
+            let outcome = outcomes.remove(key).unwrap_or_default();
+            let want = policy_status::desired(key.0, &obj.data["spec"], obj.metadata.generation, &outcome);
             if self.written.get(key) == Some(&want) {
                 continue;
             }
             let conditions: Vec<Value> = obj.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
-            if want.matches(&conditions) {
+            let Some(next) = policy_status::merge(&conditions, &want, &now) else {
                 self.written.insert(key.clone(), want);
                 continue;
-            }
-            // Keep other controllers' conditions; replace ours.
-            let mut next: Vec<Value> = conditions.into_iter().filter(|c| c["type"] != "Accepted").collect();
-            next.push(want.to_json());
+            };
             match self.write(crd, &key.1, &key.2, next).await {
                 Ok(()) => {
-                    tracing::debug!(kind = key.0, namespace = %key.1, name = %key.2, status = want.status, "status written");
+                    tracing::debug!(kind = key.0, namespace = %key.1, name = %key.2, "status written");
                     self.written.insert(key.clone(), want);
                 }
                 Err(e) => {
@@ -562,16 +517,5 @@ mod tests {
         assert!(rejections.is_empty(), "{rejections:?}");
         assert_eq!(t.spec.action, model::crd::AuthorizationAction::Deny);
         assert_eq!(t.kind, "AuthorizationPolicy");
-    }
-
-    #[test]
-    fn a_condition_matches_only_with_the_same_status_reason_message_and_generation() {
-        let want = Accepted { status: "False", reason: "Invalid", message: "bad".into(), generation: Some(3) };
-        let mut c = want.to_json();
-        assert!(want.matches(std::slice::from_ref(&c)));
-        c["observedGeneration"] = json!(2);
-        assert!(!want.matches(std::slice::from_ref(&c)));
-        let accepted = Accepted { status: "True", reason: "Accepted", message: String::new(), generation: Some(3) };
-        assert!(!accepted.matches(&[want.to_json()]));
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod file;
 pub mod kube;
+mod policy_status;
+pub mod unsupported;
 
 pub use file::FileSource;
 pub use kube::KubeSource;

@@ -45,9 +45,19 @@ impl LogControl {
     }
 }
 
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Parses `RUST_LOG` directives, refusing what is almost surely a typo: `EnvFilter` reads a bare word that is
+/// not a level (`debgu`) as "everything from target `debgu`", so a mistyped level would be accepted and change
+/// nothing. A bare word must be a level; a target needs `target=level`.
 fn parse(directives: &str) -> Result<EnvFilter, LogError> {
-    EnvFilter::try_new(directives)
-        .map_err(|e| LogError::BadLevel { directives: directives.to_owned(), message: e.to_string() })
+    let bad = |message: String| LogError::BadLevel { directives: directives.to_owned(), message };
+    for d in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains('=') && !d.contains('[') && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l)) {
+            return Err(bad(format!("{d:?} is not a level ({}); for a target write {d}=<level>", LEVELS.join(", "))));
+        }
+    }
+    EnvFilter::try_new(directives).map_err(|e| bad(e.to_string()))
 }
 
 /// Installs the global subscriber. Call once, first thing in `main`.
@@ -63,4 +73,24 @@ pub fn init_logging(format: LogFormat) -> Result<LogControl, LogError> {
         LogFormat::Plain => registry.with(layer).init(),
     }
     Ok(LogControl { handle, current: Mutex::new(directives) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn levels_and_target_directives_parse() {
+        for ok in ["info", "DEBUG", "warn,ztunnel::proxy=debug", "ztunnel=trace", "off", "info,h2=warn,"] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_level_is_refused_with_a_hint() {
+        let e = parse("debgu").unwrap_err().to_string();
+        assert!(e.contains("debgu") && e.contains("not a level") && e.contains("debgu=<level>"), "{e}");
+        assert!(parse("info,wran").is_err());
+        assert!(parse("ztunnel=lots").is_err(), "EnvFilter's own checks still apply");
+    }
 }

@@ -121,6 +121,13 @@ impl StateFile {
             return Ok(None);
         }
         self.last = Some(hash);
+        let content = bytes.split(|b| *b == b'\n').any(|l| {
+            let l = l.trim_ascii();
+            !l.is_empty() && !l.starts_with(b"#") && l != b"---"
+        });
+        if !content {
+            return Err(StateError::Empty { path: self.path.display().to_string() });
+        }
         build(serde_yaml::from_slice(&bytes)?, &self.opts).map(Some)
     }
 }

@@ -265,3 +265,18 @@ fn poll_reports_changes_only_and_recovers_after_a_broken_file() {
     assert!(st.workload_by_uid("b").is_some());
     assert!(file.poll().unwrap().is_none());
 }
+
+#[test]
+fn an_empty_file_is_an_error_and_an_explicit_empty_list_empties() {
+    let dir = TempDir::new("poll-empty");
+    let path = dir.0.join("state.yaml");
+    let mut file = StateFile::new(&path, opts());
+    for nothing in ["", "\n  \n", "# only a comment\n---\n"] {
+        std::fs::write(&path, nothing).unwrap();
+        let err = file.poll().unwrap_err();
+        assert!(matches!(err, StateError::Empty { .. }), "{nothing:?}: {err}");
+        assert!(err.to_string().contains("state.yaml"), "names the file: {err}");
+    }
+    std::fs::write(&path, "workloads: []\n").unwrap();
+    assert_eq!(file.poll().unwrap().expect("an explicit empty list loads").workloads().count(), 0);
+}

@@ -32,6 +32,9 @@ pub enum StateError {
     /// The state file could not be read.
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
+    /// The file holds nothing (a truncated write, a wrong mount): never read as "no workloads".
+    #[error("{path} is empty; keeping the previous state (write `workloads: []` to empty it on purpose)")]
+    Empty { path: String },
     /// The YAML is malformed or has unknown fields (message carries line and column).
     #[error("parsing state: {0}")]
     Parse(#[from] serde_yaml::Error),

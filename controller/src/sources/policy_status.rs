@@ -1,0 +1,180 @@
+//! The status conditions an Istio policy should carry, as Istio writes them, computed from what the model made of
+//! it; pure, so the Kubernetes source only compares and writes.
+//!
+//! - `Accepted`: the object is valid (`True`/`Accepted`) or not (`False`/`Invalid` with the reasons).
+//! - `ZtunnelAccepted` (AuthorizationPolicy bound to workloads, as istiod writes it): `True`/`Accepted` "attached to
+//!   ztunnel"; `True`/`UnsupportedValue` with what ztunnel left out (L7 attributes, AUDIT/CUSTOM actions), so a
+//!   policy that does less than it says never reads as plainly accepted; `False`/`Invalid` for an invalid one.
+//! - `WaypointAccepted` (AuthorizationPolicy with `targetRefs`): `False`/`Unsupported`, because no Ambit waypoint
+//!   enforces authorization yet: the policy has no effect, and the status says so.
+
+use serde_json::{json, Value};
+
+/// Condition types this module owns; others on the object are left alone.
+pub const OWNED: [&str; 3] = ["Accepted", "ZtunnelAccepted", "WaypointAccepted"];
+
+/// One condition, without its transition time (which moves only when the status flips).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+    pub generation: Option<i64>,
+}
+
+/// What the model made of one policy.
+#[derive(Debug, Default)]
+pub struct Outcome<'a> {
+    /// Why it was rejected (empty: valid).
+    pub rejected: Vec<&'a str>,
+    /// What was left out at L4 (empty: enforced as written).
+    pub warnings: Vec<&'a str>,
+}
+
+/// The conditions `kind` (`AuthorizationPolicy` or `PeerAuthentication`) should carry. `spec` is the object's spec
+/// as stored (for `targetRefs`).
+pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_>) -> Vec<Cond> {
+    let cond = |type_, status, reason, message: String| Cond { type_, status, reason, message, generation };
+    let invalid = (!o.rejected.is_empty()).then(|| o.rejected.join("; "));
+    let mut out = vec![match &invalid {
+        Some(why) => cond("Accepted", "False", "Invalid", why.clone()),
+        None => cond("Accepted", "True", "Accepted", String::new()),
+    }];
+    if kind != "AuthorizationPolicy" {
+        return out;
+    }
+    let targeted = spec.get("targetRefs").and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+        || spec.get("targetRef").is_some_and(|t| !t.is_null());
+    out.push(match (invalid, targeted) {
+        (Some(why), true) => cond("WaypointAccepted", "False", "Invalid", why),
+        (None, true) => cond(
+            "WaypointAccepted",
+            "False",
+            "Unsupported",
+            "Ambit's waypoint does not enforce AuthorizationPolicy yet: this policy has no effect".into(),
+        ),
+        (Some(why), false) => cond("ZtunnelAccepted", "False", "Invalid", why),
+        (None, false) if o.warnings.is_empty() => {
+            cond("ZtunnelAccepted", "True", "Accepted", "attached to ztunnel".into())
+        }
+        (None, false) => cond(
+            "ZtunnelAccepted",
+            "True",
+            "UnsupportedValue",
+            format!(
+                "ztunnel enforces only L4 attributes: {}. In ambient mode a waypoint proxy enforces HTTP rules",
+                o.warnings.join("; ")
+            ),
+        ),
+    });
+    out
+}
+
+/// The object's next `status.conditions`, or `None` when `current` already says what `want` says (same status,
+/// reason, message and generation for each owned type, and no stale owned type). Others' conditions are kept;
+/// an unchanged status keeps its `lastTransitionTime`.
+pub fn merge(current: &[Value], want: &[Cond], now: &Value) -> Option<Vec<Value>> {
+    let find = |t: &str| current.iter().find(|c| c["type"] == t);
+    let same = |c: &Value, w: &Cond| {
+        c["status"] == w.status
+            && c["reason"] == w.reason
+            && c["message"] == w.message.as_str()
+            && c["observedGeneration"].as_i64() == w.generation
+    };
+    let stale =
+        current.iter().any(|c| OWNED.iter().any(|t| c["type"] == *t) && !want.iter().any(|w| c["type"] == w.type_));
+    if !stale && want.iter().all(|w| find(w.type_).is_some_and(|c| same(c, w))) {
+        return None;
+    }
+    let mut next: Vec<Value> = current.iter().filter(|c| !OWNED.iter().any(|t| c["type"] == *t)).cloned().collect();
+    for w in want {
+        let moved = match find(w.type_) {
+            Some(c) if c["status"] == w.status => c["lastTransitionTime"].clone(),
+            _ => now.clone(),
+        };
+        let mut c = json!({
+            "type": w.type_,
+            "status": w.status,
+            "reason": w.reason,
+            "message": w.message,
+            "lastTransitionTime": moved,
+        });
+        if let Some(g) = w.generation {
+            c["observedGeneration"] = json!(g);
+        }
+        next.push(c);
+    }
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(c: &[Cond]) -> Vec<(&str, &str, &str)> {
+        c.iter().map(|c| (c.type_, c.status, c.reason)).collect()
+    }
+
+    #[test]
+    fn a_plain_l4_policy_is_accepted_and_attached_to_ztunnel() {
+        let c = desired("AuthorizationPolicy", &json!({"action": "DENY"}), Some(2), &Outcome::default());
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("ZtunnelAccepted", "True", "Accepted")]);
+        assert_eq!(c[1].message, "attached to ztunnel");
+        assert!(c.iter().all(|c| c.generation == Some(2)));
+    }
+
+    #[test]
+    fn dropped_l7_rules_say_unsupported_value_with_what_was_left_out() {
+        let o = Outcome { warnings: vec!["rule 0 uses L7 attributes (methods); dropped"], ..Default::default() };
+        let c = desired("AuthorizationPolicy", &json!({}), None, &o);
+        assert_eq!(c[1].reason, "UnsupportedValue");
+        assert!(c[1].message.contains("methods") && c[1].message.contains("waypoint"), "{}", c[1].message);
+    }
+
+    #[test]
+    fn an_invalid_policy_is_refused_in_both_conditions() {
+        let o = Outcome { rejected: vec!["bad ipBlock", "bad port"], ..Default::default() };
+        let c = desired("AuthorizationPolicy", &json!({}), None, &o);
+        assert_eq!(kinds(&c), [("Accepted", "False", "Invalid"), ("ZtunnelAccepted", "False", "Invalid")]);
+        assert_eq!(c[0].message, "bad ipBlock; bad port");
+    }
+
+    #[test]
+    fn a_waypoint_policy_says_it_has_no_effect_yet() {
+        let spec = json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}]});
+        let c = desired("AuthorizationPolicy", &spec, None, &Outcome::default());
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "False", "Unsupported")]);
+        let old_form = json!({"targetRef": {"kind": "Gateway", "name": "waypoint"}});
+        assert_eq!(desired("AuthorizationPolicy", &old_form, None, &Outcome::default())[1].type_, "WaypointAccepted");
+    }
+
+    #[test]
+    fn peer_authentication_carries_only_accepted() {
+        let c = desired("PeerAuthentication", &json!({}), None, &Outcome::default());
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted")]);
+    }
+
+    #[test]
+    fn merge_writes_only_changes_and_keeps_others_and_transition_times() {
+        let want = desired("AuthorizationPolicy", &json!({}), Some(1), &Outcome::default());
+        let t0 = json!("2026-01-01T00:00:00Z");
+        let other = json!({"type": "Ready", "status": "True"});
+        let first = merge(std::slice::from_ref(&other), &want, &t0).unwrap();
+        assert_eq!(first.len(), 3);
+        assert_eq!(first[0], other);
+        assert_eq!(merge(&first, &want, &json!("later")), None, "nothing changed");
+
+        // A new generation with the same status rewrites but keeps the transition time.
+        let want2 = desired("AuthorizationPolicy", &json!({}), Some(2), &Outcome::default());
+        let second = merge(&first, &want2, &json!("later")).unwrap();
+        assert!(second.iter().filter(|c| c["type"] != "Ready").all(|c| c["lastTransitionTime"] == t0));
+
+        // A flip moves it; a condition we no longer want is removed.
+        let targeted = desired("AuthorizationPolicy", &json!({"targetRefs": [{}]}), Some(2), &Outcome::default());
+        let third = merge(&second, &targeted, &json!("now")).unwrap();
+        assert!(!third.iter().any(|c| c["type"] == "ZtunnelAccepted"));
+        let wp = third.iter().find(|c| c["type"] == "WaypointAccepted").unwrap();
+        assert_eq!(wp["lastTransitionTime"], "now");
+    }
+}

@@ -27,6 +27,9 @@ KUBELET_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_
 # namespace), so the paths daemons hard-code and hostPath volumes are per node.
 NODE_PRIVATE_DIRS=(/run /var/lib /var/log)
 
+# runc, iptables, conntrack, sysctl, ... live in sbin, which a CI PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
@@ -47,6 +50,28 @@ set_cluster_dir() { # DIR
   [[ "$CLUSTER_DIR" =~ ^[A-Za-z0-9_./+-]+$ ]] \
     || die "DIR must not contain spaces or shell characters: $CLUSTER_DIR"
   ENV_FILE="$CLUSTER_DIR/env"
+}
+
+# ---------------------------------------------------------------- prerequisites
+
+# What the cluster needs from this machine and is missing, on one line
+# (empty if nothing). Shared by up.sh (fails) and smoke.sh (fails under CI).
+missing_prerequisites() {
+  local c missing=()
+  [[ $(id -u) -eq 0 ]] || missing+=("root")
+  for c in containerd runc ctr socat iptables conntrack ip nsenter unshare mountpoint gcc \
+    openssl curl jq python3 ss sysctl; do
+    command -v "$c" >/dev/null || missing+=("$c")
+  done
+  for c in bridge host-local portmap loopback; do
+    [[ -x /usr/lib/cni/$c ]] || missing+=("/usr/lib/cni/$c")
+  done
+  # Static (ldd fails on it): it is the whole test image.
+  [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=("static /bin/busybox")
+  [[ -f "$(gcc -print-file-name=libc.a 2>/dev/null)" ]] || missing+=("libc.a (libc6-dev, for the static pause)")
+  [[ -d /sys/fs/cgroup/pids && -f /sys/fs/cgroup/cpuset/cpuset.cpus ]] \
+    || missing+=("cgroup v1 hierarchies under /sys/fs/cgroup")
+  echo "${missing[*]}"
 }
 
 # ---------------------------------------------------------------- DIR/env

@@ -17,19 +17,9 @@ set_cluster_dir "$1"
 # ---------------------------------------------------------------- checks
 
 check_prerequisites() {
-  local c missing=()
-  [[ $(id -u) -eq 0 ]] || die "needs root (network and mount namespaces, cgroups)"
-  for c in containerd runc ctr socat iptables conntrack ip nsenter unshare findmnt gcc \
-    openssl curl jq python3 ss; do
-    command -v "$c" >/dev/null || missing+=("$c")
-  done
-  for c in bridge host-local portmap loopback; do
-    [[ -x /usr/lib/cni/$c ]] || missing+=("/usr/lib/cni/$c")
-  done
-  [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=("static /bin/busybox")
-  ((${#missing[@]} == 0)) || die "missing: ${missing[*]} (scripts/install-deps.sh installs them)"
-  [[ -d /sys/fs/cgroup/pids && -f /sys/fs/cgroup/cpuset/cpuset.cpus ]] \
-    || die "needs cgroup v1 hierarchies under /sys/fs/cgroup (the kubelet runs with cgroupfs)"
+  local c missing
+  missing="$(missing_prerequisites)"
+  [[ -z "$missing" ]] || die "missing: $missing (scripts/install-deps.sh installs the packages)"
   ! ip link show "$BRIDGE" >/dev/null 2>&1 \
     || die "bridge $BRIDGE exists: another cluster is up; run down.sh on its DIR"
   # The nodes see their own /run, /var/lib, /var/log: what lives there on the
@@ -449,6 +439,7 @@ on_exit() {
   exit "$rc"
 }
 trap on_exit EXIT
+trap 'exit 130' INT TERM   # so that on_exit tears down on Ctrl-C too
 
 t0=$SECONDS
 check_prerequisites

@@ -61,12 +61,10 @@ remove_node_network() { # NODE
   if [[ -n "$route" ]] && ip route show "$route" | grep -q .; then
     ip route del "$route" || ok=1
   fi
+  # Deleting the host end deletes the pair at once (deleting the namespace
+  # would too, but asynchronously).
+  if [[ -n "$veth" ]] && exists_link "$veth"; then ip link del "$veth" || ok=1; fi
   if [[ -n "$ns" && -e "/run/netns/$ns" ]]; then ip netns del "$ns" || ok=1; fi
-  # Deleting the namespace deletes the veth pair, asynchronously; deleting
-  # the host end is for a partial up that never moved the peer.
-  [[ -n "$veth" ]] || return $ok
-  for _ in $(seq 1 25); do exists_link "$veth" || return $ok; sleep 0.2; done
-  ip link del "$veth" 2>/dev/null || ! exists_link "$veth" || ok=1
   return $ok
 }
 
@@ -108,6 +106,17 @@ unmount_ns_dir() {
   umount "$d"
 }
 
+# socat forks a child per connection, and a child whose node vanished before
+# its FIN arrived would keep its API server connection open (and delay the
+# API server's shutdown by its full grace period): the children go first.
+stop_forwarder() {
+  local pid child
+  pid="$(env_get FORWARDER_PID)"
+  ours "$pid" || return 0
+  for child in $(ps -o pid= --ppid "$pid"); do stop_pid "API forwarder connection" "$child"; done
+  stop_pid "API forwarder" "$pid"
+}
+
 stop_control_plane() {
   local control
   control="$(env_get CONTROL_DIR)"
@@ -140,7 +149,7 @@ remove_state() {
 t0=$SECONDS
 IFS=, read -ra nodes <<<"$(env_get NODES)"
 for ((i = ${#nodes[@]} - 1; i >= 0; i--)); do down_node "${nodes[i]}"; done
-step stop_pid "API forwarder" "$(env_get FORWARDER_PID)"
+step stop_forwarder
 step stop_control_plane
 step remove_bridge
 step unmount_ns_dir

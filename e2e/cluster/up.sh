@@ -120,7 +120,10 @@ EOF
 # API server listens on 127.0.0.1, which no node namespace can reach.
 host_network() {
   record BRIDGE "$BRIDGE"
-  ip link add "$BRIDGE" type bridge
+  # A fixed MAC: by default a bridge takes the lowest MAC of its ports, so it
+  # changes when a node's veth goes, and the other nodes' ARP entries for
+  # the host go stale (their packets, FINs included, vanish for a while).
+  ip link add "$BRIDGE" address 02:00:0a:fa:00:01 type bridge
   ip addr add "$BRIDGE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   socat -lf "$CLUSTER_DIR/socat.log" \

@@ -129,7 +129,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: server, namespace: smoke}
+metadata: {name: server, namespace: smoke, labels: {app: server}}
 spec:
   nodeSelector: {kubernetes.io/hostname: node2}
   terminationGracePeriodSeconds: 1
@@ -193,6 +193,20 @@ retry "client (node1) -> server (node2) over TCP: hello from server" 20 cross_no
 (("$(forwarded node1)" > fwd1 && "$(forwarded node2)" > fwd2)) \
   || fail "node1 and node2 did not both route packets (ForwDatagrams $fwd1 -> $(forwarded node1), $fwd2 -> $(forwarded node2))"
 log "ok: both nodes routed the packets (node1 ForwDatagrams $fwd1 -> $(forwarded node1), node2 $fwd2 -> $(forwarded node2))"
+
+# A ClusterIP Service in front of the server, through node1's kube-proxy
+# rules (which come a second or two after the Service: retry).
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: smoke}
+spec:
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+EOF
+service_ip="$(k get svc -n smoke server -o jsonpath='{.spec.clusterIP}')"
+via_service() { [[ "$(k exec -n smoke client -- nc -w 3 "$service_ip" 80 </dev/null)" == "hello from server" ]]; }
+retry "client (node1) -> Service $service_ip:80 -> server (node2)" 20 via_service
 
 # The API server from a pod, as in-cluster clients reach it: 10.96.0.1:443
 # (kube-proxy) -> the default/kubernetes EndpointSlice -> the forwarder on the

@@ -27,19 +27,21 @@ exists_link() { ip link show "$1" >/dev/null 2>&1; }
 # ---------------------------------------------------------------- nodes
 
 kill_node_processes() { # NODE
-  local n="$1" cg ino pin
+  local n="$1" cg ino pin ok=0
   # The kubelet first, so it does not restart the containers killed next.
   stop_pid "$n kubelet" "$(env_get "$(env_key "$n" KUBELET_PID)")"
   stop_pid "$n kube-proxy" "$(env_get "$(env_key "$n" KUBE_PROXY_PID)")"
   cg="$(env_get "$(env_key "$n" CGROUP)")"
-  [[ -z "$cg" ]] || kill_all "$n containers" cgroup_pids "$cg" || return 1
+  [[ -z "$cg" ]] || kill_all "$n containers" cgroup_pids "$cg" || ok=1
   stop_pid "$n containerd" "$(env_get "$(env_key "$n" CONTAINERD_PID)")"
   # containerd-shim-runc-v2 processes outlive containerd; they live in the
-  # node's mount namespace (as anything else started in the node does).
+  # node's mount namespace, as does anything else started in the node (a
+  # daemon whose pid up.sh had no time to record, too).
   ino="$(env_get "$(env_key "$n" MNTNS_INO)")"
   pin="$(env_get "$(env_key "$n" MNTNS)")"
-  [[ -n "$ino" || -z "$pin" ]] || ! mountpoint -q "$pin" || ino="$(stat -L -c %i "$pin")"
-  [[ -z "$ino" ]] || kill_all "$n shims" mntns_pids "$ino"
+  if [[ -z "$ino" && -n "$pin" ]] && mountpoint -q "$pin"; then ino="$(stat -L -c %i "$pin")"; fi
+  [[ -z "$ino" ]] || kill_all "$n shims" mntns_pids "$ino" || ok=1
+  return $ok
 }
 
 # With no process left in it, unmounting the pin frees the node's mount

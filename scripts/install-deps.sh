@@ -4,6 +4,12 @@
 set -euo pipefail
 
 PACKAGES=(nftables iproute2 util-linux procps ca-certificates python3 openssl curl)
+# The two-node Kubernetes cluster of e2e/cluster/: a containerd and runc per
+# node, the reference CNI plugins (/usr/lib/cni), socat to forward the API
+# server to the nodes, iptables/conntrack for kube-proxy, gcc + libc6-dev for
+# the static pause binary and busybox-static for the test image.
+PACKAGES+=(containerd runc containernetworking-plugins socat iptables conntrack
+    gcc libc6-dev busybox-static jq)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build (or find cached) kube-apiserver, kube-controller-manager, kubectl and
-# etcd at the versions pinned in apiserver/go.mod and etcd/go.mod, and print
-# the directory that holds them on stdout (logs go to stderr):
+# Build (or find cached) kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kubelet, kube-proxy and etcd at the versions pinned
+# in apiserver/go.mod and etcd/go.mod, and print the directory that holds them
+# on stdout (logs go to stderr):
 #   BIN="$(e2e/kube/build.sh)"
 #
 # Idempotent: when the stamp in that directory matches the wrapper modules the
-# script exits at once. A cold build takes about 10 minutes on 2 cores; later
+# script exits at once. A cold build takes 10-20 minutes on 2 cores; later
 # builds are incremental because GOMODCACHE and GOCACHE live under $AMBIT_CACHE.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -13,7 +14,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 kube="$(kube_version)"
 etcd="$(etcd_version)"
 bin="$(bin_dir "$kube" "$etcd")"
-binaries=(kube-apiserver kube-controller-manager kubectl etcd)
+# The last three run the real nodes of e2e/cluster/.
+kube_commands=(kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy)
+binaries=("${kube_commands[@]}" etcd)
 
 # The stamp names the versions and hashes the wrapper modules, so editing
 # go.mod/go.sum (even at the same versions) triggers a rebuild.
@@ -62,17 +65,17 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   kube_ldflags+=" -X $pkg.gitTreeState=clean"
 done
 (cd "$KUBE_DIR/apiserver" && go build -mod=readonly -ldflags="$kube_ldflags" -o "$stage/" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubectl)
-log "kube-apiserver, kube-controller-manager and kubectl built after $((SECONDS - start))s"
+  "${kube_commands[@]/#/k8s.io/kubernetes/cmd/}")
+log "${kube_commands[*]} built after $((SECONDS - start))s"
 
 (cd "$KUBE_DIR/etcd" && go build -mod=readonly \
   -ldflags="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$etcd" -o "$stage/etcd" .)
 log "etcd built after $((SECONDS - start))s"
 
 # Smoke-check each binary before publishing it.
-"$stage/kube-apiserver" --version >&2
-"$stage/kube-controller-manager" --version >&2
+for b in "${kube_commands[@]}"; do
+  [[ $b == kubectl ]] || "$stage/$b" --version >&2
+done
 "$stage/kubectl" version --client >&2
 "$stage/etcd" --version >&2
 

@@ -19,6 +19,11 @@
 #                        below: service accounts, namespace deletion, garbage
 #                        collection, EndpointSlices, Deployments/ReplicaSets/
 #                        DaemonSets; there is no scheduler and no kubelet)
+#   KUBE_EXTRA_CONTROLLERS  comma-separated controllers added to that list
+#                        (e2e/cluster adds node-lifecycle-controller and
+#                        pod-garbage-collector-controller for its real nodes)
+#   KUBE_SCHEDULER       1 to also run a kube-scheduler (default: 0; tests
+#                        without kubelets bind pods themselves)
 #   KUBE_READY_TIMEOUT   seconds to wait for each component (default: 120)
 #
 # Certificates and keys in DIR/pki are generated once and reused on restart, so
@@ -34,7 +39,7 @@ dir="$(cd "$1" && pwd)"
 
 if [[ -f "$dir/env" ]]; then
   for pid in $(sed -n 's/^[A-Z_]*_PID=//p' "$dir/env"); do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$dir/"; then
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$dir/"; then
       die "already running in $dir (pid $pid); run stop.sh $dir first"
     fi
   done
@@ -51,6 +56,10 @@ default_controllers+=",endpointslice-controller,endpointslice-mirroring-controll
 default_controllers+=",root-ca-certificate-publisher-controller,clusterrole-aggregation-controller"
 default_controllers+=",deployment-controller,replicaset-controller,daemonset-controller"
 controllers="${KUBE_CONTROLLERS:-$default_controllers}"
+[[ -z "${KUBE_EXTRA_CONTROLLERS:-}" || "$controllers" == none ]] \
+  || controllers+=",$KUBE_EXTRA_CONTROLLERS"
+scheduler="${KUBE_SCHEDULER:-0}"
+[[ "$scheduler" == 0 ]] || [[ -x "$bin/kube-scheduler" ]] || die "missing $bin/kube-scheduler"
 [[ "$controllers" == none ]] || [[ -x "$bin/kube-controller-manager" ]] \
   || die "missing $bin/kube-controller-manager"
 
@@ -121,13 +130,15 @@ fi
 etcd_pid=""
 apiserver_pid=""
 controller_manager_pid=""
+scheduler_pid=""
 # On any failure, stop what this script started and show why it failed.
 cleanup_on_error() {
   local rc=$?
+  [[ -n "$scheduler_pid" ]] && kill "$scheduler_pid" 2>/dev/null || true
   [[ -n "$controller_manager_pid" ]] && kill "$controller_manager_pid" 2>/dev/null || true
   [[ -n "$apiserver_pid" ]] && kill "$apiserver_pid" 2>/dev/null || true
   [[ -n "$etcd_pid" ]] && kill "$etcd_pid" 2>/dev/null || true
-  for f in etcd.log kube-apiserver.log kube-controller-manager.log; do
+  for f in etcd.log kube-apiserver.log kube-controller-manager.log kube-scheduler.log; do
     [[ -f "$dir/$f" ]] && { log "last lines of $dir/$f:"; tail -n 20 "$dir/$f" >&2; }
   done
   exit "$rc"
@@ -166,6 +177,10 @@ wait_for etcd 30 "$etcd_pid" curl -fsS "http://127.0.0.1:$etcd_port/health"
 log "starting kube-apiserver on https://127.0.0.1:$apiserver_port"
 # --endpoint-reconciler-type=none: the default/kubernetes Endpoints would
 # point at 127.0.0.1, which Endpoints validation rejects over and over.
+# The --kubelet-* flags matter only with real kubelets (e2e/cluster): the
+# API server authenticates to them as admin for exec/logs/port-forward,
+# checks their serving certificates against our CA, and dials their
+# InternalIP (node names resolve nowhere).
 "$bin/kube-apiserver" \
   --bind-address=127.0.0.1 \
   --advertise-address=127.0.0.1 \
@@ -183,6 +198,10 @@ log "starting kube-apiserver on https://127.0.0.1:$apiserver_port"
   --service-cluster-ip-range=10.96.0.0/16 \
   --endpoint-reconciler-type=none \
   --allow-privileged=true \
+  --kubelet-client-certificate="$pki/admin.crt" \
+  --kubelet-client-key="$pki/admin.key" \
+  --kubelet-certificate-authority="$pki/ca.crt" \
+  --kubelet-preferred-address-types=InternalIP \
   --profiling=false \
   </dev/null >"$dir/kube-apiserver.log" 2>&1 &
 apiserver_pid=$!
@@ -240,6 +259,22 @@ if [[ "$controllers" != none ]]; then
   fi
 fi
 
+# ---------------------------------------------------------------- scheduler
+
+if [[ "$scheduler" != 0 ]]; then
+  log "starting kube-scheduler"
+  # Admin credentials, no leader election, nothing served (port 0).
+  "$bin/kube-scheduler" \
+    --kubeconfig="$dir/kubeconfig" \
+    --leader-elect=false \
+    --secure-port=0 \
+    --profiling=false \
+    </dev/null >"$dir/kube-scheduler.log" 2>&1 &
+  scheduler_pid=$!
+  sleep 1
+  kill -0 "$scheduler_pid" 2>/dev/null || { log "kube-scheduler exited"; false; }
+fi
+
 # ---------------------------------------------------------------- env
 
 cat >"$dir/env" <<EOF
@@ -253,6 +288,7 @@ ETCD_PORT=$etcd_port
 ETCD_PEER_PORT=$etcd_peer_port
 ETCD_PID=$etcd_pid
 CONTROLLER_MANAGER_PID=$controller_manager_pid
+SCHEDULER_PID=$scheduler_pid
 CA_CERT=$pki/ca.crt
 ADMIN_CERT=$pki/admin.crt
 ADMIN_KEY=$pki/admin.key
@@ -262,5 +298,6 @@ EOF
 
 trap - ERR
 log "kube-apiserver ready at https://127.0.0.1:$apiserver_port (pid $apiserver_pid)," \
-  "etcd pid $etcd_pid, kube-controller-manager pid ${controller_manager_pid:-none}"
+  "etcd pid $etcd_pid, kube-controller-manager pid ${controller_manager_pid:-none}," \
+  "kube-scheduler pid ${scheduler_pid:-none}"
 printf 'kubeconfig: %s\nenv: %s\n' "$dir/kubeconfig" "$dir/env"

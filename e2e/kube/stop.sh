@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stop the kube-controller-manager, kube-apiserver and etcd that start.sh
-# started in DIR:
+# Stop the kube-scheduler, kube-controller-manager, kube-apiserver and etcd
+# that start.sh started in DIR:
 #   e2e/kube/stop.sh DIR
 # Kills exactly the pids recorded in DIR/env, and only while their command line
 # still names DIR (a recycled pid belongs to someone else). Keeps DIR's data.
@@ -14,11 +14,11 @@ env_file="$dir/env"
 [[ -f "$env_file" ]] || { log "nothing to stop: no $env_file"; exit 0; }
 
 ours() { # PID: is it alive and started for this DIR?
-  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$dir/"
+  tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$dir/"
 }
 
 # Clients before servers, so none logs errors about the other going away.
-for key in CONTROLLER_MANAGER_PID APISERVER_PID ETCD_PID; do
+for key in SCHEDULER_PID CONTROLLER_MANAGER_PID APISERVER_PID ETCD_PID; do
   pid="$(sed -n "s/^$key=//p" "$env_file")"
   [[ "$pid" =~ ^[0-9]+$ ]] || continue
   ours "$pid" || continue

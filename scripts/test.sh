@@ -17,3 +17,7 @@ cargo test --release --workspace --no-fail-fast -- --test-threads="${AMBIT_TEST_
 # A real Kubernetes API server for the controller's tests: built once from
 # the published Go modules (about 10 minutes cold, cached outside the clone).
 e2e/kube/smoke.sh
+
+# A real two-node Kubernetes cluster (kubelet + containerd per node, the
+# reference CNI plugins), up and down, leaving the machine as it was.
+e2e/cluster/smoke.sh

@@ -98,7 +98,8 @@ fn main() -> anyhow::Result<()> {
     let service = SocketAddr::from((vip, 80));
     let running = || !STOP.load(Ordering::Relaxed) && seconds.is_none_or(|s| start.elapsed().as_secs_f64() < s);
     while running() {
-        for (who, pod) in [("frontend", frontend), ("intruder", intruder)] {
+        // Two calls from frontend per round, so that the service's round robin shows both backends to each caller.
+        for (who, pod) in [("frontend", frontend), ("frontend", frontend), ("intruder", intruder)] {
             match request(&mesh.lab().pod(pod).netns, service) {
                 Ok(reply) if !reply.is_empty() => println!("  {who:<8} <- {reply}"),
                 Ok(_) => println!("  {who:<8} <- refused (connection closed without a reply: denied by policy)"),

@@ -140,8 +140,8 @@ fn mib(b: u64) -> f64 {
 
 /// Measures every figure from `client`; also returns, per side, the CPU
 /// seconds that `cpu` (cumulative) counted per GB carried in the
-/// single-stream run. With BENCH_SINGLE_STREAM_ONLY=1 only that run is made
-/// (for quick experiments).
+/// single-stream run. With BENCH_SINGLE_STREAM_ONLY=1 only that run is made,
+/// with BENCH_CONNECTIONS_ONLY=1 only the connection rate (for quick experiments).
 fn measure(
     client: &NetNs,
     server: std::net::IpAddr,
@@ -153,6 +153,11 @@ fn measure(
     let echo = SocketAddr::new(server, ECHO_PORT + offset);
     let conn = SocketAddr::new(server, CONN_PORT + offset);
     let d = opts.duration;
+    // BENCH_CONNECTIONS_ONLY=1 measures only the connection rate (to profile connection setup).
+    if std::env::var_os("BENCH_CONNECTIONS_ONLY").is_some() {
+        let conns_per_sec = client.run(move || connection_rate(conn, d)).context("connection rate")?;
+        return Ok((Figures { conns_per_sec, ..Figures::default() }, [0.0; 2]));
+    }
     let (before, start) = (cpu(), Instant::now());
     let single_stream_gbps = client.run(move || throughput(tp, 1, d)).context("single-stream throughput")?;
     let (after, gb) = (cpu(), single_stream_gbps * start.elapsed().as_secs_f64() / 8.0);

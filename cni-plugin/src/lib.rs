@@ -2,6 +2,8 @@
 //!
 //! [`capture`] installs the traffic-capture rules inside a pod's network
 //! namespace so that the pod's TCP goes through the node's ztunnel, which
-//! listens inside that same namespace.
+//! listens inside that same namespace. [`membership`] decides which pods
+//! are in the mesh, from Istio's labels.
 
 pub mod capture;
+pub mod membership;

@@ -13,6 +13,10 @@ use ambit_api::security::{
 use super::crd::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Condition, Operation, Source};
 use super::index::validate_labels;
 
+/// Istio's annotation that makes a policy report what it would do without
+/// enforcing it.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
 /// Why a policy is rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -87,7 +91,12 @@ pub fn convert(p: &AuthorizationPolicy, root_namespace: &str) -> Result<Converte
             rules.push(rule);
         }
     }
-    out.authorization = Some(Authorization { name, namespace, scope: scope.into(), action: action.into(), rules });
+    let dry_run = p.metadata.annotations.as_ref().and_then(|a| a.get(DRY_RUN_ANNOTATION)).is_some_and(|v| v == "true");
+    if dry_run {
+        tracing::debug!(%namespace, %name, "dry-run policy: ztunnel logs what it would do and enforces nothing");
+    }
+    out.authorization =
+        Some(Authorization { name, namespace, scope: scope.into(), action: action.into(), rules, dry_run });
     Ok(out)
 }
 
@@ -305,6 +314,17 @@ mod tests {
         assert_eq!(ip_block("fd00::1").unwrap().length, 128);
         for bad in ["10.1.0.0/33", "10.1.0", "x/8", "10.0.0.0/-1", ""] {
             assert_eq!(ip_block(bad), Err(PolicyError::BadIpBlock(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_dry_run_annotation_sets_dry_run() {
+        let mut p = policy("  action: DENY\n  rules: [{}]\n", "default");
+        let dry_run = |p: &AuthorizationPolicy| convert(p, "ambit-system").unwrap().authorization.unwrap().dry_run;
+        assert!(!dry_run(&p));
+        for (value, want) in [("true", true), ("false", false), ("yes", false)] {
+            p.metadata.annotations = Some([(DRY_RUN_ANNOTATION.to_string(), value.to_string())].into());
+            assert_eq!(dry_run(&p), want, "{value}");
         }
     }
 

@@ -92,6 +92,7 @@ impl<'a> NamespaceModes<'a> {
                 scope: Scope::Namespace.into(),
                 action: Action::Deny.into(),
                 rules: vec![no_identity_rule(Vec::new(), Vec::new())],
+                dry_run: false,
             })
             .collect()
     }
@@ -154,6 +155,7 @@ pub fn convert_selector(pa: &PeerAuthentication, namespace_mode: MtlsMode) -> Re
         scope: Scope::WorkloadSelector.into(),
         action: Action::Deny.into(),
         rules,
+        dry_run: false,
     });
     Ok(out)
 }

@@ -324,7 +324,7 @@ mod tests {
         std::fs::write(dir.0.join("ns.yaml"), "{{{ not yaml").unwrap();
         std::fs::write(dir.0.join("pods.yaml"), "kind: [").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !seen.lock().unwrap().last().is_some_and(|r| r.len() == 2) {
+        while seen.lock().unwrap().last().is_none_or(|r| r.len() != 2) {
             assert!(std::time::Instant::now() < deadline, "broken files not reported");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -217,6 +217,7 @@ mod tests {
             scope,
             action,
             rules: vec![Rule { clauses: vec![Clause { matches: vec![m] }] }],
+            dry_run: false,
         }
     }
 

@@ -44,10 +44,16 @@ impl ProxyState {
             let scoped = self.global_policies.iter().chain(ns).map(|&i| &*self.policies[i]);
             scoped.chain(dst.authorization_policies.iter().filter_map(|k| self.policy(k)).map(|p| &**p))
         };
-        if let Some(p) = applicable().find(|p| p.action == Action::Deny && policy_matches(p, conn)) {
-            return Err(Denied { policy: Some(p.key()), reason: "denied by policy" });
+        let deny = |p: &&Authorization| p.action == Action::Deny && policy_matches(p, conn);
+        for p in applicable().filter(deny) {
+            if !p.dry_run {
+                return Err(Denied { policy: Some(p.key()), reason: "denied by policy" });
+            }
+            // A dry-run policy only says what it would have done.
+            tracing::info!(policy = %p.key(), src = %conn.src_ip, dst = %conn.dst_ip, port = conn.dst_port,
+                "dry-run DENY policy matches; not enforced");
         }
-        let mut allows = applicable().filter(|p| p.action == Action::Allow).peekable();
+        let mut allows = applicable().filter(|p| p.action == Action::Allow && !p.dry_run).peekable();
         if allows.peek().is_none() || allows.any(|p| policy_matches(p, conn)) {
             return Ok(());
         }
@@ -55,14 +61,15 @@ impl ProxyState {
     }
 }
 
-/// Any rule; a rule matches when all its clauses do; a clause when any match does.
+/// Any rule; a rule matches when all its clauses do; a clause when any match
+/// does, or when it has none (as in Istio's ztunnel).
 fn policy_matches(p: &Authorization, conn: &ConnectionAttributes) -> bool {
     p.rules.iter().any(|r| {
         if has_unsupported(r) {
             // Fail closed: whatever the condition means, deny rather than allow.
             return p.action == Action::Deny;
         }
-        r.clauses.iter().all(|c| c.matches.iter().any(|m| match_matches(m, conn)))
+        r.clauses.iter().all(|c| c.matches.is_empty() || c.matches.iter().any(|m| match_matches(m, conn)))
     })
 }
 
@@ -74,6 +81,10 @@ fn has_unsupported(r: &Rule) -> bool {
 /// Identity-based fields need an identity: a plaintext peer matches no
 /// positive one and is excluded by no negated one (as in Istio's ztunnel).
 fn match_matches(m: &Match, conn: &ConnectionAttributes) -> bool {
+    if m.is_empty() {
+        // Istio's ztunnel skips a match with no condition: it matches nothing.
+        return false;
+    }
     let id = conn.src_identity.as_ref();
     let principal = |s: &StringMatch| id.is_some_and(|id| principal_matches(s, id));
     let namespace = |s: &StringMatch| id.is_some_and(|id| string_matches(s, &id.namespace));
@@ -107,7 +118,7 @@ fn string_matches(m: &StringMatch, v: &str) -> bool {
         StringMatch::Exact(s) => v == s,
         StringMatch::Prefix(s) => v.starts_with(s.as_str()),
         StringMatch::Suffix(s) => v.ends_with(s.as_str()),
-        StringMatch::Presence => true,
+        StringMatch::Presence => !v.is_empty(),
     }
 }
 
@@ -173,7 +184,13 @@ mod tests {
 
     fn policy(name: &str, scope: Scope, action: Action, m: Match) -> Authorization {
         let rules = vec![Rule { clauses: vec![Clause { matches: vec![m] }] }];
-        Authorization { name: name.into(), namespace: "default".into(), scope, action, rules }
+        Authorization { name: name.into(), namespace: "default".into(), scope, action, rules, dry_run: false }
+    }
+
+    /// Matches every connection of these tests (all IPv4); an empty `Match`
+    /// would match none.
+    fn any_connection() -> Match {
+        Match { source_ips: vec!["0.0.0.0/0".parse().unwrap()], ..Default::default() }
     }
 
     fn dst() -> Workload {
@@ -208,7 +225,7 @@ mod tests {
 
     #[test]
     fn deny_policy_takes_precedence_over_allow() {
-        let allow = policy("allow", Scope::Namespace, Action::Allow, Match::default());
+        let allow = policy("allow", Scope::Namespace, Action::Allow, any_connection());
         let deny = policy(
             "deny",
             Scope::Global,
@@ -258,11 +275,11 @@ mod tests {
 
     #[test]
     fn policies_of_other_namespaces_and_unlisted_selectors_do_not_apply() {
-        let mut other_ns = policy("n", Scope::Namespace, Action::Deny, Match::default());
+        let mut other_ns = policy("n", Scope::Namespace, Action::Deny, any_connection());
         other_ns.namespace = "other".into();
-        let unlisted = policy("unlisted", Scope::WorkloadSelector, Action::Deny, Match::default());
+        let unlisted = policy("unlisted", Scope::WorkloadSelector, Action::Deny, any_connection());
         assert_eq!(decide(vec![other_ns, unlisted], &conn(None)), Ok(()));
-        let listed = policy("selected", Scope::WorkloadSelector, Action::Deny, Match::default());
+        let listed = policy("selected", Scope::WorkloadSelector, Action::Deny, any_connection());
         assert!(decide(vec![listed], &conn(None)).is_err());
     }
 
@@ -347,11 +364,11 @@ mod tests {
                 matches: vec![Match { principals: vec![exact(CLIENT)], ..Default::default() }, unsupported.clone()],
             }],
         };
-        let mut allow = policy("p", Scope::Global, Action::Allow, Match::default());
+        let mut allow = policy("p", Scope::Global, Action::Allow, any_connection());
         allow.rules = vec![either.clone()];
         assert!(decide(vec![allow], &client).is_err());
         // In a DENY it matches every peer, even one its other fields would not.
-        let mut deny = policy("d", Scope::Global, Action::Deny, Match::default());
+        let mut deny = policy("d", Scope::Global, Action::Deny, any_connection());
         deny.rules = vec![either];
         assert!(decide(vec![deny.clone()], &conn(Some(id("other", "x")))).is_err());
         assert!(decide(vec![deny], &conn(None)).is_err());
@@ -425,5 +442,34 @@ mod tests {
         let c = conn(None);
         assert!(decide(vec![allow(vec![clause(vec![port(1), port(8080)])])], &c).is_ok());
         assert!(decide(vec![allow(vec![clause(vec![port(8080)]), clause(vec![port(1)])])], &c).is_err());
+    }
+
+    #[test]
+    fn an_empty_clause_matches_everything_and_an_empty_match_nothing() {
+        let with = |clauses: Vec<Clause>| Authorization {
+            name: "p".into(),
+            namespace: "default".into(),
+            rules: vec![Rule { clauses }],
+            ..Default::default()
+        };
+        let c = conn(Some(id("default", "client")));
+        assert!(decide(vec![with(vec![Clause::default()])], &c).is_ok(), "a clause without matches matches");
+        let empty_match = Clause { matches: vec![Match::default()] };
+        assert!(decide(vec![with(vec![empty_match.clone()])], &c).is_err(), "an ALLOW of an empty match admits none");
+        let deny = Authorization { action: Action::Deny, ..with(vec![empty_match]) };
+        assert!(decide(vec![deny], &c).is_ok(), "a DENY of an empty match denies none");
+    }
+
+    #[test]
+    fn dry_run_policies_are_not_enforced() {
+        let client = conn(Some(id("default", "client")));
+        let by_client = Match { principals: vec![exact(CLIENT)], ..Default::default() };
+        let deny = Authorization { dry_run: true, ..policy("d", Scope::Global, Action::Deny, by_client) };
+        assert_eq!(decide(vec![deny.clone()], &client), Ok(()), "a dry-run DENY that matches does not deny");
+        assert!(decide(vec![Authorization { dry_run: false, ..deny }], &client).is_err());
+        let nobody = Match { destination_ports: vec![1], ..Default::default() };
+        let allow = Authorization { dry_run: true, ..policy("a", Scope::Global, Action::Allow, nobody) };
+        assert_eq!(decide(vec![allow.clone()], &client), Ok(()), "a dry-run ALLOW restricts nothing");
+        assert!(decide(vec![Authorization { dry_run: false, ..allow }], &client).is_err());
     }
 }

@@ -175,7 +175,7 @@ impl TryFrom<pb_sec::Authorization> for Authorization {
                 Ok(Rule { clauses })
             })
             .collect::<Result<_, ConvertError>>()?;
-        Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules })
+        Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules, dry_run: a.dry_run })
     }
 }
 
@@ -333,6 +333,7 @@ mod tests {
             scope: pb_sec::Scope::Namespace as i32,
             action: pb_sec::Action::Deny as i32,
             rules: vec![pb_sec::Rule { clauses: vec![pb_sec::Clause { matches: vec![m] }] }],
+            dry_run: false,
         }
     }
 

@@ -247,6 +247,9 @@ struct LocalPolicy {
     action: LocalAction,
     #[serde(default)]
     rules: Vec<LocalRule>,
+    /// Evaluated and logged, never enforced.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -474,6 +477,7 @@ fn policy(p: LocalPolicy) -> Result<Authorization, StateError> {
             LocalAction::Deny => Action::Deny,
         },
         rules,
+        dry_run: p.dry_run,
     })
 }
 

@@ -88,6 +88,7 @@ fn policy(
                 clauses: clauses.into_iter().map(|matches| pb_sec::Clause { matches }).collect(),
             })
             .collect(),
+        dry_run: false,
     }
 }
 

@@ -198,6 +198,8 @@ pub struct Authorization {
     pub action: Action,
     /// OR-ed: the policy matches when any rule matches; no rules matches nothing.
     pub rules: Vec<Rule>,
+    /// Evaluated and logged, never enforced (Istio's `istio.io/dry-run`).
+    pub dry_run: bool,
 }
 
 impl Authorization {
@@ -214,7 +216,7 @@ pub struct Rule {
     pub clauses: Vec<Clause>,
 }
 
-/// OR of matches.
+/// OR of matches; a clause without matches matches every connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Clause {
     /// Any may match.
@@ -222,7 +224,8 @@ pub struct Clause {
 }
 
 /// Conditions on one connection: every non-empty positive field must match
-/// (its values OR-ed) and no `not_*` field may match. A match marked
+/// (its values OR-ed) and no `not_*` field may match. A match with no field
+/// set matches nothing, as in Istio's ztunnel. A match marked
 /// [`Match::unsupported`] makes its whole rule fail closed instead.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Match {
@@ -256,6 +259,40 @@ pub struct Match {
     /// match fails closed: in an ALLOW policy it never matches, in a DENY
     /// policy it always does.
     pub unsupported: bool,
+}
+
+impl Match {
+    /// Whether no field is set (and nothing unsupported was dropped).
+    pub fn is_empty(&self) -> bool {
+        let Match {
+            namespaces,
+            not_namespaces,
+            principals,
+            not_principals,
+            service_accounts,
+            not_service_accounts,
+            source_ips,
+            not_source_ips,
+            destination_ips,
+            not_destination_ips,
+            destination_ports,
+            not_destination_ports,
+            unsupported,
+        } = self;
+        !unsupported
+            && namespaces.is_empty()
+            && not_namespaces.is_empty()
+            && principals.is_empty()
+            && not_principals.is_empty()
+            && service_accounts.is_empty()
+            && not_service_accounts.is_empty()
+            && source_ips.is_empty()
+            && not_source_ips.is_empty()
+            && destination_ips.is_empty()
+            && not_destination_ips.is_empty()
+            && destination_ports.is_empty()
+            && not_destination_ports.is_empty()
+    }
 }
 
 /// A Kubernetes service account: both parts must equal the peer identity's.

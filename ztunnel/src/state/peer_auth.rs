@@ -67,6 +67,7 @@ fn strict_policy(namespace: &str) -> Authorization {
         scope: Scope::Namespace,
         action: Action::Deny,
         rules: vec![Rule { clauses: vec![Clause { matches: vec![no_identity] }] }],
+        dry_run: false,
     }
 }
 

@@ -6,4 +6,8 @@
 //! are in the mesh, from Istio's labels.
 
 pub mod capture;
+<<<<<<< Updated upstream
+=======
+pub mod agent;
+>>>>>>> Stashed changes
 pub mod membership;

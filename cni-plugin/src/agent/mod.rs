@@ -1,0 +1,7 @@
+//! The node agent: enrolls pods (capture rules in their namespace, then the
+//! pod handed to ztunnel over ZDS), answers the CNI plugin, watches the
+//! node's pods and namespaces, and installs the plugin on the node.
+
+pub mod enroll;
+
+pub use enroll::{EnrollConfig, EnrollError, Enroller, PodInfo};

@@ -3,5 +3,12 @@
 //! node's pods and namespaces, and installs the plugin on the node.
 
 pub mod enroll;
+pub mod plugin_server;
+pub mod protocol;
+mod state_file;
+mod ztunnels;
 
 pub use enroll::{EnrollConfig, EnrollError, Enroller, PodInfo};
+
+#[cfg(test)]
+mod enroll_tests;

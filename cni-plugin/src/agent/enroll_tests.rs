@@ -200,7 +200,11 @@ async fn gc_releases_only_attachments_missing_from_the_valid_list() {
     let mut left: Vec<String> = enroller.enrolled().into_iter().map(|p| p.uid).collect();
     left.sort();
     assert_eq!(left, ["u2", "u3"]);
-    enroller.release_container("c2").await.unwrap();
+    // The DEL of an old sandbox leaves the pod enrolled for its new one.
+    enroller.release_cni(Some("u2"), "c-old").await.unwrap();
+    assert_eq!(enroller.enrolled().len(), 2);
+    enroller.release_cni(Some("u2"), "c2").await.unwrap();
+    enroller.release_cni(None, "c-unknown").await.unwrap();
     assert_eq!(enroller.enrolled().len(), 1);
 }
 

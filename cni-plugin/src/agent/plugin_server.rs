@@ -80,8 +80,7 @@ async fn handle(mut stream: UnixStream, enroller: Arc<Enroller>) {
 async fn answer(enroller: &Enroller, request: Request) -> Response {
     let result = match request {
         Request::Add { pod, container_id } => enroller.enroll_attachment(pod, Some(container_id)).await,
-        Request::Del { uid: Some(uid), .. } => enroller.release(&uid).await,
-        Request::Del { uid: None, container_id } => enroller.release_container(&container_id).await,
+        Request::Del { uid, container_id } => enroller.release_cni(uid.as_deref(), &container_id).await,
         Request::Check { uid } => enroller.check(&uid).await,
         Request::Status => Ok(()),
         Request::Gc { valid_container_ids } => {

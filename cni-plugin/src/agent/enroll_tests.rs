@@ -57,6 +57,15 @@ impl Fixture {
         EnrollConfig { state_dir: Some(self.dir.join("state")), ..EnrollConfig::new(self.dir.join("zds.sock")) }
     }
 
+    /// A sysctl as the pod's namespace sees it (`None`: the kernel lacks it).
+    fn sysctl(&self, key: &str) -> Option<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "cat", &format!("/proc/sys/{key}")])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     fn captured(&self) -> bool {
         capture::is_installed(&PathBuf::from("/var/run/netns").join(&self.netns)).unwrap()
     }
@@ -146,6 +155,7 @@ async fn two_ztunnels_both_ack_snapshot_then_live_adds_and_dels() {
     assert_eq!(old.next().await, "add u1");
     assert!(fx.captured());
     enroller.check("u1").await.unwrap();
+    assert_eq!(fx.sysctl("net/ipv4/tcp_migrate_req").as_deref().unwrap_or("1"), "1");
 
     // The upgrade: a second ztunnel gets the pod in its snapshot, then both
     // get the next add; enroll returned only after both acked.

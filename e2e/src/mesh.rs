@@ -7,6 +7,9 @@
 //! [`Mesh::set_ready`], [`Mesh::apply`], ...) work in the modes that have the concept and return once every running
 //! ztunnel's `/config_dump` shows them.
 //!
+//! [`Mesh::restart_ztunnel_overlapping`] (in `restart.rs`) replaces a node's ztunnel the way a DaemonSet rolling update
+//! does: the node's ZDS server serves the new process its own snapshot while the old one still runs.
+//!
 //! All methods are blocking, so a `Mesh` works from a plain `#[test]` and from a `#[tokio::test]` alike: the ZDS
 //! sockets live on the mesh's own single-threaded runtime, driven from a short-lived helper thread during each call
 //! (never from the caller's runtime).

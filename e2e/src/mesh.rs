@@ -7,6 +7,9 @@
 //! [`Mesh::set_ready`], [`Mesh::apply`], ...) work in the modes that have the concept and return once every running
 //! ztunnel's `/config_dump` shows them.
 //!
+//! [`Mesh::restart_ztunnel_overlapping`] (in `restart.rs`) replaces a node's ztunnel the way a DaemonSet rolling update
+//! does: the node's ZDS server serves the new process its own snapshot while the old one still runs.
+//!
 //! All methods are blocking, so a `Mesh` works from a plain `#[test]` and from a `#[tokio::test]` alike: the ZDS
 //! sockets live on the mesh's own single-threaded runtime, driven from a short-lived helper thread during each call
 //! (never from the caller's runtime).
@@ -408,20 +411,33 @@ impl Mesh {
             let path = args.zds_socket.clone();
             mn.server = Some(block_on(rt, async move { ZdsServer::bind(&path) }).context("bind the ZDS socket")?);
         }
-        let server = mn.server.as_ref().context("bug: ZDS server just bound")?;
+        let mut zt = self.spawn_ztunnel(node, args)?;
+        let conn = self.hand_pods_to(node, &mut zt)?;
+        self.swap_ztunnel(node, zt, conn);
+        Ok(())
+    }
+
+    /// Starts a ztunnel process for `node` (the node's ZDS server must be bound).
+    pub(crate) fn spawn_ztunnel(&self, node: NodeId, args: ZtunnelArgs) -> anyhow::Result<ZtunnelProcess> {
         let binary = match &self.binary {
             Some(b) => b.clone(),
             None => crate::ztunnel::ztunnel_binary()?,
         };
-        let mut zt = ZtunnelProcess::start_binary(&binary, self.lab.node(node), args)?;
+        ZtunnelProcess::start_binary(&binary, self.lab.node(node), args)
+    }
 
+    /// Acts as the node agent for a ztunnel that just started on `node`: accepts its ZDS connection (the node's
+    /// server accepts any number, so an old ztunnel may keep its own meanwhile), sends the node's enrolled pods
+    /// (`add`, with their namespace fds) and `snapshot_sent`, and waits until it reports ready.
+    pub(crate) fn hand_pods_to(&self, node: NodeId, zt: &mut ZtunnelProcess) -> anyhow::Result<ZdsAgentConnection> {
+        let rt = self.rt.as_ref().context("bug: runtime used after drop")?;
+        let server = self.nodes.get(node.0).and_then(|n| n.server.as_ref()).context("bug: no ZDS server")?;
         let accepted = block_on(rt, async { tokio::time::timeout(ZDS_CONNECT_TIMEOUT, server.accept()).await });
         let mut conn = match accepted {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => bail!("ztunnel's ZDS hello failed: {e}; log:\n{}", zt.log_tail(50)),
             Err(_) => bail!("ztunnel did not connect to ZDS within {ZDS_CONNECT_TIMEOUT:?}; log:\n{}", zt.log_tail(50)),
         };
-
         let pods: Vec<PodId> = self.enrolled.iter().copied().filter(|p| self.lab.pod(*p).node == node).collect();
         for pod in pods {
             let p = self.lab.pod(pod);
@@ -431,9 +447,18 @@ impl Mesh {
         }
         block_on(rt, conn.snapshot_sent()).context("ZDS snapshot_sent")?;
         zt.wait_ready(READY_TIMEOUT)?;
-        mn.conn = Some(conn);
-        mn.ztunnel = Some(zt);
-        Ok(())
+        Ok(conn)
+    }
+
+    /// Makes `zt` (and its ZDS connection) the ztunnel of `node`; returns the previous ones, still running.
+    pub(crate) fn swap_ztunnel(
+        &mut self,
+        node: NodeId,
+        zt: ZtunnelProcess,
+        conn: ZdsAgentConnection,
+    ) -> (Option<ZtunnelProcess>, Option<ZdsAgentConnection>) {
+        let mn = &mut self.nodes[node.0];
+        (mn.ztunnel.replace(zt), mn.conn.replace(conn))
     }
 
     /// The ztunnel of `node`; panics if none was started.
@@ -468,6 +493,10 @@ impl Mesh {
             let what = format!("workload of {}", p.uid);
             self.wait_on(&[p.node], &what, |d| dump::workload(d, ip).is_some())?;
         }
+        // As the node agent does: a ztunnel that closes its listeners (draining for its replacement) hands the
+        // connections waiting in their queues to the replacement's listeners on the same ports, instead of
+        // resetting them.
+        p.netns.set_sysctl("net/ipv4/tcp_migrate_req", "1")?;
         capture::install(&p.netns.path(), &self.capture).with_context(|| format!("install capture for {}", p.uid))?;
         let rt = self.rt.as_ref().context("bug: runtime used after drop")?;
         if let Some(conn) = self.nodes.get_mut(p.node.0).and_then(|n| n.conn.as_mut()) {

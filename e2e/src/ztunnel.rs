@@ -18,6 +18,12 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lines of the log printed when a test fails while a ztunnel runs.
 const LOG_TAIL_LINES: usize = 200;
 
+/// ztunnel's `--drain-timeout` default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// How far [`ZtunnelArgs::replacement`] moves the admin, metrics and readiness ports.
+const REPLACEMENT_PORT_SHIFT: u16 = 100;
+
 /// Arguments of one ztunnel process (its final CLI flags, plus the log file and level).
 #[derive(Clone, Debug)]
 pub struct ZtunnelArgs {
@@ -35,6 +41,8 @@ pub struct ZtunnelArgs {
     pub zds_socket: PathBuf,
     /// `--cert-ttl-secs`; `None` keeps ztunnel's default (one day).
     pub cert_ttl_secs: Option<u64>,
+    /// `--drain-timeout`; `None` keeps ztunnel's default ([`DEFAULT_DRAIN_TIMEOUT`]).
+    pub drain_timeout: Option<Duration>,
     /// `--admin-addr` (inside the node namespace).
     pub admin_addr: SocketAddr,
     /// `--metrics-addr`.
@@ -79,6 +87,7 @@ impl ZtunnelArgs {
             ca_key: dir.join("ca-key.pem"),
             zds_socket: dir.join(name).join("ztunnel.sock"),
             cert_ttl_secs: None,
+            drain_timeout: None,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
             readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
@@ -88,6 +97,35 @@ impl ZtunnelArgs {
             extra: Vec::new(),
             controller: None,
         }
+    }
+
+    /// The arguments of a ztunnel that replaces this one while it still runs (an overlapping restart): the same,
+    /// but for the admin, metrics and readiness ports and the log file. In a cluster each ztunnel pod has a network
+    /// namespace of its own; in the lab both processes share the node's, so the replacement takes the other of two
+    /// port sets (a third restart takes the first set again) and logs to the other of two files.
+    pub fn replacement(&self) -> Self {
+        let shifted = self.admin_addr.port() >= 15000 + REPLACEMENT_PORT_SHIFT;
+        let shift = |a: SocketAddr| {
+            let port = if shifted { a.port() - REPLACEMENT_PORT_SHIFT } else { a.port() + REPLACEMENT_PORT_SHIFT };
+            SocketAddr::new(a.ip(), port)
+        };
+        let log = self.log_file.to_string_lossy();
+        let log_file = match log.strip_suffix(".2.log") {
+            Some(first) => PathBuf::from(format!("{first}.log")),
+            None => PathBuf::from(format!("{}.2.log", log.trim_end_matches(".log"))),
+        };
+        ZtunnelArgs {
+            admin_addr: shift(self.admin_addr),
+            metrics_addr: shift(self.metrics_addr),
+            readiness_addr: shift(self.readiness_addr),
+            log_file,
+            ..self.clone()
+        }
+    }
+
+    /// How long it may drain after SIGTERM.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT)
     }
 
     /// The command-line arguments (without the program).
@@ -131,6 +169,10 @@ impl ZtunnelArgs {
         if let Some(ttl) = self.cert_ttl_secs {
             a.push("--cert-ttl-secs".into());
             a.push(ttl.to_string());
+        }
+        if let Some(d) = self.drain_timeout {
+            a.push("--drain-timeout".into());
+            a.push(format!("{}ms", d.as_millis()));
         }
         a.extend(self.extra.iter().cloned());
         a
@@ -249,6 +291,36 @@ impl ZtunnelProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.exited = true;
+    }
+
+    /// Sends SIGTERM (it starts draining; a second one makes it exit at once) without waiting.
+    pub fn terminate(&mut self) {
+        if !self.is_running() {
+            return;
+        }
+        // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// Waits up to `timeout` for it to exit; its exit status, or an error with the log's tail.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = true;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("ztunnel {} still running after {timeout:?}; log:\n{}", self.pid(), self.log_tail(50));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /healthz/ready` on the readiness port: whether it answers 200.
+    pub fn is_ready(&self) -> bool {
+        crate::http::get(&self.netns, local(self.args.readiness_addr), "/healthz/ready", HTTP_TIMEOUT)
+            .is_ok_and(|r| r.status == 200)
     }
 
     /// Whether it is still running (reaps it if it exited).
@@ -383,6 +455,7 @@ mod tests {
             ca_key: "/k.pem".into(),
             zds_socket: "/z.sock".into(),
             cert_ttl_secs: Some(60),
+            drain_timeout: None,
             admin_addr: "127.0.0.1:15000".parse().unwrap(),
             metrics_addr: "0.0.0.0:15020".parse().unwrap(),
             readiness_addr: "0.0.0.0:15021".parse().unwrap(),
@@ -411,6 +484,39 @@ mod tests {
         assert!(!line2.contains("--state-file") && !line2.contains("--ca-key"), "{line2}");
         assert!(line.contains("--zds-socket /z.sock"), "{line}");
         assert!(line.ends_with("--cert-ttl-secs 60 --worker-threads 1"), "{line}");
+    }
+
+    #[test]
+    fn a_replacement_takes_the_other_ports_and_log_and_a_third_process_the_first_again() {
+        let first = ZtunnelArgs {
+            node_name: "node1".into(),
+            trust_domain: "cluster.local".into(),
+            state_file: "/s".into(),
+            ca_cert: "/c".into(),
+            ca_key: "/k".into(),
+            zds_socket: "/z".into(),
+            cert_ttl_secs: None,
+            drain_timeout: Some(Duration::from_millis(1500)),
+            admin_addr: "127.0.0.1:15000".parse().unwrap(),
+            metrics_addr: "0.0.0.0:15020".parse().unwrap(),
+            readiness_addr: "0.0.0.0:15021".parse().unwrap(),
+            root_namespace: "ambit-system".into(),
+            log_level: "info".into(),
+            log_file: "/lab/node1-ztunnel.log".into(),
+            extra: Vec::new(),
+            controller: None,
+        };
+        let second = first.replacement();
+        assert_eq!(
+            (second.admin_addr.port(), second.metrics_addr.port(), second.readiness_addr.port()),
+            (15100, 15120, 15121)
+        );
+        assert_eq!(second.log_file, PathBuf::from("/lab/node1-ztunnel.2.log"));
+        assert_eq!(second.zds_socket, first.zds_socket, "the same node agent");
+        let third = second.replacement();
+        assert_eq!((third.admin_addr, third.log_file.clone()), (first.admin_addr, first.log_file.clone()));
+        assert!(first.to_args().join(" ").ends_with("--drain-timeout 1500ms"), "{:?}", first.to_args());
+        assert_eq!(first.drain_timeout(), Duration::from_millis(1500));
     }
 
     #[test]

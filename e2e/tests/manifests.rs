@@ -426,6 +426,12 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     let parsed = <ztunnel::config::Args as clap::Parser>::try_parse_from(&argv).expect("ztunnel flags parse");
     let config = ztunnel::config::Config::from_args(parsed).expect("ztunnel config builds");
     config.validate().expect("ztunnel config validates");
+    // ztunnel finishes draining, and exits 0, before the kubelet's SIGKILL.
+    let grace = ds.iter().find(|d| d["kind"] == "DaemonSet").unwrap()["spec"]["template"]["spec"]
+        ["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(config.drain_timeout < std::time::Duration::from_secs(grace), "--drain-timeout within the grace period");
     let node_env = zt["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap().clone();
     assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     // The token and root files live where the volumes are mounted.

@@ -9,6 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tracing::info;
 
 use crate::certs::CertManager;
@@ -36,16 +37,44 @@ pub struct AdminInputs {
     pub log: Arc<LogControl>,
 }
 
-/// Whether ztunnel is ready: state loaded and connected to the node agent.
+/// Whether ztunnel is ready: the mesh state is loaded, the node agent's
+/// snapshot applied (every pod it named has its listeners bound, so a
+/// replacement ztunnel serves before the old one is stopped), and it is not
+/// draining.
 #[derive(Default)]
 pub struct Readiness {
-    pub state_loaded: AtomicBool,
-    pub zds_connected: AtomicBool,
+    state_loaded: AtomicBool,
+    state_notify: Notify,
+    pub pods_listening: AtomicBool,
+    pub draining: AtomicBool,
 }
 
 impl Readiness {
-    fn is_ready(&self) -> bool {
-        self.state_loaded.load(Ordering::Relaxed) && self.zds_connected.load(Ordering::Relaxed)
+    pub fn is_ready(&self) -> bool {
+        self.is_state_loaded() && self.pods_listening.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn is_state_loaded(&self) -> bool {
+        self.state_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the first state arrived.
+    pub fn set_state_loaded(&self) {
+        self.state_loaded.store(true, Ordering::Relaxed);
+        self.state_notify.notify_waiters();
+    }
+
+    /// Waits until the first state arrived.
+    pub async fn state_loaded(&self) {
+        loop {
+            let notified = self.state_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state_loaded.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

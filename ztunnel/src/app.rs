@@ -15,6 +15,7 @@ use crate::admin::{self, AdminInputs, Readiness};
 use crate::ca_client::{tls_endpoint, CaClient, CaClientError};
 use crate::certs::{CertError, CertManager, CertificateProvider, LocalCa};
 use crate::config::{CertificateSource, Config, StateSource};
+use crate::drain::Drain;
 use crate::hbone::pool::{HbonePool, PoolSettings};
 use crate::inpod::InPodManager;
 use crate::metrics::{Metrics, OutcomeLabels};
@@ -44,6 +45,8 @@ pub enum AppError {
         "--hbone-congestion-control {name}: {source} (available: /proc/sys/net/ipv4/tcp_available_congestion_control)"
     )]
     CongestionControl { name: String, source: std::io::Error },
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -61,7 +64,7 @@ fn check_congestion_control(name: Option<&str>) -> Result<(), AppError> {
     crate::hbone::set_congestion_control((&probe).into(), Some(name)).map_err(err)
 }
 
-/// Runs ztunnel until SIGTERM or SIGINT.
+/// Runs ztunnel until SIGTERM or SIGINT, then drains (see [`crate::drain`]).
 pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     let config = Arc::new(config);
     let mut registry = Registry::default();
@@ -99,7 +102,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
             };
             let mut file = StateFile::new(path, opts);
             state.replace(file.poll()?.unwrap_or_default());
-            readiness.state_loaded.store(true, Ordering::Relaxed);
+            readiness.set_state_loaded();
             tokio::spawn(watch_state(file, state.clone(), metrics.clone(), config.state_poll_interval));
         }
         StateSource::Xds(_) => {
@@ -119,7 +122,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
             tokio::spawn(async move {
                 while synced.changed().await.is_ok() {
                     if *synced.borrow() {
-                        readiness.state_loaded.store(true, Ordering::Relaxed);
+                        readiness.set_state_loaded();
                         break;
                     }
                 }
@@ -155,15 +158,17 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     check_congestion_control(config.hbone_congestion_control.as_deref())?;
     let workers = Arc::new(Workers::start(config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
     let inbound = Arc::new(InboundRegistry::default());
+    let drain = Drain::new();
     tokio::spawn(close_denied_on_policy_change(inbound.clone(), state.clone(), metrics.clone()));
     let inputs = ProxyInputs {
         config: config.clone(),
         state: state.clone(),
         certs: certs.clone(),
-        pool,
+        pool: pool.clone(),
         metrics,
         workers,
         inbound,
+        drain: drain.watch(),
     };
 
     let admin_l = bind(config.admin_addr, "admin").await?;
@@ -176,13 +181,52 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
     tokio::spawn(admin::serve_readiness(ready_l, readiness.clone()));
     info!(node = %config.node_name, admin = %config.admin_addr, metrics = %config.metrics_addr, "ztunnel started");
 
+    // Signals are caught from here on, so a second one can cut the drain short.
+    let mut signals = Signals::new()?;
     let manager = InPodManager::new(inputs, pods);
-    let zds_socket = config.zds_socket.clone();
+    let first_signal = async {
+        signals.recv().await;
+        readiness.draining.store(true, Ordering::Relaxed);
+        info!(drain_timeout = ?config.drain_timeout, "draining: closing the pods' listeners");
+    };
+    manager.run(&config.zds_socket, readiness.clone(), first_signal).await;
+    // Only now, with the listeners closed, do peers learn to go elsewhere:
+    // a new connection can then only reach the ztunnel that replaces this one.
+    drain.start();
+    pool.drain();
+    info!(open = drain.active(), "draining: waiting for open connections to finish");
     tokio::select! {
-        _ = manager.run(&zds_socket, readiness) => {}
-        _ = ambit_telemetry::shutdown_signal() => info!("shutting down"),
+        idle = drain.wait_idle(config.drain_timeout) => match idle {
+            true => info!("drained; exiting"),
+            false => warn!(open = drain.active(), "drain timeout; exiting with connections still open"),
+        },
+        () = signals.recv() => warn!(open = drain.active(), "second signal; exiting without draining"),
     }
     Ok(())
+}
+
+/// SIGTERM and SIGINT, either of which starts the drain (the first) or ends
+/// the process (the second).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, AppError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(AppError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(AppError::Signals)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 async fn watch_state(mut file: StateFile, state: Arc<SharedState>, metrics: Arc<Metrics>, every: std::time::Duration) {

@@ -158,6 +158,13 @@ pub struct Args {
     #[arg(long, env = "AMBIT_HBONE_CONGESTION_CONTROL")]
     pub hbone_congestion_control: Option<String>,
 
+    /// On SIGTERM, how long open connections may finish before ztunnel exits
+    /// (`25s`, `500ms`, `2m`; a bare number is seconds). Listeners close at
+    /// once, so a replacement ztunnel takes the new connections; keep it under
+    /// the pod's terminationGracePeriodSeconds. A second signal exits at once.
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Log format: `plain` or `json`.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
@@ -204,6 +211,7 @@ pub struct Config {
     pub worker_threads: usize,
     pub busy_poll: Duration,
     pub hbone_congestion_control: Option<String>,
+    pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub access_log: bool,
 }
@@ -267,6 +275,24 @@ pub enum ConfigError {
     BadWorkerThreads(usize),
     #[error("--state-poll-ms must be between 10 and 60000, got {0}")]
     BadPollInterval(u64),
+    #[error("--drain-timeout must be at most 1h, got {0:?}")]
+    BadDrainTimeout(Duration),
+}
+
+/// Longest drain accepted: a pod's grace period is seconds to minutes.
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+/// Parses `25s`, `500ms`, `2m` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 25s, 500ms or 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 impl Config {
@@ -316,6 +342,7 @@ impl Config {
             worker_threads: a.worker_threads,
             busy_poll: Duration::from_micros(a.busy_poll_us),
             hbone_congestion_control: a.hbone_congestion_control,
+            drain_timeout: a.drain_timeout,
             log_format: a.log_format,
             access_log: a.access_log,
         })
@@ -353,6 +380,9 @@ impl Config {
             if !valid {
                 return Err(ConfigError::BadCongestionControl(name.clone()));
             }
+        }
+        if self.drain_timeout > MAX_DRAIN {
+            return Err(ConfigError::BadDrainTimeout(self.drain_timeout));
         }
         let poll = self.state_poll_interval.as_millis() as u64;
         if !(10..=60_000).contains(&poll) {
@@ -424,6 +454,20 @@ mod tests {
             let c = Config::from_args(args(&["--hbone-congestion-control", bad])).unwrap();
             assert_eq!(c.validate(), Err(ConfigError::BadCongestionControl(bad.into())), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_drain_timeout_defaults_to_25s_and_reads_units() {
+        assert_eq!(Config::from_args(args(&[])).unwrap().drain_timeout, Duration::from_secs(25));
+        for (text, want) in
+            [("500ms", Duration::from_millis(500)), ("2m", Duration::from_secs(120)), ("7", Duration::from_secs(7))]
+        {
+            assert_eq!(Config::from_args(args(&["--drain-timeout", text])).unwrap().drain_timeout, want, "{text}");
+        }
+        assert!(Args::try_parse_from(["ztunnel", "--node-name", "n", "--drain-timeout", "5h"]).is_err());
+        assert!(Args::try_parse_from(["ztunnel", "--node-name", "n", "--drain-timeout", "soon"]).is_err());
+        let long = Config::from_args(args(&["--drain-timeout", "61m"])).unwrap();
+        assert_eq!(long.validate(), Err(ConfigError::BadDrainTimeout(Duration::from_secs(3660))));
     }
 
     #[test]

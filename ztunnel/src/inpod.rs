@@ -5,6 +5,7 @@
 //! replays its pods and `SnapshotSent` releases the ones it no longer has.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -48,18 +49,35 @@ impl InPodManager {
         InPodManager { inputs, pods: HashMap::new(), summaries }
     }
 
-    /// Talks to the node agent for ever, reconnecting with backoff (1 s up
-    /// to 10 s) when the socket is missing or the agent goes away. Enrolled
-    /// pods keep being served meanwhile.
-    pub async fn run(mut self, socket: &Path, readiness: Arc<Readiness>) {
+    /// Talks to the node agent until `stop` completes, reconnecting with
+    /// backoff (1 s up to 10 s) when the socket is missing or the agent goes
+    /// away; enrolled pods keep being served meanwhile. It connects only
+    /// once the mesh state is loaded: the pods' listeners share their ports
+    /// with any ztunnel still running (SO_REUSEPORT), so the kernel gives
+    /// them connections at once, which an empty state would fail. On `stop`
+    /// it closes every pod's listeners and returns once they are closed.
+    pub async fn run(mut self, socket: &Path, readiness: Arc<Readiness>, stop: impl Future<Output = ()>) {
+        tokio::select! {
+            () = self.serve(socket, &readiness) => {}
+            () = stop => {}
+        }
+        let pods: Vec<Enrolled> = self.pods.drain().map(|(_, e)| e).collect();
+        futures::future::join_all(pods.into_iter().map(|e| e.proxies.close())).await;
+        info!("stopped accepting connections for the enrolled pods");
+    }
+
+    async fn serve(&mut self, socket: &Path, readiness: &Readiness) {
+        if !readiness.is_state_loaded() {
+            info!("waiting for the mesh state before taking pods from the node agent");
+            readiness.state_loaded().await;
+        }
         let mut backoff = Duration::from_secs(1);
         loop {
             match ZdsClient::connect(socket).await {
                 Ok(client) => {
                     info!(socket = %socket.display(), "connected to the node agent");
-                    readiness.zds_connected.store(true, Ordering::Relaxed);
                     backoff = Duration::from_secs(1);
-                    if let Err(e) = self.session(client).await {
+                    if let Err(e) = self.session(client, readiness).await {
                         warn!(error = %e, "node agent session failed");
                     } else {
                         warn!("node agent closed the connection");
@@ -74,7 +92,7 @@ impl InPodManager {
         }
     }
 
-    async fn session(&mut self, mut client: ZdsClient) -> Result<(), ambit_zds::ZdsError> {
+    async fn session(&mut self, mut client: ZdsClient, readiness: &Readiness) -> Result<(), ambit_zds::ZdsError> {
         // Pods named since the hello; the others go when the snapshot ends.
         let mut seen: HashSet<String> = HashSet::new();
         loop {
@@ -108,6 +126,9 @@ impl InPodManager {
                         info!(pod = %uid, "pod not in the node agent's snapshot; releasing");
                         self.remove(&uid);
                     }
+                    // Each add above returned once its pod's listeners were bound.
+                    readiness.pods_listening.store(true, Ordering::Relaxed);
+                    info!(pods = self.pods.len(), "node agent's snapshot applied");
                     Ok(())
                 }
             };

@@ -12,6 +12,7 @@ pub mod app;
 pub mod ca_client;
 pub mod certs;
 pub mod config;
+pub mod drain;
 pub mod hbone;
 pub mod inpod;
 pub mod metrics;

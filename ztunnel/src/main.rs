@@ -63,4 +63,7 @@ fn main() {
         eprintln!("ztunnel: {e}");
         std::process::exit(1);
     }
+    // Drained: exit now rather than wait in the runtime's drop for tasks
+    // (controller streams, connections cut by the drain timeout) to unwind.
+    std::process::exit(0);
 }

@@ -286,6 +286,8 @@ pub struct Metrics {
     pub pooled_connections: Gauge,
     pub certificates_issued: Family<OutcomeLabels, Counter>,
     pub connections_closed_by_policy: Counter,
+    /// HBONE requests a peer did not process (it was going away), sent again.
+    pub hbone_retries: Counter,
     pub build: Family<BuildLabels, Gauge>,
 }
 
@@ -303,6 +305,7 @@ impl Metrics {
             pooled_connections: Gauge::default(),
             certificates_issued: Family::default(),
             connections_closed_by_policy: Counter::default(),
+            hbone_retries: Counter::default(),
             build: Family::default(),
         };
         // Istio's `istio_build{component="ztunnel",tag="<version>"} 1`.
@@ -328,6 +331,11 @@ impl Metrics {
             "connections_closed_by_policy",
             "Open inbound connections closed because a policy change denies them",
             m.connections_closed_by_policy.clone(),
+        );
+        z.register(
+            "hbone_retries",
+            "HBONE tunnel requests the peer did not process (GOAWAY, REFUSED_STREAM) and that were sent again on a new connection",
+            m.hbone_retries.clone(),
         );
         Arc::new(m)
     }

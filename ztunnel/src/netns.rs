@@ -142,6 +142,11 @@ impl PodNetns {
                 let s =
                     Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
                 s.set_reuse_address(true)?;
+                // A replacement ztunnel binds the same ports while this one
+                // still serves; when this one closes its listener, the kernel
+                // (net.ipv4.tcp_migrate_req=1) hands the connections waiting
+                // in its queue to the replacement's (see `crate::drain`).
+                s.set_reuse_port(true)?;
                 if opts.transparent {
                     s.set_ip_transparent(true)?;
                 }
@@ -228,6 +233,9 @@ mod tests {
         assert_eq!(ns.inode(), ino);
         let l = ns.listener("127.0.0.1:0".parse().unwrap(), ListenOpts::default()).await.unwrap();
         let addr = l.local_addr().unwrap();
+        // A replacement ztunnel binds the same port while this one listens.
+        let again = ns.listener(addr, ListenOpts::default()).await.expect("SO_REUSEPORT lets a second listener bind");
+        assert_eq!(again.local_addr().unwrap(), addr);
         let s = ns.tcp_socket(addr).await.unwrap();
         assert_eq!(s.mark().unwrap(), 0x400);
         let stream = tokio::net::TcpSocket::from_std_stream(s.into()).connect(addr).await.unwrap();

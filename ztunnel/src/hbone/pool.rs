@@ -124,17 +124,50 @@ pub struct HbonePool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
+    /// Set by [`HbonePool::drain`].
+    draining: AtomicBool,
+}
+
+/// How one attempt to open a stream failed.
+enum Attempt {
+    /// The peer did not act on the request: it may go elsewhere.
+    Unprocessed(PoolError),
+    Failed(PoolError),
+}
+
+impl Attempt {
+    fn into_error(self) -> PoolError {
+        match self {
+            Attempt::Unprocessed(e) | Attempt::Failed(e) => e,
+        }
+    }
+}
+
+/// Whether the peer says it did not process a stream: refused it
+/// (REFUSED_STREAM), or announced with GOAWAY that it stops before it.
+/// HTTP/2 guarantees such a request may be retried on another connection.
+fn unprocessed(e: &h2::Error) -> bool {
+    (e.is_go_away() && e.is_remote()) || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 impl HbonePool {
     pub fn new(settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(HbonePool { settings, conns: Mutex::default(), dialing: Mutex::default(), metrics })
+        Arc::new(HbonePool {
+            settings,
+            conns: Mutex::default(),
+            dialing: Mutex::default(),
+            metrics,
+            draining: AtomicBool::new(false),
+        })
     }
 
     /// Opens a tunnel to `authority` (the final destination, `ip:port`)
     /// through the ztunnel at `key.dst`, reusing a pooled connection when
     /// one has room. `headers` go on the CONNECT request (see
-    /// [`super::headers`]).
+    /// [`super::headers`]). A request the peer did not process, because it
+    /// is going away (a draining ztunnel's GOAWAY, REFUSED_STREAM) or the
+    /// connection had already ended, is sent once more on a new connection:
+    /// that one reaches the ztunnel that replaced it.
     pub async fn open(
         self: &Arc<Self>,
         key: &PoolKey,
@@ -143,36 +176,77 @@ impl HbonePool {
         authority: SocketAddr,
         headers: HeaderMap,
     ) -> Result<Tunnel, PoolError> {
-        let serial = certs.cert.serial();
-        let conn = match self.pick(key, serial) {
-            Some(c) => c,
-            None => {
-                let lock = self.dialing.lock().expect("bug: poisoned").entry(key.clone()).or_default().clone();
-                let _g = lock.lock().await;
-                match self.pick(key, serial) {
-                    Some(c) => c,
-                    None => self.dial(key, netns, certs).await?,
-                }
+        let conn = self.acquire(key, netns, certs).await?;
+        match self.request(&conn, key, authority, headers.clone()).await {
+            Err(Attempt::Unprocessed(source)) => {
+                // Out of the pool: its driver closes it once its streams end.
+                conn.closed.store(true, Ordering::Relaxed);
+                drop(conn);
+                debug!(dst = %key.dst, error = %source, "hbone request not processed by the peer; retrying on a new connection");
+                self.metrics.hbone_retries.inc();
+                let fresh = self.dial(key, netns, certs).await?;
+                self.request(&fresh, key, authority, headers).await.map_err(Attempt::into_error)
             }
-        };
+            other => other.map_err(Attempt::into_error),
+        }
+    }
+
+    /// A connection with a stream slot reserved: a pooled one, else a new one.
+    async fn acquire(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
+        let serial = certs.cert.serial();
+        if let Some(c) = self.pick(key, serial) {
+            return Ok(c);
+        }
+        let lock = self.dialing.lock().expect("bug: poisoned").entry(key.clone()).or_default().clone();
+        let _g = lock.lock().await;
+        match self.pick(key, serial) {
+            Some(c) => Ok(c),
+            None => self.dial(key, netns, certs).await,
+        }
+    }
+
+    /// Sends the CONNECT on `conn` (whose slot the caller reserved) and
+    /// waits for the response.
+    async fn request(
+        &self,
+        conn: &Arc<Conn>,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<Tunnel, Attempt> {
         let guard = StreamGuard(conn.clone());
-        let mut sender = conn.sender.clone();
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .version(Version::HTTP_2)
             .uri(authority.to_string())
             .body(())
-            .map_err(|_| PoolError::BadRequest(authority.to_string()))?;
+            .map_err(|_| Attempt::Failed(PoolError::BadRequest(authority.to_string())))?;
         *req.headers_mut() = headers;
-        let h2err = |source| PoolError::H2 { addr: key.dst, source };
-        sender = sender.ready().await.map_err(h2err)?;
-        let (resp, send) = sender.send_request(req, false).map_err(h2err)?;
-        let resp = resp.await.map_err(h2err)?;
+        let h2err = |source| Attempt::Failed(PoolError::H2 { addr: key.dst, source });
+        // Nothing was sent when these fail: always safe to send elsewhere.
+        let not_sent = |source| Attempt::Unprocessed(PoolError::H2 { addr: key.dst, source });
+        let mut sender = conn.sender.clone().ready().await.map_err(not_sent)?;
+        let (resp, send) = sender.send_request(req, false).map_err(not_sent)?;
+        let resp = match resp.await {
+            Ok(r) => r,
+            Err(e) if unprocessed(&e) => return Err(not_sent(e)),
+            Err(e) => return Err(h2err(e)),
+        };
         if resp.status() != StatusCode::OK {
-            return Err(PoolError::Refused(resp.status()));
+            return Err(Attempt::Failed(PoolError::Refused(resp.status())));
         }
         let (parts, recv) = resp.into_parts();
         Ok(Tunnel { send, recv, guard, response: parts.headers })
+    }
+
+    /// Stops handing out pooled connections: ztunnel is draining, so each
+    /// connection closes once its last stream ends, and tunnels opened from
+    /// now on get a connection of their own that does not outlive them.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        for c in self.conns.lock().expect("bug: poisoned pool").values().flatten() {
+            c.closed.store(true, Ordering::Relaxed);
+        }
     }
 
     /// A live connection for `key` with a free stream slot, reserving it.
@@ -182,6 +256,9 @@ impl HbonePool {
     /// way for a new one here, so concurrent bulk streams are encrypted on
     /// several cores and a stream's bytes stay on one thread.
     fn pick(&self, key: &PoolKey, cert_serial: &str) -> Option<Arc<Conn>> {
+        if self.draining.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut conns = self.conns.lock().expect("bug: poisoned pool");
         let list = conns.get_mut(key)?;
         list.retain(|c| {
@@ -226,7 +303,7 @@ impl HbonePool {
         let conn = Arc::new(Conn {
             sender,
             streams: AtomicUsize::new(1),
-            closed: AtomicBool::new(false),
+            closed: AtomicBool::new(self.draining.load(Ordering::Relaxed)),
             cert_serial: certs.cert.serial().to_owned(),
             worker: Workers::current(),
         });
@@ -343,6 +420,50 @@ mod tests {
             Ok(_) => panic!("the handshake should fail"),
             Err(source) => PoolError::Tls { addr, source },
         }
+    }
+
+    /// A CONNECT sent once the peer has said GOAWAY (a draining ztunnel) is one the peer never processed, and so
+    /// one the pool sends again on a new connection; a refused CONNECT is not.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_after_the_peers_goaway_is_unprocessed_and_a_refusal_is_not() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let (go_away, mut told) = tokio::sync::mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            let mut conn = crate::hbone::server_builder(100).handshake::<_, Bytes>(server_io).await.unwrap();
+            loop {
+                tokio::select! {
+                    next = conn.accept() => {
+                        let Some(Ok((_, mut respond))) = next else { break };
+                        let mut refused = http::Response::new(());
+                        *refused.status_mut() = StatusCode::FORBIDDEN;
+                        respond.send_response(refused, true).unwrap();
+                    }
+                    Some(()) = told.recv() => conn.graceful_shutdown(),
+                }
+            }
+        });
+        let (sender, conn) = crate::hbone::client_builder().handshake::<_, Bytes>(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let connect = || Request::builder().method(Method::CONNECT).uri("10.0.0.1:80").body(()).unwrap();
+        let mut s = sender.clone().ready().await.unwrap();
+        let (resp, _send) = s.send_request(connect(), false).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::FORBIDDEN, "an answer, not an error");
+        go_away.send(()).await.unwrap();
+        let err = loop {
+            // Until the GOAWAY arrives, requests still go through.
+            let attempt = async {
+                let mut s = sender.clone().ready().await?;
+                let (resp, _send) = s.send_request(connect(), false)?;
+                resp.await.map(drop)
+            };
+            match attempt.await {
+                Ok(()) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(e) => break e,
+            }
+        };
+        assert!(unprocessed(&err), "{err:?}");
+        assert!(!unprocessed(&h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        server.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

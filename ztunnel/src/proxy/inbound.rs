@@ -70,10 +70,30 @@ pub(super) async fn handle_connection(inputs: ProxyInputs, pod: Arc<Pod>, stream
         }
     };
     let src_identity = Arc::new(src_identity);
-    while let Some(next) = conn.accept().await {
+    let mut drain = inputs.drain.clone();
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            // Draining: GOAWAY tells the peer to open new tunnels elsewhere (to
+            // the ztunnel replacing this one); streams it already sent are
+            // served, and `accept` ends once the last of them is done.
+            () = drain.signaled(), if !going_away => {
+                debug!(pod = %pod.uid, %peer, "draining: sending GOAWAY");
+                conn.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((req, respond)) => {
-                tokio::spawn(handle_stream(inputs.clone(), pod.clone(), peer, src_identity.clone(), req, respond));
+                let guard = inputs.drain.track();
+                let stream = handle_stream(inputs.clone(), pod.clone(), peer, src_identity.clone(), req, respond);
+                tokio::spawn(async move {
+                    stream.await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 debug!(pod = %pod.uid, %peer, error = %e, "hbone connection ended with error");

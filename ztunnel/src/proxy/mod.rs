@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::certs::CertManager;
 use crate::config::Config;
+use crate::drain::DrainWatch;
 use crate::hbone::pool::HbonePool;
 use crate::hbone::HBONE_PORT;
 use crate::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct ProxyInputs {
     pub workers: Arc<Workers>,
     /// The open inbound connections, which a policy change may close.
     pub inbound: Arc<InboundRegistry>,
+    /// Counts the open connections and says when ztunnel drains.
+    pub drain: DrainWatch,
 }
 
 /// One enrolled pod, as the node agent described it.
@@ -135,6 +138,14 @@ impl PodProxies {
     pub fn stop(mut self) {
         self.tasks.abort_all();
     }
+
+    /// Stops accepting and returns once the listeners are closed, so that
+    /// from then on the kernel gives new connections to another ztunnel's
+    /// listeners on the same ports (see `crate::drain`).
+    pub async fn close(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 /// Accept loop shared by the three listeners. Each connection goes to the
@@ -155,9 +166,15 @@ async fn accept_loop<F, Fut>(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                // Counted until it ends: a draining ztunnel waits for it.
+                let guard = inputs.drain.track();
                 let worker = inputs.workers.pick();
                 if Workers::current() == Some(worker) {
-                    tokio::spawn(handle(inputs.clone(), pod.clone(), stream, peer));
+                    let conn = handle(inputs.clone(), pod.clone(), stream, peer);
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(guard);
+                    });
                     continue;
                 }
                 // Re-register the socket with the other worker's runtime.
@@ -174,6 +191,7 @@ async fn accept_loop<F, Fut>(
                         Ok(stream) => handle(inputs_, pod, stream, peer).await,
                         Err(e) => warn!(pod = %pod.uid, listener = what, error = %e, "cannot register a connection"),
                     }
+                    drop(guard);
                 });
             }
             Err(e) => {

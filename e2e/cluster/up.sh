@@ -369,10 +369,12 @@ host_cni_mount_points() {
 # node's CNI bin and conf dirs (DIR/nodes/N/cni/{bin,net.d}, which its
 # containerd reads) are bind-mounted on /opt/cni/bin and /etc/cni/net.d, so a
 # DaemonSet's hostPath volumes of those standard paths (Ambit's node agent)
-# reach them with the production manifests unchanged. /run is made shared
-# inside the node (a peer group of the node's own; the host is not in it) so
-# that hostPath mounts of /run/netns with HostToContainer propagation are
-# accepted and see the pods' namespace pins, as on a systemd machine.
+# reach them with the production manifests unchanged. / and /run are made
+# shared inside the node (peer groups of the node's own; the host is not in
+# them), as on a systemd machine: containerd accepts a hostPath of
+# /var/run/netns with HostToContainer propagation only on a shared or slave
+# mount (it looks the path up without following the /var/run symlink, so /
+# counts too), and the pods' namespace pins made later under /run reach it.
 node_mount_namespace() { # NODE
   local n="$1" pin fs d cni
   pin="$(node_mntns_pin "$n")"
@@ -395,6 +397,7 @@ node_mount_namespace() { # NODE
     cni="$2"
     shift 2
     for d in "$@"; do mount --bind "$fs$d" "$d"; done
+    mount --make-shared /
     mount --make-rshared /run
     mount --bind "$cni/bin" /opt/cni/bin
     mount --bind "$cni/net.d" /etc/cni/net.d

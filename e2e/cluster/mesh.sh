@@ -21,7 +21,7 @@ usage() { die "usage: $0 cluster DIR | $0 kind KUBECONFIG"; }
 provider="$1"
 t0=$SECONDS
 NS=mesh-test                 # the ambient namespace of the test pods
-OVERLAY="$CLUSTER_DIR_SRC/overlay"
+OVERLAY="$CLUSTER_DIR_SRC/overlay"   # the cluster provider: overlay-nodns (no cluster DNS there)
 WAIT="${MESH_WAIT_SECONDS:-90}"
 
 failures=()
@@ -46,6 +46,7 @@ case "$provider" in
     KUBE_BIN="$(env_get KUBE_BIN)"
     KUBECTL=("$KUBE_BIN/kubectl" --kubeconfig="$CLUSTER_DIR/kubeconfig")
     NODE_A=node1 NODE_B=node2
+    OVERLAY="$CLUSTER_DIR_SRC/overlay-nodns"
     TEST_IMAGE="$BUSYBOX_IMAGE"   # imported by up.sh
     load_images() {
       local n f

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ambit on a real cluster, end to end: build the images, load them on the nodes, install the manifests (the
-# overlay e2e/cluster/overlay/, which only renames the images), wait for the controller, ztunnel and the node
+# overlay e2e/cluster/overlay/, which only renames the images; on the project's cluster overlay-nodns/, which
+# also stands in for the cluster DNS it lacks), wait for the controller, ztunnel and the node
 # agent on both nodes, label a namespace ambient, run a server on one node and a client on the other, check that
 # the client reaches the server through both ztunnels (their istio_tcp_connections_opened_total), then uninstall
 # and check that the nodes' CNI conflists are as before and no pod network namespace keeps an `inet ambit` table.

@@ -132,6 +132,20 @@ mounts_under_dir() {
   awk -v d="$CLUSTER_DIR/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo
 }
 
+# The CNI mount points up.sh created on the host (empty: the nodes' bind
+# mounts over them are gone with their mount namespaces); rmdir only, so
+# nothing anyone put there is deleted.
+remove_host_dirs() {
+  local d ok=0
+  IFS=, read -ra dirs <<<"$(env_get CREATED_HOST_DIRS)"
+  for d in "${dirs[@]}"; do
+    [[ "$d" == /etc/cni* || "$d" == /opt/cni* ]] || { log "error: not a CNI dir: $d"; ok=1; continue; }
+    [[ -d "$d" ]] || continue
+    find "$d" -depth -type d -exec rmdir {} + || ok=1
+  done
+  return $ok
+}
+
 remove_state() {
   local left n
   left="$(mounts_under_dir)"
@@ -157,6 +171,7 @@ step remove_bridge
 step unmount_ns_dir
 saved="$(env_get SYSCTLS_SAVED)"
 [[ -z "$saved" || ! -f "$saved" ]] || step restore_sysctls "$saved"
+step remove_host_dirs
 step remove_state
 if ((failures)); then
   log "down finished with $failures failed step(s); $ENV_FILE kept for another try"

@@ -26,6 +26,8 @@ KUBELET_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_
 # The node's own /run, /var/lib and /var/log (bind mounts in its mount
 # namespace), so the paths daemons hard-code and hostPath volumes are per node.
 NODE_PRIVATE_DIRS=(/run /var/lib /var/log)
+# The standard CNI dirs; in each node, bind mounts of DIR/nodes/N/cni/{bin,net.d}.
+NODE_CNI_DIRS=(/opt/cni/bin /etc/cni/net.d)
 
 # runc, iptables, conntrack, sysctl, ... live in sbin, which a CI PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

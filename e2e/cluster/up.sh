@@ -346,14 +346,40 @@ healthzBindAddress: 127.0.0.1:10256
 EOF
 }
 
+# The standard CNI directories exist on the host as empty mount points for
+# the nodes' own (see node_mount_namespace); up.sh creates those missing and
+# records them, down.sh removes them (when still empty).
+host_cni_mount_points() {
+  local d top created=()
+  for d in "${NODE_CNI_DIRS[@]}"; do
+    [[ -d "$d" ]] && continue
+    top="$d"
+    while [[ ! -e "$(dirname "$top")" ]]; do top="$(dirname "$top")"; done
+    created+=("$top")
+  done
+  ((${#created[@]})) || return 0
+  record CREATED_HOST_DIRS "$(IFS=,; echo "${created[*]}")"
+  mkdir -p "${NODE_CNI_DIRS[@]}"
+}
+
 # The node's mount namespace, pinned on DIR/ns/NODE.mnt (DIR/ns is a private
 # bind mount, as pinning requires). Inside it the node gets its own /run,
 # /var/lib and /var/log, and drops the copies of the host's namespace pins
-# (/run/netns/*), which would otherwise keep those namespaces alive.
+# (/run/netns/*), which would otherwise keep those namespaces alive. The
+# node's CNI bin and conf dirs (DIR/nodes/N/cni/{bin,net.d}, which its
+# containerd reads) are bind-mounted on /opt/cni/bin and /etc/cni/net.d, so a
+# DaemonSet's hostPath volumes of those standard paths (Ambit's node agent)
+# reach them with the production manifests unchanged. / and /run are made
+# shared inside the node (peer groups of the node's own; the host is not in
+# them), as on a systemd machine: containerd accepts a hostPath of
+# /var/run/netns with HostToContainer propagation only on a shared or slave
+# mount (it looks the path up without following the /var/run symlink, so /
+# counts too), and the pods' namespace pins made later under /run reach it.
 node_mount_namespace() { # NODE
-  local n="$1" pin fs d
+  local n="$1" pin fs d cni
   pin="$(node_mntns_pin "$n")"
   fs="$(node_dir "$n")/fs"
+  cni="$(node_dir "$n")/cni"
   if [[ -z "$(env_get NS_BIND)" ]]; then
     mkdir -p "$CLUSTER_DIR/ns"
     record NS_BIND "$CLUSTER_DIR/ns"
@@ -366,11 +392,16 @@ node_mount_namespace() { # NODE
   # shellcheck disable=SC2016
   unshare --mount="$pin" --propagation private -- bash -euc '
     fs="$1"
-    shift
     awk '\''{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break } }'\'' \
       /proc/self/mountinfo | sort -ru | while read -r m; do umount -l "$m"; done
+    cni="$2"
+    shift 2
     for d in "$@"; do mount --bind "$fs$d" "$d"; done
-  ' _ "$fs" "${NODE_PRIVATE_DIRS[@]}"
+    mount --make-shared /
+    mount --make-rshared /run
+    mount --bind "$cni/bin" /opt/cni/bin
+    mount --bind "$cni/net.d" /etc/cni/net.d
+  ' _ "$fs" "$cni" "${NODE_PRIVATE_DIRS[@]}"
   record "$(env_key "$n" MNTNS_INO)" "$(stat -L -c %i "$pin")"
 }
 
@@ -460,6 +491,7 @@ start_control_plane
 log "control plane up after $((SECONDS - t0))s (API server port $APISERVER_PORT)"
 host_network
 apply_cluster_objects
+host_cni_mount_points
 for n in "${NODES[@]}"; do make_node "$n"; done
 for n in "${NODES[@]}"; do wait_until "$n Ready" 120 node_ready "$n"; done
 restore_sysctls "$CLUSTER_DIR/sysctls.saved"

@@ -17,6 +17,7 @@ use tonic::metadata::MetadataMap;
 
 const CONTROLLER_SA: &str = "system:serviceaccount:ambit-system:ambit-controller";
 const ZTUNNEL_SA: &str = "system:serviceaccount:ambit-system:ztunnel";
+const NODE_AGENT_SA: &str = "system:serviceaccount:ambit-system:ambit-node";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e has a parent").to_path_buf()
@@ -34,10 +35,16 @@ fn start(test: &str) -> Option<KubeCluster> {
     }
 }
 
-/// Applies the manifests as an operator would and waits until the CRDs serve.
+/// Applies the manifests as an operator would (README, "Install on a cluster"): the CRDs first, and once they
+/// serve everything, the GatewayClasses of core/ included (kubectl maps every object of one apply before it
+/// applies any, so objects of a kind whose CRD comes in the same apply would be refused).
 fn install(cluster: &KubeCluster) {
-    cluster.kubectl(["apply", "--server-side", "-k", &manifests()]).expect("manifests apply");
+    let m = repo().join("manifests");
+    for dir in ["crds", "gateway-api"] {
+        cluster.kubectl(["apply", "--server-side", "-k", &m.join(dir).display().to_string()]).expect(dir);
+    }
     cluster.wait_established(&["crd", "-l", "app.kubernetes.io/part-of=ambit"]).expect("CRDs established");
+    cluster.kubectl(["apply", "--server-side", "-k", &manifests()]).expect("manifests apply");
 }
 
 #[test]
@@ -66,17 +73,56 @@ fn manifests_apply_cleanly_idempotently_and_the_crds_take_istio_policies() {
     cluster.kubectl(["diff", "--server-side", "-k", &manifests()]).expect("no drift after apply");
     let dry = cluster.kubectl(["apply", "--dry-run=server", "-k", &manifests()]).expect("client-side apply dry-run");
     assert!(dry.contains("daemonset.apps/ztunnel"), "{dry}");
+    assert!(dry.contains("daemonset.apps/ambit-node"), "{dry}");
     let objects =
         cluster.kubectl(["get", "sa,deploy,ds,svc,role,rolebinding", "-n", "ambit-system", "-o", "name"]).unwrap();
     for o in [
         "serviceaccount/ambit-controller",
         "serviceaccount/ztunnel",
+        "serviceaccount/ambit-node",
         "deployment.apps/ambit-controller",
         "daemonset.apps/ztunnel",
+        "daemonset.apps/ambit-node",
         "service/ambit-controller",
     ] {
         assert!(objects.contains(o), "{o} missing from {objects}");
     }
+    let cluster_objects = cluster
+        .kubectl([
+            "get",
+            "clusterrole,clusterrolebinding,gatewayclass",
+            "-l",
+            "app.kubernetes.io/part-of=ambit",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    for o in [
+        "clusterrole.rbac.authorization.k8s.io/ambit-controller",
+        "clusterrole.rbac.authorization.k8s.io/ambit-node",
+        "clusterrolebinding.rbac.authorization.k8s.io/ambit-node",
+        "gatewayclass.gateway.networking.k8s.io/ambit-waypoint",
+        "gatewayclass.gateway.networking.k8s.io/istio-waypoint",
+    ] {
+        assert!(cluster_objects.contains(o), "{o} missing from {cluster_objects}");
+    }
+    // The classes are the ones the controller makes waypoints for.
+    let classes = cluster.kubectl(["get", "gatewayclass", "-o", "jsonpath={.items[*].metadata.name}"]).unwrap();
+    let mut want = ambit_controller::model::waypoint::WAYPOINT_CLASSES.to_vec();
+    want.sort_unstable();
+    assert_eq!(classes, want.join(" "));
+    // ambit-system admits the privileged pods (ztunnel's capabilities, the agent's host namespaces) and
+    // every other namespace keeps the cluster's level.
+    let psa = cluster
+        .kubectl([
+            "get",
+            "ns",
+            "ambit-system",
+            "-o",
+            "jsonpath={.metadata.labels.pod-security\\.kubernetes\\.io/enforce}",
+        ])
+        .unwrap();
+    assert_eq!(psa, "privileged");
     let ports = cluster
         .kubectl(["get", "svc", "-n", "ambit-system", "ambit-controller", "-o", "jsonpath={.spec.ports[*].port}"])
         .unwrap();
@@ -253,6 +299,7 @@ fn the_controller_rbac_is_sufficient_and_no_broader_and_ztunnel_has_none() {
     install(&cluster);
     check_can_i(&cluster, CONTROLLER_SA, "controller-can-i.txt");
     check_can_i(&cluster, ZTUNNEL_SA, "ztunnel-can-i.txt");
+    check_can_i(&cluster, NODE_AGENT_SA, "node-agent-can-i.txt");
     // The root Secret is granted by a Role, so no ClusterRole reaches secrets at all.
     let cluster_role =
         cluster.kubectl(["get", "clusterrole", "ambit-controller", "-o", "jsonpath={.rules[*].resources}"]).unwrap();
@@ -476,6 +523,56 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     );
     assert_eq!(config.listen.port(), 15012);
     assert_eq!(config.metrics_addr.port(), 15014);
+
+    // The node agent: its own DaemonSet, host namespaces, its paths on the node's standard directories and on
+    // ztunnel's socket directory. (Its flags are not parsed here: the binary is not in this workspace yet.)
+    let agent_docs = read("node-agent.yaml");
+    let agent_ds = agent_docs.iter().find(|d| d["kind"] == "DaemonSet").expect("the agent's DaemonSet");
+    assert_eq!(agent_ds["metadata"]["name"], "ambit-node");
+    let pod = &agent_ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "ambit-node");
+    assert_eq!(pod["hostNetwork"], true, "CNI never runs for the agent's own pod");
+    assert_eq!(pod["hostPID"], true, "pods are found by their processes' network namespaces");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    assert_eq!(agent_ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0, "never two agents on a node");
+    let agent = container(&agent_docs, "DaemonSet");
+    assert_eq!(agent["securityContext"]["privileged"], true);
+    let agent_args = args(&agent);
+    assert_eq!(flag(&agent_args, "node-name"), "$(NODE_NAME)");
+    let node_env = agent["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap().clone();
+    assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let ready_port: i64 = flag(&agent_args, "readiness-addr").rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], ready_port);
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
+    // Each path flag lies on a hostPath volume of the right host directory.
+    let agent_mounts = agent["volumeMounts"].as_sequence().unwrap();
+    let agent_volumes = pod["volumes"].as_sequence().unwrap();
+    let host_path_of = |path: &str| -> (String, serde_yaml::Value) {
+        let m = agent_mounts
+            .iter()
+            .filter(|m| {
+                let at = m["mountPath"].as_str().unwrap();
+                path == at || path.starts_with(&format!("{at}/"))
+            })
+            .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+            .unwrap_or_else(|| panic!("{path} is not under a mount"));
+        let v = agent_volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
+        let rest = path.strip_prefix(m["mountPath"].as_str().unwrap()).unwrap();
+        (format!("{}{rest}", v["hostPath"]["path"].as_str().unwrap()), m.clone())
+    };
+    assert_eq!(host_path_of(&flag(&agent_args, "cni-bin-dir")).0, "/opt/cni/bin");
+    assert_eq!(host_path_of(&flag(&agent_args, "cni-conf-dir")).0, "/etc/cni/net.d");
+    assert_eq!(host_path_of(&flag(&agent_args, "cni-socket")).0, "/var/run/ambit/cni.sock");
+    let zt_socket_volume = volumes.iter().find(|v| v["name"] == "ztunnel-socket-dir").unwrap();
+    assert_eq!(
+        host_path_of(&flag(&agent_args, "zds-socket")).0,
+        format!("{}/ztunnel.sock", zt_socket_volume["hostPath"]["path"].as_str().unwrap()),
+        "the agent serves ZDS where ztunnel connects"
+    );
+    assert_eq!(flag(&agent_args, "zds-socket"), flag(&zt_args, "zds-socket"));
+    let (netns, netns_mount) = host_path_of("/var/run/netns");
+    assert_eq!(netns, "/var/run/netns");
+    assert_eq!(netns_mount["mountPropagation"], "HostToContainer");
 }
 
 fn config_server_name(zt_args: &[String]) -> String {

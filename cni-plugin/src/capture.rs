@@ -14,16 +14,21 @@
 
 mod exec;
 mod nft;
+mod node;
 mod routing;
+mod sysctl;
 
 #[cfg(test)]
 mod netns_tests;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 pub use exec::ExecError;
 pub use nft::nft_ruleset;
+pub use node::{install_node_probe_snat, node_probe_snat_ruleset, uninstall_node_probe_snat, NodeProbeSnat};
 use routing::Family;
+pub use sysctl::{set_sysctl, SysctlError};
 
 /// Where capture sends traffic, and the marks it relies on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +54,16 @@ pub struct CaptureConfig {
     pub ztunnel_route_table: u32,
     /// App ports never captured inbound, e.g. for probes (default none).
     pub exclude_inbound_ports: Vec<u16>,
+    /// Inbound packets from this address bypass ztunnel (default
+    /// [`DEFAULT_PROBE_SOURCE`]): the node SNATs the kubelet's probes to it
+    /// ([`install_node_probe_snat`]), so probes reach the app even under
+    /// STRICT mTLS, as in Istio. `None` captures probes too.
+    pub probe_source: Option<IpAddr>,
 }
+
+/// The link-local address Istio SNATs kubelet probes to, kept so that
+/// Istio's and Ambit's nodes agree.
+pub const DEFAULT_PROBE_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 7, 127));
 
 impl Default for CaptureConfig {
     fn default() -> Self {
@@ -62,6 +76,7 @@ impl Default for CaptureConfig {
             route_table: 133,
             ztunnel_route_table: 134,
             exclude_inbound_ports: Vec::new(),
+            probe_source: Some(DEFAULT_PROBE_SOURCE),
         }
     }
 }

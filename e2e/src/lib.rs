@@ -10,6 +10,7 @@
 pub mod apps;
 pub mod bench;
 pub mod check;
+pub mod cni;
 pub mod controller;
 pub mod dump;
 pub mod fixture;

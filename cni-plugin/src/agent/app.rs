@@ -20,7 +20,7 @@ use serde_json::{json, Map};
 
 use super::enroll::{EnrollConfig, EnrollError, Enroller};
 use super::install::{InstallConfig, InstallError, Installed, Installer};
-use crate::capture::CaptureConfig;
+use super::plugin_server::PluginServer;
 
 /// How often the plugin's installation is checked and repaired (the primary
 /// CNI may rewrite its conflist; the service-account token rotates). A poll
@@ -54,7 +54,8 @@ pub struct Args {
     /// The plugin binary in the agent's image, copied to --cni-bin-dir.
     #[arg(long, env = "AMBIT_CNI_PLUGIN_BINARY", default_value = "/usr/local/bin/ambit-cni")]
     pub cni_plugin_binary: PathBuf,
-    /// The agent's state (the primary conflist's original text, restored on uninstall).
+    /// The agent's state: the enrolled pods (replayed after a restart) and the
+    /// primary conflist's original text (restored on uninstall).
     #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/run/ambit")]
     pub state_dir: PathBuf,
     /// Serves GET /healthz/ready: 200 once the enroller runs and the plugin is
@@ -104,11 +105,14 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         .await
         .map_err(|source| AgentError::Io { what: format!("bind {}", args.readiness_addr), source })?;
 
-    let enroller =
-        Enroller::start(EnrollConfig { zds_socket: args.zds_socket.clone(), capture: CaptureConfig::default() })
-            .await?;
+    let mut enroll = EnrollConfig::new(&args.zds_socket);
+    enroll.state_dir = Some(args.state_dir.clone());
+    let enroller = Enroller::start(enroll).await?;
     tracing::info!(socket = %args.zds_socket.display(), "enroller started; waiting for ztunnel");
-    // The CNI plugin's server (agent::plugin_server) is wired here once it lands.
+    // Bound before the plugin is installed: from then on the plugin calls it.
+    let plugin_server = PluginServer::bind(&args.cni_socket)
+        .map_err(|source| AgentError::Io { what: format!("bind {}", args.cni_socket.display()), source })?;
+    let plugin_task = tokio::spawn(plugin_server.run(enroller.clone()));
 
     let installer = Arc::new(Installer::new(install_config(&args)));
     let installed = Arc::new(AtomicBool::new(false));
@@ -132,6 +136,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     watch_task.abort();
     install_task.abort();
     readiness_task.abort();
+    plugin_task.abort();
     let _ = install_task.await; // no ensure() may run after the uninstall
     if args.uninstall_on_exit {
         installer.uninstall()?;
@@ -142,7 +147,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
 
 fn install_config(args: &Args) -> InstallConfig {
     let mut fields = Map::new();
-    fields.insert("cni_socket".into(), json!(args.cni_socket));
+    fields.insert("agent_socket".into(), json!(args.cni_socket));
     fields.insert("kubeconfig".into(), json!(args.cni_conf_dir.join(super::install::KUBECONFIG_FILE)));
     InstallConfig {
         bin_dir: args.cni_bin_dir.clone(),
@@ -244,7 +249,7 @@ mod tests {
             Args::try_parse_from(["ambit-node-agent", "--node-name", "n1", "--uninstall-on-exit", "false"]).unwrap();
         assert!(!a.uninstall_on_exit);
         let entry = install_config(&a).plugin_fields;
-        assert_eq!(entry["cni_socket"], "/var/run/ambit/cni.sock");
+        assert_eq!(entry["agent_socket"], "/var/run/ambit/cni.sock");
         assert_eq!(entry["kubeconfig"], "/etc/cni/net.d/ambit-cni-kubeconfig");
     }
 

@@ -7,5 +7,12 @@ pub mod enroll;
 pub mod install;
 pub mod kube;
 pub mod netns;
+pub mod plugin_server;
+pub mod protocol;
+mod state_file;
+mod ztunnels;
 
 pub use enroll::{EnrollConfig, EnrollError, Enroller, PodInfo};
+
+#[cfg(test)]
+mod enroll_tests;

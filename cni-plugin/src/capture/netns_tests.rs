@@ -461,3 +461,47 @@ fn capture_can_be_installed_through_a_proc_pid_namespace_path() {
     result.expect("install via /proc path");
     assert!(is_installed(&pod.path).expect("is_installed"));
 }
+
+#[test]
+fn node_probes_are_snatted_to_the_probe_source_and_bypass_capture() {
+    if !root_available("node_probes_are_snatted") {
+        return;
+    }
+    // The peer plays the node: its address is local there, and the pod
+    // routes replies to the probe source back through it.
+    let lab = Lab::new("probe", &CaptureConfig::default());
+    lab.pod.ip(&["route", "add", "default", "via", &PEER_IP.to_string()]);
+    let app = SocketAddrV4::new(POD_IP, 8080);
+    let listener = lab.pod.run(|| listen(app));
+
+    // Without the node's SNAT the probe is captured, and with no ztunnel
+    // listening it is dropped.
+    let refused = lab.peer.run(|| TcpStream::connect_timeout(&app.into(), QUIET));
+    assert!(refused.is_err(), "uncaptured probe reached the app");
+
+    let snat = NodeProbeSnat::new(vec!["10.200.0.0/24".parse().unwrap()]);
+    install_node_probe_snat(&lab.peer.path, &snat).expect("install node SNAT");
+    install_node_probe_snat(&lab.peer.path, &snat).expect("install node SNAT twice");
+    assert_eq!(count_lines(&lab.peer.nft(&["list", "ruleset"]), "snat ip to 169.254.7.127"), 1);
+    let probe = lab.peer.run(|| TcpStream::connect_timeout(&app.into(), WAIT));
+    probe.expect("probe from the node reaches the app");
+    let (_conn, from) = accept_within(&listener, WAIT).expect("app accepts the probe");
+    assert_eq!(from.ip(), std::net::IpAddr::from(Ipv4Addr::new(169, 254, 7, 127)));
+
+    uninstall_node_probe_snat(&lab.peer.path).expect("uninstall");
+    uninstall_node_probe_snat(&lab.peer.path).expect("uninstall twice");
+    assert!(!lab.peer.nft(&["list", "tables"]).contains("ambit-node"));
+}
+
+#[test]
+fn set_sysctl_writes_the_pods_namespace_only() {
+    if !root_available("set_sysctl_writes_the_pods_namespace_only") {
+        return;
+    }
+    let ns = Netns::new("sysctl", "pod");
+    set_sysctl(&ns.path, "net/ipv4/ip_forward", "1").expect("sysctl");
+    let inside = ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap());
+    assert_eq!(inside.trim(), "1");
+    let missing = set_sysctl(&ns.path, "net/ipv4/no_such_sysctl", "1").expect_err("missing sysctl");
+    assert!(missing.is_missing(), "{missing}");
+}

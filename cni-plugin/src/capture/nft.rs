@@ -5,6 +5,7 @@
 //! name an address.
 
 use std::fmt::Write;
+use std::net::IpAddr;
 
 use super::CaptureConfig;
 
@@ -36,6 +37,17 @@ pub fn nft_ruleset(cfg: &CaptureConfig) -> String {
     let _ = writeln!(s, "\t\tiifname \"lo\" accept");
     let _ = writeln!(s, "\t\tct state established,related accept");
     let _ = writeln!(s, "\t\ttcp dport {} accept", cfg.hbone_port);
+    // Kubelet probes, SNATed by the node to the probe source, reach the app
+    // directly: ztunnel would refuse them under STRICT mTLS.
+    match cfg.probe_source {
+        Some(IpAddr::V4(a)) => {
+            let _ = writeln!(s, "\t\tip saddr {a} accept");
+        }
+        Some(IpAddr::V6(a)) => {
+            let _ = writeln!(s, "\t\tip6 saddr {a} accept");
+        }
+        None => {}
+    }
     let excluded = excluded_ports(cfg);
     if !excluded.is_empty() {
         let _ = writeln!(s, "\t\ttcp dport {{ {excluded} }} accept");
@@ -147,6 +159,7 @@ mod tests {
             route_table: 200,
             ztunnel_route_table: 201,
             exclude_inbound_ports: vec![9090, 80, 9090],
+            probe_source: Some("fd16:9254:7127:1337:ffff:ffff:ffff:ffff".parse().unwrap()),
         };
         let r = rules(&cfg);
         assert!(has(&r, "meta l4proto tcp redirect to :25001"), "{r:#?}");
@@ -154,7 +167,17 @@ mod tests {
         assert!(has(&r, "tcp dport 25008 accept"), "{r:#?}");
         assert!(has(&r, "meta mark & 0x539 == 0x539 accept"), "{r:#?}");
         assert!(has(&r, "tcp dport { 80, 9090 } accept"), "{r:#?}");
+        assert!(has(&r, "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept"), "{r:#?}");
         assert!(!r.iter().any(|x| x.contains("15001") || x.contains("0x400")));
+    }
+
+    #[test]
+    fn probes_from_the_probe_source_bypass_ztunnel_before_tproxy() {
+        let r = rules(&CaptureConfig::default());
+        let pos = |rule: &str| r.iter().position(|x| x.starts_with(rule)).unwrap_or_else(|| panic!("{rule} {r:#?}"));
+        assert!(pos("ip saddr 169.254.7.127 accept") < pos("ip daddr != 127.0.0.0/8"));
+        let none = rules(&CaptureConfig { probe_source: None, ..Default::default() });
+        assert!(!none.iter().any(|x| x.contains("saddr")), "{none:#?}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! `watch_driver_*` runs the agent's watch driver in-process with an enroller
 //! that records calls, so the Kubernetes logic (membership changes, retries,
 //! reconcile after a restart, namespaces found by IP) is checked on its own.
+//! `node_agent_*` runs the `ambit-node-agent` binary with a real ztunnel (in
+//! a lab node's namespace) on its ZDS socket and a fake primary CNI config.
 
 use std::collections::BTreeMap;
 use std::process::Child;
@@ -13,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use ambit_cni::agent::kube::{self as driver, PodEnroller};
 use ambit_cni::agent::{EnrollError, PodInfo};
+use ambit_cni::capture;
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
-use ambit_e2e::NetNs;
+use ambit_e2e::statefile::StateFile;
+use ambit_e2e::ztunnel::{workspace_binary, ZtunnelArgs, ZtunnelProcess};
+use ambit_e2e::{Lab, NetNs};
+use ambit_identity::CertificateAuthority;
 
 const NODE: &str = "node-a";
 const NS: &str = "shop";
@@ -55,7 +61,9 @@ impl PodEnroller for Recorder {
 
 impl Recorder {
     fn names(&self) -> Vec<String> {
-        self.enrolled.lock().unwrap().values().map(|p| p.name.clone()).collect()
+        let mut names: Vec<String> = self.enrolled.lock().unwrap().values().map(|p| p.name.clone()).collect();
+        names.sort(); // the map is keyed by uid
+        names
     }
 
     fn count(list: &Mutex<Vec<String>>, name: &str) -> usize {
@@ -66,7 +74,7 @@ impl Recorder {
 /// A "pod": a namespace holding `ip` on a dummy `eth0`, and a process in it.
 struct FakePod {
     child: Child,
-    _netns: NetNs,
+    netns: NetNs,
 }
 
 impl FakePod {
@@ -77,7 +85,7 @@ impl FakePod {
         netns.ip(&["link", "set", "peer0", "up"]).unwrap();
         netns.ip(&["link", "set", "eth0", "up"]).unwrap();
         let child = netns.command("sleep").arg("600").spawn().unwrap();
-        FakePod { child, _netns: netns }
+        FakePod { child, netns }
     }
 }
 
@@ -179,4 +187,202 @@ async fn watch_driver_enrolls_and_releases_pods_as_labels_change_and_reconciles_
     cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode-"]).unwrap();
     eventually("all released", || rec.names().is_empty()).await;
     run.abort();
+}
+
+/// The `ambit-node-agent` binary with the real enroller and a real ztunnel
+/// (state-file mode, in a namespace of its own) on its ZDS socket.
+struct Agent {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(args: Vec<String>, log: std::path::PathBuf) -> Agent {
+        let mut a = Agent { child: None, args, log };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let bin = workspace_binary("ambit-node-agent", "AMBIT_NODE_AGENT_BIN").unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = std::process::Command::new(bin)
+            .args(&self.args)
+            .env("RUST_LOG", "info,ambit_cni=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: signalling our own unreaped child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent ignored SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- node agent log ----\n{}---- end ----", self.log_text());
+        }
+    }
+}
+
+/// The primary CNI's config, as it wrote it (odd spacing on purpose: the
+/// uninstall must give back these bytes, not a re-serialisation).
+const PRIMARY: &str = "{ \"cniVersion\": \"1.0.0\", \"name\": \"fake\",\n  \"plugins\": [ {\"type\": \"bridge\"} ] }\n";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_sync(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly() {
+    if !ambit_e2e::require_root("node_agent_binary") {
+        return;
+    }
+    let cluster = match KubeCluster::start("node-agent-binary") {
+        Ok(c) => c,
+        Err(e) if skip_without_kube("node_agent binary", &e) => return,
+        Err(e) => panic!("{e:#}"),
+    };
+    cluster.create_node(NODE).unwrap();
+    cluster.kubectl(["create", "namespace", NS]).unwrap();
+    let web = FakePod::start("bin-web", "10.216.0.2");
+    cluster.apply_retrying(&pod_yaml("web", NODE));
+    cluster.set_pod_running(NS, "web", "10.216.0.2").unwrap();
+    let uid = cluster.kubectl(["-n", NS, "get", "pod", "web", "-o", "jsonpath={.metadata.uid}"]).unwrap();
+
+    let mut lab = Lab::new("node-agent").unwrap();
+    let node = lab.add_node("node1").unwrap();
+    let dir = lab.dir().to_path_buf();
+    let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(24 * 3600)).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
+    StateFile::new(dir.join("state.yaml")).write(&lab, &Default::default()).unwrap();
+    for d in ["conf", "bin", "state"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let conflist = dir.join("conf/10-fake.conflist");
+    std::fs::write(&conflist, PRIMARY).unwrap();
+    std::fs::write(dir.join("ambit-cni-image"), b"plugin").unwrap();
+    let zds = dir.join("ztunnel.sock");
+    let readiness = format!("127.0.0.1:{}", free_port());
+    let p = |d: &str| dir.join(d).display().to_string();
+    let args: Vec<String> = [
+        "--node-name",
+        NODE,
+        "--zds-socket",
+        &zds.display().to_string(),
+        "--cni-socket",
+        &p("cni.sock"),
+        "--cni-bin-dir",
+        &p("bin"),
+        "--cni-conf-dir",
+        &p("conf"),
+        "--cni-plugin-binary",
+        &p("ambit-cni-image"),
+        "--state-dir",
+        &p("state"),
+        "--readiness-addr",
+        &readiness,
+        "--kubeconfig",
+        &cluster.kubeconfig().display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = Agent::start(args, dir.join("agent.log"));
+
+    let mut zt_args = ZtunnelArgs::for_node(&lab, node);
+    zt_args.zds_socket = zds;
+    let mut zt = ZtunnelProcess::start(lab.node(node), zt_args).unwrap();
+    zt.wait_ready(WAIT).unwrap();
+
+    // The plugin is installed: last in the primary conflist, binary and kubeconfig beside.
+    wait_sync("plugin entry inserted", || std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(v["plugins"][1]["type"], "ambit-cni");
+    assert_eq!(v["plugins"][1]["agent_socket"], p("cni.sock"));
+    assert!(dir.join("bin/ambit-cni").exists() && dir.join("conf/ambit-cni-kubeconfig").exists());
+    let ready = || {
+        std::net::TcpStream::connect(&readiness)
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).map(|_| out)
+            })
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    };
+    wait_sync("agent ready", ready);
+
+    let netns = web.netns.path();
+    let captured = || capture::is_installed(&netns).unwrap();
+    let held = |zt: &ZtunnelProcess| zt.admin_get("/config_dump").unwrap().contains(uid.trim());
+    assert!(!captured() && !held(&zt));
+
+    // Labelling the namespace captures the running pod and hands it to ztunnel.
+    cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"]).unwrap();
+    wait_sync("web captured and held by ztunnel", || captured() && held(&zt));
+    // Opting the pod out releases it; opting back in enrolls it again.
+    cluster.kubectl(["-n", NS, "label", "pod", "web", "istio.io/dataplane-mode=none"]).unwrap();
+    wait_sync("web released on opt-out", || !captured() && !held(&zt));
+    cluster.kubectl(["-n", NS, "label", "pod", "web", "istio.io/dataplane-mode-"]).unwrap();
+    wait_sync("web enrolled again", || captured() && held(&zt));
+    // Unlabelling the namespace releases it.
+    cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode-"]).unwrap();
+    wait_sync("web released on unlabel", || !captured() && !held(&zt));
+    cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"]).unwrap();
+    wait_sync("web enrolled", || captured() && held(&zt));
+
+    // SIGTERM: the plugin goes, byte for byte; the pod stays captured and held.
+    assert!(agent.stop().success(), "agent exit; log:\n{}", agent.log_text());
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), PRIMARY);
+    assert!(!dir.join("bin/ambit-cni").exists() && !dir.join("conf/ambit-cni-kubeconfig").exists());
+    assert!(captured() && held(&zt), "a stopping agent must not release pods");
+
+    // A new agent reconciles: the pod is enrolled again (repaired), and the plugin is back.
+    capture::uninstall(&netns, &Default::default()).unwrap(); // damage to repair
+    agent.spawn();
+    wait_sync("reconcile repaired the capture", captured);
+    assert!(held(&zt));
+    assert!(agent.log_text().contains("reconciling"), "{}", agent.log_text());
+    wait_sync("plugin entry inserted again", || std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"));
+    assert!(agent.stop().success());
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), PRIMARY);
+    drop(zt);
 }

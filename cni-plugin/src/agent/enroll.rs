@@ -243,6 +243,25 @@ impl Enroller {
         }
     }
 
+    /// CNI DEL: releases pod `uid` (or, without one, the pod of
+    /// `container_id`), unless the pod is now enrolled for another
+    /// container: the DEL of a pod's old sandbox must not release the
+    /// sandbox that replaced it.
+    pub async fn release_cni(&self, uid: Option<&str>, container_id: &str) -> Result<(), EnrollError> {
+        let Some(uid) = uid else { return self.release_container(container_id).await };
+        let _op = self.ops.lock().await;
+        let other = lock(&self.shared)
+            .pods
+            .get(uid)
+            .and_then(|a| a.container_id.clone())
+            .filter(|c| !container_id.is_empty() && c != container_id);
+        if let Some(current) = other {
+            tracing::info!(pod = %uid, deleted = %container_id, %current, "DEL of a replaced sandbox; pod stays enrolled");
+            return Ok(());
+        }
+        self.release_locked(uid).await
+    }
+
     /// CNI GC: releases every pod enrolled through CNI whose container ID is
     /// not in `valid`, and returns their UIDs. Pods enrolled without a
     /// container ID (by the watcher) are not the runtime's to collect.

@@ -57,6 +57,15 @@ impl Fixture {
         EnrollConfig { state_dir: Some(self.dir.join("state")), ..EnrollConfig::new(self.dir.join("zds.sock")) }
     }
 
+    /// A sysctl as the pod's namespace sees it (`None`: the kernel lacks it).
+    fn sysctl(&self, key: &str) -> Option<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "cat", &format!("/proc/sys/{key}")])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     fn captured(&self) -> bool {
         capture::is_installed(&PathBuf::from("/var/run/netns").join(&self.netns)).unwrap()
     }
@@ -146,6 +155,7 @@ async fn two_ztunnels_both_ack_snapshot_then_live_adds_and_dels() {
     assert_eq!(old.next().await, "add u1");
     assert!(fx.captured());
     enroller.check("u1").await.unwrap();
+    assert_eq!(fx.sysctl("net/ipv4/tcp_migrate_req").as_deref().unwrap_or("1"), "1");
 
     // The upgrade: a second ztunnel gets the pod in its snapshot, then both
     // get the next add; enroll returned only after both acked.
@@ -200,7 +210,11 @@ async fn gc_releases_only_attachments_missing_from_the_valid_list() {
     let mut left: Vec<String> = enroller.enrolled().into_iter().map(|p| p.uid).collect();
     left.sort();
     assert_eq!(left, ["u2", "u3"]);
-    enroller.release_container("c2").await.unwrap();
+    // The DEL of an old sandbox leaves the pod enrolled for its new one.
+    enroller.release_cni(Some("u2"), "c-old").await.unwrap();
+    assert_eq!(enroller.enrolled().len(), 2);
+    enroller.release_cni(Some("u2"), "c2").await.unwrap();
+    enroller.release_cni(None, "c-unknown").await.unwrap();
     assert_eq!(enroller.enrolled().len(), 1);
 }
 

@@ -80,8 +80,7 @@ async fn handle(mut stream: UnixStream, enroller: Arc<Enroller>) {
 async fn answer(enroller: &Enroller, request: Request) -> Response {
     let result = match request {
         Request::Add { pod, container_id } => enroller.enroll_attachment(pod, Some(container_id)).await,
-        Request::Del { uid: Some(uid), .. } => enroller.release(&uid).await,
-        Request::Del { uid: None, container_id } => enroller.release_container(&container_id).await,
+        Request::Del { uid, container_id } => enroller.release_cni(uid.as_deref(), &container_id).await,
         Request::Check { uid } => enroller.check(&uid).await,
         Request::Status => Ok(()),
         Request::Gc { valid_container_ids } => {
@@ -96,4 +95,43 @@ async fn answer(enroller: &Enroller, request: Request) -> Response {
 
 fn error_response(e: &EnrollError) -> Response {
     Response::Error { retryable: e.is_retryable(), message: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::call;
+    use crate::agent::{EnrollConfig, PodInfo};
+
+    #[tokio::test]
+    async fn without_ztunnel_add_is_retryable_and_status_answers() {
+        let dir = std::env::temp_dir().join(format!("ambit-plugin-server-{}", std::process::id()));
+        let enroller = Enroller::start(EnrollConfig::new(dir.join("zds.sock"))).await.unwrap();
+        let socket = dir.join("cni.sock");
+        let server = PluginServer::bind(&socket).unwrap();
+        let task = tokio::spawn(server.run(enroller));
+        let t = Duration::from_secs(5);
+
+        let status = call(&socket, &Request::Status, t).await.unwrap();
+        assert_eq!(status, Response::Ok { ztunnel_ready: false });
+        let pod = PodInfo {
+            uid: "u1".into(),
+            name: "web".into(),
+            namespace: "demo".into(),
+            service_account: "sa".into(),
+            netns: "/nonexistent/netns".into(),
+            ips: vec![],
+        };
+        let add = call(&socket, &Request::Add { pod, container_id: "c1".into() }, t).await.unwrap();
+        assert_eq!(
+            add,
+            Response::Error { retryable: true, message: "no ztunnel is connected to the node agent".into() }
+        );
+        let del = Request::Del { uid: Some("u1".into()), container_id: "c1".into() };
+        assert_eq!(call(&socket, &del, t).await.unwrap(), Response::Ok { ztunnel_ready: false });
+        let gc = Request::Gc { valid_container_ids: vec![] };
+        assert_eq!(call(&socket, &gc, t).await.unwrap(), Response::Ok { ztunnel_ready: false });
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -8,7 +8,8 @@
 //! over a unix socket ([`agent::protocol`]) to enroll it. [`agent`] is the
 //! node agent's core: the [`agent::Enroller`] installs capture and hands pods
 //! to every connected ztunnel over ZDS, and [`agent::plugin_server`] answers
-//! the plugin.
+//! the plugin; [`agent::app`] is the `ambit-node-agent`
+//! binary (plugin install, Kubernetes watches, reconcile).
 
 pub mod agent;
 pub mod capture;

@@ -2,7 +2,11 @@
 //! pod handed to ztunnel over ZDS), answers the CNI plugin, watches the
 //! node's pods and namespaces, and installs the plugin on the node.
 
+pub mod app;
 pub mod enroll;
+pub mod install;
+pub mod kube;
+pub mod netns;
 pub mod plugin_server;
 pub mod protocol;
 mod state_file;

@@ -15,3 +15,6 @@ pub mod agent;
 pub mod capture;
 pub mod membership;
 pub mod plugin;
+
+#[cfg(test)]
+mod test_support;

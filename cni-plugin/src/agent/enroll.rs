@@ -9,14 +9,14 @@
 //! namespace), and the watcher's re-enroll repairs the rest.
 
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ambit_zds::{ZdsError, ZdsServer};
-use serde::{Deserialize, Serialize};
+
 use tokio::task::JoinHandle;
 
+pub use super::pod::PodInfo;
 use super::state_file::{self, Stored};
 use super::ztunnels::{self, lock, Attachment, Command, Shared};
 use crate::capture::{self, CaptureConfig, CaptureError};
@@ -24,30 +24,6 @@ use crate::capture::{self, CaptureConfig, CaptureError};
 /// The sysctl that lets a new ztunnel's `SO_REUSEPORT` listener take over the
 /// pending connections of the old one during an upgrade.
 const MIGRATE_REQ_SYSCTL: &str = "net/ipv4/tcp_migrate_req";
-
-/// A pod to enroll: what ZDS and capture need.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodInfo {
-    /// `metadata.uid`, the key everywhere.
-    pub uid: String,
-    /// `metadata.name`.
-    pub name: String,
-    /// `metadata.namespace`.
-    pub namespace: String,
-    /// `spec.serviceAccountName`.
-    pub service_account: String,
-    /// The pod's network namespace as a path on the host
-    /// (`/var/run/netns/cni-…` from CNI, `/proc/<pid>/ns/net` when found by IP).
-    pub netns: PathBuf,
-    /// The pod's IPs.
-    pub ips: Vec<IpAddr>,
-}
-
-impl std::fmt::Display for PodInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{} ({})", self.namespace, self.name, self.uid)
-    }
-}
 
 /// How the enroller captures and where it serves ZDS.
 #[derive(Debug, Clone)]

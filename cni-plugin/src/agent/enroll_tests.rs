@@ -11,17 +11,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::capture;
-
-fn root_available(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root (network namespaces, nftables) and CI is set");
-    }
-    eprintln!("note: {test} skipped: needs root");
-    false
-}
+use crate::test_support::root_available;
 
 /// A named network namespace and a temporary directory, removed on drop.
 struct Fixture {

@@ -8,6 +8,7 @@ pub mod install;
 pub mod kube;
 pub mod netns;
 pub mod plugin_server;
+mod pod;
 pub mod protocol;
 mod state_file;
 mod ztunnels;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::enroll::PodInfo;
+use super::pod::PodInfo;
 
 /// Where the agent listens by default (the plugin's `agent_socket`).
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/ambit/cni.sock";

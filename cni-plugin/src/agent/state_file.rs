@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::enroll::PodInfo;
+use super::pod::PodInfo;
 
 /// The file name inside `EnrollConfig::state_dir`.
 const FILE_NAME: &str = "enrolled.json";

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ambit_zds::{error_text, WorkloadInfo, ZdsAgentConnection, ZdsError, ZdsServer};
 use tokio::sync::{mpsc, oneshot};
 
-use super::enroll::PodInfo;
+use super::pod::PodInfo;
 
 /// What a connection task is asked to send; the answer is ztunnel's ack
 /// (`Err` holds its error text). The reply sender is dropped unanswered when

@@ -16,25 +16,13 @@ use nix::sys::time::TimeVal;
 
 use super::exec::run_in_netns;
 use super::*;
+use crate::test_support::root_available;
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 const WAIT: Duration = Duration::from_secs(2);
 /// How long we watch for a connection that must not arrive.
 const QUIET: Duration = Duration::from_millis(300);
-
-/// True when the test may run; without root it returns false after a note,
-/// unless `CI` is set, where a skipped test would hide a regression.
-fn root_available(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root (network namespaces, nftables) and CI is set");
-    }
-    eprintln!("note: {test} skipped: needs root");
-    false
-}
 
 /// A named network namespace, deleted on drop (also when the test panics).
 struct Netns {

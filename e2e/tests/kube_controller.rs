@@ -5,7 +5,8 @@
 //! It shows the root kept in a Secret (and reused after a restart) and published in a ConfigMap, enrollment by
 //! namespace label in the delta xDS answer to a ztunnel authenticated by TokenReview, policy status written back, the
 //! CA signing only identities on the caller's node (one TokenReview for a burst of calls with one token), waypoint
-//! deployment, and no `forbidden` answer from the API server in the controller's log. A second test drives the
+//! deployment, Gateway API status (the waypoint GatewayClass accepted, an HTTPRoute's waypoint parent entry saying
+//! it is not applied, another controller's entry kept), and no `forbidden` answer from the API server in the controller's log. A second test drives the
 //! Secret root store directly: racing replicas end with one root, a broken Secret is an error and is left alone.
 //!
 //! Needs the Kubernetes binaries (`e2e/kube/build.sh`) and the controller binary (`cargo build --release --bins`, or
@@ -418,10 +419,90 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
     });
     assert_eq!(image, "ghcr.io/ambit-mesh/waypoint:latest");
 
+    route_and_class_status(&cluster);
+
     let text = controller.log_text();
     let forbidden: Vec<&str> = text.lines().filter(|l| l.to_lowercase().contains("forbidden")).collect();
     assert!(forbidden.is_empty(), "the controller was refused by RBAC:\n{}", forbidden.join("\n"));
     drop(controller);
+}
+
+/// `kind` `name` (namespace `ns`, or cluster-scoped) as JSON.
+fn get_json(cluster: &KubeCluster, kind: &str, ns: Option<&str>, name: &str) -> serde_json::Value {
+    let mut args = vec!["get", kind, name, "-o", "json"];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    serde_json::from_str(&cluster.kubectl(args).unwrap()).unwrap()
+}
+
+/// Honest Gateway API status: the waypoint class is accepted and a foreign one left alone; an HTTPRoute gets one
+/// parent entry, for its waypoint parent, saying it is not applied, and another controller's entry is kept.
+fn route_and_class_status(cluster: &KubeCluster) {
+    cluster
+        .apply(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: ambit-waypoint}\n\
+             spec: {controllerName: ambit-mesh.github.io/mesh-controller}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: other}\n\
+             spec: {controllerName: example.com/gateway-controller}\n",
+        )
+        .unwrap();
+    let class = poll_for("the waypoint class accepted", WAIT, || {
+        let c = get_json(cluster, "gatewayclass", None, "ambit-waypoint");
+        Ok(c["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted")).cloned())
+    });
+    assert_eq!((class["status"].as_str(), class["reason"].as_str()), (Some("True"), Some("Accepted")), "{class}");
+    assert_eq!(class["observedGeneration"], 1, "{class}");
+
+    // A route attached only to a foreign Gateway gets nothing from Ambit; its controller writes its own entry.
+    let route = |parents: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: {NS}}}\n\
+             spec:\n  parentRefs: [{parents}]\n  rules: [{{matches: [{{path: {{type: PathPrefix, value: /}}}}]}}]\n"
+        )
+    };
+    cluster
+        .apply(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: {NS}}}\n\
+             spec: {{gatewayClassName: other, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n---\n{}",
+            route("{name: edge}")
+        ))
+        .unwrap();
+    let theirs = serde_json::json!({
+        "parentRef": {"name": "edge"},
+        "controllerName": "example.com/gateway-controller",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+    });
+    let patch = serde_json::json!({"status": {"parents": [theirs]}}).to_string();
+    cluster
+        .kubectl(["-n", NS, "patch", "httproute", "r", "--subresource=status", "--type=merge", "-p", &patch])
+        .unwrap();
+
+    // Attached to the waypoint too: one entry of Ambit's joins the foreign one.
+    cluster.apply(&route("{name: edge}, {name: waypoint}")).unwrap();
+    let parents = poll_for("the route's waypoint parent entry", WAIT, || {
+        let r = get_json(cluster, "httproute", Some(NS), "r");
+        let parents = r["status"]["parents"].as_array().cloned().unwrap_or_default();
+        Ok(Some(parents).filter(|p| p.iter().any(|e| e["parentRef"]["name"] == "waypoint")))
+    });
+    assert_eq!(parents.len(), 2, "{parents:?}");
+    assert!(parents.contains(&theirs), "the foreign entry was changed: {parents:?}");
+    let ours = parents.iter().find(|e| e["parentRef"] == serde_json::json!({"name": "waypoint"})).unwrap();
+    assert_eq!(ours["controllerName"], "ambit-mesh.github.io/mesh-controller", "{ours}");
+    let accepted = ours["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Accepted").unwrap();
+    assert_eq!((accepted["status"].as_str(), accepted["reason"].as_str()), (Some("False"), Some("UnsupportedValue")));
+    assert!(accepted["message"].as_str().unwrap().contains("does not apply HTTP routes"), "{accepted}");
+    assert_eq!(accepted["observedGeneration"], 2, "{accepted}");
+    assert!(ours["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "ResolvedRefs" && c["status"] == "True"));
+
+    // The foreign class is not Ambit's: no status from it.
+    let other = get_json(cluster, "gatewayclass", None, "other");
+    assert!(other["status"]["conditions"].as_array().is_none_or(|c| c.is_empty()), "{other}");
 }
 
 /// Runs `load_or_create` on a Secret store on a blocking thread, as the binary does.

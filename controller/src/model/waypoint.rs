@@ -9,6 +9,26 @@ use super::objects::ClusterObjects;
 
 /// Gateway classes that make a waypoint.
 pub const WAYPOINT_CLASSES: [&str; 2] = ["ambit-waypoint", "istio-waypoint"];
+/// `controllerName` of Ambit's own class (`ambit-waypoint`), and of the route status entries for GAMMA Service
+/// parents. The shipped `manifests/core/gatewayclass.yaml` must use this value.
+pub const AMBIT_CONTROLLER_NAME: &str = "ambit-mesh.github.io/mesh-controller";
+/// `controllerName` of Istio's `istio-waypoint` class, kept so that manifests and tools written for Istio ambient see
+/// the class they expect; Ambit serves it in Istio's place.
+pub const ISTIO_MESH_CONTROLLER_NAME: &str = "istio.io/mesh-controller";
+/// The `controllerName`s Ambit answers for: a waypoint GatewayClass naming one of them is accepted, and route status
+/// entries carrying one of them are Ambit's to rewrite.
+pub const CONTROLLER_NAMES: [&str; 2] = [AMBIT_CONTROLLER_NAME, ISTIO_MESH_CONTROLLER_NAME];
+
+/// The `controllerName` a waypoint class is shipped with (`None`: not a waypoint class). Route status entries for a
+/// Gateway of the class carry it, as the Gateway API asks (it "corresponds with the controllerName field on
+/// GatewayClass").
+pub fn class_controller(class: &str) -> Option<&'static str> {
+    match class {
+        "ambit-waypoint" => Some(AMBIT_CONTROLLER_NAME),
+        "istio-waypoint" => Some(ISTIO_MESH_CONTROLLER_NAME),
+        _ => None,
+    }
+}
 /// Label naming the waypoint an object's traffic goes through (`none` opts out).
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// Label naming the namespace of that waypoint (default: the object's).
@@ -157,6 +177,14 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_waypoint_class_has_a_controller_name_of_ours() {
+        for class in WAYPOINT_CLASSES {
+            assert!(class_controller(class).is_some_and(|c| CONTROLLER_NAMES.contains(&c)), "{class}");
+        }
+        assert_eq!(class_controller("istio"), None);
     }
 
     #[test]

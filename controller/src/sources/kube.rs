@@ -1,11 +1,13 @@
 //! The Kubernetes source: reflectors (watch + in-memory store) for every kind the model reads. Each change, after a
 //! short debounce that batches bursts, rebuilds the model from the stores and publishes the snapshot if its resources
-//! changed, as the file source does. Istio policies get status conditions saying whether and how they were used (`policy_status`).
+//! changed, as the file source does. Istio policies get status conditions saying whether and how they were used
+//! (`policy_status`); Gateway API routes and GatewayClasses, read only for that, get theirs (`route_status`), written
+//! after every batch without a model build when only they changed (`kube_status`).
 //!
 //! A custom resource whose CRD is not installed must not stop the mesh: its watcher logs once, counts as an empty
 //! kind, and keeps retrying with backoff, so installing the CRD later is picked up.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::path::Path;
@@ -15,25 +17,20 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::policy_status::{self, Cond, Outcome};
+use super::kube_status::StatusWriter;
 use crate::model::crd::Resource as CrdResource;
-use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx, Warning};
+use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx};
 
 /// How long to wait after a change for more before rebuilding.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
-/// When a status write failed, how long until the next attempt.
-const STATUS_RETRY: Duration = Duration::from_secs(5);
-/// Field manager of the status writes.
-const FIELD_MANAGER: &str = "ambit-controller";
 
 /// Why a Kubernetes client could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -61,23 +58,31 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSou
     Ok(kube::Client::try_from(config)?)
 }
 
-/// A custom resource the model reads.
+/// A custom resource the source reads.
 #[derive(Clone, Copy, Debug)]
-struct Crd {
+pub(super) struct Crd {
     group: &'static str,
     version: &'static str,
-    kind: &'static str,
+    pub(super) kind: &'static str,
     plural: &'static str,
 }
 
-const AUTHORIZATION_POLICY: Crd =
+pub(super) const AUTHORIZATION_POLICY: Crd =
     Crd { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" };
-const PEER_AUTHENTICATION: Crd =
+pub(super) const PEER_AUTHENTICATION: Crd =
     Crd { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications" };
 const GATEWAY: Crd = Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "Gateway", plural: "gateways" };
+/// Read only for their status ([`super::route_status`]); the model does not wait for them.
+pub(super) const GATEWAY_CLASS: Crd =
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GatewayClass", plural: "gatewayclasses" };
+/// The routes whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
+pub(super) const ROUTES: [Crd; 2] = [
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GRPCRoute", plural: "grpcroutes" },
+];
 
 impl Crd {
-    fn api_resource(&self) -> ApiResource {
+    pub(super) fn api_resource(&self) -> ApiResource {
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(self.group, self.version, self.kind), self.plural)
     }
 }
@@ -87,24 +92,29 @@ const KINDS: [&str; 7] =
     ["Namespace", "Pod", "Service", "EndpointSlice", AUTHORIZATION_POLICY.kind, PEER_AUTHENTICATION.kind, GATEWAY.kind];
 
 /// What the watcher tasks tell the build loop.
-#[derive(Debug)]
-enum Signal {
-    /// Objects of a kind changed.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Signal {
+    /// Objects of a kind the model reads changed.
     Changed,
+    /// Objects read only for their status (routes, GatewayClasses) changed: no model build, only their status.
+    StatusInput,
     /// A kind's initial list is complete (or its CRD is absent, which counts as empty).
     Ready(&'static str),
 }
 
 /// The reflector stores, one per kind.
 #[derive(Clone)]
-struct Stores {
-    namespaces: Store<Namespace>,
+pub(super) struct Stores {
+    pub(super) namespaces: Store<Namespace>,
     pods: Store<Pod>,
-    services: Store<Service>,
+    pub(super) services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
-    policies: Store<DynamicObject>,
-    peer_auths: Store<DynamicObject>,
-    gateways: Store<DynamicObject>,
+    pub(super) policies: Store<DynamicObject>,
+    pub(super) peer_auths: Store<DynamicObject>,
+    pub(super) gateways: Store<DynamicObject>,
+    pub(super) gateway_classes: Store<DynamicObject>,
+    pub(super) http_routes: Store<DynamicObject>,
+    pub(super) grpc_routes: Store<DynamicObject>,
 }
 
 /// Aborts the watcher tasks when the source stops.
@@ -147,13 +157,16 @@ impl KubeSource {
     /// Watches the cluster until every receiver of `tx` is gone. Each batch of changes rebuilds the model, reports
     /// the rejections to `rejections` when they differ from the last report (status writes of our own trigger
     /// rebuilds too, and must not repeat the report), publishes the snapshot if its resources changed (version one
-    /// above the published one), and writes the policies' conditions that changed.
+    /// above the published one), and writes the policies' conditions that changed; after every batch, the Gateway API
+    /// status that changed.
     pub async fn run(self, tx: SnapshotTx, rejections: RejectionSink) {
         let (signal_tx, mut signals) = mpsc::unbounded_channel();
         let (stores, _tasks) = self.spawn_watchers(&signal_tx);
         let mut ready = HashSet::new();
         let mut last_rejections = None::<Vec<Rejection>>;
         let mut status = StatusWriter::new(self.client.clone(), signal_tx.clone());
+        // Whether a model kind changed since the last build; status-only changes skip the build.
+        let mut rebuild = false;
         loop {
             // Wait for a change, then for the burst to settle.
             let first = tokio::select! {
@@ -161,58 +174,76 @@ impl KubeSource {
                 () = tx.closed() => return,
             };
             let Some(first) = first else { return };
-            note_signal(first, &mut ready);
+            rebuild |= note_signal(first, &mut ready);
             let settle = tokio::time::sleep(self.debounce);
             tokio::pin!(settle);
             loop {
                 tokio::select! {
                     () = &mut settle => break,
                     s = signals.recv() => match s {
-                        Some(s) => note_signal(s, &mut ready),
+                        Some(s) => rebuild |= note_signal(s, &mut ready),
                         None => return,
                     },
                 }
             }
-            if ready.len() < KINDS.len() {
+            if !KINDS.iter().all(|k| ready.contains(k)) {
                 continue; // a partial model would withdraw workloads from every ztunnel
             }
-            let started = std::time::Instant::now();
-            let next = tx.borrow().version + 1;
-            let (objects, mut rejected, crd_keys) = collect(&stores);
-            let opts = self.opts.clone();
-            let built = tokio::task::spawn_blocking(move || {
-                let report = model::build_report(&objects, &opts, next);
-                rejected.extend(report.rejections);
-                (report.snapshot, rejected, report.warnings)
-            })
-            .await;
-            let (snapshot, rejected, warnings) = match built {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "bug: model build panicked");
-                    continue;
-                }
-            };
-            if last_rejections.as_ref() != Some(&rejected) {
-                for w in &warnings {
-                    tracing::warn!(kind = %w.kind, namespace = %w.namespace, name = %w.name, reason = %w.reason, "partly applied");
-                }
-                rejections(&rejected);
-                last_rejections = Some(rejected.clone());
+            if rebuild {
+                rebuild = false;
+                self.build(&stores, &tx, &rejections, &mut last_rejections, &mut status).await;
             }
-            let changed = tx.send_if_modified(|current| {
-                if current.same_content(&snapshot) {
-                    return false;
-                }
-                *current = Arc::new(snapshot);
-                true
-            });
-            if changed {
-                let version = tx.borrow().version;
-                tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
-            }
-            status.sync(&stores, &crd_keys, &rejected, &warnings).await;
+            // A Gateway, Service or namespace may change whose a route's parent is: after every batch.
+            status.sync_gateway_api(&stores).await;
         }
+    }
+
+    /// Builds the model from the stores, reports new rejections, publishes the snapshot if its resources changed,
+    /// and writes the policies' conditions.
+    async fn build(
+        &self,
+        stores: &Stores,
+        tx: &SnapshotTx,
+        rejections: &RejectionSink,
+        last_rejections: &mut Option<Vec<Rejection>>,
+        status: &mut StatusWriter,
+    ) {
+        let started = std::time::Instant::now();
+        let next = tx.borrow().version + 1;
+        let (objects, mut rejected, crd_keys) = collect(stores);
+        let opts = self.opts.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let report = model::build_report(&objects, &opts, next);
+            rejected.extend(report.rejections);
+            (report.snapshot, rejected, report.warnings)
+        })
+        .await;
+        let (snapshot, rejected, warnings) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "bug: model build panicked");
+                return;
+            }
+        };
+        if last_rejections.as_ref() != Some(&rejected) {
+            for w in &warnings {
+                tracing::warn!(kind = %w.kind, namespace = %w.namespace, name = %w.name, reason = %w.reason, "partly applied");
+            }
+            rejections(&rejected);
+            *last_rejections = Some(rejected.clone());
+        }
+        let changed = tx.send_if_modified(|current| {
+            if current.same_content(&snapshot) {
+                return false;
+            }
+            *current = Arc::new(snapshot);
+            true
+        });
+        if changed {
+            let version = tx.borrow().version;
+            tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
+        }
+        status.sync_policies(stores, &crd_keys, &rejected, &warnings).await;
     }
 
     fn spawn_watchers(&self, signal: &mpsc::UnboundedSender<Signal>) -> (Stores, Tasks) {
@@ -225,14 +256,34 @@ impl KubeSource {
         let policies = spawn_dynamic(c, AUTHORIZATION_POLICY, signal, &mut tasks);
         let peer_auths = spawn_dynamic(c, PEER_AUTHENTICATION, signal, &mut tasks);
         let gateways = spawn_dynamic(c, GATEWAY, signal, &mut tasks);
-        let stores = Stores { namespaces, pods, services, endpoint_slices, policies, peer_auths, gateways };
+        let gateway_classes = spawn_status_input(c, GATEWAY_CLASS, signal, &mut tasks);
+        let http_routes = spawn_status_input(c, ROUTES[0], signal, &mut tasks);
+        let grpc_routes = spawn_status_input(c, ROUTES[1], signal, &mut tasks);
+        let stores = Stores {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            policies,
+            peer_auths,
+            gateways,
+            gateway_classes,
+            http_routes,
+            grpc_routes,
+        };
         (stores, Tasks(tasks))
     }
 }
 
-fn note_signal(s: Signal, ready: &mut HashSet<&'static str>) {
-    if let Signal::Ready(kind) = s {
-        ready.insert(kind);
+/// Notes a kind's readiness; true when the signal calls for a model build.
+fn note_signal(s: Signal, ready: &mut HashSet<&'static str>) -> bool {
+    match s {
+        Signal::Ready(kind) => {
+            ready.insert(kind);
+            true
+        }
+        Signal::Changed => true,
+        Signal::StatusInput => false,
     }
 }
 
@@ -247,7 +298,7 @@ where
 {
     let writer = Writer::<K>::default();
     let store = writer.as_reader();
-    tasks.push(tokio::spawn(watch(Api::all(client.clone()), writer, kind, signal.clone())));
+    tasks.push(tokio::spawn(watch(Api::all(client.clone()), writer, kind, signal.clone(), Signal::Changed)));
     store
 }
 
@@ -257,17 +308,43 @@ fn spawn_dynamic(
     signal: &mpsc::UnboundedSender<Signal>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Store<DynamicObject> {
+    spawn_crd(client, crd, signal, Signal::Changed, tasks)
+}
+
+/// A kind read only for status writes: its changes do not rebuild the model, and the model does not wait for it.
+fn spawn_status_input(
+    client: &kube::Client,
+    crd: Crd,
+    signal: &mpsc::UnboundedSender<Signal>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<DynamicObject> {
+    spawn_crd(client, crd, signal, Signal::StatusInput, tasks)
+}
+
+fn spawn_crd(
+    client: &kube::Client,
+    crd: Crd,
+    signal: &mpsc::UnboundedSender<Signal>,
+    on_change: Signal,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<DynamicObject> {
     let ar = crd.api_resource();
     let writer = Writer::<DynamicObject>::new(ar.clone());
     let store = writer.as_reader();
     let api = Api::all_with(client.clone(), &ar);
-    tasks.push(tokio::spawn(watch(api, writer, crd.kind, signal.clone())));
+    tasks.push(tokio::spawn(watch(api, writer, crd.kind, signal.clone(), on_change)));
     store
 }
 
-/// Runs one reflector until the build loop is gone; errors are logged and retried with backoff.
-async fn watch<K>(api: Api<K>, writer: Writer<K>, kind: &'static str, signal: mpsc::UnboundedSender<Signal>)
-where
+/// Runs one reflector until the build loop is gone; errors are logged and retried with backoff. Changes are
+/// signalled as `on_change`; only model kinds ([`Signal::Changed`]) signal readiness.
+async fn watch<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    kind: &'static str,
+    signal: mpsc::UnboundedSender<Signal>,
+    on_change: Signal,
+) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
@@ -275,6 +352,8 @@ where
     futures::pin_mut!(stream);
     let mut absent = false;
     let mut last_error = None::<String>;
+    let model_kind = matches!(on_change, Signal::Changed);
+    let ready = || if model_kind { signal.send(Signal::Ready(kind)) } else { Ok(()) };
     while let Some(item) = stream.next().await {
         let sent = match item {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue, // the store swaps at InitDone
@@ -284,15 +363,15 @@ where
                 }
                 absent = false;
                 last_error = None;
-                signal.send(Signal::Ready(kind)).and_then(|()| signal.send(Signal::Changed))
+                ready().and_then(|()| signal.send(on_change))
             }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => signal.send(Signal::Changed),
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => signal.send(on_change),
             Err(e) if is_not_found(&e) => {
                 if !absent {
                     tracing::warn!(kind, "resource not served (CRD not installed?); treating it as empty and retrying");
                     absent = true;
                 }
-                signal.send(Signal::Ready(kind))
+                ready()
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -323,7 +402,7 @@ fn is_not_found(e: &watcher::Error) -> bool {
 }
 
 /// (kind, namespace, name) of a policy.
-type PolicyKey = (&'static str, String, String);
+pub(super) type PolicyKey = (&'static str, String, String);
 
 /// Copies the stores into [`ClusterObjects`]. Custom resources that do not match the model's schema are rejected
 /// here; the keys of all Istio policies seen are returned for their status conditions.
@@ -389,95 +468,6 @@ fn typed<S: DeserializeOwned + Default>(
                 reason: e.to_string(),
             });
             None
-        }
-    }
-}
-
-/// Writes policies' status conditions ([`policy_status`]), only when they changed: it remembers what it wrote and
-/// also skips objects that already carry the conditions (after a restart), so its own writes do not make it loop.
-struct StatusWriter {
-    client: kube::Client,
-    written: HashMap<PolicyKey, Vec<Cond>>,
-    retry: mpsc::UnboundedSender<Signal>,
-    retry_pending: bool,
-}
-
-impl StatusWriter {
-    fn new(client: kube::Client, retry: mpsc::UnboundedSender<Signal>) -> Self {
-        Self { client, written: HashMap::new(), retry, retry_pending: false }
-    }
-
-    async fn sync(&mut self, stores: &Stores, keys: &[PolicyKey], rejected: &[Rejection], warnings: &[Warning]) {
-        let mut outcomes: HashMap<PolicyKey, Outcome<'_>> = HashMap::new();
-        let notes = rejected.iter().map(|r| (&r.kind, &r.namespace, &r.name, &r.reason, false));
-        for (kind, ns, name, reason, is_warning) in
-            notes.chain(warnings.iter().map(|w| (&w.kind, &w.namespace, &w.name, &w.reason, true)))
-        {
-            let kind = match kind.as_str() {
-                k if k == AUTHORIZATION_POLICY.kind => AUTHORIZATION_POLICY.kind,
-                k if k == PEER_AUTHENTICATION.kind => PEER_AUTHENTICATION.kind,
-                _ => continue,
-            };
-            let o = outcomes.entry((kind, ns.clone(), name.clone())).or_default();
-            if is_warning { &mut o.warnings } else { &mut o.rejected }.push(reason);
-        }
-        let present: HashSet<&PolicyKey> = keys.iter().collect();
-        self.written.retain(|k, _| present.contains(k));
-        let now = json!(Time(k8s_openapi::jiff::Timestamp::now()));
-        let mut failed = false;
-        for key in keys {
-            let (crd, store) = if key.0 == AUTHORIZATION_POLICY.kind {
-                (AUTHORIZATION_POLICY, &stores.policies)
-            } else {
-                (PEER_AUTHENTICATION, &stores.peer_auths)
-            };
-            let Some(obj) = store.get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
-            else {
-                continue; // deleted since the build
-            };
-            let outcome = outcomes.remove(key).unwrap_or_default();
-            let want = policy_status::desired(key.0, &obj.data["spec"], obj.metadata.generation, &outcome);
-            if self.written.get(key) == Some(&want) {
-                continue;
-            }
-            let conditions: Vec<Value> = obj.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
-            let Some(next) = policy_status::merge(&conditions, &want, &now) else {
-                self.written.insert(key.clone(), want);
-                continue;
-            };
-            match self.write(crd, &key.1, &key.2, next).await {
-                Ok(()) => {
-                    tracing::debug!(kind = key.0, namespace = %key.1, name = %key.2, "status written");
-                    self.written.insert(key.clone(), want);
-                }
-                Err(e) => {
-                    tracing::warn!(kind = key.0, namespace = %key.1, name = %key.2, error = %e, "cannot write status; will retry");
-                    failed = true;
-                }
-            }
-        }
-        if failed && !self.retry_pending {
-            self.retry_pending = true;
-            let retry = self.retry.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(STATUS_RETRY).await;
-                let _ = retry.send(Signal::Changed);
-            });
-        } else if !failed {
-            self.retry_pending = false;
-        }
-    }
-
-    /// Merge-patches `status.conditions` through the status subresource, or on the object when the CRD has none.
-    async fn write(&self, crd: Crd, ns: &str, name: &str, conditions: Vec<Value>) -> Result<(), kube::Error> {
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &crd.api_resource());
-        let patch = json!({ "status": { "conditions": conditions } });
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(s)) if s.is_not_found() => {
-                api.patch(name, &params, &Patch::Merge(&patch)).await.map(drop)
-            }
-            r => r.map(drop),
         }
     }
 }

@@ -8,20 +8,12 @@
 //! - `WaypointAccepted` (AuthorizationPolicy with `targetRefs`): `False`/`Unsupported`, because no Ambit waypoint
 //!   enforces authorization yet: the policy has no effect, and the status says so.
 
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use super::conditions::Cond;
 
 /// Condition types this module owns; others on the object are left alone.
 pub const OWNED: [&str; 3] = ["Accepted", "ZtunnelAccepted", "WaypointAccepted"];
-
-/// One condition, without its transition time (which moves only when the status flips).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
-    pub type_: &'static str,
-    pub status: &'static str,
-    pub reason: &'static str,
-    pub message: String,
-    pub generation: Option<i64>,
-}
 
 /// What the model made of one policy.
 #[derive(Debug, Default)]
@@ -71,46 +63,11 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
     out
 }
 
-/// The object's next `status.conditions`, or `None` when `current` already says what `want` says (same status,
-/// reason, message and generation for each owned type, and no stale owned type). Others' conditions are kept;
-/// an unchanged status keeps its `lastTransitionTime`.
-pub fn merge(current: &[Value], want: &[Cond], now: &Value) -> Option<Vec<Value>> {
-    let find = |t: &str| current.iter().find(|c| c["type"] == t);
-    let same = |c: &Value, w: &Cond| {
-        c["status"] == w.status
-            && c["reason"] == w.reason
-            && c["message"] == w.message.as_str()
-            && c["observedGeneration"].as_i64() == w.generation
-    };
-    let stale =
-        current.iter().any(|c| OWNED.iter().any(|t| c["type"] == *t) && !want.iter().any(|w| c["type"] == w.type_));
-    if !stale && want.iter().all(|w| find(w.type_).is_some_and(|c| same(c, w))) {
-        return None;
-    }
-    let mut next: Vec<Value> = current.iter().filter(|c| !OWNED.iter().any(|t| c["type"] == *t)).cloned().collect();
-    for w in want {
-        let moved = match find(w.type_) {
-            Some(c) if c["status"] == w.status => c["lastTransitionTime"].clone(),
-            _ => now.clone(),
-        };
-        let mut c = json!({
-            "type": w.type_,
-            "status": w.status,
-            "reason": w.reason,
-            "message": w.message,
-            "lastTransitionTime": moved,
-        });
-        if let Some(g) = w.generation {
-            c["observedGeneration"] = json!(g);
-        }
-        next.push(c);
-    }
-    Some(next)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::conditions::merge;
+    use serde_json::json;
 
     fn kinds(c: &[Cond]) -> Vec<(&str, &str, &str)> {
         c.iter().map(|c| (c.type_, c.status, c.reason)).collect()
@@ -156,25 +113,13 @@ mod tests {
     }
 
     #[test]
-    fn merge_writes_only_changes_and_keeps_others_and_transition_times() {
+    fn a_policy_turning_into_a_waypoint_policy_drops_its_ztunnel_condition() {
         let want = desired("AuthorizationPolicy", &json!({}), Some(1), &Outcome::default());
-        let t0 = json!("2026-01-01T00:00:00Z");
-        let other = json!({"type": "Ready", "status": "True"});
-        let first = merge(std::slice::from_ref(&other), &want, &t0).unwrap();
-        assert_eq!(first.len(), 3);
-        assert_eq!(first[0], other);
-        assert_eq!(merge(&first, &want, &json!("later")), None, "nothing changed");
-
-        // A new generation with the same status rewrites but keeps the transition time.
-        let want2 = desired("AuthorizationPolicy", &json!({}), Some(2), &Outcome::default());
-        let second = merge(&first, &want2, &json!("later")).unwrap();
-        assert!(second.iter().filter(|c| c["type"] != "Ready").all(|c| c["lastTransitionTime"] == t0));
-
-        // A flip moves it; a condition we no longer want is removed.
-        let targeted = desired("AuthorizationPolicy", &json!({"targetRefs": [{}]}), Some(2), &Outcome::default());
-        let third = merge(&second, &targeted, &json!("now")).unwrap();
-        assert!(!third.iter().any(|c| c["type"] == "ZtunnelAccepted"));
-        let wp = third.iter().find(|c| c["type"] == "WaypointAccepted").unwrap();
-        assert_eq!(wp["lastTransitionTime"], "now");
+        let first = merge(&[], &want, &OWNED, &json!("t0")).unwrap();
+        assert_eq!(merge(&first, &want, &OWNED, &json!("later")), None, "nothing changed");
+        let targeted = desired("AuthorizationPolicy", &json!({"targetRefs": [{}]}), Some(1), &Outcome::default());
+        let next = merge(&first, &targeted, &OWNED, &json!("now")).unwrap();
+        assert!(!next.iter().any(|c| c["type"] == "ZtunnelAccepted"));
+        assert!(next.iter().any(|c| c["type"] == "WaypointAccepted"));
     }
 }

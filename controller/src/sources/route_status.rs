@@ -1,0 +1,294 @@
+//! The status Ambit writes on Gateway API objects it answers for, as the Gateway API asks; pure, so the Kubernetes
+//! source only compares and writes.
+//!
+//! - **Routes** (`HTTPRoute`, `GRPCRoute`): one `status.parents[]` entry per parentRef that is Ambit's — a Gateway of
+//!   a waypoint class (`WAYPOINT_CLASSES`), or (GAMMA, the mesh profile) a Service in an ambient namespace, the
+//!   namespaces whose traffic Ambit carries. Ambit routes nothing at L7 yet, so the entry says
+//!   `Accepted=False`/`UnsupportedValue` (the spec's reason for a value the implementation does not support), or
+//!   `NoMatchingParent` when the parent Service does not exist, plus `ResolvedRefs` for the backendRefs (Services
+//!   that exist; ReferenceGrants are not read, as nothing is routed). Entries of other controllers are kept as they
+//!   are; a parentRef that is not Ambit's gets no entry.
+//! - **GatewayClasses**: a waypoint class whose `controllerName` is one Ambit answers for is `Accepted=True`; a
+//!   class of Ambit's own controllerName that is not a waypoint class is `Accepted=False`/`Unsupported`, since no
+//!   Gateway of it gets anything. Other classes are not touched.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Value};
+
+use super::conditions::{self, Cond};
+use crate::model::waypoint::{class_controller, AMBIT_CONTROLLER_NAME, CONTROLLER_NAMES, WAYPOINT_CLASSES};
+
+/// The Gateway API group, the default of a parentRef's `group`.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Condition types of a route parent entry; both are Ambit's in its own entries.
+const ROUTE_CONDITIONS: [&str; 2] = ["Accepted", "ResolvedRefs"];
+/// The GatewayClass condition this module owns.
+const CLASS_CONDITIONS: [&str; 1] = ["Accepted"];
+
+/// What decides whether a parentRef is Ambit's, taken from the watched objects.
+#[derive(Debug, Default)]
+pub struct Parents {
+    /// Waypoint Gateways by (namespace, name), with the controllerName their entries carry.
+    pub waypoints: HashMap<(String, String), &'static str>,
+    /// Namespaces in the mesh (`istio.io/dataplane-mode=ambient`).
+    pub mesh_namespaces: HashSet<String>,
+    /// Services by (namespace, name).
+    pub services: HashSet<(String, String)>,
+}
+
+impl Parents {
+    /// The controllerName under which a Gateway of `class` is served, given the class's own `controllerName` when
+    /// the GatewayClass exists: that one if Ambit answers for it, else the one the class is shipped with.
+    pub fn waypoint_controller(class: &str, class_controller_name: Option<&str>) -> Option<&'static str> {
+        let shipped = class_controller(class)?;
+        Some(class_controller_name.and_then(|c| CONTROLLER_NAMES.iter().find(|n| **n == c).copied()).unwrap_or(shipped))
+    }
+}
+
+/// One `status.parents[]` entry Ambit wants on a route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentStatus {
+    /// The parentRef as the spec writes it.
+    pub parent_ref: Value,
+    /// The controllerName of the entry.
+    pub controller: &'static str,
+    /// `Accepted` and `ResolvedRefs`.
+    pub conditions: Vec<Cond>,
+}
+
+/// What the user reads on a route of `kind` accepted by nobody, as Ambit applies no L7 rule yet.
+pub fn not_applied_message(kind: &str) -> String {
+    let what = if kind == "GRPCRoute" { "gRPC" } else { "HTTP" };
+    format!(
+        "Ambit does not apply {what} routes yet: the waypoint's L7 routing is not implemented; traffic is not routed \
+         by this rule"
+    )
+}
+
+/// The parent entries Ambit wants on a route of `kind` in namespace `ns`, one per parentRef of `spec` that is
+/// Ambit's, in the spec's order.
+pub fn desired_parents(kind: &str, ns: &str, spec: &Value, generation: Option<i64>, p: &Parents) -> Vec<ParentStatus> {
+    let refs = spec["parentRefs"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut out: Vec<ParentStatus> = Vec::new();
+    let mut resolved = None;
+    for r in refs {
+        let Some((controller, accepted)) = claim(kind, ns, r, p, generation) else { continue };
+        if out.iter().any(|o| o.parent_ref == *r) {
+            continue; // the CRD's validation refuses duplicates; a lax schema may not
+        }
+        let resolved = resolved.get_or_insert_with(|| resolved_refs(ns, spec, p, generation)).clone();
+        out.push(ParentStatus { parent_ref: r.clone(), controller, conditions: vec![accepted, resolved] });
+    }
+    out
+}
+
+/// Whether parentRef `r` is Ambit's: its entry's controllerName and `Accepted` condition.
+fn claim(kind: &str, ns: &str, r: &Value, p: &Parents, generation: Option<i64>) -> Option<(&'static str, Cond)> {
+    let group = r["group"].as_str().unwrap_or(GATEWAY_GROUP);
+    let parent_kind = r["kind"].as_str().unwrap_or("Gateway");
+    let key = (r["namespace"].as_str().unwrap_or(ns).to_string(), r["name"].as_str()?.to_string());
+    let unsupported = || Cond::new("Accepted", "False", "UnsupportedValue", not_applied_message(kind), generation);
+    match (group, parent_kind) {
+        (GATEWAY_GROUP, "Gateway") => p.waypoints.get(&key).map(|c| (*c, unsupported())),
+        ("" | "core", "Service") if p.mesh_namespaces.contains(&key.0) => {
+            let accepted = if p.services.contains(&key) {
+                unsupported()
+            } else {
+                let message = format!("Service {}/{} does not exist", key.0, key.1);
+                Cond::new("Accepted", "False", "NoMatchingParent", message, generation)
+            };
+            Some((AMBIT_CONTROLLER_NAME, accepted))
+        }
+        _ => None,
+    }
+}
+
+/// `ResolvedRefs`: every backendRef is a Service that exists.
+fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -> Cond {
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    let rules = spec["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for b in rules.iter().flat_map(|r| r["backendRefs"].as_array().map(Vec::as_slice).unwrap_or_default()) {
+        let (group, kind) = (b["group"].as_str().unwrap_or(""), b["kind"].as_str().unwrap_or("Service"));
+        let name = b["name"].as_str().unwrap_or_default();
+        let bns = b["namespace"].as_str().unwrap_or(ns);
+        if !matches!(group, "" | "core") || kind != "Service" {
+            problems.push(("InvalidKind", format!("backendRef {group}/{kind} {name}: only Services are supported")));
+        } else if !p.services.contains(&(bns.to_string(), name.to_string())) {
+            problems.push(("BackendNotFound", format!("backendRef Service {bns}/{name} does not exist")));
+        }
+    }
+    match problems.first() {
+        None => Cond::new("ResolvedRefs", "True", "ResolvedRefs", "", generation),
+        Some(&(reason, _)) => {
+            let message = problems.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
+            Cond::new("ResolvedRefs", "False", reason, message, generation)
+        }
+    }
+}
+
+/// The route's next `status.parents`, or `None` when `current` already says what `want` says. Entries whose
+/// controllerName Ambit answers for are replaced by `want` (so stale ones go); every other entry is kept as it is.
+/// An entry whose conditions did not flip keeps their transition times.
+pub fn merge_parents(current: &[Value], want: &[ParentStatus], now: &Value) -> Option<Vec<Value>> {
+    let ours = |e: &Value| CONTROLLER_NAMES.iter().any(|c| e["controllerName"] == *c);
+    let mut changed = current.iter().filter(|e| ours(e)).count() != want.len();
+    let mut next: Vec<Value> = current.iter().filter(|e| !ours(e)).cloned().collect();
+    for w in want {
+        let old =
+            current.iter().find(|e| ours(e) && e["parentRef"] == w.parent_ref && e["controllerName"] == w.controller);
+        let old_conditions = old.and_then(|e| e["conditions"].as_array()).map(Vec::as_slice).unwrap_or_default();
+        let conditions = match conditions::merge(old_conditions, &w.conditions, &ROUTE_CONDITIONS, now) {
+            Some(c) => {
+                changed = true;
+                c
+            }
+            None => old_conditions.to_vec(),
+        };
+        next.push(json!({ "parentRef": w.parent_ref, "controllerName": w.controller, "conditions": conditions }));
+    }
+    changed.then_some(next)
+}
+
+/// The conditions GatewayClass `name` of `controller_name` should carry, or `None` when it is not Ambit's.
+pub fn class_conditions(name: &str, controller_name: &str, generation: Option<i64>) -> Option<Vec<Cond>> {
+    let cond = if WAYPOINT_CLASSES.contains(&name) && CONTROLLER_NAMES.contains(&controller_name) {
+        Cond::new(
+            "Accepted",
+            "True",
+            "Accepted",
+            "ambit-controller deploys a waypoint for each Gateway of this class",
+            generation,
+        )
+    } else if controller_name == AMBIT_CONTROLLER_NAME {
+        let message = format!(
+            "Ambit serves only the waypoint classes {}: Gateways of this class get nothing",
+            WAYPOINT_CLASSES.join(" and ")
+        );
+        Cond::new("Accepted", "False", "Unsupported", message, generation)
+    } else {
+        return None;
+    };
+    Some(vec![cond])
+}
+
+/// The GatewayClass's next `status.conditions` (see [`conditions::merge`]).
+pub fn merge_class(current: &[Value], want: &[Cond], now: &Value) -> Option<Vec<Value>> {
+    conditions::merge(current, want, &CLASS_CONDITIONS, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parents() -> Parents {
+        let mut p = Parents::default();
+        p.waypoints.insert(("mesh".into(), "waypoint".into()), AMBIT_CONTROLLER_NAME);
+        p.mesh_namespaces.insert("mesh".into());
+        p.services.insert(("mesh".into(), "backend".into()));
+        p
+    }
+
+    fn spec(yaml: &str) -> Value {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn kinds(c: &[Cond]) -> Vec<(&str, &str, &str)> {
+        c.iter().map(|c| (c.type_, c.status, c.reason)).collect()
+    }
+
+    #[test]
+    fn only_ambit_parents_get_an_entry_and_it_says_nothing_is_routed() {
+        let s = spec(
+            "parentRefs: [{name: waypoint}, {name: other-gateway}, {group: '', kind: Service, name: backend}, \
+             {group: '', kind: Service, name: elsewhere, namespace: outside}]\n\
+             rules: [{backendRefs: [{name: backend, port: 80}]}]\n",
+        );
+        let want = desired_parents("HTTPRoute", "mesh", &s, Some(3), &parents());
+        assert_eq!(want.len(), 2, "{want:?}");
+        assert_eq!(want[0].parent_ref, json!({"name": "waypoint"}));
+        assert_eq!(want[1].parent_ref["kind"], "Service");
+        for w in &want {
+            assert_eq!(w.controller, AMBIT_CONTROLLER_NAME);
+            assert_eq!(
+                kinds(&w.conditions),
+                [("Accepted", "False", "UnsupportedValue"), ("ResolvedRefs", "True", "ResolvedRefs")]
+            );
+            assert!(w.conditions.iter().all(|c| c.generation == Some(3)));
+            assert!(w.conditions[0].message.contains("does not apply HTTP routes"), "{}", w.conditions[0].message);
+        }
+        let grpc = desired_parents("GRPCRoute", "mesh", &s, None, &parents());
+        assert!(grpc[0].conditions[0].message.contains("gRPC"));
+    }
+
+    #[test]
+    fn a_missing_service_parent_and_bad_backends_are_named() {
+        let s = spec(
+            "parentRefs: [{group: '', kind: Service, name: gone}]\n\
+             rules: [{backendRefs: [{name: nope}, {group: example.com, kind: Bucket, name: b}]}]\n",
+        );
+        let want = desired_parents("HTTPRoute", "mesh", &s, None, &parents());
+        assert_eq!(
+            kinds(&want[0].conditions),
+            [("Accepted", "False", "NoMatchingParent"), ("ResolvedRefs", "False", "BackendNotFound")]
+        );
+        let m = &want[0].conditions[1].message;
+        assert!(m.contains("mesh/nope") && m.contains("Bucket"), "{m}");
+    }
+
+    #[test]
+    fn merge_keeps_other_controllers_entries_and_drops_our_stale_ones() {
+        let s = spec("parentRefs: [{name: waypoint}]\n");
+        let want = desired_parents("HTTPRoute", "mesh", &s, Some(1), &parents());
+        let theirs = json!({"parentRef": {"name": "edge"}, "controllerName": "example.com/gw", "conditions": []});
+        let stale = json!({"parentRef": {"name": "old"}, "controllerName": AMBIT_CONTROLLER_NAME, "conditions": []});
+        let next = merge_parents(&[theirs.clone(), stale], &want, &json!("t0")).unwrap();
+        assert_eq!(next.len(), 2);
+        assert_eq!(next[0], theirs);
+        assert_eq!(next[1]["parentRef"], json!({"name": "waypoint"}));
+        assert_eq!(next[1]["controllerName"], AMBIT_CONTROLLER_NAME);
+        assert_eq!(next[1]["conditions"][0]["reason"], "UnsupportedValue");
+        assert_eq!(merge_parents(&next, &want, &json!("later")), None, "nothing changed");
+
+        // No parent of ours any more: our entry goes, theirs stays; none at all: nothing to write.
+        assert_eq!(merge_parents(&next, &[], &json!("later")), Some(vec![theirs.clone()]));
+        assert_eq!(merge_parents(&[theirs], &[], &json!("later")), None);
+    }
+
+    #[test]
+    fn a_new_generation_rewrites_the_entry_keeping_transition_times() {
+        let s = spec("parentRefs: [{name: waypoint}]\n");
+        let first = merge_parents(&[], &desired_parents("HTTPRoute", "mesh", &s, Some(1), &parents()), &json!("t0"));
+        let want2 = desired_parents("HTTPRoute", "mesh", &s, Some(2), &parents());
+        let second = merge_parents(&first.unwrap(), &want2, &json!("t1")).unwrap();
+        assert_eq!(second[0]["conditions"][0]["observedGeneration"], 2);
+        assert_eq!(second[0]["conditions"][0]["lastTransitionTime"], "t0");
+    }
+
+    #[test]
+    fn a_waypoint_gateway_entry_carries_its_class_controller_name() {
+        assert_eq!(Parents::waypoint_controller("istio-waypoint", None), Some("istio.io/mesh-controller"));
+        assert_eq!(
+            Parents::waypoint_controller("istio-waypoint", Some(AMBIT_CONTROLLER_NAME)),
+            Some(AMBIT_CONTROLLER_NAME)
+        );
+        assert_eq!(Parents::waypoint_controller("ambit-waypoint", Some("example.com/x")), Some(AMBIT_CONTROLLER_NAME));
+        assert_eq!(Parents::waypoint_controller("istio", None), None);
+    }
+
+    #[test]
+    fn waypoint_classes_of_our_controllers_are_accepted_and_others_left_alone() {
+        let c = class_conditions("ambit-waypoint", AMBIT_CONTROLLER_NAME, Some(4)).unwrap();
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted")]);
+        assert_eq!(c[0].generation, Some(4));
+        let c = class_conditions("istio-waypoint", "istio.io/mesh-controller", None).unwrap();
+        assert_eq!(c[0].status, "True");
+        let c = class_conditions("ambit-gateway", AMBIT_CONTROLLER_NAME, None).unwrap();
+        assert_eq!(kinds(&c), [("Accepted", "False", "Unsupported")]);
+        assert_eq!(class_conditions("istio-waypoint", "example.com/other", None), None);
+        assert_eq!(class_conditions("istio", "istio.io/gateway-controller", None), None);
+        let written =
+            merge_class(&[], &class_conditions("ambit-waypoint", AMBIT_CONTROLLER_NAME, None).unwrap(), &json!("t"));
+        assert_eq!(written.unwrap()[0]["reason"], "Accepted");
+    }
+}

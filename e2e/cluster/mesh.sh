@@ -341,6 +341,11 @@ done
 check "probed ($probed_ip) captured: table inet ambit" pod_has_capture "$NODE_B" "$probed_ip"
 probed_ready() { [[ "$(k get pod -n "$NS" probed -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
 eventually "probed (TCP readiness probe, STRICT PeerAuthentication) Ready" 30 probed_ready
+# The control: without the node's SNAT the same probe is plaintext from the node into a STRICT pod, and fails.
+# (The agent installs the SNAT at start only: the agent restart below puts it back.)
+on_node "$NODE_B" nft delete table inet ambit-node
+probed_not_ready() { ! probed_ready; }
+eventually "without the probe SNAT on $NODE_B (table deleted) probed becomes NotReady: STRICT refuses the plaintext probe" 30 probed_not_ready
 
 # ---------------------------------------------------------------- enrollment of running pods
 
@@ -387,11 +392,12 @@ new_ztunnel() { local p; p="$(ztunnel_pod "$NODE_B")" && [[ -n "$p" && "$p" != "
 eventually "$NODE_B: ztunnel pod deleted, recreated and ready again" "$WAIT" new_ztunnel
 check "pods still captured after the ztunnel restart" all_captured
 eventually "traffic flows after the ztunnel restart" 30 reaches
-old="$(k get pods -n ambit-system -l app=ambit-node --field-selector "spec.nodeName=$NODE_A" -o jsonpath='{.items[0].metadata.name}')"
+old="$(k get pods -n ambit-system -l app=ambit-node --field-selector "spec.nodeName=$NODE_B" -o jsonpath='{.items[0].metadata.name}')"
 k delete pod -n ambit-system "$old" --wait=true --timeout=60s >/dev/null
-eventually "$NODE_A: agent pod restarted and ready again" "$WAIT" rolled_out ambit-node
+eventually "$NODE_B: agent pod restarted and ready again" "$WAIT" rolled_out ambit-node
 check "pods still captured after the agent restart" all_captured
 eventually "traffic flows after the agent restart" 30 reaches
+eventually "probed Ready again: the restarted agent reinstalled the probe SNAT" 30 probed_ready
 
 # ---------------------------------------------------------------- ztunnel rolling restart under load
 
@@ -428,8 +434,13 @@ k delete -k "$OVERLAY" --ignore-not-found --wait=true --timeout=120s >/dev/null 
 gone() { [[ -z "$(k get pods -n ambit-system -o name 2>/dev/null)" ]]; }
 eventually "ambit-system's pods gone after kubectl delete -k" "$WAIT" gone
 if ((installed == 2)); then
-  check "$NODE_A: conflists (and no plugin kubeconfig) byte for byte as before the install" test "$(conflists "$NODE_A")" == "$before_a"
-  check "$NODE_B: conflists (and no plugin kubeconfig) byte for byte as before the install" test "$(conflists "$NODE_B")" == "$before_b"
+  same_conflists() { # NODE BEFORE
+    local now
+    now="$(conflists "$1")"
+    [[ "$now" == "$2" ]] || { diff <(echo "$2") <(echo "$now") >&2 || true; return 1; }
+  }
+  check "$NODE_A: conflists (and no plugin kubeconfig) byte for byte as before the install" same_conflists "$NODE_A" "$before_a"
+  check "$NODE_B: conflists (and no plugin kubeconfig) byte for byte as before the install" same_conflists "$NODE_B" "$before_b"
   for n in "$NODE_A" "$NODE_B"; do
     check "$n: /opt/cni/bin/ambit-cni removed" on_node "$n" test ! -e /opt/cni/bin/ambit-cni
     check "$n: node table inet ambit-node removed" on_node "$n" sh -c '! nft list table inet ambit-node >/dev/null 2>&1'

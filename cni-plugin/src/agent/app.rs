@@ -129,7 +129,12 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
 
     let installer = Arc::new(Installer::new(install_config(&args)));
     let installed = Arc::new(AtomicBool::new(false));
-    let install_task = tokio::spawn(keep_installed(installer.clone(), args.kubeconfig.clone(), installed.clone()));
+    // Held by every ensure() and by the uninstall; true once stopping. Aborting the install task does not stop an
+    // ensure() already running on a blocking thread, which could otherwise write the entry, the kubeconfig or the
+    // backup again after (or while) the uninstall removes them.
+    let stopping = Arc::new(std::sync::Mutex::new(false));
+    let install_task =
+        tokio::spawn(keep_installed(installer.clone(), args.kubeconfig.clone(), installed.clone(), stopping.clone()));
     let ready = installed.clone();
     let readiness_task = tokio::spawn(ambit_telemetry::serve(readiness, move |req| {
         use http::StatusCode;
@@ -153,11 +158,14 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     install_task.abort();
     readiness_task.abort();
     plugin_task.abort();
-    let _ = install_task.await; // no ensure() may run after the uninstall
+    let _ = install_task.await;
     if let Some(t) = snat_task {
         t.abort();
         let _ = t.await;
     }
+    // Waits for an ensure() in progress; none starts after this.
+    let mut stopped = stopping.lock().unwrap_or_else(|e| e.into_inner());
+    *stopped = true;
     if args.uninstall_on_exit {
         installer.uninstall()?;
         tracing::info!("CNI plugin uninstalled");
@@ -168,6 +176,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
             }
         }
     }
+    drop(stopped);
     Ok(())
 }
 
@@ -234,12 +243,22 @@ fn install_config(args: &Args) -> InstallConfig {
 
 /// Installs the plugin and repairs it for ever; `installed` says whether it
 /// is in place now.
-async fn keep_installed(installer: Arc<Installer>, kubeconfig: Option<PathBuf>, installed: Arc<AtomicBool>) {
+async fn keep_installed(
+    installer: Arc<Installer>,
+    kubeconfig: Option<PathBuf>,
+    installed: Arc<AtomicBool>,
+    stopping: Arc<std::sync::Mutex<bool>>,
+) {
     let mut last_error = None::<String>;
     loop {
         let kc = kubeconfig.clone();
         let i = installer.clone();
+        let stop = stopping.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopped {
+                return Err("stopping".to_string());
+            }
             let text = plugin_kubeconfig(kc.as_deref())?;
             i.ensure(&text).map_err(|e| e.to_string())
         })

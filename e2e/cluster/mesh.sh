@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Ambit on a real cluster, end to end: build the images, load them on the nodes, install the manifests (the
 # overlay e2e/cluster/overlay/, which only renames the images; on the project's cluster overlay-nodns/, which
-# also stands in for the cluster DNS it lacks), wait for the controller, ztunnel and the node
-# agent on both nodes, label a namespace ambient, run a server on one node and a client on the other, check that
-# the client reaches the server through both ztunnels (their istio_tcp_connections_opened_total), then uninstall
-# and check that the nodes' CNI conflists are as before and no pod network namespace keeps an `inet ambit` table.
+# also stands in for the cluster DNS it lacks), wait for the controller, ztunnel and the node agent on both nodes;
+# in an ambient namespace with STRICT mTLS, check capture at pod start, a client on one node reaching a server on
+# the other through both ztunnels (mutual_tls in their metrics, the client's own IP at the server), kubelet probes
+# (the agent's probe SNAT, with a control), running pods enrolled and released by labelling their namespace
+# (dataplane-mode=none left alone), an L4 DENY, ztunnel and agent restarts, a ztunnel rollout restart under load;
+# then uninstall (namespace unlabelled first) and check that the nodes' CNI conf dirs are as before and no pod
+# network namespace keeps an `inet ambit` table. Each phase's time is logged. See e2e/cluster/README.md.
 #
 #   e2e/cluster/mesh.sh cluster DIR          the two-node cluster of e2e/cluster/up.sh; brought up (and torn down
 #                                            at the end) if DIR holds none, else used as it is and left up
 #   e2e/cluster/mesh.sh kind KUBECONFIG      a kind cluster (e2e/kind/run.sh); KIND_CLUSTER names it (default ambit)
 #
 # Every check runs; each failure is reported with FAIL and the exit status is 1 if any failed. Nothing is skipped
-# silently: a check that cannot pass yet (a binary not written yet, see e2e/cluster/README.md) fails.
+# silently: a check that cannot run (e.g. the agent not up) fails.
 # Environment: AMBIT_IMAGES_ALLOW_MISSING=1 is passed to scripts/build-images.sh (go on without an image whose
 # binary is not in the workspace; the checks that need it then fail). MESH_IMAGES_DIR: where the image tars go.
 set -euo pipefail

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Ambit on a real cluster, end to end: build the images, load them on the nodes, install the manifests (the
 # overlay e2e/cluster/overlay/, which only renames the images; on the project's cluster overlay-nodns/, which
-# also stands in for the cluster DNS it lacks), wait for the controller, ztunnel and the node
-# agent on both nodes, label a namespace ambient, run a server on one node and a client on the other, check that
-# the client reaches the server through both ztunnels (their istio_tcp_connections_opened_total), then uninstall
-# and check that the nodes' CNI conflists are as before and no pod network namespace keeps an `inet ambit` table.
+# also stands in for the cluster DNS it lacks), wait for the controller, ztunnel and the node agent on both nodes;
+# in an ambient namespace with STRICT mTLS, check capture at pod start, a client on one node reaching a server on
+# the other through both ztunnels (mutual_tls in their metrics, the client's own IP at the server), kubelet probes
+# (the agent's probe SNAT, with a control), running pods enrolled and released by labelling their namespace
+# (dataplane-mode=none left alone), an L4 DENY, ztunnel and agent restarts, a ztunnel rollout restart under load;
+# then uninstall (namespace unlabelled first) and check that the nodes' CNI conf dirs are as before and no pod
+# network namespace keeps an `inet ambit` table. Each phase's time is logged. See e2e/cluster/README.md.
 #
 #   e2e/cluster/mesh.sh cluster DIR          the two-node cluster of e2e/cluster/up.sh; brought up (and torn down
 #                                            at the end) if DIR holds none, else used as it is and left up
 #   e2e/cluster/mesh.sh kind KUBECONFIG      a kind cluster (e2e/kind/run.sh); KIND_CLUSTER names it (default ambit)
 #
 # Every check runs; each failure is reported with FAIL and the exit status is 1 if any failed. Nothing is skipped
-# silently: a check that cannot pass yet (a binary not written yet, see e2e/cluster/README.md) fails.
+# silently: a check that cannot run (e.g. the agent not up) fails.
 # Environment: AMBIT_IMAGES_ALLOW_MISSING=1 is passed to scripts/build-images.sh (go on without an image whose
 # binary is not in the workspace; the checks that need it then fail). MESH_IMAGES_DIR: where the image tars go.
 set -euo pipefail
@@ -26,6 +29,14 @@ OVERLAY="$CLUSTER_DIR_SRC/overlay"   # the cluster provider: overlay-nodns (no c
 WAIT="${MESH_WAIT_SECONDS:-90}"
 
 failures=()
+phase_t=$SECONDS
+phases=()
+# phase NAME: ends the running phase (its time is logged and summed up at the end) and starts NAME.
+phase() {
+  phases+=("${phase_name:-setup} $((SECONDS - phase_t))s")
+  log "---- $1 (${phase_name:-setup} took $((SECONDS - phase_t))s)"
+  phase_name="$1" phase_t=$SECONDS
+}
 fail() { log "FAIL: $*"; failures+=("$*"); }
 ok() { log "ok: $*"; }
 # check WHAT CMD...: CMD once; ok or FAIL.
@@ -57,6 +68,13 @@ case "$provider" in
     }
     on_node() { local n="$1"; shift; nsenter --net="/run/netns/$(node_netns "$n")" --mount="$(node_mntns_pin "$n")" -- "$@"; }
     finish_provider() { ((brought_up == 0)) || "$CLUSTER_DIR_SRC/down.sh" "$CLUSTER_DIR"; }
+    # This cluster has no node IPAM: give each Node the range its conflist hands out, as a cloud's or kubeadm's
+    # Node has it (the agent reads spec.podCIDRs for the kubelet-probe SNAT). Settable once; kept if already set.
+    for n in "${NODES[@]}"; do
+      [[ -n "$("${KUBECTL[@]}" get node "$n" -o jsonpath='{.spec.podCIDR}')" ]] ||
+        "${KUBECTL[@]}" patch node "$n" --type merge \
+          -p "{\"spec\":{\"podCIDR\":\"$(node_pod_cidr "$n")\",\"podCIDRs\":[\"$(node_pod_cidr "$n")\"]}}" >/dev/null
+    done
     IMAGES_DIR="${MESH_IMAGES_DIR:-$CLUSTER_DIR/images}"
     ;;
   kind)
@@ -109,6 +127,7 @@ pod_has_capture() {
 
 # ---------------------------------------------------------------- images and install
 
+phase images
 log "building images into $IMAGES_DIR"
 mkdir -p "$IMAGES_DIR"
 "$REPO_DIR/scripts/build-images.sh" "$IMAGES_DIR"
@@ -140,6 +159,7 @@ ok "kubectl apply --server-side -k $OVERLAY"
 
 # ---------------------------------------------------------------- control and data plane up
 
+phase "control and data plane up"
 controller_available() {
   [[ "$(k get deploy -n ambit-system ambit-controller -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" == True ]]
 }
@@ -185,12 +205,33 @@ done
 
 # ---------------------------------------------------------------- traffic through the mesh
 
+phase "traffic through the mesh"
+# mesh-test (ambient): server on NODE_B, client on NODE_A (service account `client`, for the AuthorizationPolicy),
+# STRICT mTLS, and `probed` with a TCP readiness probe (the kubelet's probe needs the node's probe SNAT then).
+# mesh-late (not labelled yet): `late` and `optout` (istio.io/dataplane-mode=none), both running before the label.
+# The server answers with the first line "hello from server", then its view of the connection (netstat), so the
+# client sees which source address the server saw.
 k apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Namespace
 metadata:
   name: $NS
   labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: mesh-late
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: $NS}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: $NS}
+spec:
+  mtls: {mode: STRICT}
 ---
 apiVersion: v1
 kind: Pod
@@ -203,13 +244,14 @@ spec:
   - name: server
     image: $TEST_IMAGE
     imagePullPolicy: IfNotPresent
-    command: [sh, -c, 'exec nc -ll -p 8080 -e /bin/echo "hello from server"']
+    command: [nc, -ll, -p, "8080", -e, /bin/sh, -c, 'echo hello from server; netstat -tn | grep ":8080 "']
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: $NS, labels: {app: client}}
 spec:
   nodeName: $NODE_A
+  serviceAccountName: client
   terminationGracePeriodSeconds: 1
   tolerations: [{operator: Exists}]
   containers:
@@ -217,47 +259,194 @@ spec:
     image: $TEST_IMAGE
     imagePullPolicy: IfNotPresent
     command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: probed, namespace: $NS, labels: {app: probed}}
+spec:
+  nodeName: $NODE_B
+  terminationGracePeriodSeconds: 1
+  tolerations: [{operator: Exists}]
+  containers:
+  - name: probed
+    image: $TEST_IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [nc, -ll, -p, "8081", -e, /bin/echo, probed]
+    readinessProbe:
+      tcpSocket: {port: 8081}
+      periodSeconds: 2
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: mesh-late}
+spec:
+  nodeName: $NODE_A
+  terminationGracePeriodSeconds: 1
+  tolerations: [{operator: Exists}]
+  containers:
+  - {name: late, image: $TEST_IMAGE, imagePullPolicy: IfNotPresent, command: [sleep, "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout, namespace: mesh-late, labels: {istio.io/dataplane-mode: none}}
+spec:
+  nodeName: $NODE_A
+  terminationGracePeriodSeconds: 1
+  tolerations: [{operator: Exists}]
+  containers:
+  - {name: optout, image: $TEST_IMAGE, imagePullPolicy: IfNotPresent, command: [sleep, "3600"]}
 EOF
-ok "namespace $NS labelled istio.io/dataplane-mode=ambient; server on $NODE_B, client on $NODE_A"
-pods_running() {
-  [[ "$(k get pods -n "$NS" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Running$')" == 2 ]]
+ok "namespace $NS labelled istio.io/dataplane-mode=ambient (STRICT PeerAuthentication); server and probed on $NODE_B, client on $NODE_A; mesh-late not labelled"
+pods_running() { # NAMESPACE COUNT
+  [[ "$(k get pods -n "$1" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Running$')" == "$2" ]]
 }
-eventually "server and client Running" "$WAIT" pods_running
-server_ip="$(k get pod -n "$NS" server -o jsonpath='{.status.podIP}')"
-client_ip="$(k get pod -n "$NS" client -o jsonpath='{.status.podIP}')"
+eventually "server, client, probed Running" "$WAIT" pods_running "$NS" 3
+eventually "late, optout Running" "$WAIT" pods_running mesh-late 2
+pod_ip() { k get pod -n "$1" "$2" -o jsonpath='{.status.podIP}'; }
+server_ip="$(pod_ip "$NS" server)"
+client_ip="$(pod_ip "$NS" client)"
+probed_ip="$(pod_ip "$NS" probed)"
 
-check "server pod ($server_ip) has the capture table inet ambit" pod_has_capture "$NODE_B" "$server_ip"
-check "client pod ($client_ip) has the capture table inet ambit" pod_has_capture "$NODE_A" "$client_ip"
+check "server pod ($server_ip) captured at start: table inet ambit" pod_has_capture "$NODE_B" "$server_ip"
+check "client pod ($client_ip) captured at start: table inet ambit" pod_has_capture "$NODE_A" "$client_ip"
 
-# Metric lines of the ztunnel on NODE for connections from the client to the server, summed, as reporter.
+# Metric lines of the ztunnel on NODE for mutual-TLS connections from the client to the server, summed, as reporter.
 opened() { # NODE REPORTER
   local p
   p="$(ztunnel_pod "$1")" && [[ -n "$p" ]] || { echo 0; return; }
   { k get --raw "/api/v1/namespaces/ambit-system/pods/$p:15020/proxy/metrics" 2>/dev/null || true; } \
     | awk -v r="{reporter=\"$2\"" -v s="source_workload_namespace=\"$NS\"" -v d="destination_workload_namespace=\"$NS\"" \
-      'index($0, "istio_tcp_connections_opened_total" r) == 1 && index($0, s) && index($0, d) { n += $NF } END { print n + 0 }'
+      -v m='connection_security_policy="mutual_tls"' \
+      'index($0, "istio_tcp_connections_opened_total" r) == 1 && index($0, s) && index($0, d) && index($0, m) { n += $NF } END { print n + 0 }'
 }
 src_before="$(opened "$NODE_A" source)"
 dst_before="$(opened "$NODE_B" destination)"
-reaches() { [[ "$(k exec -n "$NS" client -- nc -w 3 "$server_ip" 8080 </dev/null)" == "hello from server" ]]; }
+answer=""
+reaches() { answer="$(k exec -n "$NS" client -- nc -w 3 "$server_ip" 8080 </dev/null 2>&1)"; [[ "${answer%%$'\n'*}" == "hello from server" ]]; }
 eventually "client ($NODE_A) reaches server ($NODE_B) on $server_ip:8080" 30 reaches
+check "the server saw the client's pod IP $client_ip as the source: $(grep -o "$client_ip:[0-9]*" <<<"$answer" | head -1)" \
+  grep -q " $client_ip:[0-9]* " <<<"$answer"
 counted() { (("$(opened "$NODE_A" source)" > src_before && "$(opened "$NODE_B" destination)" > dst_before)); }
 if wait_until "metrics" 15 counted; then
-  ok "ztunnel metrics count it: $NODE_A reporter=source $src_before -> $(opened "$NODE_A" source), $NODE_B reporter=destination $dst_before -> $(opened "$NODE_B" destination)"
+  ok "ztunnel metrics count it as mutual_tls: $NODE_A reporter=source $src_before -> $(opened "$NODE_A" source), $NODE_B reporter=destination $dst_before -> $(opened "$NODE_B" destination)"
 else
-  fail "ztunnel metrics do not count the connection (istio_tcp_connections_opened_total: $NODE_A source $src_before -> $(opened "$NODE_A" source), $NODE_B destination $dst_before -> $(opened "$NODE_B" destination))"
+  fail "ztunnel metrics do not count a mutual_tls connection (istio_tcp_connections_opened_total: $NODE_A source $src_before -> $(opened "$NODE_A" source), $NODE_B destination $dst_before -> $(opened "$NODE_B" destination))"
+fi
+
+# ---------------------------------------------------------------- kubelet probes under STRICT mTLS
+
+phase "kubelet probes under STRICT"
+for n in "$NODE_A" "$NODE_B"; do
+  check "$n: the agent installed the probe SNAT (table inet ambit-node, $(node_pod_cidr "$n" 2>/dev/null || echo '?'))" \
+    on_node "$n" sh -c 'nft list table inet ambit-node | grep -q "snat ip to 169.254.7.127"'
+done
+check "probed ($probed_ip) captured: table inet ambit" pod_has_capture "$NODE_B" "$probed_ip"
+probed_ready() { [[ "$(k get pod -n "$NS" probed -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
+eventually "probed (TCP readiness probe, STRICT PeerAuthentication) Ready" 30 probed_ready
+# The control: without the node's SNAT the same probe is plaintext from the node into a STRICT pod, and fails.
+# (The agent installs the SNAT at start only: the agent restart below puts it back.)
+on_node "$NODE_B" nft delete table inet ambit-node
+probed_not_ready() { ! probed_ready; }
+eventually "without the probe SNAT on $NODE_B (table deleted) probed becomes NotReady: STRICT refuses the plaintext probe" 30 probed_not_ready
+
+# ---------------------------------------------------------------- enrollment of running pods
+
+phase "enroll running pods"
+late_ip="$(pod_ip mesh-late late)"
+optout_ip="$(pod_ip mesh-late optout)"
+no_capture() { ! pod_has_capture "$@"; }
+check "late ($late_ip) not captured before its namespace is labelled" no_capture "$NODE_A" "$late_ip"
+k label namespace mesh-late istio.io/dataplane-mode=ambient >/dev/null
+eventually "late enrolled without restart once mesh-late is labelled ambient (table inet ambit)" 30 pod_has_capture "$NODE_A" "$late_ip"
+check "optout (istio.io/dataplane-mode=none) left alone" no_capture "$NODE_A" "$optout_ip"
+late_restarts="$(k get pod -n mesh-late late -o jsonpath='{.status.containerStatuses[0].restartCount}')"
+check "late not restarted (restartCount $late_restarts)" test "$late_restarts" == 0
+k label namespace mesh-late istio.io/dataplane-mode- >/dev/null
+eventually "late released when the label is removed (table gone)" 30 no_capture "$NODE_A" "$late_ip"
+
+# ---------------------------------------------------------------- L4 authorization
+
+phase "L4 AuthorizationPolicy"
+refused() { local a; a="$(k exec -n "$NS" client -- nc -w 3 "$server_ip" 8080 </dev/null 2>&1)"; [[ "${a%%$'\n'*}" != "hello from server" ]]; }
+k apply -f - >/dev/null <<EOF
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: $NS}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/$NS/sa/client"]}}]
+EOF
+eventually "DENY by principal cluster.local/ns/$NS/sa/client: the client is refused" 30 refused
+k delete authorizationpolicy -n "$NS" deny-client >/dev/null
+eventually "policy deleted: the client reaches the server again" 30 reaches
+
+# ---------------------------------------------------------------- ztunnel and agent restarts
+
+phase "ztunnel and agent restarts"
+all_captured() {
+  pod_has_capture "$NODE_A" "$client_ip" && pod_has_capture "$NODE_B" "$server_ip" && pod_has_capture "$NODE_B" "$probed_ip"
+}
+old="$(ztunnel_pod "$NODE_B")"
+k delete pod -n ambit-system "$old" --wait=false >/dev/null
+new_ztunnel() { local p; p="$(ztunnel_pod "$NODE_B")" && [[ -n "$p" && "$p" != "$old" ]] && rolled_out ztunnel; }
+eventually "$NODE_B: ztunnel pod deleted, recreated and ready again" "$WAIT" new_ztunnel
+check "pods still captured after the ztunnel restart" all_captured
+eventually "traffic flows after the ztunnel restart" 30 reaches
+old="$(k get pods -n ambit-system -l app=ambit-node --field-selector "spec.nodeName=$NODE_B" -o jsonpath='{.items[0].metadata.name}')"
+k delete pod -n ambit-system "$old" --wait=true --timeout=60s >/dev/null
+eventually "$NODE_B: agent pod restarted and ready again" "$WAIT" rolled_out ambit-node
+check "pods still captured after the agent restart" all_captured
+eventually "traffic flows after the agent restart" 30 reaches
+eventually "probed Ready again: the restarted agent reinstalled the probe SNAT" 30 probed_ready
+
+# ---------------------------------------------------------------- ztunnel rolling restart under load
+
+phase "ztunnel rollout restart under load"
+k exec -n "$NS" client -- sh -c "rm -f /tmp/ok /tmp/bad; i=0; while [ \$i -lt 400 ] && [ ! -e /tmp/stop ]; do
+    if [ \"\$(nc -w 3 $server_ip 8080 </dev/null | head -1)\" = 'hello from server' ]; then echo >>/tmp/ok; else echo >>/tmp/bad; fi
+    i=\$((i + 1)); sleep 0.1; done" >/dev/null 2>&1 &
+loop=$!
+sleep 2
+k rollout restart daemonset/ztunnel -n ambit-system >/dev/null
+if k rollout status daemonset/ztunnel -n ambit-system --timeout=120s >/dev/null; then ok "ztunnel rolled out again"; else fail "ztunnel rollout restart did not finish"; fi
+sleep 2
+k exec -n "$NS" client -- touch /tmp/stop
+wait "$loop" || true
+counts="$(k exec -n "$NS" client -- sh -c 'echo $(cat /tmp/ok 2>/dev/null | wc -l) $(cat /tmp/bad 2>/dev/null | wc -l)')"
+read -r n_ok n_bad <<<"$counts"
+if ((n_ok > 0 && n_bad == 0)); then
+  ok "connections during the ztunnel rollout: $n_ok succeeded, 0 failed"
+else
+  fail "connections during the ztunnel rollout: $n_ok succeeded, $n_bad failed"
 fi
 
 # ---------------------------------------------------------------- uninstall
 
+phase uninstall
+# Istio's documented order (and ours, README "Uninstall"): remove the dataplane-mode label first, so the agent
+# releases the pods (capture rules gone, ztunnel stops serving them), then delete the installation. The agent does
+# not release pods when it stops (a restart or upgrade must not drop them from the mesh); pods still labelled when
+# the agent is deleted keep their capture until they are restarted.
+k label namespace "$NS" istio.io/dataplane-mode- >/dev/null
+released() { no_capture "$NODE_A" "$client_ip" && no_capture "$NODE_B" "$server_ip" && no_capture "$NODE_B" "$probed_ip"; }
+eventually "$NS unlabelled: client, server, probed released (no inet ambit table)" 30 released
 k delete -k "$OVERLAY" --ignore-not-found --wait=true --timeout=120s >/dev/null || fail "kubectl delete -k $OVERLAY"
 gone() { [[ -z "$(k get pods -n ambit-system -o name 2>/dev/null)" ]]; }
 eventually "ambit-system's pods gone after kubectl delete -k" "$WAIT" gone
 if ((installed == 2)); then
-  check "$NODE_A: conflists as before the install" test "$(conflists "$NODE_A")" == "$before_a"
-  check "$NODE_B: conflists as before the install" test "$(conflists "$NODE_B")" == "$before_b"
+  same_conflists() { # NODE BEFORE
+    local now
+    now="$(conflists "$1")"
+    [[ "$now" == "$2" ]] || { diff <(echo "$2") <(echo "$now") >&2 || true; return 1; }
+  }
+  check "$NODE_A: conflists (and no plugin kubeconfig) byte for byte as before the install" same_conflists "$NODE_A" "$before_a"
+  check "$NODE_B: conflists (and no plugin kubeconfig) byte for byte as before the install" same_conflists "$NODE_B" "$before_b"
   for n in "$NODE_A" "$NODE_B"; do
     check "$n: /opt/cni/bin/ambit-cni removed" on_node "$n" test ! -e /opt/cni/bin/ambit-cni
+    check "$n: node table inet ambit-node removed" on_node "$n" sh -c '! nft list table inet ambit-node >/dev/null 2>&1'
   done
 else
   fail "uninstall not checked: the plugin was never installed on both nodes, so conflists 'as before' would prove nothing"
@@ -274,10 +463,12 @@ for n in "$NODE_A" "$NODE_B"; do
     fail "$n: no inet ambit table left, but none was ever installed: not a check"
   fi
 done
-k delete namespace "$NS" --wait=false >/dev/null
+k delete namespace "$NS" mesh-late --wait=false >/dev/null
+phase done
 
 # ---------------------------------------------------------------- summary
 
+log "phases: $(IFS=';'; echo "${phases[*]:1}")"
 if ((${#failures[@]})); then
   log "mesh.sh ($provider): ${#failures[@]} check(s) FAILED after $((SECONDS - t0))s:"
   printf '  - %s\n' "${failures[@]}" >&2

@@ -51,6 +51,10 @@ pub struct Args {
     /// the lexically first *.conflist or *.conf, and its kubeconfig written.
     #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+    /// The CNI conf dir as the node (the container runtime running the
+    /// plugin) sees it: the plugin's entry names its kubeconfig there.
+    #[arg(long, env = "AMBIT_HOST_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub host_cni_conf_dir: PathBuf,
     /// The plugin binary in the agent's image, copied to --cni-bin-dir.
     #[arg(long, env = "AMBIT_CNI_PLUGIN_BINARY", default_value = "/usr/local/bin/ambit-cni")]
     pub cni_plugin_binary: PathBuf,
@@ -67,6 +71,15 @@ pub struct Args {
     /// the next agent enrolls them when it reconciles.
     #[arg(long, env = "AMBIT_UNINSTALL_ON_EXIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub uninstall_on_exit: bool,
+    /// Install the kubelet-probe SNAT (table `inet ambit-node`) in the node's
+    /// network namespace, so probes reach enrolled pods under STRICT mTLS;
+    /// removed on exit together with the plugin (`--uninstall-on-exit`).
+    #[arg(long, env = "AMBIT_NODE_PROBE_SNAT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_probe_snat: bool,
+    /// The node's pod CIDRs for the probe SNAT, comma-separated. Default: the
+    /// Node's spec.podCIDRs (spec.podCIDR), read from the API server.
+    #[arg(long, env = "AMBIT_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
     /// Kubeconfig of the agent (and, copied, of the plugin). Default: the
     /// in-cluster service account.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
@@ -116,7 +129,12 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
 
     let installer = Arc::new(Installer::new(install_config(&args)));
     let installed = Arc::new(AtomicBool::new(false));
-    let install_task = tokio::spawn(keep_installed(installer.clone(), args.kubeconfig.clone(), installed.clone()));
+    // Held by every ensure() and by the uninstall; true once stopping. Aborting the install task does not stop an
+    // ensure() already running on a blocking thread, which could otherwise write the entry, the kubeconfig or the
+    // backup again after (or while) the uninstall removes them.
+    let stopping = Arc::new(std::sync::Mutex::new(false));
+    let install_task =
+        tokio::spawn(keep_installed(installer.clone(), args.kubeconfig.clone(), installed.clone(), stopping.clone()));
     let ready = installed.clone();
     let readiness_task = tokio::spawn(ambit_telemetry::serve(readiness, move |req| {
         use http::StatusCode;
@@ -128,6 +146,9 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
             _ => ambit_telemetry::text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }));
+    let snat_task = args
+        .node_probe_snat
+        .then(|| tokio::spawn(keep_probe_snat(client.clone(), args.node_name.clone(), args.pod_cidrs.clone())));
     let watch_task = tokio::spawn(super::kube::run(client, args.node_name.clone(), enroller.clone(), "/proc".into()));
     tracing::info!(node = %args.node_name, "node agent started");
 
@@ -137,18 +158,80 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     install_task.abort();
     readiness_task.abort();
     plugin_task.abort();
-    let _ = install_task.await; // no ensure() may run after the uninstall
+    let _ = install_task.await;
+    if let Some(t) = snat_task {
+        t.abort();
+        let _ = t.await;
+    }
+    // Waits for an ensure() in progress; none starts after this.
+    let mut stopped = stopping.lock().unwrap_or_else(|e| e.into_inner());
+    *stopped = true;
     if args.uninstall_on_exit {
         installer.uninstall()?;
         tracing::info!("CNI plugin uninstalled");
+        if args.node_probe_snat {
+            match crate::capture::uninstall_node_probe_snat(&own_netns()) {
+                Ok(()) => tracing::info!("node probe SNAT removed"),
+                Err(e) => tracing::warn!(error = %e, "cannot remove the node probe SNAT"),
+            }
+        }
     }
+    drop(stopped);
     Ok(())
+}
+
+/// The agent's own network namespace: the node's (the agent is hostNetwork).
+fn own_netns() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/ns/net", std::process::id()))
+}
+
+/// Installs the kubelet-probe SNAT for the node's pod CIDRs (`cidrs`, else
+/// the Node's spec.podCIDRs), retrying until it is in place.
+async fn keep_probe_snat(client: kube::Client, node: String, cidrs: Vec<ipnet::IpNet>) {
+    let mut delay = Duration::from_secs(1);
+    let mut last_error = None::<String>;
+    loop {
+        let found = if cidrs.is_empty() { node_pod_cidrs(&client, &node).await } else { Ok(cidrs.clone()) };
+        let result = match found {
+            Ok(c) if c.is_empty() => Err(format!("Node {node} has no spec.podCIDRs (pass --pod-cidrs)")),
+            Ok(c) => tokio::task::spawn_blocking(move || {
+                let snat = crate::capture::NodeProbeSnat::new(c);
+                crate::capture::install_node_probe_snat(&own_netns(), &snat).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("bug: probe SNAT panicked: {e}"))),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(problem = %e, "node probe SNAT not installed; kubelet probes of enrolled pods may fail under STRICT mTLS");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The Node's spec.podCIDRs, else its spec.podCIDR.
+async fn node_pod_cidrs(client: &kube::Client, node: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let n = api.get(node).await.map_err(|e| format!("get Node {node}: {e}"))?;
+    let spec = n.spec.unwrap_or_default();
+    let mut texts = spec.pod_cidrs.unwrap_or_default();
+    if texts.is_empty() {
+        texts.extend(spec.pod_cidr);
+    }
+    texts.iter().map(|t| t.parse().map_err(|e| format!("Node {node}: pod CIDR {t:?}: {e}"))).collect()
 }
 
 fn install_config(args: &Args) -> InstallConfig {
     let mut fields = Map::new();
     fields.insert("agent_socket".into(), json!(args.cni_socket));
-    fields.insert("kubeconfig".into(), json!(args.cni_conf_dir.join(super::install::KUBECONFIG_FILE)));
+    fields.insert("kubeconfig".into(), json!(args.host_cni_conf_dir.join(super::install::KUBECONFIG_FILE)));
     InstallConfig {
         bin_dir: args.cni_bin_dir.clone(),
         conf_dir: args.cni_conf_dir.clone(),
@@ -160,12 +243,22 @@ fn install_config(args: &Args) -> InstallConfig {
 
 /// Installs the plugin and repairs it for ever; `installed` says whether it
 /// is in place now.
-async fn keep_installed(installer: Arc<Installer>, kubeconfig: Option<PathBuf>, installed: Arc<AtomicBool>) {
+async fn keep_installed(
+    installer: Arc<Installer>,
+    kubeconfig: Option<PathBuf>,
+    installed: Arc<AtomicBool>,
+    stopping: Arc<std::sync::Mutex<bool>>,
+) {
     let mut last_error = None::<String>;
     loop {
         let kc = kubeconfig.clone();
         let i = installer.clone();
+        let stop = stopping.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopped {
+                return Err("stopping".to_string());
+            }
             let text = plugin_kubeconfig(kc.as_deref())?;
             i.ensure(&text).map_err(|e| e.to_string())
         })
@@ -245,6 +338,15 @@ mod tests {
         assert_eq!(a.readiness_addr.port(), 15022);
         assert!(a.uninstall_on_exit);
         assert_eq!(a.cni_conf_dir, Path::new("/etc/cni/net.d"));
+        assert!(a.node_probe_snat && a.pod_cidrs.is_empty());
+        let a =
+            Args::try_parse_from(["ambit-node-agent", "--node-name", "n1", "--pod-cidrs", "10.244.1.0/24,fd00::/64"])
+                .unwrap();
+        assert_eq!(a.pod_cidrs.len(), 2);
+        let a =
+            Args::try_parse_from(["ambit-node-agent", "--node-name", "n1", "--cni-conf-dir", "/host/etc/cni/net.d"])
+                .unwrap();
+        assert_eq!(install_config(&a).plugin_fields["kubeconfig"], "/etc/cni/net.d/ambit-cni-kubeconfig");
         let a =
             Args::try_parse_from(["ambit-node-agent", "--node-name", "n1", "--uninstall-on-exit", "false"]).unwrap();
         assert!(!a.uninstall_on_exit);

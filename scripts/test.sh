@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, in-process tests (real TLS, gRPC, ZDS
 # sockets), the network-namespace lab (real netns, nftables, the real
-# ztunnel and controller binaries), and the smoke test of the real
-# kube-apiserver + etcd built for the controller's Kubernetes tests.
+# ztunnel and controller binaries), the smoke test of the real
+# kube-apiserver + etcd built for the controller's Kubernetes tests, and a
+# real two-node kubelet cluster with Ambit installed on it.
 # Needs root; with CI set, tests that need root fail instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,10 @@ e2e/kube/smoke.sh
 # A real two-node Kubernetes cluster (kubelet + containerd per node, the
 # reference CNI plugins), up and down, leaving the machine as it was.
 e2e/cluster/smoke.sh
+
+# Ambit on that cluster, as a user installs it: the images (from the binaries
+# built above), the manifests, the node agent and CNI plugin; capture at pod
+# start, mTLS, probes under STRICT, running pods enrolled, an L4 policy,
+# ztunnel and agent restarts, a rolling ztunnel restart under load, and an
+# uninstall that leaves the nodes as they were.
+AMBIT_NO_CARGO_BUILD=1 e2e/cluster/mesh.sh cluster "$(mktemp -d /tmp/ambit-mesh.XXXXXX)"

@@ -539,8 +539,11 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     assert_eq!(agent["securityContext"]["privileged"], true);
     let agent_args = args(&agent);
     assert_eq!(flag(&agent_args, "node-name"), "$(NODE_NAME)");
-    let node_env = agent["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap().clone();
-    assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let agent_env = |name: &str| agent["env"].as_sequence().unwrap().iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(agent_env("NODE_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    // A stopping agent removes the plugin only when its own DaemonSet is going away.
+    assert_eq!(agent_env("POD_NAMESPACE").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(agent_env("AMBIT_OWNER_DAEMONSET").unwrap()["value"], "$(POD_NAMESPACE)/ambit-node");
     let ready_port: i64 = flag(&agent_args, "readiness-addr").rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(agent["readinessProbe"]["httpGet"]["port"], ready_port);
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/healthz/ready");

@@ -189,6 +189,24 @@ async fn watch_driver_enrolls_and_releases_pods_as_labels_change_and_reconciles_
     run.abort();
 }
 
+/// Stands for the agent's DaemonSet: while it exists, a stopping agent leaves
+/// the plugin installed.
+const OWNER_DAEMONSET: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: ambit-system}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: ambit-node, namespace: ambit-system}
+spec:
+  selector: {matchLabels: {app: ambit-node}}
+  template:
+    metadata: {labels: {app: ambit-node}}
+    spec:
+      nodeSelector: {no-such-node: \"true\"}
+      containers: [{name: agent, image: ambit.local/node-agent:dev}]
+";
+
 /// The `ambit-node-agent` binary with the real enroller and a real ztunnel
 /// (state-file mode, in a namespace of its own) on its ZDS socket.
 struct Agent {
@@ -321,10 +339,14 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
         &readiness,
         "--kubeconfig",
         &cluster.kubeconfig().display().to_string(),
+        "--owner-daemonset",
+        "ambit-system/ambit-node",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The agent's own DaemonSet, which tells its exits apart (restart or uninstall).
+    cluster.apply(OWNER_DAEMONSET).unwrap();
     let mut agent = Agent::start(args, dir.join("agent.log"));
 
     let mut zt_args = ZtunnelArgs::for_node(&lab, node);
@@ -369,10 +391,11 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"]).unwrap();
     wait_sync("web enrolled", || captured() && held(&zt));
 
-    // SIGTERM: the plugin goes, byte for byte; the pod stays captured and held.
+    // SIGTERM while the agent's DaemonSet stands (a restart): the plugin stays
+    // for the next agent, and the pod stays captured and held.
     assert!(agent.stop().success(), "agent exit; log:\n{}", agent.log_text());
-    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), PRIMARY);
-    assert!(!dir.join("bin/ambit-cni").exists() && !dir.join("conf/ambit-cni-kubeconfig").exists());
+    assert!(std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"), "{}", agent.log_text());
+    assert!(dir.join("bin/ambit-cni").exists() && dir.join("conf/ambit-cni-kubeconfig").exists());
     assert!(captured() && held(&zt), "a stopping agent must not release pods");
 
     // A new agent reconciles: the pod is enrolled again (repaired), and the plugin is back.
@@ -381,8 +404,12 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     wait_sync("reconcile repaired the capture", captured);
     assert!(held(&zt));
     assert!(agent.log_text().contains("reconciling"), "{}", agent.log_text());
-    wait_sync("plugin entry inserted again", || std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"));
-    assert!(agent.stop().success());
+    assert!(std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"));
+    // SIGTERM once the DaemonSet is deleted (an uninstall): the plugin goes, byte for byte.
+    cluster.kubectl(["delete", "daemonset", "ambit-node", "-n", "ambit-system", "--wait=false"]).unwrap();
+    assert!(agent.stop().success(), "agent exit; log:\n{}", agent.log_text());
     assert_eq!(std::fs::read_to_string(&conflist).unwrap(), PRIMARY);
+    assert!(!dir.join("bin/ambit-cni").exists() && !dir.join("conf/ambit-cni-kubeconfig").exists());
+    assert!(captured() && held(&zt), "a stopping agent must not release pods");
     drop(zt);
 }

@@ -5,7 +5,9 @@
 //! server (the CNI plugin calls it), the plugin installed on the node
 //! (from then on new pods call the plugin, which needs the two servers), then
 //! the Kubernetes watches. On SIGTERM the watches stop and the plugin is
-//! removed from the node (unless `--uninstall-on-exit=false`); enrolled pods
+//! removed from the node when this is an uninstall (`--uninstall-on-exit`,
+//! and, given `--owner-daemonset`, that DaemonSet gone or being deleted; see
+//! [`super::owner`]), else left for the next agent; enrolled pods
 //! are NOT released: their capture stays and ztunnel keeps serving them
 //! across an agent restart, and the next agent re-enrolls them.
 
@@ -20,6 +22,7 @@ use serde_json::{json, Map};
 
 use super::enroll::{EnrollConfig, EnrollError, Enroller};
 use super::install::{InstallConfig, InstallError, Installed, Installer};
+use super::owner::OwnerDaemonSet;
 use super::plugin_server::PluginServer;
 
 /// How often the plugin's installation is checked and repaired (the primary
@@ -66,11 +69,16 @@ pub struct Args {
     /// installed. Not 15021 (ztunnel's, on the same host network).
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15022")]
     pub readiness_addr: SocketAddr,
-    /// Remove the plugin (entry, binary, kubeconfig) on SIGTERM. While no agent
-    /// runs, new pods then start without capture instead of failing to start;
-    /// the next agent enrolls them when it reconciles.
+    /// Remove the plugin (entry, binary, kubeconfig) on SIGTERM; with
+    /// `--owner-daemonset`, only when that DaemonSet is gone or being deleted.
     #[arg(long, env = "AMBIT_UNINSTALL_ON_EXIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub uninstall_on_exit: bool,
+    /// The agent's own DaemonSet (`namespace/name`). While it stands, an exit
+    /// is a restart and the plugin stays: a mesh pod that starts meanwhile
+    /// waits (a retryable CNI error) instead of starting uncaptured. Unset:
+    /// every exit with `--uninstall-on-exit` removes the plugin.
+    #[arg(long, env = "AMBIT_OWNER_DAEMONSET")]
+    pub owner_daemonset: Option<OwnerDaemonSet>,
     /// Install the kubelet-probe SNAT (table `inet ambit-node`) in the node's
     /// network namespace, so probes reach enrolled pods under STRICT mTLS;
     /// removed on exit together with the plugin (`--uninstall-on-exit`).
@@ -149,7 +157,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     let snat_task = args
         .node_probe_snat
         .then(|| tokio::spawn(keep_probe_snat(client.clone(), args.node_name.clone(), args.pod_cidrs.clone())));
-    let watch_task = tokio::spawn(super::kube::run(client, args.node_name.clone(), enroller.clone(), "/proc".into()));
+    let watch_task =
+        tokio::spawn(super::kube::run(client.clone(), args.node_name.clone(), enroller.clone(), "/proc".into()));
     tracing::info!(node = %args.node_name, "node agent started");
 
     shutdown.await;
@@ -163,10 +172,18 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         t.abort();
         let _ = t.await;
     }
+    let uninstall = match (&args.owner_daemonset, args.uninstall_on_exit) {
+        (_, false) => false,
+        (None, true) => true,
+        (Some(owner), true) => owner.going_away(&client).await,
+    };
+    if !uninstall {
+        tracing::info!("the agent's DaemonSet stands: the plugin stays for the next agent");
+    }
     // Waits for an ensure() in progress; none starts after this.
     let mut stopped = stopping.lock().unwrap_or_else(|e| e.into_inner());
     *stopped = true;
-    if args.uninstall_on_exit {
+    if uninstall {
         installer.uninstall()?;
         tracing::info!("CNI plugin uninstalled");
         if args.node_probe_snat {

@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod install;
 pub mod kube;
 pub mod netns;
+pub mod owner;
 pub mod plugin_server;
 mod pod;
 pub mod protocol;

@@ -1,5 +1,6 @@
-//! Access logs: one line when a connection opens and one when it closes, at
-//! info level under the target `access`, with the fields Istio's ztunnel
+//! Access logs, as Istio's ztunnel writes them under the target `access`:
+//! one line when a connection closes at info level (warn when it failed),
+//! and one when it opens at debug level, with the fields Istio's ztunnel
 //! logs (`src.addr`, `src.workload`, `src.namespace`, `src.identity`,
 //! `dst.addr`, `dst.service`, `dst.workload`, `dst.namespace`,
 //! `dst.identity`, `direction`, `bytes_sent`, `bytes_recv`, `duration`,
@@ -9,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::{ConnectionLabels, FailureReason, Reporter};
 
@@ -29,10 +30,11 @@ pub(super) struct AccessLog {
 }
 
 impl AccessLog {
-    /// Logs the opening, returning what the closing line needs.
+    /// Logs the opening (debug, as Istio's ztunnel: at info a connection
+    /// costs one line), returning what the closing line needs.
     pub(super) fn open(ends: Ends, labels: &ConnectionLabels) -> Self {
         let l = labels;
-        info!(
+        debug!(
             target: "access",
             direction = direction(l.reporter), "src.addr" = %ends.src, "src.workload" = l.source_workload.as_str(), "src.namespace" = l.source_workload_namespace.as_str(),
             "src.identity" = l.source_principal.as_str(), "dst.addr" = %ends.dst, "dst.service" = l.destination_service.as_str(),

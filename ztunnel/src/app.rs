@@ -16,13 +16,13 @@ use crate::ca_client::{tls_endpoint, CaClient, CaClientError};
 use crate::certs::{CertError, CertManager, CertificateProvider, LocalCa};
 use crate::config::{CertificateSource, Config, StateSource};
 use crate::drain::Drain;
-use crate::hbone::pool::{HbonePool, PoolSettings};
 use crate::inpod::InPodManager;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::{close_denied_on_policy_change, InboundRegistry, ProxyInputs};
 use crate::state::{LoadOptions, SharedState, StateError, StateFile};
-use crate::workers::Workers;
 use crate::xds::{BearerToken, ProxyNode, XdsClient, XdsConfig, XdsError};
+use ambit_hbone::pool::{HbonePool, PoolSettings};
+use ambit_hbone::workers::Workers;
 
 /// Why ztunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ fn check_congestion_control(name: Option<&str>) -> Result<(), AppError> {
     let Some(name) = name else { return Ok(()) };
     let err = |source| AppError::CongestionControl { name: name.to_owned(), source };
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(err)?;
-    crate::hbone::set_congestion_control((&probe).into(), Some(name)).map_err(err)
+    ambit_hbone::set_congestion_control((&probe).into(), Some(name)).map_err(err)
 }
 
 /// Runs ztunnel until SIGTERM or SIGINT, then drains (see [`crate::drain`]).
@@ -153,10 +153,11 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
             connect_timeout: config.connect_timeout,
             congestion_control: config.hbone_congestion_control.clone(),
         },
-        metrics.clone(),
+        metrics.pool.clone(),
     );
     check_congestion_control(config.hbone_congestion_control.as_deref())?;
-    let workers = Arc::new(Workers::start(config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
+    let workers =
+        Arc::new(Workers::start("ztunnel", config.worker_threads, config.busy_poll).map_err(AppError::Workers)?);
     let inbound = Arc::new(InboundRegistry::default());
     let drain = Drain::new();
     tokio::spawn(close_denied_on_policy_change(inbound.clone(), state.clone(), metrics.clone()));

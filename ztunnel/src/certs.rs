@@ -102,6 +102,16 @@ impl Certs {
     }
 }
 
+impl ambit_hbone::pool::ClientCerts for Certs {
+    fn serial(&self) -> &str {
+        self.cert.serial()
+    }
+
+    fn client_config(&self, peer: &Identity) -> Result<Arc<ClientConfig>, ambit_hbone::pool::BoxError> {
+        Certs::client_config(self, peer).map_err(Into::into)
+    }
+}
+
 struct Slot {
     current: RwLock<Option<Arc<Certs>>>,
     init: tokio::sync::Mutex<()>,

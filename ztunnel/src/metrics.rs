@@ -13,8 +13,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::hbone::headers::Baggage;
 use crate::state::{Service, Workload};
+use ambit_hbone::headers::Baggage;
+use ambit_hbone::pool::PoolMetrics;
 
 /// Which side of the connection reports (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -283,11 +284,10 @@ pub struct Metrics {
     pub connection_failures: Family<FailureLabels, Counter>,
     pub state_reloads: Family<OutcomeLabels, Counter>,
     pub enrolled_pods: Gauge,
-    pub pooled_connections: Gauge,
+    /// The HBONE pool's (`ztunnel_pooled_connections`, `ztunnel_hbone_retries`).
+    pub pool: PoolMetrics,
     pub certificates_issued: Family<OutcomeLabels, Counter>,
     pub connections_closed_by_policy: Counter,
-    /// HBONE requests a peer did not process (it was going away), sent again.
-    pub hbone_retries: Counter,
     pub build: Family<BuildLabels, Gauge>,
 }
 
@@ -302,10 +302,9 @@ impl Metrics {
             connection_failures: Family::default(),
             state_reloads: Family::default(),
             enrolled_pods: Gauge::default(),
-            pooled_connections: Gauge::default(),
+            pool: PoolMetrics::default(),
             certificates_issued: Family::default(),
             connections_closed_by_policy: Counter::default(),
-            hbone_retries: Counter::default(),
             build: Family::default(),
         };
         // Istio's `istio_build{component="ztunnel",tag="<version>"} 1`.
@@ -325,7 +324,7 @@ impl Metrics {
         );
         z.register("state_reloads", "State file reloads, by outcome", m.state_reloads.clone());
         z.register("enrolled_pods", "Pods enrolled on this node over ZDS", m.enrolled_pods.clone());
-        z.register("pooled_connections", "Open pooled HBONE connections", m.pooled_connections.clone());
+        z.register("pooled_connections", "Open pooled HBONE connections", m.pool.pooled_connections.clone());
         z.register("certificates", "Workload certificates requested, by outcome", m.certificates_issued.clone());
         z.register(
             "connections_closed_by_policy",
@@ -335,7 +334,7 @@ impl Metrics {
         z.register(
             "hbone_retries",
             "HBONE tunnel requests the peer did not process (GOAWAY, REFUSED_STREAM) and that were sent again on a new connection",
-            m.hbone_retries.clone(),
+            m.pool.retries.clone(),
         );
         Arc::new(m)
     }

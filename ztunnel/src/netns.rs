@@ -43,6 +43,12 @@ pub struct PodNetns {
 /// Spare sockets kept per pod; refilled when half are used.
 const SPARE_SOCKETS: usize = 16;
 
+impl ambit_hbone::pool::Dialer for PodNetns {
+    async fn socket(&self, peer: SocketAddr) -> std::io::Result<Socket> {
+        self.tcp_socket(peer).await.map_err(std::io::Error::other)
+    }
+}
+
 impl PodNetns {
     /// Starts the thread that lives in `netns` (an open `/proc/*/ns/net` or
     /// `/var/run/netns/*` file).

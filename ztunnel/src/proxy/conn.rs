@@ -128,7 +128,7 @@ impl AsyncRead for NotingActivity {
         let read = buf.filled().len() - before;
         if read > 0 {
             self.read += read as u64;
-            crate::workers::note_activity();
+            ambit_hbone::workers::note_activity();
         }
         result
     }
@@ -193,7 +193,7 @@ mod tests {
     async fn the_plain_relay_carries_both_ways_and_notes_activity_for_busy_polling() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ((mut client, down), (up, mut server)) = (pair(&l).await, pair(&l).await);
-        let before = crate::workers::activity_count();
+        let before = ambit_hbone::workers::activity_count();
         let relay = tokio::spawn(relay_plain(down, up));
         client.write_all(b"ping").await.unwrap();
         let mut b = [0u8; 4];
@@ -207,7 +207,7 @@ mod tests {
         assert_eq!((&b, back.as_slice()), (b"ping", b"pong!".as_slice()));
         assert!(result.is_ok());
         assert_eq!((bytes.received, bytes.sent), (4, 5));
-        assert!(crate::workers::activity_count() - before >= 2, "each direction's read noted activity");
+        assert!(ambit_hbone::workers::activity_count() - before >= 2, "each direction's read noted activity");
     }
 
     #[tokio::test(flavor = "current_thread")]

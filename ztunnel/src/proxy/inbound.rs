@@ -20,10 +20,10 @@ use super::peers::{fill_from_baggage, inbound_service, Claims};
 use super::registry::{InboundConnection, Registration};
 use super::socket::connect_from_pod;
 use super::{Pod, ProxyInputs};
-use crate::hbone::headers::{forwarded_host, parse_baggage, response_baggage, TraceParent, BAGGAGE};
-use crate::hbone::{relay_until, server_builder, tls_socket, tune_tls};
 use crate::metrics::{Direction, FailureReason, PeerLabels, Peers, Reporter, ResponseFlags};
 use crate::state::{ConnectionAttributes, ProxyState, Workload};
+use ambit_hbone::headers::{forwarded_host, parse_baggage, response_baggage, TraceParent, BAGGAGE};
+use ambit_hbone::{relay_until, server_builder, tls_socket, tune_tls};
 
 // A peer that does not finish its TLS handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,7 +142,7 @@ async fn handle_stream(
         };
     // As Istio's ztunnel, the reply names the destination in `baggage`.
     let mut ok = Response::new(());
-    if let Some(b) = response_baggage(&destination) {
+    if let Some(b) = response_baggage(&destination.baggage()) {
         ok.headers_mut().insert(BAGGAGE, b);
     }
     let send = match respond.send_response(ok, false) {

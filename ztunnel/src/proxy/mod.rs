@@ -21,12 +21,12 @@ use tracing::{info, warn};
 use crate::certs::CertManager;
 use crate::config::Config;
 use crate::drain::DrainWatch;
-use crate::hbone::pool::HbonePool;
-use crate::hbone::HBONE_PORT;
 use crate::metrics::Metrics;
 use crate::netns::{ListenOpts, NetnsError, PodNetns};
 use crate::state::SharedState;
-use crate::workers::Workers;
+use ambit_hbone::pool::HbonePool;
+use ambit_hbone::workers::Workers;
+use ambit_hbone::HBONE_PORT;
 
 pub use registry::{close_denied_on_policy_change, InboundRegistry};
 pub use socket::original_destination;

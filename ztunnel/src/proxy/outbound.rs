@@ -12,11 +12,11 @@ use super::conn::{relay_plain, Bytes, ConnMetrics};
 use super::peers::fill_from_baggage;
 use super::socket::{connect_from_pod, original_destination};
 use super::{Pod, ProxyInputs};
-use crate::hbone::headers::{connect_headers, parse_baggage, TraceParent};
-use crate::hbone::pool::{PoolError, PoolKey};
-use crate::hbone::{relay, HBONE_PORT};
 use crate::metrics::{Direction, FailureReason, PeerLabels, Peers, Reporter, ServiceLabels, Value};
 use crate::state::{Service, Upstream, Workload};
+use ambit_hbone::headers::{connect_headers, parse_baggage, TraceParent};
+use ambit_hbone::pool::{PoolError, PoolKey};
+use ambit_hbone::{relay, HBONE_PORT};
 
 pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     super::socket::pod_local(&socket2::SockRef::from(&stream));
@@ -117,8 +117,13 @@ async fn hbone(
         dst: SocketAddr::new(target.ip(), HBONE_PORT),
         dst_identity,
     };
-    let headers = connect_headers(src.workload, src.addr, service.map(|s| s.hostname.as_str()), TraceParent::new());
-    let tunnel = match inputs.pool.open(&key, &pod.netns, &certs, target, headers).await {
+    let headers = connect_headers(
+        src.workload.map(Workload::baggage),
+        src.addr,
+        service.map(|s| s.hostname.as_str()),
+        TraceParent::new(),
+    );
+    let tunnel = match inputs.pool.open(&key, &pod.netns, &*certs, target, headers).await {
         Ok(t) => t,
         Err(e) => {
             let reason = match &e {

@@ -5,9 +5,9 @@
 use ambit_identity::Identity;
 use tracing::debug;
 
-use crate::hbone::headers::Baggage;
 use crate::metrics::{PeerLabels, ServiceLabels};
 use crate::state::{ProxyState, Workload};
+use ambit_hbone::headers::Baggage;
 
 /// What an inbound HBONE request's headers say (nothing for plaintext).
 #[derive(Clone, Debug, Default)]

@@ -110,6 +110,18 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Who this workload is, as HBONE's `baggage` header names it.
+    pub fn baggage(&self) -> ambit_hbone::headers::BaggageWorkload<'_> {
+        ambit_hbone::headers::BaggageWorkload {
+            cluster_id: &self.cluster_id,
+            namespace: &self.namespace,
+            workload_type: self.workload_type.as_str(),
+            workload_name: &self.workload_name,
+            canonical_name: &self.canonical_name,
+            canonical_revision: &self.canonical_revision,
+        }
+    }
+
     /// The workload's SPIFFE identity. An empty service account is `default`;
     /// an empty trust domain (only possible for a workload not loaded through
     /// [`super::ProxyState::new`]) is [`FALLBACK_TRUST_DOMAIN`].

@@ -20,10 +20,40 @@ use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use crate::certs::{CertError, Certs};
-use crate::metrics::Metrics;
-use crate::netns::{NetnsError, PodNetns};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::workers::Workers;
+
+/// Where a connection's socket comes from: ztunnel makes it inside the
+/// source pod's network namespace, the waypoint in its own.
+pub trait Dialer: Sync {
+    /// A new, unconnected TCP socket for a connection to `peer`.
+    fn socket(&self, peer: SocketAddr) -> impl std::future::Future<Output = std::io::Result<socket2::Socket>> + Send;
+}
+
+/// The client side's certificate, as the pool needs it.
+pub trait ClientCerts: Sync {
+    /// The serial of the certificate presented: a pooled connection opened
+    /// with another one is not reused (the certificate was rotated).
+    fn serial(&self) -> &str;
+    /// TLS client settings presenting this certificate and accepting only
+    /// a peer of identity `peer`.
+    fn client_config(&self, peer: &Identity) -> Result<Arc<rustls::ClientConfig>, BoxError>;
+}
+
+/// An error from a [`ClientCerts`] implementation.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The pool's metrics, registered by the proxy that owns it (clones share
+/// their values).
+#[derive(Clone, Debug, Default)]
+pub struct PoolMetrics {
+    /// Open pooled connections.
+    pub pooled_connections: Gauge,
+    /// Requests the peer did not process (GOAWAY, REFUSED_STREAM), sent again.
+    pub retries: Counter,
+}
 
 /// What identifies a shareable connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -39,8 +69,8 @@ pub struct PoolKey {
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("cannot create a socket in the source pod: {0}")]
-    Netns(#[from] NetnsError),
+    #[error("cannot create a socket: {0}")]
+    Socket(std::io::Error),
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("connect to {0} timed out")]
@@ -48,7 +78,7 @@ pub enum PoolError {
     #[error("tls handshake with {addr} failed: {source}")]
     Tls { addr: SocketAddr, source: std::io::Error },
     #[error("tls configuration: {0}")]
-    Certs(#[from] CertError),
+    Certs(BoxError),
     #[error("http/2 with {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("bad CONNECT request for {0}")]
@@ -114,7 +144,7 @@ pub struct PoolSettings {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
-    /// See [`crate::config::Config::hbone_congestion_control`].
+    /// TCP congestion control of its sockets (`None`: the kernel default).
     pub congestion_control: Option<String>,
 }
 
@@ -123,7 +153,7 @@ pub struct HbonePool {
     settings: PoolSettings,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
-    metrics: Arc<Metrics>,
+    metrics: PoolMetrics,
     /// Set by [`HbonePool::drain`].
     draining: AtomicBool,
 }
@@ -151,7 +181,7 @@ fn unprocessed(e: &h2::Error) -> bool {
 }
 
 impl HbonePool {
-    pub fn new(settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(settings: PoolSettings, metrics: PoolMetrics) -> Arc<Self> {
         Arc::new(HbonePool {
             settings,
             conns: Mutex::default(),
@@ -171,20 +201,20 @@ impl HbonePool {
     pub async fn open(
         self: &Arc<Self>,
         key: &PoolKey,
-        netns: &PodNetns,
-        certs: &Certs,
+        dialer: &impl Dialer,
+        certs: &impl ClientCerts,
         authority: SocketAddr,
         headers: HeaderMap,
     ) -> Result<Tunnel, PoolError> {
-        let conn = self.acquire(key, netns, certs).await?;
+        let conn = self.acquire(key, dialer, certs).await?;
         match self.request(&conn, key, authority, headers.clone()).await {
             Err(Attempt::Unprocessed(source)) => {
                 // Out of the pool: its driver closes it once its streams end.
                 conn.closed.store(true, Ordering::Relaxed);
                 drop(conn);
                 debug!(dst = %key.dst, error = %source, "hbone request not processed by the peer; retrying on a new connection");
-                self.metrics.hbone_retries.inc();
-                let fresh = self.dial(key, netns, certs).await?;
+                self.metrics.retries.inc();
+                let fresh = self.dial(key, dialer, certs).await?;
                 self.request(&fresh, key, authority, headers).await.map_err(Attempt::into_error)
             }
             other => other.map_err(Attempt::into_error),
@@ -192,8 +222,13 @@ impl HbonePool {
     }
 
     /// A connection with a stream slot reserved: a pooled one, else a new one.
-    async fn acquire(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
-        let serial = certs.cert.serial();
+    async fn acquire(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        dialer: &impl Dialer,
+        certs: &impl ClientCerts,
+    ) -> Result<Arc<Conn>, PoolError> {
+        let serial = certs.serial();
         if let Some(c) = self.pick(key, serial) {
             return Ok(c);
         }
@@ -201,7 +236,7 @@ impl HbonePool {
         let _g = lock.lock().await;
         match self.pick(key, serial) {
             Some(c) => Ok(c),
-            None => self.dial(key, netns, certs).await,
+            None => self.dial(key, dialer, certs).await,
         }
     }
 
@@ -281,9 +316,14 @@ impl HbonePool {
         }
     }
 
-    async fn dial(self: &Arc<Self>, key: &PoolKey, netns: &PodNetns, certs: &Certs) -> Result<Arc<Conn>, PoolError> {
+    async fn dial(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        dialer: &impl Dialer,
+        certs: &impl ClientCerts,
+    ) -> Result<Arc<Conn>, PoolError> {
         let addr = key.dst;
-        let sock = netns.tcp_socket(addr).await?;
+        let sock = dialer.socket(addr).await.map_err(PoolError::Socket)?;
         super::set_congestion_control((&sock).into(), self.settings.congestion_control.as_deref())
             .map_err(|source| PoolError::Connect { addr, source })?;
         let connect = tokio::net::TcpSocket::from_std_stream(sock.into()).connect(addr);
@@ -292,7 +332,7 @@ impl HbonePool {
             Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
             Err(_) => return Err(PoolError::ConnectTimeout(addr)),
         };
-        let tls_config = certs.client_config(&key.dst_identity)?;
+        let tls_config = certs.client_config(&key.dst_identity).map_err(PoolError::Certs)?;
         let mut tls = TlsConnector::from(tls_config)
             .connect(ServerName::IpAddress(addr.ip().into()), super::tls_socket(tcp))
             .await
@@ -304,7 +344,7 @@ impl HbonePool {
             sender,
             streams: AtomicUsize::new(1),
             closed: AtomicBool::new(self.draining.load(Ordering::Relaxed)),
-            cert_serial: certs.cert.serial().to_owned(),
+            cert_serial: certs.serial().to_owned(),
             worker: Workers::current(),
         });
         self.conns.lock().expect("bug: poisoned pool").entry(key.clone()).or_default().push(conn.clone());
@@ -429,7 +469,7 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(1 << 16);
         let (go_away, mut told) = tokio::sync::mpsc::channel::<()>(1);
         let server = tokio::spawn(async move {
-            let mut conn = crate::hbone::server_builder(100).handshake::<_, Bytes>(server_io).await.unwrap();
+            let mut conn = crate::server_builder(100).handshake::<_, Bytes>(server_io).await.unwrap();
             loop {
                 tokio::select! {
                     next = conn.accept() => {
@@ -442,7 +482,7 @@ mod tests {
                 }
             }
         });
-        let (sender, conn) = crate::hbone::client_builder().handshake::<_, Bytes>(client_io).await.unwrap();
+        let (sender, conn) = crate::client_builder().handshake::<_, Bytes>(client_io).await.unwrap();
         tokio::spawn(conn);
         let connect = || Request::builder().method(Method::CONNECT).uri("10.0.0.1:80").body(()).unwrap();
         let mut s = sender.clone().ready().await.unwrap();

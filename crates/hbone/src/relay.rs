@@ -26,7 +26,8 @@ pub enum RelayError {
     Stream(#[from] h2::Error),
     #[error("tunnel stream closed by the peer before the data was sent")]
     StreamClosed,
-    #[error("closed by ztunnel")]
+    /// The proxy ended it (e.g. a policy change now denies the connection).
+    #[error("closed by the proxy")]
     Aborted,
 }
 

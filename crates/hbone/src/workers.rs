@@ -11,7 +11,7 @@
 //! worker keeps polling its sockets for a short window before it sleeps.
 //! The answer to a request it has just forwarded then finds it awake: on a
 //! virtual machine waking a sleeping core costs tens of microseconds, and a
-//! request crosses four ztunnel wake-ups. It yields the core to any other
+//! request crosses four proxy wake-ups. It yields the core to any other
 //! runnable thread while it polls, and spins only while there is traffic.
 
 use std::cell::{Cell, RefCell};
@@ -31,7 +31,7 @@ thread_local! {
     static POLLER: RefCell<Option<Waker>> = const { RefCell::new(None) };
 }
 
-/// The worker threads of one ztunnel. They run until the process exits.
+/// The worker threads of one proxy. They run until the process exits.
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
@@ -39,14 +39,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `n` (at least one) worker threads, busy polling for
-    /// `busy_poll` after activity (zero: never).
-    pub fn start(n: usize, busy_poll: Duration) -> std::io::Result<Self> {
+    /// Starts `n` (at least one) worker threads named `<name>-worker-<i>`,
+    /// busy polling for `busy_poll` after activity (zero: never).
+    pub fn start(name: &str, n: usize, busy_poll: Duration) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(rt.handle().clone());
-            std::thread::Builder::new().name(format!("ztunnel-worker-{i}")).spawn(move || {
+            std::thread::Builder::new().name(format!("{name}-worker-{i}")).spawn(move || {
                 CURRENT.with(|c| c.set(Some(i)));
                 if busy_poll.is_zero() {
                     rt.block_on(std::future::pending::<()>());
@@ -94,9 +94,9 @@ pub fn note_activity() {
     });
 }
 
-/// How many times the calling thread noted activity (for tests).
-#[cfg(test)]
-pub(crate) fn activity_count() -> u64 {
+/// How many times the calling thread noted activity (tests of the relays
+/// built on it check that they note it).
+pub fn activity_count() -> u64 {
     ACTIVITY.with(Cell::get)
 }
 
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn tasks_run_on_the_worker_they_were_given_and_picks_go_round_robin() {
-        let workers = Workers::start(2, Duration::ZERO).unwrap();
+        let workers = Workers::start("test", 2, Duration::ZERO).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let on_1 = rt.block_on(workers.spawn_on(1, async { Workers::current() })).unwrap();
         let on_0 = rt.block_on(workers.spawn_on(0, async { Workers::current() })).unwrap();
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_connection_handed_to_a_worker_is_served_there() {
-        let workers = Workers::start(2, Duration::ZERO).unwrap();
+        let workers = Workers::start("test", 2, Duration::ZERO).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_worker_polls_only_while_there_is_activity() {
-        let workers = Workers::start(1, Duration::from_millis(1)).unwrap();
+        let workers = Workers::start("test", 1, Duration::from_millis(1)).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         // SAFETY: gettid has no preconditions.
         let tid = rt.block_on(workers.spawn_on(0, async { unsafe { libc::gettid() } })).unwrap();

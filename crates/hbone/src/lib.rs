@@ -1,10 +1,16 @@
 //! HBONE: TCP tunnelled as HTTP/2 `CONNECT` streams over mutual TLS 1.3 on
-//! port 15008. This module holds the HTTP/2 settings both sides use, the
-//! byte relay between a TCP socket and a stream, and the client pool.
+//! port 15008, shared by ztunnel and the waypoint. This crate holds the
+//! HTTP/2 settings both sides use, the byte relay between a TCP socket and a
+//! stream, the pooled client, the request headers Istio's ztunnel sends, and
+//! the single-threaded workers that run a proxy's connections.
+//!
+//! Module layering: `pool` → `headers`, `relay` → `workers`; the settings
+//! live here.
 
 pub mod headers;
 pub mod pool;
 mod relay;
+pub mod workers;
 
 pub use relay::{relay, relay_until, RelayError, Transferred};
 

@@ -12,7 +12,19 @@ use std::net::SocketAddr;
 use http::header::{HeaderMap, HeaderName, HeaderValue, FORWARDED};
 use tracing::debug;
 
-use crate::state::Workload;
+/// Who a workload is, in the terms baggage uses; empty strings are unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BaggageWorkload<'a> {
+    pub cluster_id: &'a str,
+    pub namespace: &'a str,
+    /// Istio's lower-case workload type (`deployment`, `cronjob`, `pod`,
+    /// `job`): names the key `k8s.<type>.name`.
+    pub workload_type: &'a str,
+    /// The owning workload's name (e.g. the Deployment's).
+    pub workload_name: &'a str,
+    pub canonical_name: &'a str,
+    pub canonical_revision: &'a str,
+}
 
 /// The `baggage` header (W3C Baggage, OpenTelemetry keys).
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
@@ -41,31 +53,26 @@ const WORKLOAD_NAME_KEYS: [&str; 4] = ["k8s.deployment.name", "k8s.cronjob.name"
 /// The request's `baggage`, as Istio's ztunnel writes it for the source:
 /// every key, empty when unknown (Ambit has no locality, so the cloud keys
 /// are always empty).
-pub fn request_baggage(w: &Workload) -> Option<HeaderValue> {
+pub fn request_baggage(w: &BaggageWorkload<'_>) -> Option<HeaderValue> {
     let value = format!(
         "k8s.cluster.name={},k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={},\
          cloud.region=,cloud.availability_zone=",
-        w.cluster_id,
-        w.namespace,
-        w.workload_type.as_str(),
-        w.workload_name,
-        w.canonical_name,
-        w.canonical_revision,
+        w.cluster_id, w.namespace, w.workload_type, w.workload_name, w.canonical_name, w.canonical_revision,
     );
     header_value(value, "baggage")
 }
 
 /// The response's `baggage` for the destination: only the keys with a value,
 /// as Istio's ztunnel replies.
-pub fn response_baggage(w: &Workload) -> Option<HeaderValue> {
+pub fn response_baggage(w: &BaggageWorkload<'_>) -> Option<HeaderValue> {
     let mut value = String::new();
-    let workload_key = format!("k8s.{}.name", w.workload_type.as_str());
+    let workload_key = format!("k8s.{}.name", w.workload_type);
     let pairs = [
-        ("k8s.cluster.name", &w.cluster_id),
-        ("k8s.namespace.name", &w.namespace),
-        (workload_key.as_str(), &w.workload_name),
-        ("service.name", &w.canonical_name),
-        ("service.version", &w.canonical_revision),
+        ("k8s.cluster.name", w.cluster_id),
+        ("k8s.namespace.name", w.namespace),
+        (workload_key.as_str(), w.workload_name),
+        ("service.name", w.canonical_name),
+        ("service.version", w.canonical_revision),
     ];
     for (k, v) in pairs.iter().filter(|(_, v)| !v.is_empty()) {
         let sep = if value.is_empty() { "" } else { "," };
@@ -221,13 +228,13 @@ fn header_value(value: String, what: &str) -> Option<HeaderValue> {
 
 /// The request headers of one outbound tunnel (built once per connection).
 pub fn connect_headers(
-    source: Option<&Workload>,
+    source: Option<BaggageWorkload<'_>>,
     client: SocketAddr,
     service_host: Option<&str>,
     trace: TraceParent,
 ) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(3);
-    if let Some(v) = source.and_then(request_baggage) {
+    if let Some(v) = source.as_ref().and_then(request_baggage) {
         h.insert(BAGGAGE, v);
     }
     if let Some(v) = forwarded(client, service_host) {
@@ -240,18 +247,15 @@ pub fn connect_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::WorkloadType;
 
-    fn web() -> Workload {
-        Workload {
-            name: "web-7d4b9c-x2x".into(),
-            namespace: "shop".into(),
-            workload_name: "web".into(),
-            workload_type: WorkloadType::Deployment,
-            canonical_name: "web-app".into(),
-            canonical_revision: "v2".into(),
-            cluster_id: "Kubernetes".into(),
-            ..Default::default()
+    fn web() -> BaggageWorkload<'static> {
+        BaggageWorkload {
+            namespace: "shop",
+            workload_name: "web",
+            workload_type: "deployment",
+            canonical_name: "web-app",
+            canonical_revision: "v2",
+            cluster_id: "Kubernetes",
         }
     }
 
@@ -284,12 +288,12 @@ mod tests {
 
     #[test]
     fn response_baggage_carries_only_known_keys() {
-        let w = Workload { canonical_revision: String::new(), cluster_id: String::new(), ..web() };
+        let w = BaggageWorkload { canonical_revision: "", cluster_id: "", ..web() };
         assert_eq!(
             response_baggage(&w).unwrap(),
             "k8s.namespace.name=shop,k8s.deployment.name=web,service.name=web-app"
         );
-        let pod = Workload { workload_type: WorkloadType::Pod, ..web() };
+        let pod = BaggageWorkload { workload_type: "pod", ..web() };
         assert!(response_baggage(&pod).unwrap().to_str().unwrap().contains("k8s.pod.name=web"));
     }
 
@@ -361,7 +365,7 @@ mod tests {
     #[test]
     fn connect_headers_carry_all_three() {
         let client: SocketAddr = "10.1.0.2:40000".parse().unwrap();
-        let h = connect_headers(Some(&web()), client, Some("echo.default.svc.cluster.local"), TraceParent::new());
+        let h = connect_headers(Some(web()), client, Some("echo.default.svc.cluster.local"), TraceParent::new());
         assert!(h.contains_key(BAGGAGE) && h.contains_key(FORWARDED) && h.contains_key(TRACEPARENT));
         let h = connect_headers(None, client, None, TraceParent::new());
         assert!(!h.contains_key(BAGGAGE) && h.contains_key(FORWARDED));

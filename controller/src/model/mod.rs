@@ -308,6 +308,7 @@ fn waypoint_config(
 ) {
     let routes = routes::build(objects, &report.snapshot.addresses, &opts.domain_suffix);
     report.rejections.extend(routes.rejections);
+    report.warnings.extend(routes.warnings);
     report.waypoint_services = routes.waypoint_services;
     let snap = &mut report.snapshot;
     snap.service_routes = routes.by_service;
@@ -323,7 +324,13 @@ fn waypoint_config(
     snap.waypoints = scopes;
     for (key, problem) in problems {
         let waypoints = bound.get(&format!("{}/{}", key.0, key.1)).into_iter().flatten();
-        let waypoints = waypoints.map(|(ns, name)| format!("{ns}/{name}")).collect();
+        let waypoints: Vec<String> = waypoints.map(|(ns, name)| format!("{ns}/{name}")).collect();
+        // Logged in both modes; in Kubernetes `WaypointAccepted` says it too.
+        let unbound = waypoints.is_empty().then(|| "no waypoint serves its targets: it has no effect".to_owned());
+        for reason in problem.iter().cloned().chain(unbound) {
+            let (namespace, name) = key.clone();
+            report.warnings.push(Warning { kind: "AuthorizationPolicy".into(), namespace, name, reason });
+        }
         report.policy_bindings.insert(key, PolicyBinding { waypoints, problem });
     }
 }

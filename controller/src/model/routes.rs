@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ambit_api::waypoint::{Backend, PortRoutes, Protocol, Route, ServiceRoutes};
+use ambit_api::waypoint::{Backend, PortRoutes, Protocol, Route, RouteKind, ServiceRoutes};
 use ambit_api::workload::{address, Address};
 use k8s_openapi::api::core::v1::ServicePort;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::objects::{ClusterObjects, ObjectKey};
 use super::route_convert::{self, BackendResolver};
 use super::route_crd::{BackendRef, ParentReference};
-use super::Rejection;
+use super::{Rejection, Warning};
 
 /// What the routes of one build came to.
 #[derive(Debug, Default, PartialEq)]
@@ -24,6 +24,8 @@ pub struct RoutesReport {
     pub waypoint_services: BTreeSet<ObjectKey>,
     /// Invalid routes (kind `HTTPRoute`/`GRPCRoute`).
     pub rejections: Vec<Rejection>,
+    /// Service parents a valid route is not applied to, and why (no waypoint, another namespace).
+    pub warnings: Vec<Warning>,
 }
 
 /// Resolves backendRefs against the services of the snapshot.
@@ -92,13 +94,25 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
         }
     }
     for (key, parents, route) in converted {
+        let kind = if route.origin.as_ref().is_some_and(|o| o.kind() == RouteKind::GrpcRoute) {
+            "GRPCRoute"
+        } else {
+            "HTTPRoute"
+        };
+        let mut warn = |reason: String| {
+            report.warnings.push(Warning { kind: kind.into(), namespace: key.0.clone(), name: key.1.clone(), reason })
+        };
         for p in parents.iter().filter(|p| p.is_service()) {
             // Only producer routes (in the Service's namespace); consumer routes are not applied.
-            if p.namespace.as_deref().is_some_and(|n| n != key.0) {
+            if let Some(other) = p.namespace.as_deref().filter(|n| *n != key.0) {
+                warn(format!("parent Service {other}/{}: routes of another namespace are not applied", p.name));
                 continue;
             }
             let service_key = format!("{}/{}.{}.svc.{domain_suffix}", key.0, p.name, key.0);
-            let Some(sr) = report.by_service.get_mut(&service_key) else { continue };
+            let Some(sr) = report.by_service.get_mut(&service_key) else {
+                warn(format!("parent Service {}/{} has no waypoint (or does not exist): not applied", key.0, p.name));
+                continue;
+            };
             for port in &mut sr.ports {
                 let wanted =
                     p.port.is_none_or(|n| n == port.port) && p.section_name.as_deref().is_none_or(|n| n == port.name);

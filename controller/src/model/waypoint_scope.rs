@@ -1,6 +1,7 @@
 //! What each waypoint is sent: the ServiceRoutes of the services bound to it (their Address names it), the L7
 //! policies that target it or those services, and the Address resources it needs to pick endpoints: those services,
-//! their routes' backend services, and the workloads behind any of them. Computed once per build, so a waypoint's
+//! their routes' backend services, the workloads behind any of them, and the workloads that name it as their own
+//! waypoint. Computed once per build, so a waypoint's
 //! xDS stream looks names up instead of walking routes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -70,6 +71,14 @@ pub fn build(
     }
     for a in addresses.values() {
         let Some(address::Type::Workload(w)) = &a.r#type else { continue };
+        // A workload addressed directly through its waypoint (`istio.io/waypoint-for: workload|all`).
+        let own = w.waypoint.as_ref().and_then(|g| match g.destination.as_ref()? {
+            gateway_address::Destination::Hostname(h) => by_hostname.get(&(h.namespace.as_str(), h.hostname.as_str())),
+            _ => None,
+        });
+        if let Some(wp) = own {
+            scopes.entry(wp.clone()).or_default().addresses.insert(w.uid.clone());
+        }
         for s in w.services.keys() {
             for wp in needed_by.get(s).into_iter().flatten() {
                 scopes.entry(wp.clone()).or_default().addresses.insert(w.uid.clone());

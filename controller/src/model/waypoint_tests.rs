@@ -5,7 +5,7 @@ use ambit_api::waypoint::{backend, policy_target, Protocol};
 
 use super::*;
 
-/// An ambient namespace with a waypoint `waypoint`; `web` (two pods, named http port and a grpc port) uses it,
+/// An ambient namespace with a waypoint `waypoint` (and `wl-waypoint` for workloads, which pod `direct-0` uses); `web` (two pods, named http port and a grpc port) uses it,
 /// `plain` does not; `web-v2` is a backend of web's route; `elsewhere` is an unrelated service. Routes: one HTTPRoute
 /// and one GRPCRoute on `web`, one on `plain`, one invalid; policies: one targeting the waypoint Gateway, one
 /// targeting `web`, one targeting `plain`, one CUSTOM, and one L4 policy with a selector.
@@ -18,6 +18,17 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: waypoint, namespace: mesh}
 spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wl-waypoint, namespace: mesh, labels: {istio.io/waypoint-for: workload}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: direct-0, namespace: mesh, labels: {istio.io/use-waypoint: wl-waypoint}}
+spec: {nodeName: node1, containers: [{name: c}]}
+status: {podIP: 10.1.0.6}
 ---
 apiVersion: v1
 kind: Service
@@ -168,6 +179,8 @@ fn a_service_with_a_waypoint_gets_its_routes_and_ports_and_others_get_none() {
     assert_eq!(r.waypoint_services.iter().collect::<Vec<_>>(), [&("mesh".to_owned(), "web".to_owned())]);
     let broken: Vec<_> = r.rejections.iter().map(|r| (r.kind.as_str(), r.name.as_str())).collect();
     assert_eq!(broken, [("HTTPRoute", "broken")], "an invalid route stops no other");
+    let plain = r.warnings.iter().find(|w| w.kind == "HTTPRoute" && w.name == "plain").expect("told, in file mode too");
+    assert!(plain.reason.contains("has no waypoint"), "{plain:?}");
 }
 
 #[test]
@@ -185,6 +198,10 @@ fn targeted_policies_go_to_the_waypoint_and_never_to_ztunnel() {
     assert_eq!(bound("at-web").waypoints, ["mesh/waypoint"], "through the service's waypoint");
     assert!(bound("at-plain").waypoints.is_empty(), "plain has no waypoint: the policy has no effect");
     assert!(bound("custom").problem.unwrap().contains("CUSTOM"));
+    let warned = |n: &str| r.warnings.iter().filter(|w| w.name == n).map(|w| w.reason.clone()).collect::<Vec<_>>();
+    assert!(warned("at-plain")[0].contains("no effect"), "logged in file mode: {:?}", r.warnings);
+    assert!(warned("custom").iter().any(|w| w.contains("CUSTOM")));
+    assert!(warned("at-web").is_empty());
     let t = &s.waypoint_policies["mesh/at-web"].targets[0];
     assert!(matches!(&t.kind, Some(policy_target::Kind::Service(svc)) if svc.hostname == "web.mesh.svc.cluster.local"));
 }
@@ -200,4 +217,7 @@ fn a_waypoint_is_scoped_to_its_services_their_backends_and_their_endpoints() {
         ["Kubernetes//Pod/mesh/web-0", "Kubernetes//Pod/mesh/web-v2-0", "mesh/web-v2.mesh.svc.cluster.local", WEB,],
         "not plain, not elsewhere, not their pods"
     );
+    let direct = &s.waypoints[&("mesh".to_owned(), "wl-waypoint".to_owned())];
+    assert_eq!(direct.addresses.iter().collect::<Vec<_>>(), ["Kubernetes//Pod/mesh/direct-0"], "its own workload");
+    assert!(direct.service_routes.is_empty() && direct.policies.is_empty());
 }

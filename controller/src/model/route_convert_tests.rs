@@ -111,7 +111,7 @@ fn an_http_route_decodes_field_by_field() {
     assert_eq!(second.matches.len(), 1);
     assert_eq!(second.matches[0].path.as_ref().unwrap().value, "/");
     assert_eq!(second.backends[0].weight, 1);
-    assert_eq!((second.timeouts.clone(), second.retry.clone()), (None, None), "absent: the waypoint's defaults");
+    assert_eq!((second.timeouts, second.retry.clone()), (None, None), "absent: the waypoint's defaults");
 }
 
 #[test]

@@ -560,6 +560,16 @@ mod tests {
         let c = try_parse(&["--bootstrap-tokens", "/tmp/nt"]);
         assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode));
         assert_eq!(try_parse(&["--ca-dir", "/tmp/ca"]).validate(), Err(ConfigError::CaDirInKubeMode));
+        let c = try_parse(&["--workload-tokens", "/tmp/wt"]);
+        assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode), "TokenReview admits waypoints there");
+    }
+
+    #[test]
+    fn file_mode_takes_workload_tokens_next_to_the_node_credentials() {
+        let c = try_parse(&["--config-dir", "/tmp/c", "--bootstrap-tokens", "/tmp/nt", "--workload-tokens", "/tmp/wt"]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.workload_tokens.as_deref(), Some(Path::new("/tmp/wt")));
+        assert!(matches!(c.mode(), Ok(Mode::File { credentials: FileCredentials::NodeTokens(_), .. })));
     }
 
     #[test]

@@ -314,19 +314,21 @@ fn waypoint_config(
     snap.service_routes = routes.by_service;
     let mut problems = BTreeMap::new();
     for (key, c) in targeted {
+        let sent = c.policy.is_some();
         if let Some(p) = c.policy {
             snap.waypoint_policies.insert(format!("{}/{}", key.0, key.1), p);
         }
-        problems.insert(key.clone(), c.problem);
+        problems.insert(key.clone(), (c.problem, sent));
     }
     let (scopes, bound) =
         waypoint_scope::build(gateways, &snap.addresses, &snap.service_routes, &snap.waypoint_policies);
     snap.waypoints = scopes;
-    for (key, problem) in problems {
+    for (key, (problem, sent)) in problems {
         let waypoints = bound.get(&format!("{}/{}", key.0, key.1)).into_iter().flatten();
         let waypoints: Vec<String> = waypoints.map(|(ns, name)| format!("{ns}/{name}")).collect();
         // Logged in both modes; in Kubernetes `WaypointAccepted` says it too.
-        let unbound = waypoints.is_empty().then(|| "no waypoint serves its targets: it has no effect".to_owned());
+        let unbound =
+            (sent && waypoints.is_empty()).then(|| "no waypoint serves its targets: it has no effect".to_owned());
         for reason in problem.iter().cloned().chain(unbound) {
             let (namespace, name) = key.clone();
             report.warnings.push(Warning { kind: "AuthorizationPolicy".into(), namespace, name, reason });

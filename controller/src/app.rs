@@ -23,6 +23,7 @@ use crate::ca::root::ROOT_VALIDITY;
 use crate::ca::{
     load_or_create, load_or_create_root, publish_root_cert, serving_identity, AsyncCallerAuthenticator,
     BootstrapTokenAuthenticator, CaService, NodeTokenAuthenticator, SecretRootStore, TokenReviewAuthenticator,
+    WorkloadTokenAuthenticator,
 };
 use crate::config::{Config, FileCredentials, KubeConfig, Mode};
 use crate::model::{ModelOptions, Rejection, RejectionSink, Snapshot, SnapshotTx};
@@ -51,6 +52,8 @@ pub enum AppError {
     Auth(#[from] crate::ca::AuthError),
     #[error("{0}")]
     NodeTokens(#[from] crate::ca::NodeTokensError),
+    #[error("{0}")]
+    WorkloadTokens(#[from] crate::ca::WorkloadTokensError),
     #[error("--config-dir: {0}")]
     ConfigDir(#[from] crate::sources::file::SourceError),
     #[error("cannot listen on {addr} for {what}: {source}")]
@@ -101,6 +104,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     );
                     Arc::new(BootstrapTokenAuthenticator::from_file(path)?)
                 }
+            };
+            let auth = match &config.workload_tokens {
+                Some(path) => {
+                    let auth = WorkloadTokenAuthenticator::from_file(path, auth)?;
+                    info!(tokens = auth.len(), "workloads (waypoints) prove their identity with workload tokens");
+                    Arc::new(auth)
+                }
+                None => auth,
             };
             tokio::spawn(FileSource::new(config_dir.to_owned(), opts).with_interval(config.config_poll).run(tx, sink));
             (Arc::new(ca), auth)

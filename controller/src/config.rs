@@ -64,6 +64,14 @@ pub struct Args {
     #[arg(long, env = "AMBIT_BOOTSTRAP_TOKENS")]
     pub bootstrap_tokens: Option<PathBuf>,
 
+    /// File mode: file of workload tokens (waypoints), one `<token>
+    /// <namespace>/<service-account>` per line (`#` comments). Such a caller
+    /// gets only its own certificate and, over xDS, the configuration of the
+    /// waypoint Gateway named after its service account (as a waypoint's own
+    /// service-account token gives in Kubernetes mode).
+    #[arg(long, env = "AMBIT_WORKLOAD_TOKENS")]
+    pub workload_tokens: Option<PathBuf>,
+
     /// Longest workload certificate the CA signs, in seconds.
     #[arg(long, env = "AMBIT_CERT_MAX_TTL_SECS", default_value_t = 86_400)]
     pub cert_max_ttl_secs: u64,
@@ -167,6 +175,7 @@ pub struct Config {
     pub ca_dir: Option<PathBuf>,
     pub bootstrap_token_file: Option<PathBuf>,
     pub bootstrap_tokens: Option<PathBuf>,
+    pub workload_tokens: Option<PathBuf>,
     pub cert_max_ttl: Duration,
     pub serving_dns_names: Vec<String>,
     pub serving_ips: Vec<IpAddr>,
@@ -231,8 +240,8 @@ pub enum ConfigError {
     #[error("give one of --bootstrap-tokens and --bootstrap-token-file, not both")]
     TwoBootstrapTokenKinds,
     #[error(
-        "--bootstrap-token-file and --bootstrap-tokens are for file mode only: without --config-dir the controller \
-         runs in Kubernetes mode and admits ztunnels by TokenReview"
+        "--bootstrap-token-file, --bootstrap-tokens and --workload-tokens are for file mode only: without \
+         --config-dir the controller runs in Kubernetes mode and admits callers by TokenReview"
     )]
     BootstrapTokenInKubeMode,
     #[error("--{0} is for Kubernetes mode only (remove --config-dir to use it)")]
@@ -274,6 +283,7 @@ impl Config {
             ca_dir: a.ca_dir,
             bootstrap_token_file: a.bootstrap_token_file,
             bootstrap_tokens: a.bootstrap_tokens,
+            workload_tokens: a.workload_tokens,
             cert_max_ttl: Duration::from_secs(a.cert_max_ttl_secs),
             serving_dns_names: a.serving_dns_names.into_iter().filter(|s| !s.trim().is_empty()).collect(),
             serving_ips: a.serving_ips,
@@ -321,7 +331,10 @@ impl Config {
                 let ca_dir = self.ca_dir.as_deref().unwrap_or(Path::new(DEFAULT_CA_DIR));
                 Ok(Mode::File { config_dir, ca_dir, credentials })
             }
-            None if self.bootstrap_token_file.is_some() || self.bootstrap_tokens.is_some() => {
+            None if self.bootstrap_token_file.is_some()
+                || self.bootstrap_tokens.is_some()
+                || self.workload_tokens.is_some() =>
+            {
                 Err(ConfigError::BootstrapTokenInKubeMode)
             }
             None if self.ca_dir.is_some() => Err(ConfigError::CaDirInKubeMode),
@@ -413,6 +426,7 @@ impl KubeConfig {
             cpu_limit: self.waypoint_cpu_limit.clone(),
             memory_limit: self.waypoint_memory_limit.clone(),
             xds_address: Some(self.waypoint_xds_address.clone()),
+            token_audience: self.token_audience.clone(),
         }
     }
 }
@@ -546,6 +560,16 @@ mod tests {
         let c = try_parse(&["--bootstrap-tokens", "/tmp/nt"]);
         assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode));
         assert_eq!(try_parse(&["--ca-dir", "/tmp/ca"]).validate(), Err(ConfigError::CaDirInKubeMode));
+        let c = try_parse(&["--workload-tokens", "/tmp/wt"]);
+        assert_eq!(c.validate(), Err(ConfigError::BootstrapTokenInKubeMode), "TokenReview admits waypoints there");
+    }
+
+    #[test]
+    fn file_mode_takes_workload_tokens_next_to_the_node_credentials() {
+        let c = try_parse(&["--config-dir", "/tmp/c", "--bootstrap-tokens", "/tmp/nt", "--workload-tokens", "/tmp/wt"]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.workload_tokens.as_deref(), Some(Path::new("/tmp/wt")));
+        assert!(matches!(c.mode(), Ok(Mode::File { credentials: FileCredentials::NodeTokens(_), .. })));
     }
 
     #[test]
@@ -585,6 +609,7 @@ mod tests {
                 cpu_limit: Some("2".into()),
                 memory_limit: Some("1Gi".into()),
                 xds_address: Some("ctl.mesh-system.svc:15012".into()),
+                token_audience: "istio-ca".into(),
             }
         );
         let none = try_parse(&["--waypoint-cpu-request=", "--waypoint-memory-request="]);

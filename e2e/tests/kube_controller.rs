@@ -362,6 +362,13 @@ fn the_controller_binary_runs_the_mesh_in_kubernetes_mode_with_least_privilege()
         assert!(err.message().contains("audience"), "{}", err.message());
         let err = XdsWatch::open(channel.clone(), &wrong_audience, "node-1").await.err().expect("xds refused");
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        // A workload's own token (as a waypoint has): its own identity, wherever it runs, and no other.
+        let own_token = cluster.create_token(NS, "sa-b", &["--audience=ambit-ca"]).unwrap();
+        let chain = create_certificate(channel.clone(), &own_token, &sa_b).await.expect("sa-b's own identity");
+        verify_chain(&chain, &root);
+        let err = create_certificate(channel.clone(), &own_token, &sa_a).await.expect_err("another identity");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("only its own identity"), "{}", err.message());
 
         // A burst of calls with one new token costs one TokenReview.
         let before = token_reviews(&cluster);

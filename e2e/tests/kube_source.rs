@@ -145,7 +145,9 @@ async fn kube_source_follows_pods_namespaces_and_policies_and_writes_policy_stat
     // Honest status: dropped L7 rules and an unenforced waypoint policy are not plainly "accepted".
     let c = wait_condition(&cluster, "allow-get", "ZtunnelAccepted", |c| c.starts_with("True|UnsupportedValue|")).await;
     assert!(c.contains("methods") && c.contains("waypoint"), "{c}");
-    let c = wait_condition(&cluster, "at-waypoint", "WaypointAccepted", |c| c.starts_with("False|Unsupported|")).await;
+    // No waypoint Gateway `wp` exists: the policy reaches no waypoint, and says so.
+    let c =
+        wait_condition(&cluster, "at-waypoint", "WaypointAccepted", |c| c.starts_with("False|TargetNotFound|")).await;
     assert!(c.contains("no effect"), "{c}");
     assert_eq!(cluster.policy_condition(NS, "at-waypoint", "ZtunnelAccepted").unwrap(), "");
     let last = seen.lock().unwrap().last().cloned().unwrap_or_default();

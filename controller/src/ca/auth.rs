@@ -19,7 +19,11 @@ use tonic::Status;
 pub const NODE_METADATA_KEY: &str = "x-ambit-node";
 const BEARER: &str = "Bearer ";
 
-/// An authenticated caller.
+/// An authenticated caller: a node proxy (ztunnel), whose credential names its
+/// node (or, with the shared bootstrap token, nothing), or a workload (a
+/// waypoint), whose credential names its own identity and no node. A workload
+/// caller may get only its own certificate, and its xDS stream serves the
+/// waypoint Gateway named after its service account.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caller {
     /// The Kubernetes node the caller runs on, when known: from its credential
@@ -36,6 +40,16 @@ impl Caller {
     /// A caller on `node`, with no identity of its own.
     pub fn on_node(node: impl Into<String>) -> Self {
         Caller { node: Some(node.into()), service_account: None }
+    }
+
+    /// A workload with identity `(namespace, service account)`, on no node it could speak for.
+    pub fn workload(namespace: impl Into<String>, service_account: impl Into<String>) -> Self {
+        Caller { node: None, service_account: Some((namespace.into(), service_account.into())) }
+    }
+
+    /// The identity of a workload caller; `None` for node proxies.
+    pub fn workload_identity(&self) -> Option<&(String, String)> {
+        self.service_account.as_ref().filter(|_| self.node.is_none())
     }
 }
 

@@ -2,7 +2,7 @@
 //! Kubernetes Secret by [`secret_store`], its certificate published by
 //! [`root_configmap`]), the serving certificate of the
 //! controller's gRPC port ([`serving`]), caller authentication shared with
-//! xDS ([`auth`], [`node_tokens`], [`token_review`]) and the `IstioCertificateService` itself
+//! xDS ([`auth`], [`node_tokens`], [`workload_tokens`], [`token_review`]) and the `IstioCertificateService` itself
 //! ([`service`]).
 
 pub mod auth;
@@ -13,6 +13,7 @@ pub mod secret_store;
 pub mod service;
 pub mod serving;
 pub mod token_review;
+pub mod workload_tokens;
 
 pub use auth::{AsyncCallerAuthenticator, AuthError, AuthFuture, BootstrapTokenAuthenticator, Caller};
 pub use node_tokens::{NodeTokenAuthenticator, NodeTokensError};
@@ -22,3 +23,4 @@ pub use secret_store::{SecretRootStore, SecretStoreError};
 pub use service::{CaService, DEFAULT_MAX_TTL};
 pub use serving::{serving_identity, ServingError};
 pub use token_review::TokenReviewAuthenticator;
+pub use workload_tokens::{WorkloadTokenAuthenticator, WorkloadTokensError};

@@ -1,6 +1,8 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`: signs a workload
 //! certificate for a caller, but only for an identity that runs on the
-//! caller's node according to the latest snapshot, or the caller's own.
+//! caller's node according to the latest snapshot (a node proxy), or the
+//! caller's own (a workload such as a waypoint, with its own token; any other
+//! identity is `permission_denied`).
 //!
 //! The identity asked for is the CSR's one SPIFFE name. Istio's ztunnel also
 //! names it in the request's `metadata` struct as `ImpersonatedIdentity`
@@ -105,6 +107,11 @@ impl CaService {
         }
         let key = (identity.namespace.clone(), identity.service_account.clone());
         let own = caller.service_account.as_ref() == Some(&key);
+        if let Some((ns, sa)) = caller.workload_identity().filter(|_| !own) {
+            return Err(Status::permission_denied(format!(
+                "a workload may get only its own identity: the caller is {ns}/{sa}, the csr asks for {identity}"
+            )));
+        }
         if !own {
             let node = caller.node.as_deref().ok_or_else(|| {
                 Status::unauthenticated(
@@ -129,7 +136,7 @@ impl CaService {
             }
             other => Status::internal(format!("cannot sign: {other}")),
         })?;
-        info!(node = caller.node.as_deref().unwrap_or("-"), identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
+        info!(node = caller.node.as_deref().unwrap_or("-"), own, identity = %identity, ttl_secs = ttl.as_secs(), "issued workload certificate");
         Ok((identity, chain))
     }
 }

@@ -336,3 +336,39 @@ async fn a_caller_may_have_its_own_identity_wherever_it_runs() {
     let status = h.create_istio("any", csr, Some(CLIENT_URI)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "a pod on node-a: {status:?}");
 }
+
+#[tokio::test]
+async fn a_waypoint_gets_its_own_identity_and_no_other_even_of_a_pod_on_its_node() {
+    let waypoint = Caller::workload("default", "waypoint");
+    let h = Harness::start_with(DEFAULT_MAX_TTL, Arc::new(FixedCaller(waypoint))).await;
+    let own = Identity::new(TD, "default", "waypoint");
+    let (csr, _) = generate_csr(&own).unwrap();
+    let chain = h.create_istio("any", csr, Some(&own.to_string())).await.expect("its own identity");
+    assert!(!chain.is_empty());
+    for other in [client_id(), Identity::new(TD, "ambit-system", "ztunnel"), Identity::new(TD, "other", "waypoint")] {
+        let (csr, _) = generate_csr(&other).unwrap();
+        let status = h.create_istio("any", csr, Some(&other.to_string())).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{other}: {status:?}");
+        assert!(status.message().contains("only its own identity"), "{}", status.message());
+    }
+}
+
+#[tokio::test]
+async fn file_mode_workload_tokens_get_their_own_identity_and_node_tokens_keep_theirs() {
+    let nodes = NodeTokenAuthenticator::parse("tok-a node-a\n", std::path::Path::new("n")).unwrap();
+    let auth = crate::ca::WorkloadTokenAuthenticator::parse(
+        "wp-token default/waypoint\n",
+        std::path::Path::new("w"),
+        Arc::new(nodes),
+    )
+    .unwrap();
+    let h = Harness::start_with(DEFAULT_MAX_TTL, Arc::new(auth)).await;
+    let own = Identity::new(TD, "default", "waypoint");
+    let (csr, _) = generate_csr(&own).unwrap();
+    h.create_istio("wp-token", csr, Some(&own.to_string())).await.expect("the waypoint's own identity");
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    let status = h.create_istio("wp-token", csr, Some(CLIENT_URI)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "a pod's identity: {status:?}");
+    let (csr, _) = generate_csr(&client_id()).unwrap();
+    h.create_istio(TOKEN_A, csr, Some(CLIENT_URI)).await.expect("node-a's ztunnel still signs its pods");
+}

@@ -1,4 +1,7 @@
-//! Kubernetes mode: a ztunnel proves its node with its service-account token.
+//! Kubernetes mode: a ztunnel proves its node with its service-account token;
+//! any other service account (a waypoint) proves its own identity with its
+//! token, and nothing more: such a caller is a workload, on no node it could
+//! speak for.
 //!
 //! The controller sends the bearer token to the API server in a `TokenReview`
 //! (audience `ambit-ca`). The token must belong to the ztunnel service account
@@ -216,8 +219,9 @@ impl TokenReviewAuthenticator {
     }
 }
 
-/// Checks a TokenReview's answer: authenticated, for `audience`, one of
-/// `allowed_users`, bound to a pod on a node.
+/// Checks a TokenReview's answer: authenticated, for `audience`; one of
+/// `allowed_users` (node proxies) bound to a pod on a node, or any other
+/// service account, which is a workload with its own identity only.
 pub fn caller_from_review(
     status: Option<&TokenReviewStatus>,
     audience: &str,
@@ -239,9 +243,12 @@ pub fn caller_from_review(
     let user = status.user.as_ref();
     let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
     if !allowed_users.iter().any(|a| a == username) {
-        return Err(Status::unauthenticated(format!(
-            "{username:?} may not request certificates (allowed: {allowed_users:?})"
-        )));
+        return match service_account_of(username) {
+            Some((ns, sa)) => Ok(Caller::workload(ns, sa)),
+            None => Err(Status::unauthenticated(format!(
+                "{username:?} is neither a node proxy ({allowed_users:?}) nor a service account"
+            ))),
+        };
     }
     let node = user
         .and_then(|u| u.extra.as_ref())
@@ -304,6 +311,18 @@ mod tests {
     }
 
     #[test]
+    fn another_service_account_is_a_workload_on_no_node_even_when_its_pod_is_bound_to_one() {
+        let status = answer("system:serviceaccount:mesh:waypoint", Some("node-1"), &["ambit-ca"]);
+        let caller = caller_from_review(Some(&status), "ambit-ca", &allowed()).unwrap();
+        assert_eq!(caller, Caller::workload("mesh", "waypoint"));
+        assert_eq!(caller.node, None, "a workload must never speak for its node's identities");
+        let unbound = answer("system:serviceaccount:mesh:waypoint", None, &["ambit-ca"]);
+        assert_eq!(caller_from_review(Some(&unbound), "ambit-ca", &allowed()).unwrap(), caller);
+        let wrong_audience = answer("system:serviceaccount:mesh:waypoint", None, &["api"]);
+        assert!(caller_from_review(Some(&wrong_audience), "ambit-ca", &allowed()).is_err());
+    }
+
+    #[test]
     fn only_service_account_users_have_an_identity_of_their_own() {
         assert_eq!(service_account_of("system:serviceaccount:ns:sa"), Some(("ns".into(), "sa".into())));
         for user in ["admin", "system:serviceaccount:ns", "system:serviceaccount::sa", "system:serviceaccount:a:b:c"] {
@@ -319,7 +338,7 @@ mod tests {
         for (status, want) in [
             (not_auth, "token has been invalidated"),
             (answer(DEFAULT_ZTUNNEL_IDENTITY, Some("n"), &["other"]), "audience"),
-            (answer("system:serviceaccount:default:app", Some("n"), &["ambit-ca"]), "may not request"),
+            (answer("admin", Some("n"), &["ambit-ca"]), "neither a node proxy"),
             (answer(DEFAULT_ZTUNNEL_IDENTITY, None, &["ambit-ca"]), "not bound to a pod"),
             (answer(DEFAULT_ZTUNNEL_IDENTITY, Some(" "), &["ambit-ca"]), "not bound to a pod"),
         ] {

@@ -32,6 +32,9 @@ pub enum PolicyError {
     /// A `when` condition has neither values nor notValues.
     #[error("condition {0:?} has neither values nor notValues")]
     EmptyCondition(String),
+    /// A `when` key no proxy evaluates.
+    #[error("unknown condition key {0:?}")]
+    UnknownConditionKey(String),
     /// A service account is not `ns/sa` or `sa` (no wildcards, no empty parts).
     #[error("bad service account {0:?}: want namespace/name or name, without wildcards")]
     BadServiceAccount(String),
@@ -211,7 +214,7 @@ pub fn string_match(v: &str) -> StringMatch {
 /// with `spiffe://` keeps its meaning: exact and prefix patterns lose the
 /// scheme, and a suffix that spells it pinned the whole ID, so it becomes
 /// exact (a bare suffix would also match longer trust domains).
-fn principal(v: &str) -> StringMatch {
+pub(super) fn principal(v: &str) -> StringMatch {
     const SCHEME: &str = "spiffe://";
     let mut m = string_match(v);
     match &mut m.match_type {
@@ -229,7 +232,7 @@ fn principal(v: &str) -> StringMatch {
 /// `ns/sa`, or a bare `sa` in the policy's `namespace` (as Istio converts
 /// it); any trust domain. Both parts are compared exactly, so wildcards and
 /// empty parts, which would silently match nobody, are rejected.
-fn service_account(v: &str, namespace: &str) -> Result<ServiceAccountMatch, PolicyError> {
+pub(super) fn service_account(v: &str, namespace: &str) -> Result<ServiceAccountMatch, PolicyError> {
     let (ns, sa) = v.split_once('/').unwrap_or((namespace, v));
     let bad = |p: &str| p.is_empty() || p.contains(['/', '*']);
     if bad(ns) || bad(sa) {
@@ -261,7 +264,7 @@ pub fn ip_block(v: &str) -> Result<Address, PolicyError> {
     Ok(Address { address, length })
 }
 
-fn ports(values: &[String]) -> Result<Vec<u32>, PolicyError> {
+pub(super) fn ports(values: &[String]) -> Result<Vec<u32>, PolicyError> {
     values
         .iter()
         .map(|v| match v.parse::<u16>() {

@@ -4,28 +4,37 @@
 //! the rest of the build.
 
 pub mod authz;
+pub mod authz_l7;
 pub mod crd;
 pub mod index;
 pub mod objects;
 pub mod parse;
 pub mod peer_auth;
+pub mod route_convert;
+pub mod route_crd;
+pub mod routes;
 pub mod services;
 pub mod unsupported;
 pub mod waypoint;
+pub mod waypoint_scope;
 pub mod workloads;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod waypoint_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ambit_api::security::Authorization;
+use ambit_api::waypoint::{AuthorizationPolicy as WaypointPolicy, ServiceRoutes};
 use ambit_api::workload::{address, Address};
 
 pub use objects::{ClusterObject, ClusterObjects, ObjectKey};
 pub use parse::parse_documents;
 pub use waypoint::{waypoints, WaypointGateway};
+pub use waypoint_scope::WaypointScope;
 
 /// One consistent, versioned view of the mesh, as xDS resources.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -39,6 +48,12 @@ pub struct Snapshot {
     /// Which identities run on which node: node name → set of (namespace, service account). The CA signs an identity
     /// for a caller only if it runs on the caller's node.
     pub identities_by_node: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// `ambit.waypoint.v1.ServiceRoutes` by xDS name "namespace/hostname": the services that have a waypoint.
+    pub service_routes: BTreeMap<String, ServiceRoutes>,
+    /// `ambit.waypoint.v1.AuthorizationPolicy` by xDS name "namespace/name": policies bound by `targetRefs`.
+    pub waypoint_policies: BTreeMap<String, WaypointPolicy>,
+    /// What each waypoint Gateway `(namespace, name)` is sent.
+    pub waypoints: BTreeMap<ObjectKey, WaypointScope>,
 }
 
 impl Snapshot {
@@ -47,11 +62,18 @@ impl Snapshot {
         self.addresses == other.addresses
             && self.authorizations == other.authorizations
             && self.identities_by_node == other.identities_by_node
+            && self.service_routes == other.service_routes
+            && self.waypoint_policies == other.waypoint_policies
+            && self.waypoints == other.waypoints
     }
 
     /// Whether it holds no resource.
     pub fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.authorizations.is_empty() && self.identities_by_node.is_empty()
+        self.addresses.is_empty()
+            && self.authorizations.is_empty()
+            && self.identities_by_node.is_empty()
+            && self.service_routes.is_empty()
+            && self.waypoint_policies.is_empty()
     }
 }
 
@@ -113,6 +135,15 @@ pub struct Warning {
 /// Receives the rejections of every rebuild (logs, metrics, later status conditions).
 pub type RejectionSink = std::sync::Arc<dyn Fn(&[Rejection]) + Send + Sync>;
 
+/// Where a policy bound by `targetRefs` went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyBinding {
+    /// The waypoints `namespace/name` that enforce it.
+    pub waypoints: Vec<String>,
+    /// What of it no waypoint enforces (an unsupported action or target), if anything.
+    pub problem: Option<String>,
+}
+
 /// Everything one build produces.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BuildReport {
@@ -122,6 +153,10 @@ pub struct BuildReport {
     pub rejections: Vec<Rejection>,
     /// Objects used in part.
     pub warnings: Vec<Warning>,
+    /// Services `(namespace, name)` a waypoint serves: routes attached to them apply.
+    pub waypoint_services: BTreeSet<ObjectKey>,
+    /// Valid AuthorizationPolicies with `targetRefs`, by key.
+    pub policy_bindings: BTreeMap<ObjectKey, PolicyBinding>,
 }
 
 /// Builds the snapshot of `objects` at `version`; warnings are logged.
@@ -157,7 +192,15 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
     let snap = &mut report.snapshot;
     snap.version = version;
 
+    let mut targeted = Vec::new();
     for (key, p) in &objects.authorization_policies {
+        if authz_l7::is_targeted(p) {
+            match authz_l7::convert(p, &opts.domain_suffix) {
+                Ok(c) => targeted.push((key, c)),
+                Err(e) => report.rejections.push(note("AuthorizationPolicy", key, e.to_string())),
+            }
+            continue;
+        }
         let converted = match authz::convert(p, &opts.root_namespace) {
             Ok(c) => c,
             Err(e) => {
@@ -251,5 +294,45 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
         }
         snap.addresses.insert(w.uid.clone(), Address { r#type: Some(address::Type::Workload(w)) });
     }
+    waypoint_config(objects, opts, &gateways, targeted, &mut report);
     report
+}
+
+/// The waypoints' resources (routes, L7 policies, scopes), from the addresses already built.
+fn waypoint_config(
+    objects: &ClusterObjects,
+    opts: &ModelOptions,
+    gateways: &[WaypointGateway],
+    targeted: Vec<(&ObjectKey, authz_l7::Converted)>,
+    report: &mut BuildReport,
+) {
+    let routes = routes::build(objects, &report.snapshot.addresses, &opts.domain_suffix);
+    report.rejections.extend(routes.rejections);
+    report.warnings.extend(routes.warnings);
+    report.waypoint_services = routes.waypoint_services;
+    let snap = &mut report.snapshot;
+    snap.service_routes = routes.by_service;
+    let mut problems = BTreeMap::new();
+    for (key, c) in targeted {
+        let sent = c.policy.is_some();
+        if let Some(p) = c.policy {
+            snap.waypoint_policies.insert(format!("{}/{}", key.0, key.1), p);
+        }
+        problems.insert(key.clone(), (c.problem, sent));
+    }
+    let (scopes, bound) =
+        waypoint_scope::build(gateways, &snap.addresses, &snap.service_routes, &snap.waypoint_policies);
+    snap.waypoints = scopes;
+    for (key, (problem, sent)) in problems {
+        let waypoints = bound.get(&format!("{}/{}", key.0, key.1)).into_iter().flatten();
+        let waypoints: Vec<String> = waypoints.map(|(ns, name)| format!("{ns}/{name}")).collect();
+        // Logged in both modes; in Kubernetes `WaypointAccepted` says it too.
+        let unbound =
+            (sent && waypoints.is_empty()).then(|| "no waypoint serves its targets: it has no effect".to_owned());
+        for reason in problem.iter().cloned().chain(unbound) {
+            let (namespace, name) = key.clone();
+            report.warnings.push(Warning { kind: "AuthorizationPolicy".into(), namespace, name, reason });
+        }
+        report.policy_bindings.insert(key, PolicyBinding { waypoints, problem });
+    }
 }

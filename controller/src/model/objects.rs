@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::crd::{AuthorizationPolicy, Gateway, PeerAuthentication};
+use super::route_crd::{GrpcRoute, HttpRoute};
 
 /// (namespace, name); cluster-scoped objects have an empty namespace.
 pub type ObjectKey = (String, String);
@@ -29,6 +30,10 @@ pub enum ClusterObject {
     PeerAuthentication(Box<PeerAuthentication>),
     /// `gateway.networking.k8s.io/v1 Gateway`.
     Gateway(Box<Gateway>),
+    /// `gateway.networking.k8s.io/v1 HTTPRoute`.
+    HttpRoute(Box<HttpRoute>),
+    /// `gateway.networking.k8s.io/v1 GRPCRoute`.
+    GrpcRoute(Box<GrpcRoute>),
 }
 
 impl ClusterObject {
@@ -42,6 +47,8 @@ impl ClusterObject {
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Self::PeerAuthentication(_) => "PeerAuthentication",
             Self::Gateway(_) => "Gateway",
+            Self::HttpRoute(_) => "HTTPRoute",
+            Self::GrpcRoute(_) => "GRPCRoute",
         }
     }
 
@@ -55,6 +62,8 @@ impl ClusterObject {
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::PeerAuthentication(o) => &o.metadata,
             Self::Gateway(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+            Self::GrpcRoute(o) => &o.metadata,
         };
         (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
@@ -78,6 +87,10 @@ pub struct ClusterObjects {
     pub peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
     /// Gateways (all classes).
     pub gateways: BTreeMap<ObjectKey, Gateway>,
+    /// HTTPRoutes.
+    pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
+    /// GRPCRoutes.
+    pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
 }
 
 impl ClusterObjects {
@@ -90,6 +103,8 @@ impl ClusterObjects {
             && self.authorization_policies.is_empty()
             && self.peer_authentications.is_empty()
             && self.gateways.is_empty()
+            && self.http_routes.is_empty()
+            && self.grpc_routes.is_empty()
     }
 
     /// Adds `obj` unless one of the same kind and key exists; returns whether it was added.
@@ -112,6 +127,8 @@ impl ClusterObjects {
             ClusterObject::AuthorizationPolicy(o) => put(&mut self.authorization_policies, key, *o),
             ClusterObject::PeerAuthentication(o) => put(&mut self.peer_authentications, key, *o),
             ClusterObject::Gateway(o) => put(&mut self.gateways, key, *o),
+            ClusterObject::HttpRoute(o) => put(&mut self.http_routes, key, *o),
+            ClusterObject::GrpcRoute(o) => put(&mut self.grpc_routes, key, *o),
         }
     }
 

@@ -83,6 +83,8 @@ fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rej
         ("security.istio.io", "AuthorizationPolicy") => typed(value, ClusterObject::AuthorizationPolicy),
         ("security.istio.io", "PeerAuthentication") => typed(value, ClusterObject::PeerAuthentication),
         ("gateway.networking.k8s.io", "Gateway") => typed(value, ClusterObject::Gateway),
+        ("gateway.networking.k8s.io", "HTTPRoute") => typed(value, ClusterObject::HttpRoute),
+        ("gateway.networking.k8s.io", "GRPCRoute") => typed(value, ClusterObject::GrpcRoute),
         _ => {
             if super::unsupported::find(group, &kind).is_some() {
                 let message = super::unsupported::message(&kind);
@@ -119,6 +121,8 @@ fn set_namespace(obj: &mut ClusterObject, namespace: String) {
         ClusterObject::AuthorizationPolicy(o) => &mut o.metadata,
         ClusterObject::PeerAuthentication(o) => &mut o.metadata,
         ClusterObject::Gateway(o) => &mut o.metadata,
+        ClusterObject::HttpRoute(o) => &mut o.metadata,
+        ClusterObject::GrpcRoute(o) => &mut o.metadata,
     };
     meta.namespace = Some(namespace);
 }

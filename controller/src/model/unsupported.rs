@@ -23,8 +23,6 @@ pub const KINDS: &[Kind] = &[
     kind("networking.istio.io", "v1", "Sidecar", "sidecars"),
     kind("networking.istio.io", "v1alpha3", "EnvoyFilter", "envoyfilters"),
     kind("security.istio.io", "v1", "RequestAuthentication", "requestauthentications"),
-    kind("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
-    kind("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
     kind("split.smi-spec.io", "v1alpha4", "TrafficSplit", "trafficsplits"),
 ];
 
@@ -45,8 +43,9 @@ mod tests {
     #[test]
     fn known_unsupported_kinds_are_found_by_group_and_kind() {
         assert_eq!(find("networking.istio.io", "VirtualService").unwrap().plural, "virtualservices");
-        assert!(find("gateway.networking.k8s.io", "HTTPRoute").is_some());
+        assert!(find("security.istio.io", "RequestAuthentication").is_some());
         assert!(find("security.istio.io", "AuthorizationPolicy").is_none(), "applied kinds are not listed");
+        assert!(find("gateway.networking.k8s.io", "HTTPRoute").is_none(), "routes are applied by the waypoint");
         assert!(find("apps", "Deployment").is_none(), "kinds outside the mesh are not listed");
         assert!(message("VirtualService").contains("no effect"));
     }

@@ -1,8 +1,9 @@
 //! The Kubernetes source: reflectors (watch + in-memory store) for every kind the model reads. Each change, after a
 //! short debounce that batches bursts, rebuilds the model from the stores and publishes the snapshot if its resources
 //! changed, as the file source does. Istio policies get status conditions saying whether and how they were used
-//! (`policy_status`); Gateway API routes and GatewayClasses, read only for that, get theirs (`route_status`), written
-//! after every batch without a model build when only they changed (`kube_status`).
+//! (`policy_status`); HTTPRoutes and GRPCRoutes (model kinds: the waypoint's routes) and GatewayClasses (read only
+//! for their status) get theirs (`route_status`), written after every batch, without a model build when only
+//! GatewayClasses changed (`kube_status`).
 //!
 //! A custom resource whose CRD is not installed must not stop the mesh: its watcher logs once, counts as an empty
 //! kind, and keeps retrying with backoff, so installing the CRD later is picked up.
@@ -75,7 +76,7 @@ const GATEWAY: Crd = Crd { group: "gateway.networking.k8s.io", version: "v1", ki
 /// Read only for their status ([`super::route_status`]); the model does not wait for them.
 pub(super) const GATEWAY_CLASS: Crd =
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GatewayClass", plural: "gatewayclasses" };
-/// The routes whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
+/// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
 pub(super) const ROUTES: [Crd; 2] = [
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GRPCRoute", plural: "grpcroutes" },
@@ -88,15 +89,24 @@ impl Crd {
 }
 
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
-const KINDS: [&str; 7] =
-    ["Namespace", "Pod", "Service", "EndpointSlice", AUTHORIZATION_POLICY.kind, PEER_AUTHENTICATION.kind, GATEWAY.kind];
+const KINDS: [&str; 9] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "EndpointSlice",
+    AUTHORIZATION_POLICY.kind,
+    PEER_AUTHENTICATION.kind,
+    GATEWAY.kind,
+    ROUTES[0].kind,
+    ROUTES[1].kind,
+];
 
 /// What the watcher tasks tell the build loop.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Signal {
     /// Objects of a kind the model reads changed.
     Changed,
-    /// Objects read only for their status (routes, GatewayClasses) changed: no model build, only their status.
+    /// Objects read only for their status (GatewayClasses) changed: no model build, only their status.
     StatusInput,
     /// A kind's initial list is complete (or its CRD is absent, which counts as empty).
     Ready(&'static str),
@@ -165,6 +175,8 @@ impl KubeSource {
         let mut ready = HashSet::new();
         let mut last_rejections = None::<Vec<Rejection>>;
         let mut status = StatusWriter::new(self.client.clone(), signal_tx.clone());
+        // What the last build decided about routes, for their status.
+        let mut facts = ModelFacts::default();
         // Whether a model kind changed since the last build; status-only changes skip the build.
         let mut rebuild = false;
         loop {
@@ -191,15 +203,17 @@ impl KubeSource {
             }
             if rebuild {
                 rebuild = false;
-                self.build(&stores, &tx, &rejections, &mut last_rejections, &mut status).await;
+                if let Some(f) = self.build(&stores, &tx, &rejections, &mut last_rejections, &mut status).await {
+                    facts = f;
+                }
             }
             // A Gateway, Service or namespace may change whose a route's parent is: after every batch.
-            status.sync_gateway_api(&stores).await;
+            status.sync_gateway_api(&stores, &facts).await;
         }
     }
 
     /// Builds the model from the stores, reports new rejections, publishes the snapshot if its resources changed,
-    /// and writes the policies' conditions.
+    /// and writes the policies' conditions; returns what route status needs (`None` if the build failed).
     async fn build(
         &self,
         stores: &Stores,
@@ -207,7 +221,7 @@ impl KubeSource {
         rejections: &RejectionSink,
         last_rejections: &mut Option<Vec<Rejection>>,
         status: &mut StatusWriter,
-    ) {
+    ) -> Option<ModelFacts> {
         let started = std::time::Instant::now();
         let next = tx.borrow().version + 1;
         let (objects, mut rejected, crd_keys) = collect(stores);
@@ -215,14 +229,14 @@ impl KubeSource {
         let built = tokio::task::spawn_blocking(move || {
             let report = model::build_report(&objects, &opts, next);
             rejected.extend(report.rejections);
-            (report.snapshot, rejected, report.warnings)
+            (report.snapshot, rejected, report.warnings, report.waypoint_services, report.policy_bindings)
         })
         .await;
-        let (snapshot, rejected, warnings) = match built {
+        let (snapshot, rejected, warnings, served, bindings) = match built {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "bug: model build panicked");
-                return;
+                return None;
             }
         };
         if last_rejections.as_ref() != Some(&rejected) {
@@ -243,7 +257,13 @@ impl KubeSource {
             let version = tx.borrow().version;
             tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
         }
-        status.sync_policies(stores, &crd_keys, &rejected, &warnings).await;
+        status.sync_policies(stores, &crd_keys, &rejected, &warnings, &bindings).await;
+        let invalid = rejected
+            .iter()
+            .filter(|r| ROUTES.iter().any(|c| c.kind == r.kind))
+            .map(|r| ((r.kind.clone(), r.namespace.clone(), r.name.clone()), r.reason.clone()))
+            .collect();
+        Some(ModelFacts { served: served.into_iter().collect(), invalid })
     }
 
     fn spawn_watchers(&self, signal: &mpsc::UnboundedSender<Signal>) -> (Stores, Tasks) {
@@ -257,8 +277,8 @@ impl KubeSource {
         let peer_auths = spawn_dynamic(c, PEER_AUTHENTICATION, signal, &mut tasks);
         let gateways = spawn_dynamic(c, GATEWAY, signal, &mut tasks);
         let gateway_classes = spawn_status_input(c, GATEWAY_CLASS, signal, &mut tasks);
-        let http_routes = spawn_status_input(c, ROUTES[0], signal, &mut tasks);
-        let grpc_routes = spawn_status_input(c, ROUTES[1], signal, &mut tasks);
+        let http_routes = spawn_dynamic(c, ROUTES[0], signal, &mut tasks);
+        let grpc_routes = spawn_dynamic(c, ROUTES[1], signal, &mut tasks);
         let stores = Stores {
             namespaces,
             pods,
@@ -404,6 +424,15 @@ fn is_not_found(e: &watcher::Error) -> bool {
 /// (kind, namespace, name) of a policy.
 pub(super) type PolicyKey = (&'static str, String, String);
 
+/// What the last model build decided that route status needs.
+#[derive(Debug, Default)]
+pub(super) struct ModelFacts {
+    /// Services a waypoint serves.
+    pub(super) served: std::collections::HashSet<(String, String)>,
+    /// Routes the model refused, by (kind, namespace, name), with why.
+    pub(super) invalid: std::collections::HashMap<(String, String, String), String>,
+}
+
 /// Copies the stores into [`ClusterObjects`]. Custom resources that do not match the model's schema are rejected
 /// here; the keys of all Istio policies seen are returned for their status conditions.
 fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) {
@@ -437,6 +466,16 @@ fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) 
     for o in stores.gateways.state() {
         if let Some(t) = typed(&o, GATEWAY, &mut rejections) {
             objects.insert(ClusterObject::Gateway(Box::new(t)));
+        }
+    }
+    for o in stores.http_routes.state() {
+        if let Some(t) = typed(&o, ROUTES[0], &mut rejections) {
+            objects.insert(ClusterObject::HttpRoute(Box::new(t)));
+        }
+    }
+    for o in stores.grpc_routes.state() {
+        if let Some(t) = typed(&o, ROUTES[1], &mut rejections) {
+            objects.insert(ClusterObject::GrpcRoute(Box::new(t)));
         }
     }
     (objects, rejections, keys)

@@ -19,11 +19,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::conditions::{self, Cond};
-use super::kube::{Crd, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION, ROUTES};
+use super::kube::{
+    Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION, ROUTES,
+};
 use super::policy_status::{self, Outcome};
 use super::route_status::{self, Parents};
 use crate::model::index::DATAPLANE_MODE_LABEL;
-use crate::model::{Rejection, Warning};
+use crate::model::{ObjectKey, PolicyBinding, Rejection, Warning};
 
 /// When a status write failed, how long until the next attempt.
 const STATUS_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -51,6 +53,7 @@ impl StatusWriter {
         keys: &[PolicyKey],
         rejected: &[Rejection],
         warnings: &[Warning],
+        bindings: &std::collections::BTreeMap<ObjectKey, PolicyBinding>,
     ) {
         let mut outcomes: HashMap<PolicyKey, Outcome<'_>> = HashMap::new();
         let notes = rejected.iter().map(|r| (&r.kind, &r.namespace, &r.name, &r.reason, false));
@@ -79,7 +82,10 @@ impl StatusWriter {
             else {
                 continue; // deleted since the build
             };
-            let outcome = outcomes.remove(key).unwrap_or_default();
+            let mut outcome = outcomes.remove(key).unwrap_or_default();
+            if key.0 == AUTHORIZATION_POLICY.kind {
+                outcome.binding = bindings.get(&(key.1.clone(), key.2.clone()));
+            }
             let want = policy_status::desired(key.0, &obj.data["spec"], obj.metadata.generation, &outcome);
             if self.written.get(key) == Some(&want) {
                 continue;
@@ -106,8 +112,10 @@ impl StatusWriter {
 
     /// Routes and GatewayClasses: after any change of them or of the model's objects (a Gateway, Service or
     /// namespace decides whose a parentRef is).
-    pub(super) async fn sync_gateway_api(&mut self, stores: &Stores) {
-        let parents = parents(stores);
+    pub(super) async fn sync_gateway_api(&mut self, stores: &Stores, facts: &ModelFacts) {
+        let mut parents = parents(stores);
+        parents.served = facts.served.clone();
+        parents.invalid = facts.invalid.clone();
         let now = now();
         let mut failed = false;
         for (crd, store) in ROUTES.iter().zip([&stores.http_routes, &stores.grpc_routes]) {
@@ -116,6 +124,7 @@ impl StatusWriter {
                 let want = route_status::desired_parents(
                     crd.kind,
                     &ns,
+                    &route.name_any(),
                     &route.data["spec"],
                     route.metadata.generation,
                     &parents,
@@ -199,7 +208,7 @@ fn parents(stores: &Stores) -> Parents {
         .map(|n| n.name_any())
         .collect();
     let services = stores.services.state().iter().map(|s| (s.namespace().unwrap_or_default(), s.name_any())).collect();
-    Parents { waypoints, mesh_namespaces, services }
+    Parents { waypoints, mesh_namespaces, services, ..Parents::default() }
 }
 
 /// The current time as a condition's `lastTransitionTime`.

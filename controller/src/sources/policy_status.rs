@@ -5,12 +5,15 @@
 //! - `ZtunnelAccepted` (AuthorizationPolicy bound to workloads, as istiod writes it): `True`/`Accepted` "attached to
 //!   ztunnel"; `True`/`UnsupportedValue` with what ztunnel left out (L7 attributes, AUDIT/CUSTOM actions), so a
 //!   policy that does less than it says never reads as plainly accepted; `False`/`Invalid` for an invalid one.
-//! - `WaypointAccepted` (AuthorizationPolicy with `targetRefs`): `False`/`Unsupported`, because no Ambit waypoint
-//!   enforces authorization yet: the policy has no effect, and the status says so.
+//! - `WaypointAccepted` (AuthorizationPolicy with `targetRefs`, which only a waypoint enforces): `True`/`Accepted`
+//!   naming the waypoints it is sent to; `True`/`UnsupportedValue` when part of it is not enforced (a target of
+//!   another kind); `False`/`TargetNotFound` when no waypoint serves its targets (it has no effect);
+//!   `False`/`UnsupportedValue` for an action the waypoint does not enforce (CUSTOM, AUDIT); `False`/`Invalid`.
 
 use serde_json::Value;
 
 use super::conditions::Cond;
+use crate::model::PolicyBinding;
 
 /// Condition types this module owns; others on the object are left alone.
 pub const OWNED: [&str; 3] = ["Accepted", "ZtunnelAccepted", "WaypointAccepted"];
@@ -22,6 +25,8 @@ pub struct Outcome<'a> {
     pub rejected: Vec<&'a str>,
     /// What was left out at L4 (empty: enforced as written).
     pub warnings: Vec<&'a str>,
+    /// Where a valid policy with `targetRefs` went.
+    pub binding: Option<&'a PolicyBinding>,
 }
 
 /// The conditions `kind` (`AuthorizationPolicy` or `PeerAuthentication`) should carry. `spec` is the object's spec
@@ -40,12 +45,7 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
         || spec.get("targetRef").is_some_and(|t| !t.is_null());
     out.push(match (invalid, targeted) {
         (Some(why), true) => cond("WaypointAccepted", "False", "Invalid", why),
-        (None, true) => cond(
-            "WaypointAccepted",
-            "False",
-            "Unsupported",
-            "Ambit's waypoint does not enforce AuthorizationPolicy yet: this policy has no effect".into(),
-        ),
+        (None, true) => waypoint_accepted(o.binding, cond),
         (Some(why), false) => cond("ZtunnelAccepted", "False", "Invalid", why),
         (None, false) if o.warnings.is_empty() => {
             cond("ZtunnelAccepted", "True", "Accepted", "attached to ztunnel".into())
@@ -61,6 +61,30 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
         ),
     });
     out
+}
+
+/// `WaypointAccepted` of a valid targeted policy.
+fn waypoint_accepted(
+    b: Option<&PolicyBinding>,
+    cond: impl Fn(&'static str, &'static str, &'static str, String) -> Cond,
+) -> Cond {
+    let t = "WaypointAccepted";
+    let default = PolicyBinding::default();
+    let b = b.unwrap_or(&default);
+    let bound = format!("bound to waypoint {}", b.waypoints.join(", "));
+    match (&b.problem, b.waypoints.is_empty()) {
+        (Some(p), true) => cond(t, "False", "UnsupportedValue", format!("{p}: this policy has no effect")),
+        (None, true) => cond(
+            t,
+            "False",
+            "TargetNotFound",
+            "no waypoint serves the policy's targets (a waypoint Gateway, or a Service with istio.io/use-waypoint): \
+             this policy has no effect"
+                .into(),
+        ),
+        (Some(p), false) => cond(t, "True", "UnsupportedValue", format!("{bound}; {p}")),
+        (None, false) => cond(t, "True", "Accepted", bound),
+    }
 }
 
 #[cfg(test)]
@@ -98,12 +122,23 @@ mod tests {
     }
 
     #[test]
-    fn a_waypoint_policy_says_it_has_no_effect_yet() {
+    fn a_waypoint_policy_says_where_it_went_or_that_it_has_no_effect() {
         let spec = json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}]});
         let c = desired("AuthorizationPolicy", &spec, None, &Outcome::default());
-        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "False", "Unsupported")]);
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "False", "TargetNotFound")]);
+        assert!(c[1].message.contains("no effect"), "{}", c[1].message);
         let old_form = json!({"targetRef": {"kind": "Gateway", "name": "waypoint"}});
         assert_eq!(desired("AuthorizationPolicy", &old_form, None, &Outcome::default())[1].type_, "WaypointAccepted");
+
+        let bound = PolicyBinding { waypoints: vec!["ns/waypoint".into()], problem: None };
+        let c = desired("AuthorizationPolicy", &spec, None, &Outcome { binding: Some(&bound), ..Default::default() });
+        assert_eq!(kinds(&c)[1], ("WaypointAccepted", "True", "Accepted"));
+        assert_eq!(c[1].message, "bound to waypoint ns/waypoint");
+
+        let custom = PolicyBinding { waypoints: vec![], problem: Some("action CUSTOM is not supported".into()) };
+        let c = desired("AuthorizationPolicy", &spec, None, &Outcome { binding: Some(&custom), ..Default::default() });
+        assert_eq!(kinds(&c)[1], ("WaypointAccepted", "False", "UnsupportedValue"));
+        assert!(c[1].message.contains("CUSTOM"), "{}", c[1].message);
     }
 
     #[test]

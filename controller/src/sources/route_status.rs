@@ -3,11 +3,14 @@
 //!
 //! - **Routes** (`HTTPRoute`, `GRPCRoute`): one `status.parents[]` entry per parentRef that is Ambit's — a Gateway of
 //!   a waypoint class (`WAYPOINT_CLASSES`), or (GAMMA, the mesh profile) a Service in an ambient namespace, the
-//!   namespaces whose traffic Ambit carries. Ambit routes nothing at L7 yet, so the entry says
-//!   `Accepted=False`/`UnsupportedValue` (the spec's reason for a value the implementation does not support), or
-//!   `NoMatchingParent` when the parent Service does not exist, plus `ResolvedRefs` for the backendRefs (Services
-//!   that exist; ReferenceGrants are not read, as nothing is routed). Entries of other controllers are kept as they
-//!   are; a parentRef that is not Ambit's gets no entry.
+//!   namespaces whose traffic Ambit carries. A Service parent is `Accepted=True` when a waypoint serves the Service
+//!   (the model sends the route to it); else `Accepted=False` with `NoMatchingParent` (no such Service) or
+//!   `UnsupportedValue` (the spec's reason for a value the implementation does not support: the route is invalid —
+//!   the model says why —, the Service has no waypoint, the route is a consumer route in another namespace). A
+//!   waypoint Gateway parent is `UnsupportedValue`: Ambit applies routes attached to Services. `ResolvedRefs` covers
+//!   the backendRefs (Services that exist in the route's namespace; ReferenceGrants are not read, so a
+//!   cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
+//!   that is not Ambit's gets no entry.
 //! - **GatewayClasses**: a waypoint class whose `controllerName` is one Ambit answers for is `Accepted=True`; a
 //!   class of Ambit's own controllerName that is not a waypoint class is `Accepted=False`/`Unsupported`, since no
 //!   Gateway of it gets anything. Other classes are not touched.
@@ -35,6 +38,10 @@ pub struct Parents {
     pub mesh_namespaces: HashSet<String>,
     /// Services by (namespace, name).
     pub services: HashSet<(String, String)>,
+    /// Services a waypoint serves (routes attached to them are sent to it), from the last model build.
+    pub served: HashSet<(String, String)>,
+    /// Routes the model refused, by (kind, namespace, name), with why.
+    pub invalid: HashMap<(String, String, String), String>,
 }
 
 impl Parents {
@@ -57,23 +64,31 @@ pub struct ParentStatus {
     pub conditions: Vec<Cond>,
 }
 
-/// What the user reads on a route of `kind` accepted by nobody, as Ambit applies no L7 rule yet.
-pub fn not_applied_message(kind: &str) -> String {
+/// What the user reads on a route of `kind` attached to a waypoint Gateway, which Ambit does not apply.
+pub fn gateway_parent_message(kind: &str) -> String {
     let what = if kind == "GRPCRoute" { "gRPC" } else { "HTTP" };
     format!(
-        "Ambit does not apply {what} routes yet: the waypoint's L7 routing is not implemented; traffic is not routed \
-         by this rule"
+        "Ambit does not apply {what} routes attached to a waypoint Gateway: attach the route to a Service \
+         (parentRef group \"\", kind Service) served by the waypoint; traffic is not routed by this parent"
     )
 }
 
-/// The parent entries Ambit wants on a route of `kind` in namespace `ns`, one per parentRef of `spec` that is
-/// Ambit's, in the spec's order.
-pub fn desired_parents(kind: &str, ns: &str, spec: &Value, generation: Option<i64>, p: &Parents) -> Vec<ParentStatus> {
+/// The parent entries Ambit wants on route `kind` `ns/name`, one per parentRef of `spec` that is Ambit's, in the
+/// spec's order.
+pub fn desired_parents(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    spec: &Value,
+    generation: Option<i64>,
+    p: &Parents,
+) -> Vec<ParentStatus> {
     let refs = spec["parentRefs"].as_array().map(Vec::as_slice).unwrap_or_default();
     let mut out: Vec<ParentStatus> = Vec::new();
     let mut resolved = None;
+    let invalid = p.invalid.get(&(kind.to_owned(), ns.to_owned(), name.to_owned())).map(String::as_str);
     for r in refs {
-        let Some((controller, accepted)) = claim(kind, ns, r, p, generation) else { continue };
+        let Some((controller, accepted)) = claim(kind, ns, invalid, r, p, generation) else { continue };
         if out.iter().any(|o| o.parent_ref == *r) {
             continue; // the CRD's validation refuses duplicates; a lax schema may not
         }
@@ -83,20 +98,38 @@ pub fn desired_parents(kind: &str, ns: &str, spec: &Value, generation: Option<i6
     out
 }
 
-/// Whether parentRef `r` is Ambit's: its entry's controllerName and `Accepted` condition.
-fn claim(kind: &str, ns: &str, r: &Value, p: &Parents, generation: Option<i64>) -> Option<(&'static str, Cond)> {
+/// Whether parentRef `r` is Ambit's: its entry's controllerName and `Accepted` condition. `invalid` is why the
+/// model refused the route, if it did.
+fn claim(
+    kind: &str,
+    ns: &str,
+    invalid: Option<&str>,
+    r: &Value,
+    p: &Parents,
+    generation: Option<i64>,
+) -> Option<(&'static str, Cond)> {
     let group = r["group"].as_str().unwrap_or(GATEWAY_GROUP);
     let parent_kind = r["kind"].as_str().unwrap_or("Gateway");
     let key = (r["namespace"].as_str().unwrap_or(ns).to_string(), r["name"].as_str()?.to_string());
-    let unsupported = || Cond::new("Accepted", "False", "UnsupportedValue", not_applied_message(kind), generation);
+    let unsupported = |message: String| Cond::new("Accepted", "False", "UnsupportedValue", message, generation);
     match (group, parent_kind) {
-        (GATEWAY_GROUP, "Gateway") => p.waypoints.get(&key).map(|c| (*c, unsupported())),
+        (GATEWAY_GROUP, "Gateway") => p.waypoints.get(&key).map(|c| (*c, unsupported(gateway_parent_message(kind)))),
         ("" | "core", "Service") if p.mesh_namespaces.contains(&key.0) => {
-            let accepted = if p.services.contains(&key) {
-                unsupported()
+            let service = format!("Service {}/{}", key.0, key.1);
+            let accepted = if !p.services.contains(&key) {
+                Cond::new("Accepted", "False", "NoMatchingParent", format!("{service} does not exist"), generation)
+            } else if let Some(why) = invalid {
+                unsupported(format!("invalid route: {why}"))
+            } else if key.0 != ns {
+                unsupported(format!(
+                    "{service} is in another namespace: Ambit applies only routes in the Service's own namespace"
+                ))
+            } else if !p.served.contains(&key) {
+                unsupported(format!(
+                    "{service} has no waypoint (istio.io/use-waypoint): routes apply only to traffic through a waypoint"
+                ))
             } else {
-                let message = format!("Service {}/{} does not exist", key.0, key.1);
-                Cond::new("Accepted", "False", "NoMatchingParent", message, generation)
+                Cond::new("Accepted", "True", "Accepted", format!("routed by the waypoint of {service}"), generation)
             };
             Some((AMBIT_CONTROLLER_NAME, accepted))
         }
@@ -114,6 +147,9 @@ fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -
         let bns = b["namespace"].as_str().unwrap_or(ns);
         if !matches!(group, "" | "core") || kind != "Service" {
             problems.push(("InvalidKind", format!("backendRef {group}/{kind} {name}: only Services are supported")));
+        } else if bns != ns {
+            problems
+                .push(("RefNotPermitted", format!("backendRef Service {bns}/{name}: ReferenceGrants are not read")));
         } else if !p.services.contains(&(bns.to_string(), name.to_string())) {
             problems.push(("BackendNotFound", format!("backendRef Service {bns}/{name} does not exist")));
         }
@@ -198,13 +234,13 @@ mod tests {
     }
 
     #[test]
-    fn only_ambit_parents_get_an_entry_and_it_says_nothing_is_routed() {
+    fn only_ambit_parents_get_an_entry_and_it_says_why_nothing_is_routed() {
         let s = spec(
             "parentRefs: [{name: waypoint}, {name: other-gateway}, {group: '', kind: Service, name: backend}, \
              {group: '', kind: Service, name: elsewhere, namespace: outside}]\n\
              rules: [{backendRefs: [{name: backend, port: 80}]}]\n",
         );
-        let want = desired_parents("HTTPRoute", "mesh", &s, Some(3), &parents());
+        let want = desired_parents("HTTPRoute", "mesh", "r", &s, Some(3), &parents());
         assert_eq!(want.len(), 2, "{want:?}");
         assert_eq!(want[0].parent_ref, json!({"name": "waypoint"}));
         assert_eq!(want[1].parent_ref["kind"], "Service");
@@ -215,31 +251,51 @@ mod tests {
                 [("Accepted", "False", "UnsupportedValue"), ("ResolvedRefs", "True", "ResolvedRefs")]
             );
             assert!(w.conditions.iter().all(|c| c.generation == Some(3)));
-            assert!(w.conditions[0].message.contains("does not apply HTTP routes"), "{}", w.conditions[0].message);
         }
-        let grpc = desired_parents("GRPCRoute", "mesh", &s, None, &parents());
+        assert!(want[0].conditions[0].message.contains("attached to a waypoint Gateway"), "{:?}", want[0]);
+        assert!(want[1].conditions[0].message.contains("has no waypoint"), "{:?}", want[1]);
+        let grpc = desired_parents("GRPCRoute", "mesh", "r", &s, None, &parents());
         assert!(grpc[0].conditions[0].message.contains("gRPC"));
+    }
+
+    #[test]
+    fn a_service_a_waypoint_serves_accepts_the_route_unless_the_model_refused_it() {
+        let s = spec("parentRefs: [{group: '', kind: Service, name: backend}]\nrules: [{backendRefs: [{name: backend, port: 80}]}]\n");
+        let mut p = parents();
+        p.served.insert(("mesh".into(), "backend".into()));
+        let want = desired_parents("HTTPRoute", "mesh", "r", &s, Some(1), &p);
+        assert_eq!(
+            kinds(&want[0].conditions),
+            [("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]
+        );
+        p.invalid
+            .insert(("HTTPRoute".into(), "mesh".into(), "r".into()), "filter type \"CORS\" is not supported".into());
+        let want = desired_parents("HTTPRoute", "mesh", "r", &s, Some(1), &p);
+        assert_eq!(kinds(&want[0].conditions)[0], ("Accepted", "False", "UnsupportedValue"));
+        assert!(want[0].conditions[0].message.contains("CORS"), "{:?}", want[0]);
+        let other = desired_parents("GRPCRoute", "mesh", "r", &s, Some(1), &p);
+        assert_eq!(kinds(&other[0].conditions)[0], ("Accepted", "True", "Accepted"), "the refusal was the HTTPRoute's");
     }
 
     #[test]
     fn a_missing_service_parent_and_bad_backends_are_named() {
         let s = spec(
             "parentRefs: [{group: '', kind: Service, name: gone}]\n\
-             rules: [{backendRefs: [{name: nope}, {group: example.com, kind: Bucket, name: b}]}]\n",
+             rules: [{backendRefs: [{name: nope}, {group: example.com, kind: Bucket, name: b}, {name: x, namespace: o}]}]\n",
         );
-        let want = desired_parents("HTTPRoute", "mesh", &s, None, &parents());
+        let want = desired_parents("HTTPRoute", "mesh", "r", &s, None, &parents());
         assert_eq!(
             kinds(&want[0].conditions),
             [("Accepted", "False", "NoMatchingParent"), ("ResolvedRefs", "False", "BackendNotFound")]
         );
         let m = &want[0].conditions[1].message;
-        assert!(m.contains("mesh/nope") && m.contains("Bucket"), "{m}");
+        assert!(m.contains("mesh/nope") && m.contains("Bucket") && m.contains("ReferenceGrants"), "{m}");
     }
 
     #[test]
     fn merge_keeps_other_controllers_entries_and_drops_our_stale_ones() {
         let s = spec("parentRefs: [{name: waypoint}]\n");
-        let want = desired_parents("HTTPRoute", "mesh", &s, Some(1), &parents());
+        let want = desired_parents("HTTPRoute", "mesh", "r", &s, Some(1), &parents());
         let theirs = json!({"parentRef": {"name": "edge"}, "controllerName": "example.com/gw", "conditions": []});
         let stale = json!({"parentRef": {"name": "old"}, "controllerName": AMBIT_CONTROLLER_NAME, "conditions": []});
         let next = merge_parents(&[theirs.clone(), stale], &want, &json!("t0")).unwrap();
@@ -247,7 +303,7 @@ mod tests {
         assert_eq!(next[0], theirs);
         assert_eq!(next[1]["parentRef"], json!({"name": "waypoint"}));
         assert_eq!(next[1]["controllerName"], AMBIT_CONTROLLER_NAME);
-        assert_eq!(next[1]["conditions"][0]["reason"], "UnsupportedValue");
+        assert_eq!(next[1]["conditions"][0]["reason"], "UnsupportedValue", "a waypoint Gateway parent is not applied");
         assert_eq!(merge_parents(&next, &want, &json!("later")), None, "nothing changed");
 
         // No parent of ours any more: our entry goes, theirs stays; none at all: nothing to write.
@@ -258,8 +314,9 @@ mod tests {
     #[test]
     fn a_new_generation_rewrites_the_entry_keeping_transition_times() {
         let s = spec("parentRefs: [{name: waypoint}]\n");
-        let first = merge_parents(&[], &desired_parents("HTTPRoute", "mesh", &s, Some(1), &parents()), &json!("t0"));
-        let want2 = desired_parents("HTTPRoute", "mesh", &s, Some(2), &parents());
+        let first =
+            merge_parents(&[], &desired_parents("HTTPRoute", "mesh", "r", &s, Some(1), &parents()), &json!("t0"));
+        let want2 = desired_parents("HTTPRoute", "mesh", "r", &s, Some(2), &parents());
         let second = merge_parents(&first.unwrap(), &want2, &json!("t1")).unwrap();
         assert_eq!(second[0]["conditions"][0]["observedGeneration"], 2);
         assert_eq!(second[0]["conditions"][0]["lastTransitionTime"], "t0");

@@ -51,6 +51,8 @@ pub struct WaypointSettings {
     pub memory_limit: Option<String>,
     /// Address of the controller's xDS/CA endpoint, passed as `XDS_ADDRESS`.
     pub xds_address: Option<String>,
+    /// Audience of the projected service-account token the waypoint proves its identity with to the controller.
+    pub token_audience: String,
 }
 
 impl Default for WaypointSettings {
@@ -64,6 +66,7 @@ impl Default for WaypointSettings {
             cpu_limit: None,
             memory_limit: None,
             xds_address: None,
+            token_audience: crate::ca::token_review::DEFAULT_AUDIENCE.into(),
         }
     }
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, Service, ServiceAccount, ServiceAccountTokenProjection,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -23,6 +24,11 @@ pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-n
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`], also the server-side-apply field manager.
 pub const MANAGER: &str = "ambit-controller";
+/// Where the waypoint finds its projected service-account token (audience `ambit-ca` by default), which it presents
+/// to the controller for its xDS stream and its certificate.
+pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The token's file name in [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "ambit-ca-token";
 /// HBONE listener of the waypoint.
 pub const HBONE_PORT: i32 = 15008;
 /// Readiness endpoint (`/healthz/ready`).
@@ -169,7 +175,29 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
             limits: quantities(&settings.cpu_limit, &settings.memory_limit),
             ..ResourceRequirements::default()
         }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "ambit-token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
+    };
+    // The waypoint's own identity, proven to the controller (TokenReview) as ztunnel proves its node.
+    let token = Volume {
+        name: "ambit-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(settings.token_audience.clone()),
+                    expiration_seconds: Some(43_200),
+                    path: TOKEN_FILE.into(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
     };
     Deployment {
         metadata: owner.meta(),
@@ -189,6 +217,7 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(owner.name.clone()),
                     containers: vec![container],
+                    volumes: Some(vec![token]),
                     ..PodSpec::default()
                 }),
             },
@@ -242,6 +271,16 @@ mod tests {
             assert_eq!(labels.get(&k), Some(&v));
         }
         assert_eq!(labels["istio.io/dataplane-mode"], "none");
+        let pod = d_pod(&owner(), &settings);
+        let projected = pod.volumes.unwrap()[0].projected.clone().unwrap().sources.unwrap()[0].clone();
+        let token = projected.service_account_token.unwrap();
+        assert_eq!((token.audience.as_deref(), token.path.as_str()), (Some("ambit-ca"), TOKEN_FILE));
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (TOKEN_DIR, Some(true)));
+    }
+
+    fn d_pod(owner: &Owner, settings: &WaypointSettings) -> k8s_openapi::api::core::v1::PodSpec {
+        deployment(owner, settings).spec.unwrap().template.spec.unwrap()
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum TypeLabel {
     address,
     /// `istio.security.Authorization`.
     authorization,
+    /// `ambit.waypoint.v1.ServiceRoutes`.
+    service_routes,
+    /// `ambit.waypoint.v1.AuthorizationPolicy`.
+    waypoint_policy,
     /// Anything else.
     unknown,
 }
@@ -30,6 +34,8 @@ impl From<Option<ResourceType>> for TypeLabel {
         match t {
             Some(ResourceType::Address) => TypeLabel::address,
             Some(ResourceType::Authorization) => TypeLabel::authorization,
+            Some(ResourceType::ServiceRoutes) => TypeLabel::service_routes,
+            Some(ResourceType::WaypointPolicy) => TypeLabel::waypoint_policy,
             None => TypeLabel::unknown,
         }
     }

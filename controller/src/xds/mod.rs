@@ -14,6 +14,14 @@
 //! it is the caller's when its credential names one, and a `NODE_NAME` the
 //! stream declares in its `Node` must then agree; with a credential that names
 //! no node (the shared bootstrap token), it is the node the stream declares.
+//!
+//! A caller whose credential names a workload identity and no node (a
+//! waypoint's own service-account token, or its per-workload token in file
+//! mode) gets a waypoint stream instead: the waypoint Gateway named after its
+//! service account, in its namespace, decides what it is sent (its
+//! [`WaypointScope`](crate::model::WaypointScope)): the
+//! `ambit.waypoint.v1` resources and the Address resources of what it serves.
+//! A ztunnel's stream never gets the waypoint types.
 
 mod metrics;
 mod stream;
@@ -21,6 +29,8 @@ pub mod version;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waypoint_tests;
 
 use std::sync::Arc;
 
@@ -34,7 +44,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
 pub use metrics::{TypeLabel, TypeLabels, XdsMetrics};
-pub use stream::{visible_to_node, NodeInfo};
+pub use stream::{visible_to_node, visible_to_waypoint, NodeInfo};
 pub use version::ResourceType;
 
 use crate::ca::AsyncCallerAuthenticator;
@@ -104,7 +114,10 @@ impl AggregatedDiscoveryService for XdsServer {
         })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut state = StreamState::new(self.metrics.clone());
-        if let Some(node) = caller.node {
+        if let Some(waypoint) = caller.workload_identity() {
+            debug!(?peer, namespace = %waypoint.0, name = %waypoint.1, "xds: waypoint stream");
+            state.set_waypoint(waypoint.clone());
+        } else if let Some(node) = caller.node {
             state.set_node(NodeInfo { id: String::new(), name: node });
         }
         let conn = Connection {
@@ -143,7 +156,11 @@ impl Connection {
     /// Serves until the client leaves; returns why, and the node's name.
     async fn run(mut self) -> (Result<(), XdsError>, Option<String>) {
         let r = self.serve().await;
-        (r, self.state.node().map(|n| n.name.clone()))
+        let who = match self.state.waypoint() {
+            Some((ns, name)) => Some(format!("waypoint {ns}/{name}")),
+            None => self.state.node().map(|n| n.name.clone()),
+        };
+        (r, who)
     }
 
     async fn serve(&mut self) -> Result<(), XdsError> {
@@ -152,7 +169,7 @@ impl Connection {
             tokio::select! {
                 req = self.requests.message() => {
                     let Some(req) = req? else { return Ok(()) };
-                    if let Some(node) = &req.node {
+                    if let Some(node) = req.node.as_ref().filter(|_| self.state.waypoint().is_none()) {
                         self.check_node(node).await?;
                     }
                     if let Some(out) = self.state.on_request(req, &prepared) {

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::metrics::XdsMetrics;
 use super::version::{parse_version, version_string, Prepared, ResourceType};
-use crate::model::Snapshot;
+use crate::model::{ObjectKey, Snapshot};
 
 /// How many unacknowledged nonces a stream remembers; older ones count as
 /// neither ACK nor NACK when they come back.
@@ -74,10 +74,36 @@ impl NodeInfo {
 /// source-workload labels on metrics for plaintext inbound from such a pod.
 /// Removals follow automatically: a resource that stops being visible is sent
 /// as removed. A name missing from the snapshot is not visible.
+/// A ztunnel gets no waypoint configuration.
 pub fn visible_to_node(node: &NodeInfo, ty: ResourceType, name: &str, snapshot: &Snapshot) -> bool {
     match ty {
         ResourceType::Authorization => snapshot.authorizations.contains_key(name),
         ResourceType::Address => snapshot.addresses.get(name).is_some_and(|a| address_visible(&node.name, a)),
+        ResourceType::ServiceRoutes | ResourceType::WaypointPolicy => false,
+    }
+}
+
+/// Whether waypoint `(namespace, name)` should receive resource `name` of type `ty`: what its
+/// [`WaypointScope`](crate::model::WaypointScope) lists (its services' routes and addresses, their backends and
+/// endpoints, the L7 policies bound to it), and no L4 policy: those are ztunnel's.
+pub fn visible_to_waypoint(waypoint: &ObjectKey, ty: ResourceType, name: &str, snapshot: &Snapshot) -> bool {
+    let Some(scope) = snapshot.waypoints.get(waypoint) else { return false };
+    let listed = match ty {
+        ResourceType::Address => &scope.addresses,
+        ResourceType::ServiceRoutes => &scope.service_routes,
+        ResourceType::WaypointPolicy => &scope.policies,
+        ResourceType::Authorization => return false,
+    };
+    listed.contains(name) && present(ty, name, snapshot)
+}
+
+/// Whether the snapshot holds `name` of type `ty`.
+fn present(ty: ResourceType, name: &str, snapshot: &Snapshot) -> bool {
+    match ty {
+        ResourceType::Address => snapshot.addresses.contains_key(name),
+        ResourceType::Authorization => snapshot.authorizations.contains_key(name),
+        ResourceType::ServiceRoutes => snapshot.service_routes.contains_key(name),
+        ResourceType::WaypointPolicy => snapshot.waypoint_policies.contains_key(name),
     }
 }
 
@@ -160,14 +186,27 @@ pub(crate) struct Outgoing {
 #[derive(Debug)]
 pub(crate) struct StreamState {
     node: Option<NodeInfo>,
-    types: [Option<TypeState>; 2],
+    /// Set for a waypoint's stream: the waypoint Gateway `(namespace, name)` it serves, whose scope decides what
+    /// the stream gets instead of a node.
+    waypoint: Option<ObjectKey>,
+    types: [Option<TypeState>; 4],
     pending: VecDeque<(String, ResourceType)>,
     metrics: Arc<XdsMetrics>,
 }
 
 impl StreamState {
     pub fn new(metrics: Arc<XdsMetrics>) -> Self {
-        StreamState { node: None, types: [None, None], pending: VecDeque::new(), metrics }
+        StreamState { node: None, waypoint: None, types: Default::default(), pending: VecDeque::new(), metrics }
+    }
+
+    /// Serves waypoint `(namespace, name)` from now on: its scope, not a node's view.
+    pub fn set_waypoint(&mut self, waypoint: ObjectKey) {
+        self.waypoint = Some(waypoint);
+    }
+
+    /// The waypoint this stream serves, if it is a waypoint's.
+    pub fn waypoint(&self) -> Option<&ObjectKey> {
+        self.waypoint.as_ref()
     }
 
     /// The node, once known (from the caller's credential or a request).
@@ -184,7 +223,7 @@ impl StreamState {
     /// Returns the response to send, if any.
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest, prepared: &Prepared) -> Option<Outgoing> {
         if let Some(node) = &req.node {
-            if self.node.is_none() {
+            if self.node.is_none() && self.waypoint.is_none() {
                 self.node = Some(NodeInfo::from_node(node));
             }
         }
@@ -263,17 +302,24 @@ impl StreamState {
     fn delta(&mut self, ty: ResourceType, prepared: &Prepared, always: bool) -> Option<Outgoing> {
         let default_node = NodeInfo::default();
         let node = self.node.as_ref().unwrap_or(&default_node);
+        let waypoint = self.waypoint.as_ref();
         let st = self.types[ty.index()].as_mut()?;
         let current = prepared.resources(ty);
         let snapshot = &prepared.snapshot;
+        let visible_to = |name: &str| match waypoint {
+            Some(wp) => visible_to_waypoint(wp, ty, name, snapshot),
+            None => visible_to_node(node, ty, name, snapshot),
+        };
         // Visibility per resource without a lookup: the prepared map and the
         // snapshot's map of the same type have the same keys in the same order.
-        let visible: Box<dyn Iterator<Item = bool>> = match ty {
-            ResourceType::Address => {
+        let visible: Box<dyn Iterator<Item = bool>> = match (waypoint, ty) {
+            (Some(_), _) => Box::new(current.keys().map(|n| visible_to(n))),
+            (None, ResourceType::Address) => {
                 debug_assert_eq!(current.len(), snapshot.addresses.len(), "bug: prepared and snapshot differ");
                 Box::new(snapshot.addresses.values().map(|a| address_visible(&node.name, a)))
             }
-            ResourceType::Authorization => Box::new(std::iter::repeat(true)),
+            (None, ResourceType::Authorization) => Box::new(std::iter::repeat(true)),
+            (None, ResourceType::ServiceRoutes | ResourceType::WaypointPolicy) => Box::new(std::iter::repeat(false)),
         };
         let mut resources = Vec::new();
         let mut removed: Vec<String> = Vec::new();
@@ -290,15 +336,15 @@ impl StreamState {
                 ttl: None,
             });
         };
-        if !always && st.synced_to.is_some() && st.synced_to == prepared.base {
+        // A waypoint's scope changes without its resources changing (a new route brings a backend), so its streams
+        // always compare in full; they are few.
+        if !always && waypoint.is_none() && st.synced_to.is_some() && st.synced_to == prepared.base {
             // Up to date with the snapshot this one was diffed against: only
             // the changed names can differ (visibility changes only with the
             // resource itself).
             for name in prepared.changed(ty) {
                 match current.get_key_value(name.as_str()) {
-                    Some((shared, enc)) if st.subscribed(name) && visible_to_node(node, ty, name, snapshot) => {
-                        send(st, shared, enc)
-                    }
+                    Some((shared, enc)) if st.subscribed(name) && visible_to(name) => send(st, shared, enc),
                     _ => {
                         if st.known.remove(name.as_str()).is_some() {
                             removed.push(name.clone());
@@ -321,7 +367,7 @@ impl StreamState {
                 removed = st
                     .known
                     .keys()
-                    .filter(|n| !current.contains_key(*n) || !visible_to_node(node, ty, n, snapshot))
+                    .filter(|n| !current.contains_key(*n) || !visible_to(n))
                     .map(|n| n.to_string())
                     .collect();
             }

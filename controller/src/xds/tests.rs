@@ -57,6 +57,7 @@ fn snapshot(version: u64, workloads: &[(&str, u8)], policies: &[&str]) -> Snapsh
         addresses: workloads.iter().map(|(uid, last)| (uid.to_string(), workload(uid, [10, 0, 0, *last], 0))).collect(),
         authorizations: policies.iter().map(|p| (format!("default/{p}"), policy(p))).collect(),
         identities_by_node: BTreeMap::new(),
+        ..Default::default()
     }
 }
 

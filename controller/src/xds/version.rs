@@ -10,29 +10,39 @@ use std::time::Instant;
 
 use ambit_api::security::Authorization;
 use ambit_api::workload::{address, Address};
-use ambit_api::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambit_api::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL};
 use prost::Message;
 
 use crate::model::Snapshot;
 
-/// The two resource types a ztunnel subscribes to.
+/// The resource types served: the two a ztunnel subscribes to, and the two of a waypoint's L7 configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResourceType {
     /// `istio.workload.Address`: workloads and services.
     Address,
     /// `istio.security.Authorization`: L4 policies.
     Authorization,
+    /// `ambit.waypoint.v1.ServiceRoutes`: a waypoint's routes, per service.
+    ServiceRoutes,
+    /// `ambit.waypoint.v1.AuthorizationPolicy`: a waypoint's L7 policies.
+    WaypointPolicy,
 }
 
+/// How many types there are.
+const TYPES: usize = 4;
+
 impl ResourceType {
-    /// Both types, in the order they are sent.
-    pub const ALL: [ResourceType; 2] = [ResourceType::Address, ResourceType::Authorization];
+    /// Every type, in the order they are sent.
+    pub const ALL: [ResourceType; TYPES] =
+        [ResourceType::Address, ResourceType::Authorization, ResourceType::ServiceRoutes, ResourceType::WaypointPolicy];
 
     /// The xDS type URL.
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Address => ADDRESS_TYPE_URL,
             ResourceType::Authorization => AUTHORIZATION_TYPE_URL,
+            ResourceType::ServiceRoutes => SERVICE_ROUTES_TYPE_URL,
+            ResourceType::WaypointPolicy => WAYPOINT_POLICY_TYPE_URL,
         }
     }
 
@@ -45,6 +55,8 @@ impl ResourceType {
         match self {
             ResourceType::Address => 0,
             ResourceType::Authorization => 1,
+            ResourceType::ServiceRoutes => 2,
+            ResourceType::WaypointPolicy => 3,
         }
     }
 }
@@ -96,8 +108,13 @@ pub fn address_version(a: &Address) -> u64 {
 
 /// The version of an `Authorization` (no map fields: plain encoding).
 pub fn authorization_version(p: &Authorization) -> u64 {
+    plain_version(p)
+}
+
+/// The version of a message without map fields (the waypoint types): a hash of its encoding.
+pub fn plain_version<M: Message>(m: &M) -> u64 {
     let mut h = Fnv::new();
-    h.write_field(&p.encode_to_vec());
+    h.write_field(&m.encode_to_vec());
     h.0
 }
 
@@ -130,12 +147,12 @@ pub(crate) struct Prepared {
     pub snapshot: Arc<Snapshot>,
     /// When this server first saw the snapshot: the start of push latency.
     pub observed: Instant,
-    by_type: [EncodedMap; 2],
+    by_type: [EncodedMap; TYPES],
     /// The version of the snapshot this one was compared with.
     pub base: Option<u64>,
     /// Per type, the names added, changed or removed since `base`: a stream
     /// that is up to date with `base` looks only at these.
-    changed: [Vec<String>; 2],
+    changed: [Vec<String>; TYPES],
 }
 
 impl Prepared {
@@ -154,12 +171,24 @@ impl Prepared {
             AUTHORIZATION_TYPE_URL,
             authorization_version,
         );
+        let (routes, changed_routes) = encode_all(
+            &snapshot.service_routes,
+            prev.map(|p| (&p.snapshot.service_routes, &p.by_type[2])),
+            SERVICE_ROUTES_TYPE_URL,
+            plain_version,
+        );
+        let (policies, changed_policies) = encode_all(
+            &snapshot.waypoint_policies,
+            prev.map(|p| (&p.snapshot.waypoint_policies, &p.by_type[3])),
+            WAYPOINT_POLICY_TYPE_URL,
+            plain_version,
+        );
         Prepared {
             base: prev.map(|p| p.snapshot.version),
             snapshot,
             observed: Instant::now(),
-            by_type: [addresses, authorizations],
-            changed: [changed_addresses, changed_authorizations],
+            by_type: [addresses, authorizations, routes, policies],
+            changed: [changed_addresses, changed_authorizations, changed_routes, changed_policies],
         }
     }
 

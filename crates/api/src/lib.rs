@@ -30,10 +30,21 @@ pub mod ca {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// `ambit.waypoint.v1`: the L7 configuration of a waypoint (routes and
+/// authorization policies), Ambit's own package.
+pub mod waypoint {
+    tonic::include_proto!("ambit.waypoint.v1");
+}
+
 /// xDS type URL of workloads and services.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// xDS type URL of L4 authorization policies.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// xDS type URL of a waypoint's per-service routes.
+pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.ServiceRoutes";
+/// xDS type URL of a waypoint's L7 authorization policies.
+pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.AuthorizationPolicy";
 
 #[cfg(test)]
 mod tests {
@@ -64,6 +75,18 @@ mod tests {
         let req = ca::IstioCertificateRequest { csr: String::new(), validity_duration: 0, metadata: Some(metadata) };
         // field 4, wire type 2 -> tag (4 << 3) | 2 = 0x22, empty message.
         assert_eq!(req.encode_to_vec(), vec![0x22, 0x00]);
+    }
+
+    #[test]
+    fn waypoint_types_have_their_documented_numbers_and_names() {
+        use waypoint::{backend, Backend, ServiceRoutes};
+        let r = ServiceRoutes { hostname: "h".into(), ..Default::default() };
+        assert_eq!(r.encode_to_vec(), vec![0x0a, 0x01, b'h']);
+        // Backend.invalid is field 2 of the oneof; weight field 3.
+        let b = Backend { kind: Some(backend::Kind::Invalid("x".into())), weight: 1, filters: vec![] };
+        assert_eq!(b.encode_to_vec(), vec![0x12, 0x01, b'x', 0x18, 0x01]);
+        assert!(SERVICE_ROUTES_TYPE_URL.ends_with("ambit.waypoint.v1.ServiceRoutes"));
+        assert!(WAYPOINT_POLICY_TYPE_URL.ends_with("ambit.waypoint.v1.AuthorizationPolicy"));
     }
 
     #[test]

@@ -8,12 +8,17 @@
 //! - [`route`]: the routing model of a service port and the rule a request
 //!   takes (Gateway API precedence across routes); 404 / gRPC UNIMPLEMENTED.
 //! - [`filters`]: header changes, redirects, rewrites, mirrors.
+//! - [`balance`]: the weighted backend choice, then the endpoint (least
+//!   request by two random choices, or round robin).
 //! - [`retry`]: whether and when to retry, the retry budget, deadlines.
+//! - [`hop`]: hop-by-hop headers and `x-request-id`.
 //!
 //! Random choices take the caller's [`rand::Rng`], so tests are repeatable.
 
 pub mod authority;
+pub mod balance;
 pub mod filters;
+pub mod hop;
 pub mod reply;
 pub mod retry;
 pub mod route;

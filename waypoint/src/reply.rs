@@ -21,6 +21,8 @@ pub enum ReplyReason {
     /// The rule has no usable backend: none, every weight 0, or an invalid
     /// backendRef was chosen (Gateway API asks for 500).
     NoBackend,
+    /// The backend service has no healthy endpoint: 503 (Envoy's `UH`).
+    NoHealthyUpstream,
     /// The configuration cannot apply to this request (a rewrite that makes
     /// an invalid URI): 500, logged, never a panic.
     Misconfigured,
@@ -33,6 +35,7 @@ impl ReplyReason {
             ReplyReason::NoRoute => "NR",
             ReplyReason::Redirect => "-",
             ReplyReason::NoBackend | ReplyReason::Misconfigured => "NC",
+            ReplyReason::NoHealthyUpstream => "UH",
         }
     }
 }
@@ -68,6 +71,11 @@ impl Reply {
     /// 500: the rule has no backend that can take the request.
     pub fn no_backend() -> Reply {
         Reply::empty(StatusCode::INTERNAL_SERVER_ERROR, ReplyReason::NoBackend)
+    }
+
+    /// 503: the backend service has no endpoint that can take the request.
+    pub fn no_healthy_upstream() -> Reply {
+        Reply::empty(StatusCode::SERVICE_UNAVAILABLE, ReplyReason::NoHealthyUpstream)
     }
 
     /// 500: a filter could not apply to this request.

@@ -9,7 +9,6 @@
 //! nothing.
 
 use std::cmp::{Ordering, Reverse};
-use std::fmt;
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, Method};
@@ -126,19 +125,14 @@ pub enum BackendTarget {
 
 /// A configuration problem found while building a table; the rest of the
 /// table works, the offending match never matches.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("route {route} rule {rule} match {matched}: {reason}")]
 pub struct ConfigError {
     /// `namespace/name` of the route.
     pub route: String,
     pub rule: usize,
     pub matched: usize,
     pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "route {} rule {} match {}: {}", self.route, self.rule, self.matched, self.reason)
-    }
 }
 
 /// The rule chosen for a request.

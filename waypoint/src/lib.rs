@@ -5,6 +5,8 @@
 //! functions over `http` types, without I/O, so each is tested alone and the
 //! forwarding code only carries them out:
 //!
+//! - [`plan`]: the phases composed with their defaults — routing, then
+//!   (after authorization) [`plan::prepare`] → forward or reply.
 //! - [`route`]: the routing model of a service port and the rule a request
 //!   takes (Gateway API precedence across routes); 404 / gRPC UNIMPLEMENTED.
 //! - [`filters`]: header changes, redirects, rewrites, mirrors.
@@ -19,6 +21,7 @@ pub mod authority;
 pub mod balance;
 pub mod filters;
 pub mod hop;
+pub mod plan;
 pub mod reply;
 pub mod retry;
 pub mod route;

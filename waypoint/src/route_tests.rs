@@ -199,6 +199,7 @@ fn query_param_first_occurrence_and_percent_decoding() {
     let t = table(vec![route("r", 1, vec![vec![m]])]);
     assert_eq!(pick(&t, &get("/?q=a%20b&q=c")), "ns/r#0");
     assert_eq!(pick(&t, &get("/?q=c&q=a%20b")), "404 Not Found");
+    assert_eq!(pick(&t, &get("/?%71=a%20b")), "ns/r#0", "%71 is q");
 }
 
 #[test]
@@ -279,4 +280,23 @@ fn no_routes_is_404_and_to_service_routes_everything() {
     let m = t.find(&get("/any/path")).unwrap();
     assert_eq!(m.rule.backends[0].target, BackendTarget::Service(target));
     assert_eq!(m.rule.retry, RetryPolicy::default());
+}
+
+#[test]
+fn method_outranks_header_count() {
+    let method = Match { method: Some(Method::GET), ..prefix("/") };
+    let headers = Match { headers: vec![header("a", ValueMatch::Exact("1".into()))], ..prefix("/") };
+    let t = table(vec![route("headers", 1, vec![vec![headers]]), route("method", 2, vec![vec![method]])]);
+    assert_eq!(pick(&t, &req("GET", "/", &[("a", "1")])), "ns/method#0");
+}
+
+#[test]
+fn header_count_outranks_query_count() {
+    let headers = Match { headers: vec![header("a", ValueMatch::Exact("1".into()))], ..prefix("/") };
+    let query = Match {
+        query: vec![query("b", ValueMatch::Exact("2".into())), query("c", ValueMatch::Exact("3".into()))],
+        ..prefix("/")
+    };
+    let t = table(vec![route("query", 1, vec![vec![query]]), route("headers", 2, vec![vec![headers]])]);
+    assert_eq!(pick(&t, &req("GET", "/?b=2&c=3", &[("a", "1")])), "ns/headers#0");
 }

@@ -4,8 +4,8 @@
 //!
 //! Gateway API's GEP-1731 (`retry.attempts`, `codes`, `backoff`) and, when a
 //! rule sets none, Istio's waypoint default: 2 retries on connect-failure,
-//! refused-stream and 503, on a different endpoint when there is one (the
-//! endpoint choice is [`crate::balance`]'s).
+//! refused-stream, 503 and gRPC UNAVAILABLE/CANCELLED, on a different
+//! endpoint when there is one (the endpoint choice is [`crate::balance`]'s).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +30,9 @@ pub fn replayable(buffered: usize) -> bool {
 pub enum Outcome {
     /// The backend answered with this status.
     Status(StatusCode),
+    /// The backend answered a gRPC error in its response headers
+    /// (trailers-only form), so nothing of the response was streamed yet.
+    GrpcStatus(u32),
     /// No connection (or tunnel) to the endpoint could be made.
     ConnectFailure,
     /// The endpoint refused the stream (HTTP/2 REFUSED_STREAM, GOAWAY before
@@ -48,6 +51,8 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Backend statuses that are retried.
     pub codes: Vec<u16>,
+    /// gRPC statuses (trailers-only answers) that are retried.
+    pub grpc_codes: Vec<u32>,
     /// The shortest wait before a retry; later retries wait exponentially
     /// longer, up to [`MAX_BACKOFF_FACTOR`] times this.
     pub backoff: Duration,
@@ -59,6 +64,11 @@ pub struct RetryPolicy {
     pub on_timeout: bool,
 }
 
+/// gRPC status CANCELLED.
+pub const GRPC_CANCELLED: u32 = 1;
+/// gRPC status UNAVAILABLE.
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
 /// The longest backoff is this many times the base (Envoy's default).
 pub const MAX_BACKOFF_FACTOR: u32 = 10;
 
@@ -66,12 +76,13 @@ pub const MAX_BACKOFF_FACTOR: u32 = 10;
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 
 impl Default for RetryPolicy {
-    /// Istio's waypoint default: 2 retries on connect-failure,
-    /// refused-stream and 503.
+    /// Istio's default (`connect-failure,refused-stream,unavailable,
+    /// cancelled,retriable-status-codes` with 503): 2 retries.
     fn default() -> Self {
         RetryPolicy {
             attempts: 2,
             codes: vec![503],
+            grpc_codes: vec![GRPC_CANCELLED, GRPC_UNAVAILABLE],
             backoff: DEFAULT_BACKOFF,
             on_connect_failure: true,
             on_refused_stream: true,
@@ -88,8 +99,9 @@ impl RetryPolicy {
     }
 
     /// A GEP-1731 `retry`: unset fields take Istio's defaults (2 attempts,
-    /// code 503, 25 ms); connection failures and refused streams are always
-    /// retried, as Istio does for Gateway API routes.
+    /// code 503, 25 ms); connection failures, refused streams and gRPC
+    /// UNAVAILABLE/CANCELLED are always retried, as Istio does for Gateway
+    /// API routes.
     pub fn gateway(attempts: Option<u32>, codes: Vec<u16>, backoff: Option<Duration>) -> Self {
         let default = RetryPolicy::default();
         RetryPolicy {
@@ -111,6 +123,7 @@ impl RetryPolicy {
         }
         match outcome {
             Outcome::Status(code) => self.codes.contains(&code.as_u16()),
+            Outcome::GrpcStatus(code) => self.grpc_codes.contains(&code),
             Outcome::ConnectFailure => self.on_connect_failure,
             Outcome::RefusedStream => self.on_refused_stream,
             Outcome::Reset => self.on_reset,

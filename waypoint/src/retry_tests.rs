@@ -16,6 +16,15 @@ fn default_is_istios_two_retries_on_connect_refused_and_503() {
 }
 
 #[test]
+fn default_retries_grpc_unavailable_and_cancelled_only() {
+    let p = RetryPolicy::default();
+    assert!(p.should_retry(1, Outcome::GrpcStatus(GRPC_UNAVAILABLE), false, true));
+    assert!(p.should_retry(1, Outcome::GrpcStatus(GRPC_CANCELLED), false, true));
+    assert!(!p.should_retry(1, Outcome::GrpcStatus(2), false, true), "UNKNOWN");
+    assert!(!p.should_retry(1, Outcome::GrpcStatus(0), false, true), "OK");
+}
+
+#[test]
 fn default_does_not_retry_other_failures() {
     let p = RetryPolicy::default();
     assert!(!p.should_retry(1, Outcome::Status(StatusCode::INTERNAL_SERVER_ERROR), false, true));

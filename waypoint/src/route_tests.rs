@@ -300,3 +300,9 @@ fn header_count_outranks_query_count() {
     let t = table(vec![route("query", 1, vec![vec![query]]), route("headers", 2, vec![vec![headers]])]);
     assert_eq!(pick(&t, &req("GET", "/?b=2&c=3", &[("a", "1")])), "ns/headers#0");
 }
+
+#[test]
+fn table_can_be_shared_across_tasks() {
+    fn shared<T: Send + Sync>() {}
+    shared::<RouteTable>();
+}

@@ -228,57 +228,14 @@ impl RouteTable {
             for (i, rule) in route.rules.iter().enumerate() {
                 let matches = if rule.matches.is_empty() { &default_match[..] } else { &rule.matches[..] };
                 for (m, spec) in matches.iter().enumerate() {
-                    let mut report = |reason: String| {
-                        errors.push(ConfigError {
-                            route: format!("{}/{}", route.namespace, route.name),
-                            rule: i,
-                            matched: m,
-                            reason,
-                        })
-                    };
-                    let mut regex = |pattern: &str, what: &str| match compile(pattern) {
-                        Ok(re) => Some(re),
-                        Err(e) => {
-                            report(format!("invalid {what} regular expression {pattern:?}: {e}"));
-                            None
-                        }
-                    };
-                    let path = match &spec.path {
-                        PathMatch::Exact(p) => CompiledPath::Exact(p.clone()),
-                        PathMatch::Prefix(p) => CompiledPath::Prefix(p.trim_end_matches('/').to_owned()),
-                        PathMatch::RegularExpression(p) => CompiledPath::Regex(regex(p, "path"), p.len()),
-                    };
-                    let mut headers: Vec<(HeaderName, Compiled)> = Vec::new();
-                    for h in &spec.headers {
-                        if headers.iter().any(|(name, _)| name == h.name) {
-                            continue;
-                        }
-                        let value = match &h.value {
-                            ValueMatch::Exact(v) => Compiled::Exact(v.clone()),
-                            ValueMatch::RegularExpression(v) => Compiled::Regex(regex(v, "header")),
-                        };
-                        headers.push((h.name.clone(), value));
-                    }
-                    let mut query: Vec<(String, Compiled)> = Vec::new();
-                    for q in &spec.query {
-                        if query.iter().any(|(name, _)| *name == q.name) {
-                            continue;
-                        }
-                        let value = match &q.value {
-                            ValueMatch::Exact(v) => Compiled::Exact(v.clone()),
-                            ValueMatch::RegularExpression(v) => Compiled::Regex(regex(v, "query parameter")),
-                        };
-                        query.push((q.name.clone(), value));
-                    }
-                    entries.push(Entry {
-                        route: r,
+                    let mut problems = Vec::new();
+                    entries.push(Entry::compile((r, i, m), spec, &mut problems));
+                    errors.extend(problems.into_iter().map(|reason| ConfigError {
+                        route: format!("{}/{}", route.namespace, route.name),
                         rule: i,
                         matched: m,
-                        path,
-                        headers,
-                        query,
-                        method: spec.method.clone(),
-                    });
+                        reason,
+                    }));
                 }
             }
         }
@@ -334,6 +291,39 @@ impl RouteTable {
 }
 
 impl Entry {
+    /// Compiles one match of rule `at.1` of route `at.0`; regexes that do
+    /// not compile are described in `problems` and never match.
+    fn compile(at: (usize, usize, usize), spec: &Match, problems: &mut Vec<String>) -> Entry {
+        let mut regex = |pattern: &str, what: &str| {
+            compile(pattern)
+                .map_err(|e| problems.push(format!("invalid {what} regular expression {pattern:?}: {e}")))
+                .ok()
+        };
+        let path = match &spec.path {
+            PathMatch::Exact(p) => CompiledPath::Exact(p.clone()),
+            PathMatch::Prefix(p) => CompiledPath::Prefix(p.trim_end_matches('/').to_owned()),
+            PathMatch::RegularExpression(p) => CompiledPath::Regex(regex(p, "path"), p.len()),
+        };
+        let mut value = |v: &ValueMatch, what: &str| match v {
+            ValueMatch::Exact(v) => Compiled::Exact(v.clone()),
+            ValueMatch::RegularExpression(v) => Compiled::Regex(regex(v, what)),
+        };
+        let mut headers: Vec<(HeaderName, Compiled)> = Vec::new();
+        for h in &spec.headers {
+            if !headers.iter().any(|(name, _)| name == h.name) {
+                headers.push((h.name.clone(), value(&h.value, "header")));
+            }
+        }
+        let mut query: Vec<(String, Compiled)> = Vec::new();
+        for q in &spec.query {
+            if !query.iter().any(|(name, _)| *name == q.name) {
+                query.push((q.name.clone(), value(&q.value, "query parameter")));
+            }
+        }
+        let (route, rule, matched) = at;
+        Entry { route, rule, matched, path, headers, query, method: spec.method.clone() }
+    }
+
     /// `None`: no match; `Some(prefix)`: a match and the prefix it covered.
     fn path_matches<'a>(&'a self, path: &str) -> Option<Option<&'a str>> {
         match &self.path {

@@ -306,3 +306,16 @@ fn table_can_be_shared_across_tasks() {
     fn shared<T: Send + Sync>() {}
     shared::<RouteTable>();
 }
+
+#[test]
+fn invalid_header_and_query_regexes_are_reported() {
+    let m = Match {
+        headers: vec![header("x", ValueMatch::RegularExpression("[".into()))],
+        query: vec![query("q", ValueMatch::RegularExpression("(".into()))],
+        ..prefix("/")
+    };
+    let (t, errors) = RouteTable::build(vec![route("bad", 1, vec![vec![m]])]);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].to_string().starts_with("route ns/bad rule 0 match 0: invalid header regular expression"));
+    assert_eq!(pick(&t, &req("GET", "/?q=(", &[("x", "[")])), "404 Not Found");
+}

@@ -2,9 +2,10 @@
 //! one line when a connection closes at info level (warn when it failed),
 //! and one when it opens at debug level, with the fields Istio's ztunnel
 //! logs (`src.addr`, `src.workload`, `src.namespace`, `src.identity`,
-//! `dst.addr`, `dst.hbone_addr` (through a waypoint), `dst.service`, `dst.workload`, `dst.namespace`,
-//! `dst.identity`, `direction`, `bytes_sent`, `bytes_recv`, `duration`,
-//! `error`). Plain or JSON follows `--log-format`; `--access-log false` turns
+//! `dst.addr`, `dst.hbone_addr` (through a waypoint: `dst.addr` is the
+//! waypoint's, this the original destination), `dst.service`,
+//! `dst.workload`, `dst.namespace`, `dst.identity`, `direction`,
+//! `bytes_sent`, `bytes_recv`, `duration`, `error`). Plain or JSON follows `--log-format`; `--access-log false` turns
 //! them off, and so does the filter `access=warn`.
 
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ pub mod secret_store;
 pub mod service;
 pub mod serving;
 pub mod token_review;
+mod token_table;
 pub mod workload_tokens;
 
 pub use auth::{AsyncCallerAuthenticator, AuthError, AuthFuture, BootstrapTokenAuthenticator, Caller};

@@ -14,9 +14,8 @@ use std::path::{Path, PathBuf};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use super::auth::{
-    bearer_token, constant_time_eq, declared_node, AsyncCallerAuthenticator, AuthFuture, Caller, NODE_METADATA_KEY,
-};
+use super::auth::{bearer_token, declared_node, AsyncCallerAuthenticator, AuthFuture, Caller, NODE_METADATA_KEY};
+use super::token_table::{LineError, TokenTable};
 
 /// Why the per-node token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -39,20 +38,14 @@ pub enum NodeTokensError {
     Empty(PathBuf),
 }
 
-/// One configured token.
-struct Entry {
-    token: Vec<u8>,
-    node: String,
-}
-
 /// Authenticates callers by a per-node bootstrap token.
 pub struct NodeTokenAuthenticator {
-    entries: Vec<Entry>,
+    nodes: TokenTable<String>,
 }
 
 impl std::fmt::Debug for NodeTokenAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeTokenAuthenticator").field("tokens", &self.entries.len()).finish_non_exhaustive()
+        f.debug_struct("NodeTokenAuthenticator").field("tokens", &self.nodes.len()).finish_non_exhaustive()
     }
 }
 
@@ -66,71 +59,39 @@ impl NodeTokenAuthenticator {
 
     /// Parses `text` (the contents of `path`, which errors name).
     pub fn parse(text: &str, path: &Path) -> Result<Self, NodeTokensError> {
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut lines_of: Vec<usize> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line_no = i + 1;
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+        let node = |n: &str| {
+            is_node_name(n).then(|| n.to_owned()).ok_or_else(|| {
+                format!("{n:?} is not a Kubernetes node name (lowercase letters, digits, '-' and '.', at most 253)")
+            })
+        };
+        let nodes = TokenTable::parse(text, "<node>", node).map_err(|e| match e {
+            LineError::Bad { line, reason } => NodeTokensError::Line { path: path.to_owned(), line, reason },
+            LineError::Duplicate { line, first } => {
+                NodeTokensError::DuplicateToken { path: path.to_owned(), line, first }
             }
-            let bad = |reason: String| NodeTokensError::Line { path: path.to_owned(), line: line_no, reason };
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [token, node] = fields.as_slice() else {
-                return Err(bad(format!("want `<token> <node>`, found {} fields", fields.len())));
-            };
-            // split_whitespace leaves no whitespace; what is left must travel in a header.
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad("the token holds characters not allowed in a header".to_owned()));
-            }
-            if !is_node_name(node) {
-                return Err(bad(format!(
-                    "{node:?} is not a Kubernetes node name (lowercase letters, digits, '-' and '.', at most 253)"
-                )));
-            }
-            if let Some(first) = entries.iter().position(|e| e.token == token.as_bytes()) {
-                return Err(NodeTokensError::DuplicateToken {
-                    path: path.to_owned(),
-                    line: line_no,
-                    first: lines_of[first],
-                });
-            }
-            entries.push(Entry { token: token.as_bytes().to_vec(), node: (*node).to_owned() });
-            lines_of.push(line_no);
-        }
-        if entries.is_empty() {
+        })?;
+        if nodes.is_empty() {
             return Err(NodeTokensError::Empty(path.to_owned()));
         }
-        Ok(NodeTokenAuthenticator { entries })
+        Ok(NodeTokenAuthenticator { nodes })
     }
 
     /// How many tokens are configured.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.nodes.len()
     }
 
     /// Whether no token is configured (never, once parsed).
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The node of `token`. Every entry is compared in constant time, so the
-    /// time taken says nothing about how close a guess came.
-    fn node_of(&self, token: &[u8]) -> Option<&str> {
-        let mut found = None;
-        for e in &self.entries {
-            if constant_time_eq(token, &e.token) && found.is_none() {
-                found = Some(e.node.as_str());
-            }
-        }
-        found
+        self.nodes.is_empty()
     }
 
     /// The caller, whose node is its token's. An `x-ambit-node` header may
     /// come along (Ambit's ztunnel sends one) but must then name that node.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let token = bearer_token(metadata)?;
-        let node = self.node_of(token.as_bytes()).ok_or_else(|| Status::unauthenticated("invalid bootstrap token"))?;
+        let node =
+            self.nodes.lookup(token.as_bytes()).ok_or_else(|| Status::unauthenticated("invalid bootstrap token"))?;
         if let Some(declared) = declared_node(metadata) {
             if declared != node {
                 return Err(Status::permission_denied(format!(

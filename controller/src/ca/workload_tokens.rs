@@ -10,7 +10,8 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use super::auth::{bearer_token, constant_time_eq, AsyncCallerAuthenticator, AuthFuture, Caller};
+use super::auth::{bearer_token, AsyncCallerAuthenticator, AuthFuture, Caller};
+use super::token_table::{LineError, TokenTable};
 
 /// Why the workload token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,20 +28,15 @@ pub enum WorkloadTokensError {
     Line { path: PathBuf, line: usize, reason: String },
 }
 
-struct Entry {
-    token: Vec<u8>,
-    identity: (String, String),
-}
-
 /// Workload tokens first, then the node credentials of `nodes`.
 pub struct WorkloadTokenAuthenticator {
-    entries: Vec<Entry>,
+    workloads: TokenTable<(String, String)>,
     nodes: Arc<dyn AsyncCallerAuthenticator>,
 }
 
 impl std::fmt::Debug for WorkloadTokenAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadTokenAuthenticator").field("tokens", &self.entries.len()).finish_non_exhaustive()
+        f.debug_struct("WorkloadTokenAuthenticator").field("tokens", &self.workloads.len()).finish_non_exhaustive()
     }
 }
 
@@ -58,53 +54,30 @@ impl WorkloadTokenAuthenticator {
         path: &Path,
         nodes: Arc<dyn AsyncCallerAuthenticator>,
     ) -> Result<Self, WorkloadTokensError> {
-        let mut entries: Vec<Entry> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad = |reason: String| WorkloadTokensError::Line { path: path.to_owned(), line: i + 1, reason };
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [token, identity] = fields.as_slice() else {
-                return Err(bad(format!(
-                    "want `<token> <namespace>/<service account>`, found {} fields",
-                    fields.len()
-                )));
+        let workload = |id: &str| match id.split_once('/') {
+            Some((ns, sa)) if is_name(ns) && is_name(sa) => Ok((ns.to_owned(), sa.to_owned())),
+            _ => Err(format!("{id:?} is not <namespace>/<service account>")),
+        };
+        let workloads = TokenTable::parse(text, "<namespace>/<service account>", workload).map_err(|e| {
+            let (line, reason) = match e {
+                LineError::Bad { line, reason } => (line, reason),
+                LineError::Duplicate { line, first } => {
+                    (line, format!("the token of this line is given twice (first on line {first}); each token belongs to one workload"))
+                }
             };
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad("the token holds characters not allowed in a header".into()));
-            }
-            let Some((ns, sa)) = identity.split_once('/').filter(|(n, s)| is_name(n) && is_name(s)) else {
-                return Err(bad(format!("{identity:?} is not <namespace>/<service account>")));
-            };
-            if entries.iter().any(|e| e.token == token.as_bytes()) {
-                return Err(bad("the token of this line is given twice; each token belongs to one workload".into()));
-            }
-            entries.push(Entry { token: token.as_bytes().to_vec(), identity: (ns.into(), sa.into()) });
-        }
-        Ok(Self { entries, nodes })
+            WorkloadTokensError::Line { path: path.to_owned(), line, reason }
+        })?;
+        Ok(Self { workloads, nodes })
     }
 
     /// How many workload tokens are configured.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.workloads.len()
     }
 
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The workload of `token`, comparing every entry in constant time.
-    fn identity_of(&self, token: &[u8]) -> Option<&(String, String)> {
-        let mut found = None;
-        for e in &self.entries {
-            if constant_time_eq(token, &e.token) && found.is_none() {
-                found = Some(&e.identity);
-            }
-        }
-        found
+        self.workloads.is_empty()
     }
 }
 
@@ -123,7 +96,7 @@ impl AsyncCallerAuthenticator for WorkloadTokenAuthenticator {
             Ok(t) => t,
             Err(e) => return Box::pin(std::future::ready(Err::<Caller, Status>(e))),
         };
-        match self.identity_of(token.as_bytes()) {
+        match self.workloads.lookup(token.as_bytes()) {
             Some((ns, sa)) => Box::pin(std::future::ready(Ok(Caller::workload(ns, sa)))),
             None => self.nodes.authenticate_async(metadata),
         }

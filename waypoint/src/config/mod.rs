@@ -5,7 +5,15 @@
 //! - [`convert`]: one `ServiceRoutes` → per port a [`crate::route::RouteTable`],
 //!   its protocol and target port; what cannot be converted is reported, never
 //!   a panic.
+//! - [`snapshot`]: everything received as one immutable [`Snapshot`] (services
+//!   by VIP and hostname, their ports' tables, endpoints with their
+//!   identities, L7 policies), swapped whole behind an `Arc`.
 
 pub mod convert;
+pub mod snapshot;
 
 pub use convert::{service_routes, Consequence, PortConfig, Problem, Protocol, ServiceConfig};
+pub use snapshot::{
+    BuildReport, Endpoint, Resources, Served, Service, ServiceEntry, ServicePort, Snapshot, SnapshotHandle,
+    SnapshotPublisher, Tunnel, Workload,
+};

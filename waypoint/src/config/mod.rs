@@ -8,9 +8,14 @@
 //! - [`snapshot`]: everything received as one immutable [`Snapshot`] (services
 //!   by VIP and hostname, their ports' tables, endpoints with their
 //!   identities, L7 policies), swapped whole behind an `Arc`.
+//! - [`client`]: the controller's delta ADS stream that feeds the snapshots,
+//!   and the waypoint's certificates from the controller's CA.
 
+pub mod client;
 pub mod convert;
 pub mod snapshot;
+
+pub use client::{certificates, ConfigClient, WaypointNode};
 
 pub use convert::{service_routes, Consequence, PortConfig, Problem, Protocol, ServiceConfig};
 pub use snapshot::{

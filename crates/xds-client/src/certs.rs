@@ -270,4 +270,39 @@ mod tests {
         let cert = ca.issue_with_validity(&id, now - Duration::from_secs(120), now - Duration::from_secs(60)).unwrap();
         assert!(wait_before_refresh(&cert) >= Duration::from_millis(900));
     }
+
+    /// Issues from an in-memory CA and counts its calls.
+    struct Counting {
+        ca: CertificateAuthority,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl CertificateProvider for Counting {
+        fn fetch<'a>(
+            &'a self,
+            id: &'a Identity,
+        ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + 'a>> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { Ok(self.ca.issue(id, Duration::from_secs(3600)).unwrap()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_and_the_observer_hears_each_request() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(7200)).unwrap();
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = heard.clone();
+        let observer: FetchObserver = Box::new(move |ok| {
+            assert!(ok);
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mgr = CertManager::new(Arc::new(Counting { ca, calls: calls.clone() }), observer);
+        let id = Identity::new("cluster.local", "mesh", "waypoint");
+        let (a, b) = tokio::join!(mgr.get(&id), mgr.get(&id));
+        assert_eq!(a.unwrap().cert.serial(), b.unwrap().cert.serial());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(mgr.summaries().len(), 1);
+    }
 }

@@ -88,6 +88,18 @@ impl StateFile {
         self.workload_fields.entry(uid.to_string()).or_default().insert(key.into(), value);
     }
 
+    /// Sets `key: value` in the service entry with this hostname (e.g. its `waypoint`); false if there is none.
+    pub fn set_service_field(&mut self, hostname: &str, key: &str, value: Value) -> bool {
+        let entry = self.services.iter_mut().find(|s| s.get("hostname").and_then(Value::as_str) == Some(hostname));
+        match entry {
+            Some(Value::Mapping(m)) => {
+                m.insert(key.into(), value);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Declares service `name.namespace.svc.cluster.local` with address `vip` and `(servicePort, targetPort)`
     /// pairs, backed by `backends` (their `services` field is extended to list it).
     pub fn add_service_for(
@@ -194,6 +206,12 @@ mod tests {
             yaml("{name: deny-all, namespace: default, scope: Namespace, action: Deny, rules: [{}]}").unwrap(),
         );
         state.set_workload_field(&lab.pod(a).uid, "status", "Unhealthy".into());
+        assert!(state.set_service_field(
+            "echo.default.svc.cluster.local",
+            "waypoint",
+            yaml("{address: 10.1.0.9}").unwrap()
+        ));
+        assert!(!state.set_service_field("missing.default.svc.cluster.local", "waypoint", Value::Null));
         state.write(&lab, &BTreeSet::from([a])).unwrap();
 
         let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(state.path()).unwrap()).unwrap();
@@ -207,6 +225,7 @@ mod tests {
         assert_eq!(w[1]["protocol"], Value::from("NONE"));
         assert_eq!(w[1]["services"]["default/echo.default.svc.cluster.local"][0]["targetPort"], Value::from(8080));
         assert_eq!(doc["services"][0]["addresses"][0], Value::from("10.96.0.10"));
+        assert_eq!(doc["services"][0]["waypoint"]["address"], Value::from("10.1.0.9"));
         assert_eq!(doc["policies"][0]["name"], Value::from("deny-all"));
         assert_eq!(state.remove_policy("default", "deny-all"), 1);
         let leftovers: Vec<_> = std::fs::read_dir(lab.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();

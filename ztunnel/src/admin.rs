@@ -124,6 +124,7 @@ fn state_dump(s: &ProxyState) -> serde_json::Value {
                 "node": w.node, "protocol": format!("{:?}", w.protocol), "identity": w.identity().to_string(),
                 "status": format!("{:?}", w.status), "services": w.services.keys().collect::<Vec<_>>(),
                 "authorizationPolicies": w.authorization_policies,
+                "waypoint": w.waypoint.as_ref().map(ToString::to_string),
             })
         })
         .collect();
@@ -134,6 +135,7 @@ fn state_dump(s: &ProxyState) -> serde_json::Value {
                 "name": v.name, "namespace": v.namespace, "hostname": v.hostname, "addresses": v.vips,
                 "ports": v.ports.iter().map(|p| json!({"servicePort": p.service_port, "targetPort": p.target_port})).collect::<Vec<_>>(),
                 "loadBalancing": format!("{:?}", v.load_balancer),
+                "waypoint": v.waypoint.as_ref().map(ToString::to_string),
             })
         })
         .collect();

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
@@ -27,6 +27,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::kube_status::StatusWriter;
+use super::kube_stores::{
+    Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS, PEER_AUTHENTICATION,
+    ROUTES,
+};
 use crate::model::crd::Resource as CrdResource;
 use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx};
 
@@ -59,35 +63,6 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSou
     Ok(kube::Client::try_from(config)?)
 }
 
-/// A custom resource the source reads.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Crd {
-    group: &'static str,
-    version: &'static str,
-    pub(super) kind: &'static str,
-    plural: &'static str,
-}
-
-pub(super) const AUTHORIZATION_POLICY: Crd =
-    Crd { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" };
-pub(super) const PEER_AUTHENTICATION: Crd =
-    Crd { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications" };
-const GATEWAY: Crd = Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "Gateway", plural: "gateways" };
-/// Read only for their status ([`super::route_status`]); the model does not wait for them.
-pub(super) const GATEWAY_CLASS: Crd =
-    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GatewayClass", plural: "gatewayclasses" };
-/// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
-pub(super) const ROUTES: [Crd; 2] = [
-    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
-    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GRPCRoute", plural: "grpcroutes" },
-];
-
-impl Crd {
-    pub(super) fn api_resource(&self) -> ApiResource {
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(self.group, self.version, self.kind), self.plural)
-    }
-}
-
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
 const KINDS: [&str; 9] = [
     "Namespace",
@@ -100,32 +75,6 @@ const KINDS: [&str; 9] = [
     ROUTES[0].kind,
     ROUTES[1].kind,
 ];
-
-/// What the watcher tasks tell the build loop.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Signal {
-    /// Objects of a kind the model reads changed.
-    Changed,
-    /// Objects read only for their status (GatewayClasses) changed: no model build, only their status.
-    StatusInput,
-    /// A kind's initial list is complete (or its CRD is absent, which counts as empty).
-    Ready(&'static str),
-}
-
-/// The reflector stores, one per kind.
-#[derive(Clone)]
-pub(super) struct Stores {
-    pub(super) namespaces: Store<Namespace>,
-    pods: Store<Pod>,
-    pub(super) services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    pub(super) policies: Store<DynamicObject>,
-    pub(super) peer_auths: Store<DynamicObject>,
-    pub(super) gateways: Store<DynamicObject>,
-    pub(super) gateway_classes: Store<DynamicObject>,
-    pub(super) http_routes: Store<DynamicObject>,
-    pub(super) grpc_routes: Store<DynamicObject>,
-}
 
 /// Aborts the watcher tasks when the source stops.
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
@@ -419,18 +368,6 @@ fn is_not_found(e: &watcher::Error) -> bool {
         _ => return false,
     };
     status.code == 404 || status.is_not_found()
-}
-
-/// (kind, namespace, name) of a policy.
-pub(super) type PolicyKey = (&'static str, String, String);
-
-/// What the last model build decided that route status needs.
-#[derive(Debug, Default)]
-pub(super) struct ModelFacts {
-    /// Services a waypoint serves.
-    pub(super) served: std::collections::HashSet<(String, String)>,
-    /// Routes the model refused, by (kind, namespace, name), with why.
-    pub(super) invalid: std::collections::HashMap<(String, String, String), String>,
 }
 
 /// Copies the stores into [`ClusterObjects`]. Custom resources that do not match the model's schema are rejected

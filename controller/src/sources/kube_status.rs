@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::conditions::{self, Cond};
-use super::kube::{
+use super::kube_stores::{
     Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION, ROUTES,
 };
 use super::policy_status::{self, Outcome};

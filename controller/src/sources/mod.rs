@@ -5,6 +5,7 @@ mod conditions;
 pub mod file;
 pub mod kube;
 mod kube_status;
+mod kube_stores;
 mod policy_status;
 mod route_status;
 pub mod unsupported;

@@ -4,12 +4,13 @@
 //! stream, the pooled client, the request headers Istio's ztunnel sends, and
 //! the single-threaded workers that run a proxy's connections.
 //!
-//! Module layering: `pool` → `headers`, `relay` → `workers`; the settings
-//! live here.
+//! Module layering: `pool` → `headers`; `relay`, `stream` (a tunnel as an
+//! `AsyncRead`/`AsyncWrite` byte stream) → `workers`; the settings live here.
 
 pub mod headers;
 pub mod pool;
 mod relay;
+pub mod stream;
 pub mod workers;
 
 pub use relay::{relay, relay_until, RelayError, Transferred};

@@ -2,9 +2,10 @@
 //! one line when a connection closes at info level (warn when it failed),
 //! and one when it opens at debug level, with the fields Istio's ztunnel
 //! logs (`src.addr`, `src.workload`, `src.namespace`, `src.identity`,
-//! `dst.addr`, `dst.service`, `dst.workload`, `dst.namespace`,
-//! `dst.identity`, `direction`, `bytes_sent`, `bytes_recv`, `duration`,
-//! `error`). Plain or JSON follows `--log-format`; `--access-log false` turns
+//! `dst.addr`, `dst.hbone_addr` (through a waypoint: `dst.addr` is the
+//! waypoint's, this the original destination), `dst.service`,
+//! `dst.workload`, `dst.namespace`, `dst.identity`, `direction`,
+//! `bytes_sent`, `bytes_recv`, `duration`, `error`). Plain or JSON follows `--log-format`; `--access-log false` turns
 //! them off, and so does the filter `access=warn`.
 
 use std::net::SocketAddr;
@@ -19,8 +20,18 @@ use crate::metrics::{ConnectionLabels, FailureReason, Reporter};
 pub struct Ends {
     /// The client's address.
     pub src: SocketAddr,
-    /// The address the client wanted (the original destination or HBONE target).
+    /// The address the client wanted (the original destination or HBONE target),
+    /// or the waypoint's HBONE address when the connection goes through one.
     pub dst: SocketAddr,
+    /// Through a waypoint: the CONNECT authority sent to it (the original destination).
+    pub hbone_addr: Option<SocketAddr>,
+}
+
+impl Ends {
+    /// These ends, with the CONNECT authority sent to a waypoint at `dst`.
+    pub fn with_hbone_addr(self, hbone_addr: SocketAddr) -> Self {
+        Ends { hbone_addr: Some(hbone_addr), ..self }
+    }
 }
 
 /// The access log of one connection.
@@ -37,7 +48,7 @@ impl AccessLog {
         debug!(
             target: "access",
             direction = direction(l.reporter), "src.addr" = %ends.src, "src.workload" = l.source_workload.as_str(), "src.namespace" = l.source_workload_namespace.as_str(),
-            "src.identity" = l.source_principal.as_str(), "dst.addr" = %ends.dst, "dst.service" = l.destination_service.as_str(),
+            "src.identity" = l.source_principal.as_str(), "dst.addr" = %ends.dst, "dst.hbone_addr" = ends.hbone_addr.map(tracing::field::display), "dst.service" = l.destination_service.as_str(),
             "dst.workload" = l.destination_workload.as_str(), "dst.namespace" = l.destination_workload_namespace.as_str(),
             "dst.identity" = l.destination_principal.as_str(),
             "connection opened"
@@ -56,7 +67,7 @@ impl AccessLog {
                     target: "access",
                     direction = direction(l.reporter), "src.addr" = %ends.src, "src.workload" = l.source_workload.as_str(),
                     "src.namespace" = l.source_workload_namespace.as_str(), "src.identity" = l.source_principal.as_str(),
-                    "dst.addr" = %ends.dst, "dst.service" = l.destination_service.as_str(),
+                    "dst.addr" = %ends.dst, "dst.hbone_addr" = ends.hbone_addr.map(tracing::field::display), "dst.service" = l.destination_service.as_str(),
                     "dst.workload" = l.destination_workload.as_str(),
                     "dst.namespace" = l.destination_workload_namespace.as_str(),
                     "dst.identity" = l.destination_principal.as_str(),

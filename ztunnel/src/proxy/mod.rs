@@ -64,7 +64,7 @@ pub struct Pod {
 impl ProxyInputs {
     /// The ends an access log names, when access logs are on.
     fn access_log(&self, src: SocketAddr, dst: SocketAddr) -> Option<access_log::Ends> {
-        self.config.access_log.then_some(access_log::Ends { src, dst })
+        self.config.access_log.then_some(access_log::Ends { src, dst, hbone_addr: None })
     }
 }
 

@@ -1,10 +1,12 @@
 //! Outbound: connections the pod's applications open, redirected to 15001.
-//! The original destination picks the upstream: an HBONE tunnel to a mesh
+//! The original destination picks the upstream: an HBONE tunnel to the
+//! waypoint of the service or workload addressed, an HBONE tunnel to a mesh
 //! workload, plain TCP to a workload outside the mesh, or passthrough.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_identity::Identity;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -36,11 +38,29 @@ pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream
     // ZDS names the pod; the state knows its owner and canonical names.
     let source = inputs.state.snapshot().workload_by_ip(peer.ip()).filter(|w| pod.is(w)).cloned();
     let peers = Peers { source: source_labels(&pod, source.as_deref()), ..Default::default() };
-    match inputs.state.resolve(dst) {
+    match inputs.state.resolve(peer.ip(), dst) {
         Upstream::Hbone { workload, service, target, guard: _guard } => {
             let peers = destination_peers(peers, &workload, service.as_deref());
             let src = Source { pod: &pod, workload: source.as_deref(), addr: peer };
-            hbone(&inputs, src, stream, target, &workload, service.as_deref(), peers).await
+            let to =
+                TunnelTarget { dial: SocketAddr::new(target.ip(), HBONE_PORT), authority: target, via_waypoint: false };
+            hbone(&inputs, src, stream, to, workload.identity(), service.as_deref(), peers).await
+        }
+        Upstream::Waypoint { waypoint, service, target, authority, guard: _guard } => {
+            // Labelled as Istio's ztunnel does: the destination is the waypoint, the service the one addressed.
+            let peers = destination_peers(peers, &waypoint, service.as_deref());
+            let src = Source { pod: &pod, workload: source.as_deref(), addr: peer };
+            let to = TunnelTarget { dial: target, authority, via_waypoint: true };
+            debug!(pod = %pod.uid, %dst, waypoint = %waypoint.uid, %target, "through the destination's waypoint");
+            hbone(&inputs, src, stream, to, waypoint.identity(), service.as_deref(), peers).await
+        }
+        Upstream::UnknownWaypoint { waypoint, service } => {
+            warn!(
+                pod = %pod.uid, %dst, %waypoint, service = service.as_ref().map(|s| s.hostname.as_str()),
+                "the destination's waypoint is no known workload; closing"
+            );
+            inputs.metrics.failure(Direction::outbound, FailureReason::unreachable);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         }
         Upstream::Direct { workload, service, target, guard: _guard } => {
             let peers = destination_peers(peers, &workload, service.as_deref());
@@ -72,6 +92,17 @@ fn destination_peers(mut peers: Peers, w: &Workload, service: Option<&Service>) 
     peers
 }
 
+/// Where an HBONE tunnel goes.
+struct TunnelTarget {
+    /// The HBONE listener to connect to: the destination's ztunnel, or a waypoint.
+    dial: SocketAddr,
+    /// The CONNECT `:authority`: the workload's IP and port, or (through a
+    /// waypoint) the original destination.
+    authority: SocketAddr,
+    /// Whether `dial` is a waypoint.
+    via_waypoint: bool,
+}
+
 /// The client side of an outbound connection.
 struct Source<'a> {
     pod: &'a Pod,
@@ -84,17 +115,20 @@ async fn hbone(
     inputs: &ProxyInputs,
     src: Source<'_>,
     stream: TcpStream,
-    target: SocketAddr,
-    workload: &Workload,
+    to: TunnelTarget,
+    dst_identity: Identity,
     service: Option<&Service>,
     mut peers: Peers,
 ) {
     let pod = src.pod;
-    let dst_identity = workload.identity();
+    let target = to.authority;
     peers.source = peers.source.with_principal(&pod.identity);
     // Counted once the tunnel is up, so the labels can take the
     // destination's response baggage; a failure is counted open and closed.
-    let log = inputs.access_log(src.addr, target);
+    let log = match to.via_waypoint {
+        false => inputs.access_log(src.addr, target),
+        true => inputs.access_log(src.addr, to.dial).map(|e| e.with_hbone_addr(to.authority)),
+    };
     let counted = |peers, error: Option<FailureReason>| {
         let mut m = ConnMetrics::open(&inputs.metrics, Reporter::source, peers, true, log);
         if let Some(e) = error {
@@ -111,12 +145,7 @@ async fn hbone(
             return;
         }
     };
-    let key = PoolKey {
-        src: src.addr.ip(),
-        src_identity: pod.identity.clone(),
-        dst: SocketAddr::new(target.ip(), HBONE_PORT),
-        dst_identity,
-    };
+    let key = PoolKey { src: src.addr.ip(), src_identity: pod.identity.clone(), dst: to.dial, dst_identity };
     let headers = connect_headers(
         src.workload.map(Workload::baggage),
         src.addr,
@@ -133,7 +162,7 @@ async fn hbone(
                 PoolError::Refused(s) if s.as_u16() == 400 => FailureReason::bad_request,
                 _ => FailureReason::unreachable,
             };
-            warn!(pod = %pod.uid, %target, peer_identity = %key.dst_identity, error = %e, reason = ?reason, "hbone tunnel failed; closing");
+            warn!(pod = %pod.uid, %target, via = %to.dial, peer_identity = %key.dst_identity, error = %e, reason = ?reason, "hbone tunnel failed; closing");
             inputs.metrics.failure(Direction::outbound, reason);
             drop(counted(peers, Some(reason)));
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));

@@ -11,8 +11,8 @@ use ambit_api::workload as pb;
 use ipnet::IpNet;
 
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service,
-    ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
+    Action, Authorization, Clause, GatewayAddress, GatewayDestination, HealthStatus, LoadBalancer, Match, PortMapping,
+    Rule, Scope, Service, ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
 };
 
 /// Why a protobuf resource could not be converted.
@@ -30,6 +30,9 @@ pub enum ConvertError {
     /// An enum field holds a value this version does not know.
     #[error("{object}: {field} has unknown value {value}")]
     UnknownEnum { object: String, field: &'static str, value: i32 },
+    /// A waypoint address names neither an address nor a hostname.
+    #[error("{object}: {field} names neither an address nor a hostname")]
+    NoGatewayDestination { object: String, field: &'static str },
 }
 
 /// Parses an IP from its network-order bytes (4 or 16).
@@ -68,6 +71,25 @@ fn mappings(ports: &[pb::Port], object: &str) -> Result<Vec<PortMapping>, Conver
         .collect()
 }
 
+/// A waypoint (`GatewayAddress`); absent is `None`, present it must name
+/// where the waypoint is and its HBONE port.
+fn gateway(
+    g: Option<pb::GatewayAddress>,
+    object: &str,
+    field: &'static str,
+) -> Result<Option<GatewayAddress>, ConvertError> {
+    use pb::gateway_address::Destination;
+    let Some(g) = g else { return Ok(None) };
+    let destination = match g.destination {
+        Some(Destination::Address(a)) => {
+            GatewayDestination::Address { ip: ip_from_bytes(&a.address, object, field)?, network: a.network }
+        }
+        Some(Destination::Hostname(h)) => GatewayDestination::Hostname { namespace: h.namespace, hostname: h.hostname },
+        None => return Err(ConvertError::NoGatewayDestination { object: object.to_owned(), field }),
+    };
+    Ok(Some(GatewayAddress { destination, hbone_mtls_port: port(g.hbone_mtls_port, object, "hbone_mtls_port")? }))
+}
+
 fn unknown(object: &str, field: &'static str, value: i32) -> ConvertError {
     ConvertError::UnknownEnum { object: object.to_owned(), field, value }
 }
@@ -100,7 +122,9 @@ impl TryFrom<pb::Workload> for Workload {
             .iter()
             .map(|(k, v)| Ok((k.clone(), mappings(&v.ports, &object)?)))
             .collect::<Result<_, ConvertError>>()?;
+        let waypoint = gateway(w.waypoint, &object, "waypoint")?;
         Ok(Workload {
+            waypoint,
             addresses,
             protocol,
             status,
@@ -132,7 +156,9 @@ impl TryFrom<pb::Service> for Service {
         let vips =
             s.addresses.iter().map(|a| ip_from_bytes(&a.address, &object, "addresses")).collect::<Result<_, _>>()?;
         let ports = mappings(&s.ports, &object)?;
+        let waypoint = gateway(s.waypoint, &object, "waypoint")?;
         Ok(Service {
+            waypoint,
             vips,
             ports,
             load_balancer: LoadBalancer::RoundRobin,
@@ -324,6 +350,75 @@ mod tests {
         assert_eq!(svc.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(svc.ports, vec![PortMapping { service_port: 80, target_port: 0 }]);
         assert_eq!(svc.load_balancer, LoadBalancer::RoundRobin);
+    }
+
+    fn pb_waypoint(destination: pb::gateway_address::Destination) -> Option<pb::GatewayAddress> {
+        Some(pb::GatewayAddress { destination: Some(destination), hbone_mtls_port: 15008 })
+    }
+
+    #[test]
+    fn a_service_waypoint_given_as_a_hostname_is_kept() {
+        let s = pb::Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            waypoint: pb_waypoint(pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                namespace: "default".into(),
+                hostname: "waypoint.default.svc.cluster.local".into(),
+            })),
+            ..Default::default()
+        };
+        let svc = Service::try_from(s).unwrap();
+        let wp = svc.waypoint.unwrap();
+        assert_eq!(
+            wp.destination,
+            GatewayDestination::Hostname {
+                namespace: "default".into(),
+                hostname: "waypoint.default.svc.cluster.local".into()
+            }
+        );
+        assert_eq!(wp.hbone_mtls_port, 15008);
+        assert_eq!(wp.destination.service_key().unwrap(), "default/waypoint.default.svc.cluster.local");
+    }
+
+    #[test]
+    fn a_workload_waypoint_given_as_an_address_is_kept_and_no_waypoint_is_none() {
+        assert_eq!(Workload::try_from(pb_workload()).unwrap().waypoint, None);
+        let mut w = pb_workload();
+        w.waypoint = pb_waypoint(pb::gateway_address::Destination::Address(pb::NetworkAddress {
+            network: "net1".into(),
+            address: vec![10, 1, 0, 9],
+        }));
+        let wp = Workload::try_from(w).unwrap().waypoint.unwrap();
+        assert_eq!(
+            wp.destination,
+            GatewayDestination::Address { network: "net1".into(), ip: "10.1.0.9".parse().unwrap() }
+        );
+        assert_eq!(wp.to_string(), "10.1.0.9:15008");
+    }
+
+    #[test]
+    fn a_waypoint_without_destination_or_port_or_with_a_bad_ip_is_rejected() {
+        let mut w = pb_workload();
+        w.waypoint = Some(pb::GatewayAddress { destination: None, hbone_mtls_port: 15008 });
+        let err = Workload::try_from(w).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workload cluster1//Pod/default/client: waypoint names neither an address nor a hostname"
+        );
+        let mut w = pb_workload();
+        w.waypoint = pb_waypoint(pb::gateway_address::Destination::Address(pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 1, 0],
+        }));
+        assert!(matches!(Workload::try_from(w), Err(ConvertError::BadIp { field: "waypoint", len: 3, .. })));
+        let mut w = pb_workload();
+        w.waypoint = pb_waypoint(pb::gateway_address::Destination::Address(pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 1, 0, 9],
+        }));
+        w.waypoint.as_mut().unwrap().hbone_mtls_port = 0;
+        assert!(matches!(Workload::try_from(w), Err(ConvertError::BadPort { field: "hbone_mtls_port", port: 0, .. })));
     }
 
     fn pb_policy(m: pb_sec::Match) -> pb_sec::Authorization {

@@ -22,6 +22,7 @@
 //!   services:                            # services this workload backs: "namespace/hostname" -> port mappings
 //!     default/echo.default.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
 //!   authorizationPolicies: [default/allow-client]   # selector-scoped policies that apply to it
+//!   waypoint: {address: 10.1.0.9}        # traffic to this workload's own IP goes through this waypoint (none by default)
 //! services:
 //! - name: echo
 //!   namespace: default
@@ -29,6 +30,10 @@
 //!   addresses: [10.96.0.10]              # VIPs; each belongs to one service
 //!   ports: [{servicePort: 80, targetPort: 8080}]   # targetPort defaults to servicePort
 //!   loadBalancing: RoundRobin            # RoundRobin | LeastConnections (default RoundRobin)
+//!   waypoint:                            # traffic to the VIPs goes through this waypoint (none by default)
+//!     hostname: waypoint.default.svc.cluster.local   # its service; or `address: <ip>` (and `network: <name>`)
+//!     namespace: default                 # of that service (default: this object's namespace)
+//!     hboneMtlsPort: 15008               # its HBONE port (default 15008)
 //! policies:                              # istio.security.Authorization, as YAML
 //! - name: allow-client
 //!   namespace: default
@@ -65,8 +70,8 @@ use serde_yaml::with::singleton_map_recursive;
 
 use super::convert::port;
 use super::model::{
-    Action, Authorization, Clause, HealthStatus, LoadBalancer, Match, PortMapping, Rule, Scope, Service,
-    ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
+    Action, Authorization, Clause, GatewayAddress, GatewayDestination, HealthStatus, LoadBalancer, Match, PortMapping,
+    Rule, Scope, Service, ServiceAccountMatch, StringMatch, TunnelProtocol, Workload, WorkloadType,
 };
 use super::peer_auth::{self, PeerAuthentication};
 use super::{ProxyState, StateError};
@@ -181,6 +186,28 @@ struct LocalWorkload {
     services: BTreeMap<String, Vec<LocalPort>>,
     #[serde(default)]
     authorization_policies: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<LocalWaypoint>,
+}
+
+/// A waypoint: exactly one of `address` and `hostname`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LocalWaypoint {
+    #[serde(default)]
+    address: Option<IpAddr>,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default = "default_hbone_mtls_port")]
+    hbone_mtls_port: u32,
+}
+
+fn default_hbone_mtls_port() -> u32 {
+    u32::from(ambit_hbone::HBONE_PORT)
 }
 
 #[derive(Default, Deserialize)]
@@ -227,6 +254,8 @@ struct LocalService {
     ports: Vec<LocalPort>,
     #[serde(default)]
     load_balancing: LocalLoadBalancing,
+    #[serde(default)]
+    waypoint: Option<LocalWaypoint>,
 }
 
 #[derive(Default, Deserialize)]
@@ -354,13 +383,29 @@ fn ports(ps: Vec<LocalPort>, object: &str) -> Result<Vec<PortMapping>, StateErro
         .collect()
 }
 
+/// The waypoint of `object` (in namespace `ns`, the default of a hostname's).
+fn waypoint(w: Option<LocalWaypoint>, object: &str, ns: &str) -> Result<Option<GatewayAddress>, StateError> {
+    let Some(w) = w else { return Ok(None) };
+    let destination = match (w.address, w.hostname) {
+        (Some(ip), None) => GatewayDestination::Address { network: w.network, ip },
+        (None, Some(hostname)) => {
+            GatewayDestination::Hostname { namespace: w.namespace.unwrap_or_else(|| ns.to_owned()), hostname }
+        }
+        _ => return Err(StateError::WaypointDestination { object: object.to_owned() }),
+    };
+    let hbone_mtls_port = port(w.hbone_mtls_port, object, "waypoint.hboneMtlsPort")?;
+    Ok(Some(GatewayAddress { destination, hbone_mtls_port }))
+}
+
 fn build(cfg: LocalConfig, opts: &LoadOptions) -> Result<ProxyState, StateError> {
     let mut workloads = Vec::with_capacity(cfg.workloads.len());
     for w in cfg.workloads {
         let object = format!("workload {}", w.uid);
         let services =
             w.services.into_iter().map(|(k, v)| Ok((k, ports(v, &object)?))).collect::<Result<_, StateError>>()?;
+        let waypoint = waypoint(w.waypoint, &object, &w.namespace)?;
         workloads.push(Workload {
+            waypoint,
             uid: w.uid,
             name: w.name,
             namespace: w.namespace,
@@ -395,6 +440,7 @@ fn build(cfg: LocalConfig, opts: &LoadOptions) -> Result<ProxyState, StateError>
     for s in cfg.services {
         let object = format!("service {}/{}", s.namespace, s.hostname);
         services.push(Service {
+            waypoint: waypoint(s.waypoint, &object, &s.namespace)?,
             ports: ports(s.ports, &object)?,
             name: s.name,
             namespace: s.namespace,

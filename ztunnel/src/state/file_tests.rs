@@ -280,3 +280,45 @@ fn an_empty_file_is_an_error_and_an_explicit_empty_list_empties() {
     std::fs::write(&path, "workloads: []\n").unwrap();
     assert_eq!(file.poll().unwrap().expect("an explicit empty list loads").workloads().count(), 0);
 }
+
+#[test]
+fn waypoints_of_services_and_workloads_are_read_with_their_defaults() {
+    let st = parse_local_config(&doc_example(), &opts()).unwrap();
+    let s = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+    let wp = s.waypoint.as_ref().unwrap();
+    assert_eq!(
+        wp.destination,
+        GatewayDestination::Hostname {
+            namespace: "default".into(),
+            hostname: "waypoint.default.svc.cluster.local".into()
+        }
+    );
+    assert_eq!(wp.hbone_mtls_port, 15008);
+    let w = st.workload_by_ip("10.1.0.2".parse().unwrap()).unwrap();
+    let wp = w.waypoint.as_ref().unwrap();
+    assert_eq!(wp.destination, GatewayDestination::Address { network: String::new(), ip: "10.1.0.9".parse().unwrap() });
+    assert_eq!(wp.hbone_mtls_port, 15008);
+
+    let yaml = "
+workloads:
+- {uid: u1, namespace: ns, addresses: [10.0.0.1], waypoint: {hostname: wp.ns.svc, hboneMtlsPort: 15009}}
+- {uid: u2, namespace: ns, addresses: [10.0.0.2]}
+";
+    let st = parse_local_config(yaml, &opts()).unwrap();
+    let wp = st.workload_by_uid("u1").unwrap().waypoint.clone().unwrap();
+    assert_eq!(wp.destination, GatewayDestination::Hostname { namespace: "ns".into(), hostname: "wp.ns.svc".into() });
+    assert_eq!(wp.hbone_mtls_port, 15009);
+    assert_eq!(st.workload_by_uid("u2").unwrap().waypoint, None);
+}
+
+#[test]
+fn a_waypoint_with_both_or_neither_address_and_hostname_or_port_zero_is_rejected() {
+    for wp in ["{address: 10.0.0.9, hostname: wp.ns.svc}", "{hboneMtlsPort: 15008}"] {
+        let yaml = format!("services:\n- {{name: s, namespace: ns, hostname: s.ns, waypoint: {wp}}}\n");
+        let err = parse_local_config(&yaml, &opts()).unwrap_err();
+        assert_eq!(err.to_string(), "service ns/s.ns: waypoint needs exactly one of address and hostname", "{wp}");
+    }
+    let yaml = "workloads:\n- {uid: u1, waypoint: {address: 10.0.0.9, hboneMtlsPort: 0}}\n";
+    let err = parse_local_config(yaml, &opts()).unwrap_err();
+    assert!(err.to_string().contains("waypoint.hboneMtlsPort 0 is not a port"), "{err}");
+}

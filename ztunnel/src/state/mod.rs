@@ -62,6 +62,9 @@ pub enum StateError {
     /// Two PeerAuthentications for one namespace.
     #[error("duplicate peer authentication for namespace {0}")]
     DuplicatePeerAuthentication(String),
+    /// A state file's waypoint names both or neither of an address and a hostname.
+    #[error("{object}: waypoint needs exactly one of address and hostname")]
+    WaypointDestination { object: String },
     /// A port is 0 where one is required.
     #[error("{object}: port 0 is not a port (1-65535)")]
     ZeroPort { object: String },
@@ -307,12 +310,14 @@ impl SharedState {
         self.changes.send_replace(state);
     }
 
-    /// Picks where an outbound connection to `dst` goes: a service VIP is
-    /// load-balanced over its healthy endpoints, a workload IP goes to that
-    /// workload, anything else passes through.
-    pub fn resolve(&self, dst: SocketAddr) -> Upstream {
+    /// Picks where an outbound connection from `src` to `dst` goes: a
+    /// service VIP or workload IP that names a waypoint goes to that waypoint
+    /// (unless `src` is the waypoint), else a service VIP is load-balanced
+    /// over its healthy endpoints and a workload IP goes to that workload;
+    /// anything else passes through.
+    pub fn resolve(&self, src: IpAddr, dst: SocketAddr) -> Upstream {
         let cur = self.current();
-        lookup::resolve(&cur.state, &cur.counters, dst)
+        lookup::resolve(&cur.state, &cur.counters, src, dst)
     }
 
     /// Connections currently counted against workload `uid` (by live guards).

@@ -107,6 +107,9 @@ pub struct Workload {
     pub services: BTreeMap<String, Vec<PortMapping>>,
     /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
     pub authorization_policies: Vec<String>,
+    /// The waypoint that traffic addressed to this workload's own IP goes
+    /// through (`istio.io/waypoint-for: workload` or `all`).
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Workload {
@@ -166,12 +169,59 @@ pub struct Service {
     pub ports: Vec<PortMapping>,
     /// Endpoint selection.
     pub load_balancer: LoadBalancer,
+    /// The waypoint that traffic addressed to a VIP of this service goes
+    /// through (`istio.io/waypoint-for: service` or `all`).
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Service {
     /// The service's key, `namespace/hostname`, as used in [`Workload::services`].
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Where a waypoint is reached (Istio's `GatewayAddress`): connections to
+/// the service or workload that names it are tunnelled to it instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayAddress {
+    /// The waypoint itself.
+    pub destination: GatewayDestination,
+    /// Port of its HBONE (mutual TLS) listener, 15008 for waypoints.
+    pub hbone_mtls_port: u16,
+}
+
+/// How a [`GatewayAddress`] names its waypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayDestination {
+    /// An IP (a waypoint workload's, or its service's VIP) on a network
+    /// (empty = the default network).
+    Address { network: String, ip: IpAddr },
+    /// The waypoint's service, e.g. `waypoint.ns.svc.cluster.local` in `ns`,
+    /// reached through one of its endpoints.
+    Hostname { namespace: String, hostname: String },
+}
+
+impl GatewayDestination {
+    /// The key of the service a hostname names (`namespace/hostname`).
+    pub fn service_key(&self) -> Option<String> {
+        match self {
+            GatewayDestination::Hostname { namespace, hostname } => Some(format!("{namespace}/{hostname}")),
+            GatewayDestination::Address { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.destination {
+            GatewayDestination::Address { ip, .. } => {
+                write!(f, "{}", std::net::SocketAddr::new(*ip, self.hbone_mtls_port))
+            }
+            GatewayDestination::Hostname { namespace, hostname } => {
+                write!(f, "{namespace}/{hostname}:{}", self.hbone_mtls_port)
+            }
+        }
     }
 }
 

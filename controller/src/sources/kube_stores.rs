@@ -1,0 +1,77 @@
+//! What the Kubernetes source reads: the custom resource kinds, the
+//! reflector stores of every watched kind, and what the watchers and the
+//! model build tell the status writer. A leaf: both the source
+//! ([`super::kube`]) and the status writer ([`super::kube_status`]) use it.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::Store;
+
+/// A custom resource the source reads.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Crd {
+    pub(super) group: &'static str,
+    pub(super) version: &'static str,
+    pub(super) kind: &'static str,
+    plural: &'static str,
+}
+
+pub(super) const AUTHORIZATION_POLICY: Crd =
+    Crd { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" };
+pub(super) const PEER_AUTHENTICATION: Crd =
+    Crd { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications" };
+pub(super) const GATEWAY: Crd =
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "Gateway", plural: "gateways" };
+/// Read only for their status ([`super::route_status`]); the model does not wait for them.
+pub(super) const GATEWAY_CLASS: Crd =
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GatewayClass", plural: "gatewayclasses" };
+/// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
+pub(super) const ROUTES: [Crd; 2] = [
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
+    Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GRPCRoute", plural: "grpcroutes" },
+];
+
+impl Crd {
+    pub(super) fn api_resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(self.group, self.version, self.kind), self.plural)
+    }
+}
+
+/// What the watcher tasks tell the build loop.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Signal {
+    /// Objects of a kind the model reads changed.
+    Changed,
+    /// Objects read only for their status (GatewayClasses) changed: no model build, only their status.
+    StatusInput,
+    /// A kind's initial list is complete (or its CRD is absent, which counts as empty).
+    Ready(&'static str),
+}
+
+/// The reflector stores, one per kind.
+#[derive(Clone)]
+pub(super) struct Stores {
+    pub(super) namespaces: Store<Namespace>,
+    pub(super) pods: Store<Pod>,
+    pub(super) services: Store<Service>,
+    pub(super) endpoint_slices: Store<EndpointSlice>,
+    pub(super) policies: Store<DynamicObject>,
+    pub(super) peer_auths: Store<DynamicObject>,
+    pub(super) gateways: Store<DynamicObject>,
+    pub(super) gateway_classes: Store<DynamicObject>,
+    pub(super) http_routes: Store<DynamicObject>,
+    pub(super) grpc_routes: Store<DynamicObject>,
+}
+
+/// (kind, namespace, name) of a policy.
+pub(super) type PolicyKey = (&'static str, String, String);
+
+/// What the last model build decided that route status needs.
+#[derive(Debug, Default)]
+pub(super) struct ModelFacts {
+    /// Services a waypoint serves.
+    pub(super) served: std::collections::HashSet<(String, String)>,
+    /// Routes the model refused, by (kind, namespace, name), with why.
+    pub(super) invalid: std::collections::HashMap<(String, String, String), String>,
+}

@@ -14,11 +14,13 @@
 //!   request by two random choices, or round robin).
 //! - [`retry`]: whether and when to retry, the retry budget, deadlines.
 //! - [`hop`]: hop-by-hop headers and `x-request-id`.
+//! - [`config`]: the controller's configuration, converted for these phases.
 //!
 //! Random choices take the caller's [`rand::Rng`], so tests are repeatable.
 
 pub mod authority;
 pub mod balance;
+pub mod config;
 pub mod filters;
 pub mod hop;
 pub mod plan;

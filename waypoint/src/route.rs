@@ -45,6 +45,9 @@ pub struct Route {
 /// One rule of a route.
 #[derive(Clone, Debug, Default)]
 pub struct Rule {
+    /// `rules[].name`; empty when the route names none (for logs and
+    /// metrics).
+    pub name: String,
     /// OR-ed; empty means one match on PathPrefix `/` (Gateway API default).
     pub matches: Vec<Match>,
     /// Applied in order before the backend's own filters.

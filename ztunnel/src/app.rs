@@ -141,10 +141,10 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
         }
         CertificateSource::CaService(_) => {
             let (channel, token) = controller.expect("bug: CA service without a controller channel");
-            Arc::new(CaClient::new(channel, &token, &config.node_name, config.cert_ttl)?)
+            Arc::new(CaClient::new(channel, &token, config.cert_ttl)?.with_node(&config.node_name)?)
         }
     };
-    let certs = CertManager::new(provider, metrics.clone());
+    let certs = CertManager::new(provider, crate::certs::observer(metrics.clone()));
     let pool = HbonePool::new(
         PoolSettings {
             max_streams: config.pool_max_streams,

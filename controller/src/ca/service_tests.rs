@@ -231,7 +231,7 @@ async fn validity_is_capped_at_the_max_ttl() {
 #[tokio::test]
 async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
     let h = Harness::start(DEFAULT_MAX_TTL).await;
-    let client = CaClient::new(h.channel().await, TOKEN, "node-a", HOUR).unwrap();
+    let client = CaClient::new(h.channel().await, TOKEN, HOUR).unwrap().with_node("node-a").unwrap();
     let cert = client.fetch(&client_id()).await.unwrap();
     assert_eq!(cert.identity(), &client_id());
     assert_eq!(cert.chain().len(), 1, "the root is kept apart from the chain");
@@ -239,7 +239,7 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
     // The certificate works for mutual TLS as ztunnel uses it.
     ambit_identity::tls::server_config(&cert, &[b"h2"]).unwrap();
 
-    let other = CaClient::new(h.channel().await, TOKEN, "node-b", HOUR).unwrap();
+    let other = CaClient::new(h.channel().await, TOKEN, HOUR).unwrap().with_node("node-b").unwrap();
     match other.fetch(&client_id()).await.unwrap_err() {
         CertError::Provider { identity, message } => {
             assert_eq!(identity, client_id());
@@ -247,7 +247,7 @@ async fn ztunnels_ca_client_gets_certificates_end_to_end_over_tls() {
         }
         e => panic!("unexpected error: {e}"),
     }
-    let wrong = CaClient::new(h.channel().await, "wrong", "node-a", HOUR).unwrap();
+    let wrong = CaClient::new(h.channel().await, "wrong", HOUR).unwrap().with_node("node-a").unwrap();
     let err = wrong.fetch(&client_id()).await.unwrap_err();
     assert!(err.to_string().contains("Unauthenticated"), "{err}");
 }

@@ -11,41 +11,22 @@
 mod node;
 mod resources;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use ambit_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use ambit_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as RpcStatus};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
+#[cfg(test)]
+use ambit_api::discovery::DeltaDiscoveryRequest;
+use ambit_api::discovery::DeltaDiscoveryResponse;
+use ambit_xds_client::ads::{AdsClient, DeltaHandler};
+use tokio::sync::watch;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::info;
 
+pub use ambit_xds_client::ads::{BearerToken, XdsError};
 pub use node::ProxyNode;
 pub use resources::{ApplyError, Kind, Resources};
 
 use crate::state::ProxyState;
-
-/// gRPC status code INVALID_ARGUMENT, sent in NACKs.
-const INVALID_ARGUMENT: i32 = 3;
-
-/// Why an xDS stream ended or the client could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum XdsError {
-    /// The bearer token cannot be sent as gRPC metadata.
-    #[error("bearer token is not valid metadata: {0}")]
-    InvalidToken(#[from] tonic::metadata::errors::InvalidMetadataValue),
-    /// Opening or reading the stream failed.
-    #[error("xds stream: {0}")]
-    Rpc(#[from] tonic::Status),
-    /// The server ended the stream.
-    #[error("xds stream closed by the server")]
-    Closed,
-    /// Our request stream was dropped by tonic while responses still came.
-    #[error("bug: xds request stream closed while the response stream is open")]
-    RequestsClosed,
-}
 
 /// Who this ztunnel is and how patiently it reconnects.
 #[derive(Debug, Clone)]
@@ -72,218 +53,88 @@ impl XdsConfig {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call (nothing if no token).
-#[derive(Debug, Clone, Default)]
-pub struct BearerToken {
-    token: Option<MetadataValue<Ascii>>,
-    node: Option<MetadataValue<Ascii>>,
-}
-
-impl BearerToken {
-    /// A token for the header; `None` sends no header.
-    pub fn new(token: Option<&str>) -> Result<Self, XdsError> {
-        let token = token.map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim()))).transpose()?;
-        Ok(BearerToken { token, node: None })
-    }
-
-    /// Also names the caller's node in `x-ambit-node`: an extra for Ambit's
-    /// controller with one shared bootstrap token, which proves no node (the
-    /// `Node` of the stream names it too, as Istio's ztunnel does).
-    pub fn with_node(mut self, node: &str) -> Result<Self, XdsError> {
-        self.node = Some(MetadataValue::try_from(node)?);
-        Ok(self)
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.token {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        if let Some(v) = &self.node {
-            req.metadata_mut().insert("x-ambit-node", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// Largest xDS response accepted.
-const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
-
-/// Exponential backoff with ±20 % jitter, so that ztunnels restarted together
-/// do not reconnect in lockstep.
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { initial, max, next: initial }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        base.mul_f64(rand::random_range(0.8..1.2)).min(self.max)
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
-
 /// The xDS client of one ztunnel. Create it, take [`XdsClient::synced`], then
-/// spawn [`XdsClient::run`].
+/// spawn [`XdsClient::run`]. The stream loop (ACK/NACK, reconnects) is the
+/// one shared with the waypoint ([`AdsClient`]).
 #[derive(Debug)]
 pub struct XdsClient {
-    channel: Channel,
-    auth: BearerToken,
-    config: XdsConfig,
+    ads: AdsClient,
+    trust_domain: String,
     resources: Resources,
-    /// Both types received at least once: the state is complete.
-    synced: watch::Sender<bool>,
 }
 
 impl XdsClient {
     /// A client on `channel` (TLS, if any, is the caller's: a lazily
     /// connecting channel is best, it reconnects by itself).
     pub fn new(channel: Channel, auth: BearerToken, config: XdsConfig) -> Self {
-        XdsClient { channel, auth, config, resources: Resources::default(), synced: watch::Sender::new(false) }
+        let ads = AdsClient::new(channel, auth, config.node.to_node())
+            .with_backoff(config.backoff_initial, config.backoff_max);
+        XdsClient { ads, trust_domain: config.trust_domain, resources: Resources::default() }
     }
 
     /// Becomes `true` once the first response of both types has been applied
     /// (the readiness hook); stays `true` across reconnects.
     pub fn synced(&self) -> watch::Receiver<bool> {
-        self.synced.subscribe()
+        self.ads.synced()
     }
 
     /// Runs forever (until the task is dropped): streams, applies, reconnects.
     /// `on_state` gets every new complete state, starting with the first
     /// synced one.
-    pub async fn run(mut self, mut on_state: impl FnMut(ProxyState) + Send) {
-        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
-        loop {
-            let mut progressed = false;
-            let err = self.run_stream(&mut on_state, &mut progressed).await;
-            if progressed {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            warn!(error = %err, retry_in = ?delay, "xds: stream failed; keeping the last configuration");
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// One stream, until it fails. `progressed` is set once a response came.
-    async fn run_stream(&mut self, on_state: &mut (impl FnMut(ProxyState) + Send), progressed: &mut bool) -> XdsError {
-        match self.stream(on_state, progressed).await {
-            Ok(()) => XdsError::Closed,
-            Err(e) => e,
-        }
-    }
-
-    async fn stream(
-        &mut self,
-        on_state: &mut (impl FnMut(ProxyState) + Send),
-        progressed: &mut bool,
-    ) -> Result<(), XdsError> {
-        // Requests: 2 subscriptions, then one ACK/NACK per response; tonic
-        // drains this concurrently, so a small buffer never blocks for long.
-        let (tx, rx) = mpsc::channel(8);
-        for kind in [Kind::Address, Kind::Authorization] {
-            tx.send(self.subscribe(kind)).await.map_err(|_| XdsError::RequestsClosed)?;
-        }
-        // The first response carries the whole mesh (about 3 MB per 10,000
-        // pods): lift tonic's 4 MiB default.
-        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        debug!("xds: stream open");
-        let mut seen = [*self.synced.borrow(); 2];
-        while let Some(resp) = responses.message().await? {
-            *progressed = true;
-            let reply = self.handle(&resp, &mut seen, on_state);
-            tx.send(reply).await.map_err(|_| XdsError::RequestsClosed)?;
-        }
-        Ok(())
-    }
-
-    /// Applies one response and returns the ACK or NACK for it.
-    fn handle(
-        &mut self,
-        resp: &DeltaDiscoveryResponse,
-        seen: &mut [bool; 2],
-        on_state: &mut (impl FnMut(ProxyState) + Send),
-    ) -> DeltaDiscoveryRequest {
-        let mut reply = DeltaDiscoveryRequest {
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            ..Default::default()
-        };
-        match self.resources.apply(resp, &self.config.trust_domain) {
-            Ok((kind, state)) => {
-                debug!(
-                    type_url = %resp.type_url,
-                    updated = resp.resources.len(),
-                    removed = resp.removed_resources.len(),
-                    version = %resp.system_version_info,
-                    "xds: applied"
-                );
-                seen[kind as usize] = true;
-                // Hold back the first state until both types are in: a mesh
-                // without its policies would allow what they deny.
-                if seen.iter().all(|s| *s) {
-                    on_state(state);
-                    if !*self.synced.borrow() {
-                        let (a, p) = self.resources.len();
-                        info!(addresses = a, authorizations = p, "xds: synced");
-                        self.synced.send_replace(true);
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(type_url = %resp.type_url, nonce = %resp.nonce, error = %e, "xds: rejecting configuration (NACK); keeping the last good state");
-                reply.error_detail =
-                    Some(RpcStatus { code: INVALID_ARGUMENT, message: e.to_string(), details: Vec::new() });
-            }
-        }
-        reply
+    pub async fn run(self, on_state: impl FnMut(ProxyState) + Send) {
+        let handler =
+            StateHandler { resources: self.resources, trust_domain: self.trust_domain, on_state, synced: false };
+        self.ads.run(handler).await
     }
 
     /// The first request of a type: wildcard, with what we already hold.
+    #[cfg(test)]
     fn subscribe(&self, kind: Kind) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest {
-            node: Some(self.node()),
-            type_url: kind.type_url().to_owned(),
-            resource_names_subscribe: vec!["*".to_owned()],
-            initial_resource_versions: self.resources.versions(kind),
-            ..Default::default()
+        self.ads.subscription(kind.type_url(), self.resources.versions(kind))
+    }
+}
+
+/// Addresses and authorizations → a [`ProxyState`] per applied response.
+struct StateHandler<F> {
+    resources: Resources,
+    trust_domain: String,
+    on_state: F,
+    synced: bool,
+}
+
+impl<F: FnMut(ProxyState) + Send> DeltaHandler for StateHandler<F> {
+    fn type_urls(&self) -> Vec<&'static str> {
+        vec![Kind::Address.type_url(), Kind::Authorization.type_url()]
+    }
+
+    fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        match [Kind::Address, Kind::Authorization].into_iter().find(|k| k.type_url() == type_url) {
+            Some(kind) => self.resources.versions(kind),
+            None => HashMap::new(),
         }
     }
 
-    fn node(&self) -> Node {
-        self.config.node.to_node()
+    /// A response that does not decode, convert or validate is NACKed with
+    /// the error text and the last good state stays in force.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse, complete: bool) -> Result<(), String> {
+        let (_, state) = self.resources.apply(resp, &self.trust_domain).map_err(|e| e.to_string())?;
+        // Hold back the first state until both types are in: a mesh
+        // without its policies would allow what they deny.
+        if complete {
+            (self.on_state)(state);
+            if !self.synced {
+                let (a, p) = self.resources.len();
+                info!(addresses = a, authorizations = p, "xds: synced");
+                self.synced = true;
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(800) && d[0] <= Duration::from_millis(1200), "{d:?}");
-        assert!(d[1] >= Duration::from_millis(1600) && d[1] <= Duration::from_millis(2400), "{d:?}");
-        assert!(d.iter().all(|x| *x <= Duration::from_secs(30)), "{d:?}");
-        assert!(d[7] >= Duration::from_secs(24), "{d:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(1200));
-    }
 
     #[tokio::test]
     async fn every_subscription_carries_the_istio_node() {
@@ -297,15 +148,5 @@ mod tests {
             assert_eq!(req.node, Some(proxy.to_node()), "{kind:?}");
             assert_eq!(req.node.unwrap().id, "ztunnel~1.1.1.1~ztunnel-1.ambit-system~ambit-system.svc.cluster.local");
         }
-    }
-
-    #[test]
-    fn bearer_token_adds_the_authorization_header() {
-        let mut t = BearerToken::new(Some("abc\n")).unwrap();
-        let req = t.call(tonic::Request::new(())).unwrap();
-        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer abc");
-        let mut none = BearerToken::new(None).unwrap();
-        assert!(none.call(tonic::Request::new(())).unwrap().metadata().get("authorization").is_none());
-        assert!(BearerToken::new(Some("a\u{7}b")).is_err());
     }
 }

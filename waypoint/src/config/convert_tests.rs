@@ -1,0 +1,391 @@
+//! `ServiceRoutes` as the controller writes them (its `model/routes.rs` and
+//! `model/route_convert.rs`: defaults filled in, a backendRef that does not
+//! resolve as an invalid backend), sent through the wire, converted, and
+//! asked to route requests.
+
+use std::collections::HashMap;
+
+use ambit_api::waypoint as pb;
+use http::request::Parts;
+use http::{Request, StatusCode};
+use prost::Message;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::*;
+use crate::plan::{prepare, Decision};
+
+const HOST: &str = "web.mesh.svc.cluster.local";
+
+fn origin(kind: pb::RouteKind, name: &str, created: i64) -> Option<pb::RouteOrigin> {
+    Some(pb::RouteOrigin {
+        kind: kind.into(),
+        namespace: "mesh".into(),
+        name: name.into(),
+        creation_timestamp: created,
+    })
+}
+
+fn path(t: pb::path_match::Type, value: &str) -> Option<pb::PathMatch> {
+    Some(pb::PathMatch { r#type: t.into(), value: value.into() })
+}
+
+fn prefix(value: &str) -> pb::RouteMatch {
+    pb::RouteMatch { path: path(pb::path_match::Type::Prefix, value), ..Default::default() }
+}
+
+fn service(name: &str, port: u32, weight: u32) -> pb::Backend {
+    let s = pb::ServiceBackend { hostname: format!("{name}.mesh.svc.cluster.local"), namespace: "mesh".into(), port };
+    pb::Backend { kind: Some(pb::backend::Kind::Service(s)), weight, filters: vec![] }
+}
+
+fn invalid(reason: &str, weight: u32) -> pb::Backend {
+    pb::Backend { kind: Some(pb::backend::Kind::Invalid(reason.into())), weight, filters: vec![] }
+}
+
+fn http_route(name: &str, rules: Vec<pb::Rule>) -> pb::Route {
+    pb::Route { origin: origin(pb::RouteKind::HttpRoute, name, 0), hostnames: vec![], rules }
+}
+
+fn rule(matches: Vec<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::Rule {
+    pb::Rule { matches, backends, ..Default::default() }
+}
+
+fn port(port: u32, protocol: pb::Protocol, routes: Vec<pb::Route>) -> pb::PortRoutes {
+    pb::PortRoutes { port, target_port: 8080, protocol: protocol.into(), name: "http".into(), routes }
+}
+
+/// Encoded and decoded, as the waypoint receives it, then converted.
+fn convert(ports: Vec<pb::PortRoutes>) -> (ServiceConfig, Vec<Problem>) {
+    let sr = pb::ServiceRoutes { hostname: HOST.into(), namespace: "mesh".into(), name: "web".into(), ports };
+    let wire = pb::ServiceRoutes::decode(sr.encode_to_vec().as_slice()).unwrap();
+    service_routes(&wire)
+}
+
+fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+    let mut b = Request::builder().method(method).uri(uri).header("host", HOST);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+/// The hostname of the backend service a request is sent to, or the status
+/// of the waypoint's own reply.
+fn decide(table: &RouteTable, mut r: Parts, rng: &mut StdRng) -> Result<String, StatusCode> {
+    let matched = table.find(&r).map_err(|no| no.reply().status)?;
+    match prepare(matched, &mut r, 80, rng) {
+        Decision::Forward(f) => Ok(f.backend.target.hostname.clone()),
+        Decision::Reply { reply, .. } => Err(reply.status),
+    }
+}
+
+#[test]
+fn a_weighted_http_route_splits_by_weight() {
+    let route = http_route("split", vec![rule(vec![prefix("/")], vec![service("v1", 80, 90), service("v2", 80, 10)])]);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![route])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let p = svc.port(80).unwrap();
+    assert_eq!((p.protocol, p.target_port, p.default_route), (Protocol::Http1, Some(8080), false));
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..10_000 {
+        *counts.entry(decide(&p.table, req("GET", "/x", &[]), &mut rng).unwrap()).or_default() += 1;
+    }
+    let v2 = counts["v2.mesh.svc.cluster.local"];
+    assert!((800..1200).contains(&v2), "{counts:?}");
+    assert_eq!(counts.values().sum::<u32>(), 10_000);
+}
+
+#[test]
+fn a_grpc_route_method_match_is_a_path_match_and_unroutable_is_a_grpc_error() {
+    // GRPCRoute `method: {service: pkg.Echo, method: Say}` as the controller writes it.
+    let route = pb::Route {
+        origin: origin(pb::RouteKind::GrpcRoute, "g", 0),
+        hostnames: vec![],
+        rules: vec![rule(
+            vec![pb::RouteMatch { path: path(pb::path_match::Type::Exact, "/pkg.Echo/Say"), ..Default::default() }],
+            vec![service("echo", 9000, 1)],
+        )],
+    };
+    let (svc, problems) = convert(vec![port(9000, pb::Protocol::Grpc, vec![route])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let p = svc.port(9000).unwrap();
+    assert_eq!(p.protocol, Protocol::Grpc);
+    let mut rng = StdRng::seed_from_u64(1);
+    let grpc = [("content-type", "application/grpc")];
+    assert_eq!(decide(&p.table, req("POST", "/pkg.Echo/Say", &grpc), &mut rng).unwrap(), "echo.mesh.svc.cluster.local");
+    let other = p.table.find(&req("POST", "/pkg.Echo/Other", &grpc)).unwrap_err().reply();
+    assert_eq!((other.status, other.headers["grpc-status"].to_str().unwrap()), (StatusCode::OK, "12"));
+    assert_eq!(p.table.routes()[0].kind, RouteKind::Grpc);
+}
+
+#[test]
+fn an_invalid_backend_gets_500_and_the_valid_one_its_share() {
+    let only_invalid = http_route("bad", vec![rule(vec![prefix("/bad")], vec![invalid("BackendNotFound", 1)])]);
+    let zero = http_route("zero", vec![rule(vec![prefix("/zero")], vec![service("v1", 80, 0)])]);
+    let half = http_route("half", vec![rule(vec![prefix("/half")], vec![invalid("gone", 1), service("v1", 80, 1)])]);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![only_invalid, zero, half])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let t = &svc.port(80).unwrap().table;
+    let mut rng = StdRng::seed_from_u64(3);
+    assert_eq!(decide(t, req("GET", "/bad", &[]), &mut rng), Err(StatusCode::INTERNAL_SERVER_ERROR));
+    assert_eq!(decide(t, req("GET", "/zero", &[]), &mut rng), Err(StatusCode::INTERNAL_SERVER_ERROR));
+    let results: Vec<_> = (0..200).map(|_| decide(t, req("GET", "/half", &[]), &mut rng)).collect();
+    assert!(results.contains(&Err(StatusCode::INTERNAL_SERVER_ERROR)));
+    assert!(results.contains(&Ok("v1.mesh.svc.cluster.local".into())));
+    assert_eq!(decide(t, req("GET", "/none", &[]), &mut rng), Err(StatusCode::NOT_FOUND));
+}
+
+#[test]
+fn every_field_of_a_rule_is_mapped() {
+    use pb::filter::Kind as F;
+    let hm = |name: &str, value: &str| pb::HeaderModifier {
+        set: vec![pb::Header { name: name.into(), value: value.into() }],
+        add: vec![pb::Header { name: "x-add".into(), value: "a".into() }],
+        remove: vec!["x-gone".into()],
+    };
+    let filter = |k| pb::Filter { kind: Some(k) };
+    let mut v2 = service("v2", 8080, 3);
+    v2.filters = vec![filter(F::RequestHeaderModifier(hm("x-backend", "v2")))];
+    let secs = |s, ms: i32| Some(prost_types::Duration { seconds: s, nanos: ms * 1_000_000 });
+    let r = pb::Rule {
+        name: "main".into(),
+        matches: vec![pb::RouteMatch {
+            path: path(pb::path_match::Type::Prefix, "/api"),
+            headers: vec![
+                pb::HeaderMatch { name: "x-env".into(), r#type: pb::MatchType::Exact.into(), value: "canary".into() },
+                pb::HeaderMatch {
+                    name: "x-id".into(),
+                    r#type: pb::MatchType::RegularExpression.into(),
+                    value: "[0-9]+".into(),
+                },
+            ],
+            query_params: vec![pb::QueryParamMatch {
+                name: "debug".into(),
+                r#type: pb::MatchType::Exact.into(),
+                value: "1".into(),
+            }],
+            method: "POST".into(),
+        }],
+        filters: vec![
+            filter(F::RequestHeaderModifier(hm("x-rule", "1"))),
+            filter(F::ResponseHeaderModifier(hm("x-resp", "1"))),
+            filter(F::UrlRewrite(pb::UrlRewrite {
+                hostname: "other".into(),
+                path: Some(pb::PathModifier { kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch("/v2".into())) }),
+            })),
+            filter(F::RequestMirror(pb::RequestMirror { backend: Some(service("shadow", 80, 1)), percent: 25.0 })),
+        ],
+        backends: vec![v2],
+        timeouts: Some(pb::Timeouts { request: secs(10, 0), backend_request: secs(1, 500) }),
+        retry: Some(pb::Retry { attempts: 3, codes: vec![502, 503], backoff: secs(0, 100) }),
+    };
+    let mut route = http_route("full", vec![r]);
+    route.hostnames = vec!["Web.mesh.svc.cluster.local".into()];
+    route.origin = origin(pb::RouteKind::HttpRoute, "full", 1_700_000_000);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http2, vec![route])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let p = svc.port(80).unwrap();
+    assert_eq!(p.protocol, Protocol::Http2);
+    let route = &p.table.routes()[0];
+    assert_eq!((route.namespace.as_str(), route.name.as_str(), route.created), ("mesh", "full", 1_700_000_000));
+    assert_eq!(route.hostnames, ["web.mesh.svc.cluster.local"]);
+    let rule = &route.rules[0];
+    assert_eq!(rule.name, "main");
+    let m = &rule.matches[0];
+    assert_eq!(m.path, PathMatch::Prefix("/api".into()));
+    assert_eq!(m.method, Some(Method::POST));
+    assert_eq!(m.headers[1].value, ValueMatch::RegularExpression("[0-9]+".into()));
+    assert_eq!((m.query[0].name.as_str(), &m.query[0].value), ("debug", &ValueMatch::Exact("1".into())));
+    assert_eq!(rule.filters.len(), 4);
+    let Filter::RequestMirror(mirror) = &rule.filters[3] else { panic!("{:?}", rule.filters[3]) };
+    assert_eq!(
+        (mirror.target.hostname.as_str(), mirror.target.port, mirror.percent),
+        ("shadow.mesh.svc.cluster.local", 80, 25.0)
+    );
+    assert_eq!(rule.backends[0].weight, 3);
+    assert_eq!(rule.backends[0].filters.len(), 1);
+    assert_eq!(
+        rule.timeouts,
+        Timeouts { request: Some(Duration::from_secs(10)), backend_request: Some(Duration::from_millis(1500)) }
+    );
+    assert_eq!(rule.retry, RetryPolicy::gateway(Some(3), vec![502, 503], Some(Duration::from_millis(100))));
+
+    // And it routes as written.
+    let mut r = req("POST", "/api/x?debug=1", &[("x-env", "canary"), ("x-id", "42"), ("x-gone", "1")]);
+    let matched = p.table.find(&r).expect("matches");
+    let Decision::Forward(f) = prepare(matched, &mut r, 80, &mut StdRng::seed_from_u64(1)) else { panic!("reply") };
+    assert_eq!(f.backend.target.hostname, "v2.mesh.svc.cluster.local");
+    assert_eq!(r.uri.path(), "/v2/x");
+    assert_eq!(r.headers["host"], "other");
+    let h = |n: &str| r.headers[n].to_str().unwrap().to_owned();
+    assert_eq!((h("x-rule"), h("x-backend"), h("x-add")), ("1".into(), "v2".into(), "a".into()));
+    assert!(!r.headers.contains_key("x-gone"));
+    assert!(p.table.find(&req("POST", "/api/x?debug=1", &[("x-env", "canary"), ("x-id", "x")])).is_err());
+    assert!(p.table.find(&req("GET", "/api/x?debug=1", &[("x-env", "canary"), ("x-id", "1")])).is_err());
+}
+
+#[test]
+fn zero_timeouts_mean_none_and_retry_presence_matters() {
+    let zero = Some(prost_types::Duration { seconds: 0, nanos: 0 });
+    let no_retry = pb::Rule {
+        matches: vec![prefix("/a")],
+        timeouts: Some(pb::Timeouts { request: zero, backend_request: None }),
+        retry: Some(pb::Retry { attempts: 0, codes: vec![], backoff: None }),
+        ..Default::default()
+    };
+    let defaults = rule(vec![prefix("/b")], vec![]);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![http_route("t", vec![no_retry, defaults])])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let rules = &svc.port(80).unwrap().table.routes()[0].rules;
+    assert_eq!(rules[0].timeouts, Timeouts::default());
+    assert_eq!(rules[0].retry.attempts, 0);
+    assert_eq!(rules[1].retry, RetryPolicy::default(), "absent retry: Istio's default");
+}
+
+#[test]
+fn redirect_fields_map_and_an_unset_status_is_302() {
+    let redirect = pb::RequestRedirect {
+        scheme: "https".into(),
+        hostname: "".into(),
+        path: Some(pb::PathModifier { kind: Some(pb::path_modifier::Kind::ReplaceFullPath("/new".into())) }),
+        port: 8443,
+        status_code: 301,
+    };
+    let r = pb::Rule {
+        matches: vec![prefix("/old")],
+        filters: vec![
+            pb::Filter { kind: Some(pb::filter::Kind::RequestRedirect(redirect)) },
+            pb::Filter { kind: Some(pb::filter::Kind::RequestRedirect(pb::RequestRedirect::default())) },
+        ],
+        ..Default::default()
+    };
+    let (svc, _) = convert(vec![port(80, pb::Protocol::Http, vec![http_route("r", vec![r])])]);
+    let rule = &svc.port(80).unwrap().table.routes()[0].rules[0];
+    assert_eq!(
+        rule.filters[0],
+        Filter::RequestRedirect(RequestRedirect {
+            scheme: Some("https".into()),
+            hostname: None,
+            path: Some(PathModifier::ReplaceFullPath("/new".into())),
+            port: Some(8443),
+            status: StatusCode::MOVED_PERMANENTLY,
+        })
+    );
+    assert_eq!(rule.filters[1], Filter::RequestRedirect(RequestRedirect::default()));
+    let mut rng = StdRng::seed_from_u64(1);
+    let t = &svc.port(80).unwrap().table;
+    assert_eq!(decide(t, req("GET", "/old", &[]), &mut rng), Err(StatusCode::MOVED_PERMANENTLY));
+}
+
+#[test]
+fn a_route_that_cannot_be_converted_is_dropped_alone() {
+    let bad_header = pb::Rule {
+        matches: vec![pb::RouteMatch {
+            path: path(pb::path_match::Type::Prefix, "/"),
+            headers: vec![pb::HeaderMatch { name: "bad header".into(), ..Default::default() }],
+            ..Default::default()
+        }],
+        backends: vec![service("v1", 80, 1)],
+        ..Default::default()
+    };
+    let no_filter_kind = pb::Rule { filters: vec![pb::Filter { kind: None }], ..rule(vec![prefix("/")], vec![]) };
+    let bad_code = pb::Rule {
+        retry: Some(pb::Retry { attempts: 1, codes: vec![70_000], backoff: None }),
+        ..rule(vec![prefix("/")], vec![])
+    };
+    let negative = pb::Rule {
+        timeouts: Some(pb::Timeouts {
+            request: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+            ..Default::default()
+        }),
+        ..rule(vec![prefix("/")], vec![])
+    };
+    let good = http_route("good", vec![rule(vec![prefix("/good")], vec![service("v1", 80, 1)])]);
+    let routes = vec![
+        http_route("bad-header", vec![bad_header]),
+        http_route("no-kind", vec![no_filter_kind]),
+        http_route("bad-code", vec![bad_code]),
+        http_route("negative", vec![negative]),
+        pb::Route { origin: None, ..http_route("x", vec![]) },
+        good,
+    ];
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, routes)]);
+    let dropped: Vec<_> = problems.iter().map(|p| (p.route.as_deref().unwrap(), p.consequence)).collect();
+    assert_eq!(
+        dropped,
+        [
+            ("mesh/bad-header", Consequence::RouteDropped),
+            ("mesh/no-kind", Consequence::RouteDropped),
+            ("mesh/bad-code", Consequence::RouteDropped),
+            ("mesh/negative", Consequence::RouteDropped),
+            ("<no origin>", Consequence::RouteDropped),
+        ]
+    );
+    assert!(problems[0].to_string().contains("invalid header name"), "{}", problems[0]);
+    let p = svc.port(80).unwrap();
+    assert_eq!(p.table.routes().len(), 1);
+    let mut rng = StdRng::seed_from_u64(1);
+    assert_eq!(decide(&p.table, req("GET", "/good", &[]), &mut rng).unwrap(), "v1.mesh.svc.cluster.local");
+    assert_eq!(decide(&p.table, req("GET", "/other", &[]), &mut rng), Err(StatusCode::NOT_FOUND));
+}
+
+#[test]
+fn a_port_without_routes_goes_to_the_service_itself() {
+    let bad = pb::Route { origin: None, ..http_route("x", vec![]) };
+    let (svc, problems) = convert(vec![
+        port(80, pb::Protocol::Unspecified, vec![]),
+        pb::PortRoutes { target_port: 0, ..port(81, pb::Protocol::Tcp, vec![]) },
+        port(82, pb::Protocol::Http, vec![bad]),
+    ]);
+    assert_eq!(problems.len(), 1);
+    let mut rng = StdRng::seed_from_u64(1);
+    for (n, protocol) in [(80, Protocol::Detect), (81, Protocol::Tcp), (82, Protocol::Http1)] {
+        let p = svc.port(n).unwrap();
+        assert!(p.default_route);
+        assert_eq!(p.protocol, protocol);
+        assert_eq!(decide(&p.table, req("GET", "/any", &[]), &mut rng).unwrap(), HOST);
+        let Ok(m) = p.table.find(&req("GET", "/", &[])) else { panic!() };
+        assert_eq!(m.rule.retry, RetryPolicy::default());
+    }
+    assert_eq!(svc.port(81).unwrap().target_port, None, "a named targetPort");
+    assert_eq!(svc.key(), format!("mesh/{HOST}"));
+}
+
+#[test]
+fn bad_ports_are_dropped_and_an_invalid_mirror_or_regex_only_disables_itself() {
+    let mirror = pb::Filter {
+        kind: Some(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+            backend: Some(invalid("RefNotPermitted", 1)),
+            percent: 100.0,
+        })),
+    };
+    let r = pb::Rule { filters: vec![mirror], ..rule(vec![prefix("/m")], vec![service("v1", 80, 1)]) };
+    let regex = rule(
+        vec![pb::RouteMatch { path: path(pb::path_match::Type::RegularExpression, "(["), ..Default::default() }],
+        vec![service("v1", 80, 1)],
+    );
+    let (svc, problems) = convert(vec![
+        port(0, pb::Protocol::Http, vec![]),
+        port(70_000, pb::Protocol::Http, vec![]),
+        pb::PortRoutes { target_port: 99_999, ..port(81, pb::Protocol::Http, vec![]) },
+        port(80, pb::Protocol::Http, vec![http_route("m", vec![r, regex])]),
+    ]);
+    let what: Vec<_> = problems.iter().map(|p| (p.port, p.consequence)).collect();
+    assert_eq!(
+        what,
+        [
+            (0, Consequence::PortDropped),
+            (70_000, Consequence::PortDropped),
+            (81, Consequence::PortDropped),
+            (80, Consequence::MirrorSkipped),
+            (80, Consequence::MatchDisabled),
+        ]
+    );
+    assert_eq!(svc.ports.len(), 1);
+    let t = &svc.port(80).unwrap().table;
+    assert!(t.routes()[0].rules[0].filters.is_empty());
+    let mut rng = StdRng::seed_from_u64(1);
+    assert_eq!(decide(t, req("GET", "/m", &[]), &mut rng).unwrap(), "v1.mesh.svc.cluster.local");
+}

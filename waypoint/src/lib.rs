@@ -22,6 +22,7 @@ pub mod authority;
 pub mod balance;
 pub mod config;
 pub mod filters;
+pub mod flags;
 pub mod hop;
 pub mod plan;
 pub mod reply;

@@ -5,10 +5,11 @@
 # scripts/oci-image.py, each binary with the shared libraries ldd lists:
 #   OUT_DIR/controller.tar   ambit.local/controller:TAG   ambit-controller
 #   OUT_DIR/ztunnel.tar      ambit.local/ztunnel:TAG      ztunnel
+#   OUT_DIR/waypoint.tar     ambit.local/waypoint:TAG     ambit-waypoint
 #   OUT_DIR/node-agent.tar   ambit.local/node-agent:TAG   ambit-node-agent, ambit-cni, and what capture runs in
 #                                                         pod namespaces: nsenter, nft, ip
 # Import a tar with `ctr -n k8s.io images import FILE` (e2e/cluster/mesh.sh) or `kind load image-archive FILE`
-# (e2e/kind/run.sh). The Dockerfiles beside each component (controller/, ztunnel/, cni-plugin/) build the same
+# (e2e/kind/run.sh). The Dockerfiles beside each component (controller/, ztunnel/, waypoint/, cni-plugin/) build the same
 # images with a Docker engine.
 #
 # Environment:
@@ -74,6 +75,10 @@ image controller ambit-controller -- \
 
 image ztunnel ztunnel -- \
   --entrypoint /usr/local/bin/ztunnel --user 65532:65532
+
+# The waypoint needs no privilege: an ordinary pod, not captured, listening on unprivileged ports.
+image waypoint ambit-waypoint -- \
+  --entrypoint /usr/local/bin/ambit-waypoint --user 65532:65532
 
 # Capture runs `nsenter --net=NETNS nft|ip ...` (cni-plugin/src/capture/exec.rs): those three with their
 # libraries, and the name databases nft may look protocol and service names up in.

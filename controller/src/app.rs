@@ -184,7 +184,7 @@ async fn start_kubernetes(
     let published = publish_root_cert(client.clone(), &kube.namespace, &ca.roots_pem()).await?;
     info!(namespace = %kube.namespace, ?published, "root certificate published for ztunnels");
     tokio::spawn(KubeSource::new(client.clone(), opts).run(tx, sink));
-    tokio::spawn(crate::waypoints::run(client.clone(), kube.waypoint_settings()));
+    tokio::spawn(crate::waypoints::run(client.clone(), kube.waypoint_settings(), ca.roots_pem()));
     // Detached: they live as long as the runtime, like the source above.
     drop(crate::sources::unsupported::spawn(&client, "ambit-controller"));
     let auth = TokenReviewAuthenticator::new(client)

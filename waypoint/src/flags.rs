@@ -27,7 +27,7 @@ pub struct Flags {
     pub controller_server_name: String,
 
     /// The waypoint's own service-account token, presented to the
-    /// controller (xDS and CA); re-read on every reconnect.
+    /// controller (xDS and CA); read at start.
     #[arg(long, env = "AMBIT_TOKEN_FILE", default_value = "/var/run/secrets/tokens/ambit-ca-token")]
     pub token_file: PathBuf,
 

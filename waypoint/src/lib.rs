@@ -1,10 +1,20 @@
 //! Ambit's waypoint: the per-namespace L7 proxy.
 //!
 //! Request handling runs in phases — route → authorize → pick backend →
-//! forward → respond. This crate holds the decisions of those phases as pure
-//! functions over `http` types, without I/O, so each is tested alone and the
-//! forwarding code only carries them out:
+//! forward → respond. The decisions of those phases are pure functions over
+//! `http` types, without I/O, so each is tested alone; the proxy modules
+//! carry them out.
 //!
+//! The proxy (entry point first; each uses only those below it):
+//! - [`app`]: startup — configuration client, certificate, listeners.
+//! - [`listener`]: HBONE termination (mutual TLS, CONNECT to a served
+//!   service), then HTTP through [`proxy`] or TCP through [`tcp`], with
+//!   [`detect`] for ports that declare no protocol.
+//! - [`proxy`]: one request through the phases; [`upstream`]: pooled HTTP
+//!   connections to endpoints inside HBONE tunnels.
+//! - [`admin`]: config dump, log level, readiness; [`flags`]: the command line.
+//!
+//! The decisions:
 //! - [`plan`]: the phases composed with their defaults — routing, then
 //!   (after authorization) [`plan::prepare`] → forward or reply.
 //! - [`route`]: the routing model of a service port and the rule a request
@@ -18,16 +28,26 @@
 //!
 //! Random choices take the caller's [`rand::Rng`], so tests are repeatable.
 
+pub mod access_log;
+pub mod admin;
+pub mod app;
 pub mod authority;
+pub mod authz;
 pub mod balance;
 pub mod config;
+pub mod detect;
 pub mod filters;
 pub mod flags;
 pub mod hop;
+pub mod listener;
+pub mod metrics;
 pub mod plan;
+pub mod proxy;
 pub mod reply;
 pub mod retry;
 pub mod route;
 pub mod target;
+pub mod tcp;
+pub mod upstream;
 
 pub use reply::{Reply, ReplyReason};

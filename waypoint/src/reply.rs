@@ -26,6 +26,14 @@ pub enum ReplyReason {
     /// The configuration cannot apply to this request (a rewrite that makes
     /// an invalid URI): 500, logged, never a panic.
     Misconfigured,
+    /// The backend did not answer in time: 504 (Envoy's `UT`).
+    UpstreamTimeout,
+    /// No connection to the endpoint could be made: 503 (Envoy's `UF`).
+    UpstreamConnectFailure,
+    /// The endpoint's connection or stream broke before an answer: 503 (Envoy's `UR`).
+    UpstreamReset,
+    /// The client's request body broke off: 400 (Envoy's `DR`).
+    DownstreamReset,
 }
 
 impl ReplyReason {
@@ -36,6 +44,10 @@ impl ReplyReason {
             ReplyReason::Redirect => "-",
             ReplyReason::NoBackend | ReplyReason::Misconfigured => "NC",
             ReplyReason::NoHealthyUpstream => "UH",
+            ReplyReason::UpstreamTimeout => "UT",
+            ReplyReason::UpstreamConnectFailure => "UF",
+            ReplyReason::UpstreamReset => "UR",
+            ReplyReason::DownstreamReset => "DR",
         }
     }
 }

@@ -30,6 +30,7 @@ pub use resources::{
 };
 pub use status::{desired as desired_status, GatewayStatus, GatewayStatusAddress, Observed, ACCEPTED, PROGRAMMED};
 
+use crate::ca::{publish_root_cert, PublishError};
 use crate::model::waypoint::WAYPOINT_CLASSES;
 
 /// How the waypoint Deployments are built (the lead maps controller flags onto it).
@@ -77,6 +78,9 @@ pub enum Error {
     /// An API call failed.
     #[error("kubernetes api: {0}")]
     Kube(#[from] kube::Error),
+    /// The mesh root could not be published in the Gateway's namespace.
+    #[error("{0}")]
+    Root(#[from] PublishError),
     /// The Gateway lacks a field the API server always sets.
     #[error("bug: gateway without metadata.{0}")]
     MissingMetadata(&'static str),
@@ -87,6 +91,9 @@ struct Context {
     client: kube::Client,
     settings: WaypointSettings,
     gateways: ApiResource,
+    /// The mesh root, published in each waypoint's namespace (the waypoint
+    /// verifies the controller with it).
+    roots_pem: String,
 }
 
 /// The Gateway API `Gateway` resource (`gateway.networking.k8s.io/v1`).
@@ -97,11 +104,11 @@ pub fn gateway_resource() -> ApiResource {
 /// Runs the waypoint controller until the watch streams end (they do not on
 /// their own). Errors are logged and retried; a missing Gateway CRD is retried
 /// by the watcher's backoff.
-pub async fn run(client: kube::Client, settings: WaypointSettings) {
+pub async fn run(client: kube::Client, settings: WaypointSettings, roots_pem: String) {
     let gateways = gateway_resource();
     // Only our own children are watched: they carry the managed-by label.
     let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let ctx = Arc::new(Context { client: client.clone(), settings, gateways: gateways.clone() });
+    let ctx = Arc::new(Context { client: client.clone(), settings, gateways: gateways.clone(), roots_pem });
     Controller::new_with(
         Api::<DynamicObject>::all_with(client.clone(), &gateways),
         watcher::Config::default(),
@@ -153,6 +160,8 @@ async fn reconcile(gw: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, 
     };
     let ns = owner.namespace.as_str();
     let c = &ctx.client;
+    // The waypoint pod mounts the root from its own namespace (a ConfigMap cannot be mounted across namespaces).
+    publish_root_cert(c.clone(), ns, &ctx.roots_pem).await?;
     apply(Api::<ServiceAccount>::namespaced(c.clone(), ns), &owner.name, &service_account(&owner)).await?;
     let svc = apply(Api::<Service>::namespaced(c.clone(), ns), &owner.name, &service(&owner)).await?;
     let dep =

@@ -6,15 +6,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    Probe, ProjectedVolumeSource, ResourceRequirements, Service, ServiceAccount, ServiceAccountTokenProjection,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::WaypointSettings;
+use crate::ca::root_configmap::ROOT_CERT_CONFIGMAP;
 
 /// Label that ties the pods and the Service to their Gateway (Gateway API convention).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
@@ -29,6 +30,8 @@ pub const MANAGER: &str = "ambit-controller";
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// The token's file name in [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "ambit-ca-token";
+/// Where the waypoint finds the mesh root (`root-cert.pem`, its `--mesh-root` default).
+pub const ROOT_DIR: &str = "/var/run/secrets/ambit";
 /// HBONE listener of the waypoint.
 pub const HBONE_PORT: i32 = 15008;
 /// Readiness endpoint (`/healthz/ready`).
@@ -175,12 +178,20 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
             limits: quantities(&settings.cpu_limit, &settings.memory_limit),
             ..ResourceRequirements::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "ambit-token".into(),
-            mount_path: TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "ambit-token".into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "ambit-mesh-root".into(),
+                mount_path: ROOT_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         ..Container::default()
     };
     // The waypoint's own identity, proven to the controller (TokenReview) as ztunnel proves its node.
@@ -196,6 +207,15 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
                 ..VolumeProjection::default()
             }]),
             ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    // The mesh root the controller publishes in the waypoint's namespace: it verifies the controller's certificate.
+    let root = Volume {
+        name: "ambit-mesh-root".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: ROOT_CERT_CONFIGMAP.into(),
+            ..ConfigMapVolumeSource::default()
         }),
         ..Volume::default()
     };
@@ -217,7 +237,7 @@ pub fn deployment(owner: &Owner, settings: &WaypointSettings) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(owner.name.clone()),
                     containers: vec![container],
-                    volumes: Some(vec![token]),
+                    volumes: Some(vec![token, root]),
                     ..PodSpec::default()
                 }),
             },
@@ -272,11 +292,16 @@ mod tests {
         }
         assert_eq!(labels["istio.io/dataplane-mode"], "none");
         let pod = d_pod(&owner(), &settings);
-        let projected = pod.volumes.unwrap()[0].projected.clone().unwrap().sources.unwrap()[0].clone();
+        let projected = pod.volumes.as_ref().unwrap()[0].projected.clone().unwrap().sources.unwrap()[0].clone();
         let token = projected.service_account_token.unwrap();
         assert_eq!((token.audience.as_deref(), token.path.as_str()), (Some("ambit-ca"), TOKEN_FILE));
         let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
         assert_eq!((mount.mount_path.as_str(), mount.read_only), (TOKEN_DIR, Some(true)));
+        // The mesh root from the ConfigMap the controller publishes in the namespace, where the waypoint reads it.
+        let root = &pod.volumes.as_ref().unwrap()[1];
+        assert_eq!(root.config_map.as_ref().unwrap().name, ROOT_CERT_CONFIGMAP);
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[1];
+        assert_eq!((mount.name.as_str(), mount.mount_path.as_str()), (root.name.as_str(), ROOT_DIR));
     }
 
     fn d_pod(owner: &Owner, settings: &WaypointSettings) -> k8s_openapi::api::core::v1::PodSpec {

@@ -1,0 +1,119 @@
+//! The waypoint's HTTP endpoints: admin (15000: config dump, run-time log
+//! level), metrics (15020, Prometheus text) and readiness (15021).
+
+use std::sync::Arc;
+
+use ambit_telemetry::{serve, text, Body, LogControl};
+use ambit_xds_client::certs::CertManager;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{Snapshot, SnapshotHandle};
+
+/// What the admin endpoint reads.
+pub struct AdminInputs {
+    pub snapshots: SnapshotHandle,
+    pub certs: Arc<CertManager>,
+    pub log: Arc<LogControl>,
+    /// `namespace/name` of the waypoint Gateway and its identity.
+    pub gateway: String,
+    pub identity: String,
+}
+
+fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            let dump = json!({
+                "gateway": inputs.gateway,
+                "identity": inputs.identity,
+                "certificates": inputs.certs.summaries(),
+                "state": snapshot_dump(&inputs.snapshots.current()),
+            });
+            let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default());
+            r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().expect("bug: header"));
+            r
+        }
+        (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", inputs.log.current())),
+        (&Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+            match level {
+                Some(l) => match inputs.log.set(&l) {
+                    Ok(()) => {
+                        info!(level = %l, "log level changed");
+                        text(StatusCode::OK, format!("{l}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+                None => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<RUST_LOG directives>\n"),
+            }
+        }
+        (&Method::GET, "/") => text(StatusCode::OK, "GET /config_dump\nGET /logging\nPOST /logging?level=debug\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The snapshot as JSON: served services with their ports' routes, the
+/// backends' endpoints, policies, and what could not be applied.
+fn snapshot_dump(s: &Snapshot) -> serde_json::Value {
+    let services: Vec<_> = s
+        .services()
+        .map(|e| {
+            let svc = &e.service;
+            let ports: Vec<_> = e.routes.as_ref().map_or_else(Vec::new, |r| {
+                r.ports
+                    .iter()
+                    .map(|p| {
+                        let routes: Vec<_> =
+                            p.table.routes().iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect();
+                        json!({
+                            "port": p.port, "targetPort": p.target_port, "name": p.name,
+                            "protocol": format!("{:?}", p.protocol), "routes": routes, "defaultRoute": p.default_route,
+                        })
+                    })
+                    .collect()
+            });
+            let endpoints: Vec<_> = e
+                .endpoints
+                .iter()
+                .map(|ep| json!({"address": ep.address, "workload": ep.workload.uid, "identity": ep.identity().to_string()}))
+                .collect();
+            json!({
+                "hostname": svc.hostname, "namespace": svc.namespace, "addresses": svc.vips,
+                "served": e.routes.is_some(), "ports": ports, "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let report = s.report();
+    json!({
+        "version": s.version(),
+        "services": services,
+        "policies": s.policies().keys().collect::<Vec<_>>(),
+        "problems": {
+            "routes": report.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "addresses": report.addresses,
+        },
+    })
+}
+
+/// Serves the admin endpoint.
+pub async fn serve_admin(listener: TcpListener, inputs: Arc<AdminInputs>) {
+    serve(listener, move |req| admin(&inputs, &req)).await
+}
+
+/// Serves `/healthz/ready`: ready once `ready` says so.
+pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+    serve(listener, move |req| match req.uri().path() {
+        "/healthz/ready" if *ready.borrow() => text(StatusCode::OK, "ready\n"),
+        "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+    .await
+}

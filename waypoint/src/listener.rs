@@ -1,0 +1,198 @@
+//! The HBONE listener on 15008: mutual TLS with the waypoint's own
+//! certificate (the client's identity comes from its certificate), HTTP/2
+//! CONNECT streams whose `:authority` is a service VIP:port the waypoint
+//! serves, then the stream is served by its port's protocol — HTTP (hyper,
+//! HTTP/1.1 or HTTP/2 by the bytes) through [`crate::proxy`], or TCP relayed
+//! to an endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_hbone::stream::TunnelStream;
+use ambit_hbone::{server_builder, tls_socket, tune_tls};
+use ambit_identity::{peer_identity, Identity};
+use ambit_xds_client::certs::CertManager;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::config::Protocol;
+use crate::detect::{detect, Detected, Rewind};
+use crate::metrics::{RefusedReason, WorkloadLabels};
+use crate::proxy::{handle, Downstream, Shared};
+
+// A peer that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+// How long a client on an undeclared port may stay silent before it is taken for TCP.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the listener needs.
+pub struct Listener {
+    pub shared: Arc<Shared>,
+    pub certs: Arc<CertManager>,
+    pub identity: Identity,
+    pub max_streams: u32,
+}
+
+impl Listener {
+    /// Accepts HBONE connections for ever.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.connection(stream, peer).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "hbone accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let metrics = &self.shared.metrics;
+        let certs = match self.certs.get(&self.identity).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "no certificate for the waypoint; refusing hbone");
+                metrics.refused(RefusedReason::no_certificate);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let accept = TlsAcceptor::from(certs.server_config()).accept(tls_socket(stream));
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+            Ok(Ok(mut tls)) => {
+                tune_tls(tls.get_mut().1);
+                tls
+            }
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "hbone tls handshake failed");
+                metrics.refused(RefusedReason::tls_handshake);
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "hbone tls handshake timed out");
+                metrics.refused(RefusedReason::tls_handshake);
+                return;
+            }
+        };
+        let Some(identity) = peer_identity(tls.get_ref().1) else {
+            warn!(%peer, "bug: hbone peer without identity after handshake");
+            metrics.refused(RefusedReason::tls_handshake);
+            return;
+        };
+        let identity = Arc::new(identity);
+        let mut conn = match server_builder(self.max_streams).handshake::<_, Bytes>(tls).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%peer, error = %e, "hbone http/2 handshake failed");
+                metrics.refused(RefusedReason::bad_request);
+                return;
+            }
+        };
+        while let Some(next) = conn.accept().await {
+            match next {
+                Ok((req, respond)) => {
+                    let me = self.clone();
+                    let identity = identity.clone();
+                    tokio::spawn(async move { me.stream(peer, identity, req, respond).await });
+                }
+                Err(e) => {
+                    debug!(%peer, error = %e, "hbone connection ended with error");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        identity: Arc<Identity>,
+        req: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let metrics = &self.shared.metrics;
+        let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let target = match (req.method(), target) {
+            (&Method::CONNECT, Some(t)) => t,
+            (m, _) => {
+                warn!(%peer, method = %m, uri = %req.uri(), "malformed hbone request; expected CONNECT ip:port");
+                metrics.refused(RefusedReason::bad_request);
+                reply(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
+        };
+        let snapshot = self.shared.snapshots.current();
+        let Some(served) = snapshot.served(target) else {
+            warn!(%peer, %target, client = %identity, "hbone target is not a service this waypoint serves");
+            metrics.refused(RefusedReason::unknown_target);
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        };
+        let protocol = served.port.protocol;
+        let labels = match snapshot.workload_by_ip(peer.ip()) {
+            Some(w) => WorkloadLabels::from_workload(w),
+            None => WorkloadLabels::from_identity(&identity),
+        };
+        drop(snapshot);
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                debug!(%peer, error = %e, "hbone stream ended before the response");
+                return;
+            }
+        };
+        let stream = TunnelStream::new(send, req.into_body());
+        let down = Arc::new(Downstream { peer, identity, target, labels });
+        let (kind, stream) = match protocol {
+            Protocol::Tcp => (Detected::Tcp, Rewind::new(stream)),
+            Protocol::Http1 | Protocol::Http2 | Protocol::Grpc => (Detected::Http, Rewind::new(stream)),
+            Protocol::Detect => match detect(stream, DETECT_TIMEOUT).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(%peer, error = %e, "stream ended while detecting its protocol");
+                    return;
+                }
+            },
+        };
+        match kind {
+            Detected::Http => self.serve_http(down, protocol, stream).await,
+            Detected::Tcp => crate::tcp::forward(&self.shared, &down, stream).await,
+        }
+    }
+
+    async fn serve_http(&self, down: Arc<Downstream>, protocol: Protocol, stream: Rewind<TunnelStream>) {
+        let shared = self.shared.clone();
+        let peer = down.peer;
+        let service = service_fn(move |req| {
+            let (shared, down) = (shared.clone(), down.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(shared, down, req).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        match protocol {
+            Protocol::Http1 => builder = builder.http1_only(),
+            Protocol::Http2 | Protocol::Grpc => builder = builder.http2_only(),
+            Protocol::Detect | Protocol::Tcp => {}
+        }
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            debug!(%peer, error = %e, "http connection ended with error");
+        }
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    let _ = respond.send_response(r, true);
+}

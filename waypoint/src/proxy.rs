@@ -1,0 +1,450 @@
+//! One HTTP request through the waypoint, in phases: route → authorize →
+//! prepare (filters, backend) → pick an endpoint → forward (retries,
+//! timeouts) → respond (response filters), then metrics and the access log.
+//! The decisions are the library's pure functions; this module carries them
+//! out with hyper.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ambit_identity::Identity;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tracing::{debug, warn};
+
+use crate::access_log::{AccessEntry, AccessLog};
+use crate::authz::{self, RequestInfo, Scope};
+use crate::balance::{EndpointPicker, InFlight, Load};
+use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle};
+use crate::filters::RequestMirror;
+use crate::hop::{ensure_request_id, strip_hop_by_hop};
+use crate::metrics::{Metrics, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
+use crate::plan::{prepare, Decision, Forward};
+use crate::reply::{Reply, ReplyReason};
+use crate::retry::{self, Outcome, RetryBudget};
+use crate::route::Route;
+use crate::upstream::{ProxyBody, Upstream};
+
+/// What every request shares.
+pub struct Shared {
+    pub snapshots: SnapshotHandle,
+    pub upstream: Upstream,
+    pub metrics: Metrics,
+    /// The waypoint Gateway's namespace and name (policies bind to it).
+    pub gateway: (String, String),
+    pub budget: Arc<RetryBudget>,
+    pub access_log: AccessLog,
+    loads: Mutex<HashMap<SocketAddr, Arc<InFlight>>>,
+    pickers: Mutex<HashMap<String, Arc<EndpointPicker>>>,
+}
+
+impl Shared {
+    pub fn new(
+        snapshots: SnapshotHandle,
+        upstream: Upstream,
+        metrics: Metrics,
+        gateway: (String, String),
+        access_log: AccessLog,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshots,
+            upstream,
+            metrics,
+            gateway,
+            budget: Arc::new(RetryBudget::default()),
+            access_log,
+            loads: Mutex::default(),
+            pickers: Mutex::default(),
+        })
+    }
+
+    fn load(&self, endpoint: SocketAddr) -> Arc<InFlight> {
+        self.loads.lock().expect("bug: poisoned").entry(endpoint).or_default().clone()
+    }
+
+    fn picker(&self, service: &str) -> Arc<EndpointPicker> {
+        let mut pickers = self.pickers.lock().expect("bug: poisoned");
+        if let Some(p) = pickers.get(service) {
+            return p.clone();
+        }
+        pickers.entry(service.to_owned()).or_default().clone()
+    }
+}
+
+/// The client side of one HBONE stream, for every request on it.
+pub struct Downstream {
+    /// The HBONE peer: the client pod's address (its ztunnel dials from the pod).
+    pub peer: SocketAddr,
+    pub identity: Arc<Identity>,
+    /// The service VIP:port the client called (the CONNECT `:authority`).
+    pub target: SocketAddr,
+    /// The client's labels for metrics, looked up once per stream.
+    pub labels: WorkloadLabels,
+}
+
+/// Responses the waypoint makes itself.
+fn reply_response(reply: Reply) -> Response<ProxyBody> {
+    let mut r = Response::new(full(reply.body));
+    *r.status_mut() = reply.status;
+    *r.headers_mut() = reply.headers;
+    r
+}
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// One endpoint considered for a request, with its requests in flight.
+struct Candidate<'a> {
+    endpoint: &'a Endpoint,
+    load: Arc<InFlight>,
+}
+
+impl Load for Candidate<'_> {
+    fn in_flight(&self) -> u64 {
+        self.load.get()
+    }
+}
+
+/// What became of a request, for metrics and the log.
+struct Done<'a> {
+    status: StatusCode,
+    flags: &'static str,
+    upstream: Option<SocketAddr>,
+    destination: Option<WorkloadLabels>,
+    route: Option<&'a Route>,
+}
+
+/// Handles one request.
+pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snapshot = shared.snapshots.current();
+    let (mut parts, body) = req.into_parts();
+    let request_bytes = body.size_hint().exact().unwrap_or(0);
+    let mut rng = SmallRng::from_os_rng();
+    let request_id = ensure_request_id(&mut parts.headers, &mut rng);
+    let method = parts.method.clone();
+    let version = parts.version;
+    let path = parts.uri.path().to_owned();
+    let authority = crate::authority::request_host(&parts).map(str::to_owned);
+    let user_agent = parts.headers.get(http::header::USER_AGENT).cloned();
+    let Some(served) = snapshot.served(down.target) else {
+        // The configuration changed under an open connection.
+        let resp = reply_response(Reply::no_healthy_upstream());
+        return resp;
+    };
+    let protocol = if served.port.protocol == Protocol::Grpc {
+        RequestProtocol::Grpc
+    } else {
+        RequestProtocol::of(&parts.headers)
+    };
+    let (response, done) = route_and_forward(&shared, &down, &snapshot, served, parts, body, &mut rng, start).await;
+    let duration = start.elapsed();
+    let service = ServiceLabels::from_service(&served.service.service);
+    let record = RequestRecord {
+        source: &down.labels,
+        destination: done.destination.as_ref(),
+        service: &service,
+        protocol,
+        response_code: done.status.as_u16(),
+        grpc_status: grpc_status(&response),
+        response_flags: done.flags,
+        duration,
+        request_bytes,
+        response_bytes: response.body().size_hint().exact().unwrap_or(0),
+    };
+    shared.metrics.request(&record);
+    shared.access_log.log(&AccessEntry {
+        record: &record,
+        method: &method,
+        path: &path,
+        version,
+        authority: authority.as_deref().unwrap_or("-"),
+        upstream: done.upstream,
+        route: done.route,
+        request_id: request_id.to_str().ok(),
+        user_agent: user_agent.as_ref().and_then(|v| v.to_str().ok()),
+    });
+    response
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_and_forward<'s>(
+    shared: &Shared,
+    down: &Downstream,
+    snapshot: &'s Snapshot,
+    served: Served<'s>,
+    mut parts: Parts,
+    body: Incoming,
+    rng: &mut SmallRng,
+    start: Instant,
+) -> (Response<ProxyBody>, Done<'s>) {
+    let mut done = Done { status: StatusCode::OK, flags: "-", upstream: None, destination: None, route: None };
+    let answer = |reply: Reply, done: &mut Done| {
+        done.status = reply.status;
+        done.flags = reply.reason.response_flag();
+        reply_response(reply)
+    };
+    // Route.
+    let matched = match served.port.table.find(&parts) {
+        Ok(m) => m,
+        Err(no) => return (answer(no.reply(), &mut done), done),
+    };
+    if !served.port.default_route {
+        done.route = Some(matched.route);
+    }
+    // Authorize, on the request as the client sent it.
+    let svc = &served.service.service;
+    let info = RequestInfo {
+        peer: Some(&down.identity),
+        peer_ip: down.peer.ip(),
+        destination_ip: Some(down.target.ip()),
+        service_namespace: &svc.namespace,
+        service_hostname: &svc.hostname,
+        port: served.port.port,
+        parts: Some(&parts),
+    };
+    let scope = Scope { gateway_namespace: &shared.gateway.0, gateway_name: &shared.gateway.1 };
+    let verdict = authz::authorize(snapshot.policies().values(), &scope, &info);
+    if !verdict.allowed {
+        debug!(policy = ?verdict.policy, peer = %down.identity, "request denied");
+        done.status = StatusCode::FORBIDDEN;
+        done.flags = "-"; // Envoy has no flag for an RBAC denial either
+        let mut r = Response::new(full(Bytes::from_static(authz::DENIED_BODY.as_bytes())));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return (r, done);
+    }
+    strip_hop_by_hop(&mut parts.headers, false);
+    // Filters and the backend.
+    let forward = match prepare(matched, &mut parts, served.port.port, rng) {
+        Decision::Reply { mut reply, effects } => {
+            effects.apply_response(&mut reply.headers);
+            return (answer(reply, &mut done), done);
+        }
+        Decision::Forward(f) => f,
+    };
+    let http2 = match served.port.protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http1 => false,
+        Protocol::Detect | Protocol::Tcp => parts.version == http::Version::HTTP_2,
+    };
+    let response = forward_request(shared, snapshot, &forward, parts, body, http2, rng, start, &mut done).await;
+    let mut response = match response {
+        Ok(r) => r,
+        Err(reply) => return (answer(reply, &mut done), done),
+    };
+    strip_hop_by_hop(response.headers_mut(), false);
+    forward.effects.apply_response(response.headers_mut());
+    done.status = response.status();
+    (response, done)
+}
+
+/// Why no answer came back from the backend.
+fn failure_reply(outcome: Outcome) -> Reply {
+    let (status, flag) = match outcome {
+        Outcome::Timeout => (StatusCode::GATEWAY_TIMEOUT, ReplyReason::UpstreamTimeout),
+        Outcome::ConnectFailure => (StatusCode::SERVICE_UNAVAILABLE, ReplyReason::UpstreamConnectFailure),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, ReplyReason::UpstreamReset),
+    };
+    Reply { status, headers: Default::default(), body: Bytes::new(), reason: flag }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward_request(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    forward: &Forward<'_>,
+    mut parts: Parts,
+    body: Incoming,
+    http2: bool,
+    rng: &mut SmallRng,
+    start: Instant,
+    done: &mut Done<'_>,
+) -> Result<Response<ProxyBody>, Reply> {
+    // An HTTP/2 client names the host in the URI only; an HTTP/1.1
+    // endpoint needs it as `Host`, not the endpoint address the URI gets.
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
+    let target = forward.backend.target;
+    let endpoints = snapshot.endpoints(target);
+    let service_key = format!("{}/{}", target.namespace, target.hostname);
+    let candidates: Vec<Candidate> = endpoints
+        .iter()
+        .filter(|e| e.target(target.port).is_some())
+        .map(|e| Candidate { endpoint: e, load: shared.load(e.target(target.port).expect("filtered")) })
+        .collect();
+    if candidates.is_empty() {
+        return Err(Reply::no_healthy_upstream());
+    }
+    let picker = shared.picker(&service_key);
+    let deadlines = forward.timeouts.deadlines(start);
+    // A body small enough is kept, so that a retry or a mirror can send it again.
+    let buffered = match buffer_small_body(&parts, body).await {
+        Ok(b) => b,
+        Err(reply) => return Err(reply),
+    };
+    for mirror in &forward.mirrors {
+        if let Body2::Buffered(bytes) = &buffered {
+            send_mirror(shared, snapshot, mirror, &parts, bytes.clone(), http2, rng);
+        }
+    }
+    let _active = shared.budget.request();
+    let mut body = Some(buffered);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let Some(i) = picker.pick(&candidates, &tried, rng) else {
+            return Err(Reply::no_healthy_upstream());
+        };
+        tried.push(i);
+        let candidate = &candidates[i];
+        let addr = candidate.endpoint.target(target.port).expect("filtered");
+        done.upstream = Some(addr);
+        done.destination = Some(WorkloadLabels::from_workload(&candidate.endpoint.workload));
+        let this_body = match body.take().expect("bug: body consumed") {
+            Body2::Buffered(b) => {
+                body = Some(Body2::Buffered(b.clone()));
+                full(b)
+            }
+            Body2::Streamed(s) => s,
+        };
+        let mut req = Request::from_parts(parts.clone(), this_body);
+        *req.uri_mut() = endpoint_uri(addr, &parts.uri);
+        let _in_flight = candidate.load.start();
+        let now = Instant::now();
+        let send = shared.upstream.send(req, http2);
+        let result = match deadlines.attempt(now) {
+            Some(at) => match tokio::time::timeout_at(at.into(), send).await {
+                Ok(r) => r.map_err(|e| classify_error(&e)),
+                Err(_) => Err(Outcome::Timeout),
+            },
+            None => send.await.map_err(|e| classify_error(&e)),
+        };
+        let outcome = match &result {
+            Ok(resp) => match grpc_status(resp) {
+                Some(code) if code != 0 => Outcome::GrpcStatus(code),
+                _ => Outcome::Status(resp.status()),
+            },
+            Err(o) => *o,
+        };
+        let replayable = body.is_some();
+        let overall_passed = deadlines.overall().is_some_and(|end| Instant::now() >= end);
+        if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
+            let backoff = forward.retry.backoff(attempt, rng);
+            if deadlines.retry_fits(Instant::now(), backoff) {
+                if let Some(_permit) = shared.budget.try_retry() {
+                    debug!(%addr, ?outcome, attempt, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
+        }
+        return match result {
+            Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+            Err(outcome) => {
+                warn!(%addr, ?outcome, "no response from the endpoint");
+                Err(failure_reply(outcome))
+            }
+        };
+    }
+}
+
+fn grpc_status<B>(resp: &Response<B>) -> Option<u32> {
+    resp.headers().get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+fn classify_error(e: &hyper_util::client::legacy::Error) -> Outcome {
+    if e.is_connect() {
+        Outcome::ConnectFailure
+    } else {
+        Outcome::Reset
+    }
+}
+
+/// `http://<endpoint><path and query>`.
+fn endpoint_uri(addr: SocketAddr, original: &Uri) -> Uri {
+    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
+    let host = match addr.ip() {
+        IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
+    };
+    Uri::builder().scheme("http").authority(host).path_and_query(pq).build().unwrap_or_default()
+}
+
+enum Body2 {
+    Buffered(Bytes),
+    Streamed(ProxyBody),
+}
+
+/// A request body that fits the replay limit is read whole (so it can be
+/// sent again); a larger or unknown-length one streams through (no retry).
+async fn buffer_small_body(parts: &Parts, body: Incoming) -> Result<Body2, Reply> {
+    if body.is_end_stream() {
+        return Ok(Body2::Buffered(Bytes::new()));
+    }
+    let small = body.size_hint().exact().is_some_and(|n| retry::replayable(n as usize));
+    if !small {
+        return Ok(Body2::Streamed(body.map_err(Into::into).boxed()));
+    }
+    match Limited::new(body, retry::REPLAY_LIMIT).collect().await {
+        Ok(collected) => Ok(Body2::Buffered(collected.to_bytes())),
+        Err(e) => {
+            debug!(uri = %parts.uri, error = %e, "client request body failed");
+            Err(Reply {
+                status: StatusCode::BAD_REQUEST,
+                headers: Default::default(),
+                body: Bytes::new(),
+                reason: ReplyReason::DownstreamReset,
+            })
+        }
+    }
+}
+
+/// Sends a copy of the request to one endpoint of the mirror's service and
+/// ignores the answer (Envoy's shadowing: the Host gets `-shadow`).
+fn send_mirror(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    mirror: &RequestMirror,
+    parts: &Parts,
+    body: Bytes,
+    http2: bool,
+    rng: &mut SmallRng,
+) {
+    let endpoints = snapshot.endpoints(&mirror.target);
+    let usable: Vec<SocketAddr> = endpoints.iter().filter_map(|e| e.target(mirror.target.port)).collect();
+    if usable.is_empty() {
+        debug!(target = %mirror.target, "mirror has no endpoint");
+        return;
+    }
+    let addr = usable[rand::Rng::random_range(rng, 0..usable.len())];
+    let mut req = Request::from_parts(parts.clone(), full(body));
+    *req.uri_mut() = endpoint_uri(addr, &parts.uri);
+    if let Some(host) = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()) {
+        if let Ok(v) = HeaderValue::try_from(format!("{host}-shadow")) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+    }
+    let upstream = shared.upstream.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(Duration::from_secs(30), upstream.send(req, http2)).await {
+            Ok(Ok(resp)) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Ok(Err(e)) => debug!(%addr, error = %e, "mirror request failed"),
+            Err(_) => debug!(%addr, "mirror request timed out"),
+        }
+    });
+}

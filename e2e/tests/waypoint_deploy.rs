@@ -15,7 +15,7 @@ use ambit_controller::waypoints::{self, WaypointSettings};
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use anyhow::{bail, Context};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use kube::api::{Api, DynamicObject, ListParams};
 
 const NS: &str = "shop";
@@ -102,7 +102,8 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
         memory_request: Some("64Mi".into()),
         ..WaypointSettings::default()
     };
-    let controller = tokio::spawn(waypoints::run(client.clone(), settings));
+    let root = "-----BEGIN CERTIFICATE-----\nlab root (public)\n-----END CERTIFICATE-----\n";
+    let controller = tokio::spawn(waypoints::run(client.clone(), settings, root.to_owned()));
 
     // A Gateway of another class first: by the time the waypoint is done, it has had its chance.
     cluster.apply(&gateway("ingress", "some-other-class"))?;
@@ -118,6 +119,11 @@ async fn scenario(cluster: &KubeCluster, mut clock: Instant) -> anyhow::Result<(
     let svc = eventually("the waypoint service", || async { Ok(services.get_opt("wp").await?) }).await?;
     let sa = eventually("the waypoint service account", || async { Ok(accounts.get_opt("wp").await?) }).await?;
     step(&mut clock, "deployment, service and service account created");
+
+    // The mesh root in the waypoint's namespace, mounted where the waypoint reads it.
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let map = eventually("the mesh root configmap", || async { Ok(maps.get_opt("ambit-ca-root-cert").await?) }).await?;
+    assert_eq!(map.data.as_ref().and_then(|d| d.get("root-cert.pem")).map(String::as_str), Some(root));
 
     for (kind, owners) in [
         ("Deployment", &dep.metadata.owner_references),

@@ -6,7 +6,8 @@
 //! ZDS and nftables capture.
 //!
 //! The waypoint is a STAND-IN written in this file — the only part that is
-//! not the product, since the waypoint binary does not exist yet. It runs in
+//! not the product — so that ztunnel's side is checked alone, byte for byte
+//! (the real `ambit-waypoint` on this path: `mesh_waypoint.rs`). It runs in
 //! an uncaptured pod, as a waypoint does, and terminates HBONE with the real
 //! crates: mutual TLS 1.3 with a certificate the lab's CA issued for the
 //! waypoint's identity (`ambit-identity`), HTTP/2 CONNECT with HBONE's

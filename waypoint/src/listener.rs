@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_hbone::headers::parse_baggage;
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::{server_builder, tls_socket, tune_tls};
 use ambit_identity::{peer_identity, Identity};
@@ -141,9 +142,10 @@ impl Listener {
             return;
         };
         let protocol = served.port.protocol;
+        // Clients are seldom in the waypoint's configuration: their ztunnel's baggage names them.
         let labels = match snapshot.workload_by_ip(peer.ip()) {
-            Some(w) => WorkloadLabels::from_workload(w),
-            None => WorkloadLabels::from_identity(&identity),
+            Some(w) if w.identity == *identity => WorkloadLabels::from_workload(w),
+            _ => WorkloadLabels::from_baggage(&identity, parse_baggage(req.headers()).as_ref()),
         };
         drop(snapshot);
         let send = match respond.send_response(Response::new(()), false) {

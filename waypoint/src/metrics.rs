@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ambit_hbone::headers::Baggage;
 use ambit_hbone::pool::PoolMetrics;
 use ambit_identity::Identity;
 use http::header::CONTENT_TYPE;
@@ -117,6 +118,25 @@ impl WorkloadLabels {
             namespace: Value::new(&id.namespace),
             principal: Value::new(&id.to_string()),
             ..Default::default()
+        }
+    }
+
+    /// A client the waypoint knows by its certificate and by the `baggage`
+    /// its ztunnel sent (Istio's keys): the certificate gives principal and
+    /// namespace; baggage that names another namespace is ignored, as
+    /// Istio's ztunnel ignores it.
+    pub fn from_baggage(id: &Identity, b: Option<&Baggage>) -> Self {
+        let labels = WorkloadLabels::from_identity(id);
+        let Some(b) = b.filter(|b| b.namespace.as_deref().is_none_or(|ns| ns == id.namespace)) else {
+            return labels;
+        };
+        let value = |v: &Option<String>| Value::new(v.as_deref().unwrap_or_default());
+        WorkloadLabels {
+            workload: value(&b.workload_name),
+            canonical_service: value(&b.service_name),
+            canonical_revision: value(&b.revision),
+            cluster: value(&b.cluster_id),
+            ..labels
         }
     }
 

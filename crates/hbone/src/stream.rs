@@ -12,6 +12,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -20,10 +21,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // The most one write hands to h2 at once: a DATA frame's worth.
 const MAX_WRITE: usize = 256 * 1024;
 
+// A stream dropped after its END_STREAM waits this long for the peer's,
+// discarding at most LINGER_BYTES, before it is reset.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Both halves of one HBONE stream, read and written as bytes.
 pub struct TunnelStream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Always `Some` until dropped (see the `Drop` impl).
+    recv: Option<RecvStream>,
     /// Received, not yet read.
     pending: Bytes,
     /// The peer ended its side (END_STREAM).
@@ -36,7 +43,11 @@ pub struct TunnelStream {
 
 impl TunnelStream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        TunnelStream { send, recv, pending: Bytes::new(), eof: false, out: BytesMut::new(), closed: false }
+        TunnelStream { send, recv: Some(recv), pending: Bytes::new(), eof: false, out: BytesMut::new(), closed: false }
+    }
+
+    fn recv(&mut self) -> &mut RecvStream {
+        self.recv.as_mut().expect("bug: receive half taken before drop")
     }
 
     /// Resets the stream (RST_STREAM CANCEL): the peer sees an error, not a
@@ -62,14 +73,14 @@ impl AsyncRead for TunnelStream {
                 let taken = self.pending.split_to(n);
                 buf.put_slice(&taken);
                 // Only now may the peer send more: the reader took the bytes.
-                let _ = self.recv.flow_control().release_capacity(n);
+                let _ = self.recv().flow_control().release_capacity(n);
                 crate::workers::note_activity();
                 return Poll::Ready(Ok(()));
             }
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            match ready!(self.recv().poll_data(cx)) {
                 Some(Ok(data)) => self.pending = data,
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => self.eof = true,
@@ -116,6 +127,36 @@ impl AsyncWrite for TunnelStream {
             self.send.send_data(Bytes::new(), true).map_err(to_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A stream ended on this side (shut down) whose peer has not ended its own
+/// side yet: dropping both halves now would reset it (RST_STREAM), which the
+/// peer takes for a broken tunnel — an HTTP server that answered and closed
+/// does that on every `Connection: close`. Keep the receive half open for
+/// a bounded time instead, discarding what still arrives, until the peer's
+/// END_STREAM closes the stream cleanly.
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        if !self.closed || self.eof {
+            return;
+        }
+        let (Some(mut recv), Ok(runtime)) = (self.recv.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        runtime.spawn(async move {
+            let drain = async {
+                let mut discarded = 0;
+                while let Some(Ok(data)) = recv.data().await {
+                    discarded += data.len();
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    if discarded > LINGER_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
     }
 }
 
@@ -172,6 +213,26 @@ mod tests {
         server.write_all(b"done").await.unwrap();
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    #[tokio::test]
+    async fn a_side_that_answers_and_drops_lets_the_peer_finish_cleanly() {
+        let (mut client, mut server) = stream_pair().await;
+        client.write_all(b"request").await.unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        // The server answers, ends its side and goes away before the client ends its own (HTTP's
+        // `Connection: close`).
+        server.write_all(b"response").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"response");
+        // Time for a reset to arrive, were one sent: the client's end must still be accepted.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(b"late bytes, discarded").await.expect("no reset after the server's clean end");
+        client.shutdown().await.expect("the client ends its side cleanly");
     }
 
     #[tokio::test]

@@ -22,6 +22,9 @@ pub const GRPC_PORT: u16 = 15012;
 /// The controller's Prometheus port.
 pub const METRICS_PORT: u16 = 15014;
 
+/// The name on the controller's serving certificate (`--serving-dns-names`), which its clients verify.
+pub const SERVER_NAME: &str = "ambit-controller.ambit-system.svc";
+
 /// A running controller; Drop stops it (SIGTERM, then SIGKILL; this PID only).
 #[derive(Debug)]
 pub struct ControllerProcess {
@@ -37,6 +40,15 @@ impl ControllerProcess {
     /// YAML), `ca/` (the root it generates), `bootstrap-tokens` (one token per lab node, `--bootstrap-tokens`)
     /// and `tokens/<node>` (each node's token, as its ztunnel reads it). Waits until its port accepts.
     pub fn start(lab: &Lab, host: &Host) -> anyhow::Result<Self> {
+        Self::start_with_workloads(lab, host, &[])
+    }
+
+    /// [`ControllerProcess::start`], also admitting the workloads `(namespace, service account)` in `workloads`
+    /// (waypoints, which fetch their own configuration and certificate): `workload-tokens` holds one
+    /// `<token> <namespace>/<service account>` per workload (`--workload-tokens`) and
+    /// `tokens/workload-<namespace>-<service account>` each one's token (see
+    /// [`ControllerProcess::workload_token_file`]). The file is read once, at start.
+    pub fn start_with_workloads(lab: &Lab, host: &Host, workloads: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = lab.dir().join("controller");
         std::fs::create_dir_all(dir.join("cluster"))?;
         std::fs::create_dir_all(dir.join("tokens"))?;
@@ -48,20 +60,30 @@ impl ControllerProcess {
             std::fs::write(dir.join("tokens").join(&node.name), &token)?;
         }
         std::fs::write(dir.join("bootstrap-tokens"), table)?;
+        let mut workload_table = String::from("# <token> <namespace>/<service account>\n");
+        for (ns, sa) in workloads {
+            let token = node_token(&format!("wl-{ns}-{sa}"));
+            workload_table.push_str(&format!("{token} {ns}/{sa}\n"));
+            std::fs::write(workload_token_path(&dir, ns, sa), &token)?;
+        }
+        std::fs::write(dir.join("workload-tokens"), workload_table)?;
         let log = dir.join("controller.log");
         let out = File::options().create(true).append(true).open(&log)?;
         let bin = workspace_binary("ambit-controller", "AMBIT_CONTROLLER_BIN")?;
         let netns = NetNs::borrowed(host.netns.name());
-        let child = netns
-            .command(&bin)
-            .args(["--config-dir", &dir.join("cluster").display().to_string()])
+        let mut cmd = netns.command(&bin);
+        cmd.args(["--config-dir", &dir.join("cluster").display().to_string()])
             .args(["--config-poll-ms", "100"])
             .args(["--ca-dir", &dir.join("ca").display().to_string()])
             .args(["--bootstrap-tokens", &dir.join("bootstrap-tokens").display().to_string()])
             .args(["--listen", &format!("0.0.0.0:{GRPC_PORT}")])
             .args(["--serving-ips", &host.ip.to_string()])
-            .args(["--serving-dns-names", "ambit-controller.ambit-system.svc"])
-            .args(["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
+            .args(["--serving-dns-names", SERVER_NAME])
+            .args(["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")]);
+        if !workloads.is_empty() {
+            cmd.args(["--workload-tokens", &dir.join("workload-tokens").display().to_string()]);
+        }
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -87,16 +109,28 @@ impl ControllerProcess {
 
     /// The flags the ztunnel of `node` needs to use this controller (its token proves that node).
     pub fn flags(&self, node: &str) -> ControllerFlags {
-        ControllerFlags {
-            address: format!("https://{}:{GRPC_PORT}", self.ip),
-            mesh_root: self.dir.join("ca").join("root-cert.pem"),
-            token_file: self.token_file(node),
-        }
+        ControllerFlags { address: self.address(), mesh_root: self.mesh_root(), token_file: self.token_file(node) }
     }
 
     /// The file holding `node`'s bootstrap token (no trailing newline).
     pub fn token_file(&self, node: &str) -> PathBuf {
         self.dir.join("tokens").join(node)
+    }
+
+    /// The file holding the token of workload `namespace/service_account` (no trailing newline); it exists only
+    /// for the workloads given to [`ControllerProcess::start_with_workloads`].
+    pub fn workload_token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
+        workload_token_path(&self.dir, namespace, service_account)
+    }
+
+    /// The xDS and CA address its clients dial: `https://<ip>:15012`.
+    pub fn address(&self) -> String {
+        format!("https://{}:{GRPC_PORT}", self.ip)
+    }
+
+    /// The root certificate (PEM) its clients verify its serving certificate with.
+    pub fn mesh_root(&self) -> PathBuf {
+        self.ca_dir().join("root-cert.pem")
     }
 
     /// The directory of the root it generated (`root-cert.pem`, `root-key.pem`).
@@ -161,6 +195,11 @@ impl Drop for ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where the token of workload `namespace/service_account` is written under the controller's directory `dir`.
+fn workload_token_path(dir: &std::path::Path, namespace: &str, service_account: &str) -> PathBuf {
+    dir.join("tokens").join(format!("workload-{namespace}-{service_account}"))
 }
 
 /// A bootstrap token for `node`, unique to this run.

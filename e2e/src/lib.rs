@@ -1,5 +1,6 @@
 //! Ambit's lab: a small Kubernetes-like cluster made of Linux network namespaces (a fabric bridge, nodes, pods and
-//! external hosts), test applications, a packet sniffer, and a harness that runs the real `ztunnel` binary in it.
+//! external hosts), test applications, a packet sniffer, and a harness that runs the real `ztunnel`,
+//! `ambit-controller` and `ambit-waypoint` binaries in it.
 //!
 //! Everything is real — namespaces, veths, routes and sockets — so building a lab needs root. Tests call
 //! [`require_root`] first: it fails the test when `CI` is set and the process is not root.
@@ -15,6 +16,7 @@ pub mod controller;
 pub mod dump;
 pub mod fixture;
 pub mod http;
+pub mod http_server;
 pub mod kube;
 pub mod lab;
 pub mod load;
@@ -24,6 +26,7 @@ pub mod objects;
 pub mod restart;
 pub mod sniff;
 pub mod statefile;
+pub mod waypoint;
 pub mod ztunnel;
 
 pub use lab::{Host, HostId, Lab, Node, NodeId, Pod, PodId, PodSpec};

@@ -1,0 +1,394 @@
+//! Runs the real `ambit-waypoint` binary inside a lab pod's network namespace, as a waypoint Deployment's pod runs
+//! in a cluster (not captured: `istio.io/dataplane-mode: none`), and talks to its admin, metrics and readiness
+//! ports. It takes its configuration and certificate from the lab's controller with its own workload token (see
+//! [`crate::controller::ControllerProcess::start_with_workloads`]).
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::controller::SERVER_NAME;
+use crate::lab::PodId;
+use crate::mesh::{Mesh, TRUST_DOMAIN};
+use crate::netns::NetNs;
+
+/// How long a request to one of the waypoint's local ports may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lines of the log printed when a test fails while a waypoint runs.
+const LOG_TAIL_LINES: usize = 200;
+
+/// How long Drop waits after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The waypoint's HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Arguments of one waypoint process (its final CLI flags, plus the log file and level).
+#[derive(Clone, Debug)]
+pub struct WaypointArgs {
+    /// `--xds-address`: the controller, `https://<ip>:15012`.
+    pub xds_address: String,
+    /// `--mesh-root`: the controller's root certificate (PEM).
+    pub mesh_root: PathBuf,
+    /// `--controller-server-name`.
+    pub controller_server_name: String,
+    /// `--token-file`: the waypoint's own workload token.
+    pub token_file: PathBuf,
+    /// `--pod-name`.
+    pub pod_name: String,
+    /// `--pod-namespace` (the Gateway's namespace).
+    pub pod_namespace: String,
+    /// `--instance-ip`.
+    pub instance_ip: Ipv4Addr,
+    /// `--service-account`: its SPIFFE identity's `sa`.
+    pub service_account: String,
+    /// `--waypoint-name`; `None` leaves the binary's default (the service account).
+    pub waypoint_name: Option<String>,
+    /// `--trust-domain`.
+    pub trust_domain: String,
+    /// `--hbone-addr`.
+    pub hbone_addr: SocketAddr,
+    /// `--admin-addr` (inside the pod's namespace).
+    pub admin_addr: SocketAddr,
+    /// `--metrics-addr`.
+    pub metrics_addr: SocketAddr,
+    /// `--readiness-addr`.
+    pub readiness_addr: SocketAddr,
+    /// `--access-log`; `None` leaves the binary's default.
+    pub access_log: Option<bool>,
+    /// `RUST_LOG` of the child (default `info`, or `AMBIT_E2E_WAYPOINT_LOG` when set).
+    pub log_level: String,
+    /// Where stdout and stderr go.
+    pub log_file: PathBuf,
+    /// More flags, appended as they are.
+    pub extra: Vec<String>,
+}
+
+impl WaypointArgs {
+    /// The arguments for a waypoint in lab pod `pod` of `mesh` (controller mode): the pod's name, namespace, IP and
+    /// service account, the controller's address and root, the workload token the controller was started with for
+    /// `<namespace>/<service account>`, the usual ports on the pod's IP (admin on 127.0.0.1), and the log in
+    /// `<lab dir>/waypoint-<pod>.log`.
+    pub fn for_pod(mesh: &Mesh, pod: PodId) -> anyhow::Result<Self> {
+        let controller = mesh.controller().context("a waypoint needs the lab's controller (controller mode)")?;
+        let p = mesh.lab().pod(pod);
+        let token_file = controller.workload_token_file(&p.namespace, &p.service_account);
+        if !token_file.exists() {
+            bail!(
+                "no workload token for {}/{}: start the mesh with Mesh::with_controller_and_workloads",
+                p.namespace,
+                p.service_account
+            );
+        }
+        let on_pod = |port: u16| SocketAddr::from((p.ip, port));
+        Ok(WaypointArgs {
+            xds_address: controller.address(),
+            mesh_root: controller.mesh_root(),
+            controller_server_name: SERVER_NAME.into(),
+            token_file,
+            pod_name: p.name.clone(),
+            pod_namespace: p.namespace.clone(),
+            instance_ip: p.ip,
+            service_account: p.service_account.clone(),
+            waypoint_name: None,
+            trust_domain: TRUST_DOMAIN.into(),
+            hbone_addr: on_pod(HBONE_PORT),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: on_pod(15020),
+            readiness_addr: on_pod(15021),
+            access_log: None,
+            log_level: std::env::var("AMBIT_E2E_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            log_file: mesh.lab().dir().join(format!("waypoint-{}.log", p.name)),
+            extra: Vec::new(),
+        })
+    }
+
+    /// The SPIFFE identity the waypoint runs as.
+    pub fn identity(&self) -> String {
+        format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.pod_namespace, self.service_account)
+    }
+
+    /// The command-line arguments (without the program).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            ("--xds-address", self.xds_address.clone()),
+            ("--mesh-root", self.mesh_root.display().to_string()),
+            ("--controller-server-name", self.controller_server_name.clone()),
+            ("--token-file", self.token_file.display().to_string()),
+            ("--pod-name", self.pod_name.clone()),
+            ("--pod-namespace", self.pod_namespace.clone()),
+            ("--instance-ip", self.instance_ip.to_string()),
+            ("--service-account", self.service_account.clone()),
+            ("--trust-domain", self.trust_domain.clone()),
+            ("--hbone-addr", self.hbone_addr.to_string()),
+            ("--admin-addr", self.admin_addr.to_string()),
+            ("--metrics-addr", self.metrics_addr.to_string()),
+            ("--readiness-addr", self.readiness_addr.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+        if let Some(name) = &self.waypoint_name {
+            a.extend(["--waypoint-name".into(), name.clone()]);
+        }
+        if let Some(on) = self.access_log {
+            a.extend(["--access-log".into(), on.to_string()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// Path of the waypoint binary: `AMBIT_WAYPOINT_BIN`, else `ambit-waypoint` next to the running test executable's
+/// profile directory (see [`crate::ztunnel::workspace_binary`]).
+pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
+    crate::ztunnel::workspace_binary("ambit-waypoint", "AMBIT_WAYPOINT_BIN")
+}
+
+/// A running waypoint. Drop stops it: SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if the test is
+/// failing (the thread is panicking) the last lines of its log are printed.
+#[derive(Debug)]
+pub struct WaypointProcess {
+    child: Child,
+    netns: NetNs,
+    args: WaypointArgs,
+    exited: bool,
+}
+
+impl WaypointProcess {
+    /// Starts the binary from [`waypoint_binary`] inside lab pod `pod`'s namespace.
+    pub fn start(mesh: &Mesh, pod: PodId, args: WaypointArgs) -> anyhow::Result<Self> {
+        Self::start_binary(&waypoint_binary()?, mesh, pod, args)
+    }
+
+    /// Starts `binary` (a waypoint) inside lab pod `pod`'s namespace.
+    pub fn start_binary(binary: &Path, mesh: &Mesh, pod: PodId, args: WaypointArgs) -> anyhow::Result<Self> {
+        let p = mesh.lab().pod(pod);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&args.log_file)
+            .with_context(|| format!("open {}", args.log_file.display()))?;
+        let log2 = log.try_clone()?;
+        // The child gets a handle of its own on the pod's namespace file (the Pod keeps the namespace alive).
+        let netns = NetNs::borrowed(p.netns.name());
+        let child = netns
+            .command(binary)
+            .args(args.to_args())
+            .env("RUST_LOG", &args.log_level)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .with_context(|| format!("start {} in {}", binary.display(), p.netns.name()))?;
+        Ok(WaypointProcess { child, netns, args, exited: false })
+    }
+
+    /// [`WaypointProcess::start`], then [`WaypointProcess::wait_ready`].
+    pub fn start_ready(mesh: &Mesh, pod: PodId, args: WaypointArgs, timeout: Duration) -> anyhow::Result<Self> {
+        let mut w = Self::start(mesh, pod, args)?;
+        w.wait_ready(timeout)?;
+        Ok(w)
+    }
+
+    /// Waits until `GET /healthz/ready` on the readiness port answers 200; fails early, with the log, if the
+    /// process exits, and with the log and the last answer after `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let addr = local(self.args.readiness_addr);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = true;
+                bail!("ambit-waypoint exited with {status} before it was ready; log:\n{}", self.log_text());
+            }
+            let last = match crate::http::get(&self.netns, addr, "/healthz/ready", HTTP_TIMEOUT) {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => format!("status {}: {}", r.status, r.body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!("ambit-waypoint not ready within {timeout:?} ({last}); log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /healthz/ready` on the readiness port: whether it answers 200.
+    pub fn is_ready(&self) -> bool {
+        crate::http::get(&self.netns, local(self.args.readiness_addr), "/healthz/ready", HTTP_TIMEOUT)
+            .is_ok_and(|r| r.status == 200)
+    }
+
+    /// `GET /metrics` on the metrics port (Prometheus text).
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.get_ok(local(self.args.metrics_addr), "/metrics")
+    }
+
+    /// `GET <path>` on the admin port.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        self.get_ok(local(self.args.admin_addr), path)
+    }
+
+    /// `GET /config_dump` on the admin port, parsed.
+    pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
+        let text = self.admin_get("/config_dump")?;
+        serde_json::from_str(&text).with_context(|| format!("config_dump is not JSON: {text}"))
+    }
+
+    /// The arguments it was started with.
+    pub fn args(&self) -> &WaypointArgs {
+        &self.args
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running (reaps it if it exited).
+    pub fn is_running(&mut self) -> bool {
+        if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
+            self.exited = true;
+        }
+        !self.exited
+    }
+
+    /// How many file descriptors it holds now (`/proc/<pid>/fd`); 0 once it exited.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, Iterator::count)
+    }
+
+    /// Resident set size now (`VmRSS`), in bytes; 0 once it exited.
+    pub fn rss_bytes(&self) -> u64 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid())) else {
+            return 0;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// Its whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.args.log_file).unwrap_or_default()
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].iter().fold(String::new(), |mut s, l| {
+            s.push_str(l);
+            s.push('\n');
+            s
+        })
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.exited = true;
+    }
+
+    fn get_ok(&self, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+        let r = crate::http::get(&self.netns, addr, path, HTTP_TIMEOUT)?;
+        if r.status != 200 {
+            bail!("GET {addr}{path}: status {}: {}", r.status, r.body.trim());
+        }
+        Ok(r.body)
+    }
+}
+
+impl Drop for WaypointProcess {
+    fn drop(&mut self) {
+        if !self.exited {
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_GRACE;
+            loop {
+                match self.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("ambit-waypoint {pid} ignored SIGTERM for {STOP_GRACE:?}; killing it");
+                        self.kill();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            self.exited = true;
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- last {LOG_TAIL_LINES} lines of {} ----\n{}---- end of waypoint log ----",
+                self.args.log_file.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// A wildcard listen address as the loopback address to query it on.
+fn local(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_render_the_binarys_flags() {
+        let args = WaypointArgs {
+            xds_address: "https://10.0.0.201:15012".into(),
+            mesh_root: "/lab/controller/ca/root-cert.pem".into(),
+            controller_server_name: SERVER_NAME.into(),
+            token_file: "/lab/controller/tokens/workload-default-waypoint".into(),
+            pod_name: "waypoint".into(),
+            pod_namespace: "default".into(),
+            instance_ip: Ipv4Addr::new(10, 1, 0, 4),
+            service_account: "waypoint".into(),
+            waypoint_name: Some("waypoint".into()),
+            trust_domain: "cluster.local".into(),
+            hbone_addr: "10.1.0.4:15008".parse().unwrap(),
+            admin_addr: "127.0.0.1:15000".parse().unwrap(),
+            metrics_addr: "10.1.0.4:15020".parse().unwrap(),
+            readiness_addr: "10.1.0.4:15021".parse().unwrap(),
+            access_log: Some(true),
+            log_level: "info".into(),
+            log_file: "/lab/waypoint.log".into(),
+            extra: vec!["--pool-idle-secs".into(), "5".into()],
+        };
+        let line = args.to_args().join(" ");
+        assert!(line.starts_with("--xds-address https://10.0.0.201:15012 --mesh-root /lab/controller/ca/root-cert.pem"));
+        assert!(
+            line.contains("--controller-server-name ambit-controller.ambit-system.svc --token-file /lab/"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--instance-ip 10.1.0.4 --service-account waypoint --trust-domain cluster.local"),
+            "{line}"
+        );
+        assert!(line.contains("--hbone-addr 10.1.0.4:15008 --admin-addr 127.0.0.1:15000"), "{line}");
+        assert!(line.contains("--metrics-addr 10.1.0.4:15020 --readiness-addr 10.1.0.4:15021"), "{line}");
+        assert!(line.ends_with("--waypoint-name waypoint --access-log true --pool-idle-secs 5"), "{line}");
+        assert_eq!(args.identity(), "spiffe://cluster.local/ns/default/sa/waypoint");
+        let defaults = WaypointArgs { waypoint_name: None, access_log: None, extra: Vec::new(), ..args };
+        let line = defaults.to_args().join(" ");
+        assert!(!line.contains("--waypoint-name") && !line.contains("--access-log"), "{line}");
+    }
+}

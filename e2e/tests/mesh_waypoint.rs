@@ -1,0 +1,528 @@
+//! End-to-end tests of the waypoint proxy binary `ambit-waypoint` in the lab,
+//! with the real `ambit-controller` (file mode) and the real ztunnels: a
+//! client on node 1 calls the service `echo`, labelled
+//! `istio.io/use-waypoint: waypoint`; its ztunnel sends the connection over
+//! HBONE to the waypoint (a pod on node 1 labelled
+//! `istio.io/dataplane-mode: none`, so not captured, running as the service
+//! account `waypoint`, the Gateway's name), which routes and authorizes each
+//! HTTP request and forwards it over HBONE to the ztunnel of an endpoint pod
+//! on node 2, where a small HTTP/1.1 server answers naming itself and echoing
+//! what it saw. As a cluster's deployer would, the lab declares the waypoint
+//! `Gateway` (class `ambit-waypoint`) and its `Service` (port 15008, selecting
+//! the waypoint pod); the waypoint proves its identity to the controller with
+//! its own `--workload-tokens` token.
+//!
+//! Checked: the request path through the waypoint (its
+//! `istio_requests_total{reporter="waypoint"}`, the server ztunnel seeing the
+//! waypoint's identity, the server seeing the waypoint's IP); GAMMA HTTPRoutes
+//! (a path prefix to another service, request and response header
+//! modifiers, 404 when no rule matches, removal); AuthorizationPolicies bound
+//! by `targetRefs` to the Gateway (DENY by path) and to the Service (ALLOW by
+//! principal), added and removed at run time; and many requests on one
+//! kept-alive connection and on several at once, without leaking. Routes and
+//! policies reach the waypoint asynchronously, so each change is polled for,
+//! with a bound. Needs root; fails (not skips) under CI.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ambit_e2e::check::{metric, TIMEOUT};
+use ambit_e2e::dump;
+use ambit_e2e::http::{HttpConnection, HttpResponse, Request};
+use ambit_e2e::http_server::{EchoReply, HttpEchoServer};
+use ambit_e2e::objects::DATAPLANE_MODE_LABEL;
+use ambit_e2e::waypoint::{WaypointArgs, WaypointProcess};
+use ambit_e2e::{Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
+
+const NS: &str = "default";
+const GATEWAY: &str = "waypoint";
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+const ECHO_HOST: &str = "echo.default.svc.cluster.local";
+const ECHO_V2_HOST: &str = "echo-v2.default.svc.cluster.local";
+const WAYPOINT_HOST: &str = "waypoint.default.svc.cluster.local";
+const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const APP_PORT: u16 = 8080;
+const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+/// How long a route or policy change may take to reach the waypoint (and the
+/// waypoint to start): a bound, not a figure.
+const PROPAGATION: Duration = Duration::from_secs(20);
+
+/// The waypoint Gateway, its Service (as the controller's deployer writes it
+/// in Kubernetes: port 15008 `mesh`, 15021 `status-port`, selecting the
+/// waypoint's pods), the service `echo` (backed by `echo-v1`) that uses the
+/// waypoint, and `echo-v2`, a route's backend.
+const OBJECTS: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default}
+spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.99
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  ports:
+  - {name: mesh, port: 15008, targetPort: 15008, protocol: TCP, appProtocol: all}
+  - {name: status-port, port: 15021, targetPort: 15021, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  selector: {app: echo-v1}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: default}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.11
+  selector: {app: echo-v2}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+"#;
+
+/// An HTTPRoute on the Service `echo` (GAMMA): `/v2…` to `echo-v2` with a
+/// request header set, one removed and a response header added; with
+/// `catch_all`, a second rule sends everything else to `echo` itself (without
+/// it, other paths match no rule: 404).
+fn route(catch_all: bool) -> String {
+    let mut yaml = String::from(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-split, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: v2}]
+        remove: [x-drop]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add: [{name: x-routed-by, value: echo-split}]
+    backendRefs: [{name: echo-v2, port: 80}]
+"#,
+    );
+    if catch_all {
+        yaml.push_str("  - backendRefs: [{name: echo, port: 80}]\n");
+    }
+    yaml
+}
+
+/// A DENY policy at the waypoint Gateway for paths under `/admin`.
+const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+
+/// An ALLOW policy on the Service `echo` for one principal only.
+fn allow_only(principal: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-one, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: ["{principal}"]}}}}]}}]
+"#
+    )
+}
+
+/// The lab: nodes 1 and 2; `client` and the waypoint pod on node 1,
+/// `echo-v1`, `echo-v2` and `intruder` on node 2; every pod but the
+/// waypoint's enrolled; an HTTP echo server on 8080 in `echo-v1` and
+/// `echo-v2`; the waypoint process running and ready.
+struct WaypointLab {
+    // Field order is drop order: the waypoint first, then the servers, then the mesh (ztunnels, controller, lab).
+    waypoint: WaypointProcess,
+    v1: HttpEchoServer,
+    v2: HttpEchoServer,
+    mesh: Mesh,
+    nodes: [NodeId; 2],
+    client: PodId,
+    intruder: PodId,
+    wp: PodId,
+}
+
+impl WaypointLab {
+    fn start(test: &str) -> Option<Self> {
+        if !ambit_e2e::require_root(test) {
+            return None;
+        }
+        let mut lab = Lab::new(test).expect("lab");
+        let n1 = lab.add_node("node1").unwrap();
+        let n2 = lab.add_node("node2").unwrap();
+        let client = lab.add_pod(n1, PodSpec::new("client", NS, "client")).unwrap();
+        let mut spec = PodSpec::new("waypoint", NS, GATEWAY);
+        spec.labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+        spec.labels.insert(GATEWAY_NAME_LABEL.into(), GATEWAY.into());
+        let wp = lab.add_pod(n1, spec).unwrap();
+        let v1 = lab.add_pod(n2, PodSpec::new("echo-v1", NS, "echo-v1")).unwrap();
+        let v2 = lab.add_pod(n2, PodSpec::new("echo-v2", NS, "echo-v2")).unwrap();
+        let intruder = lab.add_pod(n2, PodSpec::new("intruder", NS, "intruder")).unwrap();
+        let ctrl = lab.add_external_host("ctrl").unwrap();
+        let mut mesh = Mesh::with_controller_and_workloads(lab, ctrl, &[NS], &[(NS, GATEWAY)])
+            .expect("mesh with the controller admitting the waypoint's token");
+        for n in [n1, n2] {
+            mesh.start_ztunnel(n).expect("start ztunnel");
+        }
+        for p in [client, v1, v2, intruder] {
+            mesh.enroll(p).expect("enroll");
+        }
+        let serve = |p: PodId, name: &str| {
+            HttpEchoServer::start(&mesh.lab().pod(p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT)), name)
+                .expect("http server")
+        };
+        let (s1, s2) = (serve(v1, "echo-v1"), serve(v2, "echo-v2"));
+        mesh.controller().unwrap().write("waypoint.yaml", OBJECTS).unwrap();
+        let ips: Vec<Ipv4Addr> = [client, v1, v2, intruder].iter().map(|p| mesh.lab().pod(*p).ip).collect();
+        mesh.wait_for_config("the pods, the waypoint's service and echo with its waypoint", |d| {
+            ips.iter().all(|ip| dump::has_captured_workload(d, *ip))
+                && dump::service(d, ECHO_HOST).is_some_and(|s| s["waypoint"].is_string())
+                && dump::endpoints(d, NS, ECHO_HOST) == 1
+                && dump::endpoints(d, NS, ECHO_V2_HOST) == 1
+                && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
+        })
+        .expect("ztunnels know the waypoint");
+        let mut args = WaypointArgs::for_pod(&mesh, wp).expect("waypoint args");
+        args.waypoint_name = Some(GATEWAY.into());
+        args.access_log = Some(true);
+        let waypoint = WaypointProcess::start_ready(&mesh, wp, args, PROPAGATION).expect("the waypoint is ready");
+        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes: [n1, n2], client, intruder, wp })
+    }
+
+    fn ns(&self, pod: PodId) -> &NetNs {
+        &self.mesh.lab().pod(pod).netns
+    }
+
+    fn ip(&self, pod: PodId) -> Ipv4Addr {
+        self.mesh.lab().pod(pod).ip
+    }
+
+    /// Sends `req` to `echo`'s VIP from `pod` on a new connection, closed after the response.
+    fn send_from(&self, pod: PodId, req: Request) -> anyhow::Result<HttpResponse> {
+        let mut conn = HttpConnection::connect(self.ns(pod), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT)?;
+        conn.send(&req.close())
+    }
+
+    /// `GET path` to `echo` from the client, with `headers`.
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<HttpResponse> {
+        let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (n, v)| r.header(n, v));
+        self.send_from(self.client, req)
+    }
+
+    /// Polls `check` until it yields a value; after [`PROPAGATION`], panics with
+    /// `what`, the last failure and the waypoint's config dump (its log is
+    /// printed as it stops).
+    fn until<T>(&self, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+        let start = Instant::now();
+        loop {
+            let last = match check() {
+                Ok(v) => return v,
+                Err(e) => e,
+            };
+            if start.elapsed() > PROPAGATION {
+                let dump = self.waypoint.admin_get("/config_dump").unwrap_or_else(|e| format!("{e:#}"));
+                let dump: String = dump.chars().take(8000).collect();
+                panic!("{what}: not within {PROPAGATION:?}; last: {last}\nwaypoint /config_dump:\n{dump}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Polls until `GET path` (with `headers`) from `pod` is answered by the echo server `server`; the response and
+    /// what the server saw.
+    fn until_served_by(
+        &self,
+        pod: PodId,
+        path: &str,
+        headers: &[(&str, &str)],
+        server: &str,
+    ) -> (HttpResponse, EchoReply) {
+        self.until(&format!("GET {path} answered by {server}"), || {
+            let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (n, v)| r.header(n, v));
+            let r = self.send_from(pod, req).map_err(|e| format!("{e:#}"))?;
+            match EchoReply::parse(&r.body) {
+                Some(echo) if r.status == 200 && echo.server == server => Ok((r, echo)),
+                _ => Err(format!("status {} body {:?}", r.status, r.body)),
+            }
+        })
+    }
+
+    /// Polls until `GET path` from `pod` is refused by the waypoint's authorization (403); the response.
+    fn until_denied(&self, pod: PodId, path: &str) -> HttpResponse {
+        self.until(&format!("GET {path} denied"), || {
+            let r = self.send_from(pod, Request::get(ECHO_HOST, path)).map_err(|e| format!("{e:#}"))?;
+            if r.status == 403 {
+                Ok(r)
+            } else {
+                Err(format!("status {} body {:?}", r.status, r.body))
+            }
+        })
+    }
+
+    /// The waypoint's `istio_requests_total` with `reporter="waypoint"` and `labels`.
+    fn waypoint_requests(&self, labels: &[(&str, &str)]) -> f64 {
+        let m = self.waypoint.metrics().expect("waypoint metrics");
+        let mut all = vec![("reporter", "waypoint")];
+        all.extend_from_slice(labels);
+        metric(&m, "istio_requests_total", &all)
+    }
+}
+
+#[test]
+fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
+    let Some(mut l) = WaypointLab::start("wp-bin-path") else { return };
+    let waypoint_ip = l.ip(l.wp);
+    let waypoint_id = l.waypoint.args().identity();
+
+    // No route: the waypoint sends the request to the service it was addressed to.
+    let (r, echo) = l.until_served_by(l.client, "/hello?q=1", &[("x-test", "first")], "echo-v1");
+    assert_eq!(r.header("x-served-by"), Some("echo-v1"), "{r:?}");
+    assert_eq!((echo.method.as_str(), echo.path.as_str()), ("GET", "/hello?q=1"), "{echo:?}");
+    assert_eq!(echo.host, ECHO_HOST, "the Host header reaches the application as the client sent it: {echo:?}");
+    assert_eq!(echo.header("x-test"), Some("first"), "a request header is forwarded: {echo:?}");
+    assert!(l.v2.requests().is_empty(), "echo-v2 got a request without a route to it");
+
+    // The waypoint was on the path, seen from every side.
+    let seen = l.v1.requests();
+    let last = seen.last().expect("echo-v1 saw the request");
+    assert_eq!(last.peer.ip(), IpAddr::V4(waypoint_ip), "the application sees the waypoint's address as the source");
+    assert!(
+        l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "200")]) >= 1.0,
+        "the waypoint did not count the request:\n{}",
+        l.waypoint.metrics().unwrap()
+    );
+    let m1 = l.mesh.ztunnel(l.nodes[0]).metrics().unwrap();
+    let to_waypoint = [
+        ("reporter", "source"),
+        ("source_principal", CLIENT_PRINCIPAL),
+        ("destination_workload", "waypoint"),
+        ("destination_principal", waypoint_id.as_str()),
+        ("destination_service", ECHO_HOST),
+    ];
+    assert!(
+        metric(&m1, "istio_tcp_connections_opened_total", &to_waypoint) >= 1.0,
+        "the client's ztunnel did not send the connection to the waypoint:\n{m1}"
+    );
+    let m2 = l.mesh.ztunnel(l.nodes[1]).metrics().unwrap();
+    let from_waypoint =
+        [("reporter", "destination"), ("source_principal", waypoint_id.as_str()), ("destination_workload", "echo-v1")];
+    assert!(
+        metric(&m2, "istio_tcp_connections_opened_total", &from_waypoint) >= 1.0,
+        "the server's ztunnel saw no HBONE connection from the waypoint's identity:\n{m2}"
+    );
+    let direct = [("reporter", "destination"), ("source_principal", CLIENT_PRINCIPAL)];
+    assert_eq!(
+        metric(&m2, "istio_tcp_connections_opened_total", &direct),
+        0.0,
+        "the client reached node 2 around the waypoint:\n{m2}"
+    );
+
+    // Many requests on one kept-alive connection, then several connections at once.
+    let ok_before = l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "200")]);
+    let upstream_before = l.v1.connections().len();
+    let fds_before = l.waypoint.open_fds();
+    const SEQUENTIAL: usize = 50;
+    let vip = SocketAddr::from((ECHO_VIP, 80));
+    let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).unwrap();
+    for i in 0..SEQUENTIAL {
+        let tag = i.to_string();
+        let r = conn
+            .send(&Request::get(ECHO_HOST, &format!("/seq/{i}")).header("x-test", &tag))
+            .unwrap_or_else(|e| panic!("request {i} on the kept-alive connection: {e:#}"));
+        let echo = EchoReply::parse(&r.body).unwrap_or_else(|| panic!("request {i}: {r:?}"));
+        assert_eq!(
+            (r.status, echo.path.as_str(), echo.header("x-test")),
+            (200, format!("/seq/{i}").as_str(), Some(tag.as_str()))
+        );
+        assert!(conn.is_open(), "the waypoint closed the client's connection after request {i}: {r:?}");
+    }
+    drop(conn);
+    let upstream = l.v1.connections().len() - upstream_before;
+    println!("{SEQUENTIAL} requests on one client connection reached echo-v1 on {upstream} connection(s)");
+    assert!(
+        upstream <= 5,
+        "{SEQUENTIAL} sequential requests took {upstream} upstream connections: the waypoint does not reuse them"
+    );
+
+    const CONNECTIONS: usize = 8;
+    const PER_CONNECTION: usize = 25;
+    let client_ns = l.ns(l.client).name().to_string();
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let ns = NetNs::borrowed(&client_ns);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut conn = HttpConnection::connect(&ns, vip, TIMEOUT)?;
+                for i in 0..PER_CONNECTION {
+                    let path = format!("/par/{c}/{i}");
+                    let r = conn.send(&Request::get(ECHO_HOST, &path))?;
+                    let echo = EchoReply::parse(&r.body);
+                    if r.status != 200 || echo.as_ref().map(|e| e.path.as_str()) != Some(path.as_str()) {
+                        anyhow::bail!("connection {c}, request {i}: {r:?}");
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for (c, w) in workers.into_iter().enumerate() {
+        w.join().expect("client thread").unwrap_or_else(|e| panic!("parallel connection {c}: {e:#}"));
+    }
+    let sent = (SEQUENTIAL + CONNECTIONS * PER_CONNECTION) as f64;
+    l.until("the waypoint's metrics count every request", || {
+        let ok = l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "200")]);
+        if ok - ok_before == sent {
+            Ok(())
+        } else {
+            Err(format!("{} of {sent} requests counted", ok - ok_before))
+        }
+    });
+
+    // Still healthy, and holding no more than it did before.
+    assert!(l.waypoint.is_running() && l.waypoint.is_ready(), "the waypoint is no longer ready");
+    let dump = l.waypoint.config_dump().expect("config_dump");
+    assert!(dump.to_string().contains(ECHO_HOST), "the config dump does not show {ECHO_HOST}: {dump}");
+    l.until("the waypoint's file descriptors back to where they were", || {
+        let now = l.waypoint.open_fds();
+        if now <= fds_before + 10 {
+            Ok(())
+        } else {
+            Err(format!("{now} open file descriptors, {fds_before} before the {sent} requests"))
+        }
+    });
+    println!(
+        "waypoint after {sent} requests: {} fds ({fds_before} before), RSS {} KiB",
+        l.waypoint.open_fds(),
+        l.waypoint.rss_bytes() / 1024
+    );
+
+    // Requests that each close their connection (`Connection: close`), as the polls above did. Every tunnel ends
+    // cleanly: a tunnel the waypoint resets instead of closing counts as a failed connection at the client's
+    // ztunnel (`stream_error`, "inactive stream" in its log).
+    for i in 0..20 {
+        let r =
+            l.get(&format!("/close/{i}"), &[]).unwrap_or_else(|e| panic!("request {i} with Connection: close: {e:#}"));
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // Every tunnel to the waypoint ended once its client closed: none left open at the waypoint.
+    l.until("every client connection to the waypoint closed", || {
+        let m = l.mesh.ztunnel(l.nodes[0]).metrics().map_err(|e| format!("{e:#}"))?;
+        let labels = [("reporter", "source"), ("destination_workload", "waypoint")];
+        let opened = metric(&m, "istio_tcp_connections_opened_total", &labels);
+        let closed = metric(&m, "istio_tcp_connections_closed_total", &labels);
+        if opened == closed && opened >= sent / PER_CONNECTION as f64 {
+            Ok(())
+        } else {
+            Err(format!("{opened} opened, {closed} closed"))
+        }
+    });
+    for n in l.nodes {
+        let m = l.mesh.ztunnel(n).metrics().unwrap();
+        let failed: Vec<&str> =
+            m.lines().filter(|x| x.starts_with("ztunnel_connection_failures_total{") && !x.ends_with(" 0")).collect();
+        assert!(failed.is_empty(), "ztunnel on {n:?} counted failed connections: {failed:#?}");
+    }
+}
+
+#[test]
+fn gamma_routes_split_traffic_modify_headers_and_answer_404() {
+    let Some(l) = WaypointLab::start("wp-bin-routes") else { return };
+    let controller = l.mesh.controller().unwrap();
+    // Without a route, /v2/x is the service's own.
+    l.until_served_by(l.client, "/v2/x", &[], "echo-v1");
+
+    // Only the /v2 rule: /v2/x goes to echo-v2 with the filters applied; nothing else matches.
+    controller.write("route.yaml", &route(false)).unwrap();
+    let headers = [("x-test", "routed"), ("x-drop", "yes"), ("x-route", "from-client")];
+    let (r, echo) = l.until_served_by(l.client, "/v2/x", &headers, "echo-v2");
+    assert_eq!((echo.path.as_str(), echo.host.as_str()), ("/v2/x", ECHO_HOST), "{echo:?}");
+    assert_eq!(echo.header("x-test"), Some("routed"), "{echo:?}");
+    assert_eq!(
+        echo.header_values("x-route"),
+        ["v2"],
+        "RequestHeaderModifier set replaces the client's value: {echo:?}"
+    );
+    assert_eq!(echo.header("x-drop"), None, "RequestHeaderModifier remove: {echo:?}");
+    assert_eq!(r.header("x-routed-by"), Some("echo-split"), "ResponseHeaderModifier add: {r:?}");
+    assert_eq!(r.header("x-served-by"), Some("echo-v2"), "{r:?}");
+    let other = l.get("/other", &[]).expect("GET /other");
+    assert_eq!(other.status, 404, "a path no rule matches: {other:?}");
+    assert!(EchoReply::parse(&other.body).is_none(), "a 404 must come from the waypoint, not a server: {other:?}");
+    assert!(!l.v1.requests().iter().any(|q| q.path == "/other"), "/other reached echo-v1");
+
+    // A catch-all rule: /other goes to echo (echo-v1), without the /v2 rule's filters.
+    controller.write("route.yaml", &route(true)).unwrap();
+    let (r, echo) = l.until_served_by(l.client, "/other", &[("x-drop", "kept")], "echo-v1");
+    assert_eq!(echo.path, "/other");
+    assert_eq!(echo.header("x-drop"), Some("kept"), "the /v2 rule's filter applied to another rule: {echo:?}");
+    assert_eq!(echo.header("x-route"), None, "{echo:?}");
+    assert_eq!(r.header("x-routed-by"), None, "{r:?}");
+    let (_, echo) = l.until_served_by(l.client, "/v2/again", &[], "echo-v2");
+    assert_eq!(echo.header("x-route"), Some("v2"));
+    let routed = l.waypoint_requests(&[("response_code", "200")]);
+    assert!(routed >= 3.0, "the waypoint counted {routed} requests answered 200:\n{}", l.waypoint.metrics().unwrap());
+    assert!(
+        l.waypoint_requests(&[("response_code", "404")]) >= 1.0,
+        "the 404 is not counted:\n{}",
+        l.waypoint.metrics().unwrap()
+    );
+
+    // Without the route, echo answers everything again.
+    controller.remove("route.yaml").unwrap();
+    l.until_served_by(l.client, "/v2/x", &[], "echo-v1");
+}
+
+#[test]
+fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_the_waypoint() {
+    let Some(l) = WaypointLab::start("wp-bin-authz") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ok", &[], "echo-v1");
+
+    // DENY on the Gateway for /admin*: 403 with Istio's body, other paths unaffected.
+    controller.write("deny-admin.yaml", DENY_ADMIN).unwrap();
+    let denied = l.until_denied(l.client, "/admin");
+    assert_eq!(denied.body.trim(), "RBAC: access denied", "{denied:?}");
+    // Before the policy arrived, the polls reached echo-v1; from now on none may.
+    let admin_at_v1 = || l.v1.requests().iter().filter(|q| q.path.starts_with("/admin")).count();
+    let reached_before = admin_at_v1();
+    let nested = l.get("/admin/users", &[]).expect("GET /admin/users");
+    assert_eq!(nested.status, 403, "{nested:?}");
+    let ok = l.get("/ok", &[]).expect("GET /ok");
+    assert_eq!(ok.status, 200, "a path the DENY does not match: {ok:?}");
+    assert_eq!(admin_at_v1(), reached_before, "a denied request reached echo-v1");
+    assert!(
+        l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "403")]) >= 2.0,
+        "denials are not counted:\n{}",
+        l.waypoint.metrics().unwrap()
+    );
+    controller.remove("deny-admin.yaml").unwrap();
+    l.until_served_by(l.client, "/admin", &[], "echo-v1");
+
+    // ALLOW on the Service for another principal: the client is refused.
+    controller.write("allow.yaml", &allow_only("cluster.local/ns/default/sa/someone-else")).unwrap();
+    let denied = l.until_denied(l.client, "/ok");
+    assert_eq!(denied.body.trim(), "RBAC: access denied", "{denied:?}");
+    // ALLOW for the client's service account: the client passes, anyone else is refused.
+    controller.write("allow.yaml", &allow_only("cluster.local/ns/default/sa/client")).unwrap();
+    l.until_served_by(l.client, "/ok", &[], "echo-v1");
+    let other = l.send_from(l.intruder, Request::get(ECHO_HOST, "/ok")).expect("GET /ok from intruder");
+    assert_eq!((other.status, other.body.trim()), (403, "RBAC: access denied"), "{other:?}");
+    // No policy: everyone passes.
+    controller.remove("allow.yaml").unwrap();
+    l.until_served_by(l.intruder, "/ok", &[], "echo-v1");
+    l.until_served_by(l.client, "/ok", &[], "echo-v1");
+}

@@ -292,6 +292,25 @@ impl WaypointProcess {
         })
     }
 
+    /// Sends SIGTERM and waits up to `within` for it to exit; its exit
+    /// status, or an error with its log when it is still running.
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = true;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("ambit-waypoint still running {within:?} after SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

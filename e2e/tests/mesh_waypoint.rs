@@ -436,6 +436,15 @@ fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
             m.lines().filter(|x| x.starts_with("ztunnel_connection_failures_total{") && !x.ends_with(" 0")).collect();
         assert!(failed.is_empty(), "ztunnel on {n:?} counted failed connections: {failed:#?}");
     }
+
+    // SIGTERM with a kept-alive client connection open: the waypoint drains (its idle HTTP connection is closed,
+    // GOAWAY on HBONE) and exits well before its 25 s drain timeout, cleanly.
+    let mut idle = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).expect("a client connection");
+    let r = idle.send(&Request::get(ECHO_HOST, "/before-sigterm")).expect("a request before SIGTERM");
+    assert_eq!(r.status, 200, "{r:?}");
+    let status = l.waypoint.terminate(Duration::from_secs(10)).expect("the waypoint exits after SIGTERM");
+    assert!(status.success(), "exit status {status}; log:\n{}", l.waypoint.log_text());
+    assert!(l.waypoint.log_text().contains("waypoint drained"), "log:\n{}", l.waypoint.log_text());
 }
 
 #[test]

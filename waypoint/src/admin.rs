@@ -108,10 +108,10 @@ pub async fn serve_admin(listener: TcpListener, inputs: Arc<AdminInputs>) {
     serve(listener, move |req| admin(&inputs, &req)).await
 }
 
-/// Serves `/healthz/ready`: ready once `ready` says so.
-pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+/// Serves `/healthz/ready`: ready once `ready` says so, until `draining` does.
+pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>, draining: watch::Receiver<bool>) {
     serve(listener, move |req| match req.uri().path() {
-        "/healthz/ready" if *ready.borrow() => text(StatusCode::OK, "ready\n"),
+        "/healthz/ready" if *ready.borrow() && !*draining.borrow() => text(StatusCode::OK, "ready\n"),
         "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })

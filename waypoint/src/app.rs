@@ -12,7 +12,7 @@ use ambit_xds_client::ads::XdsError;
 use ambit_xds_client::ca::{tls_endpoint, CaClientError};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
@@ -106,6 +106,8 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
     let readiness = bind("readiness", flags.readiness_addr).await?;
 
     let (ready_tx, ready) = watch::channel(false);
+    let (drain, draining) = watch::channel(false);
+    let (active, mut drained) = mpsc::channel::<()>(1);
     tokio::spawn(become_ready(synced, certs.clone(), identity.clone(), ready_tx));
     tokio::spawn(client.run());
     tokio::spawn(serve_admin(
@@ -119,13 +121,25 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
         }),
     ));
     tokio::spawn(ambit_telemetry::serve_metrics(metrics_listener, Arc::new(registry)));
-    tokio::spawn(serve_readiness(readiness, ready));
-    let listener =
-        Arc::new(Listener { shared, certs, identity: identity.clone(), max_streams: flags.pool_max_streams as u32 });
-    tokio::spawn(listener.run(hbone));
+    tokio::spawn(serve_readiness(readiness, ready, draining.clone()));
+    let listener = Listener {
+        shared,
+        certs,
+        identity: identity.clone(),
+        max_streams: flags.pool_max_streams as u32,
+        draining,
+        active,
+    };
+    tokio::spawn(Arc::new(listener).run(hbone));
     info!(%identity, hbone = %flags.hbone_addr, gateway = %format!("{}/{}", gateway.0, gateway.1), "waypoint started");
     ambit_telemetry::shutdown_signal().await;
-    info!("waypoint stopping");
+    let timeout = Duration::from_secs(flags.drain_timeout_secs);
+    info!(?timeout, "waypoint draining: not ready, no new connections, open ones finish");
+    let _ = drain.send(true);
+    match tokio::time::timeout(timeout, drained.recv()).await {
+        Ok(_) => info!("waypoint drained"),
+        Err(_) => warn!("drain timeout passed; closing the connections still open"),
+    }
     Ok(())
 }
 

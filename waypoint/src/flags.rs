@@ -91,6 +91,13 @@ pub struct Flags {
     #[arg(long, env = "AMBIT_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
 
+    /// On SIGTERM, how long open connections may finish (in seconds) before
+    /// the waypoint exits: it stops accepting, turns not-ready, sends GOAWAY
+    /// on its HBONE connections and closes HTTP connections after their
+    /// current request.
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
+    pub drain_timeout_secs: u64,
+
     /// Log format: `plain` or `json`.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,

@@ -21,6 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -40,13 +41,23 @@ pub struct Listener {
     pub certs: Arc<CertManager>,
     pub identity: Identity,
     pub max_streams: u32,
+    /// Turns `true` on SIGTERM: stop accepting, let open connections finish.
+    pub draining: watch::Receiver<bool>,
+    /// Held by every task of the listener (through its `Arc`): once all are
+    /// gone, the receiver's `recv` ends and the drain is complete.
+    pub active: mpsc::Sender<()>,
 }
 
 impl Listener {
     /// Accepts HBONE connections for ever.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let mut draining = self.draining.clone();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = signaled(&mut draining) => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     tokio::spawn(async move { me.connection(stream, peer).await });
@@ -101,7 +112,20 @@ impl Listener {
                 return;
             }
         };
-        while let Some(next) = conn.accept().await {
+        let mut draining = self.draining.clone();
+        let mut going_away = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                // GOAWAY: the client's ztunnel opens new tunnels elsewhere;
+                // streams already open are served to their end.
+                _ = signaled(&mut draining), if !going_away => {
+                    conn.graceful_shutdown();
+                    going_away = true;
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             match next {
                 Ok((req, respond)) => {
                     let me = self.clone();
@@ -187,10 +211,26 @@ impl Listener {
             Protocol::Http2 | Protocol::Grpc => builder = builder.http2_only(),
             Protocol::Detect | Protocol::Tcp => {}
         }
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let mut draining = self.draining.clone();
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = signaled(&mut draining) => {
+                // Finish the request in flight, then close (HTTP/2: GOAWAY).
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             debug!(%peer, error = %e, "http connection ended with error");
         }
     }
+}
+
+/// Resolves once `draining` turns `true` (or its sender is gone).
+async fn signaled(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {

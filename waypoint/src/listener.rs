@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::config::Protocol;
 use crate::detect::{detect, Detected, Rewind};
-use crate::metrics::{RefusedReason, WorkloadLabels};
+use crate::metrics::{RefusedReason, ServiceLabels, WorkloadLabels};
 use crate::proxy::{handle, Downstream, Shared};
 
 // A peer that does not finish its TLS handshake in this time is dropped.
@@ -171,6 +171,7 @@ impl Listener {
             Some(w) if w.identity == *identity => WorkloadLabels::from_workload(w),
             _ => WorkloadLabels::from_baggage(&identity, parse_baggage(req.headers()).as_ref()),
         };
+        let service = ServiceLabels::from_service(&served.service.service);
         drop(snapshot);
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
@@ -180,7 +181,7 @@ impl Listener {
             }
         };
         let stream = TunnelStream::new(send, req.into_body());
-        let down = Arc::new(Downstream { peer, identity, target, labels });
+        let down = Arc::new(Downstream { peer, identity, target, labels, service });
         let (kind, stream) = match protocol {
             Protocol::Tcp => (Detected::Tcp, Rewind::new(stream)),
             Protocol::Http1 | Protocol::Http2 | Protocol::Grpc => (Detected::Http, Rewind::new(stream)),

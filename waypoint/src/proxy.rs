@@ -4,8 +4,9 @@
 //! The decisions are the library's pure functions; this module carries them
 //! out with hyper.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tracing::{debug, warn};
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::authz::{self, RequestInfo, Scope};
 use crate::balance::{EndpointPicker, InFlight, Load};
-use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle};
+use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Workload};
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
 use crate::metrics::{Metrics, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
@@ -43,6 +44,11 @@ pub struct Shared {
     pub access_log: AccessLog,
     loads: Mutex<HashMap<SocketAddr, Arc<InFlight>>>,
     pickers: Mutex<HashMap<String, Arc<EndpointPicker>>>,
+    /// Endpoint workloads' metric labels by uid, with the workload they were
+    /// made from: rebuilt only when the configuration replaced it.
+    labels: Mutex<HashMap<String, (Arc<Workload>, WorkloadLabels)>>,
+    /// The snapshot version the maps above were last pruned for.
+    pruned_for: AtomicU64,
 }
 
 impl Shared {
@@ -62,11 +68,39 @@ impl Shared {
             access_log,
             loads: Mutex::default(),
             pickers: Mutex::default(),
+            labels: Mutex::default(),
+            pruned_for: AtomicU64::new(0),
         })
     }
 
     fn load(&self, endpoint: SocketAddr) -> Arc<InFlight> {
         self.loads.lock().expect("bug: poisoned").entry(endpoint).or_default().clone()
+    }
+
+    /// After a configuration change, forgets the endpoints, services and
+    /// workloads it no longer names, so churn does not grow these maps.
+    fn prune(&self, snapshot: &Snapshot) {
+        if self.pruned_for.swap(snapshot.version(), Ordering::Relaxed) == snapshot.version() {
+            return;
+        }
+        let workloads = snapshot.workloads();
+        self.labels.lock().expect("bug: poisoned").retain(|uid, _| workloads.contains_key(uid));
+        self.pickers.lock().expect("bug: poisoned").retain(|key, _| snapshot.service(key).is_some());
+        let ips: HashSet<IpAddr> = workloads.values().flat_map(|w| w.addresses.iter().copied()).collect();
+        self.loads.lock().expect("bug: poisoned").retain(|addr, load| load.get() > 0 || ips.contains(&addr.ip()));
+    }
+
+    /// `w`'s metric labels, made once per version of the workload.
+    fn labels(&self, w: &Arc<Workload>) -> WorkloadLabels {
+        let mut labels = self.labels.lock().expect("bug: poisoned");
+        match labels.get(&w.uid) {
+            Some((seen, l)) if Arc::ptr_eq(seen, w) => l.clone(),
+            _ => {
+                let l = WorkloadLabels::from_workload(w);
+                labels.insert(w.uid.clone(), (w.clone(), l.clone()));
+                l
+            }
+        }
     }
 
     fn picker(&self, service: &str) -> Arc<EndpointPicker> {
@@ -87,6 +121,8 @@ pub struct Downstream {
     pub target: SocketAddr,
     /// The client's labels for metrics, looked up once per stream.
     pub labels: WorkloadLabels,
+    /// The called service's labels, made once per stream.
+    pub service: ServiceLabels,
 }
 
 /// Responses the waypoint makes itself.
@@ -126,6 +162,7 @@ struct Done<'a> {
 pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = shared.snapshots.current();
+    shared.prune(&snapshot);
     let (mut parts, body) = req.into_parts();
     let request_bytes = body.size_hint().exact().unwrap_or(0);
     let mut rng = SmallRng::from_os_rng();
@@ -147,11 +184,10 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
     };
     let (response, done) = route_and_forward(&shared, &down, &snapshot, served, parts, body, &mut rng, start).await;
     let duration = start.elapsed();
-    let service = ServiceLabels::from_service(&served.service.service);
     let record = RequestRecord {
         source: &down.labels,
         destination: done.destination.as_ref(),
-        service: &service,
+        service: &down.service,
         protocol,
         response_code: done.status.as_u16(),
         grpc_status: grpc_status(&response),
@@ -312,7 +348,7 @@ async fn forward_request(
         let candidate = &candidates[i];
         let addr = candidate.endpoint.target(target.port).expect("filtered");
         done.upstream = Some(addr);
-        done.destination = Some(WorkloadLabels::from_workload(&candidate.endpoint.workload));
+        done.destination = Some(shared.labels(&candidate.endpoint.workload));
         let this_body = match body.take().expect("bug: body consumed") {
             Body2::Buffered(b) => {
                 body = Some(Body2::Buffered(b.clone()));

@@ -57,7 +57,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ambit_api::waypoint as pb;
-use ambit_identity::Identity;
+use ambit_identity::{Identity, PrincipalPattern};
 use http::header::HOST;
 use http::request::Parts;
 
@@ -394,46 +394,14 @@ fn without_scheme(p: Pattern<'_>) -> Pattern<'_> {
     }
 }
 
-/// Matches `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its scheme)
-/// without building it.
+/// Matches `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its scheme).
 fn principal_matches(p: Pattern<'_>, id: &Identity) -> bool {
-    let pieces = [id.trust_domain.as_bytes(), b"/ns/", id.namespace.as_bytes(), b"/sa/", id.service_account.as_bytes()];
-    match p {
-        Pattern::Exact(s) => {
-            s.len() == pieces.iter().map(|p| p.len()).sum::<usize>() && starts_with(&pieces, s.as_bytes())
-        }
-        Pattern::Prefix(s) => starts_with(&pieces, s.as_bytes()),
-        Pattern::Suffix(s) => ends_with(&pieces, s.as_bytes()),
-        Pattern::Presence => true,
-    }
-}
-
-/// Whether the concatenation of `pieces` starts with `pat`.
-fn starts_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
-    for p in pieces {
-        if pat.len() <= p.len() {
-            return p.starts_with(pat);
-        }
-        match pat.strip_prefix(*p) {
-            Some(rest) => pat = rest,
-            None => return false,
-        }
-    }
-    pat.is_empty()
-}
-
-/// Whether the concatenation of `pieces` ends with `pat`.
-fn ends_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
-    for p in pieces.iter().rev() {
-        if pat.len() <= p.len() {
-            return p.ends_with(pat);
-        }
-        match pat.strip_suffix(*p) {
-            Some(rest) => pat = rest,
-            None => return false,
-        }
-    }
-    pat.is_empty()
+    id.principal_matches(match p {
+        Pattern::Exact(s) => PrincipalPattern::Exact(s),
+        Pattern::Prefix(s) => PrincipalPattern::Prefix(s),
+        Pattern::Suffix(s) => PrincipalPattern::Suffix(s),
+        Pattern::Presence => PrincipalPattern::Presence,
+    })
 }
 
 /// `None` for an address of neither 4 nor 16 bytes or a prefix too long.

@@ -58,31 +58,7 @@ pub mod response_flags {
     pub const NO_ROUTE_FOUND: &str = "NR";
 }
 
-/// A label value, shared rather than copied; empty renders as `unknown`.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
-pub struct Value(Option<Arc<str>>);
-
-impl Value {
-    pub fn new(s: &str) -> Self {
-        Value((!s.is_empty()).then(|| Arc::from(s)))
-    }
-
-    pub fn is_unknown(&self) -> bool {
-        self.0.is_none()
-    }
-
-    /// The value as rendered: `unknown` when empty.
-    pub fn as_str(&self) -> &str {
-        self.0.as_deref().unwrap_or("unknown")
-    }
-}
-
-impl EncodeLabelValue for Value {
-    fn encode(&self, w: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        use std::fmt::Write;
-        w.write_str(self.as_str())
-    }
-}
+pub use ambit_telemetry::Value;
 
 /// The labels of one end of a request, built once per workload. As Istio
 /// does, `app` and `version` repeat the canonical service and revision.

@@ -4,13 +4,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ambit_telemetry::{serve, text, Body, LogControl};
+use ambit_telemetry::{logging_endpoint, serve, text, Body, LogControl};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tracing::info;
 
 use crate::certs::CertManager;
 use crate::config::Config;
@@ -91,24 +90,7 @@ fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
             r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().expect("bug: header"));
             r
         }
-        (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", inputs.log.current())),
-        (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
-                .map(|v| v.replace("%2C", ",").replace("%3D", "="));
-            match level {
-                Some(l) => match inputs.log.set(&l) {
-                    Ok(()) => {
-                        info!(level = %l, "log level changed");
-                        text(StatusCode::OK, format!("{l}\n"))
-                    }
-                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                },
-                None => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<RUST_LOG directives>\n"),
-            }
-        }
+        (_, "/logging") => logging_endpoint(&inputs.log, req),
         (&Method::GET, "/") => text(StatusCode::OK, "GET /config_dump\nGET /logging\nPOST /logging?level=debug\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

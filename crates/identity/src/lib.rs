@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use ca::{generate_csr, CaError, CertificateAuthority};
 pub use cert::{CertError, CertificateSummary, WorkloadCertificate};
-pub use spiffe::{Identity, IdentityError};
+pub use spiffe::{Identity, IdentityError, PrincipalPattern};
 pub use tls::{client_config, peer_identity, server_config, PeerError, TlsError};
 
 /// The one crypto provider of the crate, built once.

@@ -101,6 +101,69 @@ fn check_segment(uri: &str, segment: &'static str, value: &str) -> Result<(), Id
     Ok(())
 }
 
+/// How a principal pattern compares with an identity, in Istio's terms
+/// (`StringMatch`): the pattern is written without `spiffe://`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrincipalPattern<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    Suffix(&'a str),
+    /// Any identity.
+    Presence,
+}
+
+impl Identity {
+    /// Whether `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its scheme, as
+    /// Istio's policies name principals) matches `pattern`, without
+    /// building that string: authorization runs it per connection and per
+    /// request.
+    pub fn principal_matches(&self, pattern: PrincipalPattern<'_>) -> bool {
+        let pieces = [
+            self.trust_domain.as_bytes(),
+            b"/ns/",
+            self.namespace.as_bytes(),
+            b"/sa/",
+            self.service_account.as_bytes(),
+        ];
+        match pattern {
+            PrincipalPattern::Exact(s) => {
+                s.len() == pieces.iter().map(|p| p.len()).sum::<usize>() && starts_with(&pieces, s.as_bytes())
+            }
+            PrincipalPattern::Prefix(s) => starts_with(&pieces, s.as_bytes()),
+            PrincipalPattern::Suffix(s) => ends_with(&pieces, s.as_bytes()),
+            PrincipalPattern::Presence => true,
+        }
+    }
+}
+
+/// Whether the concatenation of `pieces` starts with `pat`.
+fn starts_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
+    for p in pieces {
+        if pat.len() <= p.len() {
+            return p.starts_with(pat);
+        }
+        match pat.strip_prefix(*p) {
+            Some(rest) => pat = rest,
+            None => return false,
+        }
+    }
+    pat.is_empty()
+}
+
+/// Whether the concatenation of `pieces` ends with `pat`.
+fn ends_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
+    for p in pieces.iter().rev() {
+        if pat.len() <= p.len() {
+            return p.ends_with(pat);
+        }
+        match pat.strip_suffix(*p) {
+            Some(rest) => pat = rest,
+            None => return false,
+        }
+    }
+    pat.is_empty()
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
@@ -116,6 +179,33 @@ impl fmt::Debug for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn principals_match_across_the_pieces_of_the_id_without_its_scheme() {
+        let id = Identity::new("cluster.local", "shop", "web");
+        let yes = [
+            PrincipalPattern::Exact("cluster.local/ns/shop/sa/web"),
+            PrincipalPattern::Prefix("cluster.local/ns/sh"),
+            PrincipalPattern::Prefix(""),
+            PrincipalPattern::Suffix("/sa/web"),
+            PrincipalPattern::Suffix("local/ns/shop/sa/web"),
+            PrincipalPattern::Presence,
+        ];
+        for p in yes {
+            assert!(id.principal_matches(p), "{p:?}");
+        }
+        let no = [
+            PrincipalPattern::Exact("spiffe://cluster.local/ns/shop/sa/web"),
+            PrincipalPattern::Exact("cluster.local/ns/shop/sa/we"),
+            PrincipalPattern::Exact("cluster.local/ns/shop/sa/webx"),
+            PrincipalPattern::Prefix("cluster.local/ns/shop/sa/web/"),
+            PrincipalPattern::Suffix("x/ns/shop/sa/web"),
+            PrincipalPattern::Suffix("spiffe://cluster.local/ns/shop/sa/web"),
+        ];
+        for p in no {
+            assert!(!id.principal_matches(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn identity_round_trips_through_its_uri() {

@@ -51,6 +51,32 @@ where
     }
 }
 
+/// The admin endpoint's `/logging`: `GET` shows the log directives,
+/// `POST /logging?level=<RUST_LOG directives>` changes them at run time.
+pub fn logging_endpoint(log: &crate::LogControl, req: &Request<Incoming>) -> Response<Body> {
+    match *req.method() {
+        http::Method::GET => text(StatusCode::OK, format!("{}\n", log.current())),
+        http::Method::POST => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+            match level {
+                Some(l) => match log.set(&l) {
+                    Ok(()) => {
+                        tracing::info!(level = %l, "log level changed");
+                        text(StatusCode::OK, format!("{l}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+                None => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<RUST_LOG directives>\n"),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
+    }
+}
+
 /// Serves `registry` in the Prometheus text format on `/metrics`.
 pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
     serve(listener, move |req| {

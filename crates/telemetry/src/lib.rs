@@ -1,11 +1,13 @@
 //! Telemetry shared by Ambit's processes: `tracing` logging whose level can
 //! change at run time, and the small HTTP endpoints every process serves
-//! (Prometheus metrics, admin, readiness).
+//! (Prometheus metrics, admin, readiness), and the shared metric label value.
 
 pub mod http;
+pub mod label;
 pub mod logging;
 
-pub use http::{serve, serve_metrics, text, Body};
+pub use http::{logging_endpoint, serve, serve_metrics, text, Body};
+pub use label::Value;
 pub use logging::{init_logging, LogControl, LogError, LogFormat};
 
 /// Resolves on SIGTERM or SIGINT: how every Ambit process is asked to stop.

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use ambit_identity::Identity;
+use ambit_identity::{Identity, PrincipalPattern};
 
 use super::model::{Action, Authorization, Match, Rule, ServiceAccountMatch, StringMatch, Workload};
 use super::ProxyState;
@@ -122,46 +122,14 @@ fn string_matches(m: &StringMatch, v: &str) -> bool {
     }
 }
 
-/// Matches against `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its
-/// scheme) without building it.
+/// Matches against `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID without its scheme).
 fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
-    let pieces = [id.trust_domain.as_bytes(), b"/ns/", id.namespace.as_bytes(), b"/sa/", id.service_account.as_bytes()];
-    match m {
-        StringMatch::Exact(s) => {
-            s.len() == pieces.iter().map(|p| p.len()).sum::<usize>() && starts_with(&pieces, s.as_bytes())
-        }
-        StringMatch::Prefix(s) => starts_with(&pieces, s.as_bytes()),
-        StringMatch::Suffix(s) => ends_with(&pieces, s.as_bytes()),
-        StringMatch::Presence => true,
-    }
-}
-
-/// Whether the concatenation of `pieces` starts with `pat`.
-fn starts_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
-    for p in pieces {
-        if pat.len() <= p.len() {
-            return p.starts_with(pat);
-        }
-        match pat.strip_prefix(*p) {
-            Some(rest) => pat = rest,
-            None => return false,
-        }
-    }
-    pat.is_empty()
-}
-
-/// Whether the concatenation of `pieces` ends with `pat`.
-fn ends_with(pieces: &[&[u8]], mut pat: &[u8]) -> bool {
-    for p in pieces.iter().rev() {
-        if pat.len() <= p.len() {
-            return p.ends_with(pat);
-        }
-        match pat.strip_suffix(*p) {
-            Some(rest) => pat = rest,
-            None => return false,
-        }
-    }
-    pat.is_empty()
+    id.principal_matches(match m {
+        StringMatch::Exact(s) => PrincipalPattern::Exact(s),
+        StringMatch::Prefix(s) => PrincipalPattern::Prefix(s),
+        StringMatch::Suffix(s) => PrincipalPattern::Suffix(s),
+        StringMatch::Presence => PrincipalPattern::Presence,
+    })
 }
 
 #[cfg(test)]

@@ -75,6 +75,31 @@ impl NetNs {
         }
     }
 
+    /// Starts `binary` with `args` in this namespace, `RUST_LOG=log_level`, stdout and stderr appended to
+    /// `log_file`: how the lab runs the product's daemons.
+    pub fn spawn_logged(
+        &self,
+        binary: &std::path::Path,
+        args: Vec<String>,
+        log_level: &str,
+        log_file: &std::path::Path,
+    ) -> anyhow::Result<std::process::Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_file)
+            .with_context(|| format!("open {}", log_file.display()))?;
+        let log2 = log.try_clone()?;
+        self.command(binary)
+            .args(args)
+            .env("RUST_LOG", log_level)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .with_context(|| format!("start {} in {}", binary.display(), self.name))
+    }
+
     /// A `Command` whose child enters this namespace (with `setns`) just before `exec`.
     ///
     /// Panics if the namespace file cannot be opened (the namespace is owned by `self`, so it exists).

@@ -3,10 +3,9 @@
 //! ports. It takes its configuration and certificate from the lab's controller with its own workload token (see
 //! [`crate::controller::ControllerProcess::start_with_workloads`]).
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -169,23 +168,9 @@ impl WaypointProcess {
     /// Starts `binary` (a waypoint) inside lab pod `pod`'s namespace.
     pub fn start_binary(binary: &Path, mesh: &Mesh, pod: PodId, args: WaypointArgs) -> anyhow::Result<Self> {
         let p = mesh.lab().pod(pod);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&args.log_file)
-            .with_context(|| format!("open {}", args.log_file.display()))?;
-        let log2 = log.try_clone()?;
         // The child gets a handle of its own on the pod's namespace file (the Pod keeps the namespace alive).
         let netns = NetNs::borrowed(p.netns.name());
-        let child = netns
-            .command(binary)
-            .args(args.to_args())
-            .env("RUST_LOG", &args.log_level)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .with_context(|| format!("start {} in {}", binary.display(), p.netns.name()))?;
+        let child = netns.spawn_logged(binary, args.to_args(), &args.log_level, &args.log_file)?;
         Ok(WaypointProcess { child, netns, args, exited: false })
     }
 

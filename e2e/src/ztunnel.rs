@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -224,23 +224,9 @@ impl ZtunnelProcess {
         if let Some(parent) = args.zds_socket.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
         }
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&args.log_file)
-            .with_context(|| format!("open {}", args.log_file.display()))?;
-        let log2 = log.try_clone()?;
         // The child gets a handle of its own on the node's namespace file (the Node keeps the namespace alive).
         let netns = NetNs::borrowed(node.netns.name());
-        let child = netns
-            .command(binary)
-            .args(args.to_args())
-            .env("RUST_LOG", &args.log_level)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .with_context(|| format!("start {} in {}", binary.display(), node.netns.name()))?;
+        let child = netns.spawn_logged(binary, args.to_args(), &args.log_level, &args.log_file)?;
         Ok(ZtunnelProcess { child, netns, args, exited: false })
     }
 

@@ -10,6 +10,9 @@ PACKAGES=(nftables iproute2 util-linux procps ca-certificates python3 openssl cu
 # the static pause binary and busybox-static for the test image.
 PACKAGES+=(containerd runc containernetworking-plugins socat iptables conntrack
     gcc libc6-dev busybox-static jq)
+# The L7 benchmark (bench-l7): wrk generates the load, nginx serves it,
+# HAProxy is the reference L7 proxy.
+PACKAGES+=(wrk nginx-light haproxy)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

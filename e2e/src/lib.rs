@@ -10,6 +10,7 @@
 
 pub mod apps;
 pub mod bench;
+pub mod bench_l7;
 pub mod check;
 pub mod cni;
 pub mod controller;
@@ -27,6 +28,7 @@ pub mod restart;
 pub mod sniff;
 pub mod statefile;
 pub mod waypoint;
+pub mod waypoint_lab;
 pub mod ztunnel;
 
 pub use lab::{Host, HostId, Lab, Node, NodeId, Pod, PodId, PodSpec};

@@ -10,7 +10,8 @@
 //! what it saw. As a cluster's deployer would, the lab declares the waypoint
 //! `Gateway` (class `ambit-waypoint`) and its `Service` (port 15008, selecting
 //! the waypoint pod); the waypoint proves its identity to the controller with
-//! its own `--workload-tokens` token.
+//! its own `--workload-tokens` token. The lab's setup is shared with the L7
+//! benchmark: [`ambit_e2e::waypoint_lab`].
 //!
 //! Checked: the request path through the waypoint (its
 //! `istio_requests_total{reporter="waypoint"}`, the server ztunnel seeing the
@@ -30,45 +31,19 @@ use ambit_e2e::check::{metric, TIMEOUT};
 use ambit_e2e::dump;
 use ambit_e2e::http::{HttpConnection, HttpResponse, Request};
 use ambit_e2e::http_server::{EchoReply, HttpEchoServer};
-use ambit_e2e::objects::DATAPLANE_MODE_LABEL;
-use ambit_e2e::waypoint::{WaypointArgs, WaypointProcess};
-use ambit_e2e::{Lab, Mesh, NetNs, NodeId, PodId, PodSpec};
+use ambit_e2e::waypoint::WaypointProcess;
+use ambit_e2e::waypoint_lab::{WaypointMesh, NS, PROPAGATION, WAYPOINT_HOST};
+use ambit_e2e::{Mesh, NetNs, NodeId, PodId};
 
-const NS: &str = "default";
-const GATEWAY: &str = "waypoint";
-const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 const ECHO_V2_HOST: &str = "echo-v2.default.svc.cluster.local";
-const WAYPOINT_HOST: &str = "waypoint.default.svc.cluster.local";
 const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const APP_PORT: u16 = 8080;
 const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
 
-/// How long a route or policy change may take to reach the waypoint (and the
-/// waypoint to start): a bound, not a figure.
-const PROPAGATION: Duration = Duration::from_secs(20);
-
-/// The waypoint Gateway, its Service (as the controller's deployer writes it
-/// in Kubernetes: port 15008 `mesh`, 15021 `status-port`, selecting the
-/// waypoint's pods), the service `echo` (backed by `echo-v1`) that uses the
-/// waypoint, and `echo-v2`, a route's backend.
-const OBJECTS: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: waypoint, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
-spec:
-  type: ClusterIP
-  clusterIP: 10.96.0.99
-  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
-  ports:
-  - {name: mesh, port: 15008, targetPort: 15008, protocol: TCP, appProtocol: all}
-  - {name: status-port, port: 15021, targetPort: 15021, protocol: TCP}
----
-apiVersion: v1
+/// The service `echo` (backed by `echo-v1`) that uses the waypoint, and `echo-v2`, a route's backend (declared
+/// with the waypoint's Gateway and Service, [`ambit_e2e::waypoint_lab::GATEWAY_OBJECTS`]).
+const SERVICES: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
 spec:
@@ -162,46 +137,31 @@ impl WaypointLab {
         if !ambit_e2e::require_root(test) {
             return None;
         }
-        let mut lab = Lab::new(test).expect("lab");
-        let n1 = lab.add_node("node1").unwrap();
-        let n2 = lab.add_node("node2").unwrap();
-        let client = lab.add_pod(n1, PodSpec::new("client", NS, "client")).unwrap();
-        let mut spec = PodSpec::new("waypoint", NS, GATEWAY);
-        spec.labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
-        spec.labels.insert(GATEWAY_NAME_LABEL.into(), GATEWAY.into());
-        let wp = lab.add_pod(n1, spec).unwrap();
-        let v1 = lab.add_pod(n2, PodSpec::new("echo-v1", NS, "echo-v1")).unwrap();
-        let v2 = lab.add_pod(n2, PodSpec::new("echo-v2", NS, "echo-v2")).unwrap();
-        let intruder = lab.add_pod(n2, PodSpec::new("intruder", NS, "intruder")).unwrap();
-        let ctrl = lab.add_external_host("ctrl").unwrap();
-        let mut mesh = Mesh::with_controller_and_workloads(lab, ctrl, &[NS], &[(NS, GATEWAY)])
-            .expect("mesh with the controller admitting the waypoint's token");
-        for n in [n1, n2] {
-            mesh.start_ztunnel(n).expect("start ztunnel");
-        }
+        let mut lab = WaypointMesh::new(test, &["echo-v1", "echo-v2", "intruder"]).expect("the waypoint lab");
+        let [v1, v2, intruder] = lab.servers[..] else { unreachable!("three server pods") };
+        let client = lab.client;
         for p in [client, v1, v2, intruder] {
-            mesh.enroll(p).expect("enroll");
+            lab.mesh.enroll(p).expect("enroll");
         }
         let serve = |p: PodId, name: &str| {
-            HttpEchoServer::start(&mesh.lab().pod(p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT)), name)
+            HttpEchoServer::start(&lab.mesh.lab().pod(p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT)), name)
                 .expect("http server")
         };
         let (s1, s2) = (serve(v1, "echo-v1"), serve(v2, "echo-v2"));
-        mesh.controller().unwrap().write("waypoint.yaml", OBJECTS).unwrap();
-        let ips: Vec<Ipv4Addr> = [client, v1, v2, intruder].iter().map(|p| mesh.lab().pod(*p).ip).collect();
-        mesh.wait_for_config("the pods, the waypoint's service and echo with its waypoint", |d| {
-            ips.iter().all(|ip| dump::has_captured_workload(d, *ip))
-                && dump::service(d, ECHO_HOST).is_some_and(|s| s["waypoint"].is_string())
-                && dump::endpoints(d, NS, ECHO_HOST) == 1
-                && dump::endpoints(d, NS, ECHO_V2_HOST) == 1
-                && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
-        })
-        .expect("ztunnels know the waypoint");
-        let mut args = WaypointArgs::for_pod(&mesh, wp).expect("waypoint args");
-        args.waypoint_name = Some(GATEWAY.into());
-        args.access_log = Some(true);
-        let waypoint = WaypointProcess::start_ready(&mesh, wp, args, PROPAGATION).expect("the waypoint is ready");
-        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes: [n1, n2], client, intruder, wp })
+        lab.declare(SERVICES).unwrap();
+        let ips: Vec<Ipv4Addr> = [client, v1, v2, intruder].iter().map(|p| lab.mesh.lab().pod(*p).ip).collect();
+        lab.mesh
+            .wait_for_config("the pods, the waypoint's service and echo with its waypoint", |d| {
+                ips.iter().all(|ip| dump::has_captured_workload(d, *ip))
+                    && dump::service(d, ECHO_HOST).is_some_and(|s| s["waypoint"].is_string())
+                    && dump::endpoints(d, NS, ECHO_HOST) == 1
+                    && dump::endpoints(d, NS, ECHO_V2_HOST) == 1
+                    && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
+            })
+            .expect("ztunnels know the waypoint");
+        let waypoint = lab.start_waypoint(true).expect("the waypoint is ready");
+        let WaypointMesh { mesh, nodes, wp, .. } = lab;
+        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes, client, intruder, wp })
     }
 
     fn ns(&self, pod: PodId) -> &NetNs {

@@ -22,7 +22,19 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| {
+    let mut builder = match flags.worker_threads {
+        0 => {
+            eprintln!("ambit-waypoint: --worker-threads must be at least 1");
+            std::process::exit(2);
+        }
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let runtime = builder.enable_all().build().unwrap_or_else(|e| {
         eprintln!("ambit-waypoint: cannot start the runtime: {e}");
         std::process::exit(1);
     });

@@ -165,7 +165,7 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
     shared.prune(&snapshot);
     let (mut parts, body) = req.into_parts();
     let request_bytes = body.size_hint().exact().unwrap_or(0);
-    let mut rng = SmallRng::from_os_rng();
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
     let request_id = ensure_request_id(&mut parts.headers, &mut rng);
     let method = parts.method.clone();
     let version = parts.version;

@@ -44,7 +44,7 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, down: &
         warn!(service = %target, "tcp: no endpoint");
         return;
     }
-    let addr = endpoints[SmallRng::from_os_rng().random_range(0..endpoints.len())];
+    let addr = endpoints[SmallRng::from_rng(&mut rand::rng()).random_range(0..endpoints.len())];
     let mut upstream = match shared.upstream.connect(addr).await {
         Ok(u) => u,
         Err(e) => {

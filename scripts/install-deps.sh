@@ -24,8 +24,18 @@ if ((${#missing[@]})); then
         exit 1
     fi
     echo "install-deps: installing ${missing[*]}"
+    # nginx and haproxy are only run by the benchmark, in lab namespaces: their packages must not start
+    # machine-wide daemons (policy-rc.d refuses every service start while it exists).
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+    fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    status=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+    ((own_policy)) && rm -f "$policy"
+    ((status == 0)) || exit "$status"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -39,6 +39,8 @@ const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 const ECHO_V2_HOST: &str = "echo-v2.default.svc.cluster.local";
 const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const APP_PORT: u16 = 8080;
+/// `echo`'s port named `tcp`: opaque to the waypoint, relayed at L4.
+const TCP_PORT: u16 = 9000;
 const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 /// The service `echo` (backed by `echo-v1`) that uses the waypoint, and `echo-v2`, a route's backend (declared
@@ -50,7 +52,9 @@ spec:
   type: ClusterIP
   clusterIP: 10.96.0.10
   selector: {app: echo-v1}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 9000, targetPort: 8080, protocol: TCP}
 ---
 apiVersion: v1
 kind: Service
@@ -494,4 +498,45 @@ fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_t
     controller.remove("allow.yaml").unwrap();
     l.until_served_by(l.intruder, "/ok", &[], "echo-v1");
     l.until_served_by(l.client, "/ok", &[], "echo-v1");
+}
+
+#[test]
+fn a_port_declared_tcp_is_relayed_at_l4_with_the_l4_part_of_policy() {
+    let Some(l) = WaypointLab::start("wp-bin-tcp") else { return };
+    let waypoint_ip = l.ip(l.wp);
+    let tcp = SocketAddr::from((ECHO_VIP, TCP_PORT));
+    let over_tcp = |path: &str| -> anyhow::Result<HttpResponse> {
+        let mut conn = HttpConnection::connect(l.ns(l.client), tcp, TIMEOUT)?;
+        conn.send(&Request::get(ECHO_HOST, path).close())
+    };
+    let counted = || l.waypoint_requests(&[("destination_service", ECHO_HOST)]);
+
+    // HTTP bytes on the `tcp` port: relayed whole through the waypoint to echo-v1, and not taken for requests.
+    let before = counted();
+    let r = l.until("an answer on the tcp port", || over_tcp("/over-tcp").map_err(|e| format!("{e:#}")));
+    assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+    let seen = l.v1.requests();
+    let relayed = seen.iter().find(|q| q.path == "/over-tcp").expect("echo-v1 got the relayed request");
+    assert_eq!(relayed.peer.ip(), IpAddr::V4(waypoint_ip), "the bytes came through the waypoint");
+    assert_eq!(counted(), before, "the waypoint counted L4 bytes as an HTTP request");
+
+    // A DENY with an HTTP-only field cannot be evaluated on a TCP connection: it denies (fails closed), while on the
+    // HTTP port it denies only what it names.
+    let denied = || {
+        let m = l.waypoint.metrics().expect("waypoint metrics");
+        metric(&m, "ambit_waypoint_refused_total", &[("reason", "policy_denied")])
+    };
+    let controller = l.mesh.controller().unwrap();
+    controller.write("deny-admin.yaml", DENY_ADMIN).unwrap();
+    l.until_denied(l.client, "/admin/x");
+    let before = denied();
+    let refused = over_tcp("/ok");
+    assert!(refused.is_err(), "a TCP connection under an unevaluable DENY got an answer: {refused:?}");
+    assert_eq!(denied(), before + 1.0, "the refusal is counted");
+    assert_eq!(l.get("/ok", &[]).expect("GET /ok on the http port").status, 200);
+
+    // Without the policy, the tcp port carries bytes again.
+    controller.remove("deny-admin.yaml").unwrap();
+    let r = l.until("the tcp port open again", || over_tcp("/again").map_err(|e| format!("{e:#}")));
+    assert_eq!(r.status, 200, "{r:?}");
 }

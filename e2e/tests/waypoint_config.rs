@@ -19,6 +19,7 @@ use ambit_waypoint::config::{certificates, ConfigClient, Snapshot, SnapshotHandl
 use ambit_waypoint::route::BackendTarget;
 use ambit_xds_client::ca::{tls_endpoint, CaClient};
 use ambit_xds_client::certs::CertificateProvider;
+use ambit_xds_client::token::TokenSource;
 use http::Request;
 
 const SERVER_NAME: &str = "ambit-controller.ambit-system.svc";
@@ -139,6 +140,10 @@ impl Drop for Controller {
     }
 }
 
+fn token() -> TokenSource {
+    TokenSource::fixed(WAYPOINT_TOKEN).unwrap()
+}
+
 /// Where a GET of `path` to web:80 goes: the backend service's hostname, or the status of the waypoint's reply.
 fn routed(snap: &Snapshot, path: &str) -> Result<String, u16> {
     let served = snap.served(WEB_VIP.parse().unwrap()).ok_or(0u16)?;
@@ -171,8 +176,7 @@ async fn the_waypoint_takes_routes_endpoints_and_its_certificate_from_the_contro
     let _ = std::fs::remove_dir_all(&dir);
     let mut controller = Controller::start(&dir);
     let node = WaypointNode { pod_name: "waypoint-0".into(), namespace: "mesh".into(), ..Default::default() };
-    let client = ConfigClient::new(controller.channel(), WAYPOINT_TOKEN, &node, "cluster.local")
-        .unwrap()
+    let client = ConfigClient::new(controller.channel(), token(), &node, "cluster.local")
         .with_backoff(Duration::from_millis(100), Duration::from_millis(300));
     let mut handle = client.snapshots();
     let synced = client.synced();
@@ -206,7 +210,7 @@ async fn the_waypoint_takes_routes_endpoints_and_its_certificate_from_the_contro
 
     // The same token gets the waypoint its own certificate, and only that one.
     let own = Identity::new("cluster.local", "mesh", "waypoint");
-    let certs = certificates(controller.channel(), WAYPOINT_TOKEN, Duration::from_secs(3600)).unwrap();
+    let certs = certificates(controller.channel(), token(), Duration::from_secs(3600));
     let cert = certs.get(&own).await.expect("the waypoint's own certificate");
     assert_eq!(cert.cert.identity(), &own);
     let other = Identity::new("cluster.local", "mesh", "web");

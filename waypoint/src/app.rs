@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ambit_hbone::pool::{HbonePool, PoolSettings};
 use ambit_telemetry::LogControl;
-use ambit_xds_client::ads::XdsError;
 use ambit_xds_client::ca::{tls_endpoint, CaClientError};
+use ambit_xds_client::token::{TokenError, TokenSource};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -29,12 +29,10 @@ use crate::upstream::{Upstream, UpstreamSettings};
 pub enum AppError {
     #[error("cannot read {what} {path}: {source}")]
     Read { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("the token file {0} is empty")]
-    EmptyToken(PathBuf),
+    #[error("{0}")]
+    Token(#[from] TokenError),
     #[error("controller endpoint: {0}")]
     Endpoint(#[from] CaClientError),
-    #[error("configuration client: {0}")]
-    Xds(#[from] XdsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -50,11 +48,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppEr
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
     let root = read("the mesh root", &flags.mesh_root)?;
-    // Trimmed: a file written with a trailing newline holds the same token.
-    let token = read("the token file", &flags.token_file)?.trim().to_owned();
-    if token.is_empty() {
-        return Err(AppError::EmptyToken(flags.token_file.clone()));
-    }
+    // Read again for every call: the kubelet rotates the projected token.
+    let token = TokenSource::file(&flags.token_file)?;
     // The Deployment the controller writes names it as `host:port`; TLS either way.
     let address = match flags.xds_address.contains("://") {
         true => flags.xds_address.clone(),
@@ -68,10 +63,10 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
         instance_ip: Some(flags.instance_ip),
         cluster_id: flags.cluster_id.clone(),
     };
-    let client = ConfigClient::new(channel.clone(), &token, &node, &flags.trust_domain)?;
+    let client = ConfigClient::new(channel.clone(), token.clone(), &node, &flags.trust_domain);
     let snapshots = client.snapshots();
     let synced = client.synced();
-    let certs = certificates(channel, &token, Duration::from_secs(flags.cert_ttl_secs))?;
+    let certs = certificates(channel, token, Duration::from_secs(flags.cert_ttl_secs));
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);

@@ -27,7 +27,8 @@ pub struct Flags {
     pub controller_server_name: String,
 
     /// The waypoint's own service-account token, presented to the
-    /// controller (xDS and CA); read at start.
+    /// controller (xDS and CA); read again at every call (the kubelet
+    /// rotates projected tokens).
     #[arg(long, env = "AMBIT_TOKEN_FILE", default_value = "/var/run/secrets/tokens/ambit-ca-token")]
     pub token_file: PathBuf,
 

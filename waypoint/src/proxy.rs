@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::authz::{self, RequestInfo, Scope};
@@ -174,8 +174,7 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
     let user_agent = parts.headers.get(http::header::USER_AGENT).cloned();
     let Some(served) = snapshot.served(down.target) else {
         // The configuration changed under an open connection.
-        let resp = reply_response(Reply::no_healthy_upstream());
-        return resp;
+        return reply_response(Reply::no_healthy_upstream());
     };
     let protocol = if served.port.protocol == Protocol::Grpc {
         RequestProtocol::Grpc
@@ -249,6 +248,9 @@ async fn route_and_forward<'s>(
     };
     let scope = Scope { gateway_namespace: &shared.gateway.0, gateway_name: &shared.gateway.1 };
     let verdict = authz::authorize(snapshot.policies().values(), &scope, &info);
+    for (policy, would_allow) in &verdict.dry_run {
+        info!(%policy, would_allow, allowed = verdict.allowed, peer = %down.identity, path = parts.uri.path(), "dry-run policy would decide otherwise");
+    }
     if !verdict.allowed {
         debug!(policy = ?verdict.policy, peer = %down.identity, "request denied");
         done.status = StatusCode::FORBIDDEN;
@@ -331,7 +333,7 @@ async fn forward_request(
         Err(reply) => return Err(reply),
     };
     for mirror in &forward.mirrors {
-        if let Body2::Buffered(bytes) = &buffered {
+        if let RequestBody::Buffered(bytes) = &buffered {
             send_mirror(shared, snapshot, mirror, &parts, bytes.clone(), http2, rng);
         }
     }
@@ -339,6 +341,8 @@ async fn forward_request(
     let mut body = Some(buffered);
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
+    // Held through the retried attempt: the budget counts retries in flight.
+    let mut _retry_permit = None;
     loop {
         attempt += 1;
         let Some(i) = picker.pick(&candidates, &tried, rng) else {
@@ -350,11 +354,11 @@ async fn forward_request(
         done.upstream = Some(addr);
         done.destination = Some(shared.labels(&candidate.endpoint.workload));
         let this_body = match body.take().expect("bug: body consumed") {
-            Body2::Buffered(b) => {
-                body = Some(Body2::Buffered(b.clone()));
+            RequestBody::Buffered(b) => {
+                body = Some(RequestBody::Buffered(b.clone()));
                 full(b)
             }
-            Body2::Streamed(s) => s,
+            RequestBody::Streamed(s) => s,
         };
         let mut req = Request::from_parts(parts.clone(), this_body);
         *req.uri_mut() = endpoint_uri(addr, &parts.uri);
@@ -380,8 +384,9 @@ async fn forward_request(
         if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
             let backoff = forward.retry.backoff(attempt, rng);
             if deadlines.retry_fits(Instant::now(), backoff) {
-                if let Some(_permit) = shared.budget.try_retry() {
+                if let Some(permit) = shared.budget.try_retry() {
                     debug!(%addr, ?outcome, attempt, "retrying");
+                    _retry_permit = Some(permit);
                     tokio::time::sleep(backoff).await;
                     continue;
                 }
@@ -419,23 +424,24 @@ fn endpoint_uri(addr: SocketAddr, original: &Uri) -> Uri {
     Uri::builder().scheme("http").authority(host).path_and_query(pq).build().unwrap_or_default()
 }
 
-enum Body2 {
+/// A request body as forwarded: kept whole (it can be sent again), or streamed once.
+enum RequestBody {
     Buffered(Bytes),
     Streamed(ProxyBody),
 }
 
 /// A request body that fits the replay limit is read whole (so it can be
 /// sent again); a larger or unknown-length one streams through (no retry).
-async fn buffer_small_body(parts: &Parts, body: Incoming) -> Result<Body2, Reply> {
+async fn buffer_small_body(parts: &Parts, body: Incoming) -> Result<RequestBody, Reply> {
     if body.is_end_stream() {
-        return Ok(Body2::Buffered(Bytes::new()));
+        return Ok(RequestBody::Buffered(Bytes::new()));
     }
     let small = body.size_hint().exact().is_some_and(|n| retry::replayable(n as usize));
     if !small {
-        return Ok(Body2::Streamed(body.map_err(Into::into).boxed()));
+        return Ok(RequestBody::Streamed(body.map_err(Into::into).boxed()));
     }
     match Limited::new(body, retry::REPLAY_LIMIT).collect().await {
-        Ok(collected) => Ok(Body2::Buffered(collected.to_bytes())),
+        Ok(collected) => Ok(RequestBody::Buffered(collected.to_bytes())),
         Err(e) => {
             debug!(uri = %parts.uri, error = %e, "client request body failed");
             Err(Reply {

@@ -23,6 +23,7 @@ use crate::state::{LoadOptions, SharedState, StateError, StateFile};
 use crate::xds::{BearerToken, ProxyNode, XdsClient, XdsConfig, XdsError};
 use ambit_hbone::pool::{HbonePool, PoolSettings};
 use ambit_hbone::workers::Workers;
+use ambit_xds_client::token::TokenSource;
 
 /// Why ztunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +34,8 @@ pub enum AppError {
     Certs(#[from] CertError),
     #[error("cannot read {what} {path}: {source}")]
     Read { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
-    #[error("the token file {0} is empty")]
-    EmptyToken(std::path::PathBuf),
+    #[error("{0}")]
+    Token(#[from] ambit_xds_client::token::TokenError),
     #[error("controller connection: {0}")]
     Controller(#[from] CaClientError),
     #[error("xds: {0}")]
@@ -79,11 +80,8 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
                 std::fs::read_to_string(path).map_err(|source| AppError::Read { what, path: path.to_owned(), source })
             };
             let root = read("the mesh root", &c.mesh_root)?;
-            // Trimmed: a file written with a trailing newline holds the same token.
-            let token = read("the token file", &c.token_file)?.trim().to_owned();
-            if token.is_empty() {
-                return Err(AppError::EmptyToken(c.token_file.clone()));
-            }
+            // Read again for every call: the kubelet rotates the projected token.
+            let token = TokenSource::file(&c.token_file)?;
             let address = match (&config.state, &config.certificates) {
                 (StateSource::Xds(a), _) | (_, CertificateSource::CaService(a)) => a.clone(),
                 _ => unreachable!("bug: controller connection without an address"),
@@ -115,7 +113,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
                 cluster_id: config.cluster_id.clone(),
             };
             let xds_config = XdsConfig::new(node, &config.trust_domain);
-            let auth = BearerToken::new(Some(&token))?.with_node(&config.node_name)?;
+            let auth = BearerToken::from_source(token).with_node(&config.node_name)?;
             let client = XdsClient::new(channel, auth, xds_config);
             let mut synced = client.synced();
             let (state, metrics, readiness) = (state.clone(), metrics.clone(), readiness.clone());
@@ -141,7 +139,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), AppError> {
         }
         CertificateSource::CaService(_) => {
             let (channel, token) = controller.expect("bug: CA service without a controller channel");
-            Arc::new(CaClient::new(channel, &token, config.cert_ttl)?.with_node(&config.node_name)?)
+            Arc::new(CaClient::from_source(channel, token, config.cert_ttl).with_node(&config.node_name)?)
         }
     };
     let certs = CertManager::new(provider, crate::certs::observer(metrics.clone()));

@@ -22,6 +22,8 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tracing::{debug, warn};
 
+use crate::token::{TokenError, TokenSource};
+
 /// gRPC status code INVALID_ARGUMENT, sent in NACKs.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -32,9 +34,12 @@ const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Why an xDS stream ended or the client could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    /// The bearer token cannot be sent as gRPC metadata.
-    #[error("bearer token is not valid metadata: {0}")]
-    InvalidToken(#[from] tonic::metadata::errors::InvalidMetadataValue),
+    /// The node name cannot be sent as gRPC metadata.
+    #[error("node name is not valid metadata: {0}")]
+    InvalidNode(#[from] tonic::metadata::errors::InvalidMetadataValue),
+    /// No bearer token can be presented.
+    #[error("bearer token: {0}")]
+    Token(#[from] TokenError),
     /// Opening or reading the stream failed.
     #[error("xds stream: {0}")]
     Rpc(#[from] tonic::Status),
@@ -49,15 +54,19 @@ pub enum XdsError {
 /// Adds `authorization: Bearer <token>` to every call (nothing if no token).
 #[derive(Debug, Clone, Default)]
 pub struct BearerToken {
-    token: Option<MetadataValue<Ascii>>,
+    token: Option<TokenSource>,
     node: Option<MetadataValue<Ascii>>,
 }
 
 impl BearerToken {
     /// A token for the header; `None` sends no header.
     pub fn new(token: Option<&str>) -> Result<Self, XdsError> {
-        let token = token.map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim()))).transpose()?;
-        Ok(BearerToken { token, node: None })
+        Ok(BearerToken { token: token.map(TokenSource::fixed).transpose()?, node: None })
+    }
+
+    /// The token of `source`, read at every call when it is a file.
+    pub fn from_source(source: TokenSource) -> Self {
+        BearerToken { token: Some(source), node: None }
     }
 
     /// Also names the caller's node in `x-ambit-node`: an extra for Ambit's
@@ -71,8 +80,9 @@ impl BearerToken {
 
 impl Interceptor for BearerToken {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.token {
-            req.metadata_mut().insert("authorization", v.clone());
+        if let Some(source) = &self.token {
+            let v = source.header().map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+            req.metadata_mut().insert("authorization", v);
         }
         if let Some(v) = &self.node {
             req.metadata_mut().insert("x-ambit-node", v.clone());

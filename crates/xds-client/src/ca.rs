@@ -17,6 +17,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::certs::{CertError, CertificateProvider};
+use crate::token::TokenSource;
 
 /// Metadata key carrying a ztunnel's node name: an extra for a controller
 /// whose credential proves no node (one shared bootstrap token).
@@ -77,7 +78,7 @@ pub async fn connect_channel(endpoint: &str, root_pem: &str, server_name: &str) 
 #[derive(Clone)]
 pub struct CaClient {
     client: IstioCertificateServiceClient<Channel>,
-    authorization: AsciiMetadataValue,
+    authorization: TokenSource,
     node: Option<AsciiMetadataValue>,
     ttl: Duration,
 }
@@ -92,9 +93,14 @@ impl CaClient {
     /// A client over `channel` (TLS set up by the caller) presenting `token`
     /// and asking for certificates valid for `ttl`.
     pub fn new(channel: Channel, token: &str, ttl: Duration) -> Result<Self, CaClientError> {
-        let authorization = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-            .map_err(|_| CaClientError::Metadata("bearer token"))?;
-        Ok(CaClient { client: IstioCertificateServiceClient::new(channel), authorization, node: None, ttl })
+        let source = TokenSource::fixed(token).map_err(|_| CaClientError::Metadata("bearer token"))?;
+        Ok(CaClient::from_source(channel, source, ttl))
+    }
+
+    /// As [`CaClient::new`], with the token of `source` (read at every
+    /// request when it is a file: projected tokens rotate).
+    pub fn from_source(channel: Channel, source: TokenSource, ttl: Duration) -> Self {
+        CaClient { client: IstioCertificateServiceClient::new(channel), authorization: source, node: None, ttl }
     }
 
     /// Also names the caller's node in [`NODE_METADATA_KEY`] (ztunnel).
@@ -115,7 +121,8 @@ impl CaClient {
         };
         let mut request =
             tonic::Request::new(IstioCertificateRequest { csr, validity_duration, metadata: Some(metadata) });
-        request.metadata_mut().insert("authorization", self.authorization.clone());
+        let authorization = self.authorization.header().map_err(|e| format!("no token to present: {e}"))?;
+        request.metadata_mut().insert("authorization", authorization);
         if let Some(node) = &self.node {
             request.metadata_mut().insert(NODE_METADATA_KEY, node.clone());
         }

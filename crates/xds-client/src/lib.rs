@@ -10,7 +10,10 @@
 //!   per identity, the key never leaves the process, the answer checked.
 //! - [`certs`]: workload certificates in memory, fetched on first use and
 //!   rotated at half-life, with the TLS configurations made from them.
+//! - [`token`]: the bearer token both present, read again at every use when
+//!   it comes from a file (projected tokens rotate).
 
 pub mod ads;
 pub mod ca;
 pub mod certs;
+pub mod token;

@@ -23,9 +23,10 @@ use ambit_api::discovery::{DeltaDiscoveryResponse, Node, Resource};
 use ambit_api::waypoint as pb;
 use ambit_api::workload::Address;
 use ambit_api::{ADDRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL};
-use ambit_xds_client::ads::{AdsClient, BearerToken, DeltaHandler, XdsError};
-use ambit_xds_client::ca::{CaClient, CaClientError};
+use ambit_xds_client::ads::{AdsClient, BearerToken, DeltaHandler};
+use ambit_xds_client::ca::CaClient;
 use ambit_xds_client::certs::CertManager;
+use ambit_xds_client::token::TokenSource;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -90,11 +91,11 @@ pub struct ConfigClient {
 impl ConfigClient {
     /// A client over `channel` (the controller's TLS gRPC port, set up by the
     /// caller; a lazy channel reconnects by itself) presenting `token`, the
-    /// waypoint's own service-account token. `trust_domain` is given to
-    /// workloads that carry none.
-    pub fn new(channel: Channel, token: &str, node: &WaypointNode, trust_domain: &str) -> Result<Self, XdsError> {
-        let ads = AdsClient::new(channel, BearerToken::new(Some(token))?, node.to_node());
-        Ok(ConfigClient { ads, trust_domain: trust_domain.to_owned(), publisher: SnapshotPublisher::new() })
+    /// waypoint's own service-account token (read at every connection when
+    /// it is a file). `trust_domain` is given to workloads that carry none.
+    pub fn new(channel: Channel, token: TokenSource, node: &WaypointNode, trust_domain: &str) -> Self {
+        let ads = AdsClient::new(channel, BearerToken::from_source(token), node.to_node());
+        ConfigClient { ads, trust_domain: trust_domain.to_owned(), publisher: SnapshotPublisher::new() }
     }
 
     /// Reconnect delays: the first and the longest (default 1 s → 30 s).
@@ -133,16 +134,16 @@ impl ConfigClient {
 /// its own identity), valid for `ttl`, rotated at half-life. The data path
 /// calls [`CertManager::get`] with the waypoint's identity for its TLS
 /// configurations.
-pub fn certificates(channel: Channel, token: &str, ttl: Duration) -> Result<Arc<CertManager>, CaClientError> {
-    let ca = CaClient::new(channel, token, ttl)?;
-    Ok(CertManager::new(
+pub fn certificates(channel: Channel, token: TokenSource, ttl: Duration) -> Arc<CertManager> {
+    let ca = CaClient::from_source(channel, token, ttl);
+    CertManager::new(
         Arc::new(ca),
         Box::new(|ok| {
             if !ok {
                 warn!("waypoint: certificate request failed");
             }
         }),
-    ))
+    )
 }
 
 /// Resources by name with their versions, and the snapshot made of them.

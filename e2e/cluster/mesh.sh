@@ -5,7 +5,8 @@
 # in an ambient namespace with STRICT mTLS, check capture at pod start, a client on one node reaching a server on
 # the other through both ztunnels (mutual_tls in their metrics, the client's own IP at the server), kubelet probes
 # (the agent's probe SNAT, with a control), running pods enrolled and released by labelling their namespace
-# (dataplane-mode=none left alone), an L4 DENY, ztunnel and agent restarts, a ztunnel rollout restart under load;
+# (dataplane-mode=none left alone), an L4 DENY, a waypoint deployed by the controller applying an HTTPRoute and an
+# L7 policy, ztunnel and agent restarts, a ztunnel rollout restart under load;
 # then uninstall (namespace unlabelled first) and check that the nodes' CNI conf dirs are as before and no pod
 # network namespace keeps an `inet ambit` table. Each phase's time is logged. See e2e/cluster/README.md.
 #
@@ -132,7 +133,7 @@ log "building images into $IMAGES_DIR"
 mkdir -p "$IMAGES_DIR"
 "$REPO_DIR/scripts/build-images.sh" "$IMAGES_DIR"
 tars=()
-for i in controller ztunnel node-agent; do
+for i in controller ztunnel node-agent waypoint; do
   if [[ -f "$IMAGES_DIR/$i.tar" ]]; then
     tars+=("$IMAGES_DIR/$i.tar")
   else
@@ -382,6 +383,138 @@ EOF
 eventually "DENY by principal cluster.local/ns/$NS/sa/client: the client is refused" 30 refused
 k delete authorizationpolicy -n "$NS" deny-client >/dev/null
 eventually "policy deleted: the client reaches the server again" 30 reaches
+
+# ---------------------------------------------------------------- waypoint (L7)
+
+phase "waypoint (L7)"
+# A waypoint Gateway in $NS, deployed by the controller; the Service `web` (pods web-v1 on NODE_B, web-v2 on NODE_A,
+# busybox httpd with a CGI script that prints its version and the request's x-* headers) uses it. An HTTPRoute on
+# `web` sends `x-version: v2` to web-v2 and everything else to web-v1 with a header added: without the waypoint the
+# Service's ClusterIP picks either pod at random, so 20 answers in a row from the right one show the route applied.
+# Then an L7 AuthorizationPolicy bound to the waypoint denies one path.
+web_pod() { # NAME NODE VERSION
+  cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $1, namespace: $NS, labels: {app: web, version: $3}}
+spec:
+  nodeName: $2
+  terminationGracePeriodSeconds: 1
+  tolerations: [{operator: Exists}]
+  containers:
+  - name: web
+    image: $TEST_IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'mkdir -p /www/cgi-bin && printf "#!/bin/sh\necho Content-Type: text/plain\necho\necho version=$3\nenv | grep ^HTTP_X_ | sort\n" >/www/cgi-bin/echo && chmod +x /www/cgi-bin/echo && exec httpd -f -p 8080 -h /www']
+---
+EOF
+}
+web_service() { # NAME SELECTOR [LABELS]
+  cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: $1, namespace: $NS, labels: {${3:-}}}
+spec:
+  selector: {$2}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+EOF
+}
+{
+  web_pod web-v1 "$NODE_B" v1
+  web_pod web-v2 "$NODE_A" v2
+  web_service web "app: web" "istio.io/use-waypoint: waypoint"
+  web_service web-v1 "app: web, version: v1"
+  web_service web-v2 "app: web, version: v2"
+  cat <<EOF
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: $NS}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: $NS}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed-by, value: waypoint}]}}]
+    backendRefs: [{name: web-v1, port: 80}]
+EOF
+} | k apply -f - >/dev/null
+ok "waypoint Gateway, Services web (istio.io/use-waypoint: waypoint), web-v1, web-v2, HTTPRoute web applied"
+web_running() { [[ "$(k get pods -n "$NS" -l app=web -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Running$')" == 2 ]]; }
+eventually "web-v1, web-v2 Running" "$WAIT" web_running
+waypoint_available() {
+  [[ "$(k get deploy -n "$NS" waypoint -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null)" == True ]]
+}
+eventually "the controller deployed the waypoint and it is Available (its certificate and configuration from the controller)" "$WAIT" waypoint_available
+gateway_programmed() {
+  [[ "$(k get gateway -n "$NS" waypoint -o jsonpath='{.status.conditions[?(@.type=="Programmed")].status}')" == True ]]
+}
+eventually "Gateway waypoint status Programmed=True" 30 gateway_programmed
+route_accepted() {
+  [[ "$(k get httproute -n "$NS" web -o jsonpath='{.status.parents[0].conditions[?(@.type=="Accepted")].status}')" == True ]]
+}
+eventually "HTTPRoute web status Accepted=True (parentRef Service web)" 30 route_accepted
+web_ip="$(k get svc -n "$NS" web -o jsonpath='{.spec.clusterIP}')"
+# requests N PATH [HEADER]: N HTTP/1.1 requests from the client to web's ClusterIP, each answer on its own lines
+# ("----" between them). nc, not wget: busybox's static wget crashes without the NSS libraries the image lacks.
+requests() {
+  k exec -n "$NS" client -- sh -c 'i=0; while [ $i -lt "$1" ]; do
+      printf "GET $2 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n$3\r\n" | nc -w 5 "$4" 80; echo; echo ----; i=$((i + 1)); done' \
+    sh "$1" "$2" "${3:+$3\r\n}" "$web_ip" 2>&1
+}
+# all_answers WANT N PATH [HEADER]: every one of N answers has the line WANT (e.g. version=v1).
+all_answers() {
+  local want="$1" got; shift
+  got="$(requests "$@" | awk -v w="$want" '/^----/ { print (hit ? w : "other: " first); hit = 0; first = ""; next }
+    first == "" { first = $0 } $0 == w { hit = 1 }' | sort | uniq -c | tr -s ' ' | tr -d '\r' | tr '\n' ';')"
+  [[ "$got" == " $1 $want;" ]] || { log "answers: $got"; return 1; }
+}
+eventually "20 requests to web ($web_ip) all answered by web-v1 (the route's default rule)" 60 \
+  all_answers version=v1 20 /cgi-bin/echo
+check "20 requests with x-version: v2 all answered by web-v2 (header match)" \
+  all_answers version=v2 20 /cgi-bin/echo "x-version: v2"
+check "the route's RequestHeaderModifier reached web-v1 (x-routed-by: waypoint)" \
+  all_answers HTTP_X_ROUTED_BY=waypoint 1 /cgi-bin/echo
+k apply -f - >/dev/null <<EOF
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: $NS}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/cgi-bin/admin*"]}}]
+EOF
+admin_denied() { requests 1 /cgi-bin/admin | head -1 | grep -q '^HTTP/1.1 403 '; }
+eventually "L7 DENY on paths /cgi-bin/admin* at the waypoint: 403" 30 admin_denied
+check "other paths still answered by web-v1 under the DENY" all_answers version=v1 5 /cgi-bin/echo
+# The waypoint's own metrics (Istio's names, reporter=waypoint), read through the API server's pod proxy.
+waypoint_requests() { # RESPONSE_CODE
+  local p
+  p="$(k get pods -n "$NS" -l gateway.networking.k8s.io/gateway-name=waypoint -o jsonpath='{.items[0].metadata.name}')"
+  { k get --raw "/api/v1/namespaces/$NS/pods/$p:15020/proxy/metrics" 2>/dev/null || true; } | awk -v c="response_code=\"$1\"" \
+    'index($0, "istio_requests_total{") == 1 && index($0, "reporter=\"waypoint\"") && index($0, c) { n += $NF } END { print n + 0 }'
+}
+n200="$(waypoint_requests 200)" n403="$(waypoint_requests 403)"
+if ((n200 >= 46 && n403 >= 1)); then
+  ok "waypoint metrics: istio_requests_total{reporter=\"waypoint\"} counts $n200 answered 200, $n403 denied 403"
+else
+  fail "waypoint metrics: istio_requests_total{reporter=\"waypoint\"} counts $n200 answered 200 (want >= 46), $n403 denied 403 (want >= 1)"
+fi
+k delete authorizationpolicy -n "$NS" deny-admin >/dev/null
+k delete httproute -n "$NS" web >/dev/null
+k delete gateway -n "$NS" waypoint >/dev/null
+k delete pod -n "$NS" web-v1 web-v2 --wait=false >/dev/null
+k delete svc -n "$NS" web web-v1 web-v2 >/dev/null
+waypoint_gone() { [[ -z "$(k get deploy -n "$NS" -o name 2>/dev/null)" ]]; }
+eventually "Gateway deleted: its waypoint Deployment removed (owner reference)" "$WAIT" waypoint_gone
 
 # ---------------------------------------------------------------- ztunnel and agent restarts
 

@@ -165,14 +165,27 @@ impl HttpConnection {
 
     /// Sends `req` and reads its response (for `HEAD`, without a body).
     pub fn send(&mut self, req: &Request) -> anyhow::Result<HttpResponse> {
+        self.exchange(req, false)
+    }
+
+    /// Sends `req`, shuts down the sending side (as `nc` and scripts do when their input ends: a half-close), and
+    /// reads the response.
+    pub fn send_and_half_close(&mut self, req: &Request) -> anyhow::Result<HttpResponse> {
+        self.exchange(req, true)
+    }
+
+    fn exchange(&mut self, req: &Request, half_close: bool) -> anyhow::Result<HttpResponse> {
         if !self.open {
             bail!("the connection was closed by the previous exchange");
         }
         self.stream.write_all(&req.to_bytes()).with_context(|| format!("send {} {}", req.method, req.path))?;
+        if half_close {
+            self.stream.shutdown(std::net::Shutdown::Write).context("shutdown(SHUT_WR)")?;
+        }
         let head_only = req.method.eq_ignore_ascii_case("HEAD");
         let (resp, complete) = read_response(&mut self.stream, &mut self.buf, head_only)
             .with_context(|| format!("response to {} {}", req.method, req.path))?;
-        self.open = complete && !req.close && !resp.closes();
+        self.open = complete && !req.close && !resp.closes() && !half_close;
         Ok(resp)
     }
 }

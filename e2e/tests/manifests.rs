@@ -510,6 +510,18 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     let ctl = container(&controller_docs, "Deployment");
     let mut argv = vec!["ambit-controller".to_string()];
     argv.extend(args(&ctl));
+    // AMBIT_* environment values set flags through the names clap reads them from: each must be a flag's `env`.
+    let command = <ambit_controller::config::Args as clap::CommandFactory>::command();
+    for e in ctl["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let Some(value) = e["value"].as_str().filter(|_| name.starts_with("AMBIT_")) else { continue };
+        let long = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|v| v == name))
+            .and_then(|a| a.get_long())
+            .unwrap_or_else(|| panic!("the controller has no flag read from {name}"));
+        argv.push(format!("--{long}={value}"));
+    }
     let parsed =
         <ambit_controller::config::Args as clap::Parser>::try_parse_from(&argv).expect("controller flags parse");
     let config = ambit_controller::config::Config::from_args(parsed);
@@ -526,6 +538,8 @@ fn the_workloads_args_parse_with_the_binaries_flags_and_match_their_mounts() {
     );
     assert_eq!(config.listen.port(), 15012);
     assert_eq!(config.metrics_addr.port(), 15014);
+    assert_eq!(config.kube.waypoint_image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert!(config.serving_dns_names.iter().any(|n| config.kube.waypoint_xds_address == format!("{n}:15012")));
 
     // The node agent: its own DaemonSet, host namespaces, its paths on the node's standard directories and on
     // ztunnel's socket directory. (Its flags are not parsed here: the binary is not in this workspace yet.)

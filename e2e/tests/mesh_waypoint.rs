@@ -296,6 +296,11 @@ fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
         "the client reached node 2 around the waypoint:\n{m2}"
     );
 
+    // A client that shuts down its sending side after the request (nc, shell scripts) still gets the answer.
+    let mut half = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).unwrap();
+    let r = half.send_and_half_close(&Request::get(ECHO_HOST, "/half-closed")).expect("an answer after a half-close");
+    assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+
     // Many requests on one kept-alive connection, then several connections at once.
     let ok_before = l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "200")]);
     let upstream_before = l.v1.connections().len();

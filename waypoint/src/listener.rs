@@ -207,6 +207,9 @@ impl Listener {
             async move { Ok::<_, std::convert::Infallible>(handle(shared, down, req).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // A client may shut down its sending side once its request is written (nc, scripts): answer it anyway, as
+        // Envoy does, instead of closing on that end of input.
+        builder.http1().half_close(true);
         match protocol {
             Protocol::Http1 => builder = builder.http1_only(),
             Protocol::Http2 | Protocol::Grpc => builder = builder.http2_only(),

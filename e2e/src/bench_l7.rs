@@ -88,19 +88,12 @@ const L4_HOST: &str = "echo-l4.default.svc.cluster.local";
 /// How long a server, proxy or route may take to answer for the first time.
 const READY: Duration = Duration::from_secs(20);
 
-/// `echo` (uses the waypoint) and `echo-l4` (no waypoint), both backed by the pod `server`.
-fn services() -> String {
-    format!(
+/// `echo-l4` (no waypoint), backed by the pod `server`; with `waypoint`, also `echo` (uses the waypoint), backed by
+/// the same pod. `echo` is declared only after the mesh L4 run: once a waypoint serves the pod, its ztunnel refuses
+/// whoever is not that waypoint (Istio's implicit allow-from-waypoint policy), `echo-l4`'s clients included.
+fn services(waypoint: bool) -> String {
+    let mut yaml = format!(
         r#"apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec:
-  type: ClusterIP
-  clusterIP: {WP_VIP}
-  selector: {{app: server}}
-  ports: [{{name: http, port: 80, targetPort: {WAYPOINT_PORT}, protocol: TCP}}]
----
-apiVersion: v1
 kind: Service
 metadata: {{name: echo-l4, namespace: default}}
 spec:
@@ -109,7 +102,22 @@ spec:
   selector: {{app: server}}
   ports: [{{name: http, port: 80, targetPort: {L4_PORT}, protocol: TCP}}]
 "#
-    )
+    );
+    if waypoint {
+        yaml.push_str(&format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  type: ClusterIP
+  clusterIP: {WP_VIP}
+  selector: {{app: server}}
+  ports: [{{name: http, port: 80, targetPort: {WAYPOINT_PORT}, protocol: TCP}}]
+"#
+        ));
+    }
+    yaml
 }
 
 /// Builds the lab, measures every path, returns the figures.
@@ -120,7 +128,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let mut lab = WaypointMesh::new("bench-l7", &["server"])?;
     let server = lab.servers[0];
     let (client, wp) = (lab.client, lab.wp);
-    lab.declare(&services())?;
+    lab.declare(&services(false))?;
     let dir = lab.mesh.lab().dir().to_path_buf();
     let (server_ip, wp_ip) = (lab.mesh.lab().pod(server).ip, lab.mesh.lab().pod(wp).ip);
     let client_ns = NetNs::borrowed(lab.mesh.lab().pod(client).netns.name());
@@ -152,12 +160,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         lab.mesh.enroll(p)?;
     }
     let ips = [lab.mesh.lab().pod(client).ip, server_ip];
-    lab.mesh.wait_for_config("the enrolled pods and both services", |d| {
-        ips.iter().all(|ip| dump::has_captured_workload(d, *ip))
-            && dump::service(d, WP_HOST).is_some_and(|s| s["waypoint"].is_string())
-            && dump::endpoints(d, NS, WP_HOST) == 1
-            && dump::endpoints(d, NS, L4_HOST) == 1
-            && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
+    lab.mesh.wait_for_config("the enrolled pods and echo-l4", |d| {
+        ips.iter().all(|ip| dump::has_captured_workload(d, *ip)) && dump::endpoints(d, NS, L4_HOST) == 1
     })?;
     let zt_cpu = |lab: &WaypointMesh| lab.nodes.map(|n| lab.mesh.ztunnel(n).cpu_seconds());
 
@@ -176,6 +180,12 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         bail!("the mesh L4 run did not go through the client's ztunnel (no connection to {L4_HOST} counted)");
     }
 
+    lab.declare(&services(true))?;
+    lab.mesh.wait_for_config("echo with its waypoint", |d| {
+        dump::service(d, WP_HOST).is_some_and(|s| s["waypoint"].is_string())
+            && dump::endpoints(d, NS, WP_HOST) == 1
+            && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
+    })?;
     let waypoint = lab.start_waypoint(false)?;
     let wp_target = SocketAddr::from((WP_VIP, 80));
     wait_http(&client_ns, wp_target, WP_HOST, nginx.pid)?;

@@ -19,8 +19,11 @@
 //! (a path prefix to another service, request and response header
 //! modifiers, 404 when no rule matches, removal); AuthorizationPolicies bound
 //! by `targetRefs` to the Gateway (DENY by path) and to the Service (ALLOW by
-//! principal), added and removed at run time; and many requests on one
-//! kept-alive connection and on several at once, without leaking. Routes and
+//! principal), added and removed at run time; many requests on one
+//! kept-alive connection and on several at once, without leaking; and the
+//! server's ztunnel refusing a client that goes straight to the pod around
+//! the waypoint (HBONE or plaintext), while a pod without a waypoint stays
+//! reachable directly. Routes and
 //! policies reach the waypoint asynchronously, so each change is polled for,
 //! with a bound. Needs root; fails (not skips) under CI.
 
@@ -134,6 +137,8 @@ struct WaypointLab {
     client: PodId,
     intruder: PodId,
     wp: PodId,
+    /// The pods `echo-v1` (behind the waypoint, as `echo`'s endpoint) and `echo-v2` (no waypoint).
+    servers: [PodId; 2],
 }
 
 impl WaypointLab {
@@ -165,7 +170,7 @@ impl WaypointLab {
             .expect("ztunnels know the waypoint");
         let waypoint = lab.start_waypoint(true).expect("the waypoint is ready");
         let WaypointMesh { mesh, nodes, wp, .. } = lab;
-        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes, client, intruder, wp })
+        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes, client, intruder, wp, servers: [v1, v2] })
     }
 
     fn ns(&self, pod: PodId) -> &NetNs {
@@ -503,6 +508,69 @@ fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_t
     controller.remove("allow.yaml").unwrap();
     l.until_served_by(l.intruder, "/ok", &[], "echo-v1");
     l.until_served_by(l.client, "/ok", &[], "echo-v1");
+}
+
+#[test]
+fn a_client_that_goes_around_the_waypoint_is_refused_by_the_servers_ztunnel() {
+    let Some(l) = WaypointLab::start("wp-bin-bypass") else { return };
+    let [v1, v2] = l.servers;
+    let (client_ip, waypoint_ip) = (l.ip(l.client), l.ip(l.wp));
+    // `GET path` straight to `pod`'s application port from `from`'s network namespace.
+    let straight = |from: PodId, pod: PodId, path: &str| -> anyhow::Result<HttpResponse> {
+        let mut conn = HttpConnection::connect(l.ns(from), SocketAddr::from((l.ip(pod), APP_PORT)), TIMEOUT)?;
+        conn.send(&Request::get(ECHO_HOST, path).close())
+    };
+    let refused = || {
+        let m = l.mesh.ztunnel(l.nodes[1]).metrics().unwrap();
+        metric(&m, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "not_from_waypoint")])
+    };
+    let reached_v1 = |path: &str| l.v1.requests().iter().filter(|q| q.path == path).count();
+
+    // Through the service's VIP the client is served, through the waypoint.
+    let (_, echo) = l.until_served_by(l.client, "/via-vip", &[], "echo-v1");
+    assert_eq!(echo.path, "/via-vip");
+    assert_eq!(refused(), 0.0, "the waypoint's own connections are admitted");
+
+    // Straight to echo-v1's pod IP: echo-v1 has no waypoint of its own, so the client's ztunnel tunnels to it
+    // directly, and echo-v1's ztunnel refuses the client, which is not the waypoint of `echo` that echo-v1 backs.
+    let r = straight(l.client, v1, "/around-hbone");
+    assert!(r.is_err(), "the client reached echo-v1 around the waypoint: {r:?}");
+    assert_eq!(refused(), 1.0, "{}", l.mesh.ztunnel(l.nodes[1]).metrics().unwrap());
+    let m2 = l.mesh.ztunnel(l.nodes[1]).metrics().unwrap();
+    let denied = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT_PRINCIPAL),
+        ("destination_workload", "echo-v1"),
+        ("response_flags", "DENY"),
+    ];
+    assert_eq!(metric(&m2, "istio_tcp_connections_closed_total", &denied), 1.0, "counted as Istio's DENY: {m2}");
+    let m1 = l.mesh.ztunnel(l.nodes[0]).metrics().unwrap();
+    let at_client = [("direction", "outbound"), ("reason", "policy_denied")];
+    assert_eq!(metric(&m1, "ztunnel_connection_failures_total", &at_client), 1.0, "the 401 seen at the client: {m1}");
+
+    // Plaintext straight to echo-v1, as from a client outside the mesh (the waypoint's pod is not captured): no
+    // identity, refused too, though it comes from the waypoint's own IP: the rule admits an identity, not an address.
+    let r = straight(l.wp, v1, "/around-plaintext");
+    assert!(r.is_err(), "plaintext reached echo-v1 around the waypoint: {r:?}");
+    assert_eq!(refused(), 2.0, "{}", l.mesh.ztunnel(l.nodes[1]).metrics().unwrap());
+    assert_eq!(reached_v1("/around-hbone") + reached_v1("/around-plaintext"), 0, "echo-v1 got a bypassing request");
+
+    // echo-v2 has no waypoint: reached straight from the client (HBONE) and from outside the mesh (plaintext).
+    for (from, source) in [(l.client, client_ip), (l.wp, waypoint_ip)] {
+        let r = straight(from, v2, "/straight").unwrap_or_else(|e| panic!("straight to echo-v2: {e:#}"));
+        let echo = EchoReply::parse(&r.body).unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!((r.status, echo.server.as_str()), (200, "echo-v2"), "{r:?}");
+        let seen = l.v2.requests();
+        assert_eq!(seen.last().map(|q| q.peer.ip()), Some(IpAddr::V4(source)), "echo-v2 sees the client itself");
+    }
+    assert_eq!(refused(), 2.0, "a pod without a waypoint refused nothing");
+
+    // The way through the waypoint is still open, and the application sees the waypoint as the source.
+    let (_, echo) = l.until_served_by(l.client, "/via-vip-again", &[], "echo-v1");
+    assert_eq!(echo.path, "/via-vip-again");
+    let last = l.v1.requests().last().cloned().expect("echo-v1 saw the request");
+    assert_eq!(last.peer.ip(), IpAddr::V4(waypoint_ip));
+    assert_eq!(refused(), 2.0);
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! waypoint's identity, the server seeing the waypoint's IP); GAMMA HTTPRoutes
 //! (a path prefix to another service, request and response header
 //! modifiers, 404 when no rule matches, removal); AuthorizationPolicies bound
-//! by `targetRefs` to the Gateway (DENY by path) and to the Service (ALLOW by
+//! by `targetRefs` to the Gateway (DENY by path, on the normalized path) and to the Service (ALLOW by
 //! principal), added and removed at run time; many requests on one
 //! kept-alive connection and on several at once, without leaking; and the
 //! server's ztunnel refusing a client that goes straight to the pod around
@@ -486,6 +486,17 @@ fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_t
     assert_eq!(nested.status, 403, "{nested:?}");
     let ok = l.get("/ok", &[]).expect("GET /ok");
     assert_eq!(ok.status, 200, "a path the DENY does not match: {ok:?}");
+    // Paths are normalized before routing and policy (Istio's default): dot segments and escaped letters do not get
+    // around the DENY, the application gets the normalized path, and a malformed escape is refused.
+    for sneaky in ["/public/../admin", "/%61dmin", "/x/%2e%2E/admin/users"] {
+        let r = l.get(sneaky, &[]).unwrap_or_else(|e| panic!("GET {sneaky}: {e:#}"));
+        assert_eq!(r.status, 403, "{sneaky}: {r:?}");
+    }
+    let dotted = l.get("/public/./../ok", &[]).expect("GET /public/./../ok");
+    let echo = EchoReply::parse(&dotted.body).unwrap_or_else(|| panic!("{dotted:?}"));
+    assert_eq!(echo.path, "/ok", "the application gets the normalized path");
+    let malformed = l.get("/bad%zz", &[]).expect("GET /bad%zz");
+    assert_eq!(malformed.status, 400, "{malformed:?}");
     assert_eq!(admin_at_v1(), reached_before, "a denied request reached echo-v1");
     assert!(
         l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "403")]) >= 2.0,

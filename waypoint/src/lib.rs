@@ -24,6 +24,7 @@
 //!   request by two random choices, or round robin).
 //! - [`retry`]: whether and when to retry, the retry budget, deadlines.
 //! - [`hop`]: hop-by-hop headers and `x-request-id`.
+//! - [`normalize`]: the request path normalized before routing and policy.
 //! - [`config`]: the controller's configuration, converted for these phases.
 //!
 //! Random choices take the caller's [`rand::Rng`], so tests are repeatable.
@@ -41,6 +42,7 @@ pub mod flags;
 pub mod hop;
 pub mod listener;
 pub mod metrics;
+pub mod normalize;
 pub mod plan;
 pub mod proxy;
 pub mod reply;

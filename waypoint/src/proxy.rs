@@ -27,6 +27,7 @@ use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Worklo
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
 use crate::metrics::{Metrics, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
+use crate::normalize::normalize;
 use crate::plan::{prepare, Decision, Forward};
 use crate::reply::{Reply, ReplyReason};
 use crate::retry::{self, Outcome, RetryBudget};
@@ -227,6 +228,10 @@ async fn route_and_forward<'s>(
         done.flags = reply.reason.response_flag();
         reply_response(reply)
     };
+    // Normalize the path, so that routing, policy and the application all see the same one.
+    if normalize(&mut parts.uri).is_err() {
+        return (answer(Reply::bad_path(), &mut done), done);
+    }
     // Route.
     let matched = match served.port.table.find(&parts) {
         Ok(m) => m,

@@ -34,6 +34,9 @@ pub enum ReplyReason {
     UpstreamReset,
     /// The client's request body broke off: 400 (Envoy's `DR`).
     DownstreamReset,
+    /// The request path cannot be normalized (a malformed escape): 400
+    /// (Envoy's `DPE`, downstream protocol error).
+    BadPath,
 }
 
 impl ReplyReason {
@@ -48,6 +51,7 @@ impl ReplyReason {
             ReplyReason::UpstreamConnectFailure => "UF",
             ReplyReason::UpstreamReset => "UR",
             ReplyReason::DownstreamReset => "DR",
+            ReplyReason::BadPath => "DPE",
         }
     }
 }
@@ -93,6 +97,11 @@ impl Reply {
     /// 500: a filter could not apply to this request.
     pub fn misconfigured() -> Reply {
         Reply::empty(StatusCode::INTERNAL_SERVER_ERROR, ReplyReason::Misconfigured)
+    }
+
+    /// 400: the request path is malformed ([`crate::normalize`]).
+    pub fn bad_path() -> Reply {
+        Reply::empty(StatusCode::BAD_REQUEST, ReplyReason::BadPath)
     }
 
     /// A redirect to `location` with a 3xx status.

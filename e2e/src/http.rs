@@ -174,6 +174,11 @@ impl HttpConnection {
         self.exchange(req, true)
     }
 
+    /// The connection after a `101 Switching Protocols`: the stream and the bytes already read past the response.
+    pub fn into_upgraded(self) -> (std::net::TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     fn exchange(&mut self, req: &Request, half_close: bool) -> anyhow::Result<HttpResponse> {
         if !self.open {
             bail!("the connection was closed by the previous exchange");

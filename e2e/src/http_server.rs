@@ -15,7 +15,8 @@
 //! ```
 //!
 //! The response also carries `x-served-by: <name>`. A request to `/status/<code>` is answered with that status (same
-//! body).
+//! body). An upgrade request (`Connection: upgrade`, `Upgrade: echo`, as a WebSocket handshake is) is answered with
+//! `101 Switching Protocols`, after which the connection echoes every byte back until the peer closes it.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -194,6 +195,14 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>
             path,
             headers: head.headers.clone(),
         });
+        if head.header("upgrade") == Some("echo") && head.header("connection").is_some_and(|c| c.contains("pgrade")) {
+            let switch = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-served-by: {name}\r\n\r\n"
+            );
+            stream.write_all(switch.as_bytes())?;
+            stream.write_all(&buf)?;
+            return io::copy(&mut stream.try_clone()?, &mut stream).map(drop);
+        }
         let mut out = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-served-by: {name}\r\n",
             reason(status),

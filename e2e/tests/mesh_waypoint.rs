@@ -27,6 +27,7 @@
 //! policies reach the waypoint asynchronously, so each change is polled for,
 //! with a bound. Needs root; fails (not skips) under CI.
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -305,6 +306,23 @@ fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
     let mut half = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).unwrap();
     let r = half.send_and_half_close(&Request::get(ECHO_HOST, "/half-closed")).expect("an answer after a half-close");
     assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+
+    // An upgrade (the shape of a WebSocket handshake): routed as a request, 101 from the endpoint through the
+    // waypoint, then bytes both ways on the same connection, untouched.
+    let mut upgrading = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).unwrap();
+    let handshake = Request::get(ECHO_HOST, "/ws").header("Connection", "Upgrade").header("Upgrade", "echo");
+    let r = upgrading.send(&handshake).expect("an answer to the upgrade request");
+    assert_eq!((r.status, r.header("upgrade"), r.header("x-served-by")), (101, Some("echo"), Some("echo-v1")), "{r:?}");
+    let (mut stream, early) = upgrading.into_upgraded();
+    assert!(early.is_empty(), "bytes after the 101: {early:?}");
+    let big: Vec<u8> = (0..32 * 1024).map(|i| (i % 251) as u8).collect();
+    for message in [&b"ping\n"[..], &big[..]] {
+        stream.write_all(message).expect("write on the upgraded connection");
+        let mut back = vec![0; message.len()];
+        stream.read_exact(&mut back).expect("the echo of the upgraded connection");
+        assert!(back == message, "the upgraded connection changed {} bytes", message.len());
+    }
+    drop(stream);
 
     // Many requests on one kept-alive connection, then several connections at once.
     let ok_before = l.waypoint_requests(&[("destination_service", ECHO_HOST), ("response_code", "200")]);

@@ -11,7 +11,8 @@
 //!   service), then HTTP through [`proxy`] or TCP through [`tcp`], with
 //!   [`detect`] for ports that declare no protocol.
 //! - [`proxy`]: one request through the phases; [`upstream`]: pooled HTTP
-//!   connections to endpoints inside HBONE tunnels.
+//!   connections to endpoints inside HBONE tunnels; [`upgrade`]: HTTP/1.1
+//!   upgrades (WebSocket) spliced through.
 //! - [`admin`]: config dump, log level, readiness; [`flags`]: the command line.
 //!
 //! The decisions:
@@ -50,6 +51,7 @@ pub mod retry;
 pub mod route;
 pub mod target;
 pub mod tcp;
+pub mod upgrade;
 pub mod upstream;
 
 pub use reply::{Reply, ReplyReason};

@@ -215,7 +215,7 @@ impl Listener {
             Protocol::Http2 | Protocol::Grpc => builder = builder.http2_only(),
             Protocol::Detect | Protocol::Tcp => {}
         }
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(conn);
         let mut draining = self.draining.clone();
         let result = tokio::select! {

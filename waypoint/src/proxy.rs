@@ -32,6 +32,7 @@ use crate::plan::{prepare, Decision, Forward};
 use crate::reply::{Reply, ReplyReason};
 use crate::retry::{self, Outcome, RetryBudget};
 use crate::route::Route;
+use crate::upgrade;
 use crate::upstream::{ProxyBody, Upstream};
 
 /// What every request shares.
@@ -265,7 +266,13 @@ async fn route_and_forward<'s>(
         r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return (r, done);
     }
-    strip_hop_by_hop(&mut parts.headers, false);
+    let http2 = match served.port.protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http1 => false,
+        Protocol::Detect | Protocol::Tcp => parts.version == http::Version::HTTP_2,
+    };
+    let client_upgrade = upgrade::take(&mut parts, http2);
+    strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     // Filters and the backend.
     let forward = match prepare(matched, &mut parts, served.port.port, rng) {
         Decision::Reply { mut reply, effects } => {
@@ -274,17 +281,17 @@ async fn route_and_forward<'s>(
         }
         Decision::Forward(f) => f,
     };
-    let http2 = match served.port.protocol {
-        Protocol::Http2 | Protocol::Grpc => true,
-        Protocol::Http1 => false,
-        Protocol::Detect | Protocol::Tcp => parts.version == http::Version::HTTP_2,
-    };
     let response = forward_request(shared, snapshot, &forward, parts, body, http2, rng, start, &mut done).await;
     let mut response = match response {
         Ok(r) => r,
         Err(reply) => return (answer(reply, &mut done), done),
     };
-    strip_hop_by_hop(response.headers_mut(), false);
+    let switched = client_upgrade.is_some_and(|client| upgrade::splice(client, &mut response));
+    if !switched && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        warn!(upstream = ?done.upstream, "the endpoint switched protocols without an upgrade to carry it");
+        return (answer(failure_reply(Outcome::Reset), &mut done), done);
+    }
+    strip_hop_by_hop(response.headers_mut(), switched);
     forward.effects.apply_response(response.headers_mut());
     done.status = response.status();
     (response, done)

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The response also carries `x-served-by: <name>`. A request to `/status/<code>` is answered with that status (same
-//! body). An upgrade request (`Connection: upgrade`, `Upgrade: echo`, as a WebSocket handshake is) is answered with
+//! body); one to `/delay/<ms>` is answered after that many milliseconds. An upgrade request (`Connection: upgrade`, `Upgrade: echo`, as a WebSocket handshake is) is answered with
 //! `101 Switching Protocols`, after which the connection echoes every byte back until the peer closes it.
 
 use std::collections::BTreeMap;
@@ -177,6 +177,9 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>
             .and_then(|c| c.split(['/', '?']).next()?.parse::<u16>().ok())
             .filter(|c| (200..600).contains(c))
             .unwrap_or(200);
+        if let Some(ms) = path.strip_prefix("/delay/").and_then(|d| d.split(['/', '?']).next()?.parse::<u64>().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let mut text = format!(
             "server {name}\nmethod {}\npath {}\nhost {}\nbody-bytes {}\n",
             head.method,

@@ -17,10 +17,12 @@
 //! `istio_requests_total{reporter="waypoint"}`, the server ztunnel seeing the
 //! waypoint's identity, the server seeing the waypoint's IP); GAMMA HTTPRoutes
 //! (a path prefix to another service, request and response header
-//! modifiers, 404 when no rule matches, removal); AuthorizationPolicies bound
-//! by `targetRefs` to the Gateway (DENY by path, on the normalized path) and to the Service (ALLOW by
+//! modifiers, 404 when no rule matches, removal; a retry, a request timeout
+//! and a mirror); AuthorizationPolicies bound by `targetRefs` to the Gateway
+//! (DENY by path, on the normalized path) and to the Service (ALLOW by
 //! principal), added and removed at run time; many requests on one
-//! kept-alive connection and on several at once, without leaking; and the
+//! kept-alive connection and on several at once, without leaking; a client
+//! that half-closes; an HTTP/1.1 upgrade carried through; and the
 //! server's ztunnel refusing a client that goes straight to the pod around
 //! the waypoint (HBONE or plaintext), while a pod without a waypoint stays
 //! reachable directly. Routes and
@@ -485,6 +487,74 @@ fn gamma_routes_split_traffic_modify_headers_and_answer_404() {
     // Without the route, echo answers everything again.
     controller.remove("route.yaml").unwrap();
     l.until_served_by(l.client, "/v2/x", &[], "echo-v1");
+}
+
+/// An HTTPRoute on `echo` with a retry (GEP-1731) on `/status…` for 500, a request timeout on `/delay…`, and a
+/// mirror of everything else to `echo-v2`.
+const RESILIENCE_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-resilience, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /status}}]
+    retry: {codes: [500], attempts: 1, backoff: 10ms}
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: echo, port: 80}]
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}]
+    backendRefs: [{name: echo, port: 80}]
+"#;
+
+#[test]
+fn a_routes_retry_timeout_and_mirror_apply() {
+    let Some(l) = WaypointLab::start("wp-bin-resilience") else { return };
+    let controller = l.mesh.controller().unwrap();
+    let at_v1 = |path: &str| l.v1.requests().iter().filter(|q| q.path == path).count();
+    // Without a route: a 500 is not retried (Istio's default retries 503 and connection failures only).
+    l.until_served_by(l.client, "/ok", &[], "echo-v1");
+    let r = l.get("/status/500/before", &[]).expect("GET /status/500/before");
+    assert_eq!((r.status, at_v1("/status/500/before")), (500, 1), "{r:?}");
+
+    controller.write("route.yaml", RESILIENCE_ROUTE).unwrap();
+    // The mirror shows the route arrived: echo-v1 answers, echo-v2 gets a copy (fire and forget, so polled).
+    let deadline = Instant::now() + PROPAGATION;
+    let mirrored = |path: &str| l.v2.requests().iter().any(|q| q.path == path);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let path = format!("/mirror/{n}");
+        let r = l.get(&path, &[]).expect("GET /mirror");
+        assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "the mirror answered: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        if mirrored(&path) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no request mirrored to echo-v2 within {PROPAGATION:?}");
+    }
+    let mirror = l.v2.requests().into_iter().find(|q| q.path == format!("/mirror/{n}")).unwrap();
+    assert_eq!(mirror.header("host"), Some(format!("{ECHO_HOST}-shadow").as_str()), "Envoy's shadow host: {mirror:?}");
+
+    // The retry: one more attempt for a 500, then the 500 goes back to the client.
+    let r = l.get("/status/500/after", &[]).expect("GET /status/500/after");
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(at_v1("/status/500/after"), 2, "one retry of a 500 (attempts: 1)");
+    let r = l.get("/status/503/after", &[]).expect("GET /status/503/after");
+    assert_eq!((r.status, at_v1("/status/503/after")), (503, 1), "codes: [500] replaces the default codes");
+
+    // The timeout: 300 ms, then 504 from the waypoint; a quick answer on the same rule passes.
+    let started = Instant::now();
+    let r = l.get("/delay/3000", &[]).expect("GET /delay/3000");
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(took < Duration::from_millis(2500), "the timeout did not cut the request: {took:?}");
+    assert_eq!(l.get("/delay/10", &[]).expect("GET /delay/10").status, 200);
+    assert!(
+        l.waypoint_requests(&[("response_code", "504"), ("response_flags", "UT")]) >= 1.0,
+        "the timeout is not counted as UT:\n{}",
+        l.waypoint.metrics().unwrap()
+    );
 }
 
 #[test]

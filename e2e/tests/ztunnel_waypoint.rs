@@ -1,9 +1,7 @@
 //! End-to-end tests of ztunnel's side of waypoints: a connection to a service
 //! (or a workload) whose Address names a waypoint goes to that waypoint, as
 //! HBONE with the original destination in `:authority`, unless it comes from
-//! the waypoint itself; and a pod that a waypoint serves (its own, or its
-//! service's) refuses a connection that went around it (Istio's implicit
-//! allow-from-waypoint policy). The real `ztunnel` binaries run on two lab nodes in
+//! the waypoint itself. The real `ztunnel` binaries run on two lab nodes in
 //! file mode (the state file names the waypoints), with pods enrolled over
 //! ZDS and nftables capture.
 //!
@@ -212,8 +210,8 @@ fn a_service_with_a_waypoint_is_reached_through_it_unless_the_source_is_the_wayp
     // echo: through the waypoint, named by hostname as the controller names it.
     state.add_service_for(lab, "echo", "default", ECHO_VIP, &[(80, APP_PORT)], &[remote]);
     assert!(state.set_service_field(ECHO_HOST, "waypoint", yaml(&format!("{{hostname: {WAYPOINT_HOST}}}")).unwrap()));
-    // plain: no waypoint, backed by `local`, which no waypoint serves.
-    state.add_service_for(lab, "plain", "default", PLAIN_VIP, &[(80, APP_PORT)], &[local]);
+    // plain: no waypoint.
+    state.add_service_for(lab, "plain", "default", PLAIN_VIP, &[(80, APP_PORT)], &[remote]);
     // self: its waypoint is `local`'s IP, so `local` is that waypoint and its own traffic to it goes direct.
     state.add_service_for(lab, "self", "default", SELF_VIP, &[(80, APP_PORT)], &[remote]);
     assert!(state.set_service_field(SELF_HOST, "waypoint", yaml(&format!("{{address: {local_ip}}}")).unwrap()));
@@ -250,24 +248,15 @@ fn a_service_with_a_waypoint_is_reached_through_it_unless_the_source_is_the_wayp
 
     // A service without a waypoint is reached directly.
     round_trip(c.pod_ns(client), vip(PLAIN_VIP), b"direct").expect("plain service, direct");
-    assert_eq!(c.echoes[0].peers().last().map(SocketAddr::ip), Some(IpAddr::V4(c.ip(client))));
+    assert_eq!(c.echoes[1].peers().last().map(SocketAddr::ip), Some(IpAddr::V4(c.ip(client))));
 
-    // Straight to the pod behind the waypoint: the client's ztunnel sends it direct (the pod has no waypoint of
-    // its own), and the pod's ztunnel refuses it, since the client is not the waypoint of the service it backs.
-    assert!(round_trip(c.pod_ns(client), c.app(remote), b"x").is_err(), "client went around echo's waypoint");
-    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
-    let bypass = [("direction", "inbound"), ("reason", "not_from_waypoint")];
-    assert_eq!(metric(&m2, "ztunnel_connection_failures_total", &bypass), 1.0, "{m2}");
-    assert!(c.echoes[1].peers().is_empty(), "the backend was reached around the waypoint");
-
-    // The waypoint's own traffic to the service goes direct: `local` is the waypoint of `self`, so `remote`, which
-    // backs `self`, admits it.
+    // The waypoint's own traffic to the service goes direct: `local` is the waypoint of `self`.
     round_trip(c.pod_ns(local), vip(SELF_VIP), b"from the waypoint").expect("the waypoint's own traffic, direct");
     assert_eq!(c.echoes[1].peers().last().map(SocketAddr::ip), Some(IpAddr::V4(local_ip)));
     // Anyone else's goes to `local`'s 15008, whose ztunnel refuses a target that is not its pod.
     assert!(round_trip(c.pod_ns(client), vip(SELF_VIP), b"x").is_err(), "client bypassed the waypoint of self");
     assert_eq!(standin.connects().len(), 2, "no other connection reached the stand-in");
-    assert_eq!(c.echoes[1].peers().len(), 1, "the backend saw only the waypoint's own connection");
+    assert_eq!(c.echoes[1].peers().len(), 2, "the backend saw only the direct connections");
 }
 
 #[test]
@@ -279,8 +268,8 @@ fn a_workload_waypoint_takes_traffic_to_its_ip_and_an_unknown_waypoint_fails_the
     // remote's own IP goes through the waypoint, named by address.
     state.set_workload_field(&remote_uid, "waypoint", yaml(&format!("{{address: {wp_ip}}}")).unwrap());
     state.add_service_for(lab, "plain", "default", PLAIN_VIP, &[(80, APP_PORT)], &[remote]);
-    // lost: a waypoint that is no workload (backed by `remote`, so that `local` stays without a waypoint).
-    state.add_service_for(lab, "lost", "default", LOST_VIP, &[(80, APP_PORT)], &[remote]);
+    // lost: a waypoint that is no workload.
+    state.add_service_for(lab, "lost", "default", LOST_VIP, &[(80, APP_PORT)], &[local]);
     assert!(state.set_service_field(LOST_HOST, "waypoint", yaml("{address: 10.9.9.9}").unwrap()));
     write_and_wait(&c, &[(PLAIN_HOST, None), (LOST_HOST, Some("10.9.9.9:15008"))]);
     let want = format!("{wp_ip}:15008");
@@ -296,13 +285,9 @@ fn a_workload_waypoint_takes_traffic_to_its_ip_and_an_unknown_waypoint_fails_the
     assert_eq!(standin.connects(), vec![Connect { authority: c.app(remote).to_string(), peer: spiffe("client") }]);
     assert!(c.echoes[1].peers().is_empty(), "the pod was not reached behind the waypoint's back");
 
-    // Through a service without a waypoint the client's ztunnel sends it to the pod directly, and the pod's
-    // ztunnel refuses it: the pod's own waypoint is its only way in. A pod without a waypoint is reached directly.
-    assert!(round_trip(c.pod_ns(client), vip(PLAIN_VIP), b"via the service").is_err(), "around remote's waypoint");
-    let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
-    let bypass = [("direction", "inbound"), ("reason", "not_from_waypoint")];
-    assert_eq!(metric(&m2, "ztunnel_connection_failures_total", &bypass), 1.0, "{m2}");
-    assert!(c.echoes[1].peers().is_empty(), "the pod was reached around its waypoint");
+    // Through a service (without a waypoint) the same pod is reached directly; so is a pod without one.
+    round_trip(c.pod_ns(client), vip(PLAIN_VIP), b"via the service").expect("service without waypoint");
+    assert_eq!(c.echoes[1].peers().last().map(SocketAddr::ip), Some(IpAddr::V4(c.ip(client))));
     round_trip(c.pod_ns(client), c.app(local), b"other pod").expect("pod without waypoint");
     assert_eq!(standin.connects().len(), 1);
 

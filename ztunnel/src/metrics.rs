@@ -216,10 +216,6 @@ pub enum FailureReason {
     identity_mismatch,
     /// An authorization policy denied the connection.
     policy_denied,
-    /// The destination is served by a waypoint and the connection did not
-    /// come from it (nor did an ALLOW policy admit it): it bypassed the
-    /// waypoint (Istio's implicit allow-from-waypoint policy).
-    not_from_waypoint,
     /// A malformed HBONE request (not CONNECT, bad authority, wrong target).
     bad_request,
     /// The upstream (ztunnel or application) could not be reached.

@@ -132,7 +132,7 @@ async fn handle_stream(
             Err(reason) => {
                 inputs.metrics.failure(Direction::inbound, reason);
                 let status = match reason {
-                    FailureReason::policy_denied | FailureReason::not_from_waypoint => StatusCode::UNAUTHORIZED,
+                    FailureReason::policy_denied => StatusCode::UNAUTHORIZED,
                     FailureReason::bad_request => StatusCode::BAD_REQUEST,
                     _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
@@ -234,26 +234,13 @@ pub(super) async fn authorize_and_connect(
         dst_port: req.target.port(),
     };
     if let Err(denied) = state.authorize(&attrs, dst) {
-        let principal = req.src_identity.as_ref().map(|i| i.to_string());
-        let reason = if denied.not_from_waypoint() {
-            let waypoints = state.waypoint_identities(&dst.uid).unwrap_or_default();
-            let waypoints: Vec<String> = waypoints.iter().map(|i| i.to_string()).collect();
-            warn!(
-                pod = %pod.uid, src = %req.src, principal = principal.as_deref().unwrap_or("none"),
-                target = %req.target, ?waypoints,
-                "connection refused: the destination is served by a waypoint and the peer is not it (bypassed the waypoint)"
-            );
-            FailureReason::not_from_waypoint
-        } else {
-            warn!(
-                pod = %pod.uid, src = %req.src, principal = ?principal,
-                target = %req.target, policy = ?denied.policy, reason = denied.reason, "connection denied by policy"
-            );
-            FailureReason::policy_denied
-        };
+        warn!(
+            pod = %pod.uid, src = %req.src, principal = ?req.src_identity.as_ref().map(|i| i.to_string()),
+            target = %req.target, policy = ?denied.policy, reason = denied.reason, "connection denied by policy"
+        );
         metrics.flag(ResponseFlags::Deny);
-        metrics.error(reason);
-        return Err(reason);
+        metrics.error(FailureReason::policy_denied);
+        return Err(FailureReason::policy_denied);
     }
     let conn = InboundConnection { src: req.src, attrs, dst: dst.clone() };
     let Ok(registration) = inputs.inbound.register(conn, &state, &inputs.state) else {

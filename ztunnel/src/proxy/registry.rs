@@ -193,7 +193,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::state::{Action, Authorization, Clause, GatewayAddress, GatewayDestination, Match, Rule, Scope};
+    use crate::state::{Action, Authorization, Clause, Match, Rule, Scope};
 
     const CLIENT_IP: &str = "10.1.0.2";
     const OTHER_IP: &str = "10.1.0.9";
@@ -309,28 +309,6 @@ mod tests {
         assert!(!new.same_authorization(&shared.snapshot()), "the workload's policy list is part of authorization");
         assert_eq!(registry.reevaluate(&new).len(), 1);
         assert!(is_closed(&mut client));
-    }
-
-    #[test]
-    fn a_waypoint_that_starts_serving_the_workload_closes_the_connections_that_bypassed_it() {
-        let registry = Arc::new(InboundRegistry::default());
-        let shared = SharedState::new(state(vec![]));
-        let mut client = open(&registry, &shared, CLIENT_IP);
-        let waypoint = Workload {
-            uid: "waypoint".into(),
-            namespace: "default".into(),
-            service_account: "waypoint".into(),
-            addresses: vec!["10.1.0.50".parse().unwrap()],
-            ..Default::default()
-        };
-        let destination = GatewayDestination::Address { network: String::new(), ip: "10.1.0.50".parse().unwrap() };
-        let served = Workload { waypoint: Some(GatewayAddress { destination, hbone_mtls_port: 15008 }), ..server() };
-        let new = ProxyState::new(vec![served, waypoint], vec![], vec![], "cluster.local").unwrap();
-        assert!(!new.same_authorization(&shared.snapshot()), "the workload's waypoint is part of authorization");
-        let closed = registry.reevaluate(&new);
-        assert_eq!(closed.len(), 1);
-        assert!(closed[0].denied.not_from_waypoint(), "{:?}", closed[0].denied);
-        assert!(is_closed(&mut client) && client.closed_by_policy());
     }
 
     #[test]

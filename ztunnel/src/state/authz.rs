@@ -3,28 +3,13 @@
 //! without its scheme (`<td>/ns/<ns>/sa/<sa>`), as Istio's ztunnel does.
 //! Evaluation allocates nothing: principals are compared against the ID's
 //! pieces without formatting it.
-//!
-//! A workload served by a waypoint also gets Istio's implicit ALLOW policy
-//! for that waypoint's identity (istiod's `istio_allow_waypoint_<ns>_<name>`,
-//! `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`), here built into the state rather than
-//! sent as a policy: a peer that is not the waypoint (a client that went
-//! straight to the pod, plaintext included) is refused unless another ALLOW
-//! policy admits it.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ambit_identity::{Identity, PrincipalPattern};
 
-use super::model::{
-    Action, Authorization, GatewayAddress, GatewayDestination, Match, Rule, ServiceAccountMatch, StringMatch, Workload,
-};
+use super::model::{Action, Authorization, Match, Rule, ServiceAccountMatch, StringMatch, Workload};
 use super::ProxyState;
-
-/// [`Denied::reason`] of a connection refused because it did not come from
-/// the waypoint that serves its destination.
-pub const NOT_FROM_WAYPOINT: &str = "not from the destination's waypoint";
 
 /// What authorization knows about a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,21 +34,10 @@ pub struct Denied {
     pub reason: &'static str,
 }
 
-impl Denied {
-    /// Whether the connection was refused for not coming from the waypoint
-    /// that serves its destination (no ALLOW policy of the user applied).
-    pub fn not_from_waypoint(&self) -> bool {
-        self.reason == NOT_FROM_WAYPOINT
-    }
-}
-
 impl ProxyState {
     /// Decides whether `conn` may reach `dst`. Applicable policies: Global
     /// ones, Namespace ones in `dst`'s namespace, and those `dst` lists. Any
     /// matching DENY denies; otherwise, if an ALLOW applies, one must match.
-    /// When a waypoint serves `dst` (see [`ProxyState::waypoint_identities`])
-    /// an ALLOW of the waypoint's identity applies too, as Istio's implicit
-    /// policy: the waypoint passes, anyone else needs another ALLOW.
     pub fn authorize(&self, conn: &ConnectionAttributes, dst: &Workload) -> Result<(), Denied> {
         let ns = self.namespace_policies.get(&dst.namespace).map(Vec::as_slice).unwrap_or_default();
         let applicable = || {
@@ -79,72 +53,12 @@ impl ProxyState {
             tracing::info!(policy = %p.key(), src = %conn.src_ip, dst = %conn.dst_ip, port = conn.dst_port,
                 "dry-run DENY policy matches; not enforced");
         }
-        let waypoints = self.waypoint_peers.get(dst.uid.as_str());
-        if let (Some(ids), Some(id)) = (waypoints, &conn.src_identity) {
-            if ids.contains(id) {
-                return Ok(());
-            }
-        }
         let mut allows = applicable().filter(|p| p.action == Action::Allow && !p.dry_run).peekable();
-        let none_applies = allows.peek().is_none();
-        if (none_applies && waypoints.is_none()) || allows.any(|p| policy_matches(p, conn)) {
+        if allows.peek().is_none() || allows.any(|p| policy_matches(p, conn)) {
             return Ok(());
         }
-        let reason = if none_applies { NOT_FROM_WAYPOINT } else { "no allow policy matched" };
-        Err(Denied { policy: None, reason })
+        Err(Denied { policy: None, reason: "no allow policy matched" })
     }
-}
-
-/// For each workload served by a waypoint, the identities that waypoint's
-/// implicit ALLOW admits, following istiod (`implicitWaypointPolicies`): the
-/// workload's own waypoint and the waypoint of every service it backs, each
-/// resolved to the identities of its workloads (the one at its address, or
-/// every workload backing its service, healthy or not: a waypoint pod that
-/// is not ready may still be forwarding). A waypoint that is no known
-/// workload admits no one: the workload is then reachable only as other
-/// ALLOW policies say, as its clients cannot reach the waypoint either.
-pub(super) fn waypoint_peers(st: &ProxyState) -> HashMap<String, Arc<[Identity]>> {
-    let mut backers = vec![Vec::new(); st.services.len()];
-    for (widx, w) in st.workloads.iter().enumerate() {
-        for key in w.services.keys() {
-            if let Some(&sidx) = st.by_service_key.get(key) {
-                backers[sidx].push(widx);
-            }
-        }
-    }
-    let workloads_of = |wp: &GatewayAddress| -> &[usize] {
-        let service = match &wp.destination {
-            GatewayDestination::Address { ip, .. } => match st.by_ip.get(ip) {
-                Some(widx) => return std::slice::from_ref(widx),
-                None => st.by_vip.get(ip).copied(),
-            },
-            GatewayDestination::Hostname { .. } => {
-                wp.destination.service_key().and_then(|k| st.by_service_key.get(&k).copied())
-            }
-        };
-        service.map_or(&[], |sidx| &backers[sidx])
-    };
-    let mut resolved: HashMap<&GatewayDestination, &[usize]> = HashMap::new();
-    let mut shared: HashMap<Vec<Identity>, Arc<[Identity]>> = HashMap::new();
-    let mut peers = HashMap::new();
-    for w in &st.workloads {
-        let of_services = w.services.keys().filter_map(|k| st.service_by_key(k)?.waypoint.as_ref());
-        let mut served = false;
-        let mut ids = Vec::new();
-        for wp in w.waypoint.iter().chain(of_services) {
-            served = true;
-            let widxs = *resolved.entry(&wp.destination).or_insert_with(|| workloads_of(wp));
-            ids.extend(widxs.iter().map(|&i| st.workloads[i].identity()));
-        }
-        if !served {
-            continue;
-        }
-        ids.sort();
-        ids.dedup();
-        let ids = shared.entry(ids).or_insert_with_key(|ids| ids.as_slice().into()).clone();
-        peers.insert(w.uid.clone(), ids);
-    }
-    peers
 }
 
 /// Any rule; a rule matches when all its clauses do; a clause when any match
@@ -512,158 +426,6 @@ mod tests {
         assert!(decide(vec![with(vec![empty_match.clone()])], &c).is_err(), "an ALLOW of an empty match admits none");
         let deny = Authorization { action: Action::Deny, ..with(vec![empty_match]) };
         assert!(decide(vec![deny], &c).is_ok(), "a DENY of an empty match denies none");
-    }
-
-    // Istio's implicit allow-from-waypoint policy.
-
-    use super::super::model::{GatewayAddress, GatewayDestination, HealthStatus, Service};
-    use std::collections::BTreeMap;
-
-    const ECHO: &str = "default/echo.default.svc";
-    const WAYPOINT_SVC: &str = "default/waypoint.default.svc";
-
-    /// A workload of service account `sa` at `ip` backing `services`.
-    fn pod(uid: &str, sa: &str, ip: &str, services: &[&str]) -> Workload {
-        Workload {
-            uid: uid.into(),
-            namespace: "default".into(),
-            service_account: sa.into(),
-            addresses: vec![ip.parse().unwrap()],
-            services: services.iter().map(|s| (s.to_string(), vec![])).collect::<BTreeMap<_, _>>(),
-            ..Default::default()
-        }
-    }
-
-    fn svc(name: &str, vip: &str, waypoint: Option<GatewayAddress>) -> Service {
-        Service {
-            name: name.into(),
-            namespace: "default".into(),
-            hostname: format!("{name}.default.svc"),
-            vips: vec![vip.parse().unwrap()],
-            waypoint,
-            ..Default::default()
-        }
-    }
-
-    fn by_host(hostname: &str) -> Option<GatewayAddress> {
-        let destination = GatewayDestination::Hostname { namespace: "default".into(), hostname: hostname.into() };
-        Some(GatewayAddress { destination, hbone_mtls_port: 15008 })
-    }
-
-    fn by_ip(ip: &str) -> Option<GatewayAddress> {
-        let destination = GatewayDestination::Address { network: String::new(), ip: ip.parse().unwrap() };
-        Some(GatewayAddress { destination, hbone_mtls_port: 15008 })
-    }
-
-    /// `server` (10.1.0.3) backs `echo`, whose waypoint is `echo_wp`, and has
-    /// its own waypoint `own_wp`; `plain` (10.1.0.4) backs a service without
-    /// one; the waypoint pod (service account `waypoint`, 10.1.0.50) backs
-    /// the service `waypoint` (VIP 10.96.0.50); `wp2` (service account `wp2`,
-    /// 10.1.0.60) is another waypoint's pod.
-    fn mesh(
-        echo_wp: Option<GatewayAddress>,
-        own_wp: Option<GatewayAddress>,
-        policies: Vec<Authorization>,
-    ) -> ProxyState {
-        let mut server = pod("server", "server", "10.1.0.3", &[ECHO]);
-        server.waypoint = own_wp;
-        server.authorization_policies = vec!["default/selected".into()];
-        let workloads = vec![
-            server,
-            pod("plain", "plain", "10.1.0.4", &["default/plain.default.svc"]),
-            pod("waypoint", "waypoint", "10.1.0.50", &[WAYPOINT_SVC]),
-            pod("wp2", "wp2", "10.1.0.60", &[]),
-        ];
-        let services = vec![
-            svc("echo", "10.96.0.10", echo_wp),
-            svc("plain", "10.96.0.11", None),
-            svc("waypoint", "10.96.0.50", None),
-        ];
-        ProxyState::new(workloads, services, policies, "cluster.local").unwrap()
-    }
-
-    fn to(st: &ProxyState, uid: &str, from: Option<Identity>) -> Result<(), Denied> {
-        st.authorize(&conn(from), st.workload_by_uid(uid).unwrap())
-    }
-
-    #[test]
-    fn a_workload_behind_its_services_waypoint_admits_only_that_waypoint() {
-        let st = mesh(by_host("waypoint.default.svc"), None, vec![]);
-        assert_eq!(st.waypoint_identities("server"), Some(&[id("default", "waypoint")][..]));
-        assert_eq!(to(&st, "server", Some(id("default", "waypoint"))), Ok(()), "the waypoint's own connection");
-        let bypass = to(&st, "server", Some(id("default", "client"))).unwrap_err();
-        assert_eq!(bypass, Denied { policy: None, reason: NOT_FROM_WAYPOINT });
-        assert!(bypass.not_from_waypoint());
-        assert!(to(&st, "server", None).unwrap_err().not_from_waypoint(), "plaintext has no identity: refused");
-        let other_td = Identity::new("evil.local", "default", "waypoint");
-        assert!(to(&st, "server", Some(other_td)).is_err(), "the whole identity must match, trust domain too");
-        // A workload no waypoint serves is unaffected, plaintext included.
-        assert_eq!(st.waypoint_identities("plain"), None);
-        assert_eq!(to(&st, "plain", Some(id("default", "client"))), Ok(()));
-        assert_eq!(to(&st, "plain", None), Ok(()));
-    }
-
-    #[test]
-    fn the_workloads_own_waypoint_and_its_services_waypoints_are_all_admitted() {
-        // Own waypoint by address (a pod), the service's by VIP.
-        let st = mesh(by_ip("10.96.0.50"), by_ip("10.1.0.60"), vec![]);
-        let want = [id("default", "waypoint"), id("default", "wp2")];
-        assert_eq!(st.waypoint_identities("server"), Some(&want[..]));
-        for wp in want {
-            assert_eq!(to(&st, "server", Some(wp.clone())), Ok(()), "{wp}");
-        }
-        assert!(to(&st, "server", Some(id("default", "client"))).unwrap_err().not_from_waypoint());
-        // Only its own waypoint: the same rule, whichever way it is addressed.
-        let st = mesh(None, by_host("waypoint.default.svc"), vec![]);
-        assert_eq!(to(&st, "server", Some(id("default", "waypoint"))), Ok(()));
-        assert!(to(&st, "server", Some(id("default", "wp2"))).is_err());
-    }
-
-    #[test]
-    fn every_workload_behind_the_waypoints_service_counts_healthy_or_not() {
-        let mut st = mesh(by_host("waypoint.default.svc"), None, vec![]);
-        let mut workloads: Vec<Workload> = st.workloads().map(|w| (**w).clone()).collect();
-        let mut draining = pod("waypoint-old", "waypoint-old", "10.1.0.51", &[WAYPOINT_SVC]);
-        draining.status = HealthStatus::Unhealthy;
-        workloads.push(draining);
-        let services = st.services().map(|s| (**s).clone()).collect();
-        st = ProxyState::new(workloads, services, vec![], "cluster.local").unwrap();
-        assert_eq!(to(&st, "server", Some(id("default", "waypoint-old"))), Ok(()), "a waypoint pod not ready");
-        assert_eq!(to(&st, "server", Some(id("default", "waypoint"))), Ok(()));
-    }
-
-    #[test]
-    fn a_waypoint_that_is_no_known_workload_admits_no_one() {
-        for wp in [by_ip("10.9.9.9"), by_host("missing.default.svc")] {
-            let st = mesh(wp.clone(), None, vec![]);
-            assert_eq!(st.waypoint_identities("server"), Some(&[][..]), "{wp:?}");
-            assert!(to(&st, "server", Some(id("default", "waypoint"))).unwrap_err().not_from_waypoint());
-            assert!(to(&st, "server", Some(id("default", "client"))).is_err());
-        }
-    }
-
-    #[test]
-    fn the_waypoint_rule_is_one_allow_among_the_others_and_deny_still_comes_first() {
-        let by = |p: &str| Match { principals: vec![exact(p)], ..Default::default() };
-        let allow_client = policy("selected", Scope::WorkloadSelector, Action::Allow, by(CLIENT));
-        let st = mesh(by_host("waypoint.default.svc"), None, vec![allow_client]);
-        // Istio's policies are OR-ed: an ALLOW of the user admits the client straight to the pod...
-        assert_eq!(to(&st, "server", Some(id("default", "client"))), Ok(()));
-        // ...and the waypoint passes though that ALLOW does not name it.
-        assert_eq!(to(&st, "server", Some(id("default", "waypoint"))), Ok(()));
-        let other = to(&st, "server", Some(id("default", "other"))).unwrap_err();
-        assert_eq!(other.reason, "no allow policy matched", "an ALLOW of the user applied");
-        assert!(!other.not_from_waypoint());
-
-        let deny_waypoint = policy("deny", Scope::Namespace, Action::Deny, by("cluster.local/ns/default/sa/waypoint"));
-        let st = mesh(by_host("waypoint.default.svc"), None, vec![deny_waypoint]);
-        let denied = to(&st, "server", Some(id("default", "waypoint"))).unwrap_err();
-        assert_eq!(denied.policy.as_deref(), Some("default/deny"), "a DENY applies to the waypoint too");
-        // A dry-run ALLOW does not count as an ALLOW of the user: the waypoint rule decides.
-        let dry =
-            Authorization { dry_run: true, ..policy("selected", Scope::WorkloadSelector, Action::Allow, by(CLIENT)) };
-        let st = mesh(by_host("waypoint.default.svc"), None, vec![dry]);
-        assert!(to(&st, "server", Some(id("default", "client"))).unwrap_err().not_from_waypoint());
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use ambit_identity::Identity;
 use tokio::sync::watch;
 
 pub use authz::{ConnectionAttributes, Denied};
@@ -102,10 +101,6 @@ pub struct ProxyState {
     by_policy_key: HashMap<String, usize>,
     global_policies: Vec<usize>,
     namespace_policies: HashMap<String, Vec<usize>>,
-    /// For each workload (by uid) that a waypoint serves, the identities of
-    /// those waypoints: Istio's implicit allow-from-waypoint policy, see
-    /// [`ProxyState::authorize`]. Workloads with the same set share it.
-    waypoint_peers: HashMap<String, Arc<[Identity]>>,
 }
 
 impl ProxyState {
@@ -191,7 +186,6 @@ impl ProxyState {
             }
             st.policies.push(Arc::new(p));
         }
-        st.waypoint_peers = authz::waypoint_peers(&st);
         Ok(st)
     }
 
@@ -221,14 +215,6 @@ impl ProxyState {
         eps.unwrap_or_default().iter().map(|e| &self.workloads[e.workload])
     }
 
-    /// The identities of the waypoints that serve workload `uid` (its own,
-    /// and those of the services it backs), if any does; empty when none of
-    /// those waypoints is a known workload. Only they, or a connection an
-    /// ALLOW policy admits, may reach it (see [`ProxyState::authorize`]).
-    pub fn waypoint_identities(&self, uid: &str) -> Option<&[Identity]> {
-        self.waypoint_peers.get(uid).map(|ids| &ids[..])
-    }
-
     /// The policy with key `namespace/name`.
     pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
         self.by_policy_key.get(key).map(|&i| &self.policies[i])
@@ -251,21 +237,18 @@ impl ProxyState {
 
     /// Whether [`ProxyState::authorize`] decides every connection in `other`
     /// as in `self`: it reads the policies and, of the destination workload,
-    /// its namespace, the policies it lists and the identities of the
-    /// waypoints that serve it, so those are compared (by content: every
-    /// update builds new values). A workload in only one of the two counts as
-    /// no change, since its connections are decided with the workload they
-    /// were admitted to.
+    /// its namespace and the policies it lists, so those are compared (by
+    /// content: every update builds new values). A workload in only one of
+    /// the two counts as no change, since its connections are decided with
+    /// the workload they were admitted to.
     pub fn same_authorization(&self, other: &ProxyState) -> bool {
         let same_policies = self.policies.len() == other.policies.len()
             && self.by_policy_key.iter().all(|(key, &i)| other.policy(key).is_some_and(|p| *p == self.policies[i]));
         same_policies
             && self.workloads.iter().all(|w| {
-                other.workload_by_uid(&w.uid).is_none_or(|o| {
-                    o.namespace == w.namespace
-                        && o.authorization_policies == w.authorization_policies
-                        && self.waypoint_identities(&w.uid) == other.waypoint_identities(&w.uid)
-                })
+                other
+                    .workload_by_uid(&w.uid)
+                    .is_none_or(|o| o.namespace == w.namespace && o.authorization_policies == w.authorization_policies)
             })
     }
 }
@@ -412,25 +395,6 @@ mod tests {
         assert!(!base.same_authorization(&st(vec![listing], vec![deny(80)])), "a workload lists another policy");
         let elsewhere = Workload { namespace: "other".into(), ..w("a", "10.0.0.1") };
         assert!(!base.same_authorization(&st(vec![elsewhere], vec![deny(80)])), "a workload changed namespace");
-    }
-
-    #[test]
-    fn same_authorization_compares_the_waypoints_that_serve_a_workload() {
-        let waypoint = |ip: &str| GatewayAddress {
-            destination: GatewayDestination::Address { network: String::new(), ip: ip.parse().unwrap() },
-            hbone_mtls_port: 15008,
-        };
-        let st = |server_wp: Option<GatewayAddress>, wp_sa: &str| {
-            let server = Workload { waypoint: server_wp, ..w("server", "10.0.0.1") };
-            let wp = Workload { service_account: wp_sa.into(), ..w("wp", "10.0.0.50") };
-            ProxyState::new(vec![server, wp], vec![], vec![], "td").unwrap()
-        };
-        let served = st(Some(waypoint("10.0.0.50")), "waypoint");
-        assert!(served.same_authorization(&st(Some(waypoint("10.0.0.50")), "waypoint")), "rebuilt, same content");
-        assert!(!st(None, "waypoint").same_authorization(&served), "a waypoint now serves the workload");
-        assert!(!served.same_authorization(&st(None, "waypoint")), "no waypoint serves it any more");
-        assert!(!served.same_authorization(&st(Some(waypoint("10.0.0.50")), "other")), "the waypoint's identity");
-        assert!(!served.same_authorization(&st(Some(waypoint("10.0.0.77")), "waypoint")), "an unknown waypoint");
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub struct GatewayAddress {
 }
 
 /// How a [`GatewayAddress`] names its waypoint.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GatewayDestination {
     /// An IP (a waypoint workload's, or its service's VIP) on a network
     /// (empty = the default network).

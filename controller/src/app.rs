@@ -75,6 +75,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         root_namespace: config.root_namespace.clone(),
         cluster_id: config.cluster_id.clone(),
         domain_suffix: config.domain_suffix.clone(),
+        auto_allow_waypoint_policy: config.auto_allow_waypoint_policy,
     };
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let rejected = Family::<KindLabels, Counter>::default();

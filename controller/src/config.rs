@@ -105,6 +105,14 @@ pub struct Args {
     #[arg(long, env = "AMBIT_DOMAIN_SUFFIX", default_value = "cluster.local")]
     pub domain_suffix: String,
 
+    /// Send Istio's implicit allow-from-waypoint policy (istiod's
+    /// PILOT_AUTO_ALLOW_WAYPOINT_POLICY): a workload a waypoint serves admits
+    /// the waypoint, and anyone else only as its other ALLOW policies say, so
+    /// traffic that goes around the waypoint (straight to a pod) is refused.
+    /// Off by default, as in Istio.
+    #[arg(long, env = "AMBIT_AUTO_ALLOW_WAYPOINT_POLICY")]
+    pub auto_allow_waypoint_policy: bool,
+
     /// Prometheus metrics endpoint.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
     pub metrics_addr: SocketAddr,
@@ -183,6 +191,7 @@ pub struct Config {
     pub root_namespace: String,
     pub cluster_id: String,
     pub domain_suffix: String,
+    pub auto_allow_waypoint_policy: bool,
     pub metrics_addr: SocketAddr,
     pub kube: KubeConfig,
 }
@@ -291,6 +300,7 @@ impl Config {
             root_namespace: a.root_namespace,
             cluster_id: a.cluster_id,
             domain_suffix: a.domain_suffix,
+            auto_allow_waypoint_policy: a.auto_allow_waypoint_policy,
             metrics_addr: a.metrics_addr,
             kube: KubeConfig {
                 kubeconfig: a.kubeconfig,

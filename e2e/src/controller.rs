@@ -40,15 +40,21 @@ impl ControllerProcess {
     /// YAML), `ca/` (the root it generates), `bootstrap-tokens` (one token per lab node, `--bootstrap-tokens`)
     /// and `tokens/<node>` (each node's token, as its ztunnel reads it). Waits until its port accepts.
     pub fn start(lab: &Lab, host: &Host) -> anyhow::Result<Self> {
-        Self::start_with_workloads(lab, host, &[])
+        Self::start_with_workloads(lab, host, &[], &[])
     }
 
     /// [`ControllerProcess::start`], also admitting the workloads `(namespace, service account)` in `workloads`
     /// (waypoints, which fetch their own configuration and certificate): `workload-tokens` holds one
     /// `<token> <namespace>/<service account>` per workload (`--workload-tokens`) and
     /// `tokens/workload-<namespace>-<service account>` each one's token (see
-    /// [`ControllerProcess::workload_token_file`]). The file is read once, at start.
-    pub fn start_with_workloads(lab: &Lab, host: &Host, workloads: &[(&str, &str)]) -> anyhow::Result<Self> {
+    /// [`ControllerProcess::workload_token_file`]). The file is read once, at start. `extra_args` are more
+    /// flags (e.g. `--auto-allow-waypoint-policy`).
+    pub fn start_with_workloads(
+        lab: &Lab,
+        host: &Host,
+        workloads: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = lab.dir().join("controller");
         std::fs::create_dir_all(dir.join("cluster"))?;
         std::fs::create_dir_all(dir.join("tokens"))?;
@@ -83,6 +89,7 @@ impl ControllerProcess {
         if !workloads.is_empty() {
             cmd.args(["--workload-tokens", &dir.join("workload-tokens").display().to_string()]);
         }
+        cmd.args(extra_args);
         let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -113,18 +113,21 @@ impl Mesh {
     /// `istio.io/dataplane-mode=ambient`. ztunnels started from now on use its xDS and CA; [`Mesh::ca`] is its root.
     /// No ztunnel runs yet.
     pub fn with_controller(lab: Lab, controller_host: HostId, ambient: &[&str]) -> anyhow::Result<Self> {
-        Self::with_controller_and_workloads(lab, controller_host, ambient, &[])
+        Self::with_controller_and_workloads(lab, controller_host, ambient, &[], &[])
     }
 
     /// [`Mesh::with_controller`], with the controller also admitting the workloads `(namespace, service account)`
-    /// in `workloads` by their own tokens (waypoints; see [`ControllerProcess::start_with_workloads`]).
+    /// in `workloads` by their own tokens (waypoints; see [`ControllerProcess::start_with_workloads`]), and
+    /// started with the flags `controller_args` too.
     pub fn with_controller_and_workloads(
         lab: Lab,
         controller_host: HostId,
         ambient: &[&str],
         workloads: &[(&str, &str)],
+        controller_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let process = ControllerProcess::start_with_workloads(&lab, lab.host(controller_host), workloads)?;
+        let process =
+            ControllerProcess::start_with_workloads(&lab, lab.host(controller_host), workloads, controller_args)?;
         let ca = process.root()?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("build runtime")?;
         let mesh = Mesh {

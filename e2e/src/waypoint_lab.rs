@@ -65,6 +65,11 @@ impl WaypointMesh {
     /// Builds lab `name`: nodes 1 and 2, `client` and `waypoint` on node 1, the pods `node2_pods` on node 2; starts
     /// the controller (namespace [`NS`] ambient, admitting the waypoint's token) and both ztunnels.
     pub fn new(name: &str, node2_pods: &[&str]) -> anyhow::Result<Self> {
+        Self::with_controller_args(name, node2_pods, &[])
+    }
+
+    /// [`WaypointMesh::new`], with the controller started with the flags `controller_args` too.
+    pub fn with_controller_args(name: &str, node2_pods: &[&str], controller_args: &[&str]) -> anyhow::Result<Self> {
         let mut lab = Lab::new(name)?;
         let n1 = lab.add_node("node1")?;
         let n2 = lab.add_node("node2")?;
@@ -76,7 +81,7 @@ impl WaypointMesh {
         let servers =
             node2_pods.iter().map(|p| lab.add_pod(n2, PodSpec::new(p, NS, p))).collect::<anyhow::Result<Vec<_>>>()?;
         let ctrl = lab.add_external_host("ctrl")?;
-        let mut mesh = Mesh::with_controller_and_workloads(lab, ctrl, &[NS], &[(NS, GATEWAY)])
+        let mut mesh = Mesh::with_controller_and_workloads(lab, ctrl, &[NS], &[(NS, GATEWAY)], controller_args)
             .context("mesh with the controller admitting the waypoint's token")?;
         for n in [n1, n2] {
             mesh.start_ztunnel(n).context("start ztunnel")?;

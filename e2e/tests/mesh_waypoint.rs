@@ -146,10 +146,16 @@ struct WaypointLab {
 
 impl WaypointLab {
     fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &[])
+    }
+
+    /// [`WaypointLab::start`] with more controller flags.
+    fn start_with(test: &str, controller_args: &[&str]) -> Option<Self> {
         if !ambit_e2e::require_root(test) {
             return None;
         }
-        let mut lab = WaypointMesh::new(test, &["echo-v1", "echo-v2", "intruder"]).expect("the waypoint lab");
+        let mut lab = WaypointMesh::with_controller_args(test, &["echo-v1", "echo-v2", "intruder"], controller_args)
+            .expect("the waypoint lab");
         let [v1, v2, intruder] = lab.servers[..] else { unreachable!("three server pods") };
         let client = lab.client;
         for p in [client, v1, v2, intruder] {
@@ -303,6 +309,13 @@ fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
         0.0,
         "the client reached node 2 around the waypoint:\n{m2}"
     );
+
+    // Istio's default (no implicit waypoint policy): a client may still go straight to a pod behind the waypoint,
+    // as the Gateway API's MeshFrontend test expects; --auto-allow-waypoint-policy refuses it (test below).
+    let echo_v1 = SocketAddr::from((l.ip(l.servers[0]), APP_PORT));
+    let mut straight = HttpConnection::connect(l.ns(l.client), echo_v1, TIMEOUT).unwrap();
+    let r = straight.send(&Request::get(ECHO_HOST, "/straight").close()).expect("straight to echo-v1's pod IP");
+    assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
 
     // A client that shuts down its sending side after the request (nc, shell scripts) still gets the answer.
     let mut half = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).unwrap();
@@ -610,8 +623,8 @@ fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_t
 }
 
 #[test]
-fn a_client_that_goes_around_the_waypoint_is_refused_by_the_servers_ztunnel() {
-    let Some(l) = WaypointLab::start("wp-bin-bypass") else { return };
+fn with_the_implicit_waypoint_policy_a_client_that_goes_around_the_waypoint_is_refused() {
+    let Some(l) = WaypointLab::start_with("wp-bin-bypass", &["--auto-allow-waypoint-policy"]) else { return };
     let [v1, v2] = l.servers;
     let (client_ip, waypoint_ip) = (l.ip(l.client), l.ip(l.wp));
     // `GET path` straight to `pod`'s application port from `from`'s network namespace.
@@ -621,7 +634,7 @@ fn a_client_that_goes_around_the_waypoint_is_refused_by_the_servers_ztunnel() {
     };
     let refused = || {
         let m = l.mesh.ztunnel(l.nodes[1]).metrics().unwrap();
-        metric(&m, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "not_from_waypoint")])
+        metric(&m, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")])
     };
     let reached_v1 = |path: &str| l.v1.requests().iter().filter(|q| q.path == path).count();
 
@@ -631,7 +644,8 @@ fn a_client_that_goes_around_the_waypoint_is_refused_by_the_servers_ztunnel() {
     assert_eq!(refused(), 0.0, "the waypoint's own connections are admitted");
 
     // Straight to echo-v1's pod IP: echo-v1 has no waypoint of its own, so the client's ztunnel tunnels to it
-    // directly, and echo-v1's ztunnel refuses the client, which is not the waypoint of `echo` that echo-v1 backs.
+    // directly, and echo-v1's ztunnel refuses the client: echo-v1 backs `echo`, so it lists the implicit policy
+    // `istio_allow_waypoint_default_waypoint`, an ALLOW for the waypoint's identity only.
     let r = straight(l.client, v1, "/around-hbone");
     assert!(r.is_err(), "the client reached echo-v1 around the waypoint: {r:?}");
     assert_eq!(refused(), 1.0, "{}", l.mesh.ztunnel(l.nodes[1]).metrics().unwrap());

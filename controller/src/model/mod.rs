@@ -16,6 +16,7 @@ pub mod routes;
 pub mod services;
 pub mod unsupported;
 pub mod waypoint;
+pub mod waypoint_policy;
 pub mod waypoint_scope;
 pub mod workloads;
 
@@ -93,6 +94,9 @@ pub struct ModelOptions {
     pub cluster_id: String,
     /// Cluster DNS suffix of service hostnames.
     pub domain_suffix: String,
+    /// Istio's implicit allow-from-waypoint policy for the workloads a
+    /// waypoint serves ([`waypoint_policy`]).
+    pub auto_allow_waypoint_policy: bool,
 }
 
 impl Default for ModelOptions {
@@ -102,6 +106,7 @@ impl Default for ModelOptions {
             root_namespace: "ambit-system".into(),
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
+            auto_allow_waypoint_policy: false,
         }
     }
 }
@@ -283,8 +288,14 @@ pub fn build_report(objects: &ClusterObjects, opts: &ModelOptions, version: u64)
         snap.addresses.insert(model.key, addr);
     }
 
+    let implicit =
+        opts.auto_allow_waypoint_policy.then(|| waypoint_policy::ImplicitPolicies::new(&gateways, &opts.trust_domain));
     for (v, extra) in pods.pods.iter().zip(extras) {
-        let (w, warning) = workloads::build(v, extra, ns_labels.get(v.key.0.as_str()).copied(), &waypoint_index, opts);
+        let (mut w, warning) =
+            workloads::build(v, extra, ns_labels.get(v.key.0.as_str()).copied(), &waypoint_index, opts);
+        if let Some(implicit) = &implicit {
+            implicit.attach(&mut w, &snap.addresses, &mut snap.authorizations);
+        }
         if let Some(reason) = warning {
             report.warnings.push(warn("Pod", v.key, reason));
         }

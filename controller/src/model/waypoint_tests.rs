@@ -1,6 +1,7 @@
 //! The waypoint's configuration from a whole cluster: which services get routes, which policies go to the waypoint
 //! and not to ztunnel, and what each waypoint is scoped to.
 
+use ambit_api::security::{string_match, Action, Scope};
 use ambit_api::waypoint::{backend, policy_target, Protocol};
 
 use super::*;
@@ -221,4 +222,35 @@ fn a_waypoint_is_scoped_to_its_services_their_backends_and_their_endpoints() {
     let direct = &s.waypoints[&("mesh".to_owned(), "wl-waypoint".to_owned())];
     assert_eq!(direct.addresses.iter().collect::<Vec<_>>(), ["Kubernetes//Pod/mesh/direct-0"], "its own workload");
     assert!(direct.service_routes.is_empty() && direct.policies.is_empty());
+}
+
+#[test]
+fn the_implicit_allow_from_waypoint_policy_lists_the_waypoints_own_identity_on_the_workloads_it_serves() {
+    let (parsed, _) = parse_documents(WAYPOINT_CLUSTER, "waypoint.yaml");
+    let mut objects = ClusterObjects::default();
+    for o in parsed {
+        objects.insert(o);
+    }
+    let opts = ModelOptions { auto_allow_waypoint_policy: true, ..ModelOptions::default() };
+    let s = build_report(&objects, &opts, 1).snapshot;
+    let policies = |pod: &str| match &s.addresses[&format!("Kubernetes//Pod/mesh/{pod}")].r#type {
+        Some(address::Type::Workload(w)) => w.authorization_policies.clone(),
+        other => panic!("{pod}: {other:?}"),
+    };
+    let wp = "mesh/istio_allow_waypoint_mesh_waypoint";
+    assert_eq!(policies("web-0"), [wp, "mesh/l4"], "behind its service's waypoint, with its own L4 policy");
+    assert_eq!(policies("direct-0"), ["mesh/istio_allow_waypoint_mesh_wl-waypoint"], "its own waypoint");
+    assert!(policies("plain-0").is_empty() && policies("web-v2-0").is_empty(), "no waypoint serves them");
+    let p = &s.authorizations[wp];
+    assert_eq!((p.name.as_str(), p.namespace.as_str()), ("istio_allow_waypoint_mesh_waypoint", "mesh"));
+    assert_eq!((p.action(), p.scope(), p.dry_run), (Action::Allow, Scope::WorkloadSelector, false));
+    let principals = &p.rules[0].clauses[0].matches[0].principals;
+    assert_eq!(principals.len(), 1);
+    assert_eq!(
+        principals[0].match_type,
+        Some(string_match::MatchType::Exact("cluster.local/ns/mesh/sa/waypoint".into())),
+        "Istio's form: no spiffe:// scheme"
+    );
+    // Off (the default, as in Istio): nothing implicit; see targeted_policies_go_to_the_waypoint_and_never_to_ztunnel.
+    assert!(!waypoint_cluster().snapshot.authorizations.keys().any(|k| k.contains("istio_allow_waypoint")));
 }

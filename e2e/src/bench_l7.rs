@@ -15,12 +15,13 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
 use crate::check::metric;
+use crate::daemon::Daemon;
 use crate::dump;
 use crate::netns::NetNs;
 use crate::waypoint_lab::{WaypointMesh, NS, WAYPOINT_HOST};
@@ -132,8 +133,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let dir = lab.mesh.lab().dir().to_path_buf();
     let (server_ip, wp_ip) = (lab.mesh.lab().pod(server).ip, lab.mesh.lab().pod(wp).ip);
     let client_ns = NetNs::borrowed(lab.mesh.lab().pod(client).netns.name());
-    let nginx = Daemon::nginx(&lab.mesh.lab().pod(server).netns, &dir)?;
-    wait_http(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, nginx.pid)?;
+    let nginx = nginx(&lab.mesh.lab().pod(server).netns, &dir)?;
+    wait_http(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, nginx.pid())?;
     let mut report = Report { options: Some(opts.clone()), ..Report::default() };
 
     eprintln!("measuring direct HTTP (pods not enrolled) ...");
@@ -141,19 +142,19 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     report.direct = wrk(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, &opts)?;
 
     {
-        let haproxy = Daemon::haproxy(
+        let haproxy = haproxy(
             &lab.mesh.lab().pod(wp).netns,
             &dir,
             SocketAddr::from((wp_ip, HAPROXY_PORT)),
             SocketAddr::from((server_ip, HAPROXY_BACKEND_PORT)),
         )?;
         let target = SocketAddr::from((wp_ip, HAPROXY_PORT));
-        wait_http(&client_ns, target, WP_HOST, haproxy.pid)?;
+        wait_http(&client_ns, target, WP_HOST, haproxy.pid())?;
         eprintln!("measuring through HAProxy (mode http, in the waypoint's pod, no mesh) ...");
         warm_up(&client_ns, target, WP_HOST, &opts)?;
-        let before = proc_cpu_seconds(haproxy.pid);
+        let before = haproxy.cpu_seconds();
         report.haproxy = wrk(&client_ns, target, WP_HOST, &opts)?;
-        report.haproxy_cpu_seconds = proc_cpu_seconds(haproxy.pid) - before;
+        report.haproxy_cpu_seconds = haproxy.cpu_seconds() - before;
     }
 
     for p in [client, server] {
@@ -166,7 +167,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let zt_cpu = |lab: &WaypointMesh| lab.nodes.map(|n| lab.mesh.ztunnel(n).cpu_seconds());
 
     let l4 = SocketAddr::from((L4_VIP, 80));
-    wait_http(&client_ns, l4, L4_HOST, nginx.pid)?;
+    wait_http(&client_ns, l4, L4_HOST, nginx.pid())?;
     eprintln!("measuring mesh L4 (HBONE through two ztunnels, no waypoint) ...");
     warm_up(&client_ns, l4, L4_HOST, &opts)?;
     let before = zt_cpu(&lab);
@@ -188,19 +189,19 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     })?;
     let waypoint = lab.start_waypoint(false)?;
     let wp_target = SocketAddr::from((WP_VIP, 80));
-    wait_http(&client_ns, wp_target, WP_HOST, nginx.pid)?;
+    wait_http(&client_ns, wp_target, WP_HOST, nginx.pid())?;
     let ok = |w: &crate::waypoint::WaypointProcess| -> anyhow::Result<f64> {
         Ok(metric(&w.metrics()?, "istio_requests_total", &[("reporter", "waypoint"), ("response_code", "200")]))
     };
     eprintln!("measuring through the waypoint (client ztunnel → ambit-waypoint → server ztunnel) ...");
     report.waypoint_idle_rss_mib = mib(waypoint.rss_bytes());
     warm_up(&client_ns, wp_target, WP_HOST, &opts)?;
-    let (counted_before, cpu_before, zt_before) = (ok(&waypoint)?, proc_cpu_seconds(waypoint.pid()), zt_cpu(&lab));
+    let (counted_before, cpu_before, zt_before) = (ok(&waypoint)?, waypoint.cpu_seconds(), zt_cpu(&lab));
     report.waypoint = wrk(&client_ns, wp_target, WP_HOST, &opts)?;
-    report.waypoint_cpu_seconds = proc_cpu_seconds(waypoint.pid()) - cpu_before;
+    report.waypoint_cpu_seconds = waypoint.cpu_seconds() - cpu_before;
     let zt_after = zt_cpu(&lab);
     report.ztunnel_cpu_waypoint = [zt_after[0] - zt_before[0], zt_after[1] - zt_before[1]];
-    report.waypoint_peak_rss_mib = mib(proc_kib(waypoint.pid(), "VmHWM:") * 1024);
+    report.waypoint_peak_rss_mib = mib(waypoint.peak_rss_bytes());
     report.waypoint_counted = ok(&waypoint)? - counted_before;
     if report.waypoint_counted < 1.0 {
         bail!("the waypoint counted none of the waypoint run's requests: it was not on the path");
@@ -221,96 +222,61 @@ fn which(tool: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server or proxy started in a pod's namespace, stopped on drop (SIGTERM to its PID, up to 5 s, then SIGKILL).
-struct Daemon {
-    child: Child,
-    pid: u32,
-    name: &'static str,
+/// nginx (its own config in `dir`, not the system's) in `ns`, answering `ok` on every path's port.
+fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Daemon> {
+    let d = dir.join("nginx");
+    fs::create_dir_all(&d)?;
+    let d = d.display();
+    let listen: String = [DIRECT_PORT, HAPROXY_BACKEND_PORT, L4_PORT, WAYPOINT_PORT]
+        .iter()
+        .map(|p| format!("    listen {p} reuseport backlog=4096;\n"))
+        .collect();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
+         client_body_temp_path {d}/body;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  \
+         server {{\n{listen}    default_type text/plain;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+    );
+    let conf_file = format!("{d}/nginx.conf");
+    fs::write(&conf_file, conf)?;
+    let mut cmd = ns.command("nginx");
+    cmd.args(["-p", &d.to_string(), "-c", &conf_file, "-e", &format!("{d}/error.log")]);
+    spawn("nginx", ns, cmd, &format!("{d}/stderr.log"))
 }
 
-impl Daemon {
-    /// nginx (its own config in `dir`, not the system's) in `ns`, answering `ok` on every path's port.
-    fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
-        let d = dir.join("nginx");
-        fs::create_dir_all(&d)?;
-        let d = d.display();
-        let listen: String = [DIRECT_PORT, HAPROXY_BACKEND_PORT, L4_PORT, WAYPOINT_PORT]
-            .iter()
-            .map(|p| format!("    listen {p} reuseport backlog=4096;\n"))
-            .collect();
-        let conf = format!(
-            "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
-             client_body_temp_path {d}/body;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  \
-             server {{\n{listen}    default_type text/plain;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
-        );
-        let conf_file = format!("{d}/nginx.conf");
-        fs::write(&conf_file, conf)?;
-        let mut cmd = ns.command("nginx");
-        cmd.args(["-p", &d.to_string(), "-c", &conf_file, "-e", &format!("{d}/error.log")]);
-        Self::spawn("nginx", cmd, &format!("{d}/stderr.log"))
-    }
-
-    /// HAProxy in `mode http` in `ns`, listening on `listen`, proxying to `backend` over kept-alive connections.
-    fn haproxy(ns: &NetNs, dir: &Path, listen: SocketAddr, backend: SocketAddr) -> anyhow::Result<Self> {
-        let d = dir.join("haproxy");
-        fs::create_dir_all(&d)?;
-        let conf = format!(
-            "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  \
-             timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\nfrontend fe\n  \
-             bind {listen}\n  default_backend be\n\nbackend be\n  server server1 {backend}\n"
-        );
-        let conf_file = d.join("haproxy.cfg");
-        fs::write(&conf_file, conf)?;
-        let mut cmd = ns.command("haproxy");
-        cmd.arg("-db").arg("-f").arg(&conf_file);
-        Self::spawn("haproxy", cmd, &format!("{}/stderr.log", d.display()))
-    }
-
-    fn spawn(name: &'static str, mut cmd: Command, log: &str) -> anyhow::Result<Self> {
-        let out = fs::File::create(log).with_context(|| format!("create {log}"))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        let pid = child.id();
-        let mut d = Daemon { child, pid, name };
-        std::thread::sleep(Duration::from_millis(200));
-        if let Some(status) = d.child.try_wait()? {
-            bail!("{name} exited at once with {status}: {}", fs::read_to_string(log).unwrap_or_default());
-        }
-        d.check_alive()?;
-        Ok(d)
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} (pid {}) exited with {status}", self.name, self.pid);
-        }
-        Ok(())
-    }
+/// HAProxy in `mode http` in `ns`, listening on `listen`, proxying to `backend` over kept-alive connections.
+fn haproxy(ns: &NetNs, dir: &Path, listen: SocketAddr, backend: SocketAddr) -> anyhow::Result<Daemon> {
+    let d = dir.join("haproxy");
+    fs::create_dir_all(&d)?;
+    let conf = format!(
+        "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  \
+         timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\nfrontend fe\n  \
+         bind {listen}\n  default_backend be\n\nbackend be\n  server server1 {backend}\n"
+    );
+    let conf_file = d.join("haproxy.cfg");
+    fs::write(&conf_file, conf)?;
+    let mut cmd = ns.command("haproxy");
+    cmd.arg("-db").arg("-f").arg(&conf_file);
+    spawn("haproxy", ns, cmd, &format!("{}/stderr.log", d.display()))
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("{} {} ignored SIGTERM for 5 s; killing it", self.name, self.pid);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Starts `cmd` (a server or proxy in `ns`), its output in `log`; fails if it exits within 200 ms. Stopped on drop
+/// (see [`Daemon`]).
+fn spawn(name: &'static str, ns: &NetNs, mut cmd: Command, log: &str) -> anyhow::Result<Daemon> {
+    let out = fs::File::create(log).with_context(|| format!("create {log}"))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    // Their output only matters at start, where a failure below already carries it.
+    let mut d = Daemon::new(name, child, NetNs::borrowed(ns.name()), log.into()).without_log_on_panic();
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = d.try_exited()? {
+        bail!("{name} exited at once with {status}: {}", d.log_text());
     }
+    Ok(d)
 }
 
 /// Polls `GET /` with `Host: host` at `addr` from `ns` until it answers 200 (the server `pid` must stay alive).
@@ -434,29 +400,6 @@ fn duration_us(v: &str) -> anyhow::Result<f64> {
         _ => bail!("unit {unit} in {v}"),
     };
     Ok(n * scale)
-}
-
-/// utime + stime of process `pid`, in seconds (0 if it is gone).
-fn proc_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
-}
-
-/// A `kB` line of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), 0 if absent.
-fn proc_kib(pid: u32, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn mib(b: u64) -> f64 {

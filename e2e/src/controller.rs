@@ -4,12 +4,13 @@
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use ambit_identity::CertificateAuthority;
 use anyhow::{bail, Context};
 
+use crate::daemon::Daemon;
 use crate::lab::{Host, Lab};
 use crate::netns::NetNs;
 use crate::objects::KubeObjects;
@@ -25,14 +26,12 @@ pub const METRICS_PORT: u16 = 15014;
 /// The name on the controller's serving certificate (`--serving-dns-names`), which its clients verify.
 pub const SERVER_NAME: &str = "ambit-controller.ambit-system.svc";
 
-/// A running controller; Drop stops it (SIGTERM, then SIGKILL; this PID only).
+/// A running controller; Drop stops it (see [`Daemon`]: SIGTERM, then SIGKILL; this PID only).
 #[derive(Debug)]
 pub struct ControllerProcess {
-    child: Child,
+    daemon: Daemon,
     dir: PathBuf,
     ip: Ipv4Addr,
-    netns: String,
-    log: PathBuf,
 }
 
 impl ControllerProcess {
@@ -97,14 +96,20 @@ impl ControllerProcess {
             .stderr(out)
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
-        let mut c = ControllerProcess { child, dir, ip: host.ip, netns: host.netns.name().to_string(), log };
+        // Tests print its log where they need it (log_text); a tail on every failure would bury the ztunnels'.
+        let daemon = Daemon::new("ambit-controller", child, netns, log).without_log_on_panic();
+        let mut c = ControllerProcess { daemon, dir, ip: host.ip };
         let addr = SocketAddr::from((host.ip, GRPC_PORT));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Some(status) = c.child.try_wait()? {
+            if let Some(status) = c.daemon.try_exited()? {
                 bail!("controller exited with {status}; log:\n{}", c.log_text());
             }
-            if netns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))).is_ok() {
+            if c.daemon
+                .netns()
+                .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+                .is_ok()
+            {
                 return Ok(c);
             }
             if Instant::now() > deadline {
@@ -157,9 +162,8 @@ impl ControllerProcess {
 
     /// `GET /metrics` on the controller's metrics port (Prometheus text).
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let netns = NetNs::borrowed(&self.netns);
-        let r =
-            crate::http::get(&netns, SocketAddr::from((self.ip, METRICS_PORT)), "/metrics", Duration::from_secs(5))?;
+        let addr = SocketAddr::from((self.ip, METRICS_PORT));
+        let r = crate::http::get(self.daemon.netns(), addr, "/metrics", Duration::from_secs(5))?;
         if r.status != 200 {
             bail!("controller /metrics: status {}", r.status);
         }
@@ -183,24 +187,7 @@ impl ControllerProcess {
 
     /// The controller's log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.log_text()
     }
 }
 

@@ -5,24 +5,15 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 
 use crate::controller::SERVER_NAME;
+use crate::daemon::Daemon;
 use crate::lab::PodId;
 use crate::mesh::{Mesh, TRUST_DOMAIN};
 use crate::netns::NetNs;
-
-/// How long a request to one of the waypoint's local ports may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Lines of the log printed when a test fails while a waypoint runs.
-const LOG_TAIL_LINES: usize = 200;
-
-/// How long Drop waits after SIGTERM before SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The waypoint's HBONE port.
 pub const HBONE_PORT: u16 = 15008;
@@ -149,14 +140,12 @@ pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
     crate::ztunnel::workspace_binary("ambit-waypoint", "AMBIT_WAYPOINT_BIN")
 }
 
-/// A running waypoint. Drop stops it: SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if the test is
-/// failing (the thread is panicking) the last lines of its log are printed.
+/// A running waypoint. Drop stops it (see [`Daemon`]): SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if
+/// the test is failing (the thread is panicking) the last lines of its log are printed.
 #[derive(Debug)]
 pub struct WaypointProcess {
-    child: Child,
-    netns: NetNs,
+    daemon: Daemon,
     args: WaypointArgs,
-    exited: bool,
 }
 
 impl WaypointProcess {
@@ -171,7 +160,7 @@ impl WaypointProcess {
         // The child gets a handle of its own on the pod's namespace file (the Pod keeps the namespace alive).
         let netns = NetNs::borrowed(p.netns.name());
         let child = netns.spawn_logged(binary, args.to_args(), &args.log_level, &args.log_file)?;
-        Ok(WaypointProcess { child, netns, args, exited: false })
+        Ok(WaypointProcess { daemon: Daemon::new("ambit-waypoint", child, netns, args.log_file.clone()), args })
     }
 
     /// [`WaypointProcess::start`], then [`WaypointProcess::wait_ready`].
@@ -184,39 +173,22 @@ impl WaypointProcess {
     /// Waits until `GET /healthz/ready` on the readiness port answers 200; fails early, with the log, if the
     /// process exits, and with the log and the last answer after `timeout`.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let addr = local(self.args.readiness_addr);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = true;
-                bail!("ambit-waypoint exited with {status} before it was ready; log:\n{}", self.log_text());
-            }
-            let last = match crate::http::get(&self.netns, addr, "/healthz/ready", HTTP_TIMEOUT) {
-                Ok(r) if r.status == 200 => return Ok(()),
-                Ok(r) => format!("status {}: {}", r.status, r.body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!("ambit-waypoint not ready within {timeout:?} ({last}); log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.daemon.wait_ready(self.args.readiness_addr, timeout).map_err(|e| anyhow!("{e}; log:\n{}", self.log_text()))
     }
 
     /// `GET /healthz/ready` on the readiness port: whether it answers 200.
     pub fn is_ready(&self) -> bool {
-        crate::http::get(&self.netns, local(self.args.readiness_addr), "/healthz/ready", HTTP_TIMEOUT)
-            .is_ok_and(|r| r.status == 200)
+        self.daemon.is_ready(self.args.readiness_addr)
     }
 
     /// `GET /metrics` on the metrics port (Prometheus text).
     pub fn metrics(&self) -> anyhow::Result<String> {
-        self.get_ok(local(self.args.metrics_addr), "/metrics")
+        self.daemon.get_ok(self.args.metrics_addr, "/metrics")
     }
 
     /// `GET <path>` on the admin port.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
-        self.get_ok(local(self.args.admin_addr), path)
+        self.daemon.get_ok(self.args.admin_addr, path)
     }
 
     /// `GET /config_dump` on the admin port, parsed.
@@ -232,122 +204,57 @@ impl WaypointProcess {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.daemon.pid()
     }
 
     /// Whether it is still running (reaps it if it exited).
     pub fn is_running(&mut self) -> bool {
-        if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
-            self.exited = true;
-        }
-        !self.exited
+        self.daemon.is_running()
     }
 
     /// How many file descriptors it holds now (`/proc/<pid>/fd`); 0 once it exited.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, Iterator::count)
+        self.daemon.open_fds()
     }
 
     /// Resident set size now (`VmRSS`), in bytes; 0 once it exited.
     pub fn rss_bytes(&self) -> u64 {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid())) else {
-            return 0;
-        };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
+        self.daemon.rss_bytes()
+    }
+
+    /// User plus system CPU time so far, in seconds; 0 once it exited.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.daemon.cpu_seconds()
+    }
+
+    /// Peak resident set size (`VmHWM`), in bytes; 0 once it exited.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        self.daemon.peak_rss_bytes()
     }
 
     /// Its whole log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.args.log_file).unwrap_or_default()
+        self.daemon.log_text()
     }
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].iter().fold(String::new(), |mut s, l| {
-            s.push_str(l);
-            s.push('\n');
-            s
-        })
+        self.daemon.log_tail(n)
     }
 
     /// Sends SIGTERM and waits up to `within` for it to exit; its exit
     /// status, or an error with its log when it is still running.
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = true;
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("ambit-waypoint still running {within:?} after SIGTERM; log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        self.daemon.terminate();
+        match self.daemon.wait_exit(within)? {
+            Some(status) => Ok(status),
+            None => bail!("ambit-waypoint still running {within:?} after SIGTERM; log:\n{}", self.log_text()),
         }
     }
 
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.exited = true;
-    }
-
-    fn get_ok(&self, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-        let r = crate::http::get(&self.netns, addr, path, HTTP_TIMEOUT)?;
-        if r.status != 200 {
-            bail!("GET {addr}{path}: status {}: {}", r.status, r.body.trim());
-        }
-        Ok(r.body)
-    }
-}
-
-impl Drop for WaypointProcess {
-    fn drop(&mut self) {
-        if !self.exited {
-            let pid = self.child.id() as libc::pid_t;
-            // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_GRACE;
-            loop {
-                match self.child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        eprintln!("ambit-waypoint {pid} ignored SIGTERM for {STOP_GRACE:?}; killing it");
-                        self.kill();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            self.exited = true;
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- last {LOG_TAIL_LINES} lines of {} ----\n{}---- end of waypoint log ----",
-                self.args.log_file.display(),
-                self.log_tail(LOG_TAIL_LINES)
-            );
-        }
-    }
-}
-
-/// A wildcard listen address as the loopback address to query it on.
-fn local(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
+        self.daemon.kill();
     }
 }
 

@@ -1,22 +1,14 @@
 //! Runs the real `ztunnel` binary inside a node's namespace and talks to its admin, metrics and readiness ports.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 
+use crate::daemon::Daemon;
 use crate::lab::{Lab, Node, NodeId};
 use crate::netns::NetNs;
-
-/// How long a request to one of ztunnel's local ports may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Lines of the log printed when a test fails while a ztunnel runs.
-const LOG_TAIL_LINES: usize = 200;
 
 /// ztunnel's `--drain-timeout` default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -203,14 +195,12 @@ pub fn workspace_binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A running ztunnel. Drop stops it: SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if the test is
-/// failing (the thread is panicking) the last lines of its log are printed.
+/// A running ztunnel. Drop stops it (see [`Daemon`]): SIGTERM, up to 5 s of grace, then SIGKILL (this PID only); if
+/// the test is failing (the thread is panicking) the last lines of its log are printed.
 #[derive(Debug)]
 pub struct ZtunnelProcess {
-    child: Child,
-    netns: NetNs,
+    daemon: Daemon,
     args: ZtunnelArgs,
-    exited: bool,
 }
 
 impl ZtunnelProcess {
@@ -227,44 +217,30 @@ impl ZtunnelProcess {
         // The child gets a handle of its own on the node's namespace file (the Node keeps the namespace alive).
         let netns = NetNs::borrowed(node.netns.name());
         let child = netns.spawn_logged(binary, args.to_args(), &args.log_level, &args.log_file)?;
-        Ok(ZtunnelProcess { child, netns, args, exited: false })
+        Ok(ZtunnelProcess { daemon: Daemon::new("ztunnel", child, netns, args.log_file.clone()), args })
     }
 
     /// Waits until `GET /healthz/ready` on the readiness port answers 200; fails early, with the log's tail, if
     /// the process exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let addr = local(self.args.readiness_addr);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = true;
-                bail!("ztunnel exited with {status} before it was ready; log:\n{}", self.log_tail(50));
-            }
-            let last = match crate::http::get(&self.netns, addr, "/healthz/ready", HTTP_TIMEOUT) {
-                Ok(r) if r.status == 200 => return Ok(()),
-                Ok(r) => format!("status {}: {}", r.status, r.body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!("ztunnel not ready within {timeout:?} ({last}); log:\n{}", self.log_tail(50));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.daemon
+            .wait_ready(self.args.readiness_addr, timeout)
+            .map_err(|e| anyhow!("{e}; log:\n{}", self.log_tail(50)))
     }
 
     /// `GET /metrics` on the metrics port (Prometheus text).
     pub fn metrics(&self) -> anyhow::Result<String> {
-        self.get_ok(local(self.args.metrics_addr), "/metrics")
+        self.daemon.get_ok(self.args.metrics_addr, "/metrics")
     }
 
     /// `GET <path>` on the admin port.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
-        self.get_ok(local(self.args.admin_addr), path)
+        self.daemon.get_ok(self.args.admin_addr, path)
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.daemon.pid()
     }
 
     /// The arguments it was started with.
@@ -274,157 +250,51 @@ impl ZtunnelProcess {
 
     /// Kills it with SIGKILL (for crash tests) and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.exited = true;
+        self.daemon.kill();
     }
 
     /// Sends SIGTERM (it starts draining; a second one makes it exit at once) without waiting.
     pub fn terminate(&mut self) {
-        if !self.is_running() {
-            return;
-        }
-        // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.daemon.terminate();
     }
 
     /// Waits up to `timeout` for it to exit; its exit status, or an error with the log's tail.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = true;
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("ztunnel {} still running after {timeout:?}; log:\n{}", self.pid(), self.log_tail(50));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match self.daemon.wait_exit(timeout)? {
+            Some(status) => Ok(status),
+            None => bail!("ztunnel {} still running after {timeout:?}; log:\n{}", self.pid(), self.log_tail(50)),
         }
     }
 
     /// `GET /healthz/ready` on the readiness port: whether it answers 200.
     pub fn is_ready(&self) -> bool {
-        crate::http::get(&self.netns, local(self.args.readiness_addr), "/healthz/ready", HTTP_TIMEOUT)
-            .is_ok_and(|r| r.status == 200)
+        self.daemon.is_ready(self.args.readiness_addr)
     }
 
     /// Whether it is still running (reaps it if it exited).
     pub fn is_running(&mut self) -> bool {
-        if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
-            self.exited = true;
-        }
-        !self.exited
+        self.daemon.is_running()
     }
 
     /// User plus system CPU time so far, in seconds (from `/proc/<pid>/stat`); 0 once it exited.
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
-            return 0.0;
-        };
-        // Fields after the parenthesised command name: state is the first, utime the 12th, stime the 13th.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            return 0.0;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        (ticks(11) + ticks(12)) as f64 / hz
+        self.daemon.cpu_seconds()
     }
 
     /// Resident set size now (`VmRSS`), in bytes; 0 once it exited.
     pub fn rss_bytes(&self) -> u64 {
-        self.status_kib("VmRSS:") * 1024
+        self.daemon.rss_bytes()
     }
 
     /// Peak resident set size (`VmHWM`), in bytes; 0 once it exited.
     pub fn peak_rss_bytes(&self) -> u64 {
-        self.status_kib("VmHWM:") * 1024
+        self.daemon.peak_rss_bytes()
     }
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        log_tail(&self.args.log_file, n)
+        self.daemon.log_tail(n)
     }
-
-    fn status_kib(&self, key: &str) -> u64 {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid())) else {
-            return 0;
-        };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn get_ok(&self, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-        let r = crate::http::get(&self.netns, addr, path, HTTP_TIMEOUT)?;
-        if r.status != 200 {
-            bail!("GET {addr}{path}: status {}: {}", r.status, r.body.trim());
-        }
-        Ok(r.body)
-    }
-}
-
-impl Drop for ZtunnelProcess {
-    fn drop(&mut self) {
-        if !self.exited {
-            let pid = self.child.id() as libc::pid_t;
-            // SAFETY: signalling our own, not yet reaped child (its PID cannot have been reused).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match self.child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        eprintln!("ztunnel {pid} ignored SIGTERM for 5 s; killing it");
-                        self.kill();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- last {LOG_TAIL_LINES} lines of {} ----\n{}---- end of ztunnel log ----",
-                self.args.log_file.display(),
-                self.log_tail(LOG_TAIL_LINES)
-            );
-        }
-    }
-}
-
-/// A wildcard listen address as the loopback address to query it on.
-fn local(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    }
-}
-
-/// The last `n` lines of a file (empty if it cannot be read).
-fn log_tail(path: &Path, n: usize) -> String {
-    let Ok(file) = File::open(path) else {
-        return String::new();
-    };
-    let mut ring = std::collections::VecDeque::with_capacity(n);
-    for line in BufReader::new(file).lines() {
-        let Ok(line) = line else { break };
-        if ring.len() == n {
-            ring.pop_front();
-        }
-        ring.push_back(line);
-    }
-    ring.into_iter().fold(String::new(), |mut s, l| {
-        s.push_str(&l);
-        s.push('\n');
-        s
-    })
 }
 
 #[cfg(test)]
@@ -503,19 +373,5 @@ mod tests {
         assert_eq!((third.admin_addr, third.log_file.clone()), (first.admin_addr, first.log_file.clone()));
         assert!(first.to_args().join(" ").ends_with("--drain-timeout 1500ms"), "{:?}", first.to_args());
         assert_eq!(first.drain_timeout(), Duration::from_millis(1500));
-    }
-
-    #[test]
-    fn wildcard_addresses_are_queried_on_loopback() {
-        assert_eq!(local("0.0.0.0:15021".parse().unwrap()), "127.0.0.1:15021".parse().unwrap());
-        assert_eq!(local("10.0.0.1:15000".parse().unwrap()), "10.0.0.1:15000".parse().unwrap());
-    }
-
-    #[test]
-    fn the_log_tail_keeps_the_last_lines() {
-        let path = std::env::temp_dir().join(format!("ambit-e2e-tail-{}.log", std::process::id()));
-        std::fs::write(&path, (1..=10).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-        assert_eq!(log_tail(&path, 2), "line 9\nline 10\n");
-        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -36,37 +36,77 @@ impl Anchors {
         Ok(Self { anchors, subjects, algs: crate::provider().signature_verification_algorithms })
     }
 
-    /// Validates the chain for `usage` at `now`, then reads the leaf's identity and EKUs.
-    fn verify(
+    /// Validates the chain for `role` at `now`, requires the leaf's EKU for it, then lets `accept` judge the
+    /// leaf's identity.
+    fn verify_peer(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        usage: KeyUsage,
-    ) -> Result<LeafFacts, rustls::Error> {
+        role: Role,
+        accept: impl FnOnce(Identity) -> Result<(), PeerError>,
+    ) -> Result<(), rustls::Error> {
         let leaf = EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        leaf.verify_for_usage(self.algs.all, &self.anchors, intermediates, now, usage, None, None)
+        leaf.verify_for_usage(self.algs.all, &self.anchors, intermediates, now, role.usage(), None, None)
             .map_err(pki_error)?;
-        cert::leaf_facts(end_entity).map_err(|e| peer_error(PeerError::NoIdentity(e)))
+        let facts = cert::leaf_facts(end_entity).map_err(|e| peer_error(PeerError::NoIdentity(e)))?;
+        // webpki accepts a leaf without any EKU; the mesh's leaves always carry it.
+        if !role.has_eku(&facts) {
+            return Err(CertificateError::InvalidPurpose.into());
+        }
+        accept(facts.identity).map_err(peer_error)
+    }
+}
+
+/// Which end of the handshake a leaf authenticates.
+#[derive(Clone, Copy)]
+enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    fn usage(self) -> KeyUsage {
+        match self {
+            Role::Client => KeyUsage::client_auth(),
+            Role::Server => KeyUsage::server_auth(),
+        }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    fn has_eku(self, facts: &LeafFacts) -> bool {
+        match self {
+            Role::Client => facts.client_auth,
+            Role::Server => facts.server_auth,
+        }
     }
+}
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
+/// The signature checks and schemes both verifier traits ask for, answered by the verifier's `anchors` (the two
+/// traits are distinct, so a macro rather than a shared impl).
+macro_rules! signatures_by_anchors {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.anchors.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.anchors.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.anchors.algs.supported_schemes()
+        }
+    };
 }
 
 /// Server side: requires a client certificate from the mesh's CA, with EKU clientAuth and a
@@ -97,41 +137,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let facts = self.anchors.verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
-        // webpki accepts a leaf without any EKU; the mesh's leaves always carry it.
-        if !facts.client_auth {
-            return Err(CertificateError::InvalidPurpose.into());
-        }
-        if facts.identity.trust_domain != self.trust_domain {
-            return Err(peer_error(PeerError::ForeignTrustDomain {
-                peer: facts.identity,
-                trust_domain: self.trust_domain.clone(),
-            }));
-        }
+        self.anchors.verify_peer(end_entity, intermediates, now, Role::Client, |peer| {
+            if peer.trust_domain != self.trust_domain {
+                return Err(PeerError::ForeignTrustDomain { peer, trust_domain: self.trust_domain.clone() });
+            }
+            Ok(())
+        })?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.anchors.algs.supported_schemes()
-    }
+    signatures_by_anchors!();
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -168,37 +183,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let facts = self.anchors.verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
-        if !facts.server_auth {
-            return Err(CertificateError::InvalidPurpose.into());
-        }
-        if !self.expected.contains(&facts.identity) {
-            return Err(peer_error(PeerError::Unexpected { peer: facts.identity, expected: self.expected.clone() }));
-        }
+        self.anchors.verify_peer(end_entity, intermediates, now, Role::Server, |peer| {
+            if !self.expected.contains(&peer) {
+                return Err(PeerError::Unexpected { peer, expected: self.expected.clone() });
+            }
+            Ok(())
+        })?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.anchors.algs.supported_schemes()
-    }
+    signatures_by_anchors!();
 }
 
 impl fmt::Debug for SpiffeServerVerifier {

@@ -45,8 +45,8 @@ pub enum RouteError {
     /// backendRequest longer than request.
     #[error("rule {0}: timeouts.backendRequest is longer than timeouts.request")]
     BackendTimeoutTooLong(usize),
-    /// A redirect status code other than 301 or 302.
-    #[error("redirect status code {0} is not 301 or 302")]
+    /// A redirect status code the Gateway API does not allow (301, 302, and the extended 303, 307, 308).
+    #[error("redirect status code {0} is not 301, 302, 303, 307 or 308")]
     BadRedirectCode(u32),
     /// A gRPC method match with neither service nor method.
     #[error("a gRPC method match needs a service or a method")]
@@ -288,7 +288,7 @@ fn route_filter(f: &RouteFilter, ns: &str, backends: &dyn BackendResolver, grpc:
         "RequestRedirect" if !grpc => {
             let r = f.request_redirect.as_ref().ok_or_else(|| missing("requestRedirect"))?;
             let status_code = r.status_code.unwrap_or(302);
-            if !matches!(status_code, 301 | 302) {
+            if !matches!(status_code, 301 | 302 | 303 | 307 | 308) {
                 return Err(RouteError::BadRedirectCode(status_code));
             }
             if let Some(p) = r.port.filter(|p| !(1..=65535).contains(p)) {

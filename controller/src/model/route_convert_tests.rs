@@ -168,7 +168,7 @@ fn what_the_gateway_api_calls_invalid_is_refused() {
             "  rules: [{filters: [{type: URLRewrite, urlRewrite: {hostname: a}}, {type: RequestRedirect, requestRedirect: {hostname: b}}]}]\n",
             "cannot be combined",
         ),
-        ("  rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}]\n", "307"),
+        ("  rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]}]\n", "304"),
         ("  rules: [{timeouts: {request: 1s, backendRequest: 2s}}]\n", "longer"),
         ("  rules: [{timeouts: {request: 10}}]\n", "bad duration"),
     ];
@@ -180,6 +180,16 @@ fn what_the_gateway_api_calls_invalid_is_refused() {
         grpc("  rules: [{filters: [{type: URLRewrite, urlRewrite: {hostname: a}}]}]\n").is_err(),
         "not a gRPC filter"
     );
+}
+
+#[test]
+fn every_redirect_status_the_gateway_api_allows_is_taken() {
+    // 303, 307 and 308 are extended features (HTTPRoute303RedirectStatusCode…), which the waypoint supports.
+    for code in [301, 302, 303, 307, 308] {
+        let spec =
+            format!("  rules: [{{filters: [{{type: RequestRedirect, requestRedirect: {{statusCode: {code}}}}}]}}]\n");
+        assert!(http(&spec).is_ok(), "{code}");
+    }
 }
 
 #[test]

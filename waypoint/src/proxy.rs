@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ambit_identity::Identity;
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use rand::rngs::SmallRng;
@@ -33,7 +33,7 @@ use crate::reply::{Reply, ReplyReason};
 use crate::retry::{self, Outcome, RetryBudget};
 use crate::route::Route;
 use crate::upgrade;
-use crate::upstream::{ProxyBody, Upstream};
+use crate::upstream::{request_uri, ProxyBody, Upstream};
 
 /// What every request shares.
 pub struct Shared {
@@ -90,6 +90,7 @@ impl Shared {
         self.pickers.lock().expect("bug: poisoned").retain(|key, _| snapshot.service(key).is_some());
         let ips: HashSet<IpAddr> = workloads.values().flat_map(|w| w.addresses.iter().copied()).collect();
         self.loads.lock().expect("bug: poisoned").retain(|addr, load| load.get() > 0 || ips.contains(&addr.ip()));
+        self.upstream.prune(|ip| ips.contains(&ip));
     }
 
     /// `w`'s metric labels, made once per version of the workload.
@@ -373,10 +374,10 @@ async fn forward_request(
             RequestBody::Streamed(s) => s,
         };
         let mut req = Request::from_parts(parts.clone(), this_body);
-        *req.uri_mut() = endpoint_uri(addr, &parts.uri);
+        *req.uri_mut() = request_uri(&parts.uri, &parts.headers, addr);
         let _in_flight = candidate.load.start();
         let now = Instant::now();
-        let send = shared.upstream.send(req, http2);
+        let send = shared.upstream.send(req, addr, http2);
         let result = match deadlines.attempt(now) {
             Some(at) => match tokio::time::timeout_at(at.into(), send).await {
                 Ok(r) => r.map_err(|e| classify_error(&e)),
@@ -424,16 +425,6 @@ fn classify_error(e: &hyper_util::client::legacy::Error) -> Outcome {
     } else {
         Outcome::Reset
     }
-}
-
-/// `http://<endpoint><path and query>`.
-fn endpoint_uri(addr: SocketAddr, original: &Uri) -> Uri {
-    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
-    let host = match addr.ip() {
-        IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
-    };
-    Uri::builder().scheme("http").authority(host).path_and_query(pq).build().unwrap_or_default()
 }
 
 /// A request body as forwarded: kept whole (it can be sent again), or streamed once.
@@ -485,7 +476,7 @@ fn send_mirror(
     }
     let addr = usable[rand::Rng::random_range(rng, 0..usable.len())];
     let mut req = Request::from_parts(parts.clone(), full(body));
-    *req.uri_mut() = endpoint_uri(addr, &parts.uri);
+    *req.uri_mut() = request_uri(&parts.uri, &parts.headers, addr);
     if let Some(host) = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()) {
         if let Ok(v) = HeaderValue::try_from(format!("{host}-shadow")) {
             req.headers_mut().insert(http::header::HOST, v);
@@ -493,7 +484,7 @@ fn send_mirror(
     }
     let upstream = shared.upstream.clone();
     tokio::spawn(async move {
-        match tokio::time::timeout(Duration::from_secs(30), upstream.send(req, http2)).await {
+        match tokio::time::timeout(Duration::from_secs(30), upstream.send(req, addr, http2)).await {
             Ok(Ok(resp)) => {
                 let _ = resp.into_body().collect().await;
             }

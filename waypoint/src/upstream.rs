@@ -2,18 +2,22 @@
 //! connections are HBONE tunnels to the endpoint pod's ztunnel, or plain TCP
 //! to a pod outside the mesh.
 //!
-//! A request is addressed to `http://<pod IP>:<port>`; the connector finds
-//! the workload with that address in the current snapshot and opens a tunnel
-//! (`:authority` = pod IP:port) through the shared [`HbonePool`], presenting
-//! the waypoint's certificate and accepting only the workload's identity.
-//! HTTP connections are pooled per endpoint by the client (so requests reuse
-//! a tunnel), and tunnels to one node share its HBONE connection.
+//! Each endpoint (pod IP:port) has its own pair of pooled clients, whose
+//! connector finds the workload with that address in the current snapshot
+//! and opens a tunnel (CONNECT `:authority` = pod IP:port) through the shared
+//! [`HbonePool`], presenting the waypoint's certificate and accepting only
+//! the workload's identity. A request keeps the authority the client sent
+//! (`Host`, or HTTP/2's `:authority`, as Envoy forwards it): hyper's HTTP/2
+//! client takes `:authority` from the URI, which therefore cannot carry the
+//! endpoint. HTTP connections are pooled per endpoint (so requests reuse a
+//! tunnel), and tunnels to one node share its HBONE connection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +27,7 @@ use ambit_hbone::HBONE_PORT;
 use ambit_identity::Identity;
 use ambit_xds_client::certs::CertManager;
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
@@ -42,8 +47,6 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub enum ConnectError {
     #[error("no workload has address {0}")]
     UnknownEndpoint(IpAddr),
-    #[error("request URI {0} does not name an endpoint")]
-    BadUri(Uri),
     #[error("no certificate for the waypoint: {0}")]
     Certificate(String),
     #[error("hbone to {0}: {1}")]
@@ -70,9 +73,13 @@ struct Inner {
     settings: UpstreamSettings,
 }
 
-/// Opens connections to endpoints (a `tower` service of `Uri`s, as hyper-util's client wants).
+/// Opens connections to one endpoint, whatever the request's URI says (a
+/// `tower` service of `Uri`s, as hyper-util's client wants).
 #[derive(Clone)]
-pub struct Connector(Arc<Inner>);
+pub struct Connector {
+    inner: Arc<Inner>,
+    endpoint: SocketAddr,
+}
 
 /// Sockets of the waypoint's own network namespace: it is not captured.
 struct PlainDialer;
@@ -85,14 +92,11 @@ impl Dialer for PlainDialer {
 }
 
 impl Connector {
-    async fn connect(self, uri: Uri) -> Result<UpstreamIo, ConnectError> {
-        let addr = uri
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-            .ok_or_else(|| ConnectError::BadUri(uri.clone()))?;
-        let snapshot = self.0.snapshots.current();
+    async fn connect(self) -> Result<UpstreamIo, ConnectError> {
+        let addr = self.endpoint;
+        let snapshot = self.inner.snapshots.current();
         let workload = snapshot.workload_by_ip(addr.ip()).ok_or(ConnectError::UnknownEndpoint(addr.ip()))?;
-        let settings = &self.0.settings;
+        let settings = &self.inner.settings;
         if workload.tunnel == Tunnel::None {
             let connect = TcpStream::connect(addr);
             let tcp = match tokio::time::timeout(settings.connect_timeout, connect).await {
@@ -103,7 +107,8 @@ impl Connector {
             let _ = tcp.set_nodelay(true);
             return Ok(UpstreamIo { io: TokioIo::new(Io::Tcp(tcp)), _guard: None });
         }
-        let certs = self.0.certs.get(&settings.identity).await.map_err(|e| ConnectError::Certificate(e.to_string()))?;
+        let certs =
+            self.inner.certs.get(&settings.identity).await.map_err(|e| ConnectError::Certificate(e.to_string()))?;
         let key = PoolKey {
             src: settings.source_ip,
             src_identity: settings.identity.clone(),
@@ -111,7 +116,7 @@ impl Connector {
             dst_identity: workload.identity.clone(),
         };
         let tunnel = self
-            .0
+            .inner
             .pool
             .open(&key, &PlainDialer, &*certs, addr, HeaderMap::new())
             .await
@@ -130,8 +135,8 @@ impl tower_service::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri))
+    fn call(&mut self, _: Uri) -> Self::Future {
+        Box::pin(self.clone().connect())
     }
 }
 
@@ -204,12 +209,17 @@ impl Write for UpstreamIo {
     }
 }
 
-/// The HTTP clients to endpoints: HTTP/1.1 and HTTP/2 (prior knowledge).
-#[derive(Clone)]
-pub struct Upstream {
+/// The HTTP clients of one endpoint: HTTP/1.1 and HTTP/2 (prior knowledge).
+struct EndpointClients {
     http1: Client<Connector, ProxyBody>,
     http2: Client<Connector, ProxyBody>,
-    connector: Connector,
+}
+
+/// The pooled HTTP clients of every endpoint in use.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+    clients: Arc<Mutex<HashMap<SocketAddr, Arc<EndpointClients>>>>,
 }
 
 impl Upstream {
@@ -219,32 +229,56 @@ impl Upstream {
         snapshots: SnapshotHandle,
         settings: UpstreamSettings,
     ) -> Upstream {
-        let idle = settings.idle_timeout;
-        let connector = Connector(Arc::new(Inner { pool, certs, snapshots, settings }));
-        let builder = || {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(idle).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
-            b
-        };
-        let http1 = builder().build(connector.clone());
-        let http2 = builder().http2_only(true).build(connector.clone());
-        Upstream { http1, http2, connector }
+        let inner = Arc::new(Inner { pool, certs, snapshots, settings });
+        Upstream { inner, clients: Arc::default() }
     }
 
-    /// Sends `req` (its URI `http://<endpoint>/<path>`) over HTTP/2 or
-    /// HTTP/1.1, on a pooled connection when one is free.
+    fn clients(&self, endpoint: SocketAddr) -> Arc<EndpointClients> {
+        let mut clients = self.clients.lock().expect("bug: poisoned");
+        let make = || {
+            let connector = self.connector(endpoint);
+            let builder = || {
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_idle_timeout(self.inner.settings.idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new());
+                b
+            };
+            Arc::new(EndpointClients {
+                http1: builder().build(connector.clone()),
+                http2: builder().http2_only(true).build(connector),
+            })
+        };
+        clients.entry(endpoint).or_insert_with(make).clone()
+    }
+
+    fn connector(&self, endpoint: SocketAddr) -> Connector {
+        Connector { inner: self.inner.clone(), endpoint }
+    }
+
+    /// Sends `req` to `endpoint` over HTTP/2 or HTTP/1.1, on a pooled
+    /// connection when one is free. Its URI is `http://<authority><path>`
+    /// with the authority the client asked for ([`request_uri`]).
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
+        endpoint: SocketAddr,
         http2: bool,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let clients = self.clients(endpoint);
         if http2 {
             *req.version_mut() = Version::HTTP_2;
-            self.http2.request(req).await
+            clients.http2.request(req).await
         } else {
             *req.version_mut() = Version::HTTP_11;
-            self.http1.request(req).await
+            clients.http1.request(req).await
         }
+    }
+
+    /// Forgets the clients (and their idle connections) of endpoints whose
+    /// address `keep` no longer accepts, so churn does not grow the map.
+    pub fn prune(&self, keep: impl Fn(IpAddr) -> bool) {
+        self.clients.lock().expect("bug: poisoned").retain(|addr, _| keep(addr.ip()));
     }
 
     /// A raw connection to an endpoint, for TCP forwarding.
@@ -252,9 +286,52 @@ impl Upstream {
         &self,
         endpoint: SocketAddr,
     ) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin, ConnectError> {
-        let uri =
-            Uri::try_from(format!("http://{endpoint}")).map_err(|_| ConnectError::UnknownEndpoint(endpoint.ip()))?;
-        let io = self.connector.clone().connect(uri).await?;
+        let io = self.connector(endpoint).connect().await?;
         Ok(TokioIo::new(io))
+    }
+}
+
+/// The URI of a forwarded request: `http://`, the authority the client
+/// asked for (HTTP/2's `:authority`, else `Host`; the endpoint's address if
+/// it named none usable), and its path and query.
+pub fn request_uri(original: &Uri, headers: &HeaderMap, endpoint: SocketAddr) -> Uri {
+    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
+    let authority = original
+        .authority()
+        .cloned()
+        .or_else(|| headers.get(http::header::HOST)?.to_str().ok()?.parse::<Authority>().ok());
+    let builder = Uri::builder().scheme("http").path_and_query(pq);
+    let uri = match authority {
+        Some(a) => builder.authority(a).build(),
+        None => builder.authority(endpoint.to_string()).build(),
+    };
+    uri.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = host {
+            h.insert(http::header::HOST, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_forwarded_uri_keeps_the_authority_the_client_asked_for() {
+        let endpoint: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        // HTTP/2: `:authority` is the URI's; HTTP/2 upstreams send it as `:authority`, not the endpoint.
+        let h2: Uri = "http://echo.default.svc.cluster.local:80/a?b=1".parse().unwrap();
+        let uri = request_uri(&h2, &headers(None), endpoint);
+        assert_eq!(uri.to_string(), "http://echo.default.svc.cluster.local:80/a?b=1");
+        // HTTP/1.1: origin-form target, the authority in `Host`.
+        let h1: Uri = "/a?b=1".parse().unwrap();
+        assert_eq!(request_uri(&h1, &headers(Some("echo")), endpoint).to_string(), "http://echo/a?b=1");
+        // Neither (HTTP/1.0), or a Host that is no authority: the endpoint's address.
+        assert_eq!(request_uri(&h1, &headers(None), endpoint).to_string(), "http://10.2.0.2:8080/a?b=1");
+        assert_eq!(request_uri(&h1, &headers(Some("a b")), endpoint).to_string(), "http://10.2.0.2:8080/a?b=1");
     }
 }

@@ -215,6 +215,12 @@ rm -f "$REPORT"
 suite_rc=0
 (cd "$CLUSTER_DIR" && "$BUILD/conformance.test" "${args[@]}") >"$SUITE_LOG" 2>&1 || suite_rc=$?
 gc_log "suite exit $suite_rc after $((SECONDS - phase_t))s; log $SUITE_LOG, report $REPORT"
+if [[ $mode == mesh ]]; then
+  # What explains failures, kept before the uninstall: the controller's log (rejected routes, warnings) and each
+  # waypoint's (its access log names the route a request took: route_name).
+  k logs -n ambit-system deploy/ambit-controller >"$CLUSTER_DIR/controller-$mode.log" 2>&1 || true
+  for ns in "${NAMESPACES[@]}"; do k logs -n "$ns" deploy/waypoint >"$CLUSTER_DIR/waypoint-$ns.log" 2>&1 || true; done
+fi
 
 # Per test: result and time (from its first to its last log line), and the closing count.
 "$GC_DIR/summary.py" "$SUITE_LOG" | tee "$CLUSTER_DIR/summary-$mode.txt"

@@ -204,7 +204,7 @@ args=(
   --namespace-labels=istio.io/dataplane-mode=ambient,istio.io/use-waypoint=waypoint
   --timeout-config-overrides=RequiredConsecutiveSuccesses:20
   --report-output="$REPORT"
-  --organization=ambit --project=ambit --url=https://github.com/ambit-mesh/ambit
+  --organization=ambit --project=ambit
   --version="$(git -C "$GC_REPO" describe --always --dirty 2>/dev/null || echo dev)$([[ $mode == mesh ]] || echo "+no-mesh")"
   --contact=dev@ambit.local
 )

@@ -22,6 +22,7 @@
 #   GC_SKIP_TESTS=A,B                   --skip-tests
 #   GC_SUPPORTED_FEATURES=...           --supported-features (default: below)
 #   GC_TEST_TIMEOUT=60m                 the test binary's -test.timeout
+#   GC_IMPLEMENTATION_URL=...           the report's implementation URL (required by the suite; a placeholder)
 #   AMBIT_NO_CARGO_BUILD=1              passed to scripts/build-images.sh (use target/release as it is)
 # Exit status: the suite's (0 when every test that ran passed), or 1 when a step before it failed.
 set -euo pipefail
@@ -42,6 +43,9 @@ FEATURES="${GC_SUPPORTED_FEATURES:-Mesh,HTTPRoute,GRPCRoute,HTTPRouteResponseHea
 HTTPRoute303RedirectStatusCode,HTTPRoute307RedirectStatusCode,HTTPRoute308RedirectStatusCode,MeshClusterIPMatching,\
 MeshHTTPRouteRewritePath,MeshHTTPRouteSchemeRedirect,MeshHTTPRouteRedirectPort,MeshHTTPRouteRedirectPath,\
 MeshHTTPRouteBackendRequestHeaderModification,MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule}"
+# The report's implementation URL, which the suite requires. The project has no public page yet: a placeholder in
+# the ghcr.io/ambit-mesh namespace that the manifests' image names use.
+URL="${GC_IMPLEMENTATION_URL:-https://github.com/ambit-mesh/ambit}"
 NAMESPACES=(gateway-conformance-mesh gateway-conformance-mesh-consumer)   # the suite's mesh manifests
 OVERLAY="$GC_DIR/overlay"
 WAIT=120
@@ -204,7 +208,7 @@ args=(
   --namespace-labels=istio.io/dataplane-mode=ambient,istio.io/use-waypoint=waypoint
   --timeout-config-overrides=RequiredConsecutiveSuccesses:20
   --report-output="$REPORT"
-  --organization=ambit --project=ambit
+  --organization=ambit --project=ambit --url="$URL"
   --version="$(git -C "$GC_REPO" describe --always --dirty 2>/dev/null || echo dev)$([[ $mode == mesh ]] || echo "+no-mesh")"
   --contact=dev@ambit.local
 )

@@ -11,6 +11,7 @@ BRIDGE_IP=10.250.0.1           # the host on it; the API forwarder listens here
 NODES=(node1 node2)            # Kubernetes node names; node N is NODES[N-1]
 POD_CIDR=10.244.0.0/16         # node N's pods: 10.244.N.0/24
 SERVICE_CIDR=10.96.0.0/16      # as e2e/kube/start.sh configures the API server
+CLUSTER_DNS_IP=10.96.0.10      # kube-dns, with up.sh's opt-in AMBIT_CLUSTER_DNS=1
 
 # Images imported into every node's containerd. Never :latest (it would make
 # the pull policy Always, and there is no registry).

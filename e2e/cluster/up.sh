@@ -7,12 +7,21 @@
 # Writes DIR/kubeconfig (cluster admin) and DIR/env (every pid and resource,
 # appended as it is made); stop with e2e/cluster/down.sh DIR, which also runs
 # when this script fails halfway. See README.md.
+#
+# Opt-in: AMBIT_CLUSTER_DNS=1 adds cluster DNS (CoreDNS as a Deployment in
+# kube-system behind the Service kube-dns at 10.96.0.10, the kubelets'
+# clusterDNS). Its image is the OCI tar AMBIT_COREDNS_TAR, by default the one
+# e2e/gateway-conformance/build.sh builds (cached). Without it nothing changes.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $# -eq 1 ]] || die "usage: $0 DIR"
 set_cluster_dir "$1"
 [[ ! -f "$ENV_FILE" ]] || die "$ENV_FILE exists: run $CLUSTER_DIR_SRC/down.sh $CLUSTER_DIR first"
+CLUSTER_DNS="${AMBIT_CLUSTER_DNS:-0}"
+[[ "$CLUSTER_DNS" == 0 || "$CLUSTER_DNS" == 1 ]] || die "AMBIT_CLUSTER_DNS must be 0 or 1"
+NODE_IMAGES=(pause busybox)
+((CLUSTER_DNS == 0)) || NODE_IMAGES+=(coredns)
 
 # ---------------------------------------------------------------- checks
 
@@ -58,6 +67,14 @@ build_images() {
   python3 "$REPO_DIR/scripts/oci-image.py" --name "$BUSYBOX_IMAGE" --output "$d/busybox.tar" \
     --add /bin/busybox:/bin/busybox "${applets[@]}" --dir /tmp:1777 \
     --env PATH=/bin --cmd /bin/sh
+  if ((CLUSTER_DNS)); then
+    local tar="${AMBIT_COREDNS_TAR:-}"
+    [[ -n "$tar" ]] || tar="$("$REPO_DIR/e2e/gateway-conformance/build.sh")/coredns.tar"
+    [[ -s "$tar" ]] || die "no CoreDNS image tar: $tar"
+    cp "$tar" "$d/coredns.tar"
+    COREDNS_IMAGE="$(tar -xOf "$d/coredns.tar" index.json | jq -r '.manifests[0].annotations["io.containerd.image.name"]')"
+    [[ -n "$COREDNS_IMAGE" && "$COREDNS_IMAGE" != null ]] || die "$tar names no image"
+  fi
 }
 
 # ---------------------------------------------------------------- control plane
@@ -325,6 +342,7 @@ imageGCHighThresholdPercent: 99
 imageGCLowThresholdPercent: 98
 serializeImagePulls: false
 EOF
+  ((CLUSTER_DNS == 0)) || echo "clusterDNS: [$CLUSTER_DNS_IP]" >>"$d/kubelet.yaml"
 }
 
 # kube-proxy: iptables mode inside the node's namespace; conntrack settings
@@ -430,7 +448,7 @@ start_node() { # NODE
   sock="$(containerd_sock "$n")"
   start_daemon "$n" containerd containerd --config "$d/containerd.toml"
   wait_until "$n: containerd" 30 ctr --address "$sock" version
-  for img in pause busybox; do
+  for img in "${NODE_IMAGES[@]}"; do
     ctr --address "$sock" -n k8s.io images import "$CLUSTER_DIR/images/$img.tar" >/dev/null
   done
   start_daemon "$n" kubelet "$KUBE_BIN/kubelet" --config="$d/kubelet.yaml" \
@@ -456,6 +474,89 @@ make_node() { # NODE
 
 node_ready() { # NODE
   [[ "$(kubectl get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
+}
+
+# ---------------------------------------------------------------- cluster DNS (opt-in)
+
+# CoreDNS in kube-system behind kube-dns (10.96.0.10), as kubeadm installs it:
+# the kubernetes plugin (in-cluster config through default/kubernetes),
+# ready, cache; no forward (nothing outside the machine is reachable).
+cluster_dns() {
+  kubectl apply --server-side --field-manager=ambit-e2e-cluster -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: coredns, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: ambit-e2e:coredns}
+rules:
+- {apiGroups: [""], resources: [services, pods, namespaces], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: ambit-e2e:coredns}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ambit-e2e:coredns}
+subjects: [{kind: ServiceAccount, name: coredns, namespace: kube-system}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: coredns, namespace: kube-system}
+data:
+  Corefile: |
+    .:53 {
+        errors
+        health :8080
+        ready :8181
+        kubernetes cluster.local in-addr.arpa ip6.arpa {
+            pods insecure
+            fallthrough in-addr.arpa ip6.arpa
+        }
+        cache 30
+        loadbalance
+    }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata: {labels: {k8s-app: kube-dns}}
+    spec:
+      serviceAccountName: coredns
+      dnsPolicy: Default
+      terminationGracePeriodSeconds: 1
+      tolerations: [{operator: Exists}]
+      containers:
+      - name: coredns
+        image: $COREDNS_IMAGE
+        imagePullPolicy: IfNotPresent
+        args: [-conf, /etc/coredns/Corefile]
+        ports:
+        - {name: dns, containerPort: 53, protocol: UDP}
+        - {name: dns-tcp, containerPort: 53, protocol: TCP}
+        readinessProbe: {httpGet: {path: /ready, port: 8181}, periodSeconds: 2}
+        volumeMounts: [{name: config, mountPath: /etc/coredns, readOnly: true}]
+      volumes: [{name: config, configMap: {name: coredns}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  clusterIP: $CLUSTER_DNS_IP
+  selector: {k8s-app: kube-dns}
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+EOF
+  record CLUSTER_DNS "$CLUSTER_DNS_IP"
+  wait_until "CoreDNS Available" 120 dns_available
+}
+dns_available() {
+  [[ "$(kubectl get deploy -n kube-system coredns -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" == True ]]
 }
 
 # ---------------------------------------------------------------- main
@@ -495,6 +596,10 @@ host_cni_mount_points
 for n in "${NODES[@]}"; do make_node "$n"; done
 for n in "${NODES[@]}"; do wait_until "$n Ready" 120 node_ready "$n"; done
 restore_sysctls "$CLUSTER_DIR/sysctls.saved"
+if ((CLUSTER_DNS)); then
+  cluster_dns
+  log "cluster DNS: CoreDNS ($COREDNS_IMAGE) Available at $CLUSTER_DNS_IP after $((SECONDS - t0))s"
+fi
 up_ok=1
 log "cluster up in $((SECONDS - t0))s: nodes ${NODES[*]} Ready; KUBECONFIG=$CLUSTER_DIR/kubeconfig"
 printf 'kubeconfig: %s\nenv: %s\n' "$CLUSTER_DIR/kubeconfig" "$ENV_FILE"

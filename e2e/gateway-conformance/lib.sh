@@ -2,15 +2,9 @@
 
 GC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 GC_REPO="$(cd "$GC_DIR/../.." && pwd)"
-AMBIT_CACHE="${AMBIT_CACHE:-/var/cache/ambit}"
-
-# The Go caches of e2e/kube/lib.sh: the suite shares most of its modules (client-go, apimachinery) with the
-# Kubernetes build, so a machine that built the cluster has them already. No toolchain downloads; static binaries.
-export GOMODCACHE="$AMBIT_CACHE/kube/go/mod"
-export GOCACHE="$AMBIT_CACHE/kube/go/build"
-export GOTOOLCHAIN=local
-export GOFLAGS="-trimpath -modcacherw -buildvcs=false"
-export CGO_ENABLED=0
+# AMBIT_CACHE and the Go settings of e2e/kube/lib.sh (its caches: the suite shares most of its modules, client-go
+# and apimachinery, with the Kubernetes build, so a machine that built the cluster has them already).
+source "$GC_REPO/e2e/kube/lib.sh"
 
 # The images the suite's v1.6.3 mesh manifests (embedded in the test binary) name: the echo image is built here
 # from Istio's echo server and client and imported under that exact name (imagePullPolicy IfNotPresent finds it).

@@ -69,13 +69,6 @@ case "$provider" in
     }
     on_node() { local n="$1"; shift; nsenter --net="/run/netns/$(node_netns "$n")" --mount="$(node_mntns_pin "$n")" -- "$@"; }
     finish_provider() { ((brought_up == 0)) || "$CLUSTER_DIR_SRC/down.sh" "$CLUSTER_DIR"; }
-    # This cluster has no node IPAM: give each Node the range its conflist hands out, as a cloud's or kubeadm's
-    # Node has it (the agent reads spec.podCIDRs for the kubelet-probe SNAT). Settable once; kept if already set.
-    for n in "${NODES[@]}"; do
-      [[ -n "$("${KUBECTL[@]}" get node "$n" -o jsonpath='{.spec.podCIDR}')" ]] ||
-        "${KUBECTL[@]}" patch node "$n" --type merge \
-          -p "{\"spec\":{\"podCIDR\":\"$(node_pod_cidr "$n")\",\"podCIDRs\":[\"$(node_pod_cidr "$n")\"]}}" >/dev/null
-    done
     IMAGES_DIR="${MESH_IMAGES_DIR:-$CLUSTER_DIR/images}"
     ;;
   kind)
@@ -99,6 +92,8 @@ case "$provider" in
   *) usage ;;
 esac
 k() { "${KUBECTL[@]}" "$@"; }
+source "$CLUSTER_DIR_SRC/ambit.sh"
+[[ $provider != cluster ]] || set_pod_cidrs   # this project's cluster has no node IPAM (ambit.sh)
 
 finish() {
   local rc=$?
@@ -110,10 +105,6 @@ trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- node state
 
-# The nodes' CNI conflists, file names and content.
-conflists() { # NODE
-  on_node "$1" sh -c 'for f in /etc/cni/net.d/*; do echo "== $f"; cat "$f"; done'
-}
 # The nftables tables of every pod network namespace the runtime pinned on the node, one "netns: tables" line each.
 pod_netns_tables() { # NODE
   on_node "$1" sh -c 'for f in /run/netns/cni-*; do [ -e "$f" ] || continue;
@@ -161,29 +152,11 @@ ok "kubectl apply --server-side -k $OVERLAY"
 # ---------------------------------------------------------------- control and data plane up
 
 phase "control and data plane up"
-controller_available() {
-  [[ "$(k get deploy -n ambit-system ambit-controller -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" == True ]]
-}
 eventually "controller Deployment Available" "$WAIT" controller_available
-
-# ztunnel pod of NODE (name), and whether it took its state from the controller over xDS (its TLS, the projected
-# token's TokenReview and the root ConfigMap all work then).
-ztunnel_pod() {
-  k get pods -n ambit-system -l app=ztunnel --field-selector "spec.nodeName=$1,status.phase=Running" \
-    -o jsonpath='{.items[0].metadata.name}' 2>/dev/null
-}
-ztunnel_synced() { local p; p="$(ztunnel_pod "$1")" && [[ -n "$p" ]] && k logs -n ambit-system "$p" | grep -q 'xds: synced'; }
 for n in "$NODE_A" "$NODE_B"; do
   eventually "$n: ztunnel Running and synced with the controller (xds: synced)" "$WAIT" ztunnel_synced "$n"
 done
 
-# Rolled out: every scheduled pod updated and ready, on both nodes. ztunnel is ready only once the node agent has
-# connected to it over ZDS.
-rolled_out() { # DAEMONSET
-  local s
-  s="$(k get ds -n ambit-system "$1" -o jsonpath='{.status.desiredNumberScheduled}/{.status.updatedNumberScheduled}/{.status.numberReady}')"
-  [[ "$s" == 2/2/2 ]]
-}
 agent_up=1
 eventually "DaemonSet ambit-node rolled out on both nodes (2/2 ready)" "$WAIT" rolled_out ambit-node
 rolled_out ambit-node || agent_up=0
@@ -193,7 +166,6 @@ eventually "DaemonSet ztunnel rolled out on both nodes (2/2 ready: connected to 
 
 installed=0
 for n in "$NODE_A" "$NODE_B"; do
-  plugin_installed() { [[ "$(conflists "$1")" == *ambit-cni* ]] && on_node "$1" test -x /opt/cni/bin/ambit-cni; }
   if ((agent_up == 0)); then
     fail "$n: plugin installation not checked: the node agent is not running"
   elif wait_until "plugin on $n" 30 plugin_installed "$n"; then
@@ -449,10 +421,7 @@ EOF
 ok "waypoint Gateway, Services web (istio.io/use-waypoint: waypoint), web-v1, web-v2, HTTPRoute web applied"
 web_running() { [[ "$(k get pods -n "$NS" -l app=web -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Running$')" == 2 ]]; }
 eventually "web-v1, web-v2 Running" "$WAIT" web_running
-waypoint_available() {
-  [[ "$(k get deploy -n "$NS" waypoint -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null)" == True ]]
-}
-eventually "the controller deployed the waypoint and it is Available (its certificate and configuration from the controller)" "$WAIT" waypoint_available
+eventually "the controller deployed the waypoint and it is Available (its certificate and configuration from the controller)" "$WAIT" waypoint_available "$NS"
 gateway_programmed() {
   [[ "$(k get gateway -n "$NS" waypoint -o jsonpath='{.status.conditions[?(@.type=="Programmed")].status}')" == True ]]
 }

@@ -129,25 +129,7 @@ gc_log "Gateway API CRDs $(gc_suite_version) (standard) Established"
 
 # ---------------------------------------------------------------- Ambit (mesh mode)
 
-ztunnel_pod() {
-  k get pods -n ambit-system -l app=ztunnel --field-selector "spec.nodeName=$1,status.phase=Running" \
-    -o jsonpath='{.items[0].metadata.name}' 2>/dev/null
-}
-# The waits of e2e/cluster/mesh.sh.
-controller_available() {
-  [[ "$(k get deploy -n ambit-system ambit-controller -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" == True ]]
-}
-ztunnel_synced() { local p; p="$(ztunnel_pod "$1")" && [[ -n "$p" ]] && k logs -n ambit-system "$p" | grep -q 'xds: synced'; }
-rolled_out() { # DAEMONSET
-  local s
-  s="$(k get ds -n ambit-system "$1" -o jsonpath='{.status.desiredNumberScheduled}/{.status.updatedNumberScheduled}/{.status.numberReady}')"
-  [[ "$s" == 2/2/2 ]]
-}
-conflists() { on_node "$1" sh -c 'for f in /etc/cni/net.d/*; do echo "== $f"; cat "$f"; done'; }
-plugin_installed() { [[ "$(conflists "$1")" == *ambit-cni* ]] && on_node "$1" test -x /opt/cni/bin/ambit-cni; }
-waypoint_available() { # NAMESPACE
-  [[ "$(k get deploy -n "$1" waypoint -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null)" == True ]]
-}
+source "$GC_REPO/e2e/cluster/ambit.sh"   # the checks of e2e/cluster/mesh.sh
 must() { local what="$1"; shift; if wait_until "$what" "$@"; then gc_log "ok: $what"; else gc_die "$what"; fi; }
 
 if [[ $mode == mesh ]]; then
@@ -155,13 +137,7 @@ if [[ $mode == mesh ]]; then
   mkdir -p "$CLUSTER_DIR/images"
   "$GC_REPO/scripts/build-images.sh" "$CLUSTER_DIR/images"
   load_images "$CLUSTER_DIR"/images/{controller,ztunnel,node-agent,waypoint}.tar
-  # No node IPAM on this cluster: each Node gets the range of its conflist (the agent's probe SNAT reads it), as
-  # e2e/cluster/mesh.sh does.
-  for n in "${NODES[@]}"; do
-    [[ -n "$(k get node "$n" -o jsonpath='{.spec.podCIDR}')" ]] ||
-      k patch node "$n" --type merge \
-        -p "{\"spec\":{\"podCIDR\":\"$(node_pod_cidr "$n")\",\"podCIDRs\":[\"$(node_pod_cidr "$n")\"]}}" >/dev/null
-  done
+  set_pod_cidrs   # no node IPAM on this cluster (e2e/cluster/ambit.sh)
 
   phase "Ambit install"
   k apply --server-side -k "$GC_REPO/manifests/crds" >/dev/null

@@ -37,9 +37,9 @@ set_cluster_dir "$1"
 PROFILES="${GC_PROFILES:-MESH-HTTP,MESH-GRPC}"
 # What Ambit's waypoint implements (README.md, docs/architecture.md): GAMMA HTTPRoute/GRPCRoute on a Service
 # (port/sectionName), path/header/query/method matching, named rules, request/response/backend header modifiers,
-# redirects (scheme, host, port, path, status), path rewrite, weighted backends. Not MeshConsumerRoute: the
-# controller applies producer routes only (controller/src/model/routes.rs: "consumer routes are not applied").
-FEATURES="${GC_SUPPORTED_FEATURES:-Mesh,HTTPRoute,GRPCRoute,HTTPRouteResponseHeaderModification,HTTPRouteParentRefPort,\
+# redirects (scheme, host, port, path, status), path rewrite, weighted backends, consumer routes (a route in the
+# client's namespace on a Service of another, applied to that namespace's clients only).
+FEATURES="${GC_SUPPORTED_FEATURES:-Mesh,MeshConsumerRoute,HTTPRoute,GRPCRoute,HTTPRouteResponseHeaderModification,HTTPRouteParentRefPort,\
 HTTPRoute303RedirectStatusCode,HTTPRoute307RedirectStatusCode,HTTPRoute308RedirectStatusCode,MeshClusterIPMatching,\
 MeshHTTPRouteRewritePath,MeshHTTPRouteSchemeRedirect,MeshHTTPRouteRedirectPort,MeshHTTPRouteRedirectPath,\
 MeshHTTPRouteBackendRequestHeaderModification,MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule}"

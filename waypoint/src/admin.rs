@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Snapshot, SnapshotHandle};
+use crate::route::RouteTable;
 
 /// What the admin endpoint reads.
 pub struct AdminInputs {
@@ -53,11 +54,15 @@ fn snapshot_dump(s: &Snapshot) -> serde_json::Value {
                 r.ports
                     .iter()
                     .map(|p| {
-                        let routes: Vec<_> =
-                            p.table.routes().iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect();
+                        let names = |t: &RouteTable| -> Vec<_> {
+                            t.routes().iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect()
+                        };
+                        let consumers: serde_json::Map<_, _> =
+                            p.consumers.iter().map(|(ns, t)| (ns.clone(), json!(names(t)))).collect();
                         json!({
                             "port": p.port, "targetPort": p.target_port, "name": p.name,
-                            "protocol": format!("{:?}", p.protocol), "routes": routes, "defaultRoute": p.default_route,
+                            "protocol": format!("{:?}", p.protocol), "routes": names(&p.table),
+                            "defaultRoute": p.default_route, "consumerRoutes": consumers,
                         })
                     })
                     .collect()

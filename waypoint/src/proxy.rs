@@ -235,11 +235,12 @@ async fn route_and_forward<'s>(
         return (answer(Reply::bad_path(), &mut done), done);
     }
     // Route.
-    let matched = match served.port.table.find(&parts) {
+    let (table, default_route) = served.port.table_for(&down.identity.namespace);
+    let matched = match table.find(&parts) {
         Ok(m) => m,
         Err(no) => return (answer(no.reply(), &mut done), done),
     };
-    if !served.port.default_route {
+    if !default_route {
         done.route = Some(matched.route);
     }
     // Authorize, on the request as the client sent it.

@@ -40,6 +40,11 @@ impl ParentReference {
     pub fn is_service(&self) -> bool {
         matches!(self.group.as_deref(), Some("" | "core")) && self.kind.as_deref() == Some("Service")
     }
+
+    /// `(namespace, name)` of the parent, for a route in `route_ns`.
+    pub fn key(&self, route_ns: &str) -> (String, String) {
+        (self.namespace.clone().unwrap_or_else(|| route_ns.to_owned()), self.name.clone())
+    }
 }
 
 /// `spec` of an HTTPRoute.

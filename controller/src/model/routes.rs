@@ -1,7 +1,8 @@
 //! The waypoint's routing resources: one `ambit.waypoint.v1.ServiceRoutes` per Service that has a waypoint (its
 //! `istio.workload.Address` names one), with its ports' protocols and the HTTPRoutes and GRPCRoutes attached to it
-//! (GAMMA: a parentRef to the Service, in the route's own namespace). An invalid route is rejected on its own; the
-//! others still apply.
+//! (GAMMA: a parentRef to the Service). A route in the Service's namespace is a producer route, for every client; one
+//! in another namespace a consumer route, which the waypoint applies only to clients of the route's namespace (it
+//! tells them apart by the route's origin namespace). An invalid route is rejected on its own; the others still apply.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,6 +33,21 @@ pub struct RoutesReport {
 struct Services<'a> {
     addresses: &'a BTreeMap<String, Address>,
     domain_suffix: &'a str,
+    /// The route's [`consumer_parent`], the one Service of another namespace it may send to.
+    consumer_parent: Option<ObjectKey>,
+}
+
+/// The Service of another namespace that a route in `route_ns` may name as a backend without a ReferenceGrant: its
+/// parent, when the route is a consumer route with one parent Service (several parentRefs may name its ports). Such
+/// a route shapes only its own namespace's requests to that Service and still sends them there, so it reaches nothing
+/// its clients could not (the Gateway API's MeshConsumerRoute does this); any other cross-namespace backendRef needs
+/// a grant, which Ambit does not read yet. `service_parents` are the route's parentRefs of kind Service.
+pub fn consumer_parent(route_ns: &str, service_parents: impl IntoIterator<Item = ObjectKey>) -> Option<ObjectKey> {
+    let parents: BTreeSet<ObjectKey> = service_parents.into_iter().collect();
+    match parents.into_iter().collect::<Vec<_>>()[..] {
+        [ref only] if only.0 != route_ns => Some(only.clone()),
+        _ => None,
+    }
 }
 
 impl BackendResolver for Services<'_> {
@@ -44,8 +60,8 @@ impl BackendResolver for Services<'_> {
             ));
         }
         let bns = r.namespace.as_deref().unwrap_or(ns);
-        if bns != ns {
-            // ReferenceGrants are not read, so no cross-namespace reference is permitted.
+        let own_parent = self.consumer_parent.as_ref().is_some_and(|(pns, name)| pns == bns && *name == r.name);
+        if bns != ns && !own_parent {
             return route_convert::invalid(format!("backendRef Service {bns}/{}: RefNotPermitted", r.name));
         }
         let Some(port) = r.port.filter(|p| (1..=65535).contains(p)) else {
@@ -76,19 +92,23 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
         let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).filter_map(port_routes).collect();
         report.by_service.insert(key, ServiceRoutes { hostname, namespace: ns.clone(), name: name.clone(), ports });
     }
-    let resolver = Services { addresses, domain_suffix };
+    let resolver = |ns: &str, parents: &[ParentReference]| Services {
+        addresses,
+        domain_suffix,
+        consumer_parent: consumer_parent(ns, parents.iter().filter(|p| p.is_service()).map(|p| p.key(ns))),
+    };
     let mut reject = |kind: &str, key: &ObjectKey, reason: String| {
         report.rejections.push(Rejection { kind: kind.into(), namespace: key.0.clone(), name: key.1.clone(), reason })
     };
     let mut converted: Vec<(&ObjectKey, &[ParentReference], Route)> = Vec::new();
     for (key, r) in &objects.http_routes {
-        match route_convert::http_route(r, &resolver) {
+        match route_convert::http_route(r, &resolver(&key.0, &r.spec.parent_refs)) {
             Ok(route) => converted.push((key, &r.spec.parent_refs, route)),
             Err(e) => reject("HTTPRoute", key, e.to_string()),
         }
     }
     for (key, r) in &objects.grpc_routes {
-        match route_convert::grpc_route(r, &resolver) {
+        match route_convert::grpc_route(r, &resolver(&key.0, &r.spec.parent_refs)) {
             Ok(route) => converted.push((key, &r.spec.parent_refs, route)),
             Err(e) => reject("GRPCRoute", key, e.to_string()),
         }
@@ -103,14 +123,9 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
             report.warnings.push(Warning { kind: kind.into(), namespace: key.0.clone(), name: key.1.clone(), reason })
         };
         for p in parents.iter().filter(|p| p.is_service()) {
-            // Only producer routes (in the Service's namespace); consumer routes are not applied.
-            if let Some(other) = p.namespace.as_deref().filter(|n| *n != key.0) {
-                warn(format!("parent Service {other}/{}: routes of another namespace are not applied", p.name));
-                continue;
-            }
-            let service_key = format!("{}/{}.{}.svc.{domain_suffix}", key.0, p.name, key.0);
-            let Some(sr) = report.by_service.get_mut(&service_key) else {
-                warn(format!("parent Service {}/{} has no waypoint (or does not exist): not applied", key.0, p.name));
+            let (pns, name) = p.key(&key.0);
+            let Some(sr) = report.by_service.get_mut(&format!("{pns}/{name}.{pns}.svc.{domain_suffix}")) else {
+                warn(format!("parent Service {pns}/{name} has no waypoint (or does not exist): not applied"));
                 continue;
             };
             for port in &mut sr.ports {
@@ -172,6 +187,16 @@ pub fn protocol(app_protocol: Option<&str>, name: &str) -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_consumer_route_of_one_parent_service_may_name_it_across_namespaces() {
+        let key = |ns: &str, n: &str| (ns.to_owned(), n.to_owned());
+        let web = key("mesh", "web");
+        assert_eq!(consumer_parent("client", [web.clone(), web.clone()]), Some(web.clone()), "two ports of one");
+        assert_eq!(consumer_parent("mesh", [web.clone()]), None, "a producer route");
+        assert_eq!(consumer_parent("client", [web, key("mesh", "api")]), None, "two parents");
+        assert_eq!(consumer_parent("client", []), None);
+    }
 
     #[test]
     fn the_protocol_comes_from_app_protocol_then_the_name() {

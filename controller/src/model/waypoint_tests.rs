@@ -254,3 +254,45 @@ fn the_implicit_allow_from_waypoint_policy_lists_the_waypoints_own_identity_on_t
     // Off (the default, as in Istio): nothing implicit; see targeted_policies_go_to_the_waypoint_and_never_to_ztunnel.
     assert!(!waypoint_cluster().snapshot.authorizations.keys().any(|k| k.contains("istio_allow_waypoint")));
 }
+
+/// Consumer routes in namespace `client` on `web`: one back to `web` itself (allowed without a ReferenceGrant), one
+/// to `web-v2` (another Service of `mesh`: refused, no grant is read).
+const CONSUMER_ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mine, namespace: client}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: mesh, port: 80}]
+  rules: [{backendRefs: [{name: web, namespace: mesh, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: sneaky, namespace: client}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: mesh, port: 80}]
+  rules: [{backendRefs: [{name: web-v2, namespace: mesh, port: 80}]}]
+"#;
+
+#[test]
+fn a_consumer_route_joins_the_services_routes_and_may_send_only_to_its_parent() {
+    let mut objects = ClusterObjects::default();
+    for text in [WAYPOINT_CLUSTER, CONSUMER_ROUTES] {
+        let (parsed, rejections) = parse_documents(text, "waypoint.yaml");
+        assert!(rejections.is_empty(), "{rejections:?}");
+        parsed.into_iter().for_each(|o| assert!(objects.insert(o)));
+    }
+    let r = build_report(&objects, &ModelOptions::default(), 1);
+    let port80 = &r.snapshot.service_routes[WEB].ports[0];
+    let route = |name: &str| {
+        port80.routes.iter().find(|r| r.origin.as_ref().unwrap().name == name).unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(route("mine").origin.as_ref().unwrap().namespace, "client", "the waypoint tells consumers by it");
+    let backend = |name: &str| route(name).rules[0].backends[0].kind.clone();
+    assert!(
+        matches!(backend("mine"), Some(backend::Kind::Service(b)) if b.hostname == "web.mesh.svc.cluster.local"),
+        "{:?}",
+        backend("mine")
+    );
+    assert!(matches!(backend("sneaky"), Some(backend::Kind::Invalid(why)) if why.contains("RefNotPermitted")));
+    assert!(!r.warnings.iter().any(|w| w.namespace == "client"), "{:?}", r.warnings);
+}

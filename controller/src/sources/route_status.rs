@@ -6,10 +6,11 @@
 //!   namespaces whose traffic Ambit carries. A Service parent is `Accepted=True` when a waypoint serves the Service
 //!   (the model sends the route to it); else `Accepted=False` with `NoMatchingParent` (no such Service) or
 //!   `UnsupportedValue` (the spec's reason for a value the implementation does not support: the route is invalid —
-//!   the model says why —, the Service has no waypoint, the route is a consumer route in another namespace). A
-//!   waypoint Gateway parent is `UnsupportedValue`: Ambit applies routes attached to Services. `ResolvedRefs` covers
-//!   the backendRefs (Services that exist in the route's namespace; ReferenceGrants are not read, so a
-//!   cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
+//!   the model says why —, the Service has no waypoint). A route in another namespace than its Service is a
+//!   consumer route, accepted the same way (it shapes only its own namespace's requests). A waypoint Gateway parent
+//!   is `UnsupportedValue`: Ambit applies routes attached to Services. `ResolvedRefs` covers the backendRefs
+//!   (Services that exist in the route's namespace, or a consumer route's own parent Service; ReferenceGrants are
+//!   not read, so any other cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
 //!   that is not Ambit's gets no entry.
 //! - **GatewayClasses**: a waypoint class whose `controllerName` is one Ambit answers for is `Accepted=True`; a
 //!   class of Ambit's own controllerName that is not a waypoint class is `Accepted=False`/`Unsupported`, since no
@@ -20,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::conditions::{self, Cond};
+use crate::model::routes::consumer_parent;
 use crate::model::waypoint::{class_controller, AMBIT_CONTROLLER_NAME, CONTROLLER_NAMES, WAYPOINT_CLASSES};
 
 /// The Gateway API group, the default of a parentRef's `group`.
@@ -120,14 +122,14 @@ fn claim(
                 Cond::new("Accepted", "False", "NoMatchingParent", format!("{service} does not exist"), generation)
             } else if let Some(why) = invalid {
                 unsupported(format!("invalid route: {why}"))
-            } else if key.0 != ns {
-                unsupported(format!(
-                    "{service} is in another namespace: Ambit applies only routes in the Service's own namespace"
-                ))
             } else if !p.served.contains(&key) {
                 unsupported(format!(
                     "{service} has no waypoint (istio.io/use-waypoint): routes apply only to traffic through a waypoint"
                 ))
+            } else if key.0 != ns {
+                let message =
+                    format!("routed by the waypoint of {service} for clients in namespace {ns} (consumer route)");
+                Cond::new("Accepted", "True", "Accepted", message, generation)
             } else {
                 Cond::new("Accepted", "True", "Accepted", format!("routed by the waypoint of {service}"), generation)
             };
@@ -140,6 +142,11 @@ fn claim(
 /// `ResolvedRefs`: every backendRef is a Service that exists.
 fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -> Cond {
     let mut problems: Vec<(&'static str, String)> = Vec::new();
+    let service_parents = spec["parentRefs"].as_array().into_iter().flatten().filter_map(|r| {
+        let service = matches!(r["group"].as_str(), Some("" | "core")) && r["kind"].as_str() == Some("Service");
+        service.then(|| Some((r["namespace"].as_str().unwrap_or(ns).to_owned(), r["name"].as_str()?.to_owned())))?
+    });
+    let own_parent = consumer_parent(ns, service_parents);
     let rules = spec["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
     for b in rules.iter().flat_map(|r| r["backendRefs"].as_array().map(Vec::as_slice).unwrap_or_default()) {
         let (group, kind) = (b["group"].as_str().unwrap_or(""), b["kind"].as_str().unwrap_or("Service"));
@@ -147,7 +154,7 @@ fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -
         let bns = b["namespace"].as_str().unwrap_or(ns);
         if !matches!(group, "" | "core") || kind != "Service" {
             problems.push(("InvalidKind", format!("backendRef {group}/{kind} {name}: only Services are supported")));
-        } else if bns != ns {
+        } else if bns != ns && own_parent.as_ref().is_none_or(|(pns, pname)| pns != bns || pname != name) {
             problems
                 .push(("RefNotPermitted", format!("backendRef Service {bns}/{name}: ReferenceGrants are not read")));
         } else if !p.services.contains(&(bns.to_string(), name.to_string())) {
@@ -290,6 +297,30 @@ mod tests {
         );
         let m = &want[0].conditions[1].message;
         assert!(m.contains("mesh/nope") && m.contains("Bucket") && m.contains("ReferenceGrants"), "{m}");
+    }
+
+    #[test]
+    fn a_consumer_route_is_accepted_and_may_send_only_to_its_own_parent_across_namespaces() {
+        let mut p = parents();
+        p.served.insert(("mesh".into(), "backend".into()));
+        let consumer = |backends: &str| {
+            spec(&format!(
+                "parentRefs: [{{group: '', kind: Service, name: backend, namespace: mesh, port: 80}}]\n\
+                 rules: [{{backendRefs: [{backends}]}}]\n"
+            ))
+        };
+        let to_parent = consumer("{name: backend, namespace: mesh, port: 80}");
+        let want = desired_parents("HTTPRoute", "client", "r", &to_parent, Some(1), &p);
+        assert_eq!(
+            kinds(&want[0].conditions),
+            [("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]
+        );
+        assert!(want[0].conditions[0].message.contains("clients in namespace client"), "{:?}", want[0]);
+        // Another Service of the parent's namespace needs a grant, as does the parent from a producer route.
+        p.services.insert(("mesh".into(), "other".into()));
+        let elsewhere = consumer("{name: other, namespace: mesh, port: 80}");
+        let want = desired_parents("HTTPRoute", "client", "r", &elsewhere, Some(1), &p);
+        assert_eq!(kinds(&want[0].conditions)[1], ("ResolvedRefs", "False", "RefNotPermitted"));
     }
 
     #[test]

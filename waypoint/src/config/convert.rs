@@ -63,12 +63,29 @@ pub struct PortConfig {
     /// The port's name in the Service.
     pub name: String,
     pub protocol: Protocol,
-    /// The port's routes by precedence; a port without (valid) routes sends
-    /// every request to the service itself ([`RouteTable::to_service`]).
+    /// The port's producer routes (of the service's namespace) by
+    /// precedence; a port without (valid) ones sends every request to the
+    /// service itself ([`RouteTable::to_service`]).
     pub table: RouteTable,
+    /// Consumer routes (GAMMA: routes of another namespace), one table per
+    /// namespace: they route the requests of that namespace's clients
+    /// instead of `table`.
+    pub consumers: Vec<(String, RouteTable)>,
     /// Whether `table` is the default route to the service itself (no route
     /// attached, or every attached route was dropped).
     pub default_route: bool,
+}
+
+impl PortConfig {
+    /// The table that routes a request from a client of namespace
+    /// `client_ns` (from its peer identity), and whether it is the default
+    /// route to the service itself.
+    pub fn table_for(&self, client_ns: &str) -> (&RouteTable, bool) {
+        match self.consumers.iter().find(|(ns, _)| ns == client_ns) {
+            Some((_, table)) => (table, false),
+            None => (&self.table, self.default_route),
+        }
+    }
 }
 
 /// One service the waypoint serves, converted.
@@ -171,14 +188,10 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
                 Err(e) => problem(Some(origin_name(r)), e, Consequence::RouteDropped),
             }
         }
-        let default_route = routes.is_empty();
-        let table = if default_route {
-            RouteTable::to_service(ServiceTarget {
-                hostname: sr.hostname.clone(),
-                namespace: sr.namespace.clone(),
-                port,
-            })
-        } else {
+        // Consumer routes (from another namespace than the service's) route that namespace's clients alone.
+        let (producer, consumer): (Vec<Route>, Vec<Route>) =
+            routes.into_iter().partition(|r| r.namespace == sr.namespace);
+        let mut compile = |routes: Vec<Route>| {
             let (table, errors) = RouteTable::build(routes);
             for e in errors {
                 let reason = format!("rule {} match {}: {}", e.rule, e.matched, e.reason);
@@ -186,12 +199,31 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
             }
             table
         };
+        let mut consumers: Vec<(String, Vec<Route>)> = Vec::new();
+        for r in consumer {
+            match consumers.iter_mut().find(|(ns, _)| *ns == r.namespace) {
+                Some((_, routes)) => routes.push(r),
+                None => consumers.push((r.namespace.clone(), vec![r])),
+            }
+        }
+        let consumers = consumers.into_iter().map(|(ns, routes)| (ns, compile(routes))).collect();
+        let default_route = producer.is_empty();
+        let table = if default_route {
+            RouteTable::to_service(ServiceTarget {
+                hostname: sr.hostname.clone(),
+                namespace: sr.namespace.clone(),
+                port,
+            })
+        } else {
+            compile(producer)
+        };
         ports.push(PortConfig {
             port,
             target_port,
             name: p.name.clone(),
             protocol: Protocol::from_proto(p.protocol),
             table,
+            consumers,
             default_route,
         });
     }

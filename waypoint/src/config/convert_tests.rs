@@ -389,3 +389,29 @@ fn bad_ports_are_dropped_and_an_invalid_mirror_or_regex_only_disables_itself() {
     let mut rng = StdRng::seed_from_u64(1);
     assert_eq!(decide(t, req("GET", "/m", &[]), &mut rng).unwrap(), "v1.mesh.svc.cluster.local");
 }
+
+#[test]
+fn consumer_routes_route_only_their_namespaces_clients_instead_of_the_producer_routes() {
+    let producer = http_route("producer", vec![rule(vec![prefix("/")], vec![service("v1", 80, 1)])]);
+    let mut consumer = http_route("consumer", vec![rule(vec![prefix("/")], vec![service("v2", 80, 1)])]);
+    consumer.origin.as_mut().unwrap().namespace = "client".into();
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![producer, consumer.clone()])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let p = svc.port(80).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let routed = |ns: &str, rng: &mut StdRng| {
+        let (table, default_route) = p.table_for(ns);
+        (decide(table, req("GET", "/x", &[]), rng).unwrap(), default_route)
+    };
+    assert_eq!(routed("client", &mut rng), ("v2.mesh.svc.cluster.local".into(), false));
+    assert_eq!(routed("mesh", &mut rng), ("v1.mesh.svc.cluster.local".into(), false));
+    assert_eq!(routed("other", &mut rng), ("v1.mesh.svc.cluster.local".into(), false));
+
+    // A consumer route alone: other clients go to the service itself.
+    let (svc, _) = convert(vec![port(80, pb::Protocol::Http, vec![consumer])]);
+    let p = svc.port(80).unwrap();
+    assert!(p.default_route);
+    let (table, default_route) = p.table_for("other");
+    assert_eq!((decide(table, req("GET", "/x", &[]), &mut rng).unwrap().as_str(), default_route), (HOST, true));
+    assert!(!p.table_for("client").1);
+}

@@ -1,11 +1,13 @@
 //! The waypoint's configuration from a real kube-apiserver: `KubeSource` (in-process) reads an HTTPRoute and a
 //! GRPCRoute attached to a Service (GAMMA) and AuthorizationPolicies bound by `targetRefs`, publishes them as
-//! `ambit.waypoint.v1` resources (never to ztunnel's L4 policies), and writes their status; a waypoint's own
+//! `ambit.waypoint.v1` resources (never to ztunnel's L4 policies), and writes their status; a ReferenceGrant opens a
+//! Service to another namespace's route and its deletion closes it again; a waypoint's own
 //! service-account token, reviewed by the API server, makes it a workload caller with its own identity only.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_api::waypoint::backend;
 use ambit_controller::ca::{Caller, TokenReviewAuthenticator};
 use ambit_controller::model::{ModelOptions, RejectionSink, Snapshot, SnapshotRx};
 use ambit_controller::sources::kube::KubeSource;
@@ -67,6 +69,24 @@ spec:
   rules: [{from: [{source: {namespaces: [mesh]}}]}]
 "#;
 
+/// A consumer route in `client` on `web` (port 80) sending to `web-v2` of `mesh`, and the grant that permits it.
+const CROSS_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cross, namespace: client}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: mesh, port: 80}]
+  rules: [{backendRefs: [{name: web-v2, namespace: mesh, port: 80}]}]
+"#;
+const GRANT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: client-routes, namespace: mesh}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: client}]
+  to: [{group: "", kind: Service, name: web-v2}]
+"#;
+
 async fn wait_for(rx: &mut SnapshotRx, what: &str, f: impl Fn(&Snapshot) -> bool) {
     let found = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| f(s))).await.is_ok();
     assert!(found, "no snapshot where {what} within 30 s; last: {:#?}", rx.borrow());
@@ -101,6 +121,7 @@ async fn routes_and_targeted_policies_reach_the_waypoint_config_with_true_status
             "crd/httproutes.gateway.networking.k8s.io",
             "crd/grpcroutes.gateway.networking.k8s.io",
             "crd/gateways.gateway.networking.k8s.io",
+            "crd/referencegrants.gateway.networking.k8s.io",
         ])
         .unwrap();
     cluster.kubectl(["create", "namespace", NS]).unwrap();
@@ -139,6 +160,32 @@ async fn routes_and_targeted_policies_reach_the_waypoint_config_with_true_status
     assert!(c.contains("mesh/waypoint"), "{c}");
     wait_text("custom", || cond("custom"), |c| c.starts_with("False|UnsupportedValue|")).await;
     assert_eq!(cluster.policy_condition(NS, "at-waypoint", "ZtunnelAccepted").unwrap(), "");
+
+    // A consumer route from namespace `client` to web-v2 of `mesh`: refused until a ReferenceGrant in `mesh` opens
+    // web-v2 to it, refused again once the grant is deleted.
+    cluster.kubectl(["create", "namespace", "client"]).unwrap();
+    cluster.apply_retrying(CROSS_ROUTE);
+    let cross_backend = |s: &Snapshot| {
+        let port80 = s.service_routes.get(WEB).map(|r| &r.ports[0])?;
+        let route = port80.routes.iter().find(|r| r.origin.as_ref().is_some_and(|o| o.namespace == "client"))?;
+        route.rules[0].backends[0].kind.clone()
+    };
+    let resolved = |s: &Snapshot| matches!(cross_backend(s), Some(backend::Kind::Service(b)) if b.namespace == NS);
+    let refused =
+        |s: &Snapshot| matches!(cross_backend(s), Some(backend::Kind::Invalid(why)) if why.contains("RefNotPermitted"));
+    wait_for(&mut rx, "the cross-namespace backend refused", refused).await;
+    let refs = || {
+        let path =
+            "jsonpath={range .status.parents[*].conditions[?(@.type==\"ResolvedRefs\")]}{.status}|{.reason}{end}";
+        cluster.kubectl(["-n", "client", "get", "httproute", "cross", "-o", path]).unwrap()
+    };
+    wait_text("cross RefNotPermitted", refs, |c| c == "False|RefNotPermitted").await;
+    cluster.apply_retrying(GRANT);
+    wait_for(&mut rx, "the granted backend resolved", resolved).await;
+    wait_text("cross ResolvedRefs", refs, |c| c == "True|ResolvedRefs").await;
+    cluster.kubectl(["-n", NS, "delete", "referencegrant", "client-routes"]).unwrap();
+    wait_for(&mut rx, "the grant revoked", refused).await;
+    wait_text("cross RefNotPermitted again", refs, |c| c == "False|RefNotPermitted").await;
 
     // The Service loses its waypoint: no more routes for it, and the route's status says why.
     cluster.kubectl(["-n", NS, "label", "service", "web", "istio.io/use-waypoint-"]).unwrap();

@@ -63,6 +63,7 @@ fn manifests_apply_cleanly_idempotently_and_the_crds_take_istio_policies() {
         "gateways.gateway.networking.k8s.io",
         "httproutes.gateway.networking.k8s.io",
         "grpcroutes.gateway.networking.k8s.io",
+        "referencegrants.gateway.networking.k8s.io",
     ] {
         assert!(kinds.contains(crd), "{crd} missing from {kinds}");
     }

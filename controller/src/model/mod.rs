@@ -10,6 +10,7 @@ pub mod index;
 pub mod objects;
 pub mod parse;
 pub mod peer_auth;
+pub mod reference_grant;
 pub mod route_convert;
 pub mod route_crd;
 pub mod routes;

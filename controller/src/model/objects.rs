@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::crd::{AuthorizationPolicy, Gateway, PeerAuthentication};
+use super::reference_grant::ReferenceGrant;
 use super::route_crd::{GrpcRoute, HttpRoute};
 
 /// (namespace, name); cluster-scoped objects have an empty namespace.
@@ -34,6 +35,8 @@ pub enum ClusterObject {
     HttpRoute(Box<HttpRoute>),
     /// `gateway.networking.k8s.io/v1 GRPCRoute`.
     GrpcRoute(Box<GrpcRoute>),
+    /// `gateway.networking.k8s.io/v1beta1` (or v1) `ReferenceGrant`.
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 impl ClusterObject {
@@ -49,6 +52,7 @@ impl ClusterObject {
             Self::Gateway(_) => "Gateway",
             Self::HttpRoute(_) => "HTTPRoute",
             Self::GrpcRoute(_) => "GRPCRoute",
+            Self::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 
@@ -64,6 +68,7 @@ impl ClusterObject {
             Self::Gateway(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
             Self::GrpcRoute(o) => &o.metadata,
+            Self::ReferenceGrant(o) => &o.metadata,
         };
         (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
@@ -91,6 +96,8 @@ pub struct ClusterObjects {
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
     /// GRPCRoutes.
     pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
+    /// ReferenceGrants.
+    pub reference_grants: BTreeMap<ObjectKey, ReferenceGrant>,
 }
 
 impl ClusterObjects {
@@ -105,6 +112,7 @@ impl ClusterObjects {
             && self.gateways.is_empty()
             && self.http_routes.is_empty()
             && self.grpc_routes.is_empty()
+            && self.reference_grants.is_empty()
     }
 
     /// Adds `obj` unless one of the same kind and key exists; returns whether it was added.
@@ -129,6 +137,7 @@ impl ClusterObjects {
             ClusterObject::Gateway(o) => put(&mut self.gateways, key, *o),
             ClusterObject::HttpRoute(o) => put(&mut self.http_routes, key, *o),
             ClusterObject::GrpcRoute(o) => put(&mut self.grpc_routes, key, *o),
+            ClusterObject::ReferenceGrant(o) => put(&mut self.reference_grants, key, *o),
         }
     }
 

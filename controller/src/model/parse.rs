@@ -85,6 +85,7 @@ fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rej
         ("gateway.networking.k8s.io", "Gateway") => typed(value, ClusterObject::Gateway),
         ("gateway.networking.k8s.io", "HTTPRoute") => typed(value, ClusterObject::HttpRoute),
         ("gateway.networking.k8s.io", "GRPCRoute") => typed(value, ClusterObject::GrpcRoute),
+        ("gateway.networking.k8s.io", "ReferenceGrant") => typed(value, ClusterObject::ReferenceGrant),
         _ => {
             if super::unsupported::find(group, &kind).is_some() {
                 let message = super::unsupported::message(&kind);
@@ -123,6 +124,7 @@ fn set_namespace(obj: &mut ClusterObject, namespace: String) {
         ClusterObject::Gateway(o) => &mut o.metadata,
         ClusterObject::HttpRoute(o) => &mut o.metadata,
         ClusterObject::GrpcRoute(o) => &mut o.metadata,
+        ClusterObject::ReferenceGrant(o) => &mut o.metadata,
     };
     meta.namespace = Some(namespace);
 }

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::ServicePort;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::objects::{ClusterObjects, ObjectKey};
+use super::reference_grant::Grants;
 use super::route_convert::{self, BackendResolver};
 use super::route_crd::{BackendRef, ParentReference};
 use super::{Rejection, Warning};
@@ -33,6 +34,9 @@ pub struct RoutesReport {
 struct Services<'a> {
     addresses: &'a BTreeMap<String, Address>,
     domain_suffix: &'a str,
+    grants: &'a Grants,
+    /// `HTTPRoute` or `GRPCRoute`, for the grants.
+    route_kind: &'static str,
     /// The route's [`consumer_parent`], the one Service of another namespace it may send to.
     consumer_parent: Option<ObjectKey>,
 }
@@ -41,7 +45,7 @@ struct Services<'a> {
 /// parent, when the route is a consumer route with one parent Service (several parentRefs may name its ports). Such
 /// a route shapes only its own namespace's requests to that Service and still sends them there, so it reaches nothing
 /// its clients could not (the Gateway API's MeshConsumerRoute does this); any other cross-namespace backendRef needs
-/// a grant, which Ambit does not read yet. `service_parents` are the route's parentRefs of kind Service.
+/// a ReferenceGrant. `service_parents` are the route's parentRefs of kind Service.
 pub fn consumer_parent(route_ns: &str, service_parents: impl IntoIterator<Item = ObjectKey>) -> Option<ObjectKey> {
     let parents: BTreeSet<ObjectKey> = service_parents.into_iter().collect();
     match parents.into_iter().collect::<Vec<_>>()[..] {
@@ -61,8 +65,9 @@ impl BackendResolver for Services<'_> {
         }
         let bns = r.namespace.as_deref().unwrap_or(ns);
         let own_parent = self.consumer_parent.as_ref().is_some_and(|(pns, name)| pns == bns && *name == r.name);
-        if bns != ns && !own_parent {
-            return route_convert::invalid(format!("backendRef Service {bns}/{}: RefNotPermitted", r.name));
+        if !own_parent && !self.grants.permits_service(self.route_kind, ns, (bns, &r.name)) {
+            let why = "RefNotPermitted (no ReferenceGrant in its namespace allows it)";
+            return route_convert::invalid(format!("backendRef Service {bns}/{}: {why}", r.name));
         }
         let Some(port) = r.port.filter(|p| (1..=65535).contains(p)) else {
             return route_convert::invalid(format!("backendRef Service {bns}/{}: a valid port is required", r.name));
@@ -92,9 +97,12 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
         let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).filter_map(port_routes).collect();
         report.by_service.insert(key, ServiceRoutes { hostname, namespace: ns.clone(), name: name.clone(), ports });
     }
-    let resolver = |ns: &str, parents: &[ParentReference]| Services {
+    let grants = Grants::new(objects.reference_grants.iter().map(|(k, g)| (k, &g.spec)));
+    let resolver = |route_kind, ns: &str, parents: &[ParentReference]| Services {
         addresses,
         domain_suffix,
+        grants: &grants,
+        route_kind,
         consumer_parent: consumer_parent(ns, parents.iter().filter(|p| p.is_service()).map(|p| p.key(ns))),
     };
     let mut reject = |kind: &str, key: &ObjectKey, reason: String| {
@@ -102,13 +110,13 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
     };
     let mut converted: Vec<(&ObjectKey, &[ParentReference], Route)> = Vec::new();
     for (key, r) in &objects.http_routes {
-        match route_convert::http_route(r, &resolver(&key.0, &r.spec.parent_refs)) {
+        match route_convert::http_route(r, &resolver("HTTPRoute", &key.0, &r.spec.parent_refs)) {
             Ok(route) => converted.push((key, &r.spec.parent_refs, route)),
             Err(e) => reject("HTTPRoute", key, e.to_string()),
         }
     }
     for (key, r) in &objects.grpc_routes {
-        match route_convert::grpc_route(r, &resolver(&key.0, &r.spec.parent_refs)) {
+        match route_convert::grpc_route(r, &resolver("GRPCRoute", &key.0, &r.spec.parent_refs)) {
             Ok(route) => converted.push((key, &r.spec.parent_refs, route)),
             Err(e) => reject("GRPCRoute", key, e.to_string()),
         }

@@ -296,3 +296,28 @@ fn a_consumer_route_joins_the_services_routes_and_may_send_only_to_its_parent() 
     assert!(matches!(backend("sneaky"), Some(backend::Kind::Invalid(why)) if why.contains("RefNotPermitted")));
     assert!(!r.warnings.iter().any(|w| w.namespace == "client"), "{:?}", r.warnings);
 }
+
+#[test]
+fn a_reference_grant_opens_another_namespaces_service_to_a_route() {
+    const GRANT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: client-routes, namespace: mesh}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: client}]
+  to: [{group: "", kind: Service, name: web-v2}]
+"#;
+    let mut objects = ClusterObjects::default();
+    for text in [WAYPOINT_CLUSTER, CONSUMER_ROUTES, GRANT] {
+        let (parsed, rejections) = parse_documents(text, "waypoint.yaml");
+        assert!(rejections.is_empty(), "{rejections:?}");
+        parsed.into_iter().for_each(|o| assert!(objects.insert(o)));
+    }
+    let r = build_report(&objects, &ModelOptions::default(), 1);
+    let port80 = &r.snapshot.service_routes[WEB].ports[0];
+    let sneaky = port80.routes.iter().find(|r| r.origin.as_ref().unwrap().name == "sneaky").unwrap();
+    assert!(
+        matches!(&sneaky.rules[0].backends[0].kind, Some(backend::Kind::Service(b)) if b.hostname == "web-v2.mesh.svc.cluster.local"),
+        "{sneaky:?}"
+    );
+}

@@ -29,9 +29,10 @@ use tokio::sync::mpsc;
 use super::kube_status::StatusWriter;
 use super::kube_stores::{
     Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS, PEER_AUTHENTICATION,
-    ROUTES,
+    REFERENCE_GRANT, ROUTES,
 };
 use crate::model::crd::Resource as CrdResource;
+use crate::model::reference_grant::Grants;
 use crate::model::{self, ClusterObject, ClusterObjects, ModelOptions, Rejection, RejectionSink, SnapshotTx};
 
 /// How long to wait after a change for more before rebuilding.
@@ -64,7 +65,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSou
 }
 
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "Namespace",
     "Pod",
     "Service",
@@ -74,6 +75,7 @@ const KINDS: [&str; 9] = [
     GATEWAY.kind,
     ROUTES[0].kind,
     ROUTES[1].kind,
+    REFERENCE_GRANT.kind,
 ];
 
 /// Aborts the watcher tasks when the source stops.
@@ -174,6 +176,7 @@ impl KubeSource {
         let started = std::time::Instant::now();
         let next = tx.borrow().version + 1;
         let (objects, mut rejected, crd_keys) = collect(stores);
+        let grants = Grants::new(objects.reference_grants.iter().map(|(k, g)| (k, &g.spec)));
         let opts = self.opts.clone();
         let built = tokio::task::spawn_blocking(move || {
             let report = model::build_report(&objects, &opts, next);
@@ -212,7 +215,7 @@ impl KubeSource {
             .filter(|r| ROUTES.iter().any(|c| c.kind == r.kind))
             .map(|r| ((r.kind.clone(), r.namespace.clone(), r.name.clone()), r.reason.clone()))
             .collect();
-        Some(ModelFacts { served: served.into_iter().collect(), invalid })
+        Some(ModelFacts { served: served.into_iter().collect(), invalid, grants })
     }
 
     fn spawn_watchers(&self, signal: &mpsc::UnboundedSender<Signal>) -> (Stores, Tasks) {
@@ -228,6 +231,7 @@ impl KubeSource {
         let gateway_classes = spawn_status_input(c, GATEWAY_CLASS, signal, &mut tasks);
         let http_routes = spawn_dynamic(c, ROUTES[0], signal, &mut tasks);
         let grpc_routes = spawn_dynamic(c, ROUTES[1], signal, &mut tasks);
+        let reference_grants = spawn_dynamic(c, REFERENCE_GRANT, signal, &mut tasks);
         let stores = Stores {
             namespaces,
             pods,
@@ -239,6 +243,7 @@ impl KubeSource {
             gateway_classes,
             http_routes,
             grpc_routes,
+            reference_grants,
         };
         (stores, Tasks(tasks))
     }
@@ -413,6 +418,11 @@ fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) 
     for o in stores.grpc_routes.state() {
         if let Some(t) = typed(&o, ROUTES[1], &mut rejections) {
             objects.insert(ClusterObject::GrpcRoute(Box::new(t)));
+        }
+    }
+    for o in stores.reference_grants.state() {
+        if let Some(t) = typed(&o, REFERENCE_GRANT, &mut rejections) {
+            objects.insert(ClusterObject::ReferenceGrant(Box::new(t)));
         }
     }
     (objects, rejections, keys)

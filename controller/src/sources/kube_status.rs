@@ -116,6 +116,7 @@ impl StatusWriter {
         let mut parents = parents(stores);
         parents.served = facts.served.clone();
         parents.invalid = facts.invalid.clone();
+        parents.grants = facts.grants.clone();
         let now = now();
         let mut failed = false;
         for (crd, store) in ROUTES.iter().zip([&stores.http_routes, &stores.grpc_routes]) {

@@ -26,6 +26,10 @@ pub(super) const GATEWAY: Crd =
 /// Read only for their status ([`super::route_status`]); the model does not wait for them.
 pub(super) const GATEWAY_CLASS: Crd =
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "GatewayClass", plural: "gatewayclasses" };
+/// Read by the model (cross-namespace backendRefs). v1beta1: served by every Gateway API release since v0.6 (v1
+/// only since v1.5).
+pub(super) const REFERENCE_GRANT: Crd =
+    Crd { group: "gateway.networking.k8s.io", version: "v1beta1", kind: "ReferenceGrant", plural: "referencegrants" };
 /// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
 pub(super) const ROUTES: [Crd; 2] = [
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
@@ -62,6 +66,7 @@ pub(super) struct Stores {
     pub(super) gateway_classes: Store<DynamicObject>,
     pub(super) http_routes: Store<DynamicObject>,
     pub(super) grpc_routes: Store<DynamicObject>,
+    pub(super) reference_grants: Store<DynamicObject>,
 }
 
 /// (kind, namespace, name) of a policy.
@@ -74,4 +79,6 @@ pub(super) struct ModelFacts {
     pub(super) served: std::collections::HashSet<(String, String)>,
     /// Routes the model refused, by (kind, namespace, name), with why.
     pub(super) invalid: std::collections::HashMap<(String, String, String), String>,
+    /// The ReferenceGrants the model read.
+    pub(super) grants: crate::model::reference_grant::Grants,
 }

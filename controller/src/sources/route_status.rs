@@ -9,8 +9,8 @@
 //!   the model says why —, the Service has no waypoint). A route in another namespace than its Service is a
 //!   consumer route, accepted the same way (it shapes only its own namespace's requests). A waypoint Gateway parent
 //!   is `UnsupportedValue`: Ambit applies routes attached to Services. `ResolvedRefs` covers the backendRefs
-//!   (Services that exist in the route's namespace, or a consumer route's own parent Service; ReferenceGrants are
-//!   not read, so any other cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
+//!   (Services that exist, in the route's namespace, or in another that a ReferenceGrant opens to the route, or a
+//!   consumer route's own parent Service; any other cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
 //!   that is not Ambit's gets no entry.
 //! - **GatewayClasses**: a waypoint class whose `controllerName` is one Ambit answers for is `Accepted=True`; a
 //!   class of Ambit's own controllerName that is not a waypoint class is `Accepted=False`/`Unsupported`, since no
@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::conditions::{self, Cond};
+use crate::model::reference_grant::Grants;
 use crate::model::routes::consumer_parent;
 use crate::model::waypoint::{class_controller, AMBIT_CONTROLLER_NAME, CONTROLLER_NAMES, WAYPOINT_CLASSES};
 
@@ -44,6 +45,8 @@ pub struct Parents {
     pub served: HashSet<(String, String)>,
     /// Routes the model refused, by (kind, namespace, name), with why.
     pub invalid: HashMap<(String, String, String), String>,
+    /// The ReferenceGrants of every namespace.
+    pub grants: Grants,
 }
 
 impl Parents {
@@ -94,7 +97,7 @@ pub fn desired_parents(
         if out.iter().any(|o| o.parent_ref == *r) {
             continue; // the CRD's validation refuses duplicates; a lax schema may not
         }
-        let resolved = resolved.get_or_insert_with(|| resolved_refs(ns, spec, p, generation)).clone();
+        let resolved = resolved.get_or_insert_with(|| resolved_refs(kind, ns, spec, p, generation)).clone();
         out.push(ParentStatus { parent_ref: r.clone(), controller, conditions: vec![accepted, resolved] });
     }
     out
@@ -140,7 +143,7 @@ fn claim(
 }
 
 /// `ResolvedRefs`: every backendRef is a Service that exists.
-fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -> Cond {
+fn resolved_refs(route_kind: &str, ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -> Cond {
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     let service_parents = spec["parentRefs"].as_array().into_iter().flatten().filter_map(|r| {
         let service = matches!(r["group"].as_str(), Some("" | "core")) && r["kind"].as_str() == Some("Service");
@@ -154,9 +157,11 @@ fn resolved_refs(ns: &str, spec: &Value, p: &Parents, generation: Option<i64>) -
         let bns = b["namespace"].as_str().unwrap_or(ns);
         if !matches!(group, "" | "core") || kind != "Service" {
             problems.push(("InvalidKind", format!("backendRef {group}/{kind} {name}: only Services are supported")));
-        } else if bns != ns && own_parent.as_ref().is_none_or(|(pns, pname)| pns != bns || pname != name) {
-            problems
-                .push(("RefNotPermitted", format!("backendRef Service {bns}/{name}: ReferenceGrants are not read")));
+        } else if own_parent.as_ref().is_none_or(|(pns, pname)| pns != bns || pname != name)
+            && !p.grants.permits_service(route_kind, ns, (bns, name))
+        {
+            let why = "no ReferenceGrant in its namespace allows it";
+            problems.push(("RefNotPermitted", format!("backendRef Service {bns}/{name}: {why}")));
         } else if !p.services.contains(&(bns.to_string(), name.to_string())) {
             problems.push(("BackendNotFound", format!("backendRef Service {bns}/{name} does not exist")));
         }
@@ -296,7 +301,7 @@ mod tests {
             [("Accepted", "False", "NoMatchingParent"), ("ResolvedRefs", "False", "BackendNotFound")]
         );
         let m = &want[0].conditions[1].message;
-        assert!(m.contains("mesh/nope") && m.contains("Bucket") && m.contains("ReferenceGrants"), "{m}");
+        assert!(m.contains("mesh/nope") && m.contains("Bucket") && m.contains("ReferenceGrant"), "{m}");
     }
 
     #[test]
@@ -321,6 +326,17 @@ mod tests {
         let elsewhere = consumer("{name: other, namespace: mesh, port: 80}");
         let want = desired_parents("HTTPRoute", "client", "r", &elsewhere, Some(1), &p);
         assert_eq!(kinds(&want[0].conditions)[1], ("ResolvedRefs", "False", "RefNotPermitted"));
+        // A ReferenceGrant in `mesh` opens it to HTTPRoutes of `client`.
+        let grant: crate::model::reference_grant::ReferenceGrantSpec = serde_yaml::from_str(
+            "from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: client}]\n\
+             to: [{group: '', kind: Service, name: other}]\n",
+        )
+        .unwrap();
+        p.grants = Grants::new([(&("mesh".to_owned(), "g".to_owned()), &grant)]);
+        let want = desired_parents("HTTPRoute", "client", "r", &elsewhere, Some(1), &p);
+        assert_eq!(kinds(&want[0].conditions)[1], ("ResolvedRefs", "True", "ResolvedRefs"));
+        let grpc = desired_parents("GRPCRoute", "client", "r", &elsewhere, Some(1), &p);
+        assert_eq!(kinds(&grpc[0].conditions)[1], ("ResolvedRefs", "False", "RefNotPermitted"), "HTTPRoutes only");
     }
 
     #[test]

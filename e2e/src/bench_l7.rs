@@ -8,9 +8,12 @@
 //! 4. HAProxy: `haproxy` in `mode http` in the waypoint's pod (not captured), proxying plain HTTP to the server pod
 //!    before any pod is enrolled: a reference L7 proxy without the mesh.
 //!
-//! Figures: requests per second and latency p50 / p99 (from `wrk --latency`), with ratios to direct and to HAProxy;
-//! the waypoint's CPU seconds and peak RSS during its run; the ztunnels' CPU seconds in the mesh runs. Each path
-//! uses its own server port (nginx listens on four), so no TIME_WAIT socket of one run meets the next.
+//! Figures: the maximum rate (requests per second, closed loop, from `wrk --latency`) with latency p50 / p99, with
+//! ratios to direct and to HAProxy; then, on each path, fixed-rate open-loop runs ([`crate::bench_l7_rate`]: `oha`
+//! at 1,000 and 5,000 requests/s, 1 KiB bodies, HTTP/1.1 and HTTP/2) with p50 / p99 / p99.9 and the proxy's CPU
+//! (vCPU) at that rate; the waypoint's CPU seconds and peak RSS during its runs; the ztunnels' CPU seconds in the mesh
+//! runs. Each path uses its own server ports (nginx listens on eight: HTTP/1.1 and h2c per path), so no TIME_WAIT
+//! socket of one run meets the next.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::bench_l7_rate::{self as rate, Protocol, RateFigures, RATES};
 use crate::check::metric;
 use crate::daemon::Daemon;
 use crate::dump;
@@ -35,12 +39,30 @@ pub struct BenchOptions {
     pub threads: usize,
     /// `wrk -c`.
     pub connections: usize,
+    /// How long each fixed-rate run lasts; zero skips them.
+    pub rate_duration: Duration,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { duration: Duration::from_secs(10), threads: 2, connections: 16 }
+        BenchOptions {
+            duration: Duration::from_secs(10),
+            threads: 2,
+            connections: 16,
+            rate_duration: Duration::from_secs(10),
+        }
     }
+}
+
+/// One fixed-rate run on one path.
+#[derive(Clone, Debug)]
+pub struct RateRow {
+    pub path: &'static str,
+    pub protocol: Protocol,
+    pub rate: u32,
+    pub figures: RateFigures,
+    /// The proxy's CPU (the waypoint, HAProxy) over the run, in vCPU (CPU seconds per second).
+    pub proxy_vcpu: Option<f64>,
 }
 
 /// What `wrk` reported for one path.
@@ -74,6 +96,8 @@ pub struct Report {
     pub ztunnel_cpu_waypoint: [f64; 2],
     /// CPU seconds of HAProxy during its run.
     pub haproxy_cpu_seconds: f64,
+    /// The fixed-rate runs, path by path.
+    pub rates: Vec<RateRow>,
 }
 
 /// The port nginx listens on for each path: direct, HAProxy's backend, mesh L4, waypoint.
@@ -81,7 +105,20 @@ const DIRECT_PORT: u16 = 8080;
 const HAPROXY_BACKEND_PORT: u16 = 8081;
 const L4_PORT: u16 = 8082;
 const WAYPOINT_PORT: u16 = 8083;
+/// The same four, speaking h2c (HTTP/2 with prior knowledge).
+const DIRECT_H2_PORT: u16 = 8084;
+const HAPROXY_BACKEND_H2_PORT: u16 = 8085;
+const L4_H2_PORT: u16 = 8086;
+const WAYPOINT_H2_PORT: u16 = 8087;
 const HAPROXY_PORT: u16 = 8090;
+const HAPROXY_H2_PORT: u16 = 8091;
+/// The Services' port for HTTP/2 (declared `kubernetes.io/h2c`, so the waypoint speaks HTTP/2 both ways).
+const H2_SERVICE_PORT: u16 = 81;
+/// Path names in the report.
+const DIRECT: &str = "direct (not enrolled)";
+const HAPROXY: &str = "HAProxy mode http (no mesh)";
+const MESH_L4: &str = "mesh L4 (2 ztunnels, HBONE)";
+const WAYPOINT: &str = "waypoint (ztunnel → ambit-waypoint → ztunnel)";
 const WP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const L4_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const WP_HOST: &str = "echo.default.svc.cluster.local";
@@ -101,7 +138,9 @@ spec:
   type: ClusterIP
   clusterIP: {L4_VIP}
   selector: {{app: server}}
-  ports: [{{name: http, port: 80, targetPort: {L4_PORT}, protocol: TCP}}]
+  ports:
+  - {{name: http, port: 80, targetPort: {L4_PORT}, protocol: TCP}}
+  - {{name: http2, port: {H2_SERVICE_PORT}, targetPort: {L4_H2_PORT}, protocol: TCP, appProtocol: kubernetes.io/h2c}}
 "#
     );
     if waypoint {
@@ -114,7 +153,9 @@ spec:
   type: ClusterIP
   clusterIP: {WP_VIP}
   selector: {{app: server}}
-  ports: [{{name: http, port: 80, targetPort: {WAYPOINT_PORT}, protocol: TCP}}]
+  ports:
+  - {{name: http, port: 80, targetPort: {WAYPOINT_PORT}, protocol: TCP}}
+  - {{name: http2, port: {H2_SERVICE_PORT}, targetPort: {WAYPOINT_H2_PORT}, protocol: TCP, appProtocol: kubernetes.io/h2c}}
 "#
         ));
     }
@@ -126,6 +167,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     for tool in ["wrk", "nginx", "haproxy"] {
         which(tool)?;
     }
+    if !opts.rate_duration.is_zero() {
+        rate::require_oha()?;
+    }
     let mut lab = WaypointMesh::new("bench-l7", &["server"])?;
     let server = lab.servers[0];
     let (client, wp) = (lab.client, lab.wp);
@@ -136,17 +180,21 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let nginx = nginx(&lab.mesh.lab().pod(server).netns, &dir)?;
     wait_http(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, nginx.pid())?;
     let mut report = Report { options: Some(opts.clone()), ..Report::default() };
+    let body = rate::write_body(&dir)?;
+    let rates = Rates { ns: &client_ns, body: &body, duration: opts.rate_duration };
 
     eprintln!("measuring direct HTTP (pods not enrolled) ...");
     warm_up(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, &opts)?;
     report.direct = wrk(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, &opts)?;
+    let targets = [(server_ip, DIRECT_PORT), (server_ip, DIRECT_H2_PORT)].map(SocketAddr::from);
+    rates.measure(DIRECT, targets, WP_HOST, None, &mut report.rates)?;
 
     {
         let haproxy = haproxy(
             &lab.mesh.lab().pod(wp).netns,
             &dir,
-            SocketAddr::from((wp_ip, HAPROXY_PORT)),
-            SocketAddr::from((server_ip, HAPROXY_BACKEND_PORT)),
+            [(wp_ip, HAPROXY_PORT), (wp_ip, HAPROXY_H2_PORT)].map(SocketAddr::from),
+            [(server_ip, HAPROXY_BACKEND_PORT), (server_ip, HAPROXY_BACKEND_H2_PORT)].map(SocketAddr::from),
         )?;
         let target = SocketAddr::from((wp_ip, HAPROXY_PORT));
         wait_http(&client_ns, target, WP_HOST, haproxy.pid())?;
@@ -155,6 +203,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         let before = haproxy.cpu_seconds();
         report.haproxy = wrk(&client_ns, target, WP_HOST, &opts)?;
         report.haproxy_cpu_seconds = haproxy.cpu_seconds() - before;
+        let targets = [(wp_ip, HAPROXY_PORT), (wp_ip, HAPROXY_H2_PORT)].map(SocketAddr::from);
+        rates.measure(HAPROXY, targets, WP_HOST, Some(&|| haproxy.cpu_seconds()), &mut report.rates)?;
     }
 
     for p in [client, server] {
@@ -180,6 +230,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     if hbone < 1.0 {
         bail!("the mesh L4 run did not go through the client's ztunnel (no connection to {L4_HOST} counted)");
     }
+    let targets = [(L4_VIP, 80), (L4_VIP, H2_SERVICE_PORT)].map(SocketAddr::from);
+    rates.measure(MESH_L4, targets, L4_HOST, None, &mut report.rates)?;
 
     lab.declare(&services(true))?;
     lab.mesh.wait_for_config("echo with its waypoint", |d| {
@@ -201,15 +253,53 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     report.waypoint_cpu_seconds = waypoint.cpu_seconds() - cpu_before;
     let zt_after = zt_cpu(&lab);
     report.ztunnel_cpu_waypoint = [zt_after[0] - zt_before[0], zt_after[1] - zt_before[1]];
-    report.waypoint_peak_rss_mib = mib(waypoint.peak_rss_bytes());
     report.waypoint_counted = ok(&waypoint)? - counted_before;
     if report.waypoint_counted < 1.0 {
         bail!("the waypoint counted none of the waypoint run's requests: it was not on the path");
     }
+    let targets = [(WP_VIP, 80), (WP_VIP, H2_SERVICE_PORT)].map(SocketAddr::from);
+    rates.measure(WAYPOINT, targets, WP_HOST, Some(&|| waypoint.cpu_seconds()), &mut report.rates)?;
+    report.waypoint_peak_rss_mib = mib(waypoint.peak_rss_bytes());
     // Drop order: the waypoint, nginx, then the lab (ztunnels, controller, namespaces).
     drop(waypoint);
     drop(nginx);
     Ok(report)
+}
+
+/// The fixed-rate runs of one lab: from `ns`, with the request body `body`, `duration` each.
+struct Rates<'a> {
+    ns: &'a NetNs,
+    body: &'a Path,
+    duration: Duration,
+}
+
+impl Rates<'_> {
+    /// Every rate of [`RATES`] over HTTP/1.1 to `targets[0]` and HTTP/2 to `targets[1]`, each after a 1 s warm-up at
+    /// 200/s; `proxy_cpu` reads the proxy's CPU seconds, if the path has one.
+    fn measure(
+        &self,
+        path: &'static str,
+        targets: [SocketAddr; 2],
+        host: &str,
+        proxy_cpu: Option<&dyn Fn() -> f64>,
+        rows: &mut Vec<RateRow>,
+    ) -> anyhow::Result<()> {
+        if self.duration.is_zero() {
+            return Ok(());
+        }
+        for (protocol, target) in [Protocol::Http1, Protocol::Http2].into_iter().zip(targets) {
+            rate::run(self.ns, target, host, protocol, 200, Duration::from_secs(1), self.body)
+                .with_context(|| format!("warm-up of {path}"))?;
+            for rate in RATES {
+                eprintln!("  {path}: {} at {rate} requests/s ...", protocol.name());
+                let before = proxy_cpu.map(|f| f());
+                let figures = rate::run(self.ns, target, host, protocol, rate, self.duration, self.body)?;
+                let proxy_vcpu = proxy_cpu.zip(before).map(|(f, b)| (f() - b) / self.duration.as_secs_f64());
+                rows.push(RateRow { path, protocol, rate, figures, proxy_vcpu });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn which(tool: &str) -> anyhow::Result<()> {
@@ -227,15 +317,18 @@ fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Daemon> {
     let d = dir.join("nginx");
     fs::create_dir_all(&d)?;
     let d = d.display();
-    let listen: String = [DIRECT_PORT, HAPROXY_BACKEND_PORT, L4_PORT, WAYPOINT_PORT]
-        .iter()
-        .map(|p| format!("    listen {p} reuseport backlog=4096;\n"))
-        .collect();
+    let h1 = [DIRECT_PORT, HAPROXY_BACKEND_PORT, L4_PORT, WAYPOINT_PORT].map(|p| (p, ""));
+    let h2 = [DIRECT_H2_PORT, HAPROXY_BACKEND_H2_PORT, L4_H2_PORT, WAYPOINT_H2_PORT].map(|p| (p, " http2"));
+    let listen: String =
+        h1.iter().chain(&h2).map(|(p, h2)| format!("    listen {p}{h2} reuseport backlog=4096;\n")).collect();
+    let kib = "k".repeat(rate::BODY_BYTES);
     let conf = format!(
         "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\n\
          error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
          client_body_temp_path {d}/body;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  \
-         server {{\n{listen}    default_type text/plain;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+         server {{\n{listen}    default_type text/plain;\n    location / {{ return 200 \"ok\\n\"; }}\n    \
+         location = {} {{ return 200 \"{kib}\"; }}\n  }}\n}}\n",
+        rate::PATH
     );
     let conf_file = format!("{d}/nginx.conf");
     fs::write(&conf_file, conf)?;
@@ -244,14 +337,17 @@ fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Daemon> {
     spawn("nginx", ns, cmd, &format!("{d}/stderr.log"))
 }
 
-/// HAProxy in `mode http` in `ns`, listening on `listen`, proxying to `backend` over kept-alive connections.
-fn haproxy(ns: &NetNs, dir: &Path, listen: SocketAddr, backend: SocketAddr) -> anyhow::Result<Daemon> {
+/// HAProxy in `mode http` in `ns`, listening on `listen` (HTTP/1.1, h2c), proxying to `backend` (the same) over
+/// kept-alive connections.
+fn haproxy(ns: &NetNs, dir: &Path, listen: [SocketAddr; 2], backend: [SocketAddr; 2]) -> anyhow::Result<Daemon> {
     let d = dir.join("haproxy");
     fs::create_dir_all(&d)?;
     let conf = format!(
         "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  \
          timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\nfrontend fe\n  \
-         bind {listen}\n  default_backend be\n\nbackend be\n  server server1 {backend}\n"
+         bind {}\n  default_backend be\n\nbackend be\n  server server1 {}\n\nfrontend fe2\n  \
+         bind {} proto h2\n  default_backend be2\n\nbackend be2\n  server server2 {} proto h2\n",
+        listen[0], backend[0], listen[1], backend[1]
     );
     let conf_file = d.join("haproxy.cfg");
     fs::write(&conf_file, conf)?;
@@ -329,24 +425,8 @@ fn run_wrk(ns: &NetNs, addr: SocketAddr, host: &str, opts: &BenchOptions, d: Dur
         format!("Host: {host}"),
         format!("http://{addr}/"),
     ]);
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("wrk")?;
-    let deadline = Instant::now() + d + Duration::from_secs(30);
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("wrk to {addr} still running 30 s past its duration; killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output()?;
+    let out = rate::run_bounded(cmd, d + Duration::from_secs(30), &format!("wrk to {addr}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("wrk to {addr}: {}: {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
     Ok(text)
 }
 
@@ -422,12 +502,7 @@ pub fn render(r: &Report) -> String {
         "| path | requests/s | vs direct | vs HAProxy | p50 (µs) | p99 (µs) | p99 vs direct | p99 vs HAProxy |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    let rows = [
-        ("direct (not enrolled)", &r.direct),
-        ("HAProxy mode http (no mesh)", &r.haproxy),
-        ("mesh L4 (2 ztunnels, HBONE)", &r.mesh_l4),
-        ("waypoint (ztunnel → ambit-waypoint → ztunnel)", &r.waypoint),
-    ];
+    let rows = [(DIRECT, &r.direct), (HAPROXY, &r.haproxy), (MESH_L4, &r.mesh_l4), (WAYPOINT, &r.waypoint)];
     for (name, f) in rows {
         out.push_str(&format!(
             "| {name} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} |\n",
@@ -465,7 +540,64 @@ pub fn render(r: &Report) -> String {
     out.push_str(
         "(each path had a 1 s warm-up first, not counted; wrk, nginx and every proxy share the machine's cores)\n",
     );
+    render_rates(r, &mut out);
     out
+}
+
+/// The fixed-rate table: latency per path, protocol and rate, the waypoint's against HAProxy's and the mesh L4's.
+fn render_rates(r: &Report, out: &mut String) {
+    let Some(secs) = r.options.as_ref().map(|o| o.rate_duration.as_secs()).filter(|s| *s > 0) else { return };
+    out.push_str(&format!(
+        "\nFixed rate, open loop (oha -q RATE --latency-correction, {secs} s per run; POST {} with a {} B body, \
+         answered with {} B):\n\n| path | protocol | rate (req/s) | achieved | p50 (µs) | p99 (µs) | p99.9 (µs) | \
+         proxy vCPU |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+        rate::PATH,
+        rate::BODY_BYTES,
+        rate::BODY_BYTES
+    ));
+    for row in &r.rates {
+        let f = &row.figures;
+        let vcpu = row.proxy_vcpu.map_or("-".into(), |v| format!("{v:.3}"));
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {vcpu} |\n",
+            row.path,
+            row.protocol.name(),
+            row.rate,
+            f.achieved_rps,
+            f.p50_us,
+            f.p99_us,
+            f.p999_us
+        ));
+    }
+    let find = |path: &str, protocol, rate| {
+        r.rates.iter().find(|x| x.path == path && x.protocol == protocol && x.rate == rate)
+    };
+    out.push('\n');
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        for rate in RATES {
+            let (Some(wp), Some(l4), Some(ha)) =
+                (find(WAYPOINT, protocol, rate), find(MESH_L4, protocol, rate), find(HAPROXY, protocol, rate))
+            else {
+                continue;
+            };
+            let (w, l) = (&wp.figures, &l4.figures);
+            let cpu_ratio = match (wp.proxy_vcpu, ha.proxy_vcpu) {
+                (Some(w), Some(h)) if h > 0.0 => format!("{:.2}×", w / h),
+                _ => "-".into(),
+            };
+            out.push_str(&format!(
+                "waypoint {} at {rate}/s: adds {:.0} µs p50, {:.0} µs p99, {:.0} µs p99.9 over the mesh L4; \
+                 p99 {:.2}× HAProxy's; CPU {:.3} vCPU ({:.3} per 1,000 req/s), {cpu_ratio} HAProxy's\n",
+                protocol.name(),
+                w.p50_us - l.p50_us,
+                w.p99_us - l.p99_us,
+                w.p999_us - l.p999_us,
+                w.p99_us / ha.figures.p99_us.max(1.0),
+                wp.proxy_vcpu.unwrap_or(0.0),
+                wp.proxy_vcpu.unwrap_or(0.0) * 1000.0 / f64::from(rate),
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -268,6 +268,7 @@ impl Upstream {
         let clients = self.clients(endpoint);
         if http2 {
             *req.version_mut() = Version::HTTP_2;
+            host_into_authority(&mut req);
             clients.http2.request(req).await
         } else {
             *req.version_mut() = Version::HTTP_11;
@@ -291,6 +292,18 @@ impl Upstream {
     }
 }
 
+/// Over HTTP/2 the host travels as `:authority` alone: a `Host` header beside it is a duplicate that servers refuse
+/// (nginx answers 400). The `Host` the request carries (as filters left it) becomes the URI's authority.
+fn host_into_authority<B>(req: &mut Request<B>) {
+    let Some(host) = req.headers_mut().remove(http::header::HOST) else { return };
+    let Ok(authority) = Authority::try_from(host.as_bytes()) else { return };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.authority = Some(authority);
+    parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
+    parts.path_and_query.get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+}
+
 /// The URI of a forwarded request: `http://`, the authority the client
 /// asked for (HTTP/2's `:authority`, else `Host`; the endpoint's address if
 /// it named none usable), and its path and query.
@@ -311,6 +324,17 @@ pub fn request_uri(original: &Uri, headers: &HeaderMap, endpoint: SocketAddr) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_http2_the_host_header_becomes_the_authority() {
+        let mut req = Request::builder().uri("http://echo:81/a?b=1").header("host", "echo-shadow:81").body(()).unwrap();
+        host_into_authority(&mut req);
+        assert_eq!(req.uri().to_string(), "http://echo-shadow:81/a?b=1");
+        assert!(req.headers().get("host").is_none(), "no duplicate of :authority");
+        let mut bare = Request::builder().uri("http://echo/x").body(()).unwrap();
+        host_into_authority(&mut bare);
+        assert_eq!(bare.uri().to_string(), "http://echo/x", "no Host: the URI stays");
+    }
 
     fn headers(host: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();

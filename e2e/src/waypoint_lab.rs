@@ -126,7 +126,6 @@ pub const APP_PORT: u16 = 8080;
 /// `echo`'s port named `tcp`: opaque to the waypoint, relayed at L4.
 pub const TCP_PORT: u16 = 9000;
 /// The client pod's SPIFFE identity.
-/// The client pod's SPIFFE identity.
 /// `echo`'s port declared HTTP/2 (`appProtocol: kubernetes.io/h2c`), to [`H2_APP_PORT`] on `echo-v1`.
 pub const H2_PORT: u16 = 81;
 /// Where an HTTP/2 server in `echo-v1` listens for `echo`'s port [`H2_PORT`] (the lab starts none).
@@ -145,6 +144,7 @@ spec:
   ports:
   - {name: http, port: 80, targetPort: 8080, protocol: TCP}
   - {name: tcp, port: 9000, targetPort: 8080, protocol: TCP}
+  - {name: web-h2, port: 81, targetPort: 8081, protocol: TCP, appProtocol: kubernetes.io/h2c}
 ---
 apiVersion: v1
 kind: Service

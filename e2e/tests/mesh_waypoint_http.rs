@@ -3,16 +3,20 @@
 //! `echo-v2`), for what the request path does at its edges: a request body is kept for a retry only up to the
 //! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
 //! before the client sends the body; a request over the header limits is refused with 431 while the waypoint keeps
-//! serving. Needs root; fails (not skips) under CI.
+//! serving; and on one HTTP/2 connection a stalled stream does not hold up another. Needs root; fails (not skips)
+//! under CI.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ambit_e2e::check::TIMEOUT;
 use ambit_e2e::http::{HttpConnection, Request};
 use ambit_e2e::http_server::EchoReply;
-use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP};
+use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP, H2_APP_PORT, H2_PORT};
+use ambit_e2e::NetNs;
 use ambit_waypoint::retry::REPLAY_LIMIT;
+use bytes::Bytes;
 
 /// `POST path` to `echo` with a body of `size` bytes.
 fn post(size: usize, path: &str) -> Request {
@@ -96,4 +100,125 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
     assert!(l.waypoint.is_running(), "the waypoint exited; log:\n{}", l.waypoint.log_text());
     let r = l.get("/after-431", &[]).expect("a request after the refusals");
     assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+}
+
+/// An HTTP/2 (prior knowledge) server for `echo`'s port declared `h2c`, in a pod's namespace: every stream is
+/// answered on its own (a `/delay/<ms>` one after that long) with `200` and `server <name>\npath <path>\n`; the
+/// paths it answered are listed in order of their answers.
+struct H2Server {
+    answered: Arc<Mutex<Vec<String>>>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl H2Server {
+    fn start(ns: &NetNs, port: u16, name: &'static str) -> Self {
+        let listener = ns.run(move || std::net::TcpListener::bind(("0.0.0.0", port))).expect("listen for h2");
+        listener.set_nonblocking(true).unwrap();
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let seen = answered.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                        while let Some(Ok((req, mut respond))) = conn.accept().await {
+                            let seen = seen.clone();
+                            tokio::spawn(async move {
+                                let path = req.uri().path().to_owned();
+                                let delay = path.strip_prefix("/delay/").and_then(|ms| ms.parse().ok());
+                                if let Some(ms) = delay {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                }
+                                let body = format!("server {name}\npath {path}\n");
+                                seen.lock().unwrap().push(path);
+                                let head = http::Response::builder().status(200).body(()).unwrap();
+                                if let Ok(mut send) = respond.send_response(head, false) {
+                                    let _ = send.send_data(Bytes::from(body), true);
+                                }
+                            });
+                        }
+                    });
+                }
+            });
+        });
+        H2Server { answered, _thread: thread }
+    }
+
+    fn answered(&self) -> Vec<String> {
+        self.answered.lock().unwrap().clone()
+    }
+}
+
+/// `GET path` on `client`'s HTTP/2 connection: the status, the body, and when the answer was whole.
+async fn h2_get(client: h2::client::SendRequest<Bytes>, path: &str) -> Result<(u16, String, Instant), h2::Error> {
+    let mut client = client.ready().await?;
+    let req = http::Request::get(format!("http://{ECHO_HOST}{path}")).body(()).expect("a request");
+    let (response, _) = client.send_request(req, true)?;
+    let response = response.await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    Ok((status, String::from_utf8_lossy(&text).into_owned(), Instant::now()))
+}
+
+#[test]
+fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
+    let Some(l) = WaypointLab::start("wp-http-h2") else { return };
+    let server = H2Server::start(l.ns(l.servers[0]), H2_APP_PORT, "echo-v1-h2");
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    let h2c = SocketAddr::from((ECHO_VIP, H2_PORT));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    // One HTTP/2 connection to the port, polled until the waypoint serves it.
+    let connect = || -> Result<h2::client::SendRequest<Bytes>, String> {
+        let tcp = ambit_e2e::apps::connect(l.ns(l.client), h2c, TIMEOUT).map_err(|e| e.to_string())?;
+        tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+            let (client, conn) = h2::client::handshake(tcp).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let (status, body, _) = h2_get(client.clone(), "/h2-ready").await.map_err(|e| e.to_string())?;
+            match status {
+                200 if body.contains("server echo-v1-h2") => Ok(client),
+                _ => Err(format!("status {status} body {body:?}")),
+            }
+        })
+    };
+    let client = l.until("an HTTP/2 answer on echo's h2c port", connect);
+
+    rt.block_on(async {
+        let started = Instant::now();
+        let stalled = tokio::spawn(h2_get(client.clone(), "/delay/4000"));
+        // Let the stalled stream reach the server first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, body, quick_done) = tokio::time::timeout(Duration::from_secs(3), h2_get(client.clone(), "/quick"))
+            .await
+            .expect("the second stream was held up by the stalled one")
+            .expect("the second stream");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("path /quick"), "{body}");
+        assert!(!stalled.is_finished(), "the stalled stream ended before the quick one was answered");
+        let (status, body, stalled_done) = stalled.await.expect("task").expect("the stalled stream");
+        assert_eq!((status, body.contains("path /delay/4000")), (200, true), "{body}");
+        println!(
+            "quick stream answered after {:?}, the stalled one after {:?}",
+            quick_done - started,
+            stalled_done - started
+        );
+        assert!(quick_done < stalled_done);
+    });
+    let answered = server.answered();
+    let quick = answered.iter().position(|p| p == "/quick");
+    let stalled = answered.iter().position(|p| p == "/delay/4000");
+    assert!(quick.is_some() && quick < stalled, "the server answered in the order {answered:?}");
 }

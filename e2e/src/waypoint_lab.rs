@@ -125,11 +125,11 @@ pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const APP_PORT: u16 = 8080;
 /// `echo`'s port named `tcp`: opaque to the waypoint, relayed at L4.
 pub const TCP_PORT: u16 = 9000;
-/// The client pod's SPIFFE identity.
 /// `echo`'s port declared HTTP/2 (`appProtocol: kubernetes.io/h2c`), to [`H2_APP_PORT`] on `echo-v1`.
 pub const H2_PORT: u16 = 81;
 /// Where an HTTP/2 server in `echo-v1` listens for `echo`'s port [`H2_PORT`] (the lab starts none).
 pub const H2_APP_PORT: u16 = 8081;
+/// The client pod's SPIFFE identity.
 pub const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 /// The service `echo` (backed by `echo-v1`) that uses the waypoint, and `echo-v2`, a route's backend (declared

@@ -176,8 +176,8 @@ impl HttpConnection {
 
     /// Sends `req`'s head alone (the caller adds `Expect: 100-continue`), waits up to `wait` for an interim response,
     /// then sends the body and reads the final response, as a client that honours `Expect` does. Returns the interim
-    /// response (`None` if none came within `wait`: the body is then sent anyway, as RFC 9110 §10.1.1 lets a client)
-    /// and the final one. A final response that comes before the body is returned with `None`, and the body is not
+    /// response (`None` if none came within `wait`: the body is then sent anyway, as RFC 9110 §10.1.1 lets a client,
+    /// and a late interim response is skipped) and the final one. A final response that comes before the body is returned with `None`, and the body is not
     /// sent (the connection is then not reused).
     pub fn send_expecting_continue(
         &mut self,
@@ -204,10 +204,15 @@ impl HttpConnection {
             Err(e) => return Err(e.context(format!("interim response to {} {}", req.method, req.path))),
         };
         self.stream.write_all(body).with_context(|| format!("send the body of {} {}", req.method, req.path))?;
-        let (resp, complete) = read_response(&mut self.stream, &mut self.buf, false)
-            .with_context(|| format!("response to {} {}", req.method, req.path))?;
-        self.open = complete && !req.close && !resp.closes();
-        Ok((interim, resp))
+        loop {
+            let (resp, complete) = read_response(&mut self.stream, &mut self.buf, false)
+                .with_context(|| format!("response to {} {}", req.method, req.path))?;
+            // An interim response that came after `wait` is not the answer.
+            if !(100..200).contains(&resp.status) {
+                self.open = complete && !req.close && !resp.closes();
+                return Ok((interim, resp));
+            }
+        }
     }
 
     /// The connection after a `101 Switching Protocols`: the stream and the bytes already read past the response.

@@ -2,15 +2,15 @@
 //! the real controller, ztunnels and `ambit-waypoint`, HBONE with mutual TLS, the echo servers in `echo-v1` and
 //! `echo-v2`), for what the request path does at its edges: a request body is kept for a retry only up to the
 //! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
-//! before the client sends the body; a request over the header limits is refused with 431 while the waypoint keeps
-//! serving; and on one HTTP/2 connection a stalled stream does not hold up another. Needs root; fails (not skips)
+//! before the client sends the body; a request over the header limits is refused with 431, counted in
+//! `ambit_waypoint_refused_total{reason="head_too_large"}`, while the waypoint keeps serving; and on one HTTP/2 connection a stalled stream does not hold up another. Needs root; fails (not skips)
 //! under CI.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ambit_e2e::check::TIMEOUT;
+use ambit_e2e::check::{metric, TIMEOUT};
 use ambit_e2e::http::{HttpConnection, Request};
 use ambit_e2e::http_server::EchoReply;
 use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP, H2_APP_PORT, H2_PORT};
@@ -76,16 +76,30 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
     let Some(mut l) = WaypointLab::start("wp-http-headers") else { return };
     l.until_served_by(l.client, "/ready", &[], "echo-v1");
     let reached = |path: &str| l.v1.requests().iter().any(|q| q.path == path);
+    let refused = |l: &WaypointLab| {
+        let m = l.waypoint.metrics().expect("waypoint metrics");
+        metric(&m, "ambit_waypoint_refused_total", &[("reason", "head_too_large")])
+    };
+    // Each refusal is counted as its connection ends, just after the answer: polled.
+    let until_refused = |l: &WaypointLab, n: f64| {
+        l.until(&format!("{n} refusals counted as head_too_large"), || match refused(l) {
+            c if c == n => Ok(()),
+            c => Err(format!("{c} counted")),
+        })
+    };
+    assert_eq!(refused(&l), 0.0);
 
     // More than 100 header fields (hyper's limit, which the waypoint keeps): 431 from the waypoint.
     let many = (0..110).fold(Request::get(ECHO_HOST, "/many-headers"), |r, i| r.header(&format!("x-h-{i}"), "v"));
     let r = l.send_from(l.client, many).expect("an answer to 110 header fields");
     assert_eq!(r.status, 431, "{r:?}");
     assert!(!reached("/many-headers"), "a request over the header count reached echo-v1");
+    until_refused(&l, 1.0);
     // 100 fields in all pass.
     let fine = (0..97).fold(Request::get(ECHO_HOST, "/enough-headers"), |r, i| r.header(&format!("x-h-{i}"), "v"));
     let r = l.send_from(l.client, fine).expect("an answer to 100 header fields");
     assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(refused(&l), 1.0, "a request within the limits counted as refused");
 
     // A head larger than the waypoint's read buffer (about 400 KiB): 431, or the connection closed before the
     // whole head was written (the waypoint stops reading once it answers); never forwarded.
@@ -95,6 +109,7 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
         Err(e) => println!("a 512 KiB header: the connection closed ({e:#})"),
     }
     assert!(!reached("/huge-header"), "a 512 KiB header reached echo-v1");
+    until_refused(&l, 2.0);
 
     // Still up, and the next connection is served.
     assert!(l.waypoint.is_running(), "the waypoint exited; log:\n{}", l.waypoint.log_text());

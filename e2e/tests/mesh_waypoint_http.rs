@@ -3,8 +3,9 @@
 //! `echo-v2`), for what the request path does at its edges: a request body is kept for a retry only up to the
 //! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
 //! before the client sends the body; a request over the header limits is refused with 431, counted in
-//! `ambit_waypoint_refused_total{reason="head_too_large"}`, while the waypoint keeps serving; and on one HTTP/2 connection a stalled stream does not hold up another. Needs root; fails (not skips)
-//! under CI.
+//! `ambit_waypoint_refused_total{reason="head_too_large"}`, while the waypoint keeps serving; retries of a failing
+//! backend stay within the retry budget; and on one HTTP/2 connection a stalled stream does not hold up another.
+//! Needs root; fails (not skips) under CI.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -115,6 +116,46 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
     assert!(l.waypoint.is_running(), "the waypoint exited; log:\n{}", l.waypoint.log_text());
     let r = l.get("/after-431", &[]).expect("a request after the refusals");
     assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+}
+
+#[test]
+fn retries_of_a_failing_backend_stay_within_the_retry_budget() {
+    let Some(l) = WaypointLab::start("wp-http-budget") else { return };
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    // Many requests at once to an endpoint that fails each after a second with 503, which Istio's default policy
+    // retries twice. The budget allows the larger of 10 retries in flight and 20 % of the requests in flight (6
+    // here): so when the first attempts fail together, at most 10 requests get a retry (each holds its permit
+    // through its backoff and its 1 s attempt); the rest get their 503 at once. Without the budget every request
+    // would be tried 3 times.
+    const REQUESTS: usize = 30;
+    const FLOOR: usize = 10;
+    let client_ns = l.ns(l.client).name().to_string();
+    let vip = SocketAddr::from((ECHO_VIP, 80));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let ns = NetNs::borrowed(&client_ns);
+            std::thread::spawn(move || -> anyhow::Result<u16> {
+                let mut conn = HttpConnection::connect(&ns, vip, TIMEOUT)?;
+                Ok(conn.send(&Request::get(ECHO_HOST, &format!("/delay/1000/status/503/{i}")).close())?.status)
+            })
+        })
+        .collect();
+    for (i, w) in workers.into_iter().enumerate() {
+        let status = w.join().expect("client thread").unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+        assert_eq!(status, 503, "request {i}");
+    }
+    let took = started.elapsed();
+    let seen = l.v1.requests();
+    let attempts = |i: usize| seen.iter().filter(|q| q.path == format!("/delay/1000/status/503/{i}")).count();
+    let per_request: Vec<usize> = (0..REQUESTS).map(attempts).collect();
+    let retried = per_request.iter().filter(|&&n| n > 1).count();
+    let total: usize = per_request.iter().sum();
+    println!("{REQUESTS} failing requests in {took:?}: {retried} retried, {total} attempts: {per_request:?}");
+    assert!(per_request.iter().all(|&n| (1..=3).contains(&n)), "attempts per request: {per_request:?}");
+    assert!(retried >= 1, "no request was retried: {per_request:?}");
+    assert!(retried <= FLOOR, "{retried} of {REQUESTS} requests retried, over the budget's {FLOOR}: {per_request:?}");
+    assert!(total <= REQUESTS + 2 * FLOOR, "{total} attempts for {REQUESTS} requests: {per_request:?}");
 }
 
 /// An HTTP/2 (prior knowledge) server for `echo`'s port declared `h2c`, in a pod's namespace: every stream is

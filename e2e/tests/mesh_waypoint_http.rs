@@ -125,8 +125,8 @@ fn retries_of_a_failing_backend_stay_within_the_retry_budget() {
     // Many requests at once to an endpoint that fails each after a second with 503, which Istio's default policy
     // retries twice. The budget allows the larger of 10 retries in flight and 20 % of the requests in flight (6
     // here): so when the first attempts fail together, at most 10 requests get a retry (each holds its permit
-    // through its backoff and its 1 s attempt); the rest get their 503 at once. Without the budget every request
-    // would be tried 3 times.
+    // through its backoff and its 1 s attempt, then trades it for its second retry's); the rest get their 503 at
+    // once. Without the budget every request would be tried 3 times.
     const REQUESTS: usize = 30;
     const FLOOR: usize = 10;
     let client_ns = l.ns(l.client).name().to_string();
@@ -152,7 +152,8 @@ fn retries_of_a_failing_backend_stay_within_the_retry_budget() {
     let retried = per_request.iter().filter(|&&n| n > 1).count();
     let total: usize = per_request.iter().sum();
     println!("{REQUESTS} failing requests in {took:?}: {retried} retried, {total} attempts: {per_request:?}");
-    assert!(per_request.iter().all(|&n| (1..=3).contains(&n)), "attempts per request: {per_request:?}");
+    // A request that got a retry gets its second too: its own finished retry does not hold it back.
+    assert!(per_request.iter().all(|&n| n == 1 || n == 3), "attempts per request: {per_request:?}");
     assert!(retried >= 1, "no request was retried: {per_request:?}");
     assert!(retried <= FLOOR, "{retried} of {REQUESTS} requests retried, over the budget's {FLOOR}: {per_request:?}");
     assert!(total <= REQUESTS + 2 * FLOOR, "{total} attempts for {REQUESTS} requests: {per_request:?}");

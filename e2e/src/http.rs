@@ -174,6 +174,47 @@ impl HttpConnection {
         self.exchange(req, true)
     }
 
+    /// Sends `req`'s head alone (the caller adds `Expect: 100-continue`), waits up to `wait` for an interim response,
+    /// then sends the body and reads the final response, as a client that honours `Expect` does. Returns the interim
+    /// response (`None` if none came within `wait`: the body is then sent anyway, as RFC 9110 §10.1.1 lets a client,
+    /// and a late interim response is skipped) and the final one. A final response that comes before the body is returned with `None`, and the body is not
+    /// sent (the connection is then not reused).
+    pub fn send_expecting_continue(
+        &mut self,
+        req: &Request,
+        wait: Duration,
+    ) -> anyhow::Result<(Option<HttpResponse>, HttpResponse)> {
+        if !self.open {
+            bail!("the connection was closed by the previous exchange");
+        }
+        let bytes = req.to_bytes();
+        let (head, body) = bytes.split_at(bytes.len() - req.body.len());
+        self.stream.write_all(head).with_context(|| format!("send the head of {} {}", req.method, req.path))?;
+        let timeout = self.stream.read_timeout()?;
+        self.stream.set_read_timeout(Some(wait))?;
+        let first = read_response(&mut self.stream, &mut self.buf, false);
+        self.stream.set_read_timeout(timeout)?;
+        let interim = match first {
+            Ok((r, _)) if (100..200).contains(&r.status) => Some(r),
+            Ok((r, _)) => {
+                self.open = false;
+                return Ok((None, r));
+            }
+            Err(e) if self.buf.is_empty() && is_timeout(&e) => None,
+            Err(e) => return Err(e.context(format!("interim response to {} {}", req.method, req.path))),
+        };
+        self.stream.write_all(body).with_context(|| format!("send the body of {} {}", req.method, req.path))?;
+        loop {
+            let (resp, complete) = read_response(&mut self.stream, &mut self.buf, false)
+                .with_context(|| format!("response to {} {}", req.method, req.path))?;
+            // An interim response that came after `wait` is not the answer.
+            if !(100..200).contains(&resp.status) {
+                self.open = complete && !req.close && !resp.closes();
+                return Ok((interim, resp));
+            }
+        }
+    }
+
     /// The connection after a `101 Switching Protocols`: the stream and the bytes already read past the response.
     pub fn into_upgraded(self) -> (std::net::TcpStream, Vec<u8>) {
         (self.stream, self.buf)
@@ -193,6 +234,14 @@ impl HttpConnection {
         self.open = complete && !req.close && !resp.closes() && !half_close;
         Ok(resp)
     }
+}
+
+/// Whether `e` is a read that timed out.
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    })
 }
 
 /// Reads one response from `stream` (with `buf` holding bytes already read past the previous one); returns it and

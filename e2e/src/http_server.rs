@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The response also carries `x-served-by: <name>`. A request to `/status/<code>` is answered with that status (same
-//! body); one to `/delay/<ms>` is answered after that many milliseconds. An upgrade request (`Connection: upgrade`, `Upgrade: echo`, as a WebSocket handshake is) is answered with
+//! body); one to `/delay/<ms>` is answered after that many milliseconds, and one to `/delay/<ms>/status/<code>` both. An upgrade request (`Connection: upgrade`, `Upgrade: echo`, as a WebSocket handshake is) is answered with
 //! `101 Switching Protocols`, after which the connection echoes every byte back until the peer closes it.
 
 use std::collections::BTreeMap;
@@ -172,12 +172,20 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>
         let body = read_body(&mut stream, &mut buf, &head)?;
         nth += 1;
         let path = head.path.clone();
-        let status = path
+        // `/delay/<ms>` first, then `/status/<code>` (either alone, or both: `/delay/<ms>/status/<code>`).
+        let (delay, rest) = match path.strip_prefix("/delay/") {
+            Some(d) => {
+                let end = d.find(['/', '?']).unwrap_or(d.len());
+                (d[..end].parse::<u64>().ok(), &d[end..])
+            }
+            None => (None, path.as_str()),
+        };
+        let status = rest
             .strip_prefix("/status/")
             .and_then(|c| c.split(['/', '?']).next()?.parse::<u16>().ok())
             .filter(|c| (200..600).contains(c))
             .unwrap_or(200);
-        if let Some(ms) = path.strip_prefix("/delay/").and_then(|d| d.split(['/', '?']).next()?.parse::<u64>().ok()) {
+        if let Some(ms) = delay {
             std::thread::sleep(Duration::from_millis(ms));
         }
         let mut text = format!(
@@ -439,12 +447,16 @@ mod tests {
         }
         let posted = conn.send(&Request::new("POST", "unit.test", "/status/503").body("abc")).unwrap();
         assert_eq!((posted.status, EchoReply::parse(&posted.body).unwrap().body_bytes), (503, 3));
+        let started = std::time::Instant::now();
+        let slow_failure = conn.send(&Request::get("unit.test", "/delay/100/status/500/x")).unwrap();
+        assert_eq!(slow_failure.status, 500, "{slow_failure:?}");
+        assert!(started.elapsed() >= Duration::from_millis(100), "no delay before the status");
         let last = conn.send(&Request::get("unit.test", "/bye").close()).unwrap();
         assert!(last.closes() && !conn.is_open());
         assert_eq!(server.connections().len(), 1, "one connection for every request");
         let seen = server.requests();
-        assert_eq!(seen.len(), 7);
-        assert_eq!(seen[6].nth_on_connection, 7);
+        assert_eq!(seen.len(), 8);
+        assert_eq!(seen[7].nth_on_connection, 8);
         assert_eq!(seen[0].header("x-test"), Some("yes"));
     }
 }

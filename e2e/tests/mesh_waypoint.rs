@@ -11,7 +11,8 @@
 //! `Gateway` (class `ambit-waypoint`) and its `Service` (port 15008, selecting
 //! the waypoint pod); the waypoint proves its identity to the controller with
 //! its own `--workload-tokens` token. The lab's setup is shared with the L7
-//! benchmark: [`ambit_e2e::waypoint_lab`].
+//! benchmark, with [`WaypointLab`] shared with `mesh_waypoint_http.rs`:
+//! [`ambit_e2e::waypoint_lab`].
 //!
 //! Checked: the request path through the waypoint (its
 //! `istio_requests_total{reporter="waypoint"}`, the server ztunnel seeing the
@@ -30,47 +31,14 @@
 //! with a bound. Needs root; fails (not skips) under CI.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ambit_e2e::check::{metric, TIMEOUT};
-use ambit_e2e::dump;
 use ambit_e2e::http::{HttpConnection, HttpResponse, Request};
-use ambit_e2e::http_server::{EchoReply, HttpEchoServer};
-use ambit_e2e::waypoint::WaypointProcess;
-use ambit_e2e::waypoint_lab::{WaypointMesh, NS, PROPAGATION, WAYPOINT_HOST};
-use ambit_e2e::{Mesh, NetNs, NodeId, PodId};
-
-const ECHO_HOST: &str = "echo.default.svc.cluster.local";
-const ECHO_V2_HOST: &str = "echo-v2.default.svc.cluster.local";
-const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const APP_PORT: u16 = 8080;
-/// `echo`'s port named `tcp`: opaque to the waypoint, relayed at L4.
-const TCP_PORT: u16 = 9000;
-const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
-
-/// The service `echo` (backed by `echo-v1`) that uses the waypoint, and `echo-v2`, a route's backend (declared
-/// with the waypoint's Gateway and Service, [`ambit_e2e::waypoint_lab::GATEWAY_OBJECTS`]).
-const SERVICES: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
-spec:
-  type: ClusterIP
-  clusterIP: 10.96.0.10
-  selector: {app: echo-v1}
-  ports:
-  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
-  - {name: tcp, port: 9000, targetPort: 8080, protocol: TCP}
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo-v2, namespace: default}
-spec:
-  type: ClusterIP
-  clusterIP: 10.96.0.11
-  selector: {app: echo-v2}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
-"#;
+use ambit_e2e::http_server::EchoReply;
+use ambit_e2e::waypoint_lab::{WaypointLab, APP_PORT, CLIENT_PRINCIPAL, ECHO_HOST, ECHO_VIP, PROPAGATION, TCP_PORT};
+use ambit_e2e::{NetNs, PodId};
 
 /// An HTTPRoute on the Service `echo` (GAMMA): `/v2…` to `echo-v2` with a
 /// request header set, one removed and a response header added; with
@@ -124,141 +92,6 @@ spec:
   rules: [{{from: [{{source: {{principals: ["{principal}"]}}}}]}}]
 "#
     )
-}
-
-/// The lab: nodes 1 and 2; `client` and the waypoint pod on node 1,
-/// `echo-v1`, `echo-v2` and `intruder` on node 2; every pod but the
-/// waypoint's enrolled; an HTTP echo server on 8080 in `echo-v1` and
-/// `echo-v2`; the waypoint process running and ready.
-struct WaypointLab {
-    // Field order is drop order: the waypoint first, then the servers, then the mesh (ztunnels, controller, lab).
-    waypoint: WaypointProcess,
-    v1: HttpEchoServer,
-    v2: HttpEchoServer,
-    mesh: Mesh,
-    nodes: [NodeId; 2],
-    client: PodId,
-    intruder: PodId,
-    wp: PodId,
-    /// The pods `echo-v1` (behind the waypoint, as `echo`'s endpoint) and `echo-v2` (no waypoint).
-    servers: [PodId; 2],
-}
-
-impl WaypointLab {
-    fn start(test: &str) -> Option<Self> {
-        Self::start_with(test, &[])
-    }
-
-    /// [`WaypointLab::start`] with more controller flags.
-    fn start_with(test: &str, controller_args: &[&str]) -> Option<Self> {
-        if !ambit_e2e::require_root(test) {
-            return None;
-        }
-        let mut lab = WaypointMesh::with_controller_args(test, &["echo-v1", "echo-v2", "intruder"], controller_args)
-            .expect("the waypoint lab");
-        let [v1, v2, intruder] = lab.servers[..] else { unreachable!("three server pods") };
-        let client = lab.client;
-        for p in [client, v1, v2, intruder] {
-            lab.mesh.enroll(p).expect("enroll");
-        }
-        let serve = |p: PodId, name: &str| {
-            HttpEchoServer::start(&lab.mesh.lab().pod(p).netns, SocketAddr::from(([0, 0, 0, 0], APP_PORT)), name)
-                .expect("http server")
-        };
-        let (s1, s2) = (serve(v1, "echo-v1"), serve(v2, "echo-v2"));
-        lab.declare(SERVICES).unwrap();
-        let ips: Vec<Ipv4Addr> = [client, v1, v2, intruder].iter().map(|p| lab.mesh.lab().pod(*p).ip).collect();
-        lab.mesh
-            .wait_for_config("the pods, the waypoint's service and echo with its waypoint", |d| {
-                ips.iter().all(|ip| dump::has_captured_workload(d, *ip))
-                    && dump::service(d, ECHO_HOST).is_some_and(|s| s["waypoint"].is_string())
-                    && dump::endpoints(d, NS, ECHO_HOST) == 1
-                    && dump::endpoints(d, NS, ECHO_V2_HOST) == 1
-                    && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
-            })
-            .expect("ztunnels know the waypoint");
-        let waypoint = lab.start_waypoint(true).expect("the waypoint is ready");
-        let WaypointMesh { mesh, nodes, wp, .. } = lab;
-        Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes, client, intruder, wp, servers: [v1, v2] })
-    }
-
-    fn ns(&self, pod: PodId) -> &NetNs {
-        &self.mesh.lab().pod(pod).netns
-    }
-
-    fn ip(&self, pod: PodId) -> Ipv4Addr {
-        self.mesh.lab().pod(pod).ip
-    }
-
-    /// Sends `req` to `echo`'s VIP from `pod` on a new connection, closed after the response.
-    fn send_from(&self, pod: PodId, req: Request) -> anyhow::Result<HttpResponse> {
-        let mut conn = HttpConnection::connect(self.ns(pod), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT)?;
-        conn.send(&req.close())
-    }
-
-    /// `GET path` to `echo` from the client, with `headers`.
-    fn get(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<HttpResponse> {
-        let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (n, v)| r.header(n, v));
-        self.send_from(self.client, req)
-    }
-
-    /// Polls `check` until it yields a value; after [`PROPAGATION`], panics with
-    /// `what`, the last failure and the waypoint's config dump (its log is
-    /// printed as it stops).
-    fn until<T>(&self, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-        let start = Instant::now();
-        loop {
-            let last = match check() {
-                Ok(v) => return v,
-                Err(e) => e,
-            };
-            if start.elapsed() > PROPAGATION {
-                let dump = self.waypoint.admin_get("/config_dump").unwrap_or_else(|e| format!("{e:#}"));
-                let dump: String = dump.chars().take(8000).collect();
-                panic!("{what}: not within {PROPAGATION:?}; last: {last}\nwaypoint /config_dump:\n{dump}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Polls until `GET path` (with `headers`) from `pod` is answered by the echo server `server`; the response and
-    /// what the server saw.
-    fn until_served_by(
-        &self,
-        pod: PodId,
-        path: &str,
-        headers: &[(&str, &str)],
-        server: &str,
-    ) -> (HttpResponse, EchoReply) {
-        self.until(&format!("GET {path} answered by {server}"), || {
-            let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (n, v)| r.header(n, v));
-            let r = self.send_from(pod, req).map_err(|e| format!("{e:#}"))?;
-            match EchoReply::parse(&r.body) {
-                Some(echo) if r.status == 200 && echo.server == server => Ok((r, echo)),
-                _ => Err(format!("status {} body {:?}", r.status, r.body)),
-            }
-        })
-    }
-
-    /// Polls until `GET path` from `pod` is refused by the waypoint's authorization (403); the response.
-    fn until_denied(&self, pod: PodId, path: &str) -> HttpResponse {
-        self.until(&format!("GET {path} denied"), || {
-            let r = self.send_from(pod, Request::get(ECHO_HOST, path)).map_err(|e| format!("{e:#}"))?;
-            if r.status == 403 {
-                Ok(r)
-            } else {
-                Err(format!("status {} body {:?}", r.status, r.body))
-            }
-        })
-    }
-
-    /// The waypoint's `istio_requests_total` with `reporter="waypoint"` and `labels`.
-    fn waypoint_requests(&self, labels: &[(&str, &str)]) -> f64 {
-        let m = self.waypoint.metrics().expect("waypoint metrics");
-        let mut all = vec![("reporter", "waypoint")];
-        all.extend_from_slice(labels);
-        metric(&m, "istio_requests_total", &all)
-    }
 }
 
 #[test]

@@ -206,15 +206,7 @@ impl Listener {
             let (shared, down) = (shared.clone(), down.clone());
             async move { Ok::<_, std::convert::Infallible>(handle(shared, down, req).await) }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // A client may shut down its sending side once its request is written (nc, scripts): answer it anyway, as
-        // Envoy does, instead of closing on that end of input.
-        builder.http1().half_close(true);
-        match protocol {
-            Protocol::Http1 => builder = builder.http1_only(),
-            Protocol::Http2 | Protocol::Grpc => builder = builder.http2_only(),
-            Protocol::Detect | Protocol::Tcp => {}
-        }
+        let builder = http_builder(protocol);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(conn);
         let mut draining = self.draining.clone();
@@ -227,9 +219,35 @@ impl Listener {
             }
         };
         if let Err(e) = result {
-            debug!(%peer, error = %e, "http connection ended with error");
+            if is_head_too_large(&*e) {
+                // hyper answered 431 (or 414) itself: no request reached the handler, so count the refusal here.
+                debug!(%peer, error = %e, "request head over the limits");
+                self.shared.metrics.refused(RefusedReason::head_too_large);
+            } else {
+                debug!(%peer, error = %e, "http connection ended with error");
+            }
         }
     }
+}
+
+/// The HTTP server of a stream of a port declared `protocol` (HTTP/1.1 or
+/// HTTP/2 by the bytes when undeclared), with hyper's default limits.
+fn http_builder(protocol: Protocol) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client may shut down its sending side once its request is written (nc, scripts): answer it anyway, as
+    // Envoy does, instead of closing on that end of input.
+    builder.http1().half_close(true);
+    match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 | Protocol::Grpc => builder.http2_only(),
+        Protocol::Detect | Protocol::Tcp => builder,
+    }
+}
+
+/// Whether an HTTP connection ended because a request head was over
+/// hyper's limits (it answered 431 or 414 before calling the handler).
+fn is_head_too_large(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse_too_large)
 }
 
 /// Resolves once `draining` turns `true` (or its sender is gone).
@@ -241,4 +259,38 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut r = Response::new(());
     *r.status_mut() = status;
     let _ = respond.send_response(r, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one connection with the waypoint's HTTP/1 settings: what the client read, and how the connection ended.
+    async fn serve_one(request: String) -> (String, Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let service = service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+        });
+        let served = tokio::spawn(async move {
+            http_builder(Protocol::Http1).serve_connection_with_upgrades(TokioIo::new(server), service).await
+        });
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (String::from_utf8_lossy(&answer).into_owned(), served.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_header_count_is_answered_431_and_recognized() {
+        let many: String = (0..110).map(|i| format!("x-h-{i}: v\r\n")).collect();
+        let (answer, ended) = serve_one(format!("GET / HTTP/1.1\r\nhost: a\r\n{many}\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let e = ended.expect_err("the connection ends with hyper's parse error");
+        assert!(is_head_too_large(&*e), "{e:?}");
+
+        let (answer, ended) = serve_one("GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n".into()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
 }

@@ -281,15 +281,20 @@ pub enum RefusedReason {
     no_certificate,
     /// An opaque TCP connection an authorization policy denied.
     policy_denied,
+    /// An HTTP/1 request head over hyper's limits (more than 100 header
+    /// fields, a head larger than the read buffer, a URI too long), answered
+    /// 431 (or 414) before it became a request.
+    head_too_large,
 }
 
 impl RefusedReason {
-    pub const ALL: [RefusedReason; 5] = [
+    pub const ALL: [RefusedReason; 6] = [
         RefusedReason::unknown_target,
         RefusedReason::bad_request,
         RefusedReason::tls_handshake,
         RefusedReason::no_certificate,
         RefusedReason::policy_denied,
+        RefusedReason::head_too_large,
     ];
 }
 

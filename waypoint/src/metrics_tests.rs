@@ -249,8 +249,14 @@ fn refused_counts_by_reason_from_zero() {
     m.refused(RefusedReason::tls_handshake);
     m.refused(RefusedReason::unknown_target);
     let out = encoded(&reg);
-    let counts =
-        [("unknown_target", 1), ("bad_request", 0), ("tls_handshake", 2), ("no_certificate", 0), ("policy_denied", 0)];
+    let counts = [
+        ("unknown_target", 1),
+        ("bad_request", 0),
+        ("tls_handshake", 2),
+        ("no_certificate", 0),
+        ("policy_denied", 0),
+        ("head_too_large", 0),
+    ];
     for (reason, n) in counts {
         let line = format!("ambit_waypoint_refused_total{{reason=\"{reason}\"}} {n}");
         assert!(out.lines().any(|l| l == line), "{line} in {out}");

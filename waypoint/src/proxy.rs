@@ -356,7 +356,7 @@ async fn forward_request(
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
     // Held through the retried attempt: the budget counts retries in flight.
-    let mut _retry_permit = None;
+    let mut retry_permit = None;
     loop {
         attempt += 1;
         let Some(i) = picker.pick(&candidates, &tried, rng) else {
@@ -397,13 +397,10 @@ async fn forward_request(
         let overall_passed = deadlines.overall().is_some_and(|end| Instant::now() >= end);
         if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
             let backoff = forward.retry.backoff(attempt, rng);
-            if deadlines.retry_fits(Instant::now(), backoff) {
-                if let Some(permit) = shared.budget.try_retry() {
-                    debug!(%addr, ?outcome, attempt, "retrying");
-                    _retry_permit = Some(permit);
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
+            if deadlines.retry_fits(Instant::now(), backoff) && shared.budget.next_retry(&mut retry_permit) {
+                debug!(%addr, ?outcome, attempt, "retrying");
+                tokio::time::sleep(backoff).await;
+                continue;
             }
         }
         return match result {

@@ -116,7 +116,7 @@ impl RetryPolicy {
     /// ended with `outcome`. Never once response headers went downstream
     /// (the client already has an answer), never for a body that was not
     /// kept for replay, never beyond `attempts` retries. The retry budget is
-    /// checked after this, by [`RetryBudget::try_retry`].
+    /// checked after this, by [`RetryBudget::next_retry`].
     pub fn should_retry(&self, attempt: u32, outcome: Outcome, response_started: bool, body_replayable: bool) -> bool {
         if response_started || !body_replayable || attempt == 0 || attempt > self.attempts {
             return false;
@@ -183,6 +183,17 @@ impl RetryBudget {
         let limit = self.limit();
         self.retrying.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
         Some(RetryPermit(self.clone()))
+    }
+
+    /// A permit for the next retry of a request, put in `held`; `false`
+    /// (and `held` empty) when the budget is spent. The permit `held` had
+    /// for the request's previous retry is given back first: that attempt
+    /// has ended, so it is no longer a retry in flight (as Envoy counts
+    /// them), and must not stand in its own request's way.
+    pub fn next_retry(self: &Arc<Self>, held: &mut Option<RetryPermit>) -> bool {
+        *held = None;
+        *held = self.try_retry();
+        held.is_some()
     }
 
     /// The most retries allowed in flight now.

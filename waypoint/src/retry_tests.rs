@@ -101,6 +101,26 @@ fn budget_allows_the_floor_then_refuses() {
 }
 
 #[test]
+fn a_requests_own_finished_retry_does_not_count_against_its_next() {
+    let budget = Arc::new(RetryBudget::new(20, 2));
+    let _requests = (budget.request(), budget.request());
+    let (mut a, mut b) = (None, None);
+    assert!(budget.next_retry(&mut a) && budget.next_retry(&mut b), "two retries within the floor");
+    assert_eq!(budget.retrying(), 2);
+    // The budget is full, but only with a's and b's retries: a's second retry takes the place of its first.
+    assert!(budget.next_retry(&mut a), "a's own retry held its second back");
+    assert_eq!(budget.retrying(), 2);
+    // A third request's retry has no place.
+    let mut c = None;
+    assert!(!budget.next_retry(&mut c) && c.is_none(), "over the budget");
+    drop(b);
+    assert!(budget.next_retry(&mut c), "b's retry ended: its place is free");
+    drop(a);
+    drop(c);
+    assert_eq!(budget.retrying(), 0);
+}
+
+#[test]
 fn budget_grows_with_active_requests() {
     let budget = Arc::new(RetryBudget::new(20, 2));
     let requests: Vec<_> = (0..50).map(|_| budget.request()).collect();

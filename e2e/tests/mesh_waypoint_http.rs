@@ -160,8 +160,9 @@ fn retries_of_a_failing_backend_stay_within_the_retry_budget() {
 }
 
 /// An HTTP/2 (prior knowledge) server for `echo`'s port declared `h2c`, in a pod's namespace: every stream is
-/// answered on its own (a `/delay/<ms>` one after that long) with `200` and `server <name>\npath <path>\n`; the
-/// paths it answered are listed in order of their answers.
+/// answered on its own (a `/delay/<ms>` one after that long) with `200` and `server <name>\npath <path>\nauthority
+/// <:authority>\n`, or, like nginx, `400` when a `host` header comes beside `:authority`; the paths it answered are
+/// listed in order of their answers.
 struct H2Server {
     answered: Arc<Mutex<Vec<String>>>,
     _thread: std::thread::JoinHandle<()>,
@@ -189,9 +190,11 @@ impl H2Server {
                                 if let Some(ms) = delay {
                                     tokio::time::sleep(Duration::from_millis(ms)).await;
                                 }
-                                let body = format!("server {name}\npath {path}\n");
+                                let authority = req.uri().authority().map_or("-", |a| a.as_str());
+                                let body = format!("server {name}\npath {path}\nauthority {authority}\n");
+                                let status = if req.headers().contains_key(http::header::HOST) { 400 } else { 200 };
                                 seen.lock().unwrap().push(path);
-                                let head = http::Response::builder().status(200).body(()).unwrap();
+                                let head = http::Response::builder().status(status).body(()).unwrap();
                                 if let Ok(mut send) = respond.send_response(head, false) {
                                     let _ = send.send_data(Bytes::from(body), true);
                                 }
@@ -264,6 +267,7 @@ fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
             .expect("the second stream");
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("path /quick"), "{body}");
+        assert!(body.contains(&format!("authority {ECHO_HOST}\n")), "the client's authority goes upstream: {body}");
         assert!(!stalled.is_finished(), "the stalled stream ended before the quick one was answered");
         let (status, body, stalled_done) = stalled.await.expect("task").expect("the stalled stream");
         assert_eq!((status, body.contains("path /delay/4000")), (200, true), "{body}");

@@ -148,11 +148,16 @@ spec:
 "#;
 
 pub(crate) fn waypoint_cluster() -> BuildReport {
-    let (parsed, rejections) = parse_documents(WAYPOINT_CLUSTER, "waypoint.yaml");
-    assert!(rejections.is_empty(), "{rejections:?}");
+    build_from(&[WAYPOINT_CLUSTER])
+}
+
+/// The model of the objects of `texts` (YAML documents, each valid).
+fn build_from(texts: &[&str]) -> BuildReport {
     let mut objects = ClusterObjects::default();
-    for o in parsed {
-        assert!(objects.insert(o));
+    for text in texts {
+        let (parsed, rejections) = parse_documents(text, "waypoint.yaml");
+        assert!(rejections.is_empty(), "{rejections:?}");
+        parsed.into_iter().for_each(|o| assert!(objects.insert(o)));
     }
     build_report(&objects, &ModelOptions::default(), 1)
 }
@@ -275,13 +280,7 @@ spec:
 
 #[test]
 fn a_consumer_route_joins_the_services_routes_and_may_send_only_to_its_parent() {
-    let mut objects = ClusterObjects::default();
-    for text in [WAYPOINT_CLUSTER, CONSUMER_ROUTES] {
-        let (parsed, rejections) = parse_documents(text, "waypoint.yaml");
-        assert!(rejections.is_empty(), "{rejections:?}");
-        parsed.into_iter().for_each(|o| assert!(objects.insert(o)));
-    }
-    let r = build_report(&objects, &ModelOptions::default(), 1);
+    let r = build_from(&[WAYPOINT_CLUSTER, CONSUMER_ROUTES]);
     let port80 = &r.snapshot.service_routes[WEB].ports[0];
     let route = |name: &str| {
         port80.routes.iter().find(|r| r.origin.as_ref().unwrap().name == name).unwrap_or_else(|| panic!("{name}"))
@@ -307,13 +306,7 @@ spec:
   from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: client}]
   to: [{group: "", kind: Service, name: web-v2}]
 "#;
-    let mut objects = ClusterObjects::default();
-    for text in [WAYPOINT_CLUSTER, CONSUMER_ROUTES, GRANT] {
-        let (parsed, rejections) = parse_documents(text, "waypoint.yaml");
-        assert!(rejections.is_empty(), "{rejections:?}");
-        parsed.into_iter().for_each(|o| assert!(objects.insert(o)));
-    }
-    let r = build_report(&objects, &ModelOptions::default(), 1);
+    let r = build_from(&[WAYPOINT_CLUSTER, CONSUMER_ROUTES, GRANT]);
     let port80 = &r.snapshot.service_routes[WEB].ports[0];
     let sneaky = port80.routes.iter().find(|r| r.origin.as_ref().unwrap().name == "sneaky").unwrap();
     assert!(

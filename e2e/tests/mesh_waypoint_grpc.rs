@@ -126,28 +126,21 @@ fn a_grpc_route_routes_methods_by_header_and_passes_grpc_status_through() {
     serve(l.ns(l.servers[1]), "v2");
     l.mesh.controller().expect("controller").write("grpc.yaml", OBJECTS).unwrap();
 
+    // Polls until the call is answered by server `by` (routes reach the waypoint asynchronously).
+    let until_answered_by = |csr: &'static str, version: Option<&'static str>, by: &str| {
+        l.until(&format!("CreateCertificate({csr}, x-version {version:?}) answered by {by}"), || {
+            let chain = call(&l, csr, version).map_err(|s| format!("{s:?}"))?;
+            if chain.first().map(String::as_str) == Some(by) {
+                Ok(chain)
+            } else {
+                Err(format!("{chain:?}"))
+            }
+        })
+    };
     // The default rule: echo-grpc (v1), untouched.
-    let chain = l.until("CreateCertificate answered by v1", || {
-        call(&l, "hello", None).map_err(|s| format!("{s:?}")).and_then(|c| {
-            if c.first().map(String::as_str) == Some("v1") {
-                Ok(c)
-            } else {
-                Err(format!("{c:?}"))
-            }
-        })
-    });
-    assert_eq!(chain, ["v1", "hello", "-"]);
-
+    assert_eq!(until_answered_by("hello", None, "v1"), ["v1", "hello", "-"]);
     // The header match: echo-grpc-v2, with the route's header added.
-    let chain = l.until("CreateCertificate with x-version: v2 answered by v2", || {
-        call(&l, "again", Some("v2")).map_err(|s| format!("{s:?}")).and_then(|c| {
-            if c.first().map(String::as_str) == Some("v2") {
-                Ok(c)
-            } else {
-                Err(format!("{c:?}"))
-            }
-        })
-    });
+    let chain = until_answered_by("again", Some("v2"), "v2");
     assert_eq!(chain, ["v2", "again", "by-waypoint"]);
     assert_eq!(call(&l, "other", Some("v1")).unwrap()[0], "v1", "another header value takes the default rule");
 

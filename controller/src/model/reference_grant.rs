@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::crd::Resource;
-use super::objects::ObjectKey;
 
 /// `gateway.networking.k8s.io` ReferenceGrant.
 pub type ReferenceGrant = Resource<ReferenceGrantSpec>;
@@ -54,11 +53,11 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// From `(key, spec)` pairs, the key being the grant's `(namespace, name)`.
-    pub fn new<'a>(grants: impl IntoIterator<Item = (&'a ObjectKey, &'a ReferenceGrantSpec)>) -> Self {
+    /// From `(namespace, spec)` pairs, the namespace being the grant's.
+    pub fn new<'a>(grants: impl IntoIterator<Item = (&'a str, &'a ReferenceGrantSpec)>) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<ReferenceGrantSpec>> = BTreeMap::new();
-        for ((ns, _), spec) in grants {
-            by_namespace.entry(ns.clone()).or_default().push(spec.clone());
+        for (ns, spec) in grants {
+            by_namespace.entry(ns.to_owned()).or_default().push(spec.clone());
         }
         Grants { by_namespace }
     }
@@ -98,8 +97,7 @@ mod tests {
              spec:\n  from: [{group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: frontend}]\n  \
              to: [{group: '', kind: Service}]\n",
         );
-        let keys = [("backend".to_owned(), "g".to_owned()), ("shared".to_owned(), "all".to_owned())];
-        let grants = Grants::new([(&keys[0], &named.spec), (&keys[1], &whole.spec)]);
+        let grants = Grants::new([("backend", &named.spec), ("shared", &whole.spec)]);
         assert!(grants.permits_service("HTTPRoute", "frontend", ("backend", "api")));
         assert!(!grants.permits_service("HTTPRoute", "frontend", ("backend", "db")), "another name");
         assert!(!grants.permits_service("GRPCRoute", "frontend", ("backend", "api")), "another kind");

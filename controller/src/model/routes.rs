@@ -97,7 +97,7 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
         let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).filter_map(port_routes).collect();
         report.by_service.insert(key, ServiceRoutes { hostname, namespace: ns.clone(), name: name.clone(), ports });
     }
-    let grants = Grants::new(objects.reference_grants.iter().map(|(k, g)| (k, &g.spec)));
+    let grants = Grants::new(objects.reference_grants.iter().map(|((ns, _), g)| (ns.as_str(), &g.spec)));
     let resolver = |route_kind, ns: &str, parents: &[ParentReference]| Services {
         addresses,
         domain_suffix,

@@ -176,7 +176,7 @@ impl KubeSource {
         let started = std::time::Instant::now();
         let next = tx.borrow().version + 1;
         let (objects, mut rejected, crd_keys) = collect(stores);
-        let grants = Grants::new(objects.reference_grants.iter().map(|(k, g)| (k, &g.spec)));
+        let grants = Grants::new(objects.reference_grants.iter().map(|((ns, _), g)| (ns.as_str(), &g.spec)));
         let opts = self.opts.clone();
         let built = tokio::task::spawn_blocking(move || {
             let report = model::build_report(&objects, &opts, next);

@@ -332,7 +332,7 @@ mod tests {
              to: [{group: '', kind: Service, name: other}]\n",
         )
         .unwrap();
-        p.grants = Grants::new([(&("mesh".to_owned(), "g".to_owned()), &grant)]);
+        p.grants = Grants::new([("mesh", &grant)]);
         let want = desired_parents("HTTPRoute", "client", "r", &elsewhere, Some(1), &p);
         assert_eq!(kinds(&want[0].conditions)[1], ("ResolvedRefs", "True", "ResolvedRefs"));
         let grpc = desired_parents("GRPCRoute", "client", "r", &elsewhere, Some(1), &p);

@@ -4,7 +4,8 @@
 //! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
 //! before the client sends the body; a request over the header limits is refused with 431, counted in
 //! `ambit_waypoint_refused_total{reason="head_too_large"}`, while the waypoint keeps serving; retries of a failing
-//! backend stay within the retry budget; and on one HTTP/2 connection a stalled stream does not hold up another.
+//! backend stay within the retry budget; on one HTTP/2 connection a stalled stream does not hold up another; and a
+//! route changed six times while two clients send requests (kept-alive and new connections) fails none of them.
 //! Needs root; fails (not skips) under CI.
 
 use std::net::SocketAddr;
@@ -282,4 +283,80 @@ fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
     let quick = answered.iter().position(|p| p == "/quick");
     let stalled = answered.iter().position(|p| p == "/delay/4000");
     assert!(quick.is_some() && quick < stalled, "the server answered in the order {answered:?}");
+}
+
+/// An HTTPRoute on `echo` sending every request to `backend`.
+fn route_to(backend: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: echo-all, namespace: default}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\n  \
+         rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]\n"
+    )
+}
+
+#[test]
+fn a_route_changed_while_requests_run_fails_none_of_them() {
+    let Some(l) = WaypointLab::start("wp-http-swap") else { return };
+    let controller = l.mesh.controller().expect("controller");
+    controller.write("route.yaml", &route_to("echo-v2")).unwrap();
+    l.until_served_by(l.client, "/warm", &[], "echo-v2");
+
+    // Two clients, until told to stop: one on a kept-alive connection, one on a new connection per request. Each
+    // records which server answered, and every failure.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (served, failures) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let ns = || NetNs::borrowed(l.ns(l.client).name());
+    let target = SocketAddr::from((ECHO_VIP, 80));
+    let clients: Vec<_> = [true, false]
+        .into_iter()
+        .map(|keep_alive| {
+            let (ns, stop, served, failures) = (ns(), stop.clone(), served.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut conn = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let result = (|| -> anyhow::Result<String> {
+                        let mut c = match conn.take() {
+                            Some(c) if keep_alive => c,
+                            _ => HttpConnection::connect(&ns, target, TIMEOUT)?,
+                        };
+                        let req = Request::get(ECHO_HOST, "/swap");
+                        let r = c.send(&if keep_alive { req } else { req.close() })?;
+                        let echo = EchoReply::parse(&r.body).filter(|_| r.status == 200);
+                        let server =
+                            echo.map(|e| e.server).ok_or_else(|| anyhow::anyhow!("{} {:?}", r.status, r.body))?;
+                        conn = Some(c);
+                        Ok(server)
+                    })();
+                    match result {
+                        Ok(server) => served.lock().unwrap().push(server),
+                        Err(e) => failures.lock().unwrap().push(format!("keep-alive {keep_alive}: {e:#}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Six route changes while they run, each waited for (the new backend answers) before the next.
+    for backend in ["echo", "echo-v2", "echo", "echo-v2", "echo", "echo-v2"] {
+        controller.write("route.yaml", &route_to(backend)).unwrap();
+        let server = if backend == "echo" { "echo-v1" } else { "echo-v2" };
+        l.until(&format!("the route to {backend} applied"), || match served.lock().unwrap().last() {
+            Some(s) if s == server => Ok(()),
+            last => Err(format!("last answer from {last:?}")),
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    clients.into_iter().for_each(|c| c.join().expect("client thread"));
+    let served = served.lock().unwrap();
+    let failures = failures.lock().unwrap();
+    println!("{} requests answered across 6 route changes, {} failed", served.len(), failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        served.len() + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served.len() >= 100, "too few requests to say anything: {}", served.len());
 }

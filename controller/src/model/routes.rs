@@ -54,6 +54,19 @@ pub fn consumer_parent(route_ns: &str, service_parents: impl IntoIterator<Item =
     }
 }
 
+/// Whether a route of `route_kind` in `route_ns` may send to the Service `backend`: one of its own namespace, its
+/// [`consumer_parent`] (`own_parent`), or one a ReferenceGrant in the backend's namespace opens to it.
+pub fn backend_permitted(
+    grants: &Grants,
+    route_kind: &str,
+    route_ns: &str,
+    own_parent: Option<&ObjectKey>,
+    backend: (&str, &str),
+) -> bool {
+    own_parent.is_some_and(|(pns, name)| pns == backend.0 && name == backend.1)
+        || grants.permits_service(route_kind, route_ns, backend)
+}
+
 impl BackendResolver for Services<'_> {
     fn resolve(&self, ns: &str, r: &BackendRef) -> Backend {
         let (group, kind) = (r.group.as_deref().unwrap_or(""), r.kind.as_deref().unwrap_or("Service"));
@@ -64,8 +77,7 @@ impl BackendResolver for Services<'_> {
             ));
         }
         let bns = r.namespace.as_deref().unwrap_or(ns);
-        let own_parent = self.consumer_parent.as_ref().is_some_and(|(pns, name)| pns == bns && *name == r.name);
-        if !own_parent && !self.grants.permits_service(self.route_kind, ns, (bns, &r.name)) {
+        if !backend_permitted(self.grants, self.route_kind, ns, self.consumer_parent.as_ref(), (bns, &r.name)) {
             let why = "RefNotPermitted (no ReferenceGrant in its namespace allows it)";
             return route_convert::invalid(format!("backendRef Service {bns}/{}: {why}", r.name));
         }

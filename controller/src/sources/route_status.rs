@@ -10,8 +10,8 @@
 //!   consumer route, accepted the same way (it shapes only its own namespace's requests). A waypoint Gateway parent
 //!   is `UnsupportedValue`: Ambit applies routes attached to Services. `ResolvedRefs` covers the backendRefs
 //!   (Services that exist, in the route's namespace, or in another that a ReferenceGrant opens to the route, or a
-//!   consumer route's own parent Service; any other cross-namespace reference is `RefNotPermitted`). Entries of other controllers are kept as they are; a parentRef
-//!   that is not Ambit's gets no entry.
+//!   consumer route's own parent Service; any other cross-namespace reference is `RefNotPermitted`). Entries of
+//!   other controllers are kept as they are; a parentRef that is not Ambit's gets no entry.
 //! - **GatewayClasses**: a waypoint class whose `controllerName` is one Ambit answers for is `Accepted=True`; a
 //!   class of Ambit's own controllerName that is not a waypoint class is `Accepted=False`/`Unsupported`, since no
 //!   Gateway of it gets anything. Other classes are not touched.
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::conditions::{self, Cond};
 use crate::model::reference_grant::Grants;
-use crate::model::routes::consumer_parent;
+use crate::model::routes::{backend_permitted, consumer_parent};
 use crate::model::waypoint::{class_controller, AMBIT_CONTROLLER_NAME, CONTROLLER_NAMES, WAYPOINT_CLASSES};
 
 /// The Gateway API group, the default of a parentRef's `group`.
@@ -157,9 +157,7 @@ fn resolved_refs(route_kind: &str, ns: &str, spec: &Value, p: &Parents, generati
         let bns = b["namespace"].as_str().unwrap_or(ns);
         if !matches!(group, "" | "core") || kind != "Service" {
             problems.push(("InvalidKind", format!("backendRef {group}/{kind} {name}: only Services are supported")));
-        } else if own_parent.as_ref().is_none_or(|(pns, pname)| pns != bns || pname != name)
-            && !p.grants.permits_service(route_kind, ns, (bns, name))
-        {
+        } else if !backend_permitted(&p.grants, route_kind, ns, own_parent.as_ref(), (bns, name)) {
             let why = "no ReferenceGrant in its namespace allows it";
             problems.push(("RefNotPermitted", format!("backendRef Service {bns}/{name}: {why}")));
         } else if !p.services.contains(&(bns.to_string(), name.to_string())) {

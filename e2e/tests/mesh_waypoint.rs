@@ -26,7 +26,7 @@
 //! that half-closes; an HTTP/1.1 upgrade carried through; and the
 //! server's ztunnel refusing a client that goes straight to the pod around
 //! the waypoint (HBONE or plaintext), while a pod without a waypoint stays
-//! reachable directly. Routes and
+//! reachable directly; between the nodes, only TLS on the HBONE port. Routes and
 //! policies reach the waypoint asynchronously, so each change is polled for,
 //! with a bound. Needs root; fails (not skips) under CI.
 
@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use ambit_e2e::check::{metric, TIMEOUT};
 use ambit_e2e::http::{HttpConnection, HttpResponse, Request};
 use ambit_e2e::http_server::EchoReply;
+use ambit_e2e::sniff::Sniffer;
 use ambit_e2e::waypoint_lab::{WaypointLab, APP_PORT, CLIENT_PRINCIPAL, ECHO_HOST, ECHO_VIP, PROPAGATION, TCP_PORT};
 use ambit_e2e::{NetNs, PodId};
 
@@ -558,4 +559,29 @@ fn a_port_declared_tcp_is_relayed_at_l4_with_the_l4_part_of_policy() {
     controller.remove("deny-admin.yaml").unwrap();
     let r = l.until("the tcp port open again", || over_tcp("/again").map_err(|e| format!("{e:#}")));
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn between_the_nodes_the_waypoint_path_carries_only_tls() {
+    let Some(l) = WaypointLab::start("wp-wire") else { return };
+    l.until_served_by(l.client, "/warm-up", &[], "echo-v1");
+    // Node 2 (the servers) is reached only from the waypoint on node 1: sniff node 2's link to the fabric.
+    let iface = l.mesh.lab().node(l.nodes[1]).fabric_iface.clone();
+    let sniffer = Sniffer::start(l.mesh.lab().fabric(), &iface).unwrap();
+    let marker = "AMBIT-SECRET-L7-PLAINTEXT-4242";
+    for i in 0..3 {
+        let req = Request::new("POST", ECHO_HOST, &format!("/{marker}/{i}")).header("x-secret", marker).body(marker);
+        let r = l.send_from(l.client, req).expect("request through the waypoint");
+        assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+    }
+    let cap = sniffer.stop();
+    let seen = l.v1.requests();
+    let last = seen.last().expect("echo-v1 saw the requests");
+    assert!(last.path.contains(marker), "the marker reached the server in the path: {last:?}");
+    assert_eq!(last.peer.ip(), IpAddr::V4(l.ip(l.wp)), "the request came from the waypoint: {last:?}");
+    assert!(!cap.contains(marker.as_bytes()), "request or response plaintext seen between the nodes");
+    assert!(cap.tls_application_data_records() > 0, "no TLS records seen: is the sniffer on the right link?");
+    let ports = cap.tcp_ports_seen();
+    assert!(ports.iter().any(|(a, b)| *a == 15008 || *b == 15008), "no HBONE port between the nodes: {ports:?}");
+    assert!(!ports.iter().any(|(a, b)| [APP_PORT, 80].contains(a) || [APP_PORT, 80].contains(b)), "{ports:?}");
 }

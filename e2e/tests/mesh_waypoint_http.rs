@@ -2,8 +2,9 @@
 //! the real controller, ztunnels and `ambit-waypoint`, HBONE with mutual TLS, the echo servers in `echo-v1` and
 //! `echo-v2`), for what the request path does at its edges: a request body is kept for a retry only up to the
 //! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
-//! before the client sends the body; a request over the header limits is refused with 431, counted in
-//! `ambit_waypoint_refused_total{reason="head_too_large"}`, while the waypoint keeps serving; retries of a failing
+//! before the client sends the body; a request over the header limits (100 fields, 60 KiB) is refused with 431,
+//! over HTTP/1.1 and HTTP/2, counted in `ambit_waypoint_refused_total{reason="head_too_large"}`, while the
+//! waypoint keeps serving; retries of a failing
 //! backend stay within the retry budget; on one HTTP/2 connection a stalled stream does not hold up another; and a
 //! route changed six times while two clients send requests (kept-alive and new connections) fails none of them.
 //! Needs root; fails (not skips) under CI.
@@ -91,7 +92,7 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
     };
     assert_eq!(refused(&l), 0.0);
 
-    // More than 100 header fields (hyper's limit, which the waypoint keeps): 431 from the waypoint.
+    // More than 100 header fields (Envoy's limit, and hyper's for HTTP/1.1): 431 from the waypoint.
     let many = (0..110).fold(Request::get(ECHO_HOST, "/many-headers"), |r, i| r.header(&format!("x-h-{i}"), "v"));
     let r = l.send_from(l.client, many).expect("an answer to 110 header fields");
     assert_eq!(r.status, 431, "{r:?}");
@@ -102,6 +103,13 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
     let r = l.send_from(l.client, fine).expect("an answer to 100 header fields");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(refused(&l), 1.0, "a request within the limits counted as refused");
+    // Over 60 KiB of headers (Envoy's limit, the waypoint's): 431; 50 KiB pass.
+    let r = l.get("/big-header", &[("x-big", &"b".repeat(61 * 1024))]).expect("an answer to 61 KiB of headers");
+    assert_eq!(r.status, 431, "{r:?}");
+    assert!(!reached("/big-header"), "61 KiB of headers reached echo-v1");
+    until_refused(&l, 2.0);
+    let r = l.get("/fair-header", &[("x-fair", &"f".repeat(50 * 1024))]).expect("an answer to 50 KiB of headers");
+    assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
 
     // A head larger than the waypoint's read buffer (about 400 KiB): 431, or the connection closed before the
     // whole head was written (the waypoint stops reading once it answers); never forwarded.
@@ -111,7 +119,25 @@ fn a_request_over_the_header_limits_gets_431_and_the_waypoint_keeps_serving() {
         Err(e) => println!("a 512 KiB header: the connection closed ({e:#})"),
     }
     assert!(!reached("/huge-header"), "a 512 KiB header reached echo-v1");
-    until_refused(&l, 2.0);
+    until_refused(&l, 3.0);
+
+    // HTTP/2: the same limits, answered 431 on the stream; the connection goes on serving its other streams.
+    let server = H2Server::start(l.ns(l.servers[0]), H2_APP_PORT, "echo-v1-h2");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = h2_connect(&l, &rt);
+    let h2_status = |path: &str, headers: Vec<(String, String)>| {
+        rt.block_on(h2_get_with(client.clone(), path, headers)).map(|(status, body, _)| (status, body))
+    };
+    let many: Vec<_> = (0..110).map(|i| (format!("x-h-{i}"), "v".to_owned())).collect();
+    assert_eq!(h2_status("/h2-many", many).expect("an answer to 110 fields").0, 431);
+    let big = vec![("x-big".to_owned(), "b".repeat(61 * 1024))];
+    assert_eq!(h2_status("/h2-big", big).expect("an answer to 61 KiB of headers").0, 431);
+    let fair = vec![("x-fair".to_owned(), "f".repeat(50 * 1024))];
+    let (status, body) = h2_status("/h2-fair", fair).expect("an answer to 50 KiB of headers");
+    assert_eq!(status, 200, "{body}");
+    let answered = server.answered();
+    assert!(!answered.iter().any(|p| p == "/h2-many" || p == "/h2-big"), "over the limits, forwarded: {answered:?}");
+    until_refused(&l, 5.0);
 
     // Still up, and the next connection is served.
     assert!(l.waypoint.is_running(), "the waypoint exited; log:\n{}", l.waypoint.log_text());
@@ -215,8 +241,18 @@ impl H2Server {
 
 /// `GET path` on `client`'s HTTP/2 connection: the status, the body, and when the answer was whole.
 async fn h2_get(client: h2::client::SendRequest<Bytes>, path: &str) -> Result<(u16, String, Instant), h2::Error> {
+    h2_get_with(client, path, Vec::new()).await
+}
+
+/// [`h2_get`] with request `headers`.
+async fn h2_get_with(
+    client: h2::client::SendRequest<Bytes>,
+    path: &str,
+    headers: Vec<(String, String)>,
+) -> Result<(u16, String, Instant), h2::Error> {
     let mut client = client.ready().await?;
-    let req = http::Request::get(format!("http://{ECHO_HOST}{path}")).body(()).expect("a request");
+    let req = headers.iter().fold(http::Request::get(format!("http://{ECHO_HOST}{path}")), |r, (n, v)| r.header(n, v));
+    let req = req.body(()).expect("a request");
     let (response, _) = client.send_request(req, true)?;
     let response = response.await?;
     let status = response.status().as_u16();
@@ -230,15 +266,10 @@ async fn h2_get(client: h2::client::SendRequest<Bytes>, path: &str) -> Result<(u
     Ok((status, String::from_utf8_lossy(&text).into_owned(), Instant::now()))
 }
 
-#[test]
-fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
-    let Some(l) = WaypointLab::start("wp-http-h2") else { return };
-    let server = H2Server::start(l.ns(l.servers[0]), H2_APP_PORT, "echo-v1-h2");
-    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+/// One HTTP/2 connection from the client to `echo`'s h2c port, on `rt`, polled until the waypoint serves it (an
+/// [`H2Server`] named `echo-v1-h2` answers).
+fn h2_connect(l: &WaypointLab, rt: &tokio::runtime::Runtime) -> h2::client::SendRequest<Bytes> {
     let h2c = SocketAddr::from((ECHO_VIP, H2_PORT));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-
-    // One HTTP/2 connection to the port, polled until the waypoint serves it.
     let connect = || -> Result<h2::client::SendRequest<Bytes>, String> {
         let tcp = ambit_e2e::apps::connect(l.ns(l.client), h2c, TIMEOUT).map_err(|e| e.to_string())?;
         tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -255,7 +286,16 @@ fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
             }
         })
     };
-    let client = l.until("an HTTP/2 answer on echo's h2c port", connect);
+    l.until("an HTTP/2 answer on echo's h2c port", connect)
+}
+
+#[test]
+fn on_one_http2_connection_a_stalled_stream_does_not_hold_up_another() {
+    let Some(l) = WaypointLab::start("wp-http-h2") else { return };
+    let server = H2Server::start(l.ns(l.servers[0]), H2_APP_PORT, "echo-v1-h2");
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = h2_connect(&l, &rt);
 
     rt.block_on(async {
         let started = Instant::now();

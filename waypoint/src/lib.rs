@@ -41,6 +41,7 @@ pub mod detect;
 pub mod filters;
 pub mod flags;
 pub mod hop;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod normalize;

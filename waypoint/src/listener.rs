@@ -231,12 +231,14 @@ impl Listener {
 }
 
 /// The HTTP server of a stream of a port declared `protocol` (HTTP/1.1 or
-/// HTTP/2 by the bytes when undeclared), with hyper's default limits.
+/// HTTP/2 by the bytes when undeclared), with hyper's default limits but
+/// HTTP/2's header list size ([`crate::limits`]).
 fn http_builder(protocol: Protocol) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client may shut down its sending side once its request is written (nc, scripts): answer it anyway, as
     // Envoy does, instead of closing on that end of input.
     builder.http1().half_close(true);
+    builder.http2().max_header_list_size(crate::limits::HTTP2_MAX_HEADER_LIST_SIZE);
     match protocol {
         Protocol::Http1 => builder.http1_only(),
         Protocol::Http2 | Protocol::Grpc => builder.http2_only(),

@@ -281,9 +281,9 @@ pub enum RefusedReason {
     no_certificate,
     /// An opaque TCP connection an authorization policy denied.
     policy_denied,
-    /// An HTTP/1 request head over hyper's limits (more than 100 header
-    /// fields, a head larger than the read buffer, a URI too long), answered
-    /// 431 (or 414) before it became a request.
+    /// A request's headers over [`crate::limits`] (answered 431), or an
+    /// HTTP/1 head over hyper's own (a head larger than the read buffer, a
+    /// URI too long: 431 or 414 before it became a request).
     head_too_large,
 }
 

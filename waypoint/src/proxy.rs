@@ -26,7 +26,7 @@ use crate::balance::{EndpointPicker, InFlight, Load};
 use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Workload};
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
-use crate::metrics::{Metrics, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
+use crate::metrics::{Metrics, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
 use crate::normalize::normalize;
 use crate::plan::{prepare, Decision, Forward};
 use crate::reply::{Reply, ReplyReason};
@@ -167,6 +167,8 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
     let snapshot = shared.snapshots.current();
     shared.prune(&snapshot);
     let (mut parts, body) = req.into_parts();
+    // Checked on the headers as the client sent them, before the waypoint adds any.
+    let over_limits = crate::limits::over_limits(&parts.headers);
     let request_bytes = body.size_hint().exact().unwrap_or(0);
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let request_id = ensure_request_id(&mut parts.headers, &mut rng);
@@ -184,7 +186,16 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
     } else {
         RequestProtocol::of(&parts.headers)
     };
-    let (response, done) = route_and_forward(&shared, &down, &snapshot, served, parts, body, &mut rng, start).await;
+    let (response, done) = if over_limits {
+        debug!(peer = %down.identity, fields = parts.headers.len(), "request headers over the limits");
+        shared.metrics.refused(RefusedReason::head_too_large);
+        let reply = Reply::headers_too_large();
+        let flags = reply.reason.response_flag();
+        let done = Done { status: reply.status, flags, upstream: None, destination: None, route: None };
+        (reply_response(reply), done)
+    } else {
+        route_and_forward(&shared, &down, &snapshot, served, parts, body, &mut rng, start).await
+    };
     let duration = start.elapsed();
     let record = RequestRecord {
         source: &down.labels,

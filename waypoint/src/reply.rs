@@ -37,6 +37,8 @@ pub enum ReplyReason {
     /// The request path cannot be normalized (a malformed escape): 400
     /// (Envoy's `DPE`, downstream protocol error).
     BadPath,
+    /// The request's headers are over [`crate::limits`]: 431 (Envoy's `DPE`).
+    HeadersTooLarge,
 }
 
 impl ReplyReason {
@@ -51,7 +53,7 @@ impl ReplyReason {
             ReplyReason::UpstreamConnectFailure => "UF",
             ReplyReason::UpstreamReset => "UR",
             ReplyReason::DownstreamReset => "DR",
-            ReplyReason::BadPath => "DPE",
+            ReplyReason::BadPath | ReplyReason::HeadersTooLarge => "DPE",
         }
     }
 }
@@ -97,6 +99,11 @@ impl Reply {
     /// 500: a filter could not apply to this request.
     pub fn misconfigured() -> Reply {
         Reply::empty(StatusCode::INTERNAL_SERVER_ERROR, ReplyReason::Misconfigured)
+    }
+
+    /// 431: the request's headers are over [`crate::limits`].
+    pub fn headers_too_large() -> Reply {
+        Reply::empty(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, ReplyReason::HeadersTooLarge)
     }
 
     /// 400: the request path is malformed ([`crate::normalize`]).

@@ -180,7 +180,8 @@ done
 
 phase "traffic through the mesh"
 # mesh-test (ambient): server on NODE_B, client on NODE_A (service account `client`, for the AuthorizationPolicy),
-# STRICT mTLS, and `probed` with a TCP readiness probe (the kubelet's probe needs the node's probe SNAT then).
+# STRICT mTLS, and `probed` with an HTTP readiness probe (the kubelet's probe needs the node's probe SNAT then; an
+# HTTP probe, not a TCP one: a TCP connect can complete before ztunnel resets the refused connection).
 # mesh-late (not labelled yet): `late` and `optout` (istio.io/dataplane-mode=none), both running before the label.
 # The server answers with the first line "hello from server", then its view of the connection (netstat), so the
 # client sees which source address the server saw.
@@ -244,9 +245,9 @@ spec:
   - name: probed
     image: $TEST_IMAGE
     imagePullPolicy: IfNotPresent
-    command: [nc, -ll, -p, "8081", -e, /bin/echo, probed]
+    command: [sh, -c, 'mkdir -p /www && echo probed >/www/index.html && exec httpd -f -p 8081 -h /www']
     readinessProbe:
-      tcpSocket: {port: 8081}
+      httpGet: {path: /, port: 8081}
       periodSeconds: 2
       failureThreshold: 1
 ---
@@ -316,7 +317,7 @@ for n in "$NODE_A" "$NODE_B"; do
 done
 check "probed ($probed_ip) captured: table inet ambit" pod_has_capture "$NODE_B" "$probed_ip"
 probed_ready() { [[ "$(k get pod -n "$NS" probed -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
-eventually "probed (TCP readiness probe, STRICT PeerAuthentication) Ready" 30 probed_ready
+eventually "probed (HTTP readiness probe, STRICT PeerAuthentication) Ready" 30 probed_ready
 # The control: without the node's SNAT the same probe is plaintext from the node into a STRICT pod, and fails.
 # (The agent installs the SNAT at start only: the agent restart below puts it back.)
 on_node "$NODE_B" nft delete table inet ambit-node

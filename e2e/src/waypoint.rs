@@ -245,7 +245,18 @@ impl WaypointProcess {
     /// Sends SIGTERM and waits up to `within` for it to exit; its exit
     /// status, or an error with its log when it is still running.
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.sigterm();
+        self.wait_exit(within)
+    }
+
+    /// Sends SIGTERM: the waypoint drains, then exits.
+    pub fn sigterm(&mut self) {
         self.daemon.terminate();
+    }
+
+    /// Waits up to `within` for it to exit: its exit status, or an error
+    /// with its log when it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         match self.daemon.wait_exit(within)? {
             Some(status) => Ok(status),
             None => bail!("ambit-waypoint still running {within:?} after SIGTERM; log:\n{}", self.log_text()),

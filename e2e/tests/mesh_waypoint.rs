@@ -23,7 +23,8 @@
 //! (DENY by path, on the normalized path) and to the Service (ALLOW by
 //! principal), added and removed at run time; many requests on one
 //! kept-alive connection and on several at once, without leaking; a client
-//! that half-closes; an HTTP/1.1 upgrade carried through; and the
+//! that half-closes; an HTTP/1.1 upgrade carried through, also while the
+//! waypoint drains after SIGTERM; and the
 //! server's ztunnel refusing a client that goes straight to the pod around
 //! the waypoint (HBONE or plaintext), while a pod without a waypoint stays
 //! reachable directly; between the nodes, only TLS on the HBONE port. Routes and
@@ -278,12 +279,25 @@ fn a_service_with_a_waypoint_is_served_through_the_waypoint_binary() {
         assert!(failed.is_empty(), "ztunnel on {n:?} counted failed connections: {failed:#?}");
     }
 
-    // SIGTERM with a kept-alive client connection open: the waypoint drains (its idle HTTP connection is closed,
-    // GOAWAY on HBONE) and exits well before its 25 s drain timeout, cleanly.
+    // SIGTERM with a kept-alive client connection and an upgraded one open: the waypoint drains (its idle HTTP
+    // connection is closed, GOAWAY on HBONE), carries the upgraded connection on until its client closes it, then
+    // exits well before its 25 s drain timeout, cleanly.
     let mut idle = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).expect("a client connection");
     let r = idle.send(&Request::get(ECHO_HOST, "/before-sigterm")).expect("a request before SIGTERM");
     assert_eq!(r.status, 200, "{r:?}");
-    let status = l.waypoint.terminate(Duration::from_secs(10)).expect("the waypoint exits after SIGTERM");
+    let mut upgrading = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).unwrap();
+    let handshake = Request::get(ECHO_HOST, "/ws-drain").header("Connection", "Upgrade").header("Upgrade", "echo");
+    assert_eq!(upgrading.send(&handshake).expect("an answer to the upgrade request").status, 101);
+    let (mut upgraded, _) = upgrading.into_upgraded();
+    l.waypoint.sigterm();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(l.waypoint.is_running(), "exited with an upgraded connection open; log:\n{}", l.waypoint.log_text());
+    upgraded.write_all(b"still here\n").expect("write on the upgraded connection while draining");
+    let mut back = [0; 11];
+    upgraded.read_exact(&mut back).expect("the upgraded connection carried on while the waypoint drains");
+    assert_eq!(&back, b"still here\n");
+    drop(upgraded);
+    let status = l.waypoint.wait_exit(Duration::from_secs(10)).expect("the waypoint exits once it is closed");
     assert!(status.success(), "exit status {status}; log:\n{}", l.waypoint.log_text());
     assert!(l.waypoint.log_text().contains("waypoint drained"), "log:\n{}", l.waypoint.log_text());
 }

@@ -4,9 +4,12 @@
 //! 1. direct: neither pod enrolled, plain TCP;
 //! 2. mesh L4: both pods enrolled, a Service without a waypoint (HBONE through the two ztunnels);
 //! 3. waypoint: a Service labelled `istio.io/use-waypoint: waypoint` (client ztunnel → `ambit-waypoint` → server
-//!    ztunnel), with the waypoint's access log off;
-//! 4. HAProxy: `haproxy` in `mode http` in the waypoint's pod (not captured), proxying plain HTTP to the server pod
-//!    before any pod is enrolled: a reference L7 proxy without the mesh.
+//!    ztunnel), with the waypoint's access log off and a route per port: a path match and a 50/50 split over two
+//!    Services of the same pod ([`split_routes`]);
+//! 4. HAProxy: `haproxy` in `mode http` in the waypoint's pod (not captured), before any pod is enrolled, doing the
+//!    waypoint's work without the mesh: mutual TLS 1.3 from the client and to nginx (certificates of the mesh's
+//!    kind, [`crate::bench_l7_tls`]), the same path match and split. `wrk` cannot present a client certificate, so
+//!    its run to HAProxy is TLS without one; `oha`'s present one.
 //!
 //! Figures: the maximum rate (requests per second, closed loop, from `wrk --latency`) with latency p50 / p99, with
 //! ratios to direct and to HAProxy; then, on each path, fixed-rate open-loop runs ([`crate::bench_l7_rate`]: `oha`
@@ -23,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::bench_l7_rate::{self as rate, Protocol, RateFigures, RATES};
+use crate::bench_l7_rate::{self as rate, ClientCert, Protocol, RateFigures, RATES};
+use crate::bench_l7_tls::{self as tls, TlsFiles};
 use crate::check::metric;
 use crate::daemon::Daemon;
 use crate::dump;
@@ -116,7 +120,7 @@ const HAPROXY_H2_PORT: u16 = 8091;
 const H2_SERVICE_PORT: u16 = 81;
 /// Path names in the report.
 const DIRECT: &str = "direct (not enrolled)";
-const HAPROXY: &str = "HAProxy mode http (no mesh)";
+const HAPROXY: &str = "HAProxy mode http, mutual TLS (no mesh)";
 const MESH_L4: &str = "mesh L4 (2 ztunnels, HBONE)";
 const WAYPOINT: &str = "waypoint (ztunnel → ambit-waypoint → ztunnel)";
 const WP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -144,22 +148,51 @@ spec:
 "#
     );
     if waypoint {
-        yaml.push_str(&format!(
-            r#"---
+        // `echo` and the two backends of its routes' split, all on the same pod and ports.
+        for (name, labels, ip) in [
+            ("echo", "{istio.io/use-waypoint: waypoint}", format!("clusterIP: {WP_VIP}")),
+            ("echo-a", "{}", String::new()),
+            ("echo-b", "{}", String::new()),
+        ] {
+            yaml.push_str(&format!(
+                r#"---
 apiVersion: v1
 kind: Service
-metadata: {{name: echo, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+metadata: {{name: {name}, namespace: default, labels: {labels}}}
 spec:
   type: ClusterIP
-  clusterIP: {WP_VIP}
+  {ip}
   selector: {{app: server}}
   ports:
   - {{name: http, port: 80, targetPort: {WAYPOINT_PORT}, protocol: TCP}}
   - {{name: http2, port: {H2_SERVICE_PORT}, targetPort: {WAYPOINT_H2_PORT}, protocol: TCP, appProtocol: kubernetes.io/h2c}}
 "#
-        ));
+            ));
+        }
+        yaml.push_str(&split_routes());
     }
     yaml
+}
+
+/// The routes of `echo`, one per port: a path match and a 50/50 split over `echo-a` and `echo-b` (the same pod), the
+/// L7 work HAProxy's configuration repeats.
+fn split_routes() -> String {
+    [("h1", 80), ("h2", H2_SERVICE_PORT)]
+        .map(|(name, port)| {
+            format!(
+                r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo-split-{name}, namespace: default}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo, port: {port}}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+    backendRefs: [{{name: echo-a, port: {port}, weight: 50}}, {{name: echo-b, port: {port}, weight: 50}}]
+"#
+            )
+        })
+        .concat()
 }
 
 /// Builds the lab, measures every path, returns the figures.
@@ -177,7 +210,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let dir = lab.mesh.lab().dir().to_path_buf();
     let (server_ip, wp_ip) = (lab.mesh.lab().pod(server).ip, lab.mesh.lab().pod(wp).ip);
     let client_ns = NetNs::borrowed(lab.mesh.lab().pod(client).netns.name());
-    let nginx = nginx(&lab.mesh.lab().pod(server).netns, &dir)?;
+    let tls = tls::write(&dir.join("tls"), NS)?;
+    let nginx = nginx(&lab.mesh.lab().pod(server).netns, &dir, &tls)?;
     wait_http(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, nginx.pid())?;
     let mut report = Report { options: Some(opts.clone()), ..Report::default() };
     let body = rate::write_body(&dir)?;
@@ -187,24 +221,27 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     warm_up(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, &opts)?;
     report.direct = wrk(&client_ns, SocketAddr::from((server_ip, DIRECT_PORT)), WP_HOST, &opts)?;
     let targets = [(server_ip, DIRECT_PORT), (server_ip, DIRECT_H2_PORT)].map(SocketAddr::from);
-    rates.measure(DIRECT, targets, WP_HOST, None, &mut report.rates)?;
+    rates.measure(DIRECT, targets, WP_HOST, None, None, &mut report.rates)?;
 
     {
         let haproxy = haproxy(
             &lab.mesh.lab().pod(wp).netns,
             &dir,
+            &tls,
             [(wp_ip, HAPROXY_PORT), (wp_ip, HAPROXY_H2_PORT)].map(SocketAddr::from),
             [(server_ip, HAPROXY_BACKEND_PORT), (server_ip, HAPROXY_BACKEND_H2_PORT)].map(SocketAddr::from),
         )?;
         let target = SocketAddr::from((wp_ip, HAPROXY_PORT));
-        wait_http(&client_ns, target, WP_HOST, haproxy.pid())?;
-        eprintln!("measuring through HAProxy (mode http, in the waypoint's pod, no mesh) ...");
-        warm_up(&client_ns, target, WP_HOST, &opts)?;
+        wait_tcp(&client_ns, target, haproxy.pid())?;
+        eprintln!("measuring through HAProxy (mode http, mutual TLS both ways, in the waypoint's pod, no mesh) ...");
+        let https = Url { addr: target, tls: true };
+        warm_up(&client_ns, https, WP_HOST, &opts)?;
         let before = haproxy.cpu_seconds();
-        report.haproxy = wrk(&client_ns, target, WP_HOST, &opts)?;
+        report.haproxy = wrk(&client_ns, https, WP_HOST, &opts)?;
         report.haproxy_cpu_seconds = haproxy.cpu_seconds() - before;
         let targets = [(wp_ip, HAPROXY_PORT), (wp_ip, HAPROXY_H2_PORT)].map(SocketAddr::from);
-        rates.measure(HAPROXY, targets, WP_HOST, Some(&|| haproxy.cpu_seconds()), &mut report.rates)?;
+        let cpu = || haproxy.cpu_seconds();
+        rates.measure(HAPROXY, targets, WP_HOST, Some(&tls.client), Some(&cpu), &mut report.rates)?;
     }
 
     for p in [client, server] {
@@ -231,7 +268,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         bail!("the mesh L4 run did not go through the client's ztunnel (no connection to {L4_HOST} counted)");
     }
     let targets = [(L4_VIP, 80), (L4_VIP, H2_SERVICE_PORT)].map(SocketAddr::from);
-    rates.measure(MESH_L4, targets, L4_HOST, None, &mut report.rates)?;
+    rates.measure(MESH_L4, targets, L4_HOST, None, None, &mut report.rates)?;
 
     lab.declare(&services(true))?;
     lab.mesh.wait_for_config("echo with its waypoint", |d| {
@@ -240,6 +277,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
             && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
     })?;
     let waypoint = lab.start_waypoint(false)?;
+    wait_for_routes(&waypoint)?;
     let wp_target = SocketAddr::from((WP_VIP, 80));
     wait_http(&client_ns, wp_target, WP_HOST, nginx.pid())?;
     let ok = |w: &crate::waypoint::WaypointProcess| -> anyhow::Result<f64> {
@@ -258,7 +296,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         bail!("the waypoint counted none of the waypoint run's requests: it was not on the path");
     }
     let targets = [(WP_VIP, 80), (WP_VIP, H2_SERVICE_PORT)].map(SocketAddr::from);
-    rates.measure(WAYPOINT, targets, WP_HOST, Some(&|| waypoint.cpu_seconds()), &mut report.rates)?;
+    rates.measure(WAYPOINT, targets, WP_HOST, None, Some(&|| waypoint.cpu_seconds()), &mut report.rates)?;
     report.waypoint_peak_rss_mib = mib(waypoint.peak_rss_bytes());
     // Drop order: the waypoint, nginx, then the lab (ztunnels, controller, namespaces).
     drop(waypoint);
@@ -281,6 +319,7 @@ impl Rates<'_> {
         path: &'static str,
         targets: [SocketAddr; 2],
         host: &str,
+        tls: Option<&ClientCert>,
         proxy_cpu: Option<&dyn Fn() -> f64>,
         rows: &mut Vec<RateRow>,
     ) -> anyhow::Result<()> {
@@ -288,12 +327,12 @@ impl Rates<'_> {
             return Ok(());
         }
         for (protocol, target) in [Protocol::Http1, Protocol::Http2].into_iter().zip(targets) {
-            rate::run(self.ns, target, host, protocol, 200, Duration::from_secs(1), self.body)
+            rate::run(self.ns, target, host, protocol, tls, 200, Duration::from_secs(1), self.body)
                 .with_context(|| format!("warm-up of {path}"))?;
             for rate in RATES {
                 eprintln!("  {path}: {} at {rate} requests/s ...", protocol.name());
                 let before = proxy_cpu.map(|f| f());
-                let figures = rate::run(self.ns, target, host, protocol, rate, self.duration, self.body)?;
+                let figures = rate::run(self.ns, target, host, protocol, tls, rate, self.duration, self.body)?;
                 let proxy_vcpu = proxy_cpu.zip(before).map(|(f, b)| (f() - b) / self.duration.as_secs_f64());
                 rows.push(RateRow { path, protocol, rate, figures, proxy_vcpu });
             }
@@ -312,15 +351,24 @@ fn which(tool: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// nginx (its own config in `dir`, not the system's) in `ns`, answering `ok` on every path's port.
-fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Daemon> {
+/// nginx (its own config in `dir`, not the system's) in `ns`, answering `ok` on every path's port; HAProxy's backend
+/// ports with mutual TLS 1.3 (`tls`), as the mesh's ztunnel terminates it in front of the application.
+fn nginx(ns: &NetNs, dir: &Path, tls: &TlsFiles) -> anyhow::Result<Daemon> {
     let d = dir.join("nginx");
     fs::create_dir_all(&d)?;
     let d = d.display();
-    let h1 = [DIRECT_PORT, HAPROXY_BACKEND_PORT, L4_PORT, WAYPOINT_PORT].map(|p| (p, ""));
-    let h2 = [DIRECT_H2_PORT, HAPROXY_BACKEND_H2_PORT, L4_H2_PORT, WAYPOINT_H2_PORT].map(|p| (p, " http2"));
-    let listen: String =
-        h1.iter().chain(&h2).map(|(p, h2)| format!("    listen {p}{h2} reuseport backlog=4096;\n")).collect();
+    let h1 = [(DIRECT_PORT, ""), (HAPROXY_BACKEND_PORT, " ssl"), (L4_PORT, ""), (WAYPOINT_PORT, "")];
+    let h2 = [DIRECT_H2_PORT, HAPROXY_BACKEND_H2_PORT, L4_H2_PORT, WAYPOINT_H2_PORT]
+        .map(|p| (p, if p == HAPROXY_BACKEND_H2_PORT { " ssl http2" } else { " http2" }));
+    let mut listen: String =
+        h1.iter().chain(&h2).map(|(p, how)| format!("    listen {p}{how} reuseport backlog=4096;\n")).collect();
+    listen.push_str(&format!(
+        "    ssl_protocols TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+         ssl_client_certificate {};\n    ssl_verify_client on;\n",
+        tls.nginx_cert.display(),
+        tls.nginx_key.display(),
+        tls.ca.display()
+    ));
     let kib = "k".repeat(rate::BODY_BYTES);
     let conf = format!(
         "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\n\
@@ -337,17 +385,39 @@ fn nginx(ns: &NetNs, dir: &Path) -> anyhow::Result<Daemon> {
     spawn("nginx", ns, cmd, &format!("{d}/stderr.log"))
 }
 
-/// HAProxy in `mode http` in `ns`, listening on `listen` (HTTP/1.1, h2c), proxying to `backend` (the same) over
-/// kept-alive connections.
-fn haproxy(ns: &NetNs, dir: &Path, listen: [SocketAddr; 2], backend: [SocketAddr; 2]) -> anyhow::Result<Daemon> {
+/// HAProxy in `mode http` in `ns` doing the waypoint's work: mutual TLS 1.3 on `listen` (HTTP/1.1, HTTP/2 by ALPN;
+/// the HTTP/1.1 one also lets in a client without a certificate, for `wrk`), the same path match and weighted split
+/// as the waypoint's route ([`split_routes`]) over two servers that are both `backend` (the same), with mutual TLS
+/// 1.3 to them over kept-alive connections.
+fn haproxy(
+    ns: &NetNs,
+    dir: &Path,
+    tls: &TlsFiles,
+    listen: [SocketAddr; 2],
+    backend: [SocketAddr; 2],
+) -> anyhow::Result<Daemon> {
     let d = dir.join("haproxy");
     fs::create_dir_all(&d)?;
+    let (crt, ca) = (tls.haproxy.display(), tls.ca.display());
+    let frontend = |name: &str, addr: SocketAddr, verify: &str, alpn: &str| {
+        format!(
+            "frontend {name}\n  bind {addr} ssl crt {crt} ca-file {ca} verify {verify} alpn {alpn}\n  \
+             http-request return status 404 unless {{ path_beg / }}\n  default_backend {name}-split\n\n"
+        )
+    };
+    let split = |name: &str, addr: SocketAddr, alpn: &str| {
+        let server =
+            |s: &str| format!("  server {s} {addr} weight 50 ssl crt {crt} ca-file {ca} verify required alpn {alpn}\n");
+        format!("backend {name}-split\n  balance roundrobin\n{}{}\n", server("a"), server("b"))
+    };
     let conf = format!(
-        "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  \
-         timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\nfrontend fe\n  \
-         bind {}\n  default_backend be\n\nbackend be\n  server server1 {}\n\nfrontend fe2\n  \
-         bind {} proto h2\n  default_backend be2\n\nbackend be2\n  server server2 {} proto h2\n",
-        listen[0], backend[0], listen[1], backend[1]
+        "global\n  maxconn 4096\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  \
+         ssl-default-server-options ssl-min-ver TLSv1.3\n\ndefaults\n  mode http\n  timeout connect 5s\n  \
+         timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\n{}{}{}{}",
+        frontend("h1", listen[0], "optional", "http/1.1"),
+        split("h1", backend[0], "http/1.1"),
+        frontend("h2", listen[1], "required", "h2"),
+        split("h2", backend[1], "h2"),
     );
     let conf_file = d.join("haproxy.cfg");
     fs::write(&conf_file, conf)?;
@@ -375,6 +445,34 @@ fn spawn(name: &'static str, ns: &NetNs, mut cmd: Command, log: &str) -> anyhow:
     Ok(d)
 }
 
+/// Polls the waypoint's config dump until both of [`split_routes`] are in it.
+fn wait_for_routes(waypoint: &crate::waypoint::WaypointProcess) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY;
+    loop {
+        let dump = waypoint.config_dump()?.to_string();
+        if ["default/echo-split-h1", "default/echo-split-h2"].iter().all(|r| dump.contains(r)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the waypoint did not get echo's routes within {READY:?}: {dump}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `addr` from `ns` until it accepts a TCP connection (the server `pid` must stay alive).
+fn wait_tcp(ns: &NetNs, addr: SocketAddr, pid: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY;
+    loop {
+        match crate::apps::connect(ns, addr, Duration::from_secs(2)) {
+            Ok(_) => return Ok(()),
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => bail!("the server (pid {pid}) is gone"),
+            Err(e) if Instant::now() >= deadline => bail!("{addr} not accepting within {READY:?}: {e:#}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Polls `GET /` with `Host: host` at `addr` from `ns` until it answers 200 (the server `pid` must stay alive).
 fn wait_http(ns: &NetNs, addr: SocketAddr, host: &str, pid: u32) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY;
@@ -396,23 +494,44 @@ fn wait_http(ns: &NetNs, addr: SocketAddr, host: &str, pid: u32) -> anyhow::Resu
     }
 }
 
-/// A 1 s `wrk` run, not measured: connections, pools and caches warm up.
-fn warm_up(ns: &NetNs, addr: SocketAddr, host: &str, opts: &BenchOptions) -> anyhow::Result<()> {
-    run_wrk(ns, addr, host, opts, Duration::from_secs(1)).map(drop)
+/// Where `wrk` sends its load: `http://addr/`, or with `tls` `https://addr/` (wrk cannot present a client
+/// certificate: TLS without one).
+#[derive(Clone, Copy, Debug)]
+struct Url {
+    addr: SocketAddr,
+    tls: bool,
 }
 
-/// Runs `wrk` in `ns` against `http://addr/` with `Host: host`; its figures. Fails on any error response or socket
-/// error. wrk is killed (by its PID) if it runs 30 s past its duration.
-fn wrk(ns: &NetNs, addr: SocketAddr, host: &str, opts: &BenchOptions) -> anyhow::Result<WrkFigures> {
-    let text = run_wrk(ns, addr, host, opts, opts.duration)?;
+impl From<SocketAddr> for Url {
+    fn from(addr: SocketAddr) -> Self {
+        Url { addr, tls: false }
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}/", if self.tls { "https" } else { "http" }, self.addr)
+    }
+}
+
+/// A 1 s `wrk` run, not measured: connections, pools and caches warm up.
+fn warm_up(ns: &NetNs, url: impl Into<Url>, host: &str, opts: &BenchOptions) -> anyhow::Result<()> {
+    run_wrk(ns, url.into(), host, opts, Duration::from_secs(1)).map(drop)
+}
+
+/// Runs `wrk` in `ns` against `url` with `Host: host`; its figures. Fails on any error response or socket error. wrk
+/// is killed (by its PID) if it runs 30 s past its duration.
+fn wrk(ns: &NetNs, url: impl Into<Url>, host: &str, opts: &BenchOptions) -> anyhow::Result<WrkFigures> {
+    let url = url.into();
+    let text = run_wrk(ns, url, host, opts, opts.duration)?;
     let f = parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))?;
     if f.errors > 0 || f.requests == 0 {
-        bail!("wrk to {addr}: {} errors in {} requests:\n{text}", f.errors, f.requests);
+        bail!("wrk to {url}: {} errors in {} requests:\n{text}", f.errors, f.requests);
     }
     Ok(f)
 }
 
-fn run_wrk(ns: &NetNs, addr: SocketAddr, host: &str, opts: &BenchOptions, d: Duration) -> anyhow::Result<String> {
+fn run_wrk(ns: &NetNs, url: Url, host: &str, opts: &BenchOptions, d: Duration) -> anyhow::Result<String> {
     let mut cmd = ns.command("wrk");
     cmd.args([
         format!("-t{}", opts.threads),
@@ -423,9 +542,9 @@ fn run_wrk(ns: &NetNs, addr: SocketAddr, host: &str, opts: &BenchOptions, d: Dur
         "--latency".into(),
         "-H".into(),
         format!("Host: {host}"),
-        format!("http://{addr}/"),
+        url.to_string(),
     ]);
-    let out = rate::run_bounded(cmd, d + Duration::from_secs(30), &format!("wrk to {addr}"))?;
+    let out = rate::run_bounded(cmd, d + Duration::from_secs(30), &format!("wrk to {url}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     Ok(text)
 }

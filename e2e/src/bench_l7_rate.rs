@@ -39,6 +39,13 @@ impl Protocol {
     }
 }
 
+/// A client certificate for `oha` (mutual TLS to the target).
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
 /// Enough concurrency that a few ms of latency at 5,000 req/s never makes the generator wait for a free worker.
 const H1_CONNECTIONS: usize = 64;
 const H2_CONNECTIONS: usize = 4;
@@ -71,13 +78,16 @@ pub fn write_body(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// Runs `oha` in `ns` at `rate` requests per second for `duration` against `http://addr/1k` with `Host: host`; fails
-/// on any error or non-200 response.
+/// Runs `oha` in `ns` at `rate` requests per second for `duration` against `http://addr/1k` with `Host: host` (with
+/// `tls`, `https://`, presenting that certificate; the server's is not verified: its cost is the client's, not the
+/// proxy's); fails on any error or non-200 response.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     ns: &NetNs,
     addr: SocketAddr,
     host: &str,
     protocol: Protocol,
+    tls: Option<&ClientCert>,
     rate: u32,
     duration: Duration,
     body: &Path,
@@ -95,7 +105,14 @@ pub fn run(
         Protocol::Http1 => cmd.args(["-c", &H1_CONNECTIONS.to_string()]),
         Protocol::Http2 => cmd.args(["--http2", "-c", &H2_CONNECTIONS.to_string(), "-p", &H2_STREAMS.to_string()]),
     };
-    cmd.arg(format!("http://{host}:{port}{PATH}"));
+    let scheme = match tls {
+        Some(c) => {
+            cmd.args(["--insecure", "--cert"]).arg(&c.cert).arg("--key").arg(&c.key);
+            "https"
+        }
+        None => "http",
+    };
+    cmd.arg(format!("{scheme}://{host}:{port}{PATH}"));
     let what = format!("oha {} at {rate}/s to {addr}", protocol.name());
     let out = run_bounded(cmd, duration + Duration::from_secs(30), &what)?;
     let text = String::from_utf8_lossy(&out.stdout);

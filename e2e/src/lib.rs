@@ -12,6 +12,7 @@ pub mod apps;
 pub mod bench;
 pub mod bench_l7;
 pub mod bench_l7_rate;
+pub mod bench_l7_tls;
 pub mod check;
 pub mod cni;
 pub mod controller;

@@ -20,7 +20,8 @@
 //! (a path prefix to another service, request and response header
 //! modifiers, 404 when no rule matches, removal; a retry, a request timeout
 //! and a mirror); AuthorizationPolicies bound by `targetRefs` to the Gateway
-//! (DENY by path, on the normalized path) and to the Service (ALLOW by
+//! (DENY by path, on the normalized path; DENY by remoteIpBlocks, which a
+//! forged `X-Forwarded-For` does not get around) and to the Service (ALLOW by
 //! principal), added and removed at run time; many requests on one
 //! kept-alive connection and on several at once, without leaking; a client
 //! that half-closes; an HTTP/1.1 upgrade carried through, also while the
@@ -464,9 +465,26 @@ fn authorization_policies_bound_to_the_gateway_and_the_service_are_enforced_at_t
     l.until_served_by(l.client, "/ok", &[], "echo-v1");
     let other = l.send_from(l.intruder, Request::get(ECHO_HOST, "/ok")).expect("GET /ok from intruder");
     assert_eq!((other.status, other.body.trim()), (403, "RBAC: access denied"), "{other:?}");
-    // No policy: everyone passes.
     controller.remove("allow.yaml").unwrap();
     l.until_served_by(l.intruder, "/ok", &[], "echo-v1");
+
+    // DENY by remoteIpBlocks of the client's address: an X-Forwarded-For the client writes does not get it through
+    // (no proxy in front of the waypoint is trusted, the default), and the intruder is not refused.
+    let deny_remote = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-remote, namespace: default}}\n\
+         spec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  action: DENY\n  \
+         rules: [{{from: [{{source: {{remoteIpBlocks: [\"{}/32\"]}}}}]}}]\n",
+        l.ip(l.client)
+    );
+    controller.write("deny-remote.yaml", &deny_remote).unwrap();
+    l.until_denied(l.client, "/ok");
+    let forged = l.get("/ok", &[("x-forwarded-for", "203.0.113.7")]).expect("GET /ok with a forged X-Forwarded-For");
+    assert_eq!(forged.status, 403, "a forged X-Forwarded-For got around a remoteIpBlocks DENY: {forged:?}");
+    let other = l.send_from(l.intruder, Request::get(ECHO_HOST, "/ok")).expect("GET /ok from intruder");
+    assert_eq!(other.status, 200, "{other:?}");
+
+    // No policy: everyone passes.
+    controller.remove("deny-remote.yaml").unwrap();
     l.until_served_by(l.client, "/ok", &[], "echo-v1");
 }
 

@@ -93,7 +93,14 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
     );
     tokio::spawn(count_config_problems(snapshots.clone(), metrics.clone()));
     let gateway = (flags.pod_namespace.clone(), flags.gateway_name().to_owned());
-    let shared = Shared::new(snapshots.clone(), upstream, metrics, gateway.clone(), AccessLog::new(flags.access_log));
+    let shared = Shared::new(
+        snapshots.clone(),
+        upstream,
+        metrics,
+        gateway.clone(),
+        flags.xff_num_trusted_hops,
+        AccessLog::new(flags.access_log),
+    );
 
     let hbone = bind("hbone", flags.hbone_addr).await?;
     let admin = bind("admin", flags.admin_addr).await?;

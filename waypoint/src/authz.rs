@@ -22,9 +22,13 @@
 //! - principals, namespaces, service accounts (any trust domain; an empty
 //!   namespace is the policy's) need a peer identity: without one a field
 //!   fails and a `not_*` field excludes nothing.
-//! - `ip_blocks`: the peer's IP; `remote_ip_blocks`: the first address of
-//!   `X-Forwarded-For`, else the peer's IP. IPv4-mapped IPv6 peers are
-//!   compared as IPv4.
+//! - `ip_blocks`: the peer's IP; `remote_ip_blocks`: the original client's
+//!   IP as Envoy finds it with `xff_num_trusted_hops` (Istio's
+//!   `numTrustedProxies`, [`Scope::xff_trusted_hops`]): with 0, the default,
+//!   the peer's IP — a client cannot choose it by writing the header; with
+//!   N > 0, the Nth address from the right of `X-Forwarded-For`, or the
+//!   peer's when the header has fewer. IPv4-mapped IPv6 peers are compared as
+//!   IPv4.
 //! - hosts: the request host without port, case-insensitively
 //!   ([`request_host`]); paths: without the query; ports: the service port.
 //! - `when`: `request.headers[<name>]` (any of the header's values; `host`
@@ -69,11 +73,14 @@ pub const DENIED_BODY: &str = "RBAC: access denied";
 const SCHEME: &str = "spiffe://";
 
 /// The waypoint itself: a policy targeting this Gateway applies to every
-/// request through it.
+/// request through it; how many proxies in front of it are trusted to have
+/// written `X-Forwarded-For`.
 #[derive(Clone, Copy, Debug)]
 pub struct Scope<'a> {
     pub gateway_namespace: &'a str,
     pub gateway_name: &'a str,
+    /// Envoy's `xff_num_trusted_hops` (0: the header names no trusted address).
+    pub xff_trusted_hops: u32,
 }
 
 /// What authorization knows about a request.
@@ -124,7 +131,7 @@ pub fn authorize<'p>(
     let attrs = Attributes {
         req,
         host: req.parts.and_then(request_host),
-        remote_ip: req.parts.map_or(Some(req.peer_ip), |p| remote_ip(p, req.peer_ip)),
+        remote_ip: req.parts.map_or(Some(req.peer_ip), |p| remote_ip(p, req.peer_ip, scope.xff_trusted_hops)),
     };
     let mut denied_by = None;
     let (mut allow_applies, mut allow_matched) = (false, false);
@@ -182,12 +189,15 @@ struct Attributes<'r, 'a> {
     remote_ip: Option<IpAddr>,
 }
 
-/// The first address of `X-Forwarded-For` (with or without a port), else
+/// The original client's address: with `trusted_hops` N > 0, the Nth
+/// address (with or without a port) from the right of `X-Forwarded-For`, as
+/// the N trusted proxies appended them; else, or when the header has fewer,
 /// the peer's.
-fn remote_ip(parts: &Parts, peer: IpAddr) -> Option<IpAddr> {
+fn remote_ip(parts: &Parts, peer: IpAddr, trusted_hops: u32) -> Option<IpAddr> {
+    let Some(nth) = (trusted_hops as usize).checked_sub(1) else { return Some(peer) };
     let Some(xff) = parts.headers.get("x-forwarded-for") else { return Some(peer) };
-    let first = xff.to_str().ok()?.split(',').next()?.trim();
-    first.parse().ok().or_else(|| first.parse::<SocketAddr>().ok().map(|s| s.ip()))
+    let Some(entry) = xff.to_str().ok()?.rsplit(',').nth(nth).map(str::trim) else { return Some(peer) };
+    entry.parse().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
 }
 
 fn matches(p: &pb::AuthorizationPolicy, deny: bool, attrs: &Attributes<'_, '_>) -> bool {

@@ -5,7 +5,7 @@ use http::Request;
 
 use super::*;
 
-const SCOPE: Scope<'static> = Scope { gateway_namespace: "ns", gateway_name: "waypoint" };
+const SCOPE: Scope<'static> = Scope { gateway_namespace: "ns", gateway_name: "waypoint", xff_trusted_hops: 0 };
 const HOSTNAME: &str = "echo.ns.svc.cluster.local";
 /// The peer of [`Req::new`], as Istio writes principals.
 const CLIENT: &str = "cluster.local/ns/a/sa/b";
@@ -364,22 +364,41 @@ fn remote(cidr: &str) -> pb::PolicyRule {
     from(pb::Source { remote_ip_blocks: vec![block(cidr)], ..Default::default() })
 }
 
+/// Whether an ALLOW of `rule` admits `r` at a waypoint that trusts `hops` proxies' `X-Forwarded-For`.
+fn allowed_trusting(hops: u32, rule: pb::PolicyRule, r: &Req) -> bool {
+    authorize(&[allow(vec![rule])], &Scope { xff_trusted_hops: hops, ..SCOPE }, &r.info()).allowed
+}
+
 #[test]
-fn remote_ip_blocks_match_the_first_forwarded_address_else_the_peer() {
-    let r = Req::new().header("x-forwarded-for", "203.0.113.7, 10.0.0.1");
-    assert!(allowed(remote("203.0.113.0/24"), &r));
-    assert!(!allowed(remote("10.0.0.0/8"), &r), "only the first address counts");
-    assert!(allowed(ip_blocks(&["10.1.0.2/32"]), &r), "ip_blocks stay the peer's");
+fn remote_ip_blocks_match_the_peer_unless_proxies_are_trusted() {
+    // No trusted proxy (the default): the peer, whatever the client wrote.
+    let forged = Req::new().header("x-forwarded-for", "203.0.113.7, 10.0.0.1");
+    assert!(!allowed(remote("203.0.113.0/24"), &forged), "a client must not choose its remote IP");
+    assert!(denied(remote("10.1.0.2/32"), &forged), "a DENY of the peer holds whatever the header says");
     assert!(allowed(remote("10.1.0.2/32"), &Req::new()), "without X-Forwarded-For, the peer");
-    assert!(allowed(remote("2001:db8::/32"), &Req::new().header("x-forwarded-for", "[2001:db8::1]:443")));
-    assert!(allowed(remote("203.0.113.7/32"), &Req::new().header("x-forwarded-for", "203.0.113.7:5000")));
-    // One that does not parse fails closed.
+    assert!(allowed(ip_blocks(&["10.1.0.2/32"]), &forged), "ip_blocks stay the peer's");
+    assert!(allowed(when("remote.ip", &["10.1.0.2"], &[]), &forged));
+
+    // One trusted proxy: the address it appended, the last; two: the one before.
+    let r = Req::new().header("x-forwarded-for", "198.51.100.1, 203.0.113.7, 10.0.0.1");
+    assert!(allowed_trusting(1, remote("10.0.0.1/32"), &r));
+    assert!(allowed_trusting(2, remote("203.0.113.0/24"), &r));
+    assert!(!allowed_trusting(2, remote("198.51.100.1/32"), &r), "only the trusted hops count");
+    assert!(allowed_trusting(5, remote("10.1.0.2/32"), &r), "fewer addresses than trusted hops: the peer");
+    assert!(allowed_trusting(1, remote("10.1.0.2/32"), &Req::new()), "without X-Forwarded-For, the peer");
+    let with_ports = |v: &'static str| Req::new().header("x-forwarded-for", v);
+    assert!(allowed_trusting(1, remote("2001:db8::/32"), &with_ports("[2001:db8::1]:443")));
+    assert!(allowed_trusting(1, remote("203.0.113.7/32"), &with_ports("10.0.0.9, 203.0.113.7:5000")));
+    assert!(allowed_trusting(1, when("remote.ip", &["203.0.113.7"], &[]), &with_ports("203.0.113.7")));
+
+    // A trusted entry that does not parse fails closed.
     let junk = Req::new().header("x-forwarded-for", "unknown");
-    assert!(!allowed(remote("0.0.0.0/0"), &junk));
-    assert!(denied(remote("192.0.2.0/24"), &junk));
+    assert!(!allowed_trusting(1, remote("0.0.0.0/0"), &junk));
+    let deny = |rule| !authorize(&[deny(vec![rule])], &Scope { xff_trusted_hops: 1, ..SCOPE }, &junk.info()).allowed;
+    assert!(deny(remote("192.0.2.0/24")));
     let not = from(pb::Source { not_remote_ip_blocks: vec![block("192.0.2.0/24")], ..Default::default() });
-    assert!(!allowed(not.clone(), &junk));
-    assert!(allowed(not, &Req::new()));
+    assert!(!allowed_trusting(1, not.clone(), &junk));
+    assert!(allowed_trusting(1, not, &Req::new()));
 }
 
 fn hosts(ms: Vec<pb::StringMatch>) -> pb::PolicyRule {
@@ -462,7 +481,6 @@ fn address_port_and_identity_conditions() {
     assert!(allowed(when("source.ip", &["10.1.0.0/16"], &[]), &r));
     assert!(allowed(when("source.ip", &["10.1.0.2"], &[]), &r));
     assert!(!allowed(when("source.ip", &["10.1.0.0/16"], &["10.1.0.2"]), &r));
-    assert!(allowed(when("remote.ip", &["203.0.113.7"], &[]), &Req::new().header("x-forwarded-for", "203.0.113.7")));
     assert!(allowed(when("destination.ip", &["10.96.0.0/12"], &[]), &r));
     assert!(!allowed(when("destination.ip", &["10.0.0.0/16"], &[]), &r));
     assert!(allowed(when("destination.port", &["80", "8080"], &[]), &r));

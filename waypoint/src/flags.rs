@@ -92,6 +92,14 @@ pub struct Flags {
     #[arg(long, env = "AMBIT_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
 
+    /// How many proxies in front of the waypoint are trusted to have appended
+    /// to `X-Forwarded-For` (Envoy's `xff_num_trusted_hops`, Istio's
+    /// `numTrustedProxies`): `remoteIpBlocks` and `remote.ip` use the address
+    /// this many entries from the right. 0 (the default): the peer's address,
+    /// which a client cannot forge.
+    #[arg(long, env = "AMBIT_XFF_NUM_TRUSTED_HOPS", default_value_t = 0)]
+    pub xff_num_trusted_hops: u32,
+
     /// On SIGTERM, how long open connections may finish (in seconds) before
     /// the waypoint exits: it stops accepting, turns not-ready, sends GOAWAY
     /// on its HBONE connections and closes HTTP connections after their

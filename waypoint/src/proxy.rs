@@ -42,6 +42,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The waypoint Gateway's namespace and name (policies bind to it).
     pub gateway: (String, String),
+    /// Proxies in front of the waypoint trusted to write `X-Forwarded-For` ([`Scope::xff_trusted_hops`]).
+    pub xff_trusted_hops: u32,
     pub budget: Arc<RetryBudget>,
     pub access_log: AccessLog,
     loads: Mutex<HashMap<SocketAddr, Arc<InFlight>>>,
@@ -59,6 +61,7 @@ impl Shared {
         upstream: Upstream,
         metrics: Metrics,
         gateway: (String, String),
+        xff_trusted_hops: u32,
         access_log: AccessLog,
     ) -> Arc<Shared> {
         Arc::new(Shared {
@@ -66,6 +69,7 @@ impl Shared {
             upstream,
             metrics,
             gateway,
+            xff_trusted_hops,
             budget: Arc::new(RetryBudget::default()),
             access_log,
             loads: Mutex::default(),
@@ -73,6 +77,15 @@ impl Shared {
             labels: Mutex::default(),
             pruned_for: AtomicU64::new(0),
         })
+    }
+
+    /// What authorization needs to know about this waypoint.
+    pub fn authz_scope(&self) -> Scope<'_> {
+        Scope {
+            gateway_namespace: &self.gateway.0,
+            gateway_name: &self.gateway.1,
+            xff_trusted_hops: self.xff_trusted_hops,
+        }
     }
 
     fn load(&self, endpoint: SocketAddr) -> Arc<InFlight> {
@@ -265,7 +278,7 @@ async fn route_and_forward<'s>(
         port: served.port.port,
         parts: Some(&parts),
     };
-    let scope = Scope { gateway_namespace: &shared.gateway.0, gateway_name: &shared.gateway.1 };
+    let scope = shared.authz_scope();
     let verdict = authz::authorize(snapshot.policies().values(), &scope, &info);
     for (policy, would_allow) in &verdict.dry_run {
         info!(%policy, would_allow, allowed = verdict.allowed, peer = %down.identity, path = parts.uri.path(), "dry-run policy would decide otherwise");

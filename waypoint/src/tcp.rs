@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use crate::authz::{self, RequestInfo, Scope};
+use crate::authz::{self, RequestInfo};
 use crate::metrics::RefusedReason;
 
 use crate::proxy::{Downstream, Shared};
@@ -20,7 +20,7 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, down: &
     let snapshot = shared.snapshots.current();
     let Some(served) = snapshot.served(down.target) else { return };
     let svc = &served.service.service;
-    let scope = Scope { gateway_namespace: &shared.gateway.0, gateway_name: &shared.gateway.1 };
+    let scope = shared.authz_scope();
     let connection = RequestInfo {
         peer: Some(&down.identity),
         peer_ip: down.peer.ip(),

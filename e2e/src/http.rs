@@ -50,6 +50,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Ask the server to close the connection after this request (`Connection: close`).
     pub close: bool,
+    /// Send the body chunked (`Transfer-Encoding: chunked`, 16 KiB chunks) instead of with `Content-Length`.
+    pub chunked: bool,
 }
 
 impl Request {
@@ -67,6 +69,7 @@ impl Request {
             headers: Vec::new(),
             body: Vec::new(),
             close: false,
+            chunked: false,
         }
     }
 
@@ -88,6 +91,12 @@ impl Request {
         self
     }
 
+    /// Sends the body chunked: its length unknown to the server until the end.
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
+        self
+    }
+
     /// The request's bytes on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut head =
@@ -95,7 +104,9 @@ impl Request {
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        if !self.body.is_empty() || matches!(self.method.as_str(), "POST" | "PUT" | "PATCH") {
+        if self.chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        } else if !self.body.is_empty() || matches!(self.method.as_str(), "POST" | "PUT" | "PATCH") {
             head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
         if self.close {
@@ -103,7 +114,16 @@ impl Request {
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        out.extend_from_slice(&self.body);
+        if self.chunked {
+            for chunk in self.body.chunks(16 * 1024) {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            out.extend_from_slice(&self.body);
+        }
         out
     }
 }

@@ -5,10 +5,12 @@
 //! its own name, the request's `csr` and the `x-routed` header it saw. The route sends the method with the header
 //! `x-version: v2` to `echo-grpc-v2`, adding `x-routed`, and the service's other methods to `echo-grpc`. Checked:
 //! both matches, the header filter, a gRPC error status from the server reaching the client in trailers as it was
-//! sent, and a method no rule matches answered by the waypoint with gRPC `UNIMPLEMENTED` (not an HTTP page), counted
+//! sent, an `UNAVAILABLE` retried with the call's body sent again, and a method no rule matches answered by the waypoint with gRPC `UNIMPLEMENTED` (not an HTTP page), counted
 //! with `grpc_response_status="12"`. Needs root; fails (not skips) under CI.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_api::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -61,8 +63,12 @@ spec:
 "#;
 
 /// The gRPC server of one pod: answers `[name, csr, x-routed or "-"]`, or `PERMISSION_DENIED` "denied by <name>"
-/// for the csr `fail`.
-struct Echo(&'static str);
+/// for the csr `fail`, or `UNAVAILABLE` the first time it sees a csr starting with `unavailable-once`; counts the
+/// calls it got per csr.
+struct Echo {
+    name: &'static str,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+}
 
 #[tonic::async_trait]
 impl IstioCertificateService for Echo {
@@ -72,15 +78,27 @@ impl IstioCertificateService for Echo {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let routed = request.metadata().get("x-routed").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
         let csr = request.into_inner().csr;
+        let calls = {
+            let mut calls = self.calls.lock().unwrap();
+            let n = calls.entry(csr.clone()).or_default();
+            *n += 1;
+            *n
+        };
         if csr == "fail" {
-            return Err(Status::permission_denied(format!("denied by {}", self.0)));
+            return Err(Status::permission_denied(format!("denied by {}", self.name)));
         }
-        Ok(Response::new(IstioCertificateResponse { cert_chain: vec![self.0.into(), csr, routed] }))
+        if csr.starts_with("unavailable-once") && calls == 1 {
+            return Err(Status::unavailable(format!("{} not ready yet", self.name)));
+        }
+        Ok(Response::new(IstioCertificateResponse { cert_chain: vec![self.name.into(), csr, routed] }))
     }
 }
 
-/// Serves [`Echo`] `name` on `GRPC_APP_PORT` in `ns`, on a thread of its own for the rest of the test.
-fn serve(ns: &NetNs, name: &'static str) {
+/// Serves [`Echo`] `name` on `GRPC_APP_PORT` in `ns`, on a thread of its own for the rest of the test; its count
+/// of calls per csr.
+fn serve(ns: &NetNs, name: &'static str) -> Arc<Mutex<HashMap<String, usize>>> {
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let echo = Echo { name, calls: calls.clone() };
     let listener = ns.run(|| std::net::TcpListener::bind(("0.0.0.0", GRPC_APP_PORT))).expect("listen for gRPC");
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -88,11 +106,12 @@ fn serve(ns: &NetNs, name: &'static str) {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             let _ = tonic::transport::Server::builder()
-                .add_service(IstioCertificateServiceServer::new(Echo(name)))
+                .add_service(IstioCertificateServiceServer::new(echo))
                 .serve_with_incoming(TcpIncoming::from(listener))
                 .await;
         });
     });
+    calls
 }
 
 /// `CreateCertificate(csr)` to `echo-grpc` from the client pod, with `x-version: version` if given, on a new
@@ -122,7 +141,7 @@ fn call(l: &WaypointLab, csr: &'static str, version: Option<&'static str>) -> Re
 #[test]
 fn a_grpc_route_routes_methods_by_header_and_passes_grpc_status_through() {
     let Some(l) = WaypointLab::start("wp-grpc") else { return };
-    serve(l.ns(l.servers[0]), "v1");
+    let v1_calls = serve(l.ns(l.servers[0]), "v1");
     serve(l.ns(l.servers[1]), "v2");
     l.mesh.controller().expect("controller").write("grpc.yaml", OBJECTS).unwrap();
 
@@ -149,6 +168,12 @@ fn a_grpc_route_routes_methods_by_header_and_passes_grpc_status_through() {
     assert_eq!((denied.code(), denied.message()), (Code::PermissionDenied, "denied by v1"), "{denied:?}");
     let denied = call(&l, "fail", Some("v2")).unwrap_err();
     assert_eq!((denied.code(), denied.message()), (Code::PermissionDenied, "denied by v2"), "{denied:?}");
+
+    // UNAVAILABLE is retried (Istio's default retry policy, the route sets none): the request body of a gRPC call
+    // has no length, so the waypoint kept it as it streamed and sends it again.
+    let chain = call(&l, "unavailable-once", None).expect("the retry of an UNAVAILABLE call");
+    assert_eq!(chain, ["v1", "unavailable-once", "-"]);
+    assert_eq!(v1_calls.lock().unwrap().get("unavailable-once"), Some(&2), "one retry");
 
     // A method of another service matches no rule: the waypoint answers gRPC UNIMPLEMENTED itself.
     let unroutable = l.ns(l.client).run(|| {

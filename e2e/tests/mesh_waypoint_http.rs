@@ -1,8 +1,8 @@
 //! End-to-end tests of the waypoint's HTTP handling in the lab ([`WaypointLab`], shared with `mesh_waypoint.rs`:
 //! the real controller, ztunnels and `ambit-waypoint`, HBONE with mutual TLS, the echo servers in `echo-v1` and
 //! `echo-v2`), for what the request path does at its edges: a request body is kept for a retry only up to the
-//! replay limit (64 KiB), so a larger one is sent once; `Expect: 100-continue` gets its interim `100 Continue`
-//! before the client sends the body; a request over the header limits (100 fields, 60 KiB) is refused with 431,
+//! replay limit (64 KiB), whether its length is known or it comes chunked, so a larger one is sent once;
+//! `Expect: 100-continue` gets its interim `100 Continue` before the client sends the body; a request over the header limits (100 fields, 60 KiB) is refused with 431,
 //! over HTTP/1.1 and HTTP/2, counted in `ambit_waypoint_refused_total{reason="head_too_large"}`, while the
 //! waypoint keeps serving; retries of a failing
 //! backend stay within the retry budget; on one HTTP/2 connection a stalled stream does not hold up another; and a
@@ -43,10 +43,24 @@ fn a_request_body_over_the_64_kib_replay_limit_is_not_retried() {
         assert_eq!(echo.body_bytes, size, "the last attempt did not carry the whole body");
         assert_eq!(at_v1(&path), attempts, "attempts for a body of {size} bytes (replay limit {REPLAY_LIMIT})");
     }
+    // The same with chunked bodies (length unknown until the end, as gRPC's and most HTTP/2 clients' are): streamed
+    // to the first attempt and recorded up to the limit, sent again from the record.
+    for (size, attempts) in [(1024, 3), (REPLAY_LIMIT, 3), (REPLAY_LIMIT + 1, 1), (100 * 1024, 1)] {
+        let path = format!("/status/503/chunked-{size}");
+        let r = l.send_from(l.client, post(size, &path).chunked()).unwrap_or_else(|e| panic!("chunked {size}: {e:#}"));
+        let echo = EchoReply::parse(&r.body).unwrap_or_else(|| panic!("POST {size} bytes: {r:?}"));
+        assert_eq!((r.status, echo.server.as_str()), (503, "echo-v1"), "POST {size} bytes: {r:?}");
+        assert_eq!(echo.body_bytes, size, "the last attempt did not carry the whole body");
+        assert_eq!(at_v1(&path), attempts, "attempts for a body of {size} bytes (replay limit {REPLAY_LIMIT})");
+    }
     // A body over the limit that succeeds is not affected: sent once, whole.
-    let r = l.send_from(l.client, post(100 * 1024, "/big-ok")).expect("POST 100 KiB");
-    let echo = EchoReply::parse(&r.body).unwrap_or_else(|| panic!("{r:?}"));
-    assert_eq!((r.status, echo.body_bytes, at_v1("/big-ok")), (200, 100 * 1024, 1), "{r:?}");
+    for (request, path) in
+        [(post(100 * 1024, "/big-ok"), "/big-ok"), (post(100 * 1024, "/big-ok-chunked").chunked(), "/big-ok-chunked")]
+    {
+        let r = l.send_from(l.client, request).expect("POST 100 KiB");
+        let echo = EchoReply::parse(&r.body).unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!((r.status, echo.body_bytes, at_v1(path)), (200, 100 * 1024, 1), "{r:?}");
+    }
 }
 
 #[test]

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod plan;
 pub mod proxy;
+pub mod replay;
 pub mod reply;
 pub mod retry;
 pub mod route;

@@ -29,6 +29,7 @@ use crate::hop::{ensure_request_id, strip_hop_by_hop};
 use crate::metrics::{Metrics, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
 use crate::normalize::normalize;
 use crate::plan::{prepare, Decision, Forward};
+use crate::replay::ReplayBody;
 use crate::reply::{Reply, ReplyReason};
 use crate::retry::{self, Outcome, RetryBudget};
 use crate::route::Route;
@@ -391,13 +392,8 @@ async fn forward_request(
         let addr = candidate.endpoint.target(target.port).expect("filtered");
         done.upstream = Some(addr);
         done.destination = Some(shared.labels(&candidate.endpoint.workload));
-        let this_body = match body.take().expect("bug: body consumed") {
-            RequestBody::Buffered(b) => {
-                body = Some(RequestBody::Buffered(b.clone()));
-                full(b)
-            }
-            RequestBody::Streamed(s) => s,
-        };
+        let (this_body, next) = body.take().expect("bug: body consumed").attempt();
+        body = next;
         let mut req = Request::from_parts(parts.clone(), this_body);
         *req.uri_mut() = request_uri(&parts.uri, &parts.headers, addr);
         let _in_flight = candidate.load.start();
@@ -417,7 +413,7 @@ async fn forward_request(
             },
             Err(o) => *o,
         };
-        let replayable = body.is_some();
+        let replayable = body.as_ref().is_some_and(RequestBody::is_replayable);
         let overall_passed = deadlines.overall().is_some_and(|end| Instant::now() >= end);
         if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
             let backoff = forward.retry.backoff(attempt, rng);
@@ -449,21 +445,48 @@ fn classify_error(e: &hyper_util::client::legacy::Error) -> Outcome {
     }
 }
 
-/// A request body as forwarded: kept whole (it can be sent again), or streamed once.
+/// A request body as forwarded: kept whole (it can be sent again, and
+/// mirrored), streamed with a record for replay, or streamed once.
 enum RequestBody {
     Buffered(Bytes),
+    Replayable(ReplayBody),
     Streamed(ProxyBody),
 }
 
-/// A request body that fits the replay limit is read whole (so it can be
-/// sent again); a larger or unknown-length one streams through (no retry).
+impl RequestBody {
+    /// This attempt's body, keeping what the next attempt needs (`None`: there is none).
+    fn attempt(self) -> (ProxyBody, Option<RequestBody>) {
+        match self {
+            RequestBody::Buffered(b) => (full(b.clone()), Some(RequestBody::Buffered(b))),
+            RequestBody::Replayable(handle) => (handle.next_attempt(), Some(RequestBody::Replayable(handle))),
+            RequestBody::Streamed(s) => (s, None),
+        }
+    }
+
+    /// Whether a next attempt can send it again.
+    fn is_replayable(&self) -> bool {
+        match self {
+            RequestBody::Buffered(_) => true,
+            RequestBody::Replayable(r) => r.is_replayable(),
+            RequestBody::Streamed(_) => false,
+        }
+    }
+}
+
+/// A request body known to fit the replay limit is read whole (so it can be
+/// sent again and mirrored); one of unknown length streams with a record for
+/// replay up to the limit ([`ReplayBody`]); a larger one streams through (no
+/// retry).
 async fn buffer_small_body(parts: &Parts, body: Incoming) -> Result<RequestBody, Reply> {
     if body.is_end_stream() {
         return Ok(RequestBody::Buffered(Bytes::new()));
     }
-    let small = body.size_hint().exact().is_some_and(|n| retry::replayable(n as usize));
-    if !small {
-        return Ok(RequestBody::Streamed(body.map_err(Into::into).boxed()));
+    match body.size_hint().exact() {
+        None => return Ok(RequestBody::Replayable(ReplayBody::new(body.map_err(Into::into).boxed()))),
+        Some(n) if !retry::replayable(n as usize) => {
+            return Ok(RequestBody::Streamed(body.map_err(Into::into).boxed()))
+        }
+        Some(_) => {}
     }
     match Limited::new(body, retry::REPLAY_LIMIT).collect().await {
         Ok(collected) => Ok(RequestBody::Buffered(collected.to_bytes())),

@@ -24,6 +24,13 @@ pub struct PublishError {
     source: kube::Error,
 }
 
+impl PublishError {
+    /// The API call's error.
+    pub fn kube_error(&self) -> &kube::Error {
+        &self.source
+    }
+}
+
 /// What [`publish_root_cert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {

@@ -127,6 +127,12 @@ pub async fn run(client: kube::Client, settings: WaypointSettings, roots_pem: St
 }
 
 fn error_policy(gw: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> Action {
+    if namespace_terminating(err) {
+        // Nothing can be created there any more, and the Gateway goes with the namespace: wait for a change
+        // instead of retrying every few seconds.
+        tracing::debug!(gateway = ?gw.metadata.name, namespace = ?gw.metadata.namespace, "namespace terminating");
+        return Action::await_change();
+    }
     tracing::warn!(
         namespace = gw.metadata.namespace.as_deref().unwrap_or_default(),
         name = gw.metadata.name.as_deref().unwrap_or_default(),
@@ -134,6 +140,17 @@ fn error_policy(gw: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> Acti
         "waypoint reconcile failed; retrying"
     );
     Action::requeue(Duration::from_secs(5))
+}
+
+/// Whether `err` is the API server refusing to create an object in a namespace that is being deleted (403,
+/// "… because it is being terminated").
+fn namespace_terminating(err: &Error) -> bool {
+    let source = match err {
+        Error::Kube(e) => e,
+        Error::Root(e) => e.kube_error(),
+        Error::MissingMetadata(_) => return false,
+    };
+    matches!(source, kube::Error::Api(s) if s.is_forbidden() && s.message.contains("because it is being terminated"))
 }
 
 /// The Gateway's class, if it names one.
@@ -223,4 +240,23 @@ where
 {
     let params = PatchParams::apply(MANAGER).force();
     Ok(api.patch(name, &params, &Patch::Apply(obj)).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(message: &str, reason: &str) -> Error {
+        Error::Kube(kube::Error::Api(kube::core::Status::failure(message, reason).boxed()))
+    }
+
+    #[test]
+    fn a_refusal_in_a_terminating_namespace_is_recognized_and_others_are_not() {
+        let terminating = "serviceaccounts \"waypoint\" is forbidden: unable to create new content in namespace \
+                           mesh-test because it is being terminated";
+        assert!(namespace_terminating(&api_error(terminating, "Forbidden")));
+        assert!(!namespace_terminating(&api_error("forbidden: RBAC", "Forbidden")), "another refusal is retried");
+        assert!(!namespace_terminating(&api_error(terminating, "Conflict")));
+        assert!(!namespace_terminating(&Error::MissingMetadata("uid")));
+    }
 }

@@ -16,9 +16,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::WaypointSettings;
 use crate::ca::root_configmap::ROOT_CERT_CONFIGMAP;
+/// Label that ties the pods and the Service to their Gateway (Gateway API convention); the model reads it too.
+pub use crate::model::workloads::GATEWAY_NAME_LABEL;
 
-/// Label that ties the pods and the Service to their Gateway (Gateway API convention).
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Label recording the Gateway's class on everything we create.
 pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
 /// Label marking the objects this controller manages; the watches select on it.

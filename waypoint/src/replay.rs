@@ -80,7 +80,7 @@ impl ReplayBody {
         state.attempt += 1;
         let attempt = state.attempt;
         drop(state);
-        let size_hint = self.size_hint.clone();
+        let size_hint = self.size_hint;
         Some(ReplayBody { state: self.state.clone(), attempt, position: 0, trailers_sent: false, size_hint })
     }
 
@@ -153,7 +153,7 @@ impl Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size_hint.clone()
+        self.size_hint
     }
 }
 

@@ -118,7 +118,7 @@ impl Connector {
         let tunnel = self
             .inner
             .pool
-            .open(&key, &PlainDialer, &*certs, addr, HeaderMap::new())
+            .open(&key, &PlainDialer, &*certs, addr, HeaderMap::new(), Bytes::new())
             .await
             .map_err(|e| ConnectError::Hbone(addr, e))?;
         let stream = TunnelStream::new(tunnel.send, tunnel.recv);

@@ -13,7 +13,7 @@ mod relay;
 pub mod stream;
 pub mod workers;
 
-pub use relay::{relay, relay_until, RelayError, Transferred};
+pub use relay::{read_early, relay, relay_until, RelayError, Transferred};
 
 /// The HBONE port, inside every enrolled pod.
 pub const HBONE_PORT: u16 = 15008;

@@ -198,6 +198,11 @@ impl HbonePool {
     /// is going away (a draining ztunnel's GOAWAY, REFUSED_STREAM) or the
     /// connection had already ended, is sent once more on a new connection:
     /// that one reaches the ztunnel that replaced it.
+    ///
+    /// `early` (possibly empty) is what the source already sent: it goes
+    /// with the request, before the response, so a client that speaks first
+    /// waits one round trip less (the peer holds it in the stream until it
+    /// has connected, and drops it with the stream when it refuses).
     pub async fn open(
         self: &Arc<Self>,
         key: &PoolKey,
@@ -205,9 +210,10 @@ impl HbonePool {
         certs: &impl ClientCerts,
         authority: SocketAddr,
         headers: HeaderMap,
+        early: Bytes,
     ) -> Result<Tunnel, PoolError> {
         let conn = self.acquire(key, dialer, certs).await?;
-        match self.request(&conn, key, authority, headers.clone()).await {
+        match self.request(&conn, key, authority, headers.clone(), early.clone()).await {
             Err(Attempt::Unprocessed(source)) => {
                 // Out of the pool: its driver closes it once its streams end.
                 conn.closed.store(true, Ordering::Relaxed);
@@ -215,7 +221,7 @@ impl HbonePool {
                 debug!(dst = %key.dst, error = %source, "hbone request not processed by the peer; retrying on a new connection");
                 self.metrics.retries.inc();
                 let fresh = self.dial(key, dialer, certs).await?;
-                self.request(&fresh, key, authority, headers).await.map_err(Attempt::into_error)
+                self.request(&fresh, key, authority, headers, early).await.map_err(Attempt::into_error)
             }
             other => other.map_err(Attempt::into_error),
         }
@@ -240,14 +246,15 @@ impl HbonePool {
         }
     }
 
-    /// Sends the CONNECT on `conn` (whose slot the caller reserved) and
-    /// waits for the response.
+    /// Sends the CONNECT on `conn` (whose slot the caller reserved), and
+    /// `early` after it, and waits for the response.
     async fn request(
         &self,
         conn: &Arc<Conn>,
         key: &PoolKey,
         authority: SocketAddr,
         headers: HeaderMap,
+        early: Bytes,
     ) -> Result<Tunnel, Attempt> {
         let guard = StreamGuard(conn.clone());
         let mut req = Request::builder()
@@ -261,7 +268,11 @@ impl HbonePool {
         // Nothing was sent when these fail: always safe to send elsewhere.
         let not_sent = |source| Attempt::Unprocessed(PoolError::H2 { addr: key.dst, source });
         let mut sender = conn.sender.clone().ready().await.map_err(not_sent)?;
-        let (resp, send) = sender.send_request(req, false).map_err(not_sent)?;
+        let (resp, mut send) = sender.send_request(req, false).map_err(not_sent)?;
+        if !early.is_empty() {
+            // Within the stream's initial window (far larger than `early`): h2 sends it with the headers.
+            send.send_data(early, false).map_err(h2err)?;
+        }
         let resp = match resp.await {
             Ok(r) => r,
             Err(e) if unprocessed(&e) => return Err(not_sent(e)),
@@ -504,6 +515,63 @@ mod tests {
         assert!(unprocessed(&err), "{err:?}");
         assert!(!unprocessed(&h2::Error::from(h2::Reason::INTERNAL_ERROR)));
         server.await.unwrap();
+    }
+
+    struct LoopbackDialer;
+
+    impl Dialer for LoopbackDialer {
+        async fn socket(&self, _: SocketAddr) -> std::io::Result<socket2::Socket> {
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.nonblocking(), None)
+        }
+    }
+
+    struct Certs(Arc<rustls::ClientConfig>);
+
+    impl ClientCerts for Certs {
+        fn serial(&self) -> &str {
+            "1"
+        }
+        fn client_config(&self, _: &Identity) -> Result<Arc<rustls::ClientConfig>, BoxError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    /// What the source already sent travels with the CONNECT: a peer that waits for it before answering (as no
+    /// real peer does) gets it, so the source saves the round trip to the answer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn early_data_goes_with_the_request_before_the_answer() {
+        let ca = CertificateAuthority::generate_root("cluster.local", 24 * HOUR).unwrap();
+        let server = tls::server_config(&ca.issue(&id("reviews"), HOUR).unwrap(), H2).unwrap();
+        let client = tls::client_config(&ca.issue(&id("productpage"), HOUR).unwrap(), vec![id("reviews")], H2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = TlsAcceptor::from(server).accept(tcp).await.unwrap();
+            let mut conn = crate::server_builder(100).handshake::<_, Bytes>(tls).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let early = tokio::time::timeout(Duration::from_secs(5), body.data()).await;
+            let early = early.ok().flatten().map(Result::unwrap).unwrap_or_default();
+            respond.send_response(http::Response::new(()), true).unwrap();
+            early
+        });
+        let settings = PoolSettings {
+            max_streams: 100,
+            max_connections: 1,
+            idle_timeout: HOUR,
+            connect_timeout: Duration::from_secs(5),
+            congestion_control: None,
+        };
+        let pool = HbonePool::new(settings, PoolMetrics::default());
+        let key = PoolKey { src: addr.ip(), src_identity: id("productpage"), dst: addr, dst_identity: id("reviews") };
+        let request = Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n");
+        let (certs, authority) = (Certs(client), "10.0.0.1:80".parse().unwrap());
+        let open = pool.open(&key, &LoopbackDialer, &certs, authority, HeaderMap::new(), request.clone());
+        let tunnel = tokio::time::timeout(Duration::from_secs(10), open).await.expect("no answer").unwrap();
+        assert_eq!(server.await.unwrap(), request, "the peer got the early data before it answered");
+        drop(tunnel);
     }
 
     #[tokio::test(flavor = "current_thread")]

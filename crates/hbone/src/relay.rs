@@ -124,6 +124,25 @@ async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &
     }
 }
 
+/// What the socket already holds, up to one first chunk, without waiting:
+/// a client that speaks first (HTTP, TLS) has usually sent its request by
+/// the time its tunnel is opened, and [`crate::pool::HbonePool::open`]
+/// sends it with the CONNECT. Empty when nothing has arrived yet, at the
+/// end of the stream or on an error, which the relay then meets. Asks the
+/// socket itself, not the runtime, which may not yet know it is readable.
+pub fn read_early(tcp: &TcpStream) -> Bytes {
+    let mut buf = BytesMut::with_capacity(FIRST_CHUNK - super::FRAME_HEADER_LEN);
+    match socket2::SockRef::from(tcp).recv(buf.spare_capacity_mut()) {
+        Ok(n) if n > 0 => {
+            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(n) };
+            crate::workers::note_activity();
+            buf.freeze()
+        }
+        _ => Bytes::new(),
+    }
+}
+
 /// Reads what the socket has into `buf`'s spare capacity. A short read
 /// means the socket is drained: it tells the runtime so (as tokio's own
 /// `poll_read` does), sparing a read that would only say "would block".

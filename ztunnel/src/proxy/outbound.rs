@@ -18,7 +18,7 @@ use crate::metrics::{Direction, FailureReason, PeerLabels, Peers, Reporter, Serv
 use crate::state::{Service, Upstream, Workload};
 use ambit_hbone::headers::{connect_headers, parse_baggage, TraceParent};
 use ambit_hbone::pool::{PoolError, PoolKey};
-use ambit_hbone::{relay, HBONE_PORT};
+use ambit_hbone::{read_early, relay, HBONE_PORT};
 
 pub(super) async fn handle(inputs: ProxyInputs, pod: Arc<Pod>, stream: TcpStream, peer: SocketAddr) {
     super::socket::pod_local(&socket2::SockRef::from(&stream));
@@ -152,7 +152,8 @@ async fn hbone(
         service.map(|s| s.hostname.as_str()),
         TraceParent::new(),
     );
-    let tunnel = match inputs.pool.open(&key, &pod.netns, &*certs, target, headers).await {
+    let early = read_early(&stream);
+    let tunnel = match inputs.pool.open(&key, &pod.netns, &*certs, target, headers, early.clone()).await {
         Ok(t) => t,
         Err(e) => {
             let reason = match &e {
@@ -175,7 +176,7 @@ async fn hbone(
     let mut metrics = counted(peers, None);
     debug!(pod = %pod.uid, %target, "hbone tunnel open");
     let (t, r) = relay(stream, tunnel.send, tunnel.recv).await;
-    metrics.record(Bytes { received: t.to_tunnel, sent: t.from_tunnel });
+    metrics.record(Bytes { received: early.len() as u64 + t.to_tunnel, sent: t.from_tunnel });
     if let Err(e) = r {
         warn!(pod = %pod.uid, %target, error = %e, "hbone tunnel broke");
         metrics.error(FailureReason::stream_error);

@@ -127,19 +127,22 @@ async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &
 /// What the socket already holds, up to one first chunk, without waiting:
 /// a client that speaks first (HTTP, TLS) has usually sent its request by
 /// the time its tunnel is opened, and [`crate::pool::HbonePool::open`]
-/// sends it with the CONNECT. Empty when nothing has arrived yet, at the
-/// end of the stream or on an error, which the relay then meets. Asks the
-/// socket itself, not the runtime, which may not yet know it is readable.
-pub fn read_early(tcp: &TcpStream) -> Bytes {
+/// sends it with the CONNECT. Empty when nothing has arrived yet or at the
+/// end of the stream (which the relay then meets); an error (a reset) is
+/// returned, since the socket reports it only once. Asks the socket itself,
+/// not the runtime, which may not yet know it is readable.
+pub fn read_early(tcp: &TcpStream) -> std::io::Result<Bytes> {
     let mut buf = BytesMut::with_capacity(FIRST_CHUNK - super::FRAME_HEADER_LEN);
     match socket2::SockRef::from(tcp).recv(buf.spare_capacity_mut()) {
         Ok(n) if n > 0 => {
             // SAFETY: recv initialised the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(n) };
             crate::workers::note_activity();
-            buf.freeze()
+            Ok(buf.freeze())
         }
-        _ => Bytes::new(),
+        Ok(_) => Ok(Bytes::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -186,7 +189,7 @@ async fn stream_to_tcp(recv: &mut RecvStream, w: &mut OwnedWriteHalf, n: &mut u6
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -194,6 +197,35 @@ mod tests {
     async fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
         let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
         (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn early_data_is_what_the_socket_holds_without_waiting_and_a_reset_is_reported() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, server) = pair(&l).await;
+        assert!(read_early(&server).unwrap().is_empty(), "nothing sent yet: empty, without waiting");
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let early = loop {
+            let b = read_early(&server).unwrap();
+            if !b.is_empty() || std::time::Instant::now() > deadline {
+                break b;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert_eq!(&early[..], b"GET / HTTP/1.1\r\n\r\n");
+
+        let (client, server) = pair(&l).await;
+        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client);
+        let err = loop {
+            match read_early(&server) {
+                Err(e) => break e,
+                Ok(_) if std::time::Instant::now() > deadline => panic!("the reset was not reported"),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test(flavor = "current_thread")]

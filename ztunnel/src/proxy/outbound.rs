@@ -152,8 +152,17 @@ async fn hbone(
         service.map(|s| s.hostname.as_str()),
         TraceParent::new(),
     );
-    let early = read_early(&stream);
-    let tunnel = match inputs.pool.open(&key, &pod.netns, &*certs, target, headers, early.clone()).await {
+    let early = match read_early(&stream) {
+        Ok(b) => b,
+        Err(e) => {
+            debug!(pod = %pod.uid, %target, error = %e, "source connection broke before its tunnel opened");
+            inputs.metrics.failure(Direction::outbound, FailureReason::stream_error);
+            drop(counted(peers, Some(FailureReason::stream_error)));
+            return;
+        }
+    };
+    let early_len = early.len() as u64;
+    let tunnel = match inputs.pool.open(&key, &pod.netns, &*certs, target, headers, early).await {
         Ok(t) => t,
         Err(e) => {
             let reason = match &e {
@@ -176,7 +185,7 @@ async fn hbone(
     let mut metrics = counted(peers, None);
     debug!(pod = %pod.uid, %target, "hbone tunnel open");
     let (t, r) = relay(stream, tunnel.send, tunnel.recv).await;
-    metrics.record(Bytes { received: early.len() as u64 + t.to_tunnel, sent: t.from_tunnel });
+    metrics.record(Bytes { received: early_len + t.to_tunnel, sent: t.from_tunnel });
     if let Err(e) = r {
         warn!(pod = %pod.uid, %target, error = %e, "hbone tunnel broke");
         metrics.error(FailureReason::stream_error);

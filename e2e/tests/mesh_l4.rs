@@ -100,6 +100,15 @@ fn deny_and_allow_policies_match_principals_namespaces_and_service_accounts() {
         "deny policy not applied"
     );
     round_trip(c.pod_ns(c.local), c.app(remote), b"other identity passes").expect("local is not denied");
+    // A client's first bytes travel with its CONNECT (early data); a denied one's never reach the application.
+    let client_ip = std::net::IpAddr::V4(c.ip(client));
+    let from_client = |c: &Cluster| c.echoes[1].peers().iter().filter(|p| p.ip() == client_ip).count();
+    let before = from_client(&c);
+    for _ in 0..5 {
+        assert!(round_trip(c.pod_ns(client), c.app(remote), b"early bytes of a denied client").is_err());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(from_client(&c), before, "a denied connection reached the application");
     let m2 = c.mesh.ztunnel(c.nodes[1]).metrics().unwrap();
     assert!(
         metric(&m2, "ztunnel_connection_failures_total", &[("direction", "inbound"), ("reason", "policy_denied")])

@@ -11,8 +11,8 @@ PACKAGES=(nftables iproute2 util-linux procps ca-certificates python3 openssl cu
 PACKAGES+=(containerd runc containernetworking-plugins socat iptables conntrack
     gcc libc6-dev busybox-static jq)
 # The L7 benchmark (bench-l7): wrk generates the load, nginx serves it,
-# HAProxy is the reference L7 proxy.
-PACKAGES+=(wrk nginx-light haproxy)
+# HAProxy is the reference L7 proxy. bench-l4 checks its throughput with iperf3.
+PACKAGES+=(wrk nginx-light haproxy iperf3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -24,7 +24,7 @@ if ((${#missing[@]})); then
         exit 1
     fi
     echo "install-deps: installing ${missing[*]}"
-    # nginx and haproxy are only run by the benchmark, in lab namespaces: their packages must not start
+    # nginx, haproxy and iperf3 are only run by the benchmarks, in lab namespaces: their packages must not start
     # machine-wide daemons (policy-rc.d refuses every service start while it exists).
     policy=/usr/sbin/policy-rc.d
     own_policy=0

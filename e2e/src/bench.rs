@@ -4,7 +4,8 @@
 //!
 //! Figures: single-stream and 4-stream throughput, 64-byte request/response
 //! latency on a persistent connection (p50, p99), new connections per
-//! second, and ztunnel CPU seconds and peak RSS per side.
+//! second, the two throughputs again as iperf3 measures them (a load
+//! generator that is not ours), and ztunnel CPU seconds and peak RSS per side.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::bench_iperf::{self, IperfFigures, IPERF_PORT};
 use crate::lab::{Lab, NodeId, PodId, PodSpec};
 use crate::mesh::Mesh;
 use crate::netns::NetNs;
@@ -40,6 +42,8 @@ pub struct Figures {
     pub p50_us: f64,
     pub p99_us: f64,
     pub conns_per_sec: f64,
+    /// The same throughput measured by iperf3.
+    pub iperf: IperfFigures,
 }
 
 /// ztunnel resource use during the mesh measurements.
@@ -73,6 +77,7 @@ const IO_BUF: usize = 128 * 1024;
 
 /// Builds the lab, runs both paths, returns the figures.
 pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
+    bench_iperf::require()?;
     let mut lab = Lab::new("bench-l4")?;
     let n1 = lab.add_node("node1")?;
     let n2 = lab.add_node("node2")?;
@@ -88,7 +93,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         Figures::default()
     } else {
         eprintln!("measuring direct pod-to-pod TCP ...");
-        measure(&mesh.lab().pod(client).netns, target.into(), 0, opts, || [0.0; 2])?.0
+        let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
+        measure(pods, target.into(), 0, opts, || [0.0; 2])?.0
     };
 
     // Extra ztunnel flags for experiments, e.g. BENCH_ZTUNNEL_ARGS="--worker-threads 1".
@@ -109,8 +115,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     enroll(&mut mesh, &[client, server])?;
     let cpu_before = cpu(&mesh, [n1, n2]);
     eprintln!("measuring through two ztunnels ...");
-    let (through, cpu_per_gb) =
-        measure(&mesh.lab().pod(client).netns, target.into(), MESH_PORT_OFFSET, opts, || cpu(&mesh, [n1, n2]))?;
+    let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
+    let (through, cpu_per_gb) = measure(pods, target.into(), MESH_PORT_OFFSET, opts, || cpu(&mesh, [n1, n2]))?;
     let cpu_after = cpu(&mesh, [n1, n2]);
     zt.single_stream_cpu_per_gb = cpu_per_gb;
     for (i, n) in [n1, n2].into_iter().enumerate() {
@@ -143,7 +149,7 @@ fn mib(b: u64) -> f64 {
 /// single-stream run. With BENCH_SINGLE_STREAM_ONLY=1 only that run is made,
 /// with BENCH_CONNECTIONS_ONLY=1 only the connection rate (for quick experiments).
 fn measure(
-    client: &NetNs,
+    (client, server_ns): (&NetNs, &NetNs),
     server: std::net::IpAddr,
     offset: u16,
     opts: BenchOptions,
@@ -169,7 +175,8 @@ fn measure(
     let n = opts.latency_samples;
     let (p50_us, p99_us) = client.run(move || latency(echo, n)).context("latency")?;
     let conns_per_sec = client.run(move || connection_rate(conn, d)).context("connection rate")?;
-    Ok((Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec }, cpu_per_gb))
+    let iperf = bench_iperf::measure(client, server_ns, server, IPERF_PORT + offset, d)?;
+    Ok((Figures { single_stream_gbps, four_stream_gbps, p50_us, p99_us, conns_per_sec, iperf }, cpu_per_gb))
 }
 
 /// Sends as fast as possible on `streams` connections for `d`; Gbit/s.
@@ -321,6 +328,8 @@ pub fn render(r: &Report) -> String {
         ("64 B request/response p50 (µs)", r.direct.p50_us, r.mesh.p50_us, false),
         ("64 B request/response p99 (µs)", r.direct.p99_us, r.mesh.p99_us, false),
         ("new connections per second", r.direct.conns_per_sec, r.mesh.conns_per_sec, true),
+        ("iperf3 single-stream (Gbit/s)", r.direct.iperf.single_stream_gbps, r.mesh.iperf.single_stream_gbps, true),
+        ("iperf3 4-stream (Gbit/s)", r.direct.iperf.four_stream_gbps, r.mesh.iperf.four_stream_gbps, true),
     ];
     for (name, d, m, show_ratio) in rows {
         let rat = if show_ratio { ratio(m, d) } else { format!("{:+.1} µs", m - d) };

@@ -10,6 +10,7 @@
 
 pub mod apps;
 pub mod bench;
+pub mod bench_iperf;
 pub mod bench_l7;
 pub mod bench_l7_rate;
 pub mod bench_l7_tls;

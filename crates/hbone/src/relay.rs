@@ -133,10 +133,8 @@ async fn tcp_to_stream(r: &mut OwnedReadHalf, send: &mut SendStream<Bytes>, n: &
 /// not the runtime, which may not yet know it is readable.
 pub fn read_early(tcp: &TcpStream) -> std::io::Result<Bytes> {
     let mut buf = BytesMut::with_capacity(FIRST_CHUNK - super::FRAME_HEADER_LEN);
-    match socket2::SockRef::from(tcp).recv(buf.spare_capacity_mut()) {
+    match recv_into(tcp, &mut buf) {
         Ok(n) if n > 0 => {
-            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(n) };
             crate::workers::note_activity();
             Ok(buf.freeze())
         }
@@ -152,9 +150,8 @@ pub fn read_early(tcp: &TcpStream) -> std::io::Result<Bytes> {
 fn read_ready(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     let mut read = None;
     let result = tcp.try_io(Interest::READABLE, || {
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len();
-        let n = socket2::SockRef::from(tcp).recv(spare)?;
+        let room = buf.capacity() - buf.len();
+        let n = recv_into(tcp, buf)?;
         read = Some(n);
         if n > 0 && n < room {
             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -162,13 +159,17 @@ fn read_ready(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
         Ok(n)
     });
     match (result, read) {
-        (Ok(n), _) | (Err(_), Some(n)) => {
-            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(buf.len() + n) };
-            Ok(n)
-        }
+        (Ok(n), _) | (Err(_), Some(n)) => Ok(n),
         (Err(e), None) => Err(e),
     }
+}
+
+/// One `recv` from the socket itself into `buf`'s spare capacity, which it extends by what arrived.
+fn recv_into(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let n = socket2::SockRef::from(tcp).recv(buf.spare_capacity_mut())?;
+    // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 async fn stream_to_tcp(recv: &mut RecvStream, w: &mut OwnedWriteHalf, n: &mut u64) -> Result<(), RelayError> {

@@ -1,9 +1,12 @@
-//! Gateway API filters: what a rule (then the chosen backend) does to a
-//! request before it is forwarded, and to its response.
+//! Gateway API filters (and VirtualService fault injection): what a rule
+//! (then the chosen backend) does to a request before it is forwarded, and
+//! to its response.
 //!
 //! [`apply`] changes the request in place and either lets it go on or
 //! answers it (RequestRedirect). What acts later (response header changes,
-//! mirrors) is collected in [`Effects`] for the forwarding code.
+//! mirrors) is collected in [`Effects`] for the forwarding code. Fault
+//! injection is drawn before the other filters act ([`crate::fault`], from
+//! [`crate::plan::prepare`]), as Envoy's fault filter runs before its router.
 
 use std::ops::ControlFlow;
 
@@ -14,6 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use rand::Rng;
 
 use crate::authority::request_host;
+pub use crate::fault::{Abort, FaultInjection};
 use crate::reply::Reply;
 use crate::target::ServiceTarget;
 
@@ -26,6 +30,10 @@ pub enum Filter {
     RequestRedirect(RequestRedirect),
     UrlRewrite(UrlRewrite),
     RequestMirror(RequestMirror),
+    /// VirtualService fault injection: a delay, an answer from the
+    /// waypoint, or both. [`apply`] passes over it: [`crate::plan::prepare`]
+    /// draws it first ([`crate::fault::Injected::draw`]).
+    Fault(FaultInjection),
 }
 
 /// Header changes, applied as `set` (replaces every value), `add` (appends a
@@ -55,7 +63,8 @@ impl HeaderModifier {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathModifier {
     ReplaceFullPath(String),
-    /// Replaces the part the rule's PathPrefix matched.
+    /// Replaces the part the rule's PathPrefix matched (exactly the matched
+    /// string of a StringPrefix).
     ReplacePrefixMatch(String),
 }
 
@@ -97,8 +106,14 @@ pub struct RequestMirror {
 impl RequestMirror {
     /// Whether this request is one of the mirrored share.
     pub fn sampled(&self, rng: &mut impl Rng) -> bool {
-        self.percent >= 100.0 || (self.percent > 0.0 && rng.random::<f64>() * 100.0 < self.percent)
+        sampled(self.percent, rng)
     }
+}
+
+/// Whether a request is one of a `percent` share (0–100): 100 and above
+/// always, 0 and below (or NaN) never, without drawing; otherwise one draw.
+pub fn sampled(percent: f64, rng: &mut impl Rng) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rng.random::<f64>() * 100.0 < percent)
 }
 
 /// What filters need to know beyond the request.
@@ -106,6 +121,9 @@ impl RequestMirror {
 pub struct FilterContext<'a> {
     /// From [`crate::route::Matched::matched_prefix`].
     pub matched_prefix: Option<&'a str>,
+    /// From [`crate::route::Matched::string_prefix`]: ReplacePrefixMatch
+    /// replaces exactly `matched_prefix` ([`replace_string_prefix`]).
+    pub string_prefix: bool,
     /// The service port the client called: a redirect keeps it when it
     /// changes neither scheme nor port (it is the mesh's "listener port").
     pub port: u16,
@@ -149,6 +167,8 @@ pub fn apply<'a>(
                     return ControlFlow::Break(Reply::misconfigured());
                 }
             }
+            // Drawn before the filters by `plan::prepare`.
+            Filter::Fault(_) => {}
         }
     }
     ControlFlow::Continue(())
@@ -156,13 +176,22 @@ pub fn apply<'a>(
 
 /// The new path of a path modifier, or `None` to keep the request's.
 /// ReplacePrefixMatch without a matched prefix (a regex match) keeps it.
-fn modified_path(modifier: &PathModifier, path: &str, matched_prefix: Option<&str>) -> Option<String> {
+fn modified_path(modifier: &PathModifier, path: &str, ctx: &FilterContext<'_>) -> Option<String> {
     match modifier {
         PathModifier::ReplaceFullPath(full) => Some(full.clone()),
-        PathModifier::ReplacePrefixMatch(replacement) => {
-            matched_prefix.map(|prefix| replace_prefix(path, prefix, replacement))
-        }
+        PathModifier::ReplacePrefixMatch(replacement) => ctx.matched_prefix.map(|prefix| match ctx.string_prefix {
+            true => replace_string_prefix(path, prefix, replacement),
+            false => replace_prefix(path, prefix, replacement),
+        }),
     }
+}
+
+/// `path` without `prefix`, which may differ from it in ASCII case (a
+/// match with `path_ignore_case`); `None` when it does not start `path`.
+fn strip_prefix_ignoring_case<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {
+    let head = path.as_bytes().get(..prefix.len())?;
+    // Only ASCII letters may differ, so `prefix.len()` is a char boundary of `path`.
+    head.eq_ignore_ascii_case(prefix.as_bytes()).then(|| &path[prefix.len()..])
 }
 
 /// Gateway API's ReplacePrefixMatch: the matched prefix (a whole-segment
@@ -172,7 +201,7 @@ fn modified_path(modifier: &PathModifier, path: &str, matched_prefix: Option<&st
 /// with replacement `/` → `/bar`; `/foo` → `/xyz` (or `/`).
 pub fn replace_prefix(path: &str, prefix: &str, replacement: &str) -> String {
     let prefix = prefix.trim_end_matches('/');
-    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let rest = strip_prefix_ignoring_case(path, prefix).unwrap_or(path);
     let mut out = replacement.trim_end_matches('/').to_owned();
     if !rest.is_empty() && !rest.starts_with('/') {
         out.push('/');
@@ -182,6 +211,21 @@ pub fn replace_prefix(path: &str, prefix: &str, replacement: &str) -> String {
         out.push('/');
     }
     out
+}
+
+/// ReplacePrefixMatch of a StringPrefix (Envoy's `prefix_rewrite`, what a
+/// VirtualService `rewrite.uri` does to a `uri.prefix` match): exactly the
+/// matched string is replaced, the rest kept as is: `/apiX` with prefix
+/// `/api` and replacement `/v2` → `/v2X`. A path it does not start is kept;
+/// a result without a leading `/` gets one.
+pub fn replace_string_prefix(path: &str, prefix: &str, replacement: &str) -> String {
+    let Some(rest) = strip_prefix_ignoring_case(path, prefix) else { return path.to_owned() };
+    let out = format!("{replacement}{rest}");
+    if out.starts_with('/') {
+        out
+    } else {
+        format!("/{out}")
+    }
 }
 
 fn with_query(path: String, uri: &Uri) -> String {
@@ -200,7 +244,7 @@ fn redirect(r: &RequestRedirect, req: &Parts, ctx: &FilterContext<'_>) -> Reply 
     let path = r
         .path
         .as_ref()
-        .and_then(|m| modified_path(m, req.uri.path(), ctx.matched_prefix))
+        .and_then(|m| modified_path(m, req.uri.path(), ctx))
         .unwrap_or_else(|| req.uri.path().to_owned());
     let path = with_query(path, &req.uri);
     let scheme = r.scheme.as_deref().or(req.uri.scheme_str()).unwrap_or("http");
@@ -228,7 +272,7 @@ fn redirect(r: &RequestRedirect, req: &Parts, ctx: &FilterContext<'_>) -> Reply 
 /// authority when it has one and in the Host header.
 fn rewrite(r: &UrlRewrite, req: &mut Parts, ctx: &FilterContext<'_>) -> Result<(), http::Error> {
     let mut uri = req.uri.clone().into_parts();
-    if let Some(path) = r.path.as_ref().and_then(|m| modified_path(m, req.uri.path(), ctx.matched_prefix)) {
+    if let Some(path) = r.path.as_ref().and_then(|m| modified_path(m, req.uri.path(), ctx)) {
         uri.path_and_query = Some(PathAndQuery::try_from(with_query(path, &req.uri))?);
     }
     if let Some(host) = &r.hostname {

@@ -11,7 +11,7 @@ fn req(uri: &str) -> Parts {
 }
 
 fn ctx(prefix: Option<&str>) -> FilterContext<'_> {
-    FilterContext { matched_prefix: prefix, port: 80 }
+    FilterContext { matched_prefix: prefix, string_prefix: false, port: 80 }
 }
 
 fn name(n: &'static str) -> HeaderName {
@@ -139,7 +139,7 @@ fn redirect_port_is_written_unless_the_schemes_default() {
 #[test]
 fn redirect_without_scheme_or_port_keeps_the_called_port() {
     let filters = [Filter::RequestRedirect(RequestRedirect::default())];
-    let c = FilterContext { matched_prefix: None, port: 8080 };
+    let c = FilterContext { matched_prefix: None, string_prefix: false, port: 8080 };
     let ControlFlow::Break(reply) = apply(&filters, &mut req("/p"), &c, &mut Effects::default()) else {
         panic!("no redirect")
     };
@@ -228,4 +228,74 @@ fn mirror_percent_samples_requests() {
     assert!((2_300..=2_700).contains(&hits), "{hits} of 10000 for 25 %");
     assert!((0..100).all(|_| mirror(100.0).sampled(&mut rng)));
     assert!((0..100).all(|_| !mirror(0.0).sampled(&mut rng)));
+}
+
+/// The path and query `rewrite` sends for `uri` matched on the StringPrefix `prefix`.
+fn rewritten_string_prefix(replacement: &str, uri: &str, prefix: &str) -> String {
+    let filters = [Filter::UrlRewrite(UrlRewrite {
+        path: Some(PathModifier::ReplacePrefixMatch(replacement.into())),
+        hostname: None,
+    })];
+    let mut parts = req(uri);
+    let c = FilterContext { matched_prefix: Some(prefix), string_prefix: true, port: 80 };
+    assert_eq!(apply(&filters, &mut parts, &c, &mut Effects::default()), ControlFlow::Continue(()));
+    parts.uri.path_and_query().unwrap().to_string()
+}
+
+#[test]
+fn string_prefix_rewrite_replaces_exactly_the_prefix() {
+    assert_eq!(rewritten_string_prefix("/v2", "/apiX?q=1", "/api"), "/v2X?q=1");
+    assert_eq!(rewritten_string_prefix("/v2", "/api/x", "/api"), "/v2/x");
+    // No slash handling at the joint, as Envoy's prefix_rewrite.
+    assert_eq!(rewritten_string_prefix("/v2/", "/api/x", "/api"), "/v2//x");
+    assert_eq!(rewritten_string_prefix("/", "/api/x", "/api/"), "/x");
+    assert_eq!(rewritten_string_prefix("/v2", "/api", "/api"), "/v2");
+    // Never an empty path or one without a leading slash.
+    assert_eq!(rewritten_string_prefix("", "/api", "/api"), "/");
+    assert_eq!(rewritten_string_prefix("v2", "/apiX", "/api"), "/v2X");
+    // The same prefix as a Gateway API PathPrefix keeps its whole-segment joint.
+    let gateway = UrlRewrite { path: Some(PathModifier::ReplacePrefixMatch("/v2/".into())), ..Default::default() };
+    assert_eq!(rewritten(gateway, "/api/x", Some("/api")), "/v2/x");
+}
+
+#[test]
+fn string_prefix_redirect_replaces_exactly_the_prefix() {
+    let filters = [Filter::RequestRedirect(RequestRedirect {
+        path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
+        ..Default::default()
+    })];
+    let c = FilterContext { matched_prefix: Some("/old"), string_prefix: true, port: 80 };
+    let ControlFlow::Break(reply) = apply(&filters, &mut req("/oldies?x=1"), &c, &mut Effects::default()) else {
+        panic!("no redirect")
+    };
+    assert_eq!(reply.headers[LOCATION], "http://echo.ns/newies?x=1");
+}
+
+#[test]
+fn replace_prefix_match_strips_a_prefix_matched_ignoring_case() {
+    // A match with `path_ignore_case`: the configured prefix differs from the path in ASCII case.
+    let gateway = UrlRewrite { path: Some(PathModifier::ReplacePrefixMatch("/v2".into())), ..Default::default() };
+    assert_eq!(rewritten(gateway, "/api/x", Some("/API")), "/v2/x");
+    assert_eq!(rewritten_string_prefix("/v2", "/apIX", "/API"), "/v2X");
+    assert_eq!(replace_prefix("/Straße/x", "/STRAßE", "/s"), "/s/x");
+}
+
+#[test]
+fn a_fault_filter_is_left_to_the_plan() {
+    let fault = FaultInjection {
+        abort: Some(Abort::Http(StatusCode::SERVICE_UNAVAILABLE)),
+        abort_percent: 100.0,
+        ..Default::default()
+    };
+    let filters = [Filter::Fault(fault)];
+    let mut parts = req("/p");
+    assert_eq!(apply(&filters, &mut parts, &ctx(None), &mut Effects::default()), ControlFlow::Continue(()));
+}
+
+#[test]
+fn sampled_percentages() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let hits = (0..10_000).filter(|_| sampled(10.0, &mut rng)).count();
+    assert!((800..=1_200).contains(&hits), "{hits} of 10000 for 10 %");
+    assert!((0..100).all(|_| sampled(100.0, &mut rng) && !sampled(0.0, &mut rng) && !sampled(f64::NAN, &mut rng)));
 }

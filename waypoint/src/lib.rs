@@ -19,8 +19,10 @@
 //! - [`plan`]: the phases composed with their defaults — routing, then
 //!   (after authorization) [`plan::prepare`] → forward or reply.
 //! - [`route`]: the routing model of a service port and the rule a request
-//!   takes (Gateway API precedence across routes); 404 / gRPC UNIMPLEMENTED.
-//! - [`filters`]: header changes, redirects, rewrites, mirrors.
+//!   takes (Gateway API precedence across routes, the order written for
+//!   VirtualService and TrafficSplit); 404 / gRPC UNIMPLEMENTED.
+//! - [`filters`]: header changes, redirects, rewrites, mirrors; [`fault`]:
+//!   injected delays and aborts (VirtualService `fault`).
 //! - [`balance`]: the weighted backend choice, then the endpoint (least
 //!   request by two random choices, or round robin).
 //! - [`retry`]: whether and when to retry, the retry budget, deadlines.
@@ -38,6 +40,7 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod detect;
+pub mod fault;
 pub mod filters;
 pub mod flags;
 pub mod hop;

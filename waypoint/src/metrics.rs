@@ -56,6 +56,10 @@ pub mod response_flags {
     pub const DOWNSTREAM_CONNECTION_TERMINATION: &str = "DC";
     /// No route matched (404).
     pub const NO_ROUTE_FOUND: &str = "NR";
+    /// A fault injection filter delayed the request ([`crate::fault`]).
+    pub const DELAY_INJECTED: &str = "DI";
+    /// A fault injection filter answered the request ([`crate::fault`]).
+    pub const FAULT_INJECTED: &str = "FI";
 }
 
 pub use ambit_telemetry::Value;

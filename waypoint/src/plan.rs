@@ -1,18 +1,21 @@
 //! The decision phases before a request is forwarded, composed with their
 //! defaults: [`RouteTable::find`] (which rule; [`NoRoute::reply`] when
 //! none), then — after the caller's authorize phase, which sees the request
-//! as the client sent it — [`prepare`] (the rule's filters, the backend, the
-//! backend's filters).
+//! as the client sent it — [`prepare`] (the rule's faults and filters, the
+//! backend, the backend's faults and filters).
 //!
-//! Each phase either hands the request on or answers it with a [`Reply`];
-//! later phases (fault injection, outlier detection) slot in here.
+//! Each phase either hands the request on or answers it with a [`Reply`],
+//! possibly after an injected delay ([`Decision::delay`]); later phases
+//! (outlier detection) slot in here.
 
 use std::ops::ControlFlow;
+use std::time::Duration;
 
 use http::request::Parts;
 use rand::Rng;
 
 use crate::balance::{pick_backend, Chosen};
+use crate::fault::Injected;
 use crate::filters::{self, Effects, FilterContext, RequestMirror};
 use crate::reply::Reply;
 use crate::retry::{RetryPolicy, Timeouts};
@@ -32,6 +35,9 @@ pub struct Forward<'a> {
     /// The mirrors this request is sampled for: send each a copy, ignore
     /// its answer.
     pub mirrors: Vec<&'a RequestMirror>,
+    /// An injected delay ([`crate::fault`]): wait this long first; the
+    /// timeouts start after it.
+    pub delay: Option<Duration>,
 }
 
 /// What to do with a request after routing.
@@ -43,24 +49,56 @@ pub enum Decision<'a> {
     Reply {
         reply: Reply,
         effects: Effects<'a>,
+        /// An injected delay: wait this long before answering.
+        delay: Option<Duration>,
     },
 }
 
-/// After routing and authorization: the rule's filters, a backend by weight, the backend's filters;
-/// `req` leaves as it must be forwarded. `port` is the service port the
-/// client called (for redirects).
+impl Decision<'_> {
+    /// The injected delay to wait before forwarding or answering.
+    pub fn delay(&self) -> Option<Duration> {
+        match self {
+            Decision::Forward(f) => f.delay,
+            Decision::Reply { delay, .. } => *delay,
+        }
+    }
+}
+
+/// After routing and authorization: the rule's faults and filters, a backend
+/// by weight, the backend's faults and filters; `req` leaves as it must be
+/// forwarded. `port` is the service port the client called (for redirects).
+///
+/// Faults are drawn before the filters they sit with act, as Envoy's fault
+/// filter runs before its router: an injected abort answers instead of a
+/// redirect or a missing backend, with the response header changes of the
+/// filters (a ResponseHeaderModifier applies to every response); an
+/// injected delay comes before whatever answer or forwarding follows.
 pub fn prepare<'a>(matched: Matched<'a>, req: &mut Parts, port: u16, rng: &mut impl Rng) -> Decision<'a> {
-    let ctx = FilterContext { matched_prefix: matched.matched_prefix, port };
+    let ctx = FilterContext { matched_prefix: matched.matched_prefix, string_prefix: matched.string_prefix, port };
     let mut effects = Effects::default();
-    if let ControlFlow::Break(reply) = filters::apply(&matched.rule.filters, req, &ctx, &mut effects) {
-        return Decision::Reply { reply, effects };
+    let mut fault = Injected::default();
+    fault.draw(&matched.rule.filters, rng);
+    let reply = |reply: Reply, effects, fault: Injected| Decision::Reply {
+        reply: fault.abort.map_or(reply, |abort| abort.reply()),
+        effects,
+        delay: fault.delay,
+    };
+    if let ControlFlow::Break(r) = filters::apply(&matched.rule.filters, req, &ctx, &mut effects) {
+        return reply(r, effects, fault);
+    }
+    if let Some(abort) = fault.abort {
+        return reply(abort.reply(), effects, fault);
     }
     let backend = match pick_backend(&matched.rule.backends, rng) {
         Ok(backend) => backend,
-        Err(no) => return Decision::Reply { reply: no.reply(), effects },
+        Err(no) => return reply(no.reply(), effects, fault),
     };
-    if let ControlFlow::Break(reply) = filters::apply(backend.filters, req, &ctx, &mut effects) {
-        return Decision::Reply { reply, effects };
+    fault.draw(backend.filters, rng);
+    if let ControlFlow::Break(r) = filters::apply(backend.filters, req, &ctx, &mut effects) {
+        return reply(r, effects, fault);
+    }
+    if let Some(abort) = fault.abort {
+        return reply(abort.reply(), effects, fault);
     }
     let mirrors = effects.mirrors.iter().copied().filter(|m| m.sampled(rng)).collect();
     Decision::Forward(Forward {
@@ -70,6 +108,7 @@ pub fn prepare<'a>(matched: Matched<'a>, req: &mut Parts, port: u16, rng: &mut i
         timeouts: matched.rule.timeouts,
         effects,
         mirrors,
+        delay: fault.delay,
     })
 }
 
@@ -165,7 +204,7 @@ mod tests {
     fn rule_without_backends_replies_500_with_response_effects() {
         let t = table(Rule { filters: vec![Filter::ResponseHeaderModifier(set("x-resp", "1"))], ..Rule::default() });
         let mut req = Request::get("/api").body(()).unwrap().into_parts().0;
-        let Decision::Reply { mut reply, effects } = decide(&t, &mut req) else { panic!("forwarded") };
+        let Decision::Reply { mut reply, effects, .. } = decide(&t, &mut req) else { panic!("forwarded") };
         assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
         effects.apply_response(&mut reply.headers);
         assert_eq!(reply.headers["x-resp"], "1");

@@ -1,6 +1,7 @@
 //! One HTTP request through the waypoint, in phases: route → authorize →
-//! prepare (filters, backend) → pick an endpoint → forward (retries,
-//! timeouts) → respond (response filters), then metrics and the access log.
+//! prepare (faults, filters, backend) → an injected delay → pick an endpoint
+//! → forward (retries, timeouts) → respond (response filters), then metrics
+//! and the access log.
 //! The decisions are the library's pure functions; this module carries them
 //! out with hyper.
 
@@ -24,6 +25,7 @@ use crate::access_log::{AccessEntry, AccessLog};
 use crate::authz::{self, RequestInfo, Scope};
 use crate::balance::{EndpointPicker, InFlight, Load};
 use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Workload};
+use crate::fault;
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
 use crate::metrics::{Metrics, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
@@ -175,6 +177,13 @@ struct Done<'a> {
     route: Option<&'a Route>,
 }
 
+/// Answers with the waypoint's own reply, noted in `done`.
+fn answer(reply: Reply, done: &mut Done) -> Response<ProxyBody> {
+    done.status = reply.status;
+    done.flags = reply.reason.response_flag();
+    reply_response(reply)
+}
+
 /// Handles one request.
 pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -250,11 +259,6 @@ async fn route_and_forward<'s>(
     start: Instant,
 ) -> (Response<ProxyBody>, Done<'s>) {
     let mut done = Done { status: StatusCode::OK, flags: "-", upstream: None, destination: None, route: None };
-    let answer = |reply: Reply, done: &mut Done| {
-        done.status = reply.status;
-        done.flags = reply.reason.response_flag();
-        reply_response(reply)
-    };
     // Normalize the path, so that routing, policy and the application all see the same one.
     if normalize(&mut parts.uri).is_err() {
         return (answer(Reply::bad_path(), &mut done), done);
@@ -300,28 +304,65 @@ async fn route_and_forward<'s>(
     };
     let client_upgrade = upgrade::take(&mut parts, http2);
     strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-    // Filters and the backend.
-    let forward = match prepare(matched, &mut parts, served.port.port, rng) {
-        Decision::Reply { mut reply, effects } => {
-            effects.apply_response(&mut reply.headers);
-            return (answer(reply, &mut done), done);
-        }
-        Decision::Forward(f) => f,
+    // Faults, filters and the backend.
+    let decision = prepare(matched, &mut parts, served.port.port, rng);
+    // An injected delay, before the answer or the forwarding; as in Envoy
+    // (its fault filter runs before the router) the timeouts start after it.
+    let (delayed, start) = match decision.delay() {
+        Some(d) => (true, fault::delay(d, start).await),
+        None => (false, start),
     };
-    let response = forward_request(shared, snapshot, &forward, parts, body, http2, rng, start, &mut done).await;
+    let response = match decision {
+        Decision::Reply { mut reply, effects, .. } => {
+            effects.apply_response(&mut reply.headers);
+            answer(reply, &mut done)
+        }
+        Decision::Forward(forward) => {
+            let client = ClientSide { upgrade: client_upgrade, http2 };
+            forward_and_respond(shared, snapshot, &forward, parts, body, client, rng, start, &mut done).await
+        }
+    };
+    if delayed {
+        done.flags = fault::with_delay_flag(done.flags);
+    }
+    (response, done)
+}
+
+/// What the client side of a request asks of its forwarding.
+struct ClientSide {
+    /// The client's HTTP/1.1 upgrade, taken off the request.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    http2: bool,
+}
+
+/// Forwards a prepared request and makes the client's response of what
+/// comes back (an upgrade spliced through, response filters).
+#[allow(clippy::too_many_arguments)]
+async fn forward_and_respond(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    forward: &Forward<'_>,
+    parts: Parts,
+    body: Incoming,
+    client: ClientSide,
+    rng: &mut SmallRng,
+    start: Instant,
+    done: &mut Done<'_>,
+) -> Response<ProxyBody> {
+    let response = forward_request(shared, snapshot, forward, parts, body, client.http2, rng, start, done).await;
     let mut response = match response {
         Ok(r) => r,
-        Err(reply) => return (answer(reply, &mut done), done),
+        Err(reply) => return answer(reply, done),
     };
-    let switched = client_upgrade.is_some_and(|client| upgrade::splice(client, &mut response));
+    let switched = client.upgrade.is_some_and(|client| upgrade::splice(client, &mut response));
     if !switched && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         warn!(upstream = ?done.upstream, "the endpoint switched protocols without an upgrade to carry it");
-        return (answer(failure_reply(Outcome::Reset), &mut done), done);
+        return answer(failure_reply(Outcome::Reset), done);
     }
     strip_hop_by_hop(response.headers_mut(), switched);
     forward.effects.apply_response(response.headers_mut());
     done.status = response.status();
-    (response, done)
+    response
 }
 
 /// Why no answer came back from the backend.

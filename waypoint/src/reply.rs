@@ -1,7 +1,7 @@
 //! Answers the waypoint gives itself, without calling a backend.
 //!
-//! Every phase that can end a request (no route, a redirect, no usable
-//! backend) returns a [`Reply`], so the responding code has one shape to write.
+//! Every phase that can end a request (no route, a redirect, an injected
+//! abort, no usable backend) returns a [`Reply`], so the responding code has one shape to write.
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
@@ -39,6 +39,8 @@ pub enum ReplyReason {
     BadPath,
     /// The request's headers are over [`crate::limits`]: 431 (Envoy's `DPE`).
     HeadersTooLarge,
+    /// A fault injection filter aborted the request (Envoy's `FI`).
+    FaultInjected,
 }
 
 impl ReplyReason {
@@ -54,6 +56,7 @@ impl ReplyReason {
             ReplyReason::UpstreamReset => "UR",
             ReplyReason::DownstreamReset => "DR",
             ReplyReason::BadPath | ReplyReason::HeadersTooLarge => "DPE",
+            ReplyReason::FaultInjected => "FI",
         }
     }
 }

@@ -3,6 +3,10 @@
 //! service (HTTPRoute and GRPCRoute alike: a GRPCRoute's service/method
 //! matches arrive as path matches `/pkg.Service/Method`).
 //!
+//! VirtualService and TrafficSplit routes keep their rules in the order
+//! written instead (the first that matches wins, as Istio documents); see
+//! [`RouteKind::is_ordered`] for how they sort beside Gateway API routes.
+//!
 //! The controller's `ambit.waypoint.v1` resources are converted into these
 //! plain types; [`RouteTable::build`] compiles them once (regular
 //! expressions, precedence order) so that matching a request allocates
@@ -20,15 +24,36 @@ use crate::reply::{Reply, ReplyReason, GRPC_UNIMPLEMENTED};
 use crate::retry::{RetryPolicy, Timeouts};
 use crate::target::ServiceTarget;
 
-/// Which Gateway API kind a route came from. Only the answer to an unroutable
-/// request differs: a gRPC client must get a gRPC status, not an HTTP 404.
+/// Which kind of route a route came from. For Gateway API routes only the
+/// answer to an unroutable request differs (a gRPC client must get a gRPC
+/// status, not an HTTP 404); VirtualService and TrafficSplit routes are not
+/// reordered by precedence ([`RouteKind::is_ordered`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouteKind {
+    /// Gateway API HTTPRoute.
     Http,
+    /// Gateway API GRPCRoute.
     Grpc,
+    /// Istio VirtualService (`http[]`): rules in the order written.
+    VirtualService,
+    /// SMI TrafficSplit: one rule matching every request.
+    TrafficSplit,
 }
 
-/// One HTTPRoute or GRPCRoute as attached to one service port.
+impl RouteKind {
+    /// Whether the route's rules are tried in the order written, the first
+    /// matching one winning (VirtualService, TrafficSplit), rather than by
+    /// Gateway API precedence. The controller never mixes the two kinds on
+    /// a port; should a table mix them anyway, every Gateway API entry comes
+    /// first (by precedence), then the ordered entries by route, rule and
+    /// match index alone (see `precedence`).
+    pub fn is_ordered(self) -> bool {
+        matches!(self, RouteKind::VirtualService | RouteKind::TrafficSplit)
+    }
+}
+
+/// One route (HTTPRoute, GRPCRoute, VirtualService, TrafficSplit) as
+/// attached to one service port.
 #[derive(Clone, Debug)]
 pub struct Route {
     pub kind: RouteKind,
@@ -68,24 +93,38 @@ pub struct Match {
     /// Names compare exactly; the first entry of a name counts.
     pub query: Vec<QueryMatch>,
     pub method: Option<Method>,
+    /// The path compares ignoring ASCII case (VirtualService
+    /// `ignoreUriCase`): exact and prefix values byte for byte up to ASCII
+    /// case, a regular expression with case-insensitive matching.
+    pub path_ignore_case: bool,
 }
 
 impl Default for Match {
     fn default() -> Self {
-        Match { path: PathMatch::Prefix("/".into()), headers: Vec::new(), query: Vec::new(), method: None }
+        Match {
+            path: PathMatch::Prefix("/".into()),
+            headers: Vec::new(),
+            query: Vec::new(),
+            method: None,
+            path_ignore_case: false,
+        }
     }
 }
 
 /// A path match.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathMatch {
-    /// The whole path, case-sensitive.
+    /// The whole path (case-sensitive unless [`Match::path_ignore_case`]).
     Exact(String),
     /// A prefix of whole path segments: `/foo` matches `/foo` and `/foo/bar`,
     /// not `/foobar`; a trailing `/` in the prefix is ignored.
     Prefix(String),
     /// An RE2-syntax expression that must match the whole path.
     RegularExpression(String),
+    /// A plain string prefix (VirtualService `uri.prefix`): `/api` matches
+    /// `/api`, `/api/x` and `/apiX`. ReplacePrefixMatch replaces exactly it.
+    /// Ranks as a PathPrefix of its length for Gateway API precedence.
+    StringPrefix(String),
 }
 
 /// How a header or query value is compared.
@@ -146,14 +185,19 @@ pub struct Matched<'a> {
     pub rule_index: usize,
     /// The part of the path the match covered, for URLRewrite and
     /// RequestRedirect ReplacePrefixMatch: a PathPrefix without its trailing
-    /// `/` (`""` for `/`), an Exact path whole, `None` for a regex.
+    /// `/` (`""` for `/`), an Exact path or a StringPrefix whole (as
+    /// configured: with `path_ignore_case` the request's path may differ in
+    /// ASCII case), `None` for a regex.
     pub matched_prefix: Option<&'a str>,
+    /// `matched_prefix` is a StringPrefix: ReplacePrefixMatch replaces
+    /// exactly it, without the whole-segment handling of a PathPrefix.
+    pub string_prefix: bool,
 }
 
 /// No rule takes the request; [`NoRoute::reply`] is the answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoRoute {
-    /// 404 (Gateway API).
+    /// 404 (Gateway API; VirtualService and TrafficSplit too).
     Http,
     /// A gRPC request, or a port whose routes are all GRPCRoutes: gRPC
     /// UNIMPLEMENTED in trailers-only form, not an HTTP page a gRPC client
@@ -193,10 +237,15 @@ struct Entry {
 
 #[derive(Debug)]
 enum CompiledPath {
-    Exact(String),
-    /// Without a trailing `/`; `""` is the prefix `/`.
-    Prefix(String),
+    /// The path; whether ASCII case is ignored.
+    Exact(String, bool),
+    /// Without a trailing `/`; `""` is the prefix `/`. Whether ASCII case
+    /// is ignored.
+    Prefix(String, bool),
+    /// A plain string prefix, as configured; whether ASCII case is ignored.
+    StringPrefix(String, bool),
     /// `None`: the expression did not compile, the match never matches.
+    /// Case-insensitivity is compiled into the expression.
     Regex(Option<Regex>, usize),
 }
 
@@ -218,6 +267,17 @@ impl Compiled {
 /// A regex anchored at both ends: Gateway API matches the whole value.
 fn compile(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// `prefix` starts `path`, ignoring ASCII case when `ignore_case`. Bytes
+/// outside ASCII letters compare exactly, so the match ends on a character
+/// boundary of `path` as it does of `prefix`.
+fn starts_with(path: &str, prefix: &str, ignore_case: bool) -> bool {
+    if ignore_case {
+        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    } else {
+        path.starts_with(prefix)
+    }
 }
 
 impl RouteTable {
@@ -269,7 +329,8 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The rule for `req` by Gateway API precedence, or why none takes it.
+    /// The rule for `req` by Gateway API precedence (by the order written
+    /// for VirtualService and TrafficSplit), or why none takes it.
     pub fn find(&self, req: &Parts) -> Result<Matched<'_>, NoRoute> {
         let host = request_host(req);
         let path = req.uri.path();
@@ -287,7 +348,13 @@ impl RouteTable {
             {
                 continue;
             }
-            return Ok(Matched { route, rule: &route.rules[entry.rule], rule_index: entry.rule, matched_prefix });
+            return Ok(Matched {
+                route,
+                rule: &route.rules[entry.rule],
+                rule_index: entry.rule,
+                matched_prefix,
+                string_prefix: matches!(entry.path, CompiledPath::StringPrefix(..)),
+            });
         }
         Err(if self.grpc_only || is_grpc(req) { NoRoute::Grpc } else { NoRoute::Http })
     }
@@ -302,9 +369,13 @@ impl Entry {
                 .map_err(|e| problems.push(format!("invalid {what} regular expression {pattern:?}: {e}")))
                 .ok()
         };
+        let ic = spec.path_ignore_case;
         let path = match &spec.path {
-            PathMatch::Exact(p) => CompiledPath::Exact(p.clone()),
-            PathMatch::Prefix(p) => CompiledPath::Prefix(p.trim_end_matches('/').to_owned()),
+            PathMatch::Exact(p) => CompiledPath::Exact(p.clone(), ic),
+            PathMatch::Prefix(p) => CompiledPath::Prefix(p.trim_end_matches('/').to_owned(), ic),
+            PathMatch::StringPrefix(p) => CompiledPath::StringPrefix(p.clone(), ic),
+            // `(?i)` outside the group: the whole expression ignores case.
+            PathMatch::RegularExpression(p) if ic => CompiledPath::Regex(regex(&format!("(?i){p}"), "path"), p.len()),
             PathMatch::RegularExpression(p) => CompiledPath::Regex(regex(p, "path"), p.len()),
         };
         let mut value = |v: &ValueMatch, what: &str| match v {
@@ -330,23 +401,28 @@ impl Entry {
     /// `None`: no match; `Some(prefix)`: a match and the prefix it covered.
     fn path_matches<'a>(&'a self, path: &str) -> Option<Option<&'a str>> {
         match &self.path {
-            CompiledPath::Exact(p) => (p == path).then_some(Some(p.as_str())),
-            CompiledPath::Prefix(p) => {
+            CompiledPath::Exact(p, ic) => {
+                let equal = if *ic { p.eq_ignore_ascii_case(path) } else { p == path };
+                equal.then_some(Some(p.as_str()))
+            }
+            CompiledPath::Prefix(p, ic) => {
                 let on_boundary =
-                    path.starts_with(p.as_str()) && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/');
+                    starts_with(path, p, *ic) && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/');
                 on_boundary.then_some(Some(p.as_str()))
             }
+            CompiledPath::StringPrefix(p, ic) => starts_with(path, p, *ic).then_some(Some(p.as_str())),
             CompiledPath::Regex(re, _) => re.as_ref().is_some_and(|re| re.is_match(path)).then_some(None),
         }
     }
 
     /// Exact ranks above PathPrefix, which ranks above RegularExpression
     /// (Gateway API leaves regex precedence to the implementation; this is
-    /// Istio's order). Within a kind, the longer value first.
+    /// Istio's order). Within a kind, the longer value first. A StringPrefix
+    /// ranks as a PathPrefix of its length.
     fn path_rank(&self) -> (u8, usize) {
         match &self.path {
-            CompiledPath::Exact(p) => (3, p.len()),
-            CompiledPath::Prefix(p) => (2, p.len()),
+            CompiledPath::Exact(p, _) => (3, p.len()),
+            CompiledPath::Prefix(p, _) | CompiledPath::StringPrefix(p, _) => (2, p.len()),
             CompiledPath::Regex(_, len) => (1, *len),
         }
     }
@@ -355,11 +431,23 @@ impl Entry {
 /// Gateway API's order: exact path, longest prefix (then regex), has a
 /// method, most headers, most query params, oldest route, `namespace/name`,
 /// rule order, match order.
+///
+/// Entries of ordered routes ([`RouteKind::is_ordered`]: VirtualService,
+/// TrafficSplit) keep the order written: they come after every Gateway API
+/// entry and compare among themselves by route index (the order the
+/// controller sent the routes in), rule index and match index only. Both
+/// halves are total orders, so the whole is one.
 fn precedence(routes: &[Route], a: &Entry, b: &Entry) -> Ordering {
+    let (ra, rb) = (&routes[a.route], &routes[b.route]);
+    match (ra.kind.is_ordered(), rb.kind.is_ordered()) {
+        (false, true) => return Ordering::Less,
+        (true, false) => return Ordering::Greater,
+        (true, true) => return (a.route, a.rule, a.matched).cmp(&(b.route, b.rule, b.matched)),
+        (false, false) => {}
+    }
     let key = |e: &Entry| {
         (Reverse(e.path_rank()), Reverse(e.method.is_some()), Reverse(e.headers.len()), Reverse(e.query.len()))
     };
-    let (ra, rb) = (&routes[a.route], &routes[b.route]);
     key(a)
         .cmp(&key(b))
         .then(ra.created.cmp(&rb.created))

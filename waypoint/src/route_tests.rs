@@ -319,3 +319,152 @@ fn invalid_header_and_query_regexes_are_reported() {
     assert!(errors[0].to_string().starts_with("route ns/bad rule 0 match 0: invalid header regular expression"));
     assert_eq!(pick(&t, &req("GET", "/?q=(", &[("x", "[")])), "404 Not Found");
 }
+
+fn ordered(kind: RouteKind, name: &str, created: i64, rules: Vec<Vec<Match>>) -> Route {
+    Route { kind, ..route(name, created, rules) }
+}
+
+#[test]
+fn virtual_service_rule_order_beats_gateway_api_precedence() {
+    let rules = || vec![vec![prefix("/")], vec![exact("/a")]];
+    let vs = table(vec![ordered(RouteKind::VirtualService, "vs", 1, rules())]);
+    assert_eq!(pick(&vs, &get("/a")), "ns/vs#0", "the first rule written wins");
+    // The same rules in an HTTPRoute: the exact match wins by precedence.
+    let http = table(vec![route("http", 1, rules())]);
+    assert_eq!(pick(&http, &get("/a")), "ns/http#1");
+    // A later rule still takes what the earlier ones do not match.
+    let vs = table(vec![ordered(RouteKind::VirtualService, "vs", 1, vec![vec![exact("/a")], vec![prefix("/b")]])]);
+    assert_eq!(pick(&vs, &get("/b/c")), "ns/vs#1");
+}
+
+#[test]
+fn virtual_service_matches_keep_their_order_within_a_rule() {
+    let m = Match { method: Some(Method::GET), ..exact("/a") };
+    let vs = table(vec![ordered(RouteKind::VirtualService, "vs", 1, vec![vec![prefix("/"), m]])]);
+    let found = vs.find(&get("/a")).unwrap();
+    assert_eq!((found.rule_index, found.matched_prefix), (0, Some("")), "the prefix match, written first");
+}
+
+#[test]
+fn traffic_split_is_ordered_too() {
+    let ts = table(vec![ordered(RouteKind::TrafficSplit, "ts", 1, vec![vec![prefix("/")], vec![exact("/a")]])]);
+    assert_eq!(pick(&ts, &get("/a")), "ns/ts#0");
+}
+
+#[test]
+fn ordered_routes_keep_the_route_order_given_whatever_age_or_name() {
+    let t = table(vec![
+        ordered(RouteKind::VirtualService, "z-young", 20, vec![vec![prefix("/")]]),
+        ordered(RouteKind::VirtualService, "a-old", 10, vec![vec![exact("/a")]]),
+    ]);
+    assert_eq!(pick(&t, &get("/a")), "ns/z-young#0");
+}
+
+#[test]
+fn mixed_kinds_put_every_gateway_api_entry_before_the_ordered_ones() {
+    let t = table(vec![
+        ordered(RouteKind::VirtualService, "vs", 1, vec![vec![exact("/api/x")], vec![prefix("/")]]),
+        route("http", 2, vec![vec![prefix("/api")]]),
+    ]);
+    assert_eq!(pick(&t, &get("/api/x")), "ns/http#0", "Gateway API first, even over a longer exact match");
+    assert_eq!(pick(&t, &get("/other")), "ns/vs#1");
+    // The sort is total and stable whatever order the entries come in.
+    let reversed = table(vec![
+        route("http", 2, vec![vec![prefix("/api")]]),
+        ordered(RouteKind::VirtualService, "vs", 1, vec![vec![exact("/api/x")], vec![prefix("/")]]),
+    ]);
+    assert_eq!(pick(&reversed, &get("/api/x")), "ns/http#0");
+    assert_eq!(pick(&reversed, &get("/other")), "ns/vs#1");
+}
+
+#[test]
+fn unroutable_on_an_ordered_port_is_404_or_a_grpc_status() {
+    let t = table(vec![ordered(RouteKind::VirtualService, "vs", 1, vec![vec![exact("/a")]])]);
+    assert_eq!(t.find(&get("/b")).unwrap_err(), NoRoute::Http);
+    assert_eq!(pick(&t, &get("/b")), "404 Not Found");
+    let grpc = req("POST", "/pkg.Echo/Say", &[("content-type", "application/grpc")]);
+    assert_eq!(t.find(&grpc).unwrap_err(), NoRoute::Grpc);
+}
+
+fn string_prefix(p: &str) -> Match {
+    path(PathMatch::StringPrefix(p.into()))
+}
+
+fn ignoring_case(m: Match) -> Match {
+    Match { path_ignore_case: true, ..m }
+}
+
+#[test]
+fn string_prefix_matches_any_continuation() {
+    let t = table(vec![ordered(RouteKind::VirtualService, "vs", 1, vec![vec![string_prefix("/api")]])]);
+    for p in ["/api", "/apiX", "/api/x", "/api-v2/y"] {
+        assert_eq!(pick(&t, &get(p)), "ns/vs#0", "{p}");
+    }
+    assert_eq!(pick(&t, &get("/ap")), "404 Not Found");
+    assert_eq!(pick(&t, &get("/API")), "404 Not Found", "case-sensitive by default");
+    let found = t.find(&get("/apiX")).unwrap();
+    assert_eq!((found.matched_prefix, found.string_prefix), (Some("/api"), true));
+    // A trailing slash is part of it (unlike a PathPrefix).
+    let t = table(vec![route("r", 1, vec![vec![string_prefix("/api/")]])]);
+    assert_eq!(pick(&t, &get("/api")), "404 Not Found");
+    assert_eq!(t.find(&get("/api/x")).unwrap().matched_prefix, Some("/api/"));
+    assert!(!table(vec![route("r", 1, vec![vec![prefix("/api")]])]).find(&get("/api")).unwrap().string_prefix);
+}
+
+#[test]
+fn string_prefix_ranks_as_a_path_prefix_of_its_length() {
+    let t = table(vec![
+        route("segment", 1, vec![vec![prefix("/api")]]),
+        route("string", 2, vec![vec![string_prefix("/api/v")]]),
+        route("exact", 3, vec![vec![exact("/api/v1")]]),
+    ]);
+    assert_eq!(pick(&t, &get("/api/v2")), "ns/string#0", "longer");
+    assert_eq!(pick(&t, &get("/api/v1")), "ns/exact#0");
+    assert_eq!(pick(&t, &get("/api/x")), "ns/segment#0");
+    // Equal length: the older route wins, as between two PathPrefixes.
+    let t =
+        table(vec![route("string", 2, vec![vec![string_prefix("/api")]]), route("old", 1, vec![vec![prefix("/api")]])]);
+    assert_eq!(pick(&t, &get("/api/x")), "ns/old#0");
+}
+
+#[test]
+fn ignore_case_exact_prefix_and_string_prefix() {
+    let t = table(vec![ordered(
+        RouteKind::VirtualService,
+        "vs",
+        1,
+        vec![
+            vec![ignoring_case(exact("/Exact"))],
+            vec![ignoring_case(prefix("/Seg"))],
+            vec![ignoring_case(string_prefix("/Str"))],
+        ],
+    )]);
+    assert_eq!(pick(&t, &get("/eXACT")), "ns/vs#0");
+    assert_eq!(pick(&t, &get("/eXACT/more")), "404 Not Found");
+    assert_eq!(pick(&t, &get("/SEG/x")), "ns/vs#1");
+    assert_eq!(pick(&t, &get("/seg")), "ns/vs#1");
+    assert_eq!(pick(&t, &get("/segx")), "404 Not Found", "still whole segments");
+    assert_eq!(pick(&t, &get("/STRING")), "ns/vs#2");
+    let found = t.find(&get("/seg/x")).unwrap();
+    assert_eq!(found.matched_prefix, Some("/Seg"), "the configured prefix, for ReplacePrefixMatch");
+    // Without the flag, case matters.
+    let t = table(vec![route("r", 1, vec![vec![exact("/Exact")], vec![prefix("/Seg")], vec![string_prefix("/Str")]])]);
+    for p in ["/eXACT", "/SEG/x", "/STRING"] {
+        assert_eq!(pick(&t, &get(p)), "404 Not Found", "{p}");
+    }
+}
+
+#[test]
+fn ignore_case_regex() {
+    let re = || path(PathMatch::RegularExpression("/v[0-9]+/Items".into()));
+    let t = table(vec![route("r", 1, vec![vec![ignoring_case(re())]])]);
+    assert_eq!(pick(&t, &get("/V1/items")), "ns/r#0");
+    assert_eq!(pick(&t, &get("/V1/items/x")), "404 Not Found", "still the whole path");
+    let t = table(vec![route("r", 1, vec![vec![re()]])]);
+    assert_eq!(pick(&t, &get("/V1/items")), "404 Not Found");
+    assert_eq!(pick(&t, &get("/v1/Items")), "ns/r#0");
+    // An alternation stays anchored as a whole when case is ignored.
+    let t = table(vec![route("r", 1, vec![vec![ignoring_case(path(PathMatch::RegularExpression("/a|/b".into())))]])]);
+    assert_eq!(pick(&t, &get("/B")), "ns/r#0");
+    assert_eq!(pick(&t, &get("/Ax")), "404 Not Found");
+}

@@ -103,6 +103,7 @@ pub fn http_route(r: &HttpRoute, backends: &dyn BackendResolver) -> Result<Route
                 attempts: r.attempts.unwrap_or(DEFAULT_RETRY_ATTEMPTS),
                 codes: r.codes.clone(),
                 backoff: r.backoff.as_deref().map(duration).transpose()?,
+                ..Default::default()
             }),
         };
         rules.push(Rule {
@@ -151,7 +152,7 @@ fn match_all() -> RouteMatch {
 }
 
 fn prefix(v: &str) -> PathMatch {
-    PathMatch { r#type: path_match::Type::Prefix.into(), value: v.into() }
+    PathMatch { r#type: path_match::Type::Prefix.into(), value: v.into(), ignore_case: false }
 }
 
 fn http_match(m: &crd::HttpRouteMatch) -> Result<RouteMatch, RouteError> {
@@ -168,7 +169,7 @@ fn http_match(m: &crd::HttpRouteMatch) -> Result<RouteMatch, RouteError> {
             if t != path_match::Type::RegularExpression && !value.starts_with('/') {
                 return Err(RouteError::RelativePath(value));
             }
-            PathMatch { r#type: t.into(), value }
+            PathMatch { r#type: t.into(), value, ignore_case: false }
         }
     };
     Ok(RouteMatch {
@@ -218,13 +219,16 @@ fn grpc_match(m: &crd::GrpcRouteMatch) -> Result<RouteMatch, RouteError> {
             let method = method.filter(|s| !s.is_empty());
             match mm.type_.as_deref().unwrap_or("Exact") {
                 "Exact" => match (service, method) {
-                    (Some(s), Some(m)) => {
-                        PathMatch { r#type: path_match::Type::Exact.into(), value: format!("/{s}/{m}") }
-                    }
+                    (Some(s), Some(m)) => PathMatch {
+                        r#type: path_match::Type::Exact.into(),
+                        value: format!("/{s}/{m}"),
+                        ignore_case: false,
+                    },
                     (Some(s), None) => prefix(&format!("/{s}")),
                     (None, Some(m)) => PathMatch {
                         r#type: path_match::Type::RegularExpression.into(),
                         value: format!("/[^/]+/{}", escape(m)),
+                        ignore_case: false,
                     },
                     (None, None) => return Err(RouteError::EmptyGrpcMatch),
                 },
@@ -235,6 +239,7 @@ fn grpc_match(m: &crd::GrpcRouteMatch) -> Result<RouteMatch, RouteError> {
                     PathMatch {
                         r#type: path_match::Type::RegularExpression.into(),
                         value: format!("/({})/({})", service.unwrap_or("[^/]+"), method.unwrap_or("[^/]+")),
+                        ignore_case: false,
                     }
                 }
                 other => return Err(RouteError::UnknownType { what: "gRPC method match", value: other.into() }),
@@ -245,7 +250,7 @@ fn grpc_match(m: &crd::GrpcRouteMatch) -> Result<RouteMatch, RouteError> {
 }
 
 /// Escapes RE2 metacharacters.
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if "\\.+*?()|[]{}^$".contains(c) {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use ambit_api::waypoint as pb;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
+use crate::fault::{Abort, FaultInjection};
 use crate::filters::{Filter, HeaderModifier, PathModifier, RequestMirror, RequestRedirect, UrlRewrite};
 use crate::retry::{RetryPolicy, Timeouts};
 use crate::route::{
@@ -247,7 +248,9 @@ fn route(r: &pb::Route, skipped: &mut Vec<String>) -> Result<Route, String> {
     let kind = match pb::RouteKind::try_from(origin.kind) {
         Ok(pb::RouteKind::GrpcRoute) => RouteKind::Grpc,
         Ok(pb::RouteKind::HttpRoute) => RouteKind::Http,
-        _ => return Err(format!("unknown route kind {}", origin.kind)),
+        Ok(pb::RouteKind::VirtualService) => RouteKind::VirtualService,
+        Ok(pb::RouteKind::TrafficSplit) => RouteKind::TrafficSplit,
+        Ok(pb::RouteKind::Unspecified) | Err(_) => return Err(format!("unknown route kind {}", origin.kind)),
     };
     let rules = r
         .rules
@@ -281,7 +284,7 @@ fn rule(r: &pb::Rule, skipped: &mut Vec<String>) -> Result<Rule, String> {
         retry: match &r.retry {
             None => RetryPolicy::default(),
             Some(retry) => {
-                let codes = retry
+                let codes: Vec<u16> = retry
                     .codes
                     .iter()
                     .map(|c| {
@@ -289,7 +292,19 @@ fn rule(r: &pb::Rule, skipped: &mut Vec<String>) -> Result<Rule, String> {
                     })
                     .collect::<Result<_, _>>()?;
                 let backoff = retry.backoff.as_ref().map(|d| duration(d, "retry.backoff")).transpose()?;
-                RetryPolicy::gateway(Some(retry.attempts), codes, backoff)
+                if retry.exact_codes {
+                    // VirtualService `retryOn`: exactly these codes, even none.
+                    let policy = RetryPolicy::gateway(Some(retry.attempts), Vec::new(), backoff);
+                    RetryPolicy {
+                        codes,
+                        grpc_codes: retry.grpc_codes.clone(),
+                        on_reset: retry.on_reset_or_timeout,
+                        on_timeout: retry.on_reset_or_timeout,
+                        ..policy
+                    }
+                } else {
+                    RetryPolicy::gateway(Some(retry.attempts), codes, backoff)
+                }
             }
         },
     })
@@ -316,9 +331,11 @@ fn route_match(m: &pb::RouteMatch) -> Result<Match, String> {
             Ok(pb::path_match::Type::Exact) => PathMatch::Exact(p.value.clone()),
             Ok(pb::path_match::Type::Prefix) => PathMatch::Prefix(p.value.clone()),
             Ok(pb::path_match::Type::RegularExpression) => PathMatch::RegularExpression(p.value.clone()),
+            Ok(pb::path_match::Type::StringPrefix) => PathMatch::StringPrefix(p.value.clone()),
             Err(_) => return Err(format!("unknown path match type {}", p.r#type)),
         },
     };
+    let path_ignore_case = m.path.as_ref().is_some_and(|p| p.ignore_case);
     let headers = m
         .headers
         .iter()
@@ -336,7 +353,7 @@ fn route_match(m: &pb::RouteMatch) -> Result<Match, String> {
         "" => None,
         name => Some(Method::from_bytes(name.as_bytes()).map_err(|_| format!("invalid method {name:?}"))?),
     };
-    Ok(Match { path, headers, query, method })
+    Ok(Match { path, headers, query, method, path_ignore_case })
 }
 
 fn value_match(t: i32, value: &str) -> Result<ValueMatch, String> {
@@ -402,7 +419,7 @@ fn filter(f: &pb::Filter, skipped: &mut Vec<String>) -> Result<Option<Filter>, S
                 Some(pb::backend::Kind::Invalid(why)) => Err(why.clone()),
                 None => Err("a backend of an unknown kind".to_owned()),
             };
-            let percent = if m.percent.is_nan() { 0.0 } else { m.percent.clamp(0.0, 100.0) };
+            let percent = percent(m.percent);
             match target {
                 Ok(target) => Filter::RequestMirror(RequestMirror { target, percent }),
                 Err(why) => {
@@ -411,7 +428,38 @@ fn filter(f: &pb::Filter, skipped: &mut Vec<String>) -> Result<Option<Filter>, S
                 }
             }
         }
+        Kind::Fault(f) => Filter::Fault(fault(f)?),
     }))
+}
+
+/// A share in percent, 0–100 (NaN: none).
+fn percent(p: f64) -> f64 {
+    if p.is_nan() {
+        0.0
+    } else {
+        p.clamp(0.0, 100.0)
+    }
+}
+
+/// A FaultInjection. A gRPC status, when set, is the abort's answer; else
+/// an HTTP status (0: no abort) that must be a valid one (Envoy's range,
+/// 200–599).
+fn fault(f: &pb::FaultInjection) -> Result<FaultInjection, String> {
+    let abort = match (f.abort_grpc_status, f.abort_http_status) {
+        (Some(code), _) => Some(Abort::Grpc(code)),
+        (None, 0) => None,
+        (None, code) => Some(Abort::Http(
+            status(code)
+                .filter(|s| (200..600).contains(&s.as_u16()))
+                .ok_or_else(|| format!("fault abort status {code} is not an HTTP status in 200-599"))?,
+        )),
+    };
+    Ok(FaultInjection {
+        delay: timeout(f.delay.as_ref(), "fault.delay")?,
+        delay_percent: percent(f.delay_percent),
+        abort,
+        abort_percent: percent(f.abort_percent),
+    })
 }
 
 fn non_empty(s: &str) -> Option<String> {

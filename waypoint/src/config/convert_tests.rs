@@ -27,7 +27,7 @@ fn origin(kind: pb::RouteKind, name: &str, created: i64) -> Option<pb::RouteOrig
 }
 
 fn path(t: pb::path_match::Type, value: &str) -> Option<pb::PathMatch> {
-    Some(pb::PathMatch { r#type: t.into(), value: value.into() })
+    Some(pb::PathMatch { r#type: t.into(), value: value.into(), ..Default::default() })
 }
 
 fn prefix(value: &str) -> pb::RouteMatch {
@@ -179,7 +179,7 @@ fn every_field_of_a_rule_is_mapped() {
         ],
         backends: vec![v2],
         timeouts: Some(pb::Timeouts { request: secs(10, 0), backend_request: secs(1, 500) }),
-        retry: Some(pb::Retry { attempts: 3, codes: vec![502, 503], backoff: secs(0, 100) }),
+        retry: Some(pb::Retry { attempts: 3, codes: vec![502, 503], backoff: secs(0, 100), ..Default::default() }),
     };
     let mut route = http_route("full", vec![r]);
     route.hostnames = vec!["Web.mesh.svc.cluster.local".into()];
@@ -232,7 +232,7 @@ fn zero_timeouts_mean_none_and_retry_presence_matters() {
     let no_retry = pb::Rule {
         matches: vec![prefix("/a")],
         timeouts: Some(pb::Timeouts { request: zero, backend_request: None }),
-        retry: Some(pb::Retry { attempts: 0, codes: vec![], backoff: None }),
+        retry: Some(pb::Retry { attempts: 0, codes: vec![], backoff: None, ..Default::default() }),
         ..Default::default()
     };
     let defaults = rule(vec![prefix("/b")], vec![]);
@@ -292,7 +292,7 @@ fn a_route_that_cannot_be_converted_is_dropped_alone() {
     };
     let no_filter_kind = pb::Rule { filters: vec![pb::Filter { kind: None }], ..rule(vec![prefix("/")], vec![]) };
     let bad_code = pb::Rule {
-        retry: Some(pb::Retry { attempts: 1, codes: vec![70_000], backoff: None }),
+        retry: Some(pb::Retry { attempts: 1, codes: vec![70_000], backoff: None, ..Default::default() }),
         ..rule(vec![prefix("/")], vec![])
     };
     let negative = pb::Rule {
@@ -414,4 +414,210 @@ fn consumer_routes_route_only_their_namespaces_clients_instead_of_the_producer_r
     let (table, default_route) = p.table_for("other");
     assert_eq!((decide(table, req("GET", "/x", &[]), &mut rng).unwrap().as_str(), default_route), (HOST, true));
     assert!(!p.table_for("client").1);
+}
+
+fn kind_route(kind: pb::RouteKind, name: &str, rules: Vec<pb::Rule>) -> pb::Route {
+    pb::Route { origin: origin(kind, name, 0), hostnames: vec![], rules }
+}
+
+#[test]
+fn a_virtual_service_keeps_its_rule_order_and_a_traffic_split_converts() {
+    // VirtualService `http: [{match: [{uri: {prefix: /}}]}, {match: [{uri: {exact: /a}}]}]`.
+    let exact = pb::RouteMatch { path: path(pb::path_match::Type::Exact, "/a"), ..Default::default() };
+    let vs = kind_route(
+        pb::RouteKind::VirtualService,
+        "vs",
+        vec![rule(vec![prefix("/")], vec![service("v1", 80, 1)]), rule(vec![exact], vec![service("v2", 80, 1)])],
+    );
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![vs])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let t = &svc.port(80).unwrap().table;
+    assert_eq!(t.routes()[0].kind, RouteKind::VirtualService);
+    let mut rng = StdRng::seed_from_u64(1);
+    assert_eq!(decide(t, req("GET", "/a", &[]), &mut rng).unwrap(), "v1.mesh.svc.cluster.local");
+
+    let ts = kind_route(
+        pb::RouteKind::TrafficSplit,
+        "ts",
+        vec![rule(vec![prefix("/")], vec![service("v1", 80, 1), service("v2", 80, 3)])],
+    );
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![ts])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let t = &svc.port(80).unwrap().table;
+    assert_eq!(t.routes()[0].kind, RouteKind::TrafficSplit);
+    let v2 = (0..4_000).filter(|_| decide(t, req("GET", "/x", &[]), &mut rng).unwrap().starts_with("v2.")).count();
+    assert!((2_800..3_200).contains(&v2), "{v2} of 4000 for weight 3 of 4");
+    // No rule matches on a VirtualService port: 404, as for an HTTPRoute.
+    let only_a = kind_route(
+        pb::RouteKind::VirtualService,
+        "vs",
+        vec![rule(
+            vec![pb::RouteMatch { path: path(pb::path_match::Type::Exact, "/a"), ..Default::default() }],
+            vec![],
+        )],
+    );
+    let (svc, _) = convert(vec![port(80, pb::Protocol::Http, vec![only_a])]);
+    assert_eq!(decide(&svc.port(80).unwrap().table, req("GET", "/b", &[]), &mut rng), Err(StatusCode::NOT_FOUND));
+}
+
+#[test]
+fn an_unspecified_route_kind_is_dropped() {
+    let unknown = kind_route(pb::RouteKind::Unspecified, "what", vec![rule(vec![prefix("/")], vec![])]);
+    let (_, problems) = convert(vec![port(80, pb::Protocol::Http, vec![unknown])]);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].consequence, Consequence::RouteDropped);
+}
+
+#[test]
+fn string_prefix_and_ignore_case_convert_and_route() {
+    let m = |t: pb::path_match::Type, value: &str, ignore_case| pb::RouteMatch {
+        path: Some(pb::PathMatch { r#type: t.into(), value: value.into(), ignore_case }),
+        ..Default::default()
+    };
+    let rewrite = pb::Filter {
+        kind: Some(pb::filter::Kind::UrlRewrite(pb::UrlRewrite {
+            hostname: String::new(),
+            path: Some(pb::PathModifier { kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch("/v2".into())) }),
+        })),
+    };
+    let vs = kind_route(
+        pb::RouteKind::VirtualService,
+        "vs",
+        vec![
+            pb::Rule {
+                filters: vec![rewrite],
+                ..rule(vec![m(pb::path_match::Type::StringPrefix, "/API", true)], vec![service("api", 80, 1)])
+            },
+            rule(vec![m(pb::path_match::Type::Exact, "/Exact", false)], vec![service("exact", 80, 1)]),
+            rule(vec![m(pb::path_match::Type::RegularExpression, "/re/[a-z]+", true)], vec![service("re", 80, 1)]),
+        ],
+    );
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![vs])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let t = &svc.port(80).unwrap().table;
+    let matches: Vec<_> =
+        t.routes()[0].rules.iter().map(|r| (r.matches[0].path.clone(), r.matches[0].path_ignore_case)).collect();
+    assert_eq!(
+        matches,
+        [
+            (PathMatch::StringPrefix("/API".into()), true),
+            (PathMatch::Exact("/Exact".into()), false),
+            (PathMatch::RegularExpression("/re/[a-z]+".into()), true),
+        ]
+    );
+    let mut r = req("GET", "/apiX/y?q=1", &[]);
+    let Decision::Forward(f) = prepare(t.find(&r).unwrap(), &mut r, 80, &mut StdRng::seed_from_u64(1)) else {
+        panic!("reply")
+    };
+    assert_eq!(f.backend.target.hostname, "api.mesh.svc.cluster.local");
+    assert_eq!(r.uri, "/v2X/y?q=1", "exactly the matched string prefix replaced");
+    let mut rng = StdRng::seed_from_u64(2);
+    assert_eq!(decide(t, req("GET", "/exact", &[]), &mut rng), Err(StatusCode::NOT_FOUND));
+    assert_eq!(decide(t, req("GET", "/RE/ABC", &[]), &mut rng).unwrap(), "re.mesh.svc.cluster.local");
+}
+
+fn fault_rule(fault: pb::FaultInjection) -> pb::Rule {
+    pb::Rule {
+        filters: vec![pb::Filter { kind: Some(pb::filter::Kind::Fault(fault)) }],
+        ..rule(vec![prefix("/")], vec![service("v1", 80, 1)])
+    }
+}
+
+/// The FaultInjection a rule with `fault` converts to, or the problem.
+fn converted_fault(fault: pb::FaultInjection) -> Result<FaultInjection, String> {
+    let vs = kind_route(pb::RouteKind::VirtualService, "vs", vec![fault_rule(fault)]);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![vs])]);
+    if let Some(p) = problems.first() {
+        assert_eq!(p.consequence, Consequence::RouteDropped);
+        return Err(p.reason.clone());
+    }
+    match &svc.port(80).unwrap().table.routes()[0].rules[0].filters[..] {
+        [Filter::Fault(f)] => Ok(f.clone()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn fault_injection_converts() {
+    let ms = |ms: i32| Some(prost_types::Duration { seconds: 0, nanos: ms * 1_000_000 });
+    let full = pb::FaultInjection {
+        delay: Some(prost_types::Duration { seconds: 2, nanos: 500_000_000 }),
+        delay_percent: 50.0,
+        abort_http_status: 503,
+        abort_grpc_status: None,
+        abort_percent: 12.5,
+    };
+    assert_eq!(
+        converted_fault(full).unwrap(),
+        FaultInjection {
+            delay: Some(Duration::from_millis(2_500)),
+            delay_percent: 50.0,
+            abort: Some(Abort::Http(StatusCode::SERVICE_UNAVAILABLE)),
+            abort_percent: 12.5,
+        }
+    );
+    // A gRPC status wins over the HTTP one, and survives the wire even when 0 (`optional`).
+    let grpc = pb::FaultInjection {
+        abort_http_status: 503,
+        abort_grpc_status: Some(0),
+        abort_percent: 100.0,
+        ..Default::default()
+    };
+    assert_eq!(converted_fault(grpc).unwrap().abort, Some(Abort::Grpc(0)));
+    let grpc = pb::FaultInjection { abort_grpc_status: Some(14), abort_percent: 100.0, ..Default::default() };
+    assert_eq!(converted_fault(grpc).unwrap().abort, Some(Abort::Grpc(14)));
+    // No abort status, no abort; no delay, none; a zero delay is none.
+    let delay_only =
+        pb::FaultInjection { delay: ms(0), delay_percent: 100.0, abort_percent: 100.0, ..Default::default() };
+    let f = converted_fault(delay_only).unwrap();
+    assert_eq!((f.delay, f.abort), (None, None));
+    // Shares are clamped to 0–100, NaN is none.
+    let shares = pb::FaultInjection { delay_percent: 150.0, abort_percent: f64::NAN, ..Default::default() };
+    let f = converted_fault(shares).unwrap();
+    assert_eq!((f.delay_percent, f.abort_percent), (100.0, 0.0));
+    let negative = pb::FaultInjection { delay_percent: -5.0, ..Default::default() };
+    assert_eq!(converted_fault(negative).unwrap().delay_percent, 0.0);
+    // What Envoy would refuse drops the route.
+    let bad_status = pb::FaultInjection { abort_http_status: 700, abort_percent: 100.0, ..Default::default() };
+    assert!(converted_fault(bad_status).unwrap_err().contains("fault abort status 700"));
+    let informational = pb::FaultInjection { abort_http_status: 100, ..Default::default() };
+    assert!(converted_fault(informational).is_err());
+    let negative_delay = pb::FaultInjection {
+        delay: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+        delay_percent: 100.0,
+        ..Default::default()
+    };
+    assert!(converted_fault(negative_delay).unwrap_err().contains("fault.delay"));
+}
+
+#[test]
+fn a_converted_abort_answers_without_a_backend() {
+    let fault = pb::FaultInjection { abort_http_status: 429, abort_percent: 100.0, ..Default::default() };
+    let vs = kind_route(pb::RouteKind::VirtualService, "vs", vec![fault_rule(fault)]);
+    let (svc, _) = convert(vec![port(80, pb::Protocol::Http, vec![vs])]);
+    let mut rng = StdRng::seed_from_u64(3);
+    assert_eq!(
+        decide(&svc.port(80).unwrap().table, req("GET", "/", &[]), &mut rng),
+        Err(StatusCode::TOO_MANY_REQUESTS)
+    );
+}
+
+#[test]
+fn exact_retry_codes_are_exactly_what_is_retried() {
+    let with = |retry: pb::Retry| pb::Rule { retry: Some(retry), ..rule(vec![prefix("/")], vec![]) };
+    let only_connect = pb::Retry { attempts: 2, exact_codes: true, ..Default::default() };
+    let grpc =
+        pb::Retry { attempts: 1, codes: vec![502], grpc_codes: vec![14], exact_codes: true, ..Default::default() };
+    let not_exact = pb::Retry { attempts: 1, grpc_codes: vec![4], ..Default::default() };
+    let route = http_route("r", vec![with(only_connect), with(grpc), with(not_exact)]);
+    let (svc, problems) = convert(vec![port(80, pb::Protocol::Http, vec![route])]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let rules = &svc.port(80).unwrap().table.routes()[0].rules;
+    let (a, b, c) = (&rules[0].retry, &rules[1].retry, &rules[2].retry);
+    assert_eq!(
+        (a.attempts, a.codes.as_slice(), a.grpc_codes.as_slice(), a.on_connect_failure),
+        (2, &[][..], &[][..], true)
+    );
+    assert_eq!((b.codes.as_slice(), b.grpc_codes.as_slice()), (&[502][..], &[14][..]));
+    assert_eq!(c, &RetryPolicy::gateway(Some(1), vec![], None), "grpc_codes only read with exact_codes");
 }

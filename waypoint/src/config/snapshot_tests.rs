@@ -74,7 +74,11 @@ fn resources() -> Resources {
         hostnames: vec![],
         rules: vec![pb::Rule {
             matches: vec![pb::RouteMatch {
-                path: Some(pb::PathMatch { r#type: pb::path_match::Type::Prefix.into(), value: "/api".into() }),
+                path: Some(pb::PathMatch {
+                    r#type: pb::path_match::Type::Prefix.into(),
+                    value: "/api".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             backends: vec![pb::Backend {

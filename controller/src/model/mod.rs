@@ -7,6 +7,9 @@ pub mod authz;
 pub mod authz_l7;
 pub mod crd;
 pub mod index;
+pub mod mesh_route_convert;
+pub mod mesh_route_crd;
+pub mod mesh_routes;
 pub mod objects;
 pub mod parse;
 pub mod peer_auth;
@@ -163,6 +166,9 @@ pub struct BuildReport {
     pub waypoint_services: BTreeSet<ObjectKey>,
     /// Valid AuthorizationPolicies with `targetRefs`, by key.
     pub policy_bindings: BTreeMap<ObjectKey, PolicyBinding>,
+    /// VirtualServices and TrafficSplits `(kind, namespace, name)` attached to at least one service port of a
+    /// waypoint. Their warnings say what was not applied.
+    pub mesh_routes_applied: BTreeSet<(String, String, String)>,
 }
 
 /// Builds the snapshot of `objects` at `version`; warnings are logged.
@@ -322,6 +328,7 @@ fn waypoint_config(
     report.rejections.extend(routes.rejections);
     report.warnings.extend(routes.warnings);
     report.waypoint_services = routes.waypoint_services;
+    report.mesh_routes_applied = routes.mesh_routes_applied;
     let snap = &mut report.snapshot;
     snap.service_routes = routes.by_service;
     let mut problems = BTreeMap::new();

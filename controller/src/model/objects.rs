@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::crd::{AuthorizationPolicy, Gateway, PeerAuthentication};
+use super::mesh_route_crd::{TrafficSplit, VirtualService};
 use super::reference_grant::ReferenceGrant;
 use super::route_crd::{GrpcRoute, HttpRoute};
 
@@ -37,6 +38,10 @@ pub enum ClusterObject {
     GrpcRoute(Box<GrpcRoute>),
     /// `gateway.networking.k8s.io/v1beta1` (or v1) `ReferenceGrant`.
     ReferenceGrant(Box<ReferenceGrant>),
+    /// `networking.istio.io` (v1, v1beta1, v1alpha3) `VirtualService`.
+    VirtualService(Box<VirtualService>),
+    /// `split.smi-spec.io` (v1alpha2 to v1alpha4) `TrafficSplit`.
+    TrafficSplit(Box<TrafficSplit>),
 }
 
 impl ClusterObject {
@@ -53,6 +58,8 @@ impl ClusterObject {
             Self::HttpRoute(_) => "HTTPRoute",
             Self::GrpcRoute(_) => "GRPCRoute",
             Self::ReferenceGrant(_) => "ReferenceGrant",
+            Self::VirtualService(_) => "VirtualService",
+            Self::TrafficSplit(_) => "TrafficSplit",
         }
     }
 
@@ -69,6 +76,8 @@ impl ClusterObject {
             Self::HttpRoute(o) => &o.metadata,
             Self::GrpcRoute(o) => &o.metadata,
             Self::ReferenceGrant(o) => &o.metadata,
+            Self::VirtualService(o) => &o.metadata,
+            Self::TrafficSplit(o) => &o.metadata,
         };
         (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
@@ -98,6 +107,10 @@ pub struct ClusterObjects {
     pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
     /// ReferenceGrants.
     pub reference_grants: BTreeMap<ObjectKey, ReferenceGrant>,
+    /// VirtualServices.
+    pub virtual_services: BTreeMap<ObjectKey, VirtualService>,
+    /// TrafficSplits.
+    pub traffic_splits: BTreeMap<ObjectKey, TrafficSplit>,
 }
 
 impl ClusterObjects {
@@ -113,6 +126,8 @@ impl ClusterObjects {
             && self.http_routes.is_empty()
             && self.grpc_routes.is_empty()
             && self.reference_grants.is_empty()
+            && self.virtual_services.is_empty()
+            && self.traffic_splits.is_empty()
     }
 
     /// Adds `obj` unless one of the same kind and key exists; returns whether it was added.
@@ -138,6 +153,8 @@ impl ClusterObjects {
             ClusterObject::HttpRoute(o) => put(&mut self.http_routes, key, *o),
             ClusterObject::GrpcRoute(o) => put(&mut self.grpc_routes, key, *o),
             ClusterObject::ReferenceGrant(o) => put(&mut self.reference_grants, key, *o),
+            ClusterObject::VirtualService(o) => put(&mut self.virtual_services, key, *o),
+            ClusterObject::TrafficSplit(o) => put(&mut self.traffic_splits, key, *o),
         }
     }
 

@@ -86,6 +86,13 @@ fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rej
         ("gateway.networking.k8s.io", "HTTPRoute") => typed(value, ClusterObject::HttpRoute),
         ("gateway.networking.k8s.io", "GRPCRoute") => typed(value, ClusterObject::GrpcRoute),
         ("gateway.networking.k8s.io", "ReferenceGrant") => typed(value, ClusterObject::ReferenceGrant),
+        ("networking.istio.io", "VirtualService") => typed(value, ClusterObject::VirtualService),
+        ("split.smi-spec.io", "TrafficSplit") if api_version == "split.smi-spec.io/v1alpha1" => {
+            let why = "split.smi-spec.io/v1alpha1 is not served (its weights are quantities): use v1alpha2 or later";
+            reject(rejections, &kind, &namespace, format!("{origin}: {why}"));
+            return;
+        }
+        ("split.smi-spec.io", "TrafficSplit") => typed(value, ClusterObject::TrafficSplit),
         _ => {
             if super::unsupported::find(group, &kind).is_some() {
                 let message = super::unsupported::message(&kind);
@@ -125,6 +132,8 @@ fn set_namespace(obj: &mut ClusterObject, namespace: String) {
         ClusterObject::HttpRoute(o) => &mut o.metadata,
         ClusterObject::GrpcRoute(o) => &mut o.metadata,
         ClusterObject::ReferenceGrant(o) => &mut o.metadata,
+        ClusterObject::VirtualService(o) => &mut o.metadata,
+        ClusterObject::TrafficSplit(o) => &mut o.metadata,
     };
     meta.namespace = Some(namespace);
 }

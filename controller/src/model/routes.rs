@@ -28,6 +28,8 @@ pub struct RoutesReport {
     pub rejections: Vec<Rejection>,
     /// Service parents a valid route is not applied to, and why (no waypoint, another namespace).
     pub warnings: Vec<Warning>,
+    /// VirtualServices and TrafficSplits `(kind, namespace, name)` attached to at least one service port.
+    pub mesh_routes_applied: BTreeSet<(String, String, String)>,
 }
 
 /// Resolves backendRefs against the services of the snapshot.
@@ -159,6 +161,7 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
             }
         }
     }
+    super::mesh_routes::attach(objects, addresses, domain_suffix, &mut report);
     report
 }
 

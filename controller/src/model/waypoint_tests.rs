@@ -152,7 +152,7 @@ pub(crate) fn waypoint_cluster() -> BuildReport {
 }
 
 /// The model of the objects of `texts` (YAML documents, each valid).
-fn build_from(texts: &[&str]) -> BuildReport {
+pub(crate) fn build_from(texts: &[&str]) -> BuildReport {
     let mut objects = ClusterObjects::default();
     for text in texts {
         let (parsed, rejections) = parse_documents(text, "waypoint.yaml");

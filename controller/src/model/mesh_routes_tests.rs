@@ -1,0 +1,135 @@
+//! VirtualServices and TrafficSplits in a whole cluster: where they attach, and what their status is told.
+
+use ambit_api::waypoint::{backend, RouteKind};
+
+use super::super::waypoint_tests::{build_from, WAYPOINT_CLUSTER};
+use super::super::BuildReport;
+
+/// `shop` and `cart` use the waypoint and have no Gateway API route; `shop-v2` is a plain service; `other/foreign`
+/// is a service of another namespace.
+const MORE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: mesh, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.20, selector: {app: shop}, ports: [{name: http, port: 80, targetPort: 8080}, {name: db, port: 5432, appProtocol: tcp}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: mesh, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.21, selector: {app: cart}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop-v2, namespace: mesh}
+spec: {clusterIP: 10.96.0.22, selector: {app: shop-v2}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: mesh, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec:
+  hosts: [shop, web.mesh.svc.cluster.local, foreign.other, plain]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: shop-v2}}]
+  - route: [{destination: {host: shop}, weight: 90}, {destination: {host: shop-v2}, weight: 10}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: shop-younger, namespace: mesh, creationTimestamp: '2026-02-01T00:00:00Z'}
+spec:
+  hosts: [shop]
+  http: [{route: [{destination: {host: shop-v2}}]}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: broken, namespace: mesh}
+spec:
+  hosts: [cart]
+  http: [{route: [{destination: {host: cart}}], timeout: soon}]
+---
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: cart, namespace: mesh}
+spec: {service: cart, backends: [{service: cart, weight: 90}, {service: shop-v2, weight: 10}]}
+---
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: shop, namespace: mesh}
+spec: {service: shop, backends: [{service: shop-v2, weight: 1}]}
+"#;
+
+fn notes<'a>(r: &'a BuildReport, kind: &str, name: &str) -> Vec<&'a str> {
+    r.warnings.iter().filter(|w| w.kind == kind && w.name == name).map(|w| w.reason.as_str()).collect()
+}
+
+fn applied(r: &BuildReport, kind: &str, name: &str) -> bool {
+    r.mesh_routes_applied.contains(&(kind.into(), "mesh".into(), name.into()))
+}
+
+#[test]
+fn a_virtual_service_routes_its_services_http_ports_in_order_and_reports_what_it_did_not() {
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE]);
+    let shop = &r.snapshot.service_routes["mesh/shop.mesh.svc.cluster.local"];
+    let http = shop.ports.iter().find(|p| p.port == 80).unwrap();
+    let kinds: Vec<_> = http
+        .routes
+        .iter()
+        .map(|r| (r.origin.as_ref().unwrap().kind(), r.origin.as_ref().unwrap().name.as_str()))
+        .collect();
+    assert_eq!(kinds, [(RouteKind::VirtualService, "shop")], "the oldest VirtualService, alone");
+    let rules = &http.routes[0].rules;
+    assert_eq!(rules[0].matches[0].headers[0].value, "jason", "rules in the order written");
+    let weights: Vec<_> = rules[1].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [90, 10]);
+    assert!(
+        rules[1]
+            .backends
+            .iter()
+            .all(|b| matches!(&b.kind, Some(backend::Kind::Service(s)) if s.port == 80 || s.port == 8080)),
+        "shop on the request's port, shop-v2 on its only port: {:?}",
+        rules[1].backends
+    );
+    assert!(shop.ports.iter().find(|p| p.port == 5432).unwrap().routes.is_empty(), "TCP ports carry no HTTP routes");
+    assert!(applied(&r, "VirtualService", "shop"));
+
+    let warned = notes(&r, "VirtualService", "shop").join("\n");
+    assert!(warned.contains("HTTPRoute mesh/web applies there"), "{warned}");
+    assert!(
+        warned.contains("host foreign.other: a VirtualService applies only to Services of its own namespace"),
+        "{warned}"
+    );
+    assert!(warned.contains("Service mesh/plain has no waypoint"), "{warned}");
+
+    assert!(!applied(&r, "VirtualService", "shop-younger"));
+    assert!(notes(&r, "VirtualService", "shop-younger")[0].contains("VirtualService mesh/shop applies there"));
+    let broken: Vec<_> = r
+        .rejections
+        .iter()
+        .filter(|x| x.kind == "VirtualService")
+        .map(|x| (x.name.as_str(), x.reason.as_str()))
+        .collect();
+    assert!(matches!(broken[..], [("broken", why)] if why.contains("bad duration")), "{broken:?}");
+}
+
+#[test]
+fn a_traffic_split_applies_where_no_route_or_virtual_service_does() {
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE]);
+    let cart = &r.snapshot.service_routes["mesh/cart.mesh.svc.cluster.local"];
+    let route = &cart.ports[0].routes[0];
+    assert_eq!(
+        route.origin.as_ref().unwrap().kind(),
+        RouteKind::TrafficSplit,
+        "the broken VirtualService does not hold it"
+    );
+    let port = |b: &ambit_api::waypoint::Backend| match &b.kind {
+        Some(backend::Kind::Service(s)) => s.port,
+        _ => 0,
+    };
+    let split: Vec<_> = route.rules[0].backends.iter().map(|b| (b.weight, port(b))).collect();
+    assert_eq!(split, [(90, 80), (10, 8080)], "the request's port, or a backend's only port (Istio)");
+    assert!(applied(&r, "TrafficSplit", "cart"));
+    assert!(!applied(&r, "TrafficSplit", "shop"));
+    assert!(notes(&r, "TrafficSplit", "shop")[0].contains("VirtualService mesh/shop applies there"));
+    let scope = &r.snapshot.waypoints[&("mesh".to_owned(), "waypoint".to_owned())];
+    assert!(format!("{scope:?}").contains("shop-v2"), "the waypoint gets the addresses of the split's backends");
+}

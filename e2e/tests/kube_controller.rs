@@ -7,7 +7,9 @@
 //! CA signing only identities on the caller's node (one TokenReview for a burst of calls with one token), waypoint
 //! deployment, Gateway API status (the waypoint GatewayClass accepted, an HTTPRoute's waypoint parent entry saying
 //! it is not applied, another controller's entry kept), and no `forbidden` answer from the API server in the controller's log. A second test drives the
-//! Secret root store directly: racing replicas end with one root, a broken Secret is an error and is left alone.
+//! Secret root store directly: racing replicas end with one root, a broken Secret is an error and is left alone. A
+//! third applies Istio VirtualServices and SMI TrafficSplits through Ambit's CRDs and reads the conditions the binary
+//! writes on them: invalid, without a waypoint, applied at a waypoint.
 //!
 //! Needs the Kubernetes binaries (`e2e/kube/build.sh`) and the controller binary (`cargo build --release --bins`, or
 //! `AMBIT_CONTROLLER_BIN`); without the former the test notes and returns, or fails under `CI`.
@@ -121,13 +123,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e has a parent").to_path_buf()
 }
 
-/// The CRDs, the namespace and the RBAC of the manifests (not the workloads), server-side.
+/// The CRDs (`manifests/crds` as a kustomization, as the README installs them), the namespace and the RBAC of the
+/// manifests (not the workloads), server-side.
 fn install(cluster: &KubeCluster) {
     let m = repo().join("manifests");
-    for f in ["crds/authorizationpolicies.yaml", "crds/peerauthentications.yaml", "gateway-api/crds.yaml"] {
-        let path = m.join(f);
-        cluster.kubectl(["apply", "--server-side", "-f", &path.display().to_string()]).expect(f);
-    }
+    cluster.kubectl(["apply", "--server-side", "-k", &m.join("crds").display().to_string()]).expect("crds");
+    cluster
+        .kubectl(["apply", "--server-side", "-f", &m.join("gateway-api/crds.yaml").display().to_string()])
+        .expect("gateway-api/crds.yaml");
     for f in ["core/namespace.yaml", "core/rbac.yaml"] {
         let path = m.join(f);
         cluster.kubectl(["apply", "--server-side", "-f", &path.display().to_string()]).expect(f);
@@ -510,6 +513,152 @@ fn route_and_class_status(cluster: &KubeCluster) {
     // The foreign class is not Ambit's: no status from it.
     let other = get_json(cluster, "gatewayclass", None, "other");
     assert!(other["status"]["conditions"].as_array().is_none_or(|c| c.is_empty()), "{other}");
+}
+
+/// The namespace of the VirtualService and TrafficSplit test: ambient, with a waypoint, a Service that uses it (`shop`)
+/// and two that do not (`reviews`, `shop-v2`).
+const ROUTES_NS: &str = "routes";
+const ROUTES_OBJECTS: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: routes}
+spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: routes}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: routes, labels: {istio.io/use-waypoint: waypoint}}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop-v2, namespace: routes}
+spec: {ports: [{name: http, port: 80}]}
+";
+
+/// A VirtualService (Istio's v1alpha3, served by Ambit's CRD) for a Service without a waypoint, one with a field
+/// Ambit does not apply (v1), and a TrafficSplit written as v1alpha2 (stored as v1alpha4), for the same Service.
+const ROUTES_NOT_APPLIED: &str = "\
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: reviews, namespace: routes}
+spec:
+  hosts: [reviews]
+  http:
+  - timeout: 3s
+    route: [{destination: {host: reviews}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cors, namespace: routes}
+spec:
+  hosts: [reviews]
+  http:
+  - corsPolicy: {allowOrigins: [{exact: https://example.com}]}
+    route: [{destination: {host: reviews}}]
+---
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: reviews, namespace: routes}
+spec:
+  service: reviews
+  backends: [{service: reviews, weight: 90}, {service: shop-v2, weight: 10}]
+";
+
+/// A VirtualService for the Service a waypoint serves.
+const ROUTE_AT_WAYPOINT: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: routes}
+spec:
+  hosts: [shop]
+  http:
+  - route: [{destination: {host: shop}, weight: 90}, {destination: {host: shop-v2}, weight: 10}]
+";
+
+/// The condition `type_` of `resource` (kubectl's `plural.version.group` form) `routes/name` as
+/// "status|reason|message" (empty while none).
+fn route_condition(cluster: &KubeCluster, resource: &str, name: &str, type_: &str) -> String {
+    let path = format!(
+        "jsonpath={{range .status.conditions[?(@.type==\"{type_}\")]}}{{.status}}|{{.reason}}|{{.message}}{{end}}"
+    );
+    cluster.kubectl(["-n", ROUTES_NS, "get", resource, name, "-o", &path]).unwrap_or_default()
+}
+
+/// Polls until the condition `type_` of `resource` `routes/name` starts with `prefix` ("status|reason|"); returns it.
+fn await_condition(cluster: &KubeCluster, resource: &str, name: &str, type_: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = route_condition(cluster, resource, name, type_);
+        if c.starts_with(prefix) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {type_} {prefix}… on {resource} {ROUTES_NS}/{name}: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn virtual_services_and_traffic_splits_get_conditions_saying_what_ambit_made_of_them() {
+    let test = "kube_controller_mesh_routes";
+    let cluster = match KubeCluster::start("kube-controller-mesh-routes") {
+        Ok(c) => c,
+        Err(e) if skip_without_kube(test, &e) => return,
+        Err(e) => panic!("{e:#}"),
+    };
+    install(&cluster);
+    cluster.kubectl(["create", "namespace", ROUTES_NS]).unwrap();
+    cluster.kubectl(["label", "namespace", ROUTES_NS, "istio.io/dataplane-mode=ambient"]).unwrap();
+    cluster.apply(ROUTES_OBJECTS).unwrap();
+    let kubeconfig = cluster.dir().join("controller-kubeconfig");
+    cluster.write_service_account_kubeconfig("ambit-system", "ambit-controller", &kubeconfig).unwrap();
+    let controller = Controller::start(&kubeconfig, &cluster.dir().join("controller.log")).unwrap();
+
+    // The CRDs take what Istio's and SMI's take, and refuse what they refuse (a duration Istio's CEL rule rejects).
+    cluster.apply(ROUTES_NOT_APPLIED).unwrap();
+    let bad_duration =
+        ROUTE_AT_WAYPOINT.replace("name: shop,", "name: slow,").replace("- route:", "- timeout: 3 seconds\n    route:");
+    let err = cluster.apply(&bad_duration).expect_err("a bad duration is refused by the CRD");
+    assert!(format!("{err:#}").contains("must be a valid duration"), "{err:#}");
+
+    // A field Ambit does not apply: invalid, named.
+    let vs = "virtualservices.v1.networking.istio.io";
+    let c = await_condition(&cluster, vs, "cors", "Accepted", "False|Invalid|");
+    assert!(c.contains("corsPolicy"), "{c}");
+    assert!(route_condition(&cluster, vs, "cors", "WaypointAccepted").starts_with("False|Invalid|"));
+
+    // Valid, but no waypoint serves its Service: accepted, and it says it has no effect.
+    assert_eq!(await_condition(&cluster, vs, "reviews", "Accepted", "True|"), "True|Accepted|");
+    let c = await_condition(&cluster, vs, "reviews", "WaypointAccepted", "False|NotApplied|");
+    assert!(c.contains("reviews"), "{c}");
+
+    // The TrafficSplit written as v1alpha2 is read (and stored) as v1alpha4; its conditions show at either version.
+    let ts = "trafficsplits.v1alpha2.split.smi-spec.io";
+    assert_eq!(await_condition(&cluster, ts, "reviews", "Accepted", "True|"), "True|Accepted|");
+    let c = await_condition(&cluster, ts, "reviews", "WaypointAccepted", "False|NotApplied|");
+    assert!(c.contains("reviews"), "{c}");
+    let stored = cluster
+        .kubectl(["-n", ROUTES_NS, "get", "trafficsplits.v1alpha4.split.smi-spec.io", "reviews", "-o", "json"])
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["spec"]["backends"][1], serde_json::json!({"service": "shop-v2", "weight": 10}), "{stored}");
+
+    // At the Service a waypoint serves: applied there.
+    cluster.apply(ROUTE_AT_WAYPOINT).unwrap();
+    assert_eq!(await_condition(&cluster, vs, "shop", "Accepted", "True|"), "True|Accepted|");
+    let c = await_condition(&cluster, vs, "shop", "WaypointAccepted", "True|");
+    assert_eq!(c, "True|Accepted|applied at the waypoint");
+
+    let text = controller.log_text();
+    let forbidden: Vec<&str> = text.lines().filter(|l| l.to_lowercase().contains("forbidden")).collect();
+    assert!(forbidden.is_empty(), "the controller was refused by RBAC:\n{}", forbidden.join("\n"));
 }
 
 /// Runs `load_or_create` on a Secret store on a blocking thread, as the binary does.

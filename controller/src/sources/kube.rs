@@ -1,9 +1,9 @@
 //! The Kubernetes source: reflectors (watch + in-memory store) for every kind the model reads. Each change, after a
 //! short debounce that batches bursts, rebuilds the model from the stores and publishes the snapshot if its resources
-//! changed, as the file source does. Istio policies get status conditions saying whether and how they were used
-//! (`policy_status`); HTTPRoutes and GRPCRoutes (model kinds: the waypoint's routes) and GatewayClasses (read only
-//! for their status) get theirs (`route_status`), written after every batch, without a model build when only
-//! GatewayClasses changed (`kube_status`).
+//! changed, as the file source does. Istio policies, VirtualServices and TrafficSplits get status conditions saying
+//! whether and how they were used (`policy_status`); HTTPRoutes and GRPCRoutes (model kinds: the waypoint's routes)
+//! and GatewayClasses (read only for their status) get theirs (`route_status`), written after every batch, without a
+//! model build when only GatewayClasses changed (`kube_status`).
 //!
 //! A custom resource whose CRD is not installed must not stop the mesh: its watcher logs once, counts as an empty
 //! kind, and keeps retrying with backoff, so installing the CRD later is picked up.
@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 
 use super::kube_status::StatusWriter;
 use super::kube_stores::{
-    Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS, PEER_AUTHENTICATION,
-    REFERENCE_GRANT, ROUTES,
+    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS,
+    PEER_AUTHENTICATION, REFERENCE_GRANT, ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
 };
 use crate::model::crd::Resource as CrdResource;
 use crate::model::reference_grant::Grants;
@@ -65,7 +65,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSou
 }
 
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 12] = [
     "Namespace",
     "Pod",
     "Service",
@@ -76,6 +76,8 @@ const KINDS: [&str; 10] = [
     ROUTES[0].kind,
     ROUTES[1].kind,
     REFERENCE_GRANT.kind,
+    VIRTUAL_SERVICE.kind,
+    TRAFFIC_SPLIT.kind,
 ];
 
 /// Aborts the watcher tasks when the source stops.
@@ -118,8 +120,8 @@ impl KubeSource {
     /// Watches the cluster until every receiver of `tx` is gone. Each batch of changes rebuilds the model, reports
     /// the rejections to `rejections` when they differ from the last report (status writes of our own trigger
     /// rebuilds too, and must not repeat the report), publishes the snapshot if its resources changed (version one
-    /// above the published one), and writes the policies' conditions that changed; after every batch, the Gateway API
-    /// status that changed.
+    /// above the published one), and writes the conditions that changed of policies, VirtualServices and
+    /// TrafficSplits; after every batch, the Gateway API status that changed.
     pub async fn run(self, tx: SnapshotTx, rejections: RejectionSink) {
         let (signal_tx, mut signals) = mpsc::unbounded_channel();
         let (stores, _tasks) = self.spawn_watchers(&signal_tx);
@@ -164,7 +166,8 @@ impl KubeSource {
     }
 
     /// Builds the model from the stores, reports new rejections, publishes the snapshot if its resources changed,
-    /// and writes the policies' conditions; returns what route status needs (`None` if the build failed).
+    /// and writes the conditions of policies, VirtualServices and TrafficSplits; returns what route status needs
+    /// (`None` if the build failed).
     async fn build(
         &self,
         stores: &Stores,
@@ -181,10 +184,15 @@ impl KubeSource {
         let built = tokio::task::spawn_blocking(move || {
             let report = model::build_report(&objects, &opts, next);
             rejected.extend(report.rejections);
-            (report.snapshot, rejected, report.warnings, report.waypoint_services, report.policy_bindings)
+            let outcome = BuildOutcome {
+                warnings: report.warnings,
+                bindings: report.policy_bindings,
+                mesh_routes_applied: report.mesh_routes_applied,
+            };
+            (report.snapshot, rejected, report.waypoint_services, outcome)
         })
         .await;
-        let (snapshot, rejected, warnings, served, bindings) = match built {
+        let (snapshot, rejected, served, outcome) = match built {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "bug: model build panicked");
@@ -192,7 +200,7 @@ impl KubeSource {
             }
         };
         if last_rejections.as_ref() != Some(&rejected) {
-            for w in &warnings {
+            for w in &outcome.warnings {
                 tracing::warn!(kind = %w.kind, namespace = %w.namespace, name = %w.name, reason = %w.reason, "partly applied");
             }
             rejections(&rejected);
@@ -209,7 +217,7 @@ impl KubeSource {
             let version = tx.borrow().version;
             tracing::info!(version, rejected = rejected.len(), took = ?started.elapsed(), "cluster model published");
         }
-        status.sync_policies(stores, &crd_keys, &rejected, &warnings, &bindings).await;
+        status.sync_policies(stores, &crd_keys, &rejected, &outcome).await;
         let invalid = rejected
             .iter()
             .filter(|r| ROUTES.iter().any(|c| c.kind == r.kind))
@@ -232,6 +240,8 @@ impl KubeSource {
         let http_routes = spawn_dynamic(c, ROUTES[0], signal, &mut tasks);
         let grpc_routes = spawn_dynamic(c, ROUTES[1], signal, &mut tasks);
         let reference_grants = spawn_dynamic(c, REFERENCE_GRANT, signal, &mut tasks);
+        let virtual_services = spawn_dynamic(c, VIRTUAL_SERVICE, signal, &mut tasks);
+        let traffic_splits = spawn_dynamic(c, TRAFFIC_SPLIT, signal, &mut tasks);
         let stores = Stores {
             namespaces,
             pods,
@@ -244,6 +254,8 @@ impl KubeSource {
             http_routes,
             grpc_routes,
             reference_grants,
+            virtual_services,
+            traffic_splits,
         };
         (stores, Tasks(tasks))
     }
@@ -376,7 +388,8 @@ fn is_not_found(e: &watcher::Error) -> bool {
 }
 
 /// Copies the stores into [`ClusterObjects`]. Custom resources that do not match the model's schema are rejected
-/// here; the keys of all Istio policies seen are returned for their status conditions.
+/// here; the keys of all Istio policies, VirtualServices and TrafficSplits seen are returned for their status
+/// conditions.
 fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) {
     let mut objects = ClusterObjects::default();
     let mut rejections = Vec::new();
@@ -423,6 +436,18 @@ fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) 
     for o in stores.reference_grants.state() {
         if let Some(t) = typed(&o, REFERENCE_GRANT, &mut rejections) {
             objects.insert(ClusterObject::ReferenceGrant(Box::new(t)));
+        }
+    }
+    for o in stores.virtual_services.state() {
+        keys.push(policy_key(VIRTUAL_SERVICE.kind, &o));
+        if let Some(t) = typed(&o, VIRTUAL_SERVICE, &mut rejections) {
+            objects.insert(ClusterObject::VirtualService(Box::new(t)));
+        }
+    }
+    for o in stores.traffic_splits.state() {
+        keys.push(policy_key(TRAFFIC_SPLIT.kind, &o));
+        if let Some(t) = typed(&o, TRAFFIC_SPLIT, &mut rejections) {
+            objects.insert(ClusterObject::TrafficSplit(Box::new(t)));
         }
     }
     (objects, rejections, keys)
@@ -493,5 +518,33 @@ mod tests {
         assert!(rejections.is_empty(), "{rejections:?}");
         assert_eq!(t.spec.action, model::crd::AuthorizationAction::Deny);
         assert_eq!(t.kind, "AuthorizationPolicy");
+    }
+
+    #[test]
+    fn a_virtual_service_with_a_field_ambit_does_not_apply_is_rejected_naming_it() {
+        let o = dynamic(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: cors, namespace: ns1}\n\
+             spec:\n  hosts: [reviews]\n  http:\n  - corsPolicy: {allowOrigins: [{exact: x}]}\n    \
+             route: [{destination: {host: reviews}}]\n",
+        );
+        let mut rejections = Vec::new();
+        let t: Option<model::mesh_route_crd::VirtualService> = typed(&o, VIRTUAL_SERVICE, &mut rejections);
+        assert!(t.is_none());
+        assert_eq!((rejections[0].kind.as_str(), rejections[0].name.as_str()), ("VirtualService", "cors"));
+        assert!(rejections[0].reason.contains("corsPolicy"), "{}", rejections[0].reason);
+    }
+
+    #[test]
+    fn a_traffic_split_list_item_converts_at_the_watched_version() {
+        let mut o = dynamic(
+            "metadata: {name: split, namespace: ns1}\n\
+             spec: {service: web, backends: [{service: web-v1, weight: 90}, {service: web-v2, weight: 10}]}\n",
+        );
+        o.types = None;
+        let mut rejections = Vec::new();
+        let t: model::mesh_route_crd::TrafficSplit = typed(&o, TRAFFIC_SPLIT, &mut rejections).unwrap();
+        assert!(rejections.is_empty(), "{rejections:?}");
+        assert_eq!((t.api_version.as_str(), t.kind.as_str()), ("split.smi-spec.io/v1alpha4", "TrafficSplit"));
+        assert_eq!(t.spec.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [90, 10]);
     }
 }

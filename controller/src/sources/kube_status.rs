@@ -1,7 +1,8 @@
-//! Status writes of the Kubernetes source, on objects other people own: Istio policies' conditions
-//! ([`policy_status`]), Gateway API routes' parent entries and waypoint GatewayClasses' conditions
-//! ([`route_status`]). Each is computed by a pure function and written only when it differs from what the object
-//! carries, so the source's own writes (which come back as watch events) do not make it loop.
+//! Status writes of the Kubernetes source, on objects other people own: the conditions of Istio policies,
+//! VirtualServices and TrafficSplits ([`policy_status`]), Gateway API routes' parent entries and waypoint
+//! GatewayClasses' conditions ([`route_status`]). Each is computed by a pure function and written only when it
+//! differs from what the object carries, so the source's own writes (which come back as watch events) do not make it
+//! loop.
 //!
 //! Writes are JSON merge patches through the status subresource under the field manager `ambit-controller`, not
 //! server-side apply: these status lists are atomic for server-side apply (`status.parents` of the Gateway API CRDs
@@ -20,12 +21,13 @@ use tokio::sync::mpsc;
 
 use super::conditions::{self, Cond};
 use super::kube_stores::{
-    Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION, ROUTES,
+    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION,
+    ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
 };
 use super::policy_status::{self, Outcome};
 use super::route_status::{self, Parents};
 use crate::model::index::DATAPLANE_MODE_LABEL;
-use crate::model::{ObjectKey, PolicyBinding, Rejection, Warning};
+use crate::model::Rejection;
 
 /// When a status write failed, how long until the next attempt.
 const STATUS_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -45,26 +47,22 @@ impl StatusWriter {
         Self { client, written: HashMap::new(), retry, retry_pending: false }
     }
 
-    /// Policies: after a model build, from its rejections and warnings. Remembers what it wrote, and also skips
-    /// objects that already carry the conditions (after a restart).
+    /// Policies, VirtualServices and TrafficSplits: after a model build, from its rejections and `built`. Remembers
+    /// what it wrote, and also skips objects that already carry the conditions (after a restart).
     pub(super) async fn sync_policies(
         &mut self,
         stores: &Stores,
         keys: &[PolicyKey],
         rejected: &[Rejection],
-        warnings: &[Warning],
-        bindings: &std::collections::BTreeMap<ObjectKey, PolicyBinding>,
+        built: &BuildOutcome,
     ) {
         let mut outcomes: HashMap<PolicyKey, Outcome<'_>> = HashMap::new();
         let notes = rejected.iter().map(|r| (&r.kind, &r.namespace, &r.name, &r.reason, false));
         for (kind, ns, name, reason, is_warning) in
-            notes.chain(warnings.iter().map(|w| (&w.kind, &w.namespace, &w.name, &w.reason, true)))
+            notes.chain(built.warnings.iter().map(|w| (&w.kind, &w.namespace, &w.name, &w.reason, true)))
         {
-            let kind = match kind.as_str() {
-                k if k == AUTHORIZATION_POLICY.kind => AUTHORIZATION_POLICY.kind,
-                k if k == PEER_AUTHENTICATION.kind => PEER_AUTHENTICATION.kind,
-                _ => continue,
-            };
+            let Some(crd) = status_crd(kind) else { continue };
+            let kind = crd.kind;
             let o = outcomes.entry((kind, ns.clone(), name.clone())).or_default();
             if is_warning { &mut o.warnings } else { &mut o.rejected }.push(reason);
         }
@@ -73,10 +71,12 @@ impl StatusWriter {
         let now = now();
         let mut failed = false;
         for key in keys {
-            let (crd, store) = if key.0 == AUTHORIZATION_POLICY.kind {
-                (AUTHORIZATION_POLICY, &stores.policies)
-            } else {
-                (PEER_AUTHENTICATION, &stores.peer_auths)
+            let Some(crd) = status_crd(key.0) else { continue };
+            let store = match crd.kind {
+                k if k == AUTHORIZATION_POLICY.kind => &stores.policies,
+                k if k == PEER_AUTHENTICATION.kind => &stores.peer_auths,
+                k if k == VIRTUAL_SERVICE.kind => &stores.virtual_services,
+                _ => &stores.traffic_splits,
             };
             let Some(obj) = store.get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
             else {
@@ -84,8 +84,9 @@ impl StatusWriter {
             };
             let mut outcome = outcomes.remove(key).unwrap_or_default();
             if key.0 == AUTHORIZATION_POLICY.kind {
-                outcome.binding = bindings.get(&(key.1.clone(), key.2.clone()));
+                outcome.binding = built.bindings.get(&(key.1.clone(), key.2.clone()));
             }
+            outcome.applied = built.mesh_routes_applied.contains(&(key.0.to_string(), key.1.clone(), key.2.clone()));
             let want = policy_status::desired(key.0, &obj.data["spec"], obj.metadata.generation, &outcome);
             if self.written.get(key) == Some(&want) {
                 continue;
@@ -99,6 +100,12 @@ impl StatusWriter {
             match patch_status(&self.client, &crd.api_resource(), Some(&key.1), &key.2, &patch).await {
                 Ok(()) => {
                     tracing::debug!(kind = key.0, namespace = %key.1, name = %key.2, "status written");
+                    self.written.insert(key.clone(), want);
+                }
+                // A CRD without a status subresource (SMI's own TrafficSplit CRD has none) cannot hold conditions,
+                // and RBAC rightly refuses the fallback write to the object: said once, not retried forever.
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    tracing::warn!(kind = key.0, namespace = %key.1, name = %key.2, error = %s, "cannot write status (does its CRD lack a status subresource?); not retried until it changes");
                     self.written.insert(key.clone(), want);
                 }
                 Err(e) => {
@@ -181,6 +188,11 @@ impl StatusWriter {
             self.retry_pending = false;
         }
     }
+}
+
+/// The kind, among those [`StatusWriter::sync_policies`] writes, called `kind`.
+fn status_crd(kind: &str) -> Option<Crd> {
+    [AUTHORIZATION_POLICY, PEER_AUTHENTICATION, VIRTUAL_SERVICE, TRAFFIC_SPLIT].into_iter().find(|c| c.kind == kind)
 }
 
 /// Whose parentRefs are Ambit's, from the stores.

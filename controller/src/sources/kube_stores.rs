@@ -30,6 +30,14 @@ pub(super) const GATEWAY_CLASS: Crd =
 /// only since v1.5).
 pub(super) const REFERENCE_GRANT: Crd =
     Crd { group: "gateway.networking.k8s.io", version: "v1beta1", kind: "ReferenceGrant", plural: "referencegrants" };
+/// Istio's VirtualService: routes the model reads (for waypoints) and that get conditions as policies do. v1 (served
+/// by Istio's CRD since 1.22, and by Ambit's).
+pub(super) const VIRTUAL_SERVICE: Crd =
+    Crd { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices" };
+/// SMI's TrafficSplit, read and given conditions like [`VIRTUAL_SERVICE`]. v1alpha4: the storage version of SMI's
+/// CRD and Ambit's (the API server converts objects written as v1alpha2 or v1alpha3).
+pub(super) const TRAFFIC_SPLIT: Crd =
+    Crd { group: "split.smi-spec.io", version: "v1alpha4", kind: "TrafficSplit", plural: "trafficsplits" };
 /// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
 pub(super) const ROUTES: [Crd; 2] = [
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
@@ -67,9 +75,12 @@ pub(super) struct Stores {
     pub(super) http_routes: Store<DynamicObject>,
     pub(super) grpc_routes: Store<DynamicObject>,
     pub(super) reference_grants: Store<DynamicObject>,
+    pub(super) virtual_services: Store<DynamicObject>,
+    pub(super) traffic_splits: Store<DynamicObject>,
 }
 
-/// (kind, namespace, name) of a policy.
+/// (kind, namespace, name) of an object that gets conditions from the model build: a policy, a VirtualService or a
+/// TrafficSplit.
 pub(super) type PolicyKey = (&'static str, String, String);
 
 /// What the last model build decided that route status needs.
@@ -81,4 +92,17 @@ pub(super) struct ModelFacts {
     pub(super) invalid: std::collections::HashMap<(String, String, String), String>,
     /// The ReferenceGrants the model read.
     pub(super) grants: crate::model::reference_grant::Grants,
+}
+
+/// What the last model build decided that the conditions of policies, VirtualServices and TrafficSplits need (besides
+/// the rejections).
+#[derive(Debug, Default)]
+pub(super) struct BuildOutcome {
+    /// Parts not applied, by object.
+    pub(super) warnings: Vec<crate::model::Warning>,
+    /// Where each valid AuthorizationPolicy with `targetRefs` went.
+    pub(super) bindings: std::collections::BTreeMap<crate::model::ObjectKey, crate::model::PolicyBinding>,
+    /// VirtualServices and TrafficSplits `(kind, namespace, name)` applied at a waypoint (for one service port or
+    /// more).
+    pub(super) mesh_routes_applied: std::collections::BTreeSet<(String, String, String)>,
 }

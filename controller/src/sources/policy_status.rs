@@ -1,5 +1,5 @@
-//! The status conditions an Istio policy should carry, as Istio writes them, computed from what the model made of
-//! it; pure, so the Kubernetes source only compares and writes.
+//! The status conditions an Istio policy, a VirtualService or a TrafficSplit should carry, as Istio writes them,
+//! computed from what the model made of it; pure, so the Kubernetes source only compares and writes.
 //!
 //! - `Accepted`: the object is valid (`True`/`Accepted`) or not (`False`/`Invalid` with the reasons).
 //! - `ZtunnelAccepted` (AuthorizationPolicy bound to workloads, as istiod writes it): `True`/`Accepted` "attached to
@@ -9,6 +9,11 @@
 //!   naming the waypoints it is sent to; `True`/`UnsupportedValue` when part of it is not enforced (a target of
 //!   another kind); `False`/`TargetNotFound` when no waypoint serves its targets (it has no effect);
 //!   `False`/`UnsupportedValue` for an action the waypoint does not enforce (CUSTOM, AUDIT); `False`/`Invalid`.
+//! - `WaypointAccepted` (VirtualService and TrafficSplit, which only a waypoint applies): `True`/`Accepted` "applied at
+//!   the waypoint" when a waypoint applies it whole; `True`/`UnsupportedValue` with the model's warnings (what was
+//!   left out: a host without a waypoint, a subset, a port an HTTPRoute takes…) when a waypoint applies part of it;
+//!   `False`/`NotApplied` with the warnings, or "no waypoint serves its hosts", when no waypoint applies any of it (it
+//!   has no effect); `False`/`Invalid` for an invalid one, as for a targeted AuthorizationPolicy.
 
 use serde_json::Value;
 
@@ -27,10 +32,12 @@ pub struct Outcome<'a> {
     pub warnings: Vec<&'a str>,
     /// Where a valid policy with `targetRefs` went.
     pub binding: Option<&'a PolicyBinding>,
+    /// A VirtualService or TrafficSplit: whether a waypoint applies it (for one service port or more).
+    pub applied: bool,
 }
 
-/// The conditions `kind` (`AuthorizationPolicy` or `PeerAuthentication`) should carry. `spec` is the object's spec
-/// as stored (for `targetRefs`).
+/// The conditions `kind` (`AuthorizationPolicy`, `PeerAuthentication`, `VirtualService` or `TrafficSplit`) should
+/// carry. `spec` is the object's spec as stored (for `targetRefs`).
 pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_>) -> Vec<Cond> {
     let cond = |type_, status, reason, message: String| Cond { type_, status, reason, message, generation };
     let invalid = (!o.rejected.is_empty()).then(|| o.rejected.join("; "));
@@ -38,6 +45,10 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
         Some(why) => cond("Accepted", "False", "Invalid", why.clone()),
         None => cond("Accepted", "True", "Accepted", String::new()),
     }];
+    if matches!(kind, "VirtualService" | "TrafficSplit") {
+        out.push(mesh_route_applied(kind, invalid, o, cond));
+        return out;
+    }
     if kind != "AuthorizationPolicy" {
         return out;
     }
@@ -61,6 +72,29 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
         ),
     });
     out
+}
+
+/// `WaypointAccepted` of a VirtualService or TrafficSplit (`why` it is invalid, if it is).
+fn mesh_route_applied(
+    kind: &str,
+    why: Option<String>,
+    o: &Outcome<'_>,
+    cond: impl Fn(&'static str, &'static str, &'static str, String) -> Cond,
+) -> Cond {
+    let t = "WaypointAccepted";
+    if let Some(why) = why {
+        return cond(t, "False", "Invalid", why);
+    }
+    let warnings = o.warnings.join("; ");
+    match (o.applied, o.warnings.is_empty()) {
+        (true, true) => cond(t, "True", "Accepted", "applied at the waypoint".into()),
+        (true, false) => cond(t, "True", "UnsupportedValue", warnings),
+        (false, false) => cond(t, "False", "NotApplied", warnings),
+        (false, true) => {
+            let what = if kind == "TrafficSplit" { "its service" } else { "its hosts" };
+            cond(t, "False", "NotApplied", format!("no waypoint serves {what}: it has no effect"))
+        }
+    }
 }
 
 /// `WaypointAccepted` of a valid targeted policy.
@@ -139,6 +173,68 @@ mod tests {
         let c = desired("AuthorizationPolicy", &spec, None, &Outcome { binding: Some(&custom), ..Default::default() });
         assert_eq!(kinds(&c)[1], ("WaypointAccepted", "False", "UnsupportedValue"));
         assert!(c[1].message.contains("CUSTOM"), "{}", c[1].message);
+    }
+
+    #[test]
+    fn a_mesh_route_applied_whole_is_accepted_at_the_waypoint() {
+        for kind in ["VirtualService", "TrafficSplit"] {
+            let c = desired(kind, &json!({}), Some(3), &Outcome { applied: true, ..Default::default() });
+            assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "True", "Accepted")]);
+            assert_eq!(c[1].message, "applied at the waypoint");
+            assert!(c.iter().all(|c| c.generation == Some(3)));
+        }
+    }
+
+    #[test]
+    fn a_mesh_route_applied_in_part_says_what_was_left_out() {
+        let o = Outcome {
+            applied: true,
+            warnings: vec!["host other.ns2 has no waypoint", "subset v2 is not supported"],
+            ..Default::default()
+        };
+        let c = desired("VirtualService", &json!({}), None, &o);
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "True", "UnsupportedValue")]);
+        assert!(c[1].message.contains("other.ns2") && c[1].message.contains("subset v2"), "{}", c[1].message);
+    }
+
+    #[test]
+    fn a_mesh_route_no_waypoint_applies_has_no_effect() {
+        let c = desired("VirtualService", &json!({}), None, &Outcome::default());
+        assert_eq!(kinds(&c), [("Accepted", "True", "Accepted"), ("WaypointAccepted", "False", "NotApplied")]);
+        assert_eq!(c[1].message, "no waypoint serves its hosts: it has no effect");
+        let c = desired("TrafficSplit", &json!({}), None, &Outcome::default());
+        assert_eq!(c[1].message, "no waypoint serves its service: it has no effect");
+
+        let o = Outcome { warnings: vec!["host reviews has no waypoint"], ..Default::default() };
+        let c = desired("VirtualService", &json!({}), None, &o);
+        assert_eq!(kinds(&c)[1], ("WaypointAccepted", "False", "NotApplied"));
+        assert_eq!(c[1].message, "host reviews has no waypoint");
+    }
+
+    #[test]
+    fn an_invalid_mesh_route_is_refused_in_both_conditions() {
+        let o = Outcome {
+            rejected: vec!["unknown field `corsPolicy`"],
+            warnings: vec!["host reviews has no waypoint"],
+            applied: false,
+            ..Default::default()
+        };
+        let c = desired("TrafficSplit", &json!({}), Some(1), &o);
+        assert_eq!(kinds(&c), [("Accepted", "False", "Invalid"), ("WaypointAccepted", "False", "Invalid")]);
+        assert_eq!(c[0].message, "unknown field `corsPolicy`");
+        assert_eq!(c[1].message, c[0].message);
+    }
+
+    #[test]
+    fn a_mesh_route_that_stops_applying_flips_its_waypoint_condition() {
+        let applied = desired("VirtualService", &json!({}), Some(1), &Outcome { applied: true, ..Default::default() });
+        let first = merge(&[], &applied, &OWNED, &json!("t0")).unwrap();
+        let gone = desired("VirtualService", &json!({}), Some(1), &Outcome::default());
+        let next = merge(&first, &gone, &OWNED, &json!("t1")).unwrap();
+        let w = next.iter().find(|c| c["type"] == "WaypointAccepted").unwrap();
+        assert_eq!((w["status"].as_str(), w["lastTransitionTime"].as_str()), (Some("False"), Some("t1")));
+        let a = next.iter().find(|c| c["type"] == "Accepted").unwrap();
+        assert_eq!(a["lastTransitionTime"], "t0", "Accepted did not change");
     }
 
     #[test]

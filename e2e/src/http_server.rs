@@ -185,6 +185,14 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>
             .and_then(|c| c.split(['/', '?']).next()?.parse::<u16>().ok())
             .filter(|c| (200..600).contains(c))
             .unwrap_or(200);
+        // Recorded as it arrives, before any delay: a test can count attempts its proxy gave up on.
+        seen.lock().expect("http server lock").requests.push(SeenRequest {
+            peer,
+            nth_on_connection: nth,
+            method: head.method.clone(),
+            path,
+            headers: head.headers.clone(),
+        });
         if let Some(ms) = delay {
             std::thread::sleep(Duration::from_millis(ms));
         }
@@ -199,13 +207,6 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>
             text.push_str(&format!("header {n} {v}\n"));
         }
         let keep = head.keep_alive();
-        seen.lock().expect("http server lock").requests.push(SeenRequest {
-            peer,
-            nth_on_connection: nth,
-            method: head.method.clone(),
-            path,
-            headers: head.headers.clone(),
-        });
         if head.header("upgrade") == Some("echo") && head.header("connection").is_some_and(|c| c.contains("pgrade")) {
             let switch = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-served-by: {name}\r\n\r\n"

@@ -1,0 +1,253 @@
+//! End-to-end tests of the routing APIs users bring from other meshes, in the waypoint lab ([`WaypointLab`]: the real
+//! controller in file mode, ztunnels, `ambit-waypoint`, HBONE with mutual TLS, HTTP echo servers `echo-v1` behind the
+//! service `echo` and `echo-v2` behind `echo-v2`): Istio `VirtualService`s written as Istio's documentation writes
+//! them (a 90/10 split with retries and timeouts, header and URI-prefix matches, fault injection) and an SMI
+//! `TrafficSplit`, applied to the service `echo`, which uses the waypoint. Splits are measured over 2,000 requests
+//! and must land within 2.5 percentage points of the weight (more than 3.7 standard deviations of a fair draw).
+//! Needs root; fails (not skips) under CI.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ambit_e2e::check::TIMEOUT;
+use ambit_e2e::http::{HttpConnection, Request};
+use ambit_e2e::http_server::EchoReply;
+use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP};
+
+/// Requests a split is measured over.
+const SPLIT_REQUESTS: usize = 2_000;
+/// How far the measured share may be from the weight, in percentage points.
+const SPLIT_TOLERANCE: f64 = 2.5;
+
+/// Istio's canary example on `echo`: 90 % to `echo`, 10 % to `echo-v2`, two retries of at most 1 s each, 3 s overall.
+const CANARY: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo]
+  http:
+  - route:
+    - destination: {host: echo}
+      weight: 90
+    - destination: {host: echo-v2}
+      weight: 10
+    retries:
+      attempts: 2
+      perTryTimeout: 1s
+    timeout: 3s
+"#;
+
+/// Matches: a header to `echo-v2`, URI prefixes to one service each, everything else to `echo`.
+const MATCHES: &str = r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo.default.svc.cluster.local]
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination: {host: echo-v2}
+  - match:
+    - uri: {prefix: /api/users}
+    route:
+    - destination: {host: echo-v2}
+  - match:
+    - uri: {prefix: /api/orders}
+    rewrite: {uri: /orders}
+    route:
+    - destination: {host: echo}
+  - route:
+    - destination: {host: echo}
+"#;
+
+/// SMI's canary: the apex `echo` split 90/10 between `echo` and `echo-v2`.
+const TRAFFIC_SPLIT: &str = r#"apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: echo-split, namespace: default}
+spec:
+  service: echo
+  backends:
+  - {service: echo, weight: 90}
+  - {service: echo-v2, weight: 10}
+"#;
+
+/// Sends `n` GETs of `path` from the client on one kept-alive connection; per request, which server answered
+/// (`"waypoint"` when none did) and the status.
+fn served_by(l: &WaypointLab, path: &str, n: usize, headers: &[(&str, &str)]) -> Vec<(String, u16)> {
+    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).expect("connect");
+    (0..n)
+        .map(|_| {
+            let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (k, v)| r.header(k, v));
+            let r = conn.send(&req).expect("a response");
+            (r.header("x-served-by").unwrap_or("waypoint").to_owned(), r.status)
+        })
+        .collect()
+}
+
+/// Asserts that `server`'s share of `answers` is `percent` within [`SPLIT_TOLERANCE`]; returns the share.
+fn assert_share(answers: &[(String, u16)], server: &str, percent: f64) -> f64 {
+    assert!(answers.iter().all(|(_, s)| *s == 200), "every request answered 200");
+    let share = 100.0 * answers.iter().filter(|(s, _)| s == server).count() as f64 / answers.len() as f64;
+    assert!(
+        (share - percent).abs() <= SPLIT_TOLERANCE,
+        "{server} got {share:.1} %, want {percent} ± {SPLIT_TOLERANCE}"
+    );
+    share
+}
+
+#[test]
+fn istio_virtual_services_split_retry_time_out_and_match() {
+    let Some(l) = WaypointLab::start("wp-istio-vs") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+
+    controller.write("vs.yaml", CANARY).unwrap();
+    l.until_served_by(l.client, "/canary-arrived", &[], "echo-v2");
+    let share = assert_share(&served_by(&l, "/split", SPLIT_REQUESTS, &[]), "echo-v2", 10.0);
+    eprintln!("VirtualService 90/10: echo-v2 got {share:.2} % of {SPLIT_REQUESTS} requests");
+
+    // A failing backend is retried twice (three attempts, over both destinations), then its 503 goes back.
+    let attempts = |path: &str| {
+        let count = |reqs: Vec<ambit_e2e::http_server::SeenRequest>| reqs.iter().filter(|q| q.path == path).count();
+        count(l.v1.requests()) + count(l.v2.requests())
+    };
+    let r = l.get("/status/503/retried", &[]).expect("GET /status/503");
+    assert_eq!((r.status, attempts("/status/503/retried")), (503, 3), "{r:?}");
+    // A hanging backend is cut at 1 s: 504. Istio's default `retryOn` does not retry a per-try timeout.
+    let hang = |path: &str| {
+        let started = Instant::now();
+        let r = l.get(path, &[]).expect("GET /delay/10000");
+        assert_eq!(r.status, 504, "{r:?}");
+        (started.elapsed(), attempts(path))
+    };
+    let (took, tries) = hang("/delay/10000/hang");
+    assert_eq!(tries, 1, "a per-try timeout is not retried without retryOn");
+    assert!(took < Duration::from_millis(2_500), "the per-try timeout did not cut the request: {took:?}");
+    // With `retryOn: gateway-error` it is (Envoy), until the 3 s timeout ends the request.
+    controller
+        .write("vs.yaml", &CANARY.replace("perTryTimeout: 1s", "perTryTimeout: 1s\n      retryOn: gateway-error"))
+        .unwrap();
+    l.until("the retryOn change", || match hang("/delay/10000/retry-on") {
+        (took, tries) if tries >= 2 => Ok(took),
+        other => Err(format!("{other:?}")),
+    });
+    let (took, tries) = hang("/delay/10000/overall");
+    assert!(tries >= 2, "{tries} attempts");
+    assert!(took >= Duration::from_millis(2_900) && took < Duration::from_millis(6_000), "the 3 s timeout: {took:?}");
+
+    controller.write("vs.yaml", MATCHES).unwrap();
+    l.until_served_by(l.client, "/api/users/1", &[], "echo-v2");
+    let (_, echo) = l.until_served_by(l.client, "/anything", &[("end-user", "jason")], "echo-v2");
+    assert_eq!(echo.path, "/anything");
+    let (_, echo) = l.until_served_by(l.client, "/api/orders/7", &[], "echo-v1");
+    assert_eq!(echo.path, "/orders/7", "rewrite.uri replaces the matched prefix");
+    let (_, echo) = l.until_served_by(l.client, "/api/usersX", &[], "echo-v2");
+    assert_eq!(echo.path, "/api/usersX", "an Istio uri prefix is a plain string prefix");
+    let others = served_by(&l, "/other", 50, &[("end-user", "mary")]);
+    assert!(others.iter().all(|(s, c)| s == "echo-v1" && *c == 200), "{others:?}");
+
+    controller.remove("vs.yaml").unwrap();
+    l.until_served_by(l.client, "/api/users/2", &[], "echo-v1");
+}
+
+#[test]
+fn an_smi_traffic_split_splits_the_apex_service() {
+    let Some(l) = WaypointLab::start("wp-smi-split") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+
+    controller.write("split.yaml", TRAFFIC_SPLIT).unwrap();
+    l.until_served_by(l.client, "/split-arrived", &[], "echo-v2");
+    let share = assert_share(&served_by(&l, "/split", SPLIT_REQUESTS, &[]), "echo-v2", 10.0);
+    eprintln!("TrafficSplit 90/10: echo-v2 got {share:.2} % of {SPLIT_REQUESTS} requests");
+    let echo = EchoReply::parse(&l.get("/host", &[]).unwrap().body).unwrap();
+    assert_eq!(echo.host, ECHO_HOST, "the Host header is the client's");
+
+    // A VirtualService on the same service takes precedence over the split.
+    controller.write("vs.yaml", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: only-v1, namespace: default}\nspec: {hosts: [echo], http: [{route: [{destination: {host: echo}}]}]}\n").unwrap();
+    l.until("the VirtualService replaces the split", || {
+        let answers = served_by(&l, "/vs-wins", 100, &[]);
+        match answers.iter().filter(|(s, _)| s == "echo-v2").count() {
+            0 => Ok(()),
+            n => Err(format!("{n} of 100 still went to echo-v2")),
+        }
+    });
+}
+
+/// Istio's fault-injection example on `echo`: a 2 s delay for half the requests, a 503 abort for a tenth.
+const FAULTS: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-faults, namespace: default}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{uri: {prefix: /fault}}]
+    fault:
+      delay:
+        percentage: {value: 50}
+        fixedDelay: 2s
+      abort:
+        percentage: {value: 10}
+        httpStatus: 503
+    route: [{destination: {host: echo}}]
+  - route: [{destination: {host: echo}}]
+    headers: {response: {set: {x-vs: echo-faults}}}
+"#;
+
+/// Requests the fault shares are measured over (each delayed one takes 2 s, so they go 20 at a time).
+const FAULT_REQUESTS: usize = 200;
+
+#[test]
+fn injected_delays_and_aborts_hit_their_share_of_requests() {
+    let Some(l) = WaypointLab::start("wp-istio-fault") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    controller.write("vs.yaml", FAULTS).unwrap();
+    l.until("the VirtualService", || match l.get("/arrived", &[]) {
+        Ok(r) if r.header("x-vs") == Some("echo-faults") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    let before = l.v1.requests().len();
+    // Per request: (took at least the delay, aborted by the waypoint).
+    let outcomes: Vec<(bool, bool)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..20)
+            .map(|w| {
+                let l = &l;
+                s.spawn(move || {
+                    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT)
+                        .expect("connect");
+                    (0..FAULT_REQUESTS / 20)
+                        .map(|i| {
+                            let started = Instant::now();
+                            let r =
+                                conn.send(&Request::get(ECHO_HOST, &format!("/fault/{w}/{i}"))).expect("a response");
+                            let aborted = r.status == 503 && r.body == "fault filter abort";
+                            assert!(aborted || r.status == 200, "{r:?}");
+                            (started.elapsed() >= Duration::from_secs(2), aborted)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a worker")).collect()
+    });
+    let share =
+        |f: fn(&(bool, bool)) -> bool| 100.0 * outcomes.iter().filter(|o| f(o)).count() as f64 / FAULT_REQUESTS as f64;
+    let (delayed, aborted) = (share(|o| o.0), share(|o| o.1));
+    eprintln!(
+        "faults over {FAULT_REQUESTS} requests: {delayed:.1} % delayed 2 s (want 50), {aborted:.1} % aborted (want 10)"
+    );
+    // 3.5 standard deviations of a fair draw over 200 requests.
+    assert!((delayed - 50.0).abs() <= 12.5, "{delayed} % delayed");
+    assert!((aborted - 10.0).abs() <= 7.5, "{aborted} % aborted");
+    let reached = l.v1.requests().len() - before;
+    let answered = outcomes.iter().filter(|o| !o.1).count();
+    assert_eq!(reached, answered, "an aborted request reached the backend");
+    let m = l.waypoint.metrics().unwrap();
+    let flagged =
+        ambit_e2e::check::metric(&m, "istio_requests_total", &[("response_flags", "FI"), ("response_code", "503")]);
+    assert!(flagged >= 1.0, "aborts are not counted with flag FI:\n{m}");
+}

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Snapshot, SnapshotHandle};
+use crate::proxy::Shared;
 use crate::route::RouteTable;
 
 /// What the admin endpoint reads.
@@ -22,6 +23,8 @@ pub struct AdminInputs {
     /// `namespace/name` of the waypoint Gateway and its identity.
     pub gateway: String,
     pub identity: String,
+    /// The request path's state (outlier ejections).
+    pub shared: Arc<Shared>,
 }
 
 fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
@@ -32,6 +35,7 @@ fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
                 "identity": inputs.identity,
                 "certificates": inputs.certs.summaries(),
                 "state": snapshot_dump(&inputs.snapshots.current()),
+                "outlierDetection": outlier_dump(&inputs.shared),
             });
             let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default());
             r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().expect("bug: header"));
@@ -41,6 +45,27 @@ fn admin(inputs: &AdminInputs, req: &Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/") => text(StatusCode::OK, "GET /config_dump\nGET /logging\nPOST /logging?level=debug\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Per upstream service with outlier detection: the endpoints ejected now, each with the seconds until it returns
+/// and how many times it was ejected, and the ejections so far.
+fn outlier_dump(shared: &Shared) -> serde_json::Value {
+    let now = std::time::Instant::now();
+    let services: Vec<_> = shared
+        .ejections()
+        .into_iter()
+        .map(|(service, ejected, total)| {
+            let ejected: Vec<_> = ejected
+                .iter()
+                .map(|e| {
+                    let left = e.until.saturating_duration_since(now).as_secs_f64();
+                    json!({"endpoint": e.endpoint, "returnsInSeconds": left, "timesEjected": e.times})
+                })
+                .collect();
+            json!({"service": service, "ejected": ejected, "ejectionsTotal": total})
+        })
+        .collect();
+    json!(services)
 }
 
 /// The snapshot as JSON: served services with their ports' routes, the

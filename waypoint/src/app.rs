@@ -120,6 +120,7 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
             log,
             gateway: format!("{}/{}", gateway.0, gateway.1),
             identity: identity.to_string(),
+            shared: shared.clone(),
         }),
     ));
     tokio::spawn(ambit_telemetry::serve_metrics(metrics_listener, Arc::new(registry)));

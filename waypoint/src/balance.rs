@@ -4,12 +4,17 @@
 //! Both take the caller's random source, so tests are repeatable and the
 //! forwarding code can use a cheap thread-local generator.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rand::Rng;
 
 use crate::filters::Filter;
+pub use crate::lb::LbPolicy;
+use crate::lb::{Maglev, TABLE_SIZE};
+use crate::outlier::{Attempt, Ejection, OutlierConfig, Outliers};
 use crate::reply::Reply;
 use crate::route::{Backend, BackendTarget};
 use crate::target::ServiceTarget;
@@ -82,28 +87,21 @@ pub trait Load {
     }
 }
 
-/// How a backend's endpoint is chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LbPolicy {
-    /// Two endpoints at random, the one with fewer requests in flight
-    /// (Envoy's and Istio's default): close to the least loaded without a
-    /// global scan, and no herd on one endpoint.
-    #[default]
-    LeastRequest,
-    RoundRobin,
-}
-
 /// Chooses endpoints of one backend service; holds the round-robin position,
 /// so keep one per service.
 #[derive(Debug, Default)]
 pub struct EndpointPicker {
     policy: LbPolicy,
     next: AtomicUsize,
+    /// The consistent-hash table of the last endpoint set hashed over.
+    maglev: Mutex<Option<Arc<Maglev>>>,
+    /// Outlier detection of this service's endpoints.
+    outliers: Mutex<Outliers>,
 }
 
 impl EndpointPicker {
     pub fn new(policy: LbPolicy) -> Self {
-        EndpointPicker { policy, next: AtomicUsize::new(0) }
+        EndpointPicker { policy, ..EndpointPicker::default() }
     }
 
     pub fn policy(&self) -> LbPolicy {
@@ -115,29 +113,90 @@ impl EndpointPicker {
     /// are skipped while another healthy one exists, so a retry lands
     /// elsewhere when it can.
     pub fn pick<E: Load>(&self, endpoints: &[E], tried: &[usize], rng: &mut impl Rng) -> Option<usize> {
+        self.pick_with(self.policy, endpoints, tried, rng)
+    }
+
+    /// Whether outlier detection has `endpoint` out of balancing now.
+    pub fn is_ejected(&self, endpoint: SocketAddr, now: Instant) -> bool {
+        self.outliers.lock().expect("bug: poisoned").is_ejected(endpoint, now)
+    }
+
+    /// Records how an attempt to `endpoint` ended, for outlier detection
+    /// by `cfg` over `total` endpoints; whether this ejected it.
+    pub fn record(
+        &self,
+        cfg: &OutlierConfig,
+        endpoint: SocketAddr,
+        attempt: Attempt,
+        total: usize,
+        now: Instant,
+    ) -> bool {
+        self.outliers.lock().expect("bug: poisoned").record(cfg, endpoint, attempt, total, now)
+    }
+
+    /// The endpoints ejected now (the admin dump), and ejections so far.
+    pub fn ejections(&self, now: Instant) -> (Vec<Ejection>, u64) {
+        let o = self.outliers.lock().expect("bug: poisoned");
+        (o.ejected(now), o.ejections_total)
+    }
+
+    /// [`EndpointPicker::pick`] by `policy` instead of the picker's own.
+    pub fn pick_with<E: Load>(
+        &self,
+        policy: LbPolicy,
+        endpoints: &[E],
+        tried: &[usize],
+        rng: &mut impl Rng,
+    ) -> Option<usize> {
         let fresh = |i: usize, e: &E| e.healthy() && !tried.contains(&i);
         let healthy = |_: usize, e: &E| e.healthy();
         if endpoints.iter().enumerate().any(|(i, e)| fresh(i, e)) {
-            self.pick_among(endpoints, fresh, rng)
+            self.pick_among(policy, endpoints, fresh, rng)
         } else {
-            self.pick_among(endpoints, healthy, rng)
+            self.pick_among(policy, endpoints, healthy, rng)
         }
+    }
+
+    /// The endpoint the request hash `hash` maps to in the Maglev table of
+    /// `endpoints` (named by `name`, in a stable order), when it is healthy;
+    /// `None` sends the caller to [`EndpointPicker::pick_with`]. Every
+    /// attempt of a request maps to the same endpoint, as Envoy's hash
+    /// balancers do.
+    pub fn pick_hashed<E: Load>(&self, endpoints: &[E], name: impl Fn(&E) -> &str, hash: u64) -> Option<usize> {
+        if endpoints.is_empty() || endpoints.len() >= TABLE_SIZE {
+            return None;
+        }
+        let fingerprint = Maglev::fingerprint(endpoints.iter().map(&name));
+        let cached = self.maglev.lock().expect("bug: poisoned").clone();
+        let table = match cached {
+            Some(t) if t.fingerprint == fingerprint => t,
+            _ => {
+                let names: Vec<&str> = endpoints.iter().map(&name).collect();
+                let t = Arc::new(Maglev::build(&names, TABLE_SIZE));
+                *self.maglev.lock().expect("bug: poisoned") = Some(t.clone());
+                t
+            }
+        };
+        let i = table.lookup(hash);
+        endpoints[i].healthy().then_some(i)
     }
 
     /// Chooses among the endpoints `eligible` accepts, without allocating:
     /// candidates are addressed by rank.
     fn pick_among<E: Load>(
         &self,
+        policy: LbPolicy,
         endpoints: &[E],
         eligible: impl Fn(usize, &E) -> bool,
         rng: &mut impl Rng,
     ) -> Option<usize> {
         let nth = |rank: usize| endpoints.iter().enumerate().filter(|(i, e)| eligible(*i, e)).nth(rank).map(|(i, _)| i);
         let count = endpoints.iter().enumerate().filter(|(i, e)| eligible(*i, e)).count();
-        match (count, self.policy) {
+        match (count, policy) {
             (0, _) => None,
             (1, _) => nth(0),
             (_, LbPolicy::RoundRobin) => nth(self.next.fetch_add(1, Ordering::Relaxed) % count),
+            (_, LbPolicy::Random) => nth(rng.random_range(0..count)),
             (_, LbPolicy::LeastRequest) => {
                 let a = rng.random_range(0..count);
                 let mut b = rng.random_range(0..count - 1);

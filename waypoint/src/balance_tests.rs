@@ -8,6 +8,7 @@ fn service(name: &str) -> BackendTarget {
         hostname: format!("{name}.ns.svc.cluster.local"),
         namespace: "ns".into(),
         port: 80,
+        policy: None,
     })
 }
 

@@ -13,7 +13,8 @@ use crate::route::{Backend, BackendTarget, Route, RouteKind, RouteTable, Rule};
 use crate::target::ServiceTarget;
 
 fn backend() -> Backend {
-    let target = ServiceTarget { hostname: "b.ns.svc.cluster.local".into(), namespace: "ns".into(), port: 8080 };
+    let target =
+        ServiceTarget { hostname: "b.ns.svc.cluster.local".into(), namespace: "ns".into(), port: 8080, policy: None };
     Backend { target: BackendTarget::Service(target), weight: 1, filters: Vec::new() }
 }
 

@@ -208,7 +208,12 @@ fn rewrite_to_an_invalid_path_is_a_500_not_a_panic() {
 }
 
 fn mirror(percent: f64) -> RequestMirror {
-    let target = ServiceTarget { hostname: "shadow.ns.svc.cluster.local".into(), namespace: "ns".into(), port: 80 };
+    let target = ServiceTarget {
+        hostname: "shadow.ns.svc.cluster.local".into(),
+        namespace: "ns".into(),
+        port: 80,
+        policy: None,
+    };
     RequestMirror { target, percent }
 }
 

@@ -307,6 +307,12 @@ struct RefusedLabels {
     reason: RefusedReason,
 }
 
+/// `ambit_waypoint_outlier_ejections_total{service}`: the upstream service as `namespace/hostname`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// The four metrics of one label set, looked up together.
@@ -325,6 +331,7 @@ struct Inner {
     /// One hash of the labels per request instead of one per family.
     series: RwLock<HashMap<RequestLabels, Series>>,
     refused: Family<RefusedLabels, Counter>,
+    outlier_ejections: Family<ServiceLabel, Counter>,
     config_problems: Gauge,
     pool: PoolMetrics,
 }
@@ -357,6 +364,7 @@ impl Metrics {
             response_bytes: Family::new_with_constructor(size_histogram),
             series: RwLock::new(HashMap::new()),
             refused: Family::default(),
+            outlier_ejections: Family::default(),
             config_problems: Gauge::default(),
             pool: PoolMetrics::default(),
         };
@@ -372,6 +380,11 @@ impl Metrics {
         istio.register("response_bytes", "Response body sizes", m.response_bytes.clone());
         let w = registry.sub_registry_with_prefix("ambit_waypoint");
         w.register("refused", "Connections and tunnels refused before any request, by reason", m.refused.clone());
+        w.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection (DestinationRule outlierDetection), by upstream service",
+            m.outlier_ejections.clone(),
+        );
         w.register(
             "config_problems",
             "Parts of the configuration left out of the snapshot in force",
@@ -394,6 +407,11 @@ impl Metrics {
     /// Counts traffic refused before any request.
     pub fn refused(&self, reason: RefusedReason) {
         self.0.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Counts an endpoint of `service` (`namespace/hostname`) ejected by outlier detection.
+    pub fn outlier_ejected(&self, service: &str) {
+        self.0.outlier_ejections.get_or_create(&ServiceLabel { service: service.to_owned() }).inc();
     }
 
     /// Sets how many problems the configuration in force has (e.g. a

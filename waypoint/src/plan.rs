@@ -125,7 +125,12 @@ mod tests {
     use crate::target::ServiceTarget;
 
     fn target(name: &str) -> ServiceTarget {
-        ServiceTarget { hostname: format!("{name}.ns.svc.cluster.local"), namespace: "ns".into(), port: 8080 }
+        ServiceTarget {
+            hostname: format!("{name}.ns.svc.cluster.local"),
+            namespace: "ns".into(),
+            port: 8080,
+            policy: None,
+        }
     }
 
     fn table(rule: Rule) -> RouteTable {

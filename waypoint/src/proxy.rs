@@ -28,8 +28,10 @@ use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Worklo
 use crate::fault;
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
+use crate::lb::request_hash;
 use crate::metrics::{Metrics, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
 use crate::normalize::normalize;
+use crate::outlier::Attempt;
 use crate::plan::{prepare, Decision, Forward};
 use crate::replay::ReplayBody;
 use crate::reply::{Reply, ReplyReason};
@@ -122,6 +124,22 @@ impl Shared {
         }
     }
 
+    /// The endpoints outlier detection has ejected now, by service (the admin dump).
+    pub fn ejections(&self) -> Vec<(String, Vec<crate::outlier::Ejection>, u64)> {
+        let now = Instant::now();
+        let pickers = self.pickers.lock().expect("bug: poisoned");
+        let mut out: Vec<_> = pickers
+            .iter()
+            .map(|(service, p)| {
+                let (ejected, total) = p.ejections(now);
+                (service.clone(), ejected, total)
+            })
+            .filter(|(_, ejected, total)| !ejected.is_empty() || *total > 0)
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     fn picker(&self, service: &str) -> Arc<EndpointPicker> {
         let mut pickers = self.pickers.lock().expect("bug: poisoned");
         if let Some(p) = pickers.get(service) {
@@ -160,11 +178,17 @@ fn full(bytes: Bytes) -> ProxyBody {
 struct Candidate<'a> {
     endpoint: &'a Endpoint,
     load: Arc<InFlight>,
+    /// Out of balancing by outlier detection.
+    ejected: bool,
 }
 
 impl Load for Candidate<'_> {
     fn in_flight(&self) -> u64 {
         self.load.get()
+    }
+
+    fn healthy(&self) -> bool {
+        !self.ejected
     }
 }
 
@@ -318,7 +342,7 @@ async fn route_and_forward<'s>(
             answer(reply, &mut done)
         }
         Decision::Forward(forward) => {
-            let client = ClientSide { upgrade: client_upgrade, http2 };
+            let client = ClientSide { upgrade: client_upgrade, http2, peer: down.peer.ip() };
             forward_and_respond(shared, snapshot, &forward, parts, body, client, rng, start, &mut done).await
         }
     };
@@ -333,6 +357,8 @@ struct ClientSide {
     /// The client's HTTP/1.1 upgrade, taken off the request.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     http2: bool,
+    /// The HBONE peer's address (consistent hashing by source IP).
+    peer: IpAddr,
 }
 
 /// Forwards a prepared request and makes the client's response of what
@@ -349,7 +375,9 @@ async fn forward_and_respond(
     start: Instant,
     done: &mut Done<'_>,
 ) -> Response<ProxyBody> {
-    let response = forward_request(shared, snapshot, forward, parts, body, client.http2, rng, start, done).await;
+    let hash = forward.backend.target.lb().and_then(|lb| lb.hash.as_ref());
+    let hash = hash.and_then(|key| request_hash(key, &parts, client.peer));
+    let response = forward_request(shared, snapshot, forward, parts, body, client.http2, hash, rng, start, done).await;
     let mut response = match response {
         Ok(r) => r,
         Err(reply) => return answer(reply, done),
@@ -383,6 +411,7 @@ async fn forward_request(
     mut parts: Parts,
     body: Incoming,
     http2: bool,
+    hash: Option<u64>,
     rng: &mut SmallRng,
     start: Instant,
     done: &mut Done<'_>,
@@ -397,15 +426,21 @@ async fn forward_request(
     let target = forward.backend.target;
     let endpoints = snapshot.endpoints(target);
     let service_key = format!("{}/{}", target.namespace, target.hostname);
+    let picker = shared.picker(&service_key);
+    let outlier = target.outlier();
+    let now = Instant::now();
     let candidates: Vec<Candidate> = endpoints
         .iter()
-        .filter(|e| e.target(target.port).is_some())
-        .map(|e| Candidate { endpoint: e, load: shared.load(e.target(target.port).expect("filtered")) })
+        .filter(|e| target.admits(&e.workload.uid))
+        .filter_map(|e| {
+            let addr = e.target(target.port)?;
+            let ejected = outlier.is_some() && picker.is_ejected(addr, now);
+            Some(Candidate { endpoint: e, load: shared.load(addr), ejected })
+        })
         .collect();
     if candidates.is_empty() {
         return Err(Reply::no_healthy_upstream());
     }
-    let picker = shared.picker(&service_key);
     let deadlines = forward.timeouts.deadlines(start);
     // A body small enough is kept, so that a retry or a mirror can send it again.
     let buffered = match buffer_small_body(&parts, body).await {
@@ -425,7 +460,9 @@ async fn forward_request(
     let mut retry_permit = None;
     loop {
         attempt += 1;
-        let Some(i) = picker.pick(&candidates, &tried, rng) else {
+        let hashed = hash.and_then(|h| picker.pick_hashed(&candidates, |c| c.endpoint.workload.uid.as_str(), h));
+        let policy = target.lb().map_or(picker.policy(), |lb| lb.simple);
+        let Some(i) = hashed.or_else(|| picker.pick_with(policy, &candidates, &tried, rng)) else {
             return Err(Reply::no_healthy_upstream());
         };
         tried.push(i);
@@ -454,6 +491,16 @@ async fn forward_request(
             },
             Err(o) => *o,
         };
+        if let Some(cfg) = outlier {
+            let seen = match &result {
+                Ok(resp) => Attempt::Status(resp.status().as_u16()),
+                Err(_) => Attempt::LocalFailure,
+            };
+            if picker.record(cfg, addr, seen, candidates.len(), Instant::now()) {
+                warn!(%addr, service = %service_key, "outlier detection: endpoint ejected");
+                shared.metrics.outlier_ejected(&service_key);
+            }
+        }
         let replayable = body.as_ref().is_some_and(RequestBody::is_replayable);
         let overall_passed = deadlines.overall().is_some_and(|end| Instant::now() >= end);
         if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
@@ -555,7 +602,11 @@ fn send_mirror(
     rng: &mut SmallRng,
 ) {
     let endpoints = snapshot.endpoints(&mirror.target);
-    let usable: Vec<SocketAddr> = endpoints.iter().filter_map(|e| e.target(mirror.target.port)).collect();
+    let usable: Vec<SocketAddr> = endpoints
+        .iter()
+        .filter(|e| mirror.target.admits(&e.workload.uid))
+        .filter_map(|e| e.target(mirror.target.port))
+        .collect();
     if usable.is_empty() {
         debug!(target = %mirror.target, "mirror has no endpoint");
         return;

@@ -275,7 +275,8 @@ fn route_hostnames_restrict_the_host() {
 #[test]
 fn no_routes_is_404_and_to_service_routes_everything() {
     assert_eq!(pick(&table(vec![]), &get("/")), "404 Not Found");
-    let target = ServiceTarget { hostname: "echo.ns.svc.cluster.local".into(), namespace: "ns".into(), port: 80 };
+    let target =
+        ServiceTarget { hostname: "echo.ns.svc.cluster.local".into(), namespace: "ns".into(), port: 80, policy: None };
     let t = RouteTable::to_service(target.clone());
     let m = t.find(&get("/any/path")).unwrap();
     assert_eq!(m.rule.backends[0].target, BackendTarget::Service(target));

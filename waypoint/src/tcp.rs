@@ -36,8 +36,12 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, down: &
         shared.metrics.refused(RefusedReason::policy_denied);
         return;
     }
-    let target =
-        ServiceTarget { hostname: svc.hostname.clone(), namespace: svc.namespace.clone(), port: served.port.port };
+    let target = ServiceTarget {
+        hostname: svc.hostname.clone(),
+        namespace: svc.namespace.clone(),
+        port: served.port.port,
+        policy: None,
+    };
     let endpoints: Vec<SocketAddr> = snapshot.endpoints(&target).iter().filter_map(|e| e.target(target.port)).collect();
     drop(snapshot);
     if endpoints.is_empty() {

@@ -12,15 +12,14 @@
 use ambit_api::waypoint::{
     filter, path_match, path_modifier, Backend, FaultInjection, Filter, Header, HeaderMatch, HeaderModifier, MatchType,
     PathMatch, PathModifier, QueryParamMatch, RequestMirror, RequestRedirect, Retry, Route, RouteKind, RouteMatch,
-    RouteOrigin, Rule, Timeouts, UrlRewrite,
+    Rule, Timeouts, UrlRewrite,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::mesh_route_crd::{
     StringMatch, TrafficSplit, VirtualService, VsDestination, VsFault, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch,
     VsRetries,
 };
-use super::route_convert::escape;
+use super::route_convert::{escape, origin};
 
 /// Why a VirtualService or TrafficSplit is invalid.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -59,15 +58,6 @@ pub trait DestinationResolver {
 pub struct PortContext {
     /// The service port (0 when only validating).
     pub port: u32,
-}
-
-fn origin(kind: RouteKind, meta: &ObjectMeta) -> RouteOrigin {
-    RouteOrigin {
-        kind: kind.into(),
-        namespace: meta.namespace.clone().unwrap_or_default(),
-        name: meta.name.clone().unwrap_or_default(),
-        creation_timestamp: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
-    }
 }
 
 /// Converts a VirtualService's `http[]` for port `at`. `None`: no rule applies to that port (every match names

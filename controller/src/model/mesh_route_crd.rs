@@ -296,3 +296,143 @@ pub struct TrafficSplitBackend {
     /// Relative share.
     pub weight: u32,
 }
+
+/// `networking.istio.io` DestinationRule (v1, v1beta1, v1alpha3).
+pub type DestinationRule = Resource<DestinationRuleSpec>;
+
+/// `spec` of a DestinationRule: subsets and load balancers are applied; the other traffic policies are read so that
+/// a manifest carrying them applies, and reported as not applied.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    /// The Service: `name`, `name.namespace` or its FQDN.
+    pub host: String,
+    /// For every request to the host (a subset's own policy replaces it for the subset's).
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named groups of the Service's endpoints, by label.
+    #[serde(default)]
+    pub subsets: Vec<DrSubset>,
+    /// Visibility; a VirtualService finds the DestinationRules of its own namespace and of the Service's.
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// Sidecar-only: refused if set.
+    #[serde(default)]
+    pub workload_selector: Option<serde_yaml::Value>,
+}
+
+/// `subsets[]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DrSubset {
+    pub name: String,
+    /// The endpoints whose pods carry all these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// `trafficPolicy`: `loadBalancer` is applied; the others are not yet (reported).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default)]
+    pub connection_pool: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub outlier_detection: Option<Outlier>,
+    #[serde(default)]
+    pub tls: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub port_level_settings: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub proxy_protocol: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub tunnel: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub retry_budget: Option<serde_yaml::Value>,
+}
+
+/// `trafficPolicy.loadBalancer`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSettings {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST`, `LEAST_CONN` (its old name), `RANDOM`, `PASSTHROUGH`, `UNSPECIFIED`.
+    #[serde(default)]
+    pub simple: Option<String>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+    /// Not applied (one locality here).
+    #[serde(default)]
+    pub locality_lb_setting: Option<serde_yaml::Value>,
+    /// Not applied.
+    #[serde(default)]
+    pub warmup_duration_secs: Option<serde_yaml::Value>,
+    /// Not applied.
+    #[serde(default)]
+    pub warmup: Option<serde_yaml::Value>,
+}
+
+/// `loadBalancer.consistentHash`: one key.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHash {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// The table is always Maglev's; a ring hash's settings are reported.
+    #[serde(default)]
+    pub ring_hash: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub maglev: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub minimum_ring_size: Option<serde_yaml::Value>,
+}
+
+/// `consistentHash.httpCookie`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookie {
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// With a TTL, Envoy makes the cookie when a request has none; Ambit does not yet (reported).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub attributes: Option<serde_yaml::Value>,
+}
+
+/// `trafficPolicy.outlierDetection`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Outlier {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Deprecated name of `consecutive5xxErrors`.
+    #[serde(default)]
+    pub consecutive_errors: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
+}

@@ -9,15 +9,22 @@
 //! A VirtualService applies only to Services of its own namespace (its routes then run at their waypoint); a host in
 //! another namespace is reported and left alone, so one namespace cannot re-route another's Service. Only mesh
 //! traffic is routed: a VirtualService bound to gateways only has no effect here. TCP ports carry no HTTP routes.
+//!
+//! A destination's `subset` is looked up in the DestinationRules for its Service (those of the VirtualService's
+//! namespace first, then the Service's) and resolved here to the workloads whose pods carry the subset's labels: the
+//! waypoint never sees labels. A DestinationRule's load balancer and outlier detection go with every backend of its
+//! Service (and with the Service's own traffic); its other traffic policies are not applied yet, and reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use ambit_api::waypoint::{Backend, PortRoutes, Protocol, RouteKind};
+use ambit_api::waypoint::{backend, filter, Backend, PortRoutes, Protocol, RouteKind, Subset, TrafficPolicy};
 use ambit_api::workload::{address, Address};
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::destination_rule as dr_policy;
 use super::mesh_route_convert::{self as convert, DestinationResolver, PortContext};
-use super::mesh_route_crd::VsDestination;
+use super::mesh_route_crd::{DestinationRule, VsDestination};
 use super::objects::{ClusterObjects, ObjectKey};
 use super::route_convert;
 use super::routes::RoutesReport;
@@ -25,6 +32,7 @@ use super::{Rejection, Warning};
 
 const VIRTUAL_SERVICE: &str = "VirtualService";
 const TRAFFIC_SPLIT: &str = "TrafficSplit";
+const DESTINATION_RULE: &str = "DestinationRule";
 
 /// Resolves destination hosts against the Services of the snapshot.
 struct Destinations<'a> {
@@ -53,23 +61,118 @@ impl DestinationResolver for Destinations<'_> {
         let Some((bns, name)) = self.service_of(ns, &dest.host) else {
             return route_convert::invalid(format!("host {}: not a Service of the mesh", dest.host));
         };
-        if let Some(subset) = &dest.subset {
-            return route_convert::invalid(format!(
-                "host {} subset {subset}: DestinationRule subsets are not applied yet",
-                dest.host
-            ));
-        }
         let hostname = format!("{name}.{bns}.svc.{}", self.domain_suffix);
         let known = self.addresses.get(&format!("{bns}/{hostname}")).and_then(|a| a.r#type.as_ref());
-        let (Some(address::Type::Service(_)), Some(svc)) = (known, self.objects.services.get(&(bns.clone(), name)))
-        else {
+        let service = (bns, name);
+        let (Some(address::Type::Service(_)), Some(svc)) = (known, self.objects.services.get(&service)) else {
             return route_convert::invalid(format!("host {}: no such Service", dest.host));
         };
+        let (subset, policy) = match &dest.subset {
+            None => (None, self.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None))),
+            Some(subset) => match self.subset(ns, &service, subset) {
+                Some(found) => found,
+                None => {
+                    let (bns, name) = &service;
+                    return route_convert::invalid(format!(
+                        "host {} subset {subset}: no DestinationRule for Service {bns}/{name} (in namespace {ns} or \
+                         {bns}) defines it",
+                        dest.host
+                    ));
+                }
+            },
+        };
         match dest.port.as_ref().map(|p| p.number).or_else(|| implied_port(svc, port)) {
-            Some(p) if (1..=65535).contains(&p) => route_convert::service(&bns, hostname, p),
+            Some(p) if (1..=65535).contains(&p) => {
+                let mut backend = route_convert::service(&service.0, hostname, p);
+                if let Some(backend::Kind::Service(s)) = &mut backend.kind {
+                    (s.subset, s.policy) = (subset, policy);
+                }
+                backend
+            }
             _ => route_convert::invalid(format!("host {}: the Service has several ports; name one", dest.host)),
         }
     }
+}
+
+impl Destinations<'_> {
+    /// The DestinationRules whose host is `service`, those of the client's namespace `ns` first, then the
+    /// Service's own; the oldest first within each.
+    fn rules_for<'s>(&'s self, ns: &str, service: &ObjectKey) -> Vec<&'s DestinationRule> {
+        let mut found: Vec<_> = self
+            .objects
+            .destination_rules
+            .iter()
+            .filter(|((dns, _), dr)| {
+                (dns == ns || *dns == service.0)
+                    && self.service_of(dns, &dr.spec.host).as_ref() == Some(service)
+                    && dr_policy::check(dr).is_ok()
+            })
+            .collect();
+        found.sort_by_key(|((dns, n), dr)| (dns != ns, age(&dr.metadata), n.clone()));
+        found.into_iter().map(|(_, dr)| dr).collect()
+    }
+
+    /// Subset `name` of `service`, seen from namespace `ns`: the workloads of the Service's namespace whose pods carry
+    /// the subset's labels (the waypoint keeps only the Service's endpoints among them), with the traffic policy of
+    /// the DestinationRule that defines it.
+    fn subset(&self, ns: &str, service: &ObjectKey, name: &str) -> Option<(Option<Subset>, Option<TrafficPolicy>)> {
+        let (dr, rule) = self
+            .rules_for(ns, service)
+            .into_iter()
+            .find_map(|dr| dr.spec.subsets.iter().find(|s| s.name == name).map(|s| (dr, s)))?;
+        let pods: BTreeSet<&str> = self
+            .objects
+            .pods
+            .iter()
+            .filter(|((pns, _), pod)| {
+                *pns == service.0
+                    && rule.labels.iter().all(|(k, v)| pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+            })
+            .map(|((_, pname), _)| pname.as_str())
+            .collect();
+        let workloads = self
+            .addresses
+            .values()
+            .filter_map(|a| match &a.r#type {
+                Some(address::Type::Workload(w)) if w.namespace == service.0 && pods.contains(w.name.as_str()) => {
+                    Some(w.uid.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        Some((Some(Subset { name: name.to_owned(), workloads }), dr_policy::policy_for(dr, Some(name))))
+    }
+}
+
+/// The traffic policies of DestinationRules (of the Service's namespace) on every backend no VirtualService
+/// destination set one on (HTTPRoute and TrafficSplit backends), and on each served Service's own traffic.
+fn apply_traffic_policies(dests: &Destinations<'_>, report: &mut RoutesReport) {
+    let policy_of = |ns: &str, name: &str| {
+        let service = (ns.to_owned(), name.to_owned());
+        dests.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None))
+    };
+    for sr in report.by_service.values_mut() {
+        sr.policy = policy_of(&sr.namespace, &sr.name);
+        let rules = sr.ports.iter_mut().flat_map(|p| p.routes.iter_mut()).flat_map(|r| r.rules.iter_mut());
+        for rule in rules {
+            let mirrors = rule.filters.iter_mut().filter_map(|f| match &mut f.kind {
+                Some(filter::Kind::RequestMirror(m)) => m.backend.as_mut(),
+                _ => None,
+            });
+            for b in rule.backends.iter_mut().chain(mirrors) {
+                if let Some(backend::Kind::Service(s)) = &mut b.kind {
+                    if s.policy.is_none() && s.subset.is_none() {
+                        let name = s.hostname.split('.').next().unwrap_or_default();
+                        s.policy = policy_of(&s.namespace, name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn age(meta: &ObjectMeta) -> i64 {
+    meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second())
 }
 
 /// Istio's port for a destination without one: the Service's only port, else the port the request came in on (0 when
@@ -93,9 +196,7 @@ pub fn attach(
     report: &mut RoutesReport,
 ) {
     let dests = Destinations { objects, addresses, domain_suffix };
-    let age = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second())
-    };
+    check_destination_rules(&dests, report);
     let mut virtual_services: Vec<_> = objects.virtual_services.iter().collect();
     virtual_services.sort_by_key(|(key, vs)| (age(&vs.metadata), *key));
     for (key, vs) in virtual_services {
@@ -136,6 +237,33 @@ pub fn attach(
         }
         let apex = (key.0.clone(), ts.spec.service.clone());
         notes.attach(&apex, domain_suffix, |port| convert::traffic_split(ts, PortContext { port }, &dests).ok());
+    }
+    apply_traffic_policies(&dests, report);
+}
+
+/// DestinationRules: their subsets are used by the routes that name them; what they carry beyond subsets is
+/// reported, and one for a Service without a waypoint has no effect.
+fn check_destination_rules(dests: &Destinations<'_>, report: &mut RoutesReport) {
+    for (key, dr) in &dests.objects.destination_rules {
+        let mut notes = Notes { kind: DESTINATION_RULE, key, report: &mut *report };
+        if let Err(why) = dr_policy::check(dr) {
+            notes.reject(why);
+            continue;
+        }
+        let left_out = dr_policy::not_applied_in(dr);
+        if !left_out.is_empty() {
+            notes.warn(format!("not applied yet: {}", left_out.join(", ")));
+        }
+        let Some((ns, name)) = dests.service_of(&key.0, &dr.spec.host) else {
+            notes.warn(format!("host {}: not a Service name; not applied", dr.spec.host));
+            continue;
+        };
+        let served = notes.report.by_service.contains_key(&format!("{ns}/{name}.{ns}.svc.{}", dests.domain_suffix));
+        if served {
+            notes.report.mesh_routes_applied.insert((DESTINATION_RULE.into(), key.0.clone(), key.1.clone()));
+        } else {
+            notes.warn(format!("Service {ns}/{name} has no waypoint (or does not exist): not applied"));
+        }
     }
 }
 

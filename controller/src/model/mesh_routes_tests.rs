@@ -133,3 +133,130 @@ fn a_traffic_split_applies_where_no_route_or_virtual_service_does() {
     let scope = &r.snapshot.waypoints[&("mesh".to_owned(), "waypoint".to_owned())];
     assert!(format!("{scope:?}").contains("shop-v2"), "the waypoint gets the addresses of the split's backends");
 }
+
+const SUBSETS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: shop-a, namespace: mesh, labels: {app: shop, version: v1}}
+spec: {nodeName: node1, containers: [{name: c}]}
+status: {podIP: 10.1.0.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shop-b, namespace: mesh, labels: {app: shop, version: v2}}
+spec: {nodeName: node2, containers: [{name: c}]}
+status: {podIP: 10.1.0.21}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shop, namespace: mesh}
+spec:
+  host: shop.mesh.svc.cluster.local
+  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 100}}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: plain, namespace: mesh}
+spec: {host: plain, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-subsets, namespace: mesh, creationTimestamp: '2025-01-01T00:00:00Z'}
+spec:
+  hosts: [shop]
+  http:
+  - route:
+    - {destination: {host: shop, subset: v1}, weight: 90}
+    - {destination: {host: shop, subset: v2}, weight: 10}
+    - {destination: {host: shop, subset: v3}, weight: 0}
+"#;
+
+#[test]
+fn a_subset_is_the_workloads_whose_pods_carry_its_labels() {
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE, SUBSETS]);
+    let shop = &r.snapshot.service_routes["mesh/shop.mesh.svc.cluster.local"];
+    let route = &shop.ports[0].routes[0];
+    assert_eq!(route.origin.as_ref().unwrap().name, "shop-subsets", "the oldest VirtualService");
+    let subsets: Vec<_> = route.rules[0]
+        .backends
+        .iter()
+        .map(|b| match &b.kind {
+            Some(backend::Kind::Service(s)) => {
+                let s = s.subset.as_ref().expect("a subset");
+                format!("{}={}", s.name, s.workloads.join(","))
+            }
+            Some(backend::Kind::Invalid(why)) => why.clone(),
+            None => String::new(),
+        })
+        .collect();
+    assert_eq!(subsets[0], "v1=Kubernetes//Pod/mesh/shop-a");
+    assert_eq!(subsets[1], "v2=Kubernetes//Pod/mesh/shop-b");
+    assert!(subsets[2].contains("subset v3") && subsets[2].contains("no DestinationRule"), "{}", subsets[2]);
+    assert!(applied(&r, "DestinationRule", "shop"));
+    assert!(notes(&r, "DestinationRule", "shop")[0].contains("connectionPool"), "reported, not silently dropped");
+    assert!(!applied(&r, "DestinationRule", "plain"));
+    assert!(notes(&r, "DestinationRule", "plain")[0].contains("has no waypoint"));
+}
+
+const BALANCERS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: mesh}
+spec:
+  host: web
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shop, namespace: mesh}
+spec:
+  host: shop
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+  subsets:
+  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart-bad, namespace: mesh}
+spec:
+  host: cart
+  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-subsets, namespace: mesh, creationTimestamp: '2025-01-01T00:00:00Z'}
+spec:
+  hosts: [shop]
+  http: [{route: [{destination: {host: shop, subset: v1}, weight: 50}, {destination: {host: shop, subset: v2}, weight: 50}]}]
+"#;
+
+#[test]
+fn a_destination_rules_load_balancer_goes_with_every_backend_of_its_service() {
+    use ambit_api::waypoint::load_balancer::{HashKey, Simple};
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE, BALANCERS]);
+    let lb_of = |b: &ambit_api::waypoint::Backend| match &b.kind {
+        Some(backend::Kind::Service(s)) => s.policy.clone().and_then(|p| p.load_balancer),
+        _ => None,
+    };
+    let web = &r.snapshot.service_routes["mesh/web.mesh.svc.cluster.local"];
+    let own = web.policy.as_ref().and_then(|p| p.load_balancer.as_ref());
+    assert_eq!(own.map(|l| l.simple()), Some(Simple::RoundRobin), "web's own traffic");
+    let http_route = &web.ports[0].routes[0];
+    let last = http_route.rules.last().unwrap();
+    assert_eq!(lb_of(&last.backends[0]).map(|l| l.simple()), Some(Simple::RoundRobin), "an HTTPRoute backend web");
+    let v2 = &http_route.rules[0].backends[0];
+    assert_eq!(lb_of(v2), None, "web-v2 has no DestinationRule");
+
+    let shop = &r.snapshot.service_routes["mesh/shop.mesh.svc.cluster.local"];
+    let backends = &shop.ports[0].routes[0].rules[0].backends;
+    assert_eq!(lb_of(&backends[0]).map(|l| l.simple()), Some(Simple::Random), "subset v1's own policy");
+    assert_eq!(lb_of(&backends[1]).and_then(|l| l.hash_key), Some(HashKey::HttpHeaderName("x-user".into())));
+
+    let bad: Vec<_> = r.rejections.iter().filter(|x| x.kind == "DestinationRule").map(|x| x.name.as_str()).collect();
+    assert_eq!(bad, ["cart-bad"], "PASSTHROUGH is refused; the rule's subsets are not used");
+}

@@ -6,6 +6,7 @@
 pub mod authz;
 pub mod authz_l7;
 pub mod crd;
+pub mod destination_rule;
 pub mod index;
 pub mod mesh_route_convert;
 pub mod mesh_route_crd;

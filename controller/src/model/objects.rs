@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::crd::{AuthorizationPolicy, Gateway, PeerAuthentication};
-use super::mesh_route_crd::{TrafficSplit, VirtualService};
+use super::mesh_route_crd::{DestinationRule, TrafficSplit, VirtualService};
 use super::reference_grant::ReferenceGrant;
 use super::route_crd::{GrpcRoute, HttpRoute};
 
@@ -42,6 +42,8 @@ pub enum ClusterObject {
     VirtualService(Box<VirtualService>),
     /// `split.smi-spec.io` (v1alpha2 to v1alpha4) `TrafficSplit`.
     TrafficSplit(Box<TrafficSplit>),
+    /// `networking.istio.io` (v1, v1beta1, v1alpha3) `DestinationRule`.
+    DestinationRule(Box<DestinationRule>),
 }
 
 impl ClusterObject {
@@ -60,6 +62,7 @@ impl ClusterObject {
             Self::ReferenceGrant(_) => "ReferenceGrant",
             Self::VirtualService(_) => "VirtualService",
             Self::TrafficSplit(_) => "TrafficSplit",
+            Self::DestinationRule(_) => "DestinationRule",
         }
     }
 
@@ -78,6 +81,7 @@ impl ClusterObject {
             Self::ReferenceGrant(o) => &o.metadata,
             Self::VirtualService(o) => &o.metadata,
             Self::TrafficSplit(o) => &o.metadata,
+            Self::DestinationRule(o) => &o.metadata,
         };
         (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
@@ -111,6 +115,8 @@ pub struct ClusterObjects {
     pub virtual_services: BTreeMap<ObjectKey, VirtualService>,
     /// TrafficSplits.
     pub traffic_splits: BTreeMap<ObjectKey, TrafficSplit>,
+    /// DestinationRules.
+    pub destination_rules: BTreeMap<ObjectKey, DestinationRule>,
 }
 
 impl ClusterObjects {
@@ -128,6 +134,7 @@ impl ClusterObjects {
             && self.reference_grants.is_empty()
             && self.virtual_services.is_empty()
             && self.traffic_splits.is_empty()
+            && self.destination_rules.is_empty()
     }
 
     /// Adds `obj` unless one of the same kind and key exists; returns whether it was added.
@@ -155,6 +162,7 @@ impl ClusterObjects {
             ClusterObject::ReferenceGrant(o) => put(&mut self.reference_grants, key, *o),
             ClusterObject::VirtualService(o) => put(&mut self.virtual_services, key, *o),
             ClusterObject::TrafficSplit(o) => put(&mut self.traffic_splits, key, *o),
+            ClusterObject::DestinationRule(o) => put(&mut self.destination_rules, key, *o),
         }
     }
 

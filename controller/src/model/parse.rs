@@ -87,6 +87,7 @@ fn parse_value(value: Value, origin: &str, objects: &mut Vec<ClusterObject>, rej
         ("gateway.networking.k8s.io", "GRPCRoute") => typed(value, ClusterObject::GrpcRoute),
         ("gateway.networking.k8s.io", "ReferenceGrant") => typed(value, ClusterObject::ReferenceGrant),
         ("networking.istio.io", "VirtualService") => typed(value, ClusterObject::VirtualService),
+        ("networking.istio.io", "DestinationRule") => typed(value, ClusterObject::DestinationRule),
         ("split.smi-spec.io", "TrafficSplit") if api_version == "split.smi-spec.io/v1alpha1" => {
             let why = "split.smi-spec.io/v1alpha1 is not served (its weights are quantities): use v1alpha2 or later";
             reject(rejections, &kind, &namespace, format!("{origin}: {why}"));
@@ -134,6 +135,7 @@ fn set_namespace(obj: &mut ClusterObject, namespace: String) {
         ClusterObject::ReferenceGrant(o) => &mut o.metadata,
         ClusterObject::VirtualService(o) => &mut o.metadata,
         ClusterObject::TrafficSplit(o) => &mut o.metadata,
+        ClusterObject::DestinationRule(o) => &mut o.metadata,
     };
     meta.namespace = Some(namespace);
 }

@@ -62,7 +62,8 @@ pub trait BackendResolver {
     fn resolve(&self, namespace: &str, r: &BackendRef) -> Backend;
 }
 
-fn origin(kind: RouteKind, meta: &ObjectMeta) -> RouteOrigin {
+/// Where a route of `kind` came from: the object's namespace, name and age.
+pub(super) fn origin(kind: RouteKind, meta: &ObjectMeta) -> RouteOrigin {
     RouteOrigin {
         kind: kind.into(),
         namespace: meta.namespace.clone().unwrap_or_default(),
@@ -382,7 +383,7 @@ pub fn invalid(reason: String) -> Backend {
 
 /// A Service backend.
 pub fn service(namespace: &str, hostname: String, port: u32) -> Backend {
-    let s = ServiceBackend { hostname, namespace: namespace.into(), port };
+    let s = ServiceBackend { hostname, namespace: namespace.into(), port, ..Default::default() };
     Backend { kind: Some(backend::Kind::Service(s)), ..Default::default() }
 }
 

@@ -17,7 +17,6 @@ const fn kind(group: &'static str, version: &'static str, kind: &'static str, pl
 
 /// The kinds that are recognised but not applied.
 pub const KINDS: &[Kind] = &[
-    kind("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     kind("networking.istio.io", "v1", "ServiceEntry", "serviceentries"),
     kind("networking.istio.io", "v1", "Sidecar", "sidecars"),
     kind("networking.istio.io", "v1alpha3", "EnvoyFilter", "envoyfilters"),
@@ -40,12 +39,12 @@ mod tests {
 
     #[test]
     fn known_unsupported_kinds_are_found_by_group_and_kind() {
-        assert_eq!(find("networking.istio.io", "DestinationRule").unwrap().plural, "destinationrules");
+        assert_eq!(find("networking.istio.io", "ServiceEntry").unwrap().plural, "serviceentries");
         assert!(find("networking.istio.io", "VirtualService").is_none(), "applied by the waypoint");
         assert!(find("security.istio.io", "RequestAuthentication").is_some());
         assert!(find("security.istio.io", "AuthorizationPolicy").is_none(), "applied kinds are not listed");
         assert!(find("gateway.networking.k8s.io", "HTTPRoute").is_none(), "routes are applied by the waypoint");
         assert!(find("apps", "Deployment").is_none(), "kinds outside the mesh are not listed");
-        assert!(message("DestinationRule").contains("no effect"));
+        assert!(message("ServiceEntry").contains("no effect"));
     }
 }

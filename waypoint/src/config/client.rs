@@ -285,6 +285,7 @@ mod tests {
             namespace: "mesh".into(),
             name: name.into(),
             ports: vec![pb::PortRoutes { port: 80, ..Default::default() }],
+            policy: None,
         }
     }
 

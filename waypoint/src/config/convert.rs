@@ -11,6 +11,7 @@
 //! to the service itself, as a port without routes does.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_api::waypoint as pb;
@@ -18,11 +19,13 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::fault::{Abort, FaultInjection};
 use crate::filters::{Filter, HeaderModifier, PathModifier, RequestMirror, RequestRedirect, UrlRewrite};
+use crate::lb::{HashKey, LbPolicy, LoadBalancer};
+use crate::outlier::OutlierConfig;
 use crate::retry::{RetryPolicy, Timeouts};
 use crate::route::{
     Backend, BackendTarget, HeaderMatch, Match, PathMatch, QueryMatch, Route, RouteKind, RouteTable, Rule, ValueMatch,
 };
-use crate::target::ServiceTarget;
+use crate::target::{ServiceTarget, Subset, TargetPolicy};
 
 /// A service port's application protocol (`PortRoutes.protocol`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -210,10 +213,12 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
         let consumers = consumers.into_iter().map(|(ns, routes)| (ns, compile(routes))).collect();
         let default_route = producer.is_empty();
         let table = if default_route {
+            // The controller checks the policy; one that still fails is left at the defaults.
             RouteTable::to_service(ServiceTarget {
                 hostname: sr.hostname.clone(),
                 namespace: sr.namespace.clone(),
                 port,
+                policy: target_policy(None, sr.policy.as_ref()).ok().flatten(),
             })
         } else {
             compile(producer)
@@ -489,7 +494,54 @@ fn path_modifier(p: &pb::PathModifier) -> Result<PathModifier, String> {
 
 fn service_target(s: &pb::ServiceBackend) -> Result<ServiceTarget, String> {
     let port = port_number(s.port).ok_or_else(|| format!("backend {} port {} out of range", s.hostname, s.port))?;
-    Ok(ServiceTarget { hostname: s.hostname.clone(), namespace: s.namespace.clone(), port })
+    let subset = s.subset.as_ref().map(|sub| Subset::new(sub.name.clone(), sub.workloads.clone()));
+    let policy = target_policy(subset, s.policy.as_ref())?;
+    Ok(ServiceTarget { hostname: s.hostname.clone(), namespace: s.namespace.clone(), port, policy })
+}
+
+/// A backend's subset and DestinationRule traffic policy; `None` when there is neither.
+pub(crate) fn target_policy(
+    subset: Option<Subset>,
+    tp: Option<&pb::TrafficPolicy>,
+) -> Result<Option<Arc<TargetPolicy>>, String> {
+    let lb = tp.and_then(|t| t.load_balancer.as_ref()).map(load_balancer).transpose()?;
+    let outlier = tp.and_then(|t| t.outlier_detection.as_ref()).map(outlier_config).transpose()?;
+    if subset.is_none() && lb.is_none() && outlier.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(TargetPolicy { subset, lb: lb.unwrap_or_default(), outlier })))
+}
+
+/// `outlierDetection` (the controller fills in Istio's defaults).
+fn outlier_config(o: &pb::OutlierDetection) -> Result<OutlierConfig, String> {
+    let d = |d: Option<&prost_types::Duration>, what| d.map_or(Ok(Duration::ZERO), |d| duration(d, what));
+    Ok(OutlierConfig {
+        consecutive_5xx: o.consecutive_5xx_errors,
+        consecutive_gateway: o.consecutive_gateway_errors,
+        interval: d(o.interval.as_ref(), "outlierDetection.interval")?,
+        base_ejection: d(o.base_ejection_time.as_ref(), "outlierDetection.baseEjectionTime")?,
+        max_ejection_percent: o.max_ejection_percent.min(100),
+        min_health_percent: o.min_health_percent.min(100),
+    })
+}
+
+/// A DestinationRule's load balancer.
+pub(crate) fn load_balancer(lb: &pb::LoadBalancer) -> Result<LoadBalancer, String> {
+    use pb::load_balancer::{HashKey as Key, Simple};
+    let simple = match lb.simple() {
+        Simple::LeastRequest => LbPolicy::LeastRequest,
+        Simple::RoundRobin => LbPolicy::RoundRobin,
+        Simple::Random => LbPolicy::Random,
+    };
+    let hash = match &lb.hash_key {
+        None => None,
+        Some(Key::HttpHeaderName(h)) => Some(HashKey::Header(header_name(h)?)),
+        Some(Key::HttpCookie(c)) => Some(HashKey::Cookie(c.clone())),
+        Some(Key::UseSourceIp(true)) => Some(HashKey::SourceIp),
+        Some(Key::UseSourceIp(false)) => None,
+        Some(Key::HttpQueryParameterName(q)) => Some(HashKey::QueryParameter(q.clone())),
+    };
+    Ok(LoadBalancer { simple, hash })
 }
 
 /// A backendRef. One that cannot be called becomes an invalid backend (its

@@ -35,7 +35,12 @@ fn prefix(value: &str) -> pb::RouteMatch {
 }
 
 fn service(name: &str, port: u32, weight: u32) -> pb::Backend {
-    let s = pb::ServiceBackend { hostname: format!("{name}.mesh.svc.cluster.local"), namespace: "mesh".into(), port };
+    let s = pb::ServiceBackend {
+        hostname: format!("{name}.mesh.svc.cluster.local"),
+        namespace: "mesh".into(),
+        port,
+        ..Default::default()
+    };
     pb::Backend { kind: Some(pb::backend::Kind::Service(s)), weight, filters: vec![] }
 }
 
@@ -57,7 +62,8 @@ fn port(port: u32, protocol: pb::Protocol, routes: Vec<pb::Route>) -> pb::PortRo
 
 /// Encoded and decoded, as the waypoint receives it, then converted.
 fn convert(ports: Vec<pb::PortRoutes>) -> (ServiceConfig, Vec<Problem>) {
-    let sr = pb::ServiceRoutes { hostname: HOST.into(), namespace: "mesh".into(), name: "web".into(), ports };
+    let sr =
+        pb::ServiceRoutes { hostname: HOST.into(), namespace: "mesh".into(), name: "web".into(), ports, policy: None };
     let wire = pb::ServiceRoutes::decode(sr.encode_to_vec().as_slice()).unwrap();
     service_routes(&wire)
 }

@@ -58,6 +58,7 @@ fn routes(hostname: &str, ports: Vec<pb::PortRoutes>) -> pb::ServiceRoutes {
         namespace: "mesh".into(),
         name: hostname.split('.').next().unwrap().into(),
         ports,
+        policy: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn resources() -> Resources {
                     hostname: API.into(),
                     namespace: "mesh".into(),
                     port: 8080,
+                    ..Default::default()
                 })),
                 weight: 1,
                 filters: vec![],
@@ -165,7 +167,8 @@ fn what_the_waypoint_does_not_serve_is_refused() {
     assert!(snap.served(addr("10.96.0.1:81")).is_none(), "no such port");
     assert!(snap.served(addr("10.96.0.9:80")).is_none(), "unknown VIP");
     assert!(snap.served_by_hostname(API, 8080).is_none());
-    let unknown = ServiceTarget { hostname: "x.mesh.svc.cluster.local".into(), namespace: "mesh".into(), port: 1 };
+    let unknown =
+        ServiceTarget { hostname: "x.mesh.svc.cluster.local".into(), namespace: "mesh".into(), port: 1, policy: None };
     assert!(snap.endpoints(&unknown).is_empty());
 }
 
@@ -185,7 +188,7 @@ fn unhealthy_endpoints_are_left_out_unless_the_service_allows_all() {
     let Some(address::Type::Workload(w)) = &mut r.addresses.get_mut("api-2").unwrap().r#type else { panic!() };
     w.status = WorkloadStatus::Unhealthy.into();
     let snap = Snapshot::build(&r, "cluster.local", 1);
-    let api = ServiceTarget { hostname: API.into(), namespace: "mesh".into(), port: 8080 };
+    let api = ServiceTarget { hostname: API.into(), namespace: "mesh".into(), port: 8080, policy: None };
     assert_eq!(snap.endpoints(&api).len(), 1);
     let Some(address::Type::Service(s)) = &mut r.addresses.get_mut(&format!("mesh/{API}")).unwrap().r#type else {
         panic!()
@@ -206,7 +209,7 @@ fn a_bad_address_is_left_out_alone_and_said() {
     let snap = Snapshot::build(&r, "cluster.local", 1);
     assert_eq!(snap.report().addresses.len(), 2, "{:?}", snap.report());
     assert!(snap.report().addresses[0].contains("api-2"), "{:?}", snap.report());
-    let api = ServiceTarget { hostname: API.into(), namespace: "mesh".into(), port: 8080 };
+    let api = ServiceTarget { hostname: API.into(), namespace: "mesh".into(), port: 8080, policy: None };
     assert_eq!(snap.endpoints(&api).len(), 1);
     assert!(snap.served(addr("10.96.0.1:80")).is_some());
 }

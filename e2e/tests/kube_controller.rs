@@ -8,8 +8,9 @@
 //! deployment, Gateway API status (the waypoint GatewayClass accepted, an HTTPRoute's waypoint parent entry saying
 //! it is not applied, another controller's entry kept), and no `forbidden` answer from the API server in the controller's log. A second test drives the
 //! Secret root store directly: racing replicas end with one root, a broken Secret is an error and is left alone. A
-//! third applies Istio VirtualServices and SMI TrafficSplits through Ambit's CRDs and reads the conditions the binary
-//! writes on them: invalid, without a waypoint, applied at a waypoint.
+//! third applies Istio VirtualServices and DestinationRules and SMI TrafficSplits through Ambit's CRDs and reads the
+//! conditions the binary writes on them: invalid, without a waypoint, applied at a waypoint (in part, for a
+//! DestinationRule's traffic policy).
 //!
 //! Needs the Kubernetes binaries (`e2e/kube/build.sh`) and the controller binary (`cargo build --release --bins`, or
 //! `AMBIT_CONTROLLER_BIN`); without the former the test notes and returns, or fails under `CI`.
@@ -515,8 +516,8 @@ fn route_and_class_status(cluster: &KubeCluster) {
     assert!(other["status"]["conditions"].as_array().is_none_or(|c| c.is_empty()), "{other}");
 }
 
-/// The namespace of the VirtualService and TrafficSplit test: ambient, with a waypoint, a Service that uses it (`shop`)
-/// and two that do not (`reviews`, `shop-v2`).
+/// The namespace of the VirtualService, TrafficSplit and DestinationRule test: ambient, with a waypoint, a Service that
+/// uses it (`shop`) and two that do not (`reviews`, `shop-v2`).
 const ROUTES_NS: &str = "routes";
 const ROUTES_OBJECTS: &str = "\
 apiVersion: gateway.networking.k8s.io/v1
@@ -580,6 +581,27 @@ spec:
   - route: [{destination: {host: shop}, weight: 90}, {destination: {host: shop-v2}, weight: 10}]
 ";
 
+/// DestinationRules: for the Service a waypoint serves, with subsets and a traffic policy Ambit does not apply yet
+/// (written as v1beta1, stored as v1), and for a Service without a waypoint (written as v1alpha3).
+const DESTINATION_RULES: &str = "\
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: shop, namespace: routes}
+spec:
+  host: shop
+  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 100}}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: reviews, namespace: routes}
+spec:
+  host: reviews.routes.svc.cluster.local
+  subsets: [{name: v1, labels: {version: v1}}]
+";
+
 /// The condition `type_` of `resource` (kubectl's `plural.version.group` form) `routes/name` as
 /// "status|reason|message" (empty while none).
 fn route_condition(cluster: &KubeCluster, resource: &str, name: &str, type_: &str) -> String {
@@ -606,7 +628,7 @@ fn await_condition(cluster: &KubeCluster, resource: &str, name: &str, type_: &st
 }
 
 #[test]
-fn virtual_services_and_traffic_splits_get_conditions_saying_what_ambit_made_of_them() {
+fn virtual_services_traffic_splits_and_destination_rules_get_conditions_saying_what_ambit_made_of_them() {
     let test = "kube_controller_mesh_routes";
     let cluster = match KubeCluster::start("kube-controller-mesh-routes") {
         Ok(c) => c,
@@ -655,6 +677,43 @@ fn virtual_services_and_traffic_splits_get_conditions_saying_what_ambit_made_of_
     assert_eq!(await_condition(&cluster, vs, "shop", "Accepted", "True|"), "True|Accepted|");
     let c = await_condition(&cluster, vs, "shop", "WaypointAccepted", "True|");
     assert_eq!(c, "True|Accepted|applied at the waypoint");
+
+    // DestinationRules, through Istio's schema: a duration its CEL rule rejects is refused.
+    let shop_rule = DESTINATION_RULES.split("---\n").next().unwrap();
+    let bad_duration = shop_rule
+        .replace("name: shop,", "name: slow,")
+        .replace("{http: {http1MaxPendingRequests: 100}}", "{tcp: {connectTimeout: 3 seconds}}");
+    assert_ne!(bad_duration, shop_rule);
+    let err = cluster.apply(&bad_duration).expect_err("a bad duration is refused by the CRD");
+    assert!(format!("{err:#}").contains("must be a valid duration"), "{err:#}");
+    cluster.apply(DESTINATION_RULES).unwrap();
+
+    // At the Service a waypoint serves: accepted; its subsets are applied, its traffic policy not yet, and it says so.
+    let dr = "destinationrules.v1.networking.istio.io";
+    assert_eq!(await_condition(&cluster, dr, "shop", "Accepted", "True|"), "True|Accepted|");
+    let c = await_condition(&cluster, dr, "shop", "WaypointAccepted", "True|UnsupportedValue|");
+    assert!(c.contains("trafficPolicy"), "{c}");
+
+    // For a Service without a waypoint (written as v1alpha3, its conditions show at either version): no effect.
+    let dr_v1alpha3 = "destinationrules.v1alpha3.networking.istio.io";
+    assert_eq!(await_condition(&cluster, dr_v1alpha3, "reviews", "Accepted", "True|"), "True|Accepted|");
+    let c = await_condition(&cluster, dr, "reviews", "WaypointAccepted", "False|NotApplied|");
+    assert!(c.contains("reviews"), "{c}");
+
+    // The VirtualService now splits between the subsets: still applied at the waypoint, at its new generation.
+    let by_subset = ROUTE_AT_WAYPOINT.replace(
+        "[{destination: {host: shop}, weight: 90}, {destination: {host: shop-v2}, weight: 10}]",
+        "[{destination: {host: shop, subset: v1}, weight: 90}, {destination: {host: shop, subset: v2}, weight: 10}]",
+    );
+    assert_ne!(by_subset, ROUTE_AT_WAYPOINT);
+    cluster.apply(&by_subset).unwrap();
+    let path = "jsonpath={.status.conditions[?(@.type==\"WaypointAccepted\")].observedGeneration}";
+    poll_for("the VirtualService's conditions at generation 2", WAIT, || {
+        let generation = cluster.kubectl(["-n", ROUTES_NS, "get", vs, "shop", "-o", path])?;
+        Ok((generation == "2").then_some(()))
+    });
+    assert_eq!(route_condition(&cluster, vs, "shop", "WaypointAccepted"), "True|Accepted|applied at the waypoint");
+    assert_eq!(route_condition(&cluster, vs, "shop", "Accepted"), "True|Accepted|");
 
     let text = controller.log_text();
     let forbidden: Vec<&str> = text.lines().filter(|l| l.to_lowercase().contains("forbidden")).collect();

@@ -59,6 +59,9 @@ fn manifests_apply_cleanly_idempotently_and_the_crds_take_istio_policies() {
     for crd in [
         "authorizationpolicies.security.istio.io",
         "peerauthentications.security.istio.io",
+        "virtualservices.networking.istio.io",
+        "destinationrules.networking.istio.io",
+        "trafficsplits.split.smi-spec.io",
         "gatewayclasses.gateway.networking.k8s.io",
         "gateways.gateway.networking.k8s.io",
         "httproutes.gateway.networking.k8s.io",

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 
 use super::kube_status::StatusWriter;
 use super::kube_stores::{
-    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS,
-    PEER_AUTHENTICATION, REFERENCE_GRANT, ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
+    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, DESTINATION_RULE, GATEWAY,
+    GATEWAY_CLASS, PEER_AUTHENTICATION, REFERENCE_GRANT, ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
 };
 use crate::model::crd::Resource as CrdResource;
 use crate::model::reference_grant::Grants;
@@ -65,7 +65,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeSou
 }
 
 /// Every kind watched; the model is published only once each has listed (or is known to be absent).
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "Namespace",
     "Pod",
     "Service",
@@ -78,6 +78,7 @@ const KINDS: [&str; 12] = [
     REFERENCE_GRANT.kind,
     VIRTUAL_SERVICE.kind,
     TRAFFIC_SPLIT.kind,
+    DESTINATION_RULE.kind,
 ];
 
 /// Aborts the watcher tasks when the source stops.
@@ -242,6 +243,7 @@ impl KubeSource {
         let reference_grants = spawn_dynamic(c, REFERENCE_GRANT, signal, &mut tasks);
         let virtual_services = spawn_dynamic(c, VIRTUAL_SERVICE, signal, &mut tasks);
         let traffic_splits = spawn_dynamic(c, TRAFFIC_SPLIT, signal, &mut tasks);
+        let destination_rules = spawn_dynamic(c, DESTINATION_RULE, signal, &mut tasks);
         let stores = Stores {
             namespaces,
             pods,
@@ -256,6 +258,7 @@ impl KubeSource {
             reference_grants,
             virtual_services,
             traffic_splits,
+            destination_rules,
         };
         (stores, Tasks(tasks))
     }
@@ -448,6 +451,12 @@ fn collect(stores: &Stores) -> (ClusterObjects, Vec<Rejection>, Vec<PolicyKey>) 
         keys.push(policy_key(TRAFFIC_SPLIT.kind, &o));
         if let Some(t) = typed(&o, TRAFFIC_SPLIT, &mut rejections) {
             objects.insert(ClusterObject::TrafficSplit(Box::new(t)));
+        }
+    }
+    for o in stores.destination_rules.state() {
+        keys.push(policy_key(DESTINATION_RULE.kind, &o));
+        if let Some(t) = typed(&o, DESTINATION_RULE, &mut rejections) {
+            objects.insert(ClusterObject::DestinationRule(Box::new(t)));
         }
     }
     (objects, rejections, keys)

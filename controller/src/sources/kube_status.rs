@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 
 use super::conditions::{self, Cond};
 use super::kube_stores::{
-    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, GATEWAY_CLASS, PEER_AUTHENTICATION,
-    ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
+    BuildOutcome, Crd, ModelFacts, PolicyKey, Signal, Stores, AUTHORIZATION_POLICY, DESTINATION_RULE, GATEWAY_CLASS,
+    PEER_AUTHENTICATION, ROUTES, TRAFFIC_SPLIT, VIRTUAL_SERVICE,
 };
 use super::policy_status::{self, Outcome};
 use super::route_status::{self, Parents};
@@ -76,6 +76,7 @@ impl StatusWriter {
                 k if k == AUTHORIZATION_POLICY.kind => &stores.policies,
                 k if k == PEER_AUTHENTICATION.kind => &stores.peer_auths,
                 k if k == VIRTUAL_SERVICE.kind => &stores.virtual_services,
+                k if k == DESTINATION_RULE.kind => &stores.destination_rules,
                 _ => &stores.traffic_splits,
             };
             let Some(obj) = store.get(&reflector::ObjectRef::new_with(&key.2, crd.api_resource()).within(&key.1))
@@ -192,7 +193,9 @@ impl StatusWriter {
 
 /// The kind, among those [`StatusWriter::sync_policies`] writes, called `kind`.
 fn status_crd(kind: &str) -> Option<Crd> {
-    [AUTHORIZATION_POLICY, PEER_AUTHENTICATION, VIRTUAL_SERVICE, TRAFFIC_SPLIT].into_iter().find(|c| c.kind == kind)
+    [AUTHORIZATION_POLICY, PEER_AUTHENTICATION, VIRTUAL_SERVICE, TRAFFIC_SPLIT, DESTINATION_RULE]
+        .into_iter()
+        .find(|c| c.kind == kind)
 }
 
 /// Whose parentRefs are Ambit's, from the stores.

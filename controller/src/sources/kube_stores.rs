@@ -38,6 +38,9 @@ pub(super) const VIRTUAL_SERVICE: Crd =
 /// CRD and Ambit's (the API server converts objects written as v1alpha2 or v1alpha3).
 pub(super) const TRAFFIC_SPLIT: Crd =
     Crd { group: "split.smi-spec.io", version: "v1alpha4", kind: "TrafficSplit", plural: "trafficsplits" };
+/// Istio's DestinationRule: its subsets resolve VirtualService destinations; conditions as for [`VIRTUAL_SERVICE`].
+pub(super) const DESTINATION_RULE: Crd =
+    Crd { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules" };
 /// The routes the model reads and whose parent entries Ambit writes, in the order of [`Stores`]' route stores.
 pub(super) const ROUTES: [Crd; 2] = [
     Crd { group: "gateway.networking.k8s.io", version: "v1", kind: "HTTPRoute", plural: "httproutes" },
@@ -77,10 +80,11 @@ pub(super) struct Stores {
     pub(super) reference_grants: Store<DynamicObject>,
     pub(super) virtual_services: Store<DynamicObject>,
     pub(super) traffic_splits: Store<DynamicObject>,
+    pub(super) destination_rules: Store<DynamicObject>,
 }
 
-/// (kind, namespace, name) of an object that gets conditions from the model build: a policy, a VirtualService or a
-/// TrafficSplit.
+/// (kind, namespace, name) of an object that gets conditions from the model build: a policy, a VirtualService, a
+/// TrafficSplit or a DestinationRule.
 pub(super) type PolicyKey = (&'static str, String, String);
 
 /// What the last model build decided that route status needs.
@@ -102,7 +106,6 @@ pub(super) struct BuildOutcome {
     pub(super) warnings: Vec<crate::model::Warning>,
     /// Where each valid AuthorizationPolicy with `targetRefs` went.
     pub(super) bindings: std::collections::BTreeMap<crate::model::ObjectKey, crate::model::PolicyBinding>,
-    /// VirtualServices and TrafficSplits `(kind, namespace, name)` applied at a waypoint (for one service port or
-    /// more).
+    /// VirtualServices, TrafficSplits and DestinationRules `(kind, namespace, name)` applied at a waypoint.
     pub(super) mesh_routes_applied: std::collections::BTreeSet<(String, String, String)>,
 }

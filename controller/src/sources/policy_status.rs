@@ -45,7 +45,7 @@ pub fn desired(kind: &str, spec: &Value, generation: Option<i64>, o: &Outcome<'_
         Some(why) => cond("Accepted", "False", "Invalid", why.clone()),
         None => cond("Accepted", "True", "Accepted", String::new()),
     }];
-    if matches!(kind, "VirtualService" | "TrafficSplit") {
+    if matches!(kind, "VirtualService" | "TrafficSplit" | "DestinationRule") {
         out.push(mesh_route_applied(kind, invalid, o, cond));
         return out;
     }
@@ -91,7 +91,11 @@ fn mesh_route_applied(
         (true, false) => cond(t, "True", "UnsupportedValue", warnings),
         (false, false) => cond(t, "False", "NotApplied", warnings),
         (false, true) => {
-            let what = if kind == "TrafficSplit" { "its service" } else { "its hosts" };
+            let what = match kind {
+                "TrafficSplit" => "its service",
+                "DestinationRule" => "its host",
+                _ => "its hosts",
+            };
             cond(t, "False", "NotApplied", format!("no waypoint serves {what}: it has no effect"))
         }
     }

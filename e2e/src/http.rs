@@ -273,7 +273,13 @@ fn read_response(
 ) -> anyhow::Result<(HttpResponse, bool)> {
     let mut chunk = [0u8; 16 * 1024];
     let mut fill = |buf: &mut Vec<u8>| -> anyhow::Result<bool> {
-        let n = stream.read(&mut chunk).context("read")?;
+        // A signal to this thread (a child process of another test ending) interrupts a read with a timeout.
+        let n = loop {
+            match stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.context("read")?,
+            }
+        };
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() as u64 > MAX_RESPONSE {
             bail!("response larger than {MAX_RESPONSE} bytes");

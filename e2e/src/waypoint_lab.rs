@@ -88,8 +88,18 @@ impl WaypointMesh {
         spec.labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
         spec.labels.insert(GATEWAY_NAME_LABEL.into(), GATEWAY.into());
         let wp = lab.add_pod(n1, spec)?;
-        let servers =
-            node2_pods.iter().map(|p| lab.add_pod(n2, PodSpec::new(p, NS, p))).collect::<anyhow::Result<Vec<_>>>()?;
+        // `echo-v1` is also labelled `app.kubernetes.io/name: echo` and `version: v1`, as a versioned Deployment's
+        // pods are (for DestinationRule subsets); every node-2 pod `app.kubernetes.io/component: server`.
+        let server = |p: &str| {
+            let mut spec = PodSpec::new(p, NS, p);
+            spec.labels.insert("app.kubernetes.io/component".into(), "server".into());
+            if let Some((name, version)) = p.rsplit_once('-') {
+                spec.labels.insert("app.kubernetes.io/name".into(), name.into());
+                spec.labels.insert("version".into(), version.into());
+            }
+            spec
+        };
+        let servers = node2_pods.iter().map(|p| lab.add_pod(n2, server(p))).collect::<anyhow::Result<Vec<_>>>()?;
         let ctrl = lab.add_external_host("ctrl")?;
         let mut mesh = Mesh::with_controller_and_workloads(lab, ctrl, &[NS], &[(NS, GATEWAY)], controller_args)
             .context("mesh with the controller admitting the waypoint's token")?;

@@ -251,3 +251,253 @@ fn injected_delays_and_aborts_hit_their_share_of_requests() {
         ambit_e2e::check::metric(&m, "istio_requests_total", &[("response_flags", "FI"), ("response_code", "503")]);
     assert!(flagged >= 1.0, "aborts are not counted with flag FI:\n{m}");
 }
+
+/// `reviews`: one Service over both echo pods (`app.kubernetes.io/name: echo`, `version: v1|v2`), with the waypoint;
+/// Istio's DestinationRule with subsets by `version` (its traffic policy is accepted and reported as not applied); a
+/// VirtualService sending 90 % to v1 and 10 % to v2.
+const REVIEWS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app.kubernetes.io/name: echo}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http:
+        http1MaxPendingRequests: 100
+        maxRequestsPerConnection: 100
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 5s
+      baseEjectionTime: 30s
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+"#;
+
+/// Istio's header-based routing on `reviews`: `end-user: jason` to subset v2, everyone else to v1.
+const REVIEWS_BY_USER: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#;
+
+const REVIEWS_HOST: &str = "reviews.default.svc.cluster.local";
+
+/// Waits until both ztunnels know the Service `hostname` and that it uses a waypoint.
+fn wait_for_waypoint(l: &WaypointLab, hostname: &str) {
+    l.mesh
+        .wait_for_config(hostname, |d| ambit_e2e::dump::service(d, hostname).is_some_and(|s| s["waypoint"].is_string()))
+        .expect("the ztunnels know the service and its waypoint");
+}
+
+/// `n` GETs to `reviews` from the client on one connection; per request, which server answered.
+fn reviews(l: &WaypointLab, n: usize, headers: &[(&str, &str)]) -> Vec<(String, u16)> {
+    let vip = SocketAddr::from(([10, 96, 0, 30], 80));
+    let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).expect("connect to reviews");
+    (0..n)
+        .map(|_| {
+            let req = headers.iter().fold(Request::get(REVIEWS_HOST, "/reviews"), |r, (k, v)| r.header(k, v));
+            let r = conn.send(&req).expect("a response");
+            (r.header("x-served-by").unwrap_or("waypoint").to_owned(), r.status)
+        })
+        .collect()
+}
+
+#[test]
+fn destination_rule_subsets_split_one_service_by_pod_labels() {
+    let Some(l) = WaypointLab::start("wp-istio-dr") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    controller.write("reviews.yaml", REVIEWS).unwrap();
+    wait_for_waypoint(&l, REVIEWS_HOST);
+    l.until("reviews split by subset", || {
+        let answers = reviews(&l, 100, &[]);
+        match answers.iter().filter(|(s, c)| s == "echo-v2" && *c == 200).count() {
+            0 => Err(format!("no answer from subset v2 yet: {:?}", &answers[..3])),
+            _ => Ok(()),
+        }
+    });
+    let share = assert_share(&reviews(&l, SPLIT_REQUESTS, &[]), "echo-v2", 10.0);
+    eprintln!("DestinationRule subsets 90/10: v2 got {share:.2} % of {SPLIT_REQUESTS} requests");
+
+    controller
+        .write(
+            "reviews.yaml",
+            &REVIEWS.replace(&REVIEWS[REVIEWS.rfind("---").unwrap()..], &format!("---\n{REVIEWS_BY_USER}")),
+        )
+        .unwrap();
+    l.until("routing by end-user", || {
+        let jason = reviews(&l, 20, &[("end-user", "jason")]);
+        let others = reviews(&l, 20, &[("end-user", "mary")]);
+        let all = |a: &[(String, u16)], s: &str| a.iter().all(|(x, c)| x == s && *c == 200);
+        if all(&jason, "echo-v2") && all(&others, "echo-v1") {
+            Ok(())
+        } else {
+            Err(format!("jason {jason:?} others {others:?}"))
+        }
+    });
+
+    // Consistent hashing by a header, on the Service's own traffic (no VirtualService): each user's 50 requests
+    // reach one endpoint, and the users spread over both.
+    let service = &REVIEWS[..REVIEWS.find("---").unwrap()];
+    controller.write("reviews.yaml", &format!("{service}---\n{STICKY}")).unwrap();
+    let by_user = |user: &str| {
+        let answers = reviews(&l, 50, &[("x-user", user)]);
+        let servers: std::collections::BTreeSet<&str> = answers.iter().map(|(s, _)| s.as_str()).collect();
+        servers.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    // Until then, the VirtualService sends every user to echo-v1: wait for a user hashed onto echo-v2.
+    let mut n = 0;
+    l.until("the consistent hash", || {
+        n += 1;
+        match by_user(&format!("probe-{n}"))[..] {
+            [ref one] if one == "echo-v2" => Ok(()),
+            ref other => Err(format!("user probe-{n} reached {other:?}")),
+        }
+    });
+    let users: Vec<Vec<String>> = (0..20).map(|u| by_user(&format!("user-{u}"))).collect();
+    assert!(users.iter().all(|s| s.len() == 1), "a user's requests reached several endpoints: {users:?}");
+    let v2 = users.iter().filter(|s| s[0] == "echo-v2").count();
+    eprintln!("consistent hash: 20 users × 50 requests, each on one endpoint; {v2} of 20 users on echo-v2");
+    assert!((1..20).contains(&v2), "the users did not spread: {v2} of 20 on echo-v2");
+}
+
+/// Istio's sticky sessions: `reviews` hashed by the `x-user` header.
+const STICKY: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+"#;
+
+/// `servers`: every node-2 pod (`echo-v1`, `echo-v2`, and `intruder`, where nothing listens on 8080), with the issue's
+/// DestinationRule: connection pool limits (accepted, not applied yet) and outlier detection after 3 consecutive
+/// 5xx, 30 s interval and base ejection, at most half the endpoints ejected.
+const SERVERS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: servers, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.31
+  selector: {app.kubernetes.io/component: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: servers, namespace: default}
+spec:
+  host: servers
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10}
+      http: {http1MaxPendingRequests: 10, maxRequestsPerConnection: 2}
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 30s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 50
+"#;
+
+/// The waypoint's ejected endpoints of `servers` (admin dump): (address, seconds until it returns, times ejected).
+fn ejected(l: &WaypointLab) -> Vec<(String, f64, u64)> {
+    let dump: serde_json::Value = serde_json::from_str(&l.waypoint.admin_get("/config_dump").unwrap()).unwrap();
+    let services = dump["outlierDetection"].as_array().cloned().unwrap_or_default();
+    let servers = services.iter().find(|s| s["service"] == "default/servers.default.svc.cluster.local");
+    let list = servers.and_then(|s| s["ejected"].as_array().cloned()).unwrap_or_default();
+    list.iter()
+        .map(|e| {
+            let f = |k: &str| e[k].as_f64().unwrap_or(-1.0);
+            (e["endpoint"].as_str().unwrap_or_default().to_owned(), f("returnsInSeconds"), f("timesEjected") as u64)
+        })
+        .collect()
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_for_its_time_and_never_more_than_half() {
+    let Some(l) = WaypointLab::start("wp-istio-outlier") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    controller.write("servers.yaml", SERVERS).unwrap();
+    wait_for_waypoint(&l, "servers.default.svc.cluster.local");
+    let intruder = SocketAddr::from((l.ip(l.intruder), 8080)).to_string();
+    let vip = SocketAddr::from(([10, 96, 0, 31], 80));
+    let get = |path: &str| {
+        let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).expect("connect to servers");
+        conn.send(&Request::get("servers.default.svc.cluster.local", path).close()).expect("a response")
+    };
+    // `intruder` refuses every connection: after three failures (retried elsewhere, so clients see 200) it is out.
+    let first = l.until("intruder ejected", || {
+        for _ in 0..10 {
+            get("/probe");
+        }
+        match ejected(&l)[..] {
+            [ref e] if e.0 == intruder => Ok(e.clone()),
+            ref other => Err(format!("ejected: {other:?}")),
+        }
+    });
+    assert!(first.1 > 0.0 && first.1 <= 30.0 && first.2 == 1, "first ejection: {first:?}");
+    let answers: Vec<u16> = (0..30).map(|_| get("/after").status).collect();
+    assert!(answers.iter().all(|s| *s == 200), "with intruder out, every request is answered: {answers:?}");
+
+    // Now every endpoint fails: echo-v1 and echo-v2 answer 500 three times in a row each, but ejecting one more
+    // would put two of three (over half) out.
+    for _ in 0..20 {
+        assert_eq!(get("/status/500/all-fail").status, 500);
+    }
+    let now = ejected(&l);
+    assert_eq!(now.len(), 1, "more than half ejected: {now:?}");
+    let m = l.waypoint.metrics().unwrap();
+    let total = ambit_e2e::check::metric(
+        &m,
+        "ambit_waypoint_outlier_ejections_total",
+        &[("service", "default/servers.default.svc.cluster.local")],
+    );
+    assert_eq!(total, 1.0, "{m}");
+
+    // It comes back after its 30 s; failing again, it is ejected for twice as long.
+    std::thread::sleep(Duration::from_secs_f64(first.1 + 0.5));
+    let second = l.until("intruder ejected again", || {
+        for _ in 0..10 {
+            get("/probe-again");
+        }
+        match ejected(&l)[..] {
+            [ref e] if e.0 == intruder && e.2 == 2 => Ok(e.clone()),
+            ref other => Err(format!("ejected: {other:?}")),
+        }
+    });
+    assert!(second.1 > 30.0 && second.1 <= 60.0, "the second ejection lasts 60 s: {second:?}");
+}

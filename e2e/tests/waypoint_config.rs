@@ -198,6 +198,7 @@ async fn the_waypoint_takes_routes_endpoints_and_its_certificate_from_the_contro
         hostname: "web-v2.mesh.svc.cluster.local".into(),
         namespace: "mesh".into(),
         port: 80,
+        policy: None,
     };
     let endpoints: Vec<_> =
         snap.endpoints(&v2).iter().map(|e| (e.target(80).unwrap().to_string(), e.identity().to_string())).collect();

@@ -6,7 +6,7 @@
 //! and must land within 2.5 percentage points of the weight (more than 3.7 standard deviations of a fair draw).
 //! Needs root; fails (not skips) under CI.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ambit_e2e::check::TIMEOUT;
@@ -74,13 +74,24 @@ spec:
   - {service: echo-v2, weight: 10}
 "#;
 
-/// Sends `n` GETs of `path` from the client on one kept-alive connection; per request, which server answered
-/// (`"waypoint"` when none did) and the status.
+/// Sends `n` GETs of `path` to `echo` from the client on one kept-alive connection; per request, which server
+/// answered (`"waypoint"` when none did) and the status.
 fn served_by(l: &WaypointLab, path: &str, n: usize, headers: &[(&str, &str)]) -> Vec<(String, u16)> {
-    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).expect("connect");
+    answers(l, (ECHO_VIP, ECHO_HOST), path, n, headers)
+}
+
+/// [`served_by`] for the service at `vip` with hostname `host`.
+fn answers(
+    l: &WaypointLab,
+    (vip, host): (Ipv4Addr, &str),
+    path: &str,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> Vec<(String, u16)> {
+    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((vip, 80)), TIMEOUT).expect("connect");
     (0..n)
         .map(|_| {
-            let req = headers.iter().fold(Request::get(ECHO_HOST, path), |r, (k, v)| r.header(k, v));
+            let req = headers.iter().fold(Request::get(host, path), |r, (k, v)| r.header(k, v));
             let r = conn.send(&req).expect("a response");
             (r.header("x-served-by").unwrap_or("waypoint").to_owned(), r.status)
         })
@@ -323,15 +334,7 @@ fn wait_for_waypoint(l: &WaypointLab, hostname: &str) {
 
 /// `n` GETs to `reviews` from the client on one connection; per request, which server answered.
 fn reviews(l: &WaypointLab, n: usize, headers: &[(&str, &str)]) -> Vec<(String, u16)> {
-    let vip = SocketAddr::from(([10, 96, 0, 30], 80));
-    let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).expect("connect to reviews");
-    (0..n)
-        .map(|_| {
-            let req = headers.iter().fold(Request::get(REVIEWS_HOST, "/reviews"), |r, (k, v)| r.header(k, v));
-            let r = conn.send(&req).expect("a response");
-            (r.header("x-served-by").unwrap_or("waypoint").to_owned(), r.status)
-        })
-        .collect()
+    answers(l, (Ipv4Addr::new(10, 96, 0, 30), REVIEWS_HOST), "/reviews", n, headers)
 }
 
 #[test]

@@ -325,7 +325,8 @@ fn waypoint_config(
     targeted: Vec<(&ObjectKey, authz_l7::Converted)>,
     report: &mut BuildReport,
 ) {
-    let routes = routes::build(objects, &report.snapshot.addresses, &opts.domain_suffix);
+    let mut routes = routes::build(objects, &report.snapshot.addresses, &opts.domain_suffix);
+    mesh_routes::attach(objects, &report.snapshot.addresses, &opts.domain_suffix, &mut routes);
     report.rejections.extend(routes.rejections);
     report.warnings.extend(routes.warnings);
     report.waypoint_services = routes.waypoint_services;

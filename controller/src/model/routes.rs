@@ -94,7 +94,8 @@ impl BackendResolver for Services<'_> {
     }
 }
 
-/// Builds the routing resources from `objects`, given the snapshot's `addresses` (already built).
+/// Builds the Gateway API routing resources from `objects`, given the snapshot's `addresses` (already built); the
+/// routes of other APIs (VirtualService, TrafficSplit) are attached to the result afterwards, by `mesh_routes`.
 pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, domain_suffix: &str) -> RoutesReport {
     let mut report = RoutesReport::default();
     for ((ns, name), svc) in &objects.services {
@@ -163,7 +164,6 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
             }
         }
     }
-    super::mesh_routes::attach(objects, addresses, domain_suffix, &mut report);
     report
 }
 

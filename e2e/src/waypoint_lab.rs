@@ -118,9 +118,15 @@ impl WaypointMesh {
     /// Starts `ambit-waypoint` in the waypoint's pod (`--waypoint-name waypoint`, `--access-log access_log`) and
     /// waits until it is ready.
     pub fn start_waypoint(&self, access_log: bool) -> anyhow::Result<WaypointProcess> {
+        self.start_waypoint_with(access_log, &[])
+    }
+
+    /// [`WaypointMesh::start_waypoint`] with the flags `extra` appended.
+    pub fn start_waypoint_with(&self, access_log: bool, extra: &[&str]) -> anyhow::Result<WaypointProcess> {
         let mut args = WaypointArgs::for_pod(&self.mesh, self.wp)?;
         args.waypoint_name = Some(GATEWAY.into());
         args.access_log = Some(access_log);
+        args.extra.extend(extra.iter().map(|f| f.to_string()));
         WaypointProcess::start_ready(&self.mesh, self.wp, args, PROPAGATION).context("the waypoint is ready")
     }
 }
@@ -133,7 +139,7 @@ pub const ECHO_V2_HOST: &str = "echo-v2.default.svc.cluster.local";
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The port the echo servers listen on (`echo`'s `http` port 80 and `tcp` port 9000 target it).
 pub const APP_PORT: u16 = 8080;
-/// `echo`'s port named `tcp`: opaque to the waypoint, relayed at L4.
+/// The port named `tcp` of `echo` and `echo-v2`: opaque to the waypoint, relayed at L4.
 pub const TCP_PORT: u16 = 9000;
 /// `echo`'s port declared HTTP/2 (`appProtocol: kubernetes.io/h2c`), to [`H2_APP_PORT`] on `echo-v1`.
 pub const H2_PORT: u16 = 81;
@@ -163,7 +169,9 @@ spec:
   type: ClusterIP
   clusterIP: 10.96.0.11
   selector: {app: echo-v2}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 9000, targetPort: 8080, protocol: TCP}
 "#;
 
 /// The lab: nodes 1 and 2; `client` and the waypoint pod on node 1,
@@ -192,6 +200,11 @@ impl WaypointLab {
 
     /// [`WaypointLab::start`] with more controller flags.
     pub fn start_with(test: &str, controller_args: &[&str]) -> Option<Self> {
+        Self::start_with_flags(test, controller_args, &[])
+    }
+
+    /// [`WaypointLab::start`] with more controller flags and more waypoint flags.
+    pub fn start_with_flags(test: &str, controller_args: &[&str], waypoint_flags: &[&str]) -> Option<Self> {
         if !crate::require_root(test) {
             return None;
         }
@@ -218,7 +231,7 @@ impl WaypointLab {
                     && dump::endpoints(d, NS, WAYPOINT_HOST) == 1
             })
             .expect("ztunnels know the waypoint");
-        let waypoint = lab.start_waypoint(true).expect("the waypoint is ready");
+        let waypoint = lab.start_waypoint_with(true, waypoint_flags).expect("the waypoint is ready");
         let WaypointMesh { mesh, nodes, wp, .. } = lab;
         Some(WaypointLab { waypoint, v1: s1, v2: s2, mesh, nodes, client, intruder, wp, servers: [v1, v2] })
     }

@@ -3,7 +3,8 @@
 //! service `echo` and `echo-v2` behind `echo-v2`): Istio `VirtualService`s written as Istio's documentation writes
 //! them (a 90/10 split with retries and timeouts, header and URI-prefix matches, fault injection) and an SMI
 //! `TrafficSplit`, applied to the service `echo`, which uses the waypoint. Splits are measured over 2,000 requests
-//! and must land within 2.5 percentage points of the weight (more than 3.7 standard deviations of a fair draw).
+//! and must land within 2.5 percentage points of the weight (more than 3.7 standard deviations of a fair draw); a
+//! VirtualService `tcp[]` split of `echo`'s TCP port over 600 connections, within 5 points.
 //! Needs root; fails (not skips) under CI.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use ambit_e2e::check::TIMEOUT;
 use ambit_e2e::http::{HttpConnection, Request};
 use ambit_e2e::http_server::EchoReply;
-use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP};
+use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP, TCP_PORT};
 
 /// Requests a split is measured over.
 const SPLIT_REQUESTS: usize = 2_000;
@@ -409,7 +410,7 @@ spec:
 "#;
 
 /// `servers`: every node-2 pod (`echo-v1`, `echo-v2`, and `intruder`, where nothing listens on 8080), with the issue's
-/// DestinationRule: connection pool limits (accepted, not applied yet) and outlier detection after 3 consecutive
+/// DestinationRule: connection pool limits and outlier detection after 3 consecutive
 /// 5xx, 30 s interval and base ejection, at most half the endpoints ejected.
 const SERVERS: &str = r#"apiVersion: v1
 kind: Service
@@ -503,4 +504,189 @@ fn outlier_detection_ejects_a_failing_endpoint_for_its_time_and_never_more_than_
         }
     });
     assert!(second.1 > 30.0 && second.1 <= 60.0, "the second ejection lasts 60 s: {second:?}");
+}
+
+/// `pooled`: echo-v1 and echo-v2, with the issue's connection pool: 10 HTTP/1.1 connections, 10 pending requests,
+/// 2 requests per connection.
+const POOLED: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: pooled, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.32
+  selector: {app.kubernetes.io/name: echo}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pooled, namespace: default}
+spec:
+  host: pooled
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10}
+      http: {http1MaxPendingRequests: 10, maxRequestsPerConnection: 2}
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, path: /, ttl: 60s}
+"#;
+
+const POOLED_HOST: &str = "pooled.default.svc.cluster.local";
+
+/// Requests sent at once into the pool of 10 connections and 10 pending places.
+const BURST: usize = 30;
+
+#[test]
+fn connection_pool_limits_overflow_with_503_uo_and_retire_connections_after_two_requests() {
+    let Some(l) = WaypointLab::start("wp-istio-pool") else { return };
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    controller.write("pooled.yaml", POOLED).unwrap();
+    wait_for_waypoint(&l, POOLED_HOST);
+    let vip = SocketAddr::from(([10, 96, 0, 32], 80));
+    let get = |conn: &mut HttpConnection, path: &str| conn.send(&Request::get(POOLED_HOST, path)).expect("a response");
+    l.until("pooled served", || {
+        let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).map_err(|e| e.to_string())?;
+        match get(&mut conn, "/pooled-ready").status {
+            200 => Ok(()),
+            s => Err(format!("status {s}")),
+        }
+    });
+
+    // Sequential requests on one client connection: each upstream connection carries two, then is closed.
+    let connections = || l.v1.connections().len() + l.v2.connections().len();
+    let before = connections();
+    let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).unwrap();
+    for _ in 0..20 {
+        assert_eq!(get(&mut conn, "/sequential").status, 200);
+    }
+    let opened = connections() - before;
+    eprintln!("maxRequestsPerConnection 2: 20 sequential requests opened {opened} connections to the servers");
+    assert!((9..=11).contains(&opened), "20 requests, 2 per connection, opened {opened} connections");
+
+    // 30 slow requests at once: 10 run, 10 wait for a connection, 10 overflow at once with 503 UO.
+    let start = std::sync::Barrier::new(BURST);
+    let answers: Vec<(u16, bool, Duration)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..BURST)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut conn = HttpConnection::connect(l.ns(l.client), vip, Duration::from_secs(30)).unwrap();
+                    start.wait();
+                    let sent = Instant::now();
+                    let r = get(&mut conn, "/delay/4000/burst");
+                    (r.status, r.header("x-envoy-overloaded") == Some("true"), sent.elapsed())
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let overflowed: Vec<_> = answers.iter().filter(|(s, ..)| *s == 503).collect();
+    let served = answers.iter().filter(|(s, ..)| *s == 200).count();
+    eprintln!(
+        "connection pool 10 + 10 pending: of {BURST} requests at once {served} served, {} overflowed",
+        overflowed.len()
+    );
+    assert_eq!((served, overflowed.len()), (20, 10), "{answers:?}");
+    assert!(overflowed.iter().all(|(_, marked, took)| *marked && *took < Duration::from_secs(2)), "{overflowed:?}");
+    let waited = answers.iter().filter(|(s, _, took)| *s == 200 && *took >= Duration::from_secs(7)).count();
+    assert_eq!(waited, 10, "ten waited for a connection: {answers:?}");
+    let m = l.waypoint.metrics().unwrap();
+    let uo =
+        ambit_e2e::check::metric(&m, "istio_requests_total", &[("response_flags", "UO"), ("response_code", "503")]);
+    let pending = ambit_e2e::check::metric(
+        &m,
+        "ambit_waypoint_upstream_overflow_total",
+        &[("service", "default/pooled.default.svc.cluster.local"), ("limit", "pending")],
+    );
+    assert_eq!((uo, pending), (10.0, 10.0), "{m}");
+    let log = l.waypoint.log_text();
+    let logged = log.lines().filter(|line| line.contains("response_flags") && line.contains("UO")).count();
+    assert_eq!(logged, 10, "access log lines flagged UO:\n{log}");
+
+    // Sticky sessions by a cookie the waypoint makes: the request without it gets one, and with it every request
+    // reaches the same endpoint.
+    let mut conn = HttpConnection::connect(l.ns(l.client), vip, TIMEOUT).unwrap();
+    let first = get(&mut conn, "/login");
+    let set = first.header("set-cookie").expect("a session cookie is made").to_owned();
+    assert!(set.starts_with("session=\"") && set.contains("Max-Age=60") && set.contains("Path=/"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let servers: std::collections::BTreeSet<String> = (0..20)
+        .map(|_| {
+            let r = conn.send(&Request::get(POOLED_HOST, "/sticky").header("cookie", &cookie)).unwrap();
+            assert!(r.header("set-cookie").is_none(), "a request with the cookie gets no new one");
+            r.header("x-served-by").unwrap_or("waypoint").to_owned()
+        })
+        .collect();
+    assert_eq!(servers.len(), 1, "one session, one endpoint: {servers:?}");
+}
+
+/// Istio's TCP traffic shifting, on `echo`'s TCP port: 80 % of connections to `echo`, 20 % to `echo-v2`.
+const TCP_SHIFT: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-tcp, namespace: default}
+spec:
+  hosts: [echo]
+  tcp:
+  - match:
+    - port: 9000
+    route:
+    - destination: {host: echo}
+      weight: 80
+    - destination: {host: echo-v2}
+      weight: 20
+"#;
+
+/// TCP connections the split is measured over.
+const TCP_CONNECTIONS: usize = 600;
+/// Over 600 connections one standard deviation of a fair 20 % draw is 1.6 points: ±5 is over 3 of them.
+const TCP_TOLERANCE: f64 = 5.0;
+
+/// The echo server that answers a GET sent over a new connection to `echo`'s TCP port (relayed at L4).
+fn over_tcp(l: &WaypointLab, path: &str) -> anyhow::Result<String> {
+    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, TCP_PORT)), TIMEOUT)?;
+    let r = conn.send(&Request::get(ECHO_HOST, path).close())?;
+    r.header("x-served-by").map(str::to_owned).ok_or_else(|| anyhow::anyhow!("no x-served-by: {r:?}"))
+}
+
+/// `n` connections to `echo`'s TCP port, one GET each; which server answered each.
+fn tcp_servers(l: &WaypointLab, tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| over_tcp(l, &format!("/{tag}/{i}")).unwrap_or_else(|e| panic!("connection {i}: {e:#}"))).collect()
+}
+
+#[test]
+fn a_virtual_service_splits_tcp_connections_by_weight() {
+    let Some(l) = WaypointLab::start("wp-istio-tcp") else { return };
+    let controller = l.mesh.controller().unwrap();
+    let served = l.until("an answer on the tcp port", || over_tcp(&l, "/ready").map_err(|e| format!("{e:#}")));
+    assert_eq!(served, "echo-v1");
+
+    controller.write("vs.yaml", TCP_SHIFT).unwrap();
+    l.until("a connection to echo-v2", || match over_tcp(&l, "/arrived") {
+        Ok(s) if s == "echo-v2" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    let servers = tcp_servers(&l, "tcp-split", TCP_CONNECTIONS);
+    assert!(servers.iter().all(|s| s == "echo-v1" || s == "echo-v2"), "{servers:?}");
+    let share = 100.0 * servers.iter().filter(|s| *s == "echo-v2").count() as f64 / TCP_CONNECTIONS as f64;
+    eprintln!("VirtualService tcp 80/20: echo-v2 got {share:.2} % of {TCP_CONNECTIONS} connections");
+    assert!((share - 20.0).abs() <= TCP_TOLERANCE, "echo-v2 got {share:.1} %, want 20 ± {TCP_TOLERANCE}");
+    // The bytes went through the waypoint, which names the chosen upstream in its access log.
+    let waypoint_ip = std::net::IpAddr::V4(l.ip(l.wp));
+    let relayed = l.v2.requests().into_iter().find(|q| q.path.starts_with("/tcp-split/")).expect("echo-v2 got some");
+    assert_eq!(relayed.peer.ip(), waypoint_ip);
+    let log = l.waypoint.log_text();
+    let line = log.lines().find(|l| l.contains("connection complete") && l.contains("echo-v2.default.svc"));
+    let line = line.unwrap_or_else(|| panic!("no access-log line names echo-v2; log:\n{log}"));
+    assert!(line.contains("outbound|9000||echo-v2.default.svc.cluster.local") && line.contains("default/echo-tcp"));
+
+    // Without the VirtualService, every connection goes to echo again.
+    controller.remove("vs.yaml").unwrap();
+    l.until("every connection back to echo", || {
+        let servers = tcp_servers(&l, "tcp-back", 50);
+        match servers.iter().filter(|s| *s != "echo-v1").count() {
+            0 => Ok(()),
+            n => Err(format!("{n} of 50 still went elsewhere")),
+        }
+    });
+    let servers = tcp_servers(&l, "tcp-after", 200);
+    assert!(servers.iter().all(|s| s == "echo-v1"), "{servers:?}");
 }

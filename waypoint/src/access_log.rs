@@ -8,6 +8,10 @@
 //! `src.namespace`, `dst.service`, `dst.workload`). What is not known
 //! shows `-`. Plain or JSON follows `--log-format`; `--access-log false`
 //! turns it off ([`AccessLog`]), and so does the filter `access=warn`.
+//!
+//! A TCP connection relayed at L4 gets one line too ([`ConnectionEntry`]),
+//! with the fields that apply to it and `upstream_cluster`, the service (and
+//! subset) a VirtualService's `tcp[]` split sent it to.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,8 +20,9 @@ use std::time::Duration;
 use http::{Method, Version};
 use tracing::info;
 
-use crate::metrics::RequestRecord;
+use crate::metrics::{RequestRecord, ServiceLabels, WorkloadLabels};
 use crate::route::Route;
+use crate::target::ServiceTarget;
 
 /// What the access log says about one finished request, besides its
 /// [`RequestRecord`] (the metrics' view of it).
@@ -63,6 +68,54 @@ impl AccessLog {
             log_request(entry);
         }
     }
+
+    /// Logs the TCP connection when switched on.
+    pub fn log_connection(&self, entry: &ConnectionEntry<'_>) {
+        if self.enabled {
+            log_connection(entry);
+        }
+    }
+}
+
+/// What the access log says about one finished TCP connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionEntry<'a> {
+    pub source: &'a WorkloadLabels,
+    /// The service the client called.
+    pub service: &'a ServiceLabels,
+    /// The service (and subset) the connection went to, once chosen.
+    pub upstream_cluster: Option<&'a ServiceTarget>,
+    /// The endpoint, and its workload's labels.
+    pub upstream: Option<SocketAddr>,
+    pub destination: Option<&'a WorkloadLabels>,
+    /// `namespace/name` of the VirtualService whose `tcp[]` chose the upstream.
+    pub route: Option<&'a str>,
+    pub response_flags: &'static str,
+    /// From the client, and to it.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+}
+
+/// Writes the connection's access-log line, whatever the switch.
+pub fn log_connection(e: &ConnectionEntry<'_>) {
+    info!(
+        target: "access",
+        protocol = "TCP",
+        response_flags = e.response_flags,
+        bytes_received = e.bytes_received,
+        bytes_sent = e.bytes_sent,
+        duration = %Millis(e.duration),
+        upstream_host = %OrDash(e.upstream),
+        upstream_cluster = %UpstreamCluster(e.upstream_cluster),
+        route_name = e.route.unwrap_or("-"),
+        "src.identity" = e.source.principal.as_str(),
+        "src.workload" = e.source.workload.as_str(),
+        "src.namespace" = e.source.namespace.as_str(),
+        "dst.service" = e.service.hostname.as_str(),
+        "dst.workload" = e.destination.map_or("-", |d| d.workload.as_str()),
+        "connection complete"
+    );
 }
 
 /// Writes the request's access-log line, whatever the switch.
@@ -130,6 +183,17 @@ impl fmt::Display for RouteName<'_> {
             Some(r) => write!(f, "{}/{}", r.namespace, r.name),
             None => f.write_str("-"),
         }
+    }
+}
+
+/// Istio's name of an upstream cluster, `outbound|<port>|<subset>|<hostname>`, or `-`.
+struct UpstreamCluster<'a>(Option<&'a ServiceTarget>);
+
+impl fmt::Display for UpstreamCluster<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(t) = self.0 else { return f.write_str("-") };
+        let subset = t.policy.as_ref().and_then(|p| p.subset.as_ref()).map_or("", |s| s.name.as_str());
+        write!(f, "outbound|{}|{subset}|{}", t.port, t.hostname)
     }
 }
 
@@ -339,6 +403,46 @@ mod tests {
             ("response_flags", "UH"),
             ("protocol", "HTTP/1.1"),
             ("path", "/"),
+        ] {
+            assert_eq!(e.get(k).map(String::as_str), Some(v), "{k} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_tcp_connection_logs_the_upstream_its_route_chose() {
+        let fx = Fixture::new();
+        let target = ServiceTarget {
+            hostname: "echo-v2.apps.svc.cluster.local".into(),
+            namespace: "apps".into(),
+            port: 9000,
+            policy: None,
+        };
+        let entry = ConnectionEntry {
+            source: &fx.source,
+            service: &fx.service,
+            upstream_cluster: Some(&target),
+            upstream: Some("10.1.2.4:8080".parse().unwrap()),
+            destination: Some(&fx.destination),
+            route: Some("apps/echo-tcp"),
+            response_flags: response_flags::NONE,
+            bytes_received: 40,
+            bytes_sent: 300,
+            duration: Duration::from_millis(3),
+        };
+        let events = captured(false, || AccessLog::new(true).log_connection(&entry));
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        for (k, v) in [
+            ("target", "access"),
+            ("message", "connection complete"),
+            ("protocol", "TCP"),
+            ("upstream_host", "10.1.2.4:8080"),
+            ("upstream_cluster", "outbound|9000||echo-v2.apps.svc.cluster.local"),
+            ("route_name", "apps/echo-tcp"),
+            ("dst.service", "echo.apps.svc.cluster.local"),
+            ("dst.workload", "echo-v1"),
+            ("bytes_received", "40"),
+            ("bytes_sent", "300"),
         ] {
             assert_eq!(e.get(k).map(String::as_str), Some(v), "{k} in {e:?}");
         }

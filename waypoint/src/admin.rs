@@ -88,6 +88,7 @@ fn snapshot_dump(s: &Snapshot) -> serde_json::Value {
                             "port": p.port, "targetPort": p.target_port, "name": p.name,
                             "protocol": format!("{:?}", p.protocol), "routes": names(&p.table),
                             "defaultRoute": p.default_route, "consumerRoutes": consumers,
+                            "tcpRoute": p.tcp.as_ref().map(|t| format!("{}/{} tcp[{}]", t.namespace, t.name, t.rule)),
                         })
                     })
                     .collect()

@@ -35,6 +35,8 @@ pub enum AppError {
     Endpoint(#[from] CaClientError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Tracing(#[from] crate::trace::TraceError),
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<String, AppError> {
@@ -102,6 +104,8 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
         AccessLog::new(flags.access_log),
     );
 
+    let tracing = start_tracing(&flags)?;
+
     let hbone = bind("hbone", flags.hbone_addr).await?;
     let admin = bind("admin", flags.admin_addr).await?;
     let metrics_listener = bind("metrics", flags.metrics_addr).await?;
@@ -143,7 +147,26 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
         Ok(_) => info!("waypoint drained"),
         Err(_) => warn!("drain timeout passed; closing the connections still open"),
     }
+    if let Some(provider) = tracing {
+        crate::trace::shutdown(provider).await;
+    }
     Ok(())
+}
+
+/// Tracing to `--tracing-endpoint`, if set: the provider, to flush at exit.
+fn start_tracing(flags: &Flags) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, AppError> {
+    let Some(endpoint) = &flags.tracing_endpoint else { return Ok(None) };
+    let ns = &flags.pod_namespace;
+    let proxy = crate::trace::ProxyInfo {
+        // Envoy's node id as Istio writes it for a waypoint.
+        node_id: format!("waypoint~{}~{}.{ns}~{ns}.svc.cluster.local", flags.instance_ip, flags.pod_name),
+        canonical_service: flags.gateway_name().to_owned(),
+        namespace: ns.clone(),
+        mesh_id: flags.trust_domain.clone(),
+    };
+    let provider = crate::trace::install(endpoint, flags.tracing_protocol, flags.tracing_sampling, proxy)?;
+    info!(%endpoint, protocol = ?flags.tracing_protocol, sampling = flags.tracing_sampling, "tracing on");
+    Ok(Some(provider))
 }
 
 /// Ready once the configuration arrived (every type at least once) and the

@@ -9,6 +9,8 @@ use std::time::Duration;
 use ambit_identity::Identity;
 use clap::Parser;
 
+use crate::trace::OtlpProtocol;
+
 /// Ambit's waypoint: the per-namespace L7 proxy of the ambient mesh.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "ambit-waypoint", version)]
@@ -121,6 +123,30 @@ pub struct Flags {
     /// One access-log line per request at info level.
     #[arg(long, env = "AMBIT_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+
+    /// OpenTelemetry collector the waypoint sends its spans to (OTLP), as a
+    /// plain-text `http://host:port` URL: e.g. `http://otel-collector.observability:4317`
+    /// for gRPC, `:4318` for HTTP (which adds `/v1/traces` to a URL without
+    /// a path). Absent (the default): no tracing, and no cost.
+    #[arg(long, env = "AMBIT_TRACING_ENDPOINT")]
+    pub tracing_endpoint: Option<String>,
+
+    /// OTLP transport for `--tracing-endpoint`: `grpc` or `http` (protobuf).
+    #[arg(long, env = "AMBIT_TRACING_PROTOCOL", value_enum, default_value = "grpc")]
+    pub tracing_protocol: OtlpProtocol,
+
+    /// Percent (0 to 100) of the requests that start a trace to sample, as
+    /// Istio's `sampling` (default 1); a request that carries a sampling
+    /// decision (W3C `traceparent`, B3) keeps it.
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value_t = 1.0, value_parser = percent)]
+    pub tracing_sampling: f64,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }
 
 impl Flags {

@@ -12,9 +12,11 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::time::Duration;
 
 use http::request::Parts;
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
+use rand::Rng;
 
 /// How a backend's endpoint is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -36,6 +38,37 @@ pub struct LoadBalancer {
     pub simple: LbPolicy,
     /// Consistent hashing by this key.
     pub hash: Option<HashKey>,
+    /// With a cookie key and a TTL: the cookie given to a request without one.
+    pub make_cookie: Option<CookieMaker>,
+}
+
+/// `consistentHash.httpCookie` with a `ttl`: as Envoy does, a request
+/// without the cookie is hashed on a new value, which the response sets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CookieMaker {
+    pub name: String,
+    /// `Max-Age`; zero: a session cookie (none).
+    pub ttl: Duration,
+    /// `Path`; empty: none.
+    pub path: String,
+}
+
+impl CookieMaker {
+    /// A new cookie: the hash of its value (as [`request_hash`] takes it
+    /// when the client sends it back) and the `Set-Cookie` header value.
+    pub fn make(&self, rng: &mut impl Rng) -> Option<(u64, HeaderValue)> {
+        // Quoted, as Envoy writes it; the quotes come back and are hashed too.
+        let value = format!("\"{:016x}\"", rng.random::<u64>());
+        let mut set = format!("{}={value}", self.name);
+        if !self.ttl.is_zero() {
+            set.push_str(&format!("; Max-Age={}", self.ttl.as_secs()));
+        }
+        if !self.path.is_empty() {
+            set.push_str(&format!("; Path={}", self.path));
+        }
+        set.push_str("; HttpOnly");
+        Some((hash(value.as_bytes()), HeaderValue::try_from(set).ok()?))
+    }
 }
 
 /// Envoy's default Maglev table size (a prime).
@@ -205,5 +238,21 @@ mod tests {
         assert_eq!(h(HashKey::QueryParameter("missing".into())), None);
         assert_eq!(h(HashKey::Header(HeaderName::from_static("x-none"))), None);
         assert_eq!(h(HashKey::SourceIp), Some(hash(&peer)));
+    }
+
+    #[test]
+    fn a_made_cookie_hashes_as_it_will_when_the_client_sends_it_back() {
+        use rand::SeedableRng;
+        let maker = CookieMaker { name: "session".into(), ttl: Duration::from_secs(3600), path: "/app".into() };
+        let (made, set) = maker.make(&mut rand::rngs::SmallRng::seed_from_u64(7)).unwrap();
+        let set = set.to_str().unwrap();
+        assert!(set.starts_with("session=\"") && set.ends_with("; Max-Age=3600; Path=/app; HttpOnly"), "{set}");
+        let pair = set.split(';').next().unwrap();
+        let back =
+            http::Request::get("/").header("cookie", format!("other=1; {pair}")).body(()).unwrap().into_parts().0;
+        assert_eq!(request_hash(&HashKey::Cookie("session".into()), &back, "10.0.0.1".parse().unwrap()), Some(made));
+        let session = CookieMaker { ttl: Duration::ZERO, path: String::new(), ..maker };
+        let (_, set) = session.make(&mut rand::rng()).unwrap();
+        assert!(!set.to_str().unwrap().contains("Max-Age") && !set.to_str().unwrap().contains("Path"), "{set:?}");
     }
 }

@@ -14,6 +14,8 @@
 //!   connections to endpoints inside HBONE tunnels; [`upgrade`]: HTTP/1.1
 //!   upgrades (WebSocket) spliced through.
 //! - [`admin`]: config dump, log level, readiness; [`flags`]: the command line.
+//! - [`trace`]: OpenTelemetry spans of requests and attempts, W3C and B3
+//!   propagation, OTLP export.
 //!
 //! The decisions:
 //! - [`plan`]: the phases composed with their defaults — routing, then
@@ -25,6 +27,8 @@
 //!   injected delays and aborts (VirtualService `fault`).
 //! - [`balance`]: the weighted backend choice, then the endpoint (least
 //!   request by two random choices, or round robin).
+//! - [`circuit`]: DestinationRule `connectionPool`: circuit breakers per
+//!   upstream cluster (503 `UO` on overflow) and connection settings.
 //! - [`retry`]: whether and when to retry, the retry budget, deadlines.
 //! - [`hop`]: hop-by-hop headers and `x-request-id`.
 //! - [`normalize`]: the request path normalized before routing and policy.
@@ -38,6 +42,7 @@ pub mod app;
 pub mod authority;
 pub mod authz;
 pub mod balance;
+pub mod circuit;
 pub mod config;
 pub mod detect;
 pub mod fault;
@@ -58,6 +63,7 @@ pub mod retry;
 pub mod route;
 pub mod target;
 pub mod tcp;
+pub mod trace;
 pub mod upgrade;
 pub mod upstream;
 

@@ -60,6 +60,8 @@ pub mod response_flags {
     pub const DELAY_INJECTED: &str = "DI";
     /// A fault injection filter answered the request ([`crate::fault`]).
     pub const FAULT_INJECTED: &str = "FI";
+    /// The route's backend does not resolve (a TCP connection is closed).
+    pub const NO_CLUSTER_FOUND: &str = "NC";
 }
 
 pub use ambit_telemetry::Value;
@@ -313,6 +315,14 @@ struct ServiceLabel {
     service: String,
 }
 
+/// `ambit_waypoint_upstream_overflow_total{service, limit}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverflowLabels {
+    service: String,
+    /// `pending`, `requests` or `retries` ([`crate::circuit::Overflow`]).
+    limit: &'static str,
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// The four metrics of one label set, looked up together.
@@ -332,6 +342,7 @@ struct Inner {
     series: RwLock<HashMap<RequestLabels, Series>>,
     refused: Family<RefusedLabels, Counter>,
     outlier_ejections: Family<ServiceLabel, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
     config_problems: Gauge,
     pool: PoolMetrics,
 }
@@ -365,6 +376,7 @@ impl Metrics {
             series: RwLock::new(HashMap::new()),
             refused: Family::default(),
             outlier_ejections: Family::default(),
+            overflows: Family::default(),
             config_problems: Gauge::default(),
             pool: PoolMetrics::default(),
         };
@@ -384,6 +396,12 @@ impl Metrics {
             "outlier_ejections",
             "Endpoints ejected by outlier detection (DestinationRule outlierDetection), by upstream service",
             m.outlier_ejections.clone(),
+        );
+        w.register(
+            "upstream_overflow",
+            "Requests a DestinationRule connectionPool limit turned away (503, flag UO) or did not retry, by upstream \
+             service and limit",
+            m.overflows.clone(),
         );
         w.register(
             "config_problems",
@@ -412,6 +430,12 @@ impl Metrics {
     /// Counts an endpoint of `service` (`namespace/hostname`) ejected by outlier detection.
     pub fn outlier_ejected(&self, service: &str) {
         self.0.outlier_ejections.get_or_create(&ServiceLabel { service: service.to_owned() }).inc();
+    }
+
+    /// Counts a request of `service` (`namespace/hostname`) over a connection pool limit.
+    pub fn overflowed(&self, service: &str, limit: crate::circuit::Overflow) {
+        let labels = OverflowLabels { service: service.to_owned(), limit: limit.as_str() };
+        self.0.overflows.get_or_create(&labels).inc();
     }
 
     /// Sets how many problems the configuration in force has (e.g. a

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::authz::{self, RequestInfo, Scope};
 use crate::balance::{EndpointPicker, InFlight, Load};
+use crate::circuit::{Admission, Breaker, ConnectionSettings, Limits, Overflow, RetryPermit};
 use crate::config::{Endpoint, Protocol, Served, Snapshot, SnapshotHandle, Workload};
 use crate::fault;
 use crate::filters::RequestMirror;
@@ -37,6 +38,7 @@ use crate::replay::ReplayBody;
 use crate::reply::{Reply, ReplyReason};
 use crate::retry::{self, Outcome, RetryBudget};
 use crate::route::Route;
+use crate::target::ServiceTarget;
 use crate::upgrade;
 use crate::upstream::{request_uri, ProxyBody, Upstream};
 
@@ -53,6 +55,8 @@ pub struct Shared {
     pub access_log: AccessLog,
     loads: Mutex<HashMap<SocketAddr, Arc<InFlight>>>,
     pickers: Mutex<HashMap<String, Arc<EndpointPicker>>>,
+    /// Circuit breakers by upstream cluster: `namespace/hostname`, port, subset.
+    breakers: Mutex<HashMap<ClusterKey, Arc<Breaker>>>,
     /// Endpoint workloads' metric labels by uid, with the workload they were
     /// made from: rebuilt only when the configuration replaced it.
     labels: Mutex<HashMap<String, (Arc<Workload>, WorkloadLabels)>>,
@@ -79,6 +83,7 @@ impl Shared {
             access_log,
             loads: Mutex::default(),
             pickers: Mutex::default(),
+            breakers: Mutex::default(),
             labels: Mutex::default(),
             pruned_for: AtomicU64::new(0),
         })
@@ -93,7 +98,7 @@ impl Shared {
         }
     }
 
-    fn load(&self, endpoint: SocketAddr) -> Arc<InFlight> {
+    pub(crate) fn load(&self, endpoint: SocketAddr) -> Arc<InFlight> {
         self.loads.lock().expect("bug: poisoned").entry(endpoint).or_default().clone()
     }
 
@@ -106,6 +111,7 @@ impl Shared {
         let workloads = snapshot.workloads();
         self.labels.lock().expect("bug: poisoned").retain(|uid, _| workloads.contains_key(uid));
         self.pickers.lock().expect("bug: poisoned").retain(|key, _| snapshot.service(key).is_some());
+        self.breakers.lock().expect("bug: poisoned").retain(|(key, ..), _| snapshot.service(key).is_some());
         let ips: HashSet<IpAddr> = workloads.values().flat_map(|w| w.addresses.iter().copied()).collect();
         self.loads.lock().expect("bug: poisoned").retain(|addr, load| load.get() > 0 || ips.contains(&addr.ip()));
         self.upstream.prune(|ip| ips.contains(&ip));
@@ -140,7 +146,18 @@ impl Shared {
         out
     }
 
-    fn picker(&self, service: &str) -> Arc<EndpointPicker> {
+    /// The circuit breakers of `target`'s cluster, new when its limits changed.
+    fn breaker(&self, service_key: &str, target: &ServiceTarget, limits: Limits) -> Arc<Breaker> {
+        let subset = target.policy.as_ref().and_then(|p| p.subset.as_ref()).map(|s| s.name.clone());
+        let key = (service_key.to_owned(), target.port, subset);
+        let mut breakers = self.breakers.lock().expect("bug: poisoned");
+        match breakers.get(&key) {
+            Some(b) if b.limits() == limits => b.clone(),
+            _ => breakers.entry(key).insert_entry(Breaker::new(limits)).get().clone(),
+        }
+    }
+
+    pub(crate) fn picker(&self, service: &str) -> Arc<EndpointPicker> {
         let mut pickers = self.pickers.lock().expect("bug: poisoned");
         if let Some(p) = pickers.get(service) {
             return p.clone();
@@ -148,6 +165,9 @@ impl Shared {
         pickers.entry(service.to_owned()).or_default().clone()
     }
 }
+
+/// An upstream cluster: the service (`namespace/hostname`), its port, the subset.
+type ClusterKey = (String, u16, Option<String>);
 
 /// The client side of one HBONE stream, for every request on it.
 pub struct Downstream {
@@ -174,12 +194,15 @@ fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// One endpoint considered for a request, with its requests in flight.
-struct Candidate<'a> {
-    endpoint: &'a Endpoint,
-    load: Arc<InFlight>,
+/// One endpoint considered for a request (or a TCP connection), with its
+/// requests (connections) in flight.
+pub(crate) struct Candidate<'a> {
+    pub endpoint: &'a Endpoint,
+    /// The endpoint's address for the target port.
+    pub addr: SocketAddr,
+    pub load: Arc<InFlight>,
     /// Out of balancing by outlier detection.
-    ejected: bool,
+    pub ejected: bool,
 }
 
 impl Load for Candidate<'_> {
@@ -228,6 +251,7 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
         // The configuration changed under an open connection.
         return reply_response(Reply::no_healthy_upstream());
     };
+    let span = crate::trace::server(&mut parts, &served.service.service.hostname, served.port.port, &request_id);
     let protocol = if served.port.protocol == Protocol::Grpc {
         RequestProtocol::Grpc
     } else {
@@ -268,6 +292,7 @@ pub async fn handle(shared: Arc<Shared>, down: Arc<Downstream>, req: Request<Inc
         request_id: request_id.to_str().ok(),
         user_agent: user_agent.as_ref().and_then(|v| v.to_str().ok()),
     });
+    crate::trace::server_end(span, &record);
     response
 }
 
@@ -375,8 +400,15 @@ async fn forward_and_respond(
     start: Instant,
     done: &mut Done<'_>,
 ) -> Response<ProxyBody> {
-    let hash = forward.backend.target.lb().and_then(|lb| lb.hash.as_ref());
-    let hash = hash.and_then(|key| request_hash(key, &parts, client.peer));
+    let lb = forward.backend.target.lb();
+    let mut hash = lb.and_then(|lb| lb.hash.as_ref()).and_then(|key| request_hash(key, &parts, client.peer));
+    // A hash cookie the request lacks is made for it, when the DestinationRule gives it a TTL (Envoy).
+    let mut set_cookie = None;
+    if hash.is_none() {
+        if let Some((made, header)) = lb.and_then(|lb| lb.make_cookie.as_ref()).and_then(|m| m.make(rng)) {
+            (hash, set_cookie) = (Some(made), Some(header));
+        }
+    }
     let response = forward_request(shared, snapshot, forward, parts, body, client.http2, hash, rng, start, done).await;
     let mut response = match response {
         Ok(r) => r,
@@ -389,6 +421,9 @@ async fn forward_and_respond(
     }
     strip_hop_by_hop(response.headers_mut(), switched);
     forward.effects.apply_response(response.headers_mut());
+    if let Some(cookie) = set_cookie {
+        response.headers_mut().append(http::header::SET_COOKIE, cookie);
+    }
     done.status = response.status();
     response
 }
@@ -435,7 +470,7 @@ async fn forward_request(
         .filter_map(|e| {
             let addr = e.target(target.port)?;
             let ejected = outlier.is_some() && picker.is_ejected(addr, now);
-            Some(Candidate { endpoint: e, load: shared.load(addr), ejected })
+            Some(Candidate { endpoint: e, addr, load: shared.load(addr), ejected })
         })
         .collect();
     if candidates.is_empty() {
@@ -452,12 +487,19 @@ async fn forward_request(
             send_mirror(shared, snapshot, mirror, &parts, bytes.clone(), http2, rng);
         }
     }
+    let breaker = target.pool().map(|pool| shared.breaker(&service_key, target, pool.limits));
+    let admission = match &breaker {
+        Some(b) => Some(admit(shared, b, &service_key, http2, deadlines.overall()).await?),
+        None => None,
+    };
+    let conn = target.pool().map(|p| p.connection).unwrap_or_default();
     let _active = shared.budget.request();
     let mut body = Some(buffered);
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
-    // Held through the retried attempt: the budget counts retries in flight.
+    // Held through the retried attempt: the budget (and the cluster) count retries in flight.
     let mut retry_permit = None;
+    let mut cluster_retry = None;
     loop {
         attempt += 1;
         let hashed = hash.and_then(|h| picker.pick_hashed(&candidates, |c| c.endpoint.workload.uid.as_str(), h));
@@ -467,7 +509,7 @@ async fn forward_request(
         };
         tried.push(i);
         let candidate = &candidates[i];
-        let addr = candidate.endpoint.target(target.port).expect("filtered");
+        let addr = candidate.addr;
         done.upstream = Some(addr);
         done.destination = Some(shared.labels(&candidate.endpoint.workload));
         let (this_body, next) = body.take().expect("bug: body consumed").attempt();
@@ -476,7 +518,8 @@ async fn forward_request(
         *req.uri_mut() = request_uri(&parts.uri, &parts.headers, addr);
         let _in_flight = candidate.load.start();
         let now = Instant::now();
-        let send = shared.upstream.send(req, addr, http2);
+        let span = crate::trace::client(&mut req, target, addr);
+        let send = shared.upstream.send(req, addr, http2, conn);
         let result = match deadlines.attempt(now) {
             Some(at) => match tokio::time::timeout_at(at.into(), send).await {
                 Ok(r) => r.map_err(|e| classify_error(&e)),
@@ -484,6 +527,7 @@ async fn forward_request(
             },
             None => send.await.map_err(|e| classify_error(&e)),
         };
+        crate::trace::client_end(span, &result);
         let outcome = match &result {
             Ok(resp) => match grpc_status(resp) {
                 Some(code) if code != 0 => Outcome::GrpcStatus(code),
@@ -505,19 +549,92 @@ async fn forward_request(
         let overall_passed = deadlines.overall().is_some_and(|end| Instant::now() >= end);
         if !overall_passed && forward.retry.should_retry(attempt, outcome, false, replayable) {
             let backoff = forward.retry.backoff(attempt, rng);
-            if deadlines.retry_fits(Instant::now(), backoff) && shared.budget.next_retry(&mut retry_permit) {
+            if deadlines.retry_fits(Instant::now(), backoff)
+                && shared.budget.next_retry(&mut retry_permit)
+                && retry_within_limit(shared, breaker.as_ref(), &mut cluster_retry, &service_key)
+            {
                 debug!(%addr, ?outcome, attempt, "retrying");
                 tokio::time::sleep(backoff).await;
                 continue;
             }
         }
         return match result {
-            Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+            // The request keeps its place in the cluster's limits until its response body ends.
+            Ok(resp) => Ok(resp.map(|b| match admission {
+                Some(held) => Held { body: b.map_err(Into::into).boxed(), _held: held }.boxed(),
+                None => b.map_err(Into::into).boxed(),
+            })),
             Err(outcome) => {
                 warn!(%addr, ?outcome, "no response from the endpoint");
                 Err(failure_reply(outcome))
             }
         };
+    }
+}
+
+/// Admits a request past its cluster's circuit breakers; an HTTP/1.1 one may
+/// wait as pending for a connection, until `deadline` (then 504, as Envoy).
+async fn admit(
+    shared: &Shared,
+    breaker: &Arc<Breaker>,
+    service_key: &str,
+    http2: bool,
+    deadline: Option<Instant>,
+) -> Result<Admission, Reply> {
+    let admitted = match deadline {
+        Some(end) => tokio::time::timeout_at(end.into(), breaker.admit(http2))
+            .await
+            .map_err(|_| failure_reply(Outcome::Timeout))?,
+        None => breaker.admit(http2).await,
+    };
+    admitted.map_err(|limit| {
+        debug!(service = %service_key, limit = limit.as_str(), "connection pool overflow");
+        shared.metrics.overflowed(service_key, limit);
+        Reply::overflow()
+    })
+}
+
+/// Whether a retry stays within the cluster's `maxRetries`; its permit is
+/// held in `permit` through the retried attempt (the previous one given back).
+fn retry_within_limit(
+    shared: &Shared,
+    breaker: Option<&Arc<Breaker>>,
+    permit: &mut Option<RetryPermit>,
+    service_key: &str,
+) -> bool {
+    let Some(b) = breaker else { return true };
+    // The previous retry is over: given back before this one counts.
+    *permit = None;
+    *permit = b.retry();
+    if permit.is_none() {
+        shared.metrics.overflowed(service_key, Overflow::Retries);
+    }
+    permit.is_some()
+}
+
+/// A response body that holds something (a circuit breaker's admission) until it ends.
+struct Held<T> {
+    body: ProxyBody,
+    _held: T,
+}
+
+impl<T: Unpin> Body for Held<T> {
+    type Data = Bytes;
+    type Error = ambit_hbone::pool::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -621,7 +738,8 @@ fn send_mirror(
     }
     let upstream = shared.upstream.clone();
     tokio::spawn(async move {
-        match tokio::time::timeout(Duration::from_secs(30), upstream.send(req, addr, http2)).await {
+        let send = upstream.send(req, addr, http2, ConnectionSettings::default());
+        match tokio::time::timeout(Duration::from_secs(30), send).await {
             Ok(Ok(resp)) => {
                 let _ = resp.into_body().collect().await;
             }

@@ -32,6 +32,8 @@ pub enum ReplyReason {
     UpstreamConnectFailure,
     /// The endpoint's connection or stream broke before an answer: 503 (Envoy's `UR`).
     UpstreamReset,
+    /// A DestinationRule `connectionPool` limit turned the request away: 503 (Envoy's `UO`).
+    UpstreamOverflow,
     /// The client's request body broke off: 400 (Envoy's `DR`).
     DownstreamReset,
     /// The request path cannot be normalized (a malformed escape): 400
@@ -54,6 +56,7 @@ impl ReplyReason {
             ReplyReason::UpstreamTimeout => "UT",
             ReplyReason::UpstreamConnectFailure => "UF",
             ReplyReason::UpstreamReset => "UR",
+            ReplyReason::UpstreamOverflow => "UO",
             ReplyReason::DownstreamReset => "DR",
             ReplyReason::BadPath | ReplyReason::HeadersTooLarge => "DPE",
             ReplyReason::FaultInjected => "FI",
@@ -97,6 +100,13 @@ impl Reply {
     /// 503: the backend service has no endpoint that can take the request.
     pub fn no_healthy_upstream() -> Reply {
         Reply::empty(StatusCode::SERVICE_UNAVAILABLE, ReplyReason::NoHealthyUpstream)
+    }
+
+    /// 503 with `x-envoy-overloaded: true`, as Envoy's circuit breakers answer.
+    pub fn overflow() -> Reply {
+        let mut reply = Reply::empty(StatusCode::SERVICE_UNAVAILABLE, ReplyReason::UpstreamOverflow);
+        reply.headers.insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        reply
     }
 
     /// 500: a filter could not apply to this request.

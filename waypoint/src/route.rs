@@ -165,6 +165,19 @@ pub enum BackendTarget {
     Invalid(String),
 }
 
+/// A VirtualService `tcp[]` rule on one TCP port: each connection goes to
+/// one of its backends, drawn by weight ([`crate::balance::pick_backend`]).
+#[derive(Clone, Debug)]
+pub struct TcpRoute {
+    /// The VirtualService's namespace and name.
+    pub namespace: String,
+    pub name: String,
+    /// The rule's index in `tcp[]`.
+    pub rule: u32,
+    /// Their filters are never applied: a connection has no request.
+    pub backends: Vec<Backend>,
+}
+
 /// A configuration problem found while building a table; the rest of the
 /// table works, the offending match never matches.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::circuit::ConnectionPool;
 use crate::lb::LoadBalancer;
 use crate::outlier::OutlierConfig;
 
@@ -29,6 +30,8 @@ pub struct TargetPolicy {
     pub lb: LoadBalancer,
     /// Ejection of failing endpoints.
     pub outlier: Option<OutlierConfig>,
+    /// Circuit breakers and connection settings.
+    pub pool: Option<ConnectionPool>,
 }
 
 /// A subset of a service's endpoints, as the controller resolved it from
@@ -67,6 +70,11 @@ impl ServiceTarget {
     /// The outlier detection a DestinationRule sets, if any.
     pub fn outlier(&self) -> Option<&OutlierConfig> {
         self.policy.as_ref().and_then(|p| p.outlier.as_ref())
+    }
+
+    /// The connection pool a DestinationRule sets, if any.
+    pub fn pool(&self) -> Option<&ConnectionPool> {
+        self.policy.as_ref().and_then(|p| p.pool.as_ref())
     }
 }
 

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,11 +33,12 @@ use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::connect::{capture_connection, Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::circuit::ConnectionSettings;
 use crate::config::{SnapshotHandle, Tunnel};
 
 /// The body of a forwarded request or response.
@@ -79,6 +81,8 @@ struct Inner {
 pub struct Connector {
     inner: Arc<Inner>,
     endpoint: SocketAddr,
+    /// The whole opening: TCP connect, or the tunnel (TLS to the node's ztunnel, CONNECT).
+    connect_timeout: Duration,
 }
 
 /// Sockets of the waypoint's own network namespace: it is not captured.
@@ -94,18 +98,21 @@ impl Dialer for PlainDialer {
 impl Connector {
     async fn connect(self) -> Result<UpstreamIo, ConnectError> {
         let addr = self.endpoint;
+        match tokio::time::timeout(self.connect_timeout, self.open()).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(addr)),
+        }
+    }
+
+    async fn open(self) -> Result<UpstreamIo, ConnectError> {
+        let addr = self.endpoint;
         let snapshot = self.inner.snapshots.current();
         let workload = snapshot.workload_by_ip(addr.ip()).ok_or(ConnectError::UnknownEndpoint(addr.ip()))?;
         let settings = &self.inner.settings;
         if workload.tunnel == Tunnel::None {
-            let connect = TcpStream::connect(addr);
-            let tcp = match tokio::time::timeout(settings.connect_timeout, connect).await {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => return Err(ConnectError::Tcp(addr, e)),
-                Err(_) => return Err(ConnectError::Timeout(addr)),
-            };
+            let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError::Tcp(addr, e))?;
             let _ = tcp.set_nodelay(true);
-            return Ok(UpstreamIo { io: TokioIo::new(Io::Tcp(tcp)), _guard: None });
+            return Ok(UpstreamIo { io: TokioIo::new(Io::Tcp(tcp)), _guard: None, uses: Uses::default() });
         }
         let certs =
             self.inner.certs.get(&settings.identity).await.map_err(|e| ConnectError::Certificate(e.to_string()))?;
@@ -122,7 +129,7 @@ impl Connector {
             .await
             .map_err(|e| ConnectError::Hbone(addr, e))?;
         let stream = TunnelStream::new(tunnel.send, tunnel.recv);
-        Ok(UpstreamIo { io: TokioIo::new(Io::Tunnel(stream)), _guard: Some(tunnel.guard) })
+        Ok(UpstreamIo { io: TokioIo::new(Io::Tunnel(stream)), _guard: Some(tunnel.guard), uses: Uses::default() })
     }
 }
 
@@ -181,11 +188,17 @@ impl tokio::io::AsyncWrite for Io {
 pub struct UpstreamIo {
     io: TokioIo<Io>,
     _guard: Option<StreamGuard>,
+    uses: Uses,
 }
+
+/// The requests a connection has carried (for `maxRequestsPerConnection`),
+/// reached through the connection's metadata.
+#[derive(Clone, Default)]
+struct Uses(Arc<AtomicU32>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.uses.clone())
     }
 }
 
@@ -215,12 +228,16 @@ struct EndpointClients {
     http2: Client<Connector, ProxyBody>,
 }
 
-/// The pooled HTTP clients of every endpoint in use.
+/// The pooled HTTP clients of every endpoint in use, by the connection
+/// settings their DestinationRule asks for.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
-    clients: Arc<Mutex<HashMap<SocketAddr, Arc<EndpointClients>>>>,
+    clients: Arc<Mutex<ClientsByEndpoint>>,
 }
+
+/// Pooled clients by endpoint and the connection settings they were made with.
+type ClientsByEndpoint = HashMap<(SocketAddr, ConnectionSettings), Arc<EndpointClients>>;
 
 impl Upstream {
     pub fn new(
@@ -233,15 +250,14 @@ impl Upstream {
         Upstream { inner, clients: Arc::default() }
     }
 
-    fn clients(&self, endpoint: SocketAddr) -> Arc<EndpointClients> {
+    fn clients(&self, endpoint: SocketAddr, conn: &ConnectionSettings) -> Arc<EndpointClients> {
         let mut clients = self.clients.lock().expect("bug: poisoned");
         let make = || {
-            let connector = self.connector(endpoint);
+            let connector = self.connector(endpoint, conn);
+            let idle = conn.idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
             let builder = || {
                 let mut b = Client::builder(TokioExecutor::new());
-                b.pool_idle_timeout(self.inner.settings.idle_timeout)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new());
+                b.pool_idle_timeout(idle).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
                 b
             };
             Arc::new(EndpointClients {
@@ -249,46 +265,70 @@ impl Upstream {
                 http2: builder().http2_only(true).build(connector),
             })
         };
-        clients.entry(endpoint).or_insert_with(make).clone()
+        clients.entry((endpoint, *conn)).or_insert_with(make).clone()
     }
 
-    fn connector(&self, endpoint: SocketAddr) -> Connector {
-        Connector { inner: self.inner.clone(), endpoint }
+    fn connector(&self, endpoint: SocketAddr, conn: &ConnectionSettings) -> Connector {
+        let connect_timeout = conn.connect_timeout.unwrap_or(self.inner.settings.connect_timeout);
+        Connector { inner: self.inner.clone(), endpoint, connect_timeout }
     }
 
     /// Sends `req` to `endpoint` over HTTP/2 or HTTP/1.1, on a pooled
-    /// connection when one is free. Its URI is `http://<authority><path>`
+    /// connection when one is free (and has carried fewer than `conn`'s
+    /// `max_requests_per_connection`). Its URI is `http://<authority><path>`
     /// with the authority the client asked for ([`request_uri`]).
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
         endpoint: SocketAddr,
         http2: bool,
+        conn: ConnectionSettings,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let clients = self.clients(endpoint);
-        if http2 {
+        let clients = self.clients(endpoint, &conn);
+        let max_uses = conn.max_requests_per_connection;
+        let captured = (max_uses != 0).then(|| capture_connection(&mut req));
+        let response = if http2 {
             *req.version_mut() = Version::HTTP_2;
             host_into_authority(&mut req);
             clients.http2.request(req).await
         } else {
             *req.version_mut() = Version::HTTP_11;
             clients.http1.request(req).await
+        };
+        if let Some(captured) = &captured {
+            if let Some(connected) = captured.connection_metadata().as_ref() {
+                retire_when_used_up(connected, max_uses);
+            }
         }
+        response
     }
 
     /// Forgets the clients (and their idle connections) of endpoints whose
     /// address `keep` no longer accepts, so churn does not grow the map.
     pub fn prune(&self, keep: impl Fn(IpAddr) -> bool) {
-        self.clients.lock().expect("bug: poisoned").retain(|addr, _| keep(addr.ip()));
+        self.clients.lock().expect("bug: poisoned").retain(|(addr, _), _| keep(addr.ip()));
     }
 
-    /// A raw connection to an endpoint, for TCP forwarding.
+    /// A raw connection to an endpoint, for TCP forwarding (`conn`: its connect timeout).
     pub async fn connect(
         &self,
         endpoint: SocketAddr,
+        conn: &ConnectionSettings,
     ) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin, ConnectError> {
-        let io = self.connector(endpoint).connect().await?;
+        let io = self.connector(endpoint, conn).connect().await?;
         Ok(TokioIo::new(io))
+    }
+}
+
+/// Counts a request on its connection; the one that reaches `max_uses` is
+/// the connection's last (poisoned: the pool closes it instead of reusing it).
+fn retire_when_used_up(connected: &Connected, max_uses: u32) {
+    let mut extras = http::Extensions::new();
+    connected.get_extras(&mut extras);
+    if let Some(Uses(count)) = extras.get::<Uses>() {
+        if count.fetch_add(1, Ordering::Relaxed) + 1 >= max_uses {
+            connected.poison();
+        }
     }
 }
 

@@ -36,13 +36,16 @@ pub enum MeshRouteError {
     /// A rule without route and redirect, or with both.
     #[error("http[{0}]: {1}")]
     BadRule(usize, &'static str),
+    /// A `tcp[]` rule without a route, or matching a port that cannot exist.
+    #[error("tcp[{0}]: {1}")]
+    BadTcpRule(usize, String),
     /// An abort status outside 200..=599, an unknown gRPC status name, a redirect code the waypoint does not send.
     #[error("{0}")]
     BadStatus(String),
     /// A percentage outside 0..=100.
     #[error("percentage {0} is outside 0-100")]
     BadPercent(f64),
-    /// A TrafficSplit the waypoint cannot apply.
+    /// A TrafficSplit or VirtualService part the waypoint cannot apply.
     #[error("{0}")]
     Unsupported(String),
 }
@@ -67,6 +70,14 @@ pub fn virtual_service(
     at: PortContext,
     dests: &dyn DestinationResolver,
 ) -> Result<Option<Route>, MeshRouteError> {
+    if !vs.spec.tls.is_empty() {
+        // Routing by SNI needs the ClientHello, and a waypoint relays a TLS port's bytes without reading them.
+        return Err(MeshRouteError::Unsupported(
+            "tls routes (by SNI) are not applied: the waypoint relays TLS without reading it; route a TLS port with \
+             tcp[] (by port) instead"
+                .into(),
+        ));
+    }
     let o = origin(RouteKind::VirtualService, &vs.metadata);
     let mut rules = Vec::with_capacity(vs.spec.http.len());
     for (i, r) in vs.spec.http.iter().enumerate() {
@@ -178,7 +189,7 @@ fn http_rule(
         .route
         .iter()
         .map(|d| Backend {
-            weight: if all_unweighted { 1 } else { d.weight.unwrap_or(0) },
+            weight: weight(d.weight, all_unweighted),
             filters: header_filters(d.headers.as_ref()),
             ..dests.resolve(ns, &d.destination, at.port)
         })
@@ -194,6 +205,16 @@ fn http_rule(
         timeouts,
         retry: r.retries.as_ref().map(retry).transpose()?,
     }))
+}
+
+/// A destination's weight, as Istio reads it: destinations without weights share equally; once one has a weight, one
+/// without gets none.
+pub fn weight(weight: Option<u32>, all_unweighted: bool) -> u32 {
+    if all_unweighted {
+        1
+    } else {
+        weight.unwrap_or(0)
+    }
 }
 
 /// `rewrite.uri`: replaces the matched prefix when the rule matches by prefix, else the whole path (Istio). A rule

@@ -28,9 +28,13 @@ pub struct VirtualServiceSpec {
     /// HTTP routes, tried in order.
     #[serde(default)]
     pub http: Vec<VsHttpRoute>,
-    /// TCP routes: parsed so that a manifest carrying them applies, reported as not applied.
+    /// TCP routes, tried in order: the first whose match names the port (or that has no match) takes a TCP port's
+    /// connections.
     #[serde(default)]
-    pub tcp: Vec<serde_yaml::Value>,
+    pub tcp: Vec<VsTcpRoute>,
+    /// TLS routes (by SNI): read so that the refusal can say why, never applied.
+    #[serde(default)]
+    pub tls: Vec<serde_yaml::Value>,
     /// Namespaces the VirtualService is visible to. Ambit applies a VirtualService only to Services of its own
     /// namespace, at their waypoint, whatever this says.
     #[serde(default)]
@@ -77,6 +81,38 @@ pub struct VsHttpRoute {
     /// Header changes for every destination.
     #[serde(default)]
     pub headers: Option<VsHeaders>,
+}
+
+/// `tcp[]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsTcpRoute {
+    /// OR-ed; none matches every TCP port of the host.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<VsL4Match>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<VsL4Destination>,
+}
+
+/// `tcp[].match[]` (Istio's `L4MatchAttributes`): only `port` is applied, so the other attributes (source labels,
+/// subnets…) are not in the type and fail the parse by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsL4Match {
+    /// Only connections to this service port.
+    #[serde(default)]
+    pub port: Option<u32>,
+}
+
+/// `tcp[].route[]` (Istio's `RouteDestination`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsL4Destination {
+    pub destination: VsDestination,
+    /// Share of connections; absent on every destination: equal shares.
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// `http[].match[]`: all set fields must match.
@@ -333,26 +369,100 @@ pub struct DrSubset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-/// `trafficPolicy`: `loadBalancer` is applied; the others are not yet (reported).
+/// `trafficPolicy`: `loadBalancer`, `connectionPool`, `outlierDetection` and `portLevelSettings` are applied; the
+/// others are read and reported as not applied.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSettings>,
     #[serde(default)]
-    pub connection_pool: Option<serde_yaml::Value>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     #[serde(default)]
     pub outlier_detection: Option<Outlier>,
     #[serde(default)]
     pub tls: Option<serde_yaml::Value>,
+    /// Per Service port: each replaces the policy's `loadBalancer`, `connectionPool`, `outlierDetection` and `tls`
+    /// for its port (unset fields fall back to the defaults, not to the policy's, as Istio documents).
     #[serde(default)]
-    pub port_level_settings: Option<serde_yaml::Value>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
     #[serde(default)]
     pub proxy_protocol: Option<serde_yaml::Value>,
     #[serde(default)]
     pub tunnel: Option<serde_yaml::Value>,
     #[serde(default)]
     pub retry_budget: Option<serde_yaml::Value>,
+}
+
+/// `trafficPolicy.portLevelSettings[]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    /// The Service port it applies to.
+    #[serde(default)]
+    pub port: Option<VsPort>,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default)]
+    pub outlier_detection: Option<Outlier>,
+    #[serde(default)]
+    pub tls: Option<serde_yaml::Value>,
+}
+
+/// `trafficPolicy.connectionPool`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSettings>,
+    #[serde(default)]
+    pub http: Option<HttpPoolSettings>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPoolSettings {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    /// Not applied (reported): the kernel's keepalive on the tunnel's connection is ztunnel's.
+    #[serde(default)]
+    pub tcp_keepalive: Option<serde_yaml::Value>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub max_connection_duration: Option<String>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+}
+
+/// `connectionPool.http`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPoolSettings {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Not applied (reported): the waypoint speaks the protocol the Service port declares.
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+    /// Not applied (reported).
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// `trafficPolicy.loadBalancer`.
@@ -403,7 +513,7 @@ pub struct HttpCookie {
     pub name: String,
     #[serde(default)]
     pub path: Option<String>,
-    /// With a TTL, Envoy makes the cookie when a request has none; Ambit does not yet (reported).
+    /// With a TTL, the waypoint makes the cookie when a request has none (as Envoy does).
     #[serde(default)]
     pub ttl: Option<String>,
     #[serde(default)]

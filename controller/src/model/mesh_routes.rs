@@ -8,7 +8,9 @@
 //!
 //! A VirtualService applies only to Services of its own namespace (its routes then run at their waypoint); a host in
 //! another namespace is reported and left alone, so one namespace cannot re-route another's Service. Only mesh
-//! traffic is routed: a VirtualService bound to gateways only has no effect here. TCP ports carry no HTTP routes.
+//! traffic is routed: a VirtualService bound to gateways only has no effect here. TCP ports carry no HTTP routes: a
+//! VirtualService's `tcp[]` routes them instead (its first rule for the port), unless a route already holds the port.
+//! A destination that does not resolve is reported in the object's status (its share of traffic fails).
 //!
 //! A destination's `subset` is looked up in the DestinationRules for its Service (those of the VirtualService's
 //! namespace first, then the Service's) and resolved here to the workloads whose pods carry the subset's labels: the
@@ -17,7 +19,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ambit_api::waypoint::{backend, filter, Backend, PortRoutes, Protocol, RouteKind, Subset, TrafficPolicy};
+use ambit_api::waypoint::{
+    backend, filter, Backend, PortRoutes, Protocol, Route, RouteKind, Subset, TcpRoute, TrafficPolicy,
+};
 use ambit_api::workload::{address, Address};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,6 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::destination_rule as dr_policy;
 use super::mesh_route_convert::{self as convert, DestinationResolver, PortContext};
 use super::mesh_route_crd::{DestinationRule, VsDestination};
+use super::mesh_route_tcp::tcp_route;
 use super::objects::{ClusterObjects, ObjectKey};
 use super::route_convert;
 use super::routes::RoutesReport;
@@ -67,9 +72,13 @@ impl DestinationResolver for Destinations<'_> {
         let (Some(address::Type::Service(_)), Some(svc)) = (known, self.objects.services.get(&service)) else {
             return route_convert::invalid(format!("host {}: no such Service", dest.host));
         };
+        let port = match dest.port.as_ref().map(|p| p.number).or_else(|| implied_port(svc, port)) {
+            Some(p) if (1..=65535).contains(&p) => p,
+            _ => return route_convert::invalid(format!("host {}: the Service has several ports; name one", dest.host)),
+        };
         let (subset, policy) = match &dest.subset {
-            None => (None, self.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None))),
-            Some(subset) => match self.subset(ns, &service, subset) {
+            None => (None, self.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None, port))),
+            Some(subset) => match self.subset(ns, &service, subset, port) {
                 Some(found) => found,
                 None => {
                     let (bns, name) = &service;
@@ -81,16 +90,11 @@ impl DestinationResolver for Destinations<'_> {
                 }
             },
         };
-        match dest.port.as_ref().map(|p| p.number).or_else(|| implied_port(svc, port)) {
-            Some(p) if (1..=65535).contains(&p) => {
-                let mut backend = route_convert::service(&service.0, hostname, p);
-                if let Some(backend::Kind::Service(s)) = &mut backend.kind {
-                    (s.subset, s.policy) = (subset, policy);
-                }
-                backend
-            }
-            _ => route_convert::invalid(format!("host {}: the Service has several ports; name one", dest.host)),
+        let mut backend = route_convert::service(&service.0, hostname, port);
+        if let Some(backend::Kind::Service(s)) = &mut backend.kind {
+            (s.subset, s.policy) = (subset, policy);
         }
+        backend
     }
 }
 
@@ -113,9 +117,15 @@ impl Destinations<'_> {
     }
 
     /// Subset `name` of `service`, seen from namespace `ns`: the workloads of the Service's namespace whose pods carry
-    /// the subset's labels (the waypoint keeps only the Service's endpoints among them), with the traffic policy of
-    /// the DestinationRule that defines it.
-    fn subset(&self, ns: &str, service: &ObjectKey, name: &str) -> Option<(Option<Subset>, Option<TrafficPolicy>)> {
+    /// the subset's labels (the waypoint keeps only the Service's endpoints among them), with the traffic policy at
+    /// Service port `port` of the DestinationRule that defines it.
+    fn subset(
+        &self,
+        ns: &str,
+        service: &ObjectKey,
+        name: &str,
+        port: u32,
+    ) -> Option<(Option<Subset>, Option<TrafficPolicy>)> {
         let (dr, rule) = self
             .rules_for(ns, service)
             .into_iter()
@@ -140,30 +150,34 @@ impl Destinations<'_> {
                 _ => None,
             })
             .collect();
-        Some((Some(Subset { name: name.to_owned(), workloads }), dr_policy::policy_for(dr, Some(name))))
+        Some((Some(Subset { name: name.to_owned(), workloads }), dr_policy::policy_for(dr, Some(name), port)))
     }
 }
 
 /// The traffic policies of DestinationRules (of the Service's namespace) on every backend no VirtualService
 /// destination set one on (HTTPRoute and TrafficSplit backends), and on each served Service's own traffic.
 fn apply_traffic_policies(dests: &Destinations<'_>, report: &mut RoutesReport) {
-    let policy_of = |ns: &str, name: &str| {
+    let policy_of = |ns: &str, name: &str, port: u32| {
         let service = (ns.to_owned(), name.to_owned());
-        dests.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None))
+        dests.rules_for(ns, &service).first().and_then(|dr| dr_policy::policy_for(dr, None, port))
     };
     for sr in report.by_service.values_mut() {
-        sr.policy = policy_of(&sr.namespace, &sr.name);
-        let rules = sr.ports.iter_mut().flat_map(|p| p.routes.iter_mut()).flat_map(|r| r.rules.iter_mut());
-        for rule in rules {
-            let mirrors = rule.filters.iter_mut().filter_map(|f| match &mut f.kind {
-                Some(filter::Kind::RequestMirror(m)) => m.backend.as_mut(),
-                _ => None,
+        for port in &mut sr.ports {
+            port.policy = policy_of(&sr.namespace, &sr.name, port.port);
+            let rules = port.routes.iter_mut().flat_map(|r| r.rules.iter_mut());
+            let http = rules.flat_map(|rule| {
+                let mirrors = rule.filters.iter_mut().filter_map(|f| match &mut f.kind {
+                    Some(filter::Kind::RequestMirror(m)) => m.backend.as_mut(),
+                    _ => None,
+                });
+                rule.backends.iter_mut().chain(mirrors)
             });
-            for b in rule.backends.iter_mut().chain(mirrors) {
+            let tcp = port.tcp_route.iter_mut().flat_map(|t| t.backends.iter_mut());
+            for b in http.chain(tcp) {
                 if let Some(backend::Kind::Service(s)) = &mut b.kind {
                     if s.policy.is_none() && s.subset.is_none() {
                         let name = s.hostname.split('.').next().unwrap_or_default();
-                        s.policy = policy_of(&s.namespace, name);
+                        s.policy = policy_of(&s.namespace, name, s.port);
                     }
                 }
             }
@@ -201,16 +215,15 @@ pub fn attach(
     virtual_services.sort_by_key(|(key, vs)| (age(&vs.metadata), *key));
     for (key, vs) in virtual_services {
         let mut notes = Notes { kind: VIRTUAL_SERVICE, key, report: &mut *report };
-        if let Err(e) = convert::virtual_service(vs, PortContext { port: 0 }, &dests) {
+        let any_port = PortContext { port: 0 };
+        let valid = convert::virtual_service(vs, any_port, &dests).and_then(|_| tcp_route(vs, any_port, &dests));
+        if let Err(e) = valid {
             notes.reject(e.to_string());
             continue;
         }
         if !vs.spec.gateways.is_empty() && !vs.spec.gateways.iter().any(|g| g == "mesh") {
             notes.warn("bound to gateways only (no `mesh` in gateways): not applied at waypoints".into());
             continue;
-        }
-        if !vs.spec.tcp.is_empty() {
-            notes.warn("tcp routes are not applied yet: TCP traffic goes to the Service itself".into());
         }
         for host in &vs.spec.hosts {
             let Some(service) = dests.service_of(&key.0, host) else {
@@ -223,8 +236,9 @@ pub fn attach(
                 ));
                 continue;
             }
-            let convert = |port: u32| convert::virtual_service(vs, PortContext { port }, &dests).ok().flatten();
-            notes.attach(&service, domain_suffix, convert);
+            let http = |port: u32| convert::virtual_service(vs, PortContext { port }, &dests).ok().flatten();
+            let tcp = |port: u32| tcp_route(vs, PortContext { port }, &dests).ok().flatten();
+            notes.attach(&service, domain_suffix, http, tcp);
         }
     }
     let mut splits: Vec<_> = objects.traffic_splits.iter().collect();
@@ -236,7 +250,8 @@ pub fn attach(
             continue;
         }
         let apex = (key.0.clone(), ts.spec.service.clone());
-        notes.attach(&apex, domain_suffix, |port| convert::traffic_split(ts, PortContext { port }, &dests).ok());
+        let http = |port| convert::traffic_split(ts, PortContext { port }, &dests).ok();
+        notes.attach(&apex, domain_suffix, http, |_| None);
     }
     apply_traffic_policies(&dests, report);
 }
@@ -285,12 +300,14 @@ impl Notes<'_> {
         self.report.warnings.push(Warning { kind: self.kind.into(), namespace, name, reason });
     }
 
-    /// Attaches `route(port)` to every HTTP-capable port of `service` that no other route holds.
+    /// Attaches `http(port)` to every HTTP-capable port of `service`, and `tcp(port)` to every TCP port, that no
+    /// other route holds; a destination that does not resolve is reported.
     fn attach(
         &mut self,
         service: &ObjectKey,
         domain_suffix: &str,
-        route: impl Fn(u32) -> Option<ambit_api::waypoint::Route>,
+        http: impl Fn(u32) -> Option<Route>,
+        tcp: impl Fn(u32) -> Option<TcpRoute>,
     ) {
         let (ns, name) = service;
         let Some(sr) = self.report.by_service.get_mut(&format!("{ns}/{name}.{ns}.svc.{domain_suffix}")) else {
@@ -298,19 +315,29 @@ impl Notes<'_> {
             return;
         };
         let mut problems = Vec::new();
+        let mut unresolved = BTreeSet::new();
         let mut applied = false;
-        for port in sr.ports.iter_mut().filter(|p| p.protocol() != Protocol::Tcp) {
+        for port in &mut sr.ports {
+            let routing = if port.protocol() == Protocol::Tcp {
+                tcp(port.port).map(PortRouting::Tcp)
+            } else {
+                http(port.port).map(PortRouting::Http)
+            };
+            let Some(routing) = routing else { continue };
             if let Some(holder) = holder(port) {
-                problems.push(format!("Service {ns}/{name} port {}: {holder} applies there", port.port));
+                problems
+                    .push(format!("Service {ns}/{name} port {}: {holder} applies there; not applied there", port.port));
                 continue;
             }
-            if let Some(r) = route(port.port) {
-                port.routes.push(r);
-                applied = true;
+            unresolved.extend(routing.unresolved());
+            match routing {
+                PortRouting::Http(r) => port.routes.push(r),
+                PortRouting::Tcp(t) => port.tcp_route = Some(t),
             }
+            applied = true;
         }
-        for p in problems {
-            self.warn(format!("{p}; not applied there"));
+        for p in problems.into_iter().chain(unresolved) {
+            self.warn(p);
         }
         if applied {
             let (namespace, name) = self.key.clone();
@@ -319,10 +346,38 @@ impl Notes<'_> {
     }
 }
 
+/// What one object routes on one service port.
+enum PortRouting {
+    Http(Route),
+    Tcp(TcpRoute),
+}
+
+impl PortRouting {
+    /// Why each destination that does not resolve fails, and what that costs.
+    fn unresolved(&self) -> Vec<String> {
+        let (backends, cost): (Vec<&Backend>, _) = match self {
+            PortRouting::Http(r) => {
+                (r.rules.iter().flat_map(|r| &r.backends).collect(), "its share of requests is answered 500")
+            }
+            PortRouting::Tcp(t) => (t.backends.iter().collect(), "its share of connections is closed"),
+        };
+        backends
+            .into_iter()
+            .filter_map(|b| match &b.kind {
+                Some(backend::Kind::Invalid(why)) => Some(format!("{why}: {cost}")),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// What already routes a port, in words: a Gateway API route wins over a VirtualService, which wins over a
 /// TrafficSplit, and an older object of one kind over a younger one.
 fn holder(port: &PortRoutes) -> Option<String> {
-    let first = port.routes.first()?.origin.as_ref()?;
+    let first = match port.routes.first() {
+        Some(r) => r.origin.as_ref()?,
+        None => port.tcp_route.as_ref()?.origin.as_ref()?,
+    };
     let kind = match first.kind() {
         RouteKind::HttpRoute => "HTTPRoute",
         RouteKind::GrpcRoute => "GRPCRoute",

@@ -196,7 +196,12 @@ fn a_subset_is_the_workloads_whose_pods_carry_its_labels() {
     assert_eq!(subsets[1], "v2=Kubernetes//Pod/mesh/shop-b");
     assert!(subsets[2].contains("subset v3") && subsets[2].contains("no DestinationRule"), "{}", subsets[2]);
     assert!(applied(&r, "DestinationRule", "shop"));
-    assert!(notes(&r, "DestinationRule", "shop")[0].contains("connectionPool"), "reported, not silently dropped");
+    assert!(notes(&r, "DestinationRule", "shop").is_empty(), "every part applied");
+    let pool = match &route.rules[0].backends[0].kind {
+        Some(backend::Kind::Service(s)) => s.policy.as_ref().and_then(|p| p.connection_pool),
+        _ => None,
+    };
+    assert_eq!(pool.map(|p| p.http1_max_pending_requests), Some(100), "the rule's pool goes with its subsets");
     assert!(!applied(&r, "DestinationRule", "plain"));
     assert!(notes(&r, "DestinationRule", "plain")[0].contains("has no waypoint"));
 }
@@ -244,7 +249,7 @@ fn a_destination_rules_load_balancer_goes_with_every_backend_of_its_service() {
         _ => None,
     };
     let web = &r.snapshot.service_routes["mesh/web.mesh.svc.cluster.local"];
-    let own = web.policy.as_ref().and_then(|p| p.load_balancer.as_ref());
+    let own = web.ports[0].policy.as_ref().and_then(|p| p.load_balancer.as_ref());
     assert_eq!(own.map(|l| l.simple()), Some(Simple::RoundRobin), "web's own traffic");
     let http_route = &web.ports[0].routes[0];
     let last = http_route.rules.last().unwrap();
@@ -259,4 +264,96 @@ fn a_destination_rules_load_balancer_goes_with_every_backend_of_its_service() {
 
     let bad: Vec<_> = r.rejections.iter().filter(|x| x.kind == "DestinationRule").map(|x| x.name.as_str()).collect();
     assert_eq!(bad, ["cart-bad"], "PASSTHROUGH is refused; the rule's subsets are not used");
+}
+
+/// TCP routes for `shop`'s TCP port 5432: the older VirtualService splits it between subset v1 and `shop-db`, with a
+/// destination that does not resolve; the younger one is held off. `db` has an HTTPRoute on every port.
+const TCP: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-tcp, namespace: mesh, creationTimestamp: '2025-06-01T00:00:00Z'}
+spec:
+  hosts: [shop]
+  tcp:
+  - match: [{port: 5432}]
+    route:
+    - {destination: {host: shop, subset: v1}, weight: 80}
+    - {destination: {host: shop-db}, weight: 20}
+    - {destination: {host: nowhere}, weight: 0}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop-db, namespace: mesh}
+spec: {clusterIP: 10.96.0.24, selector: {app: shop-db}, ports: [{name: tcp, port: 6432}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-tcp-younger, namespace: mesh, creationTimestamp: '2025-07-01T00:00:00Z'}
+spec:
+  hosts: [shop]
+  tcp: [{route: [{destination: {host: shop-v2}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: mesh, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.23, selector: {app: db}, ports: [{name: tcp-pg, port: 5432}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: db-http, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: db}]
+  rules: [{backendRefs: [{name: db, port: 5432}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: mesh}
+spec:
+  hosts: [db]
+  tcp: [{route: [{destination: {host: shop-v2}}]}]
+"#;
+
+#[test]
+fn a_virtual_service_tcp_route_splits_a_tcp_port_and_reports_what_it_could_not_resolve() {
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE, SUBSETS, TCP]);
+    let shop = &r.snapshot.service_routes["mesh/shop.mesh.svc.cluster.local"];
+    let db_port = shop.ports.iter().find(|p| p.port == 5432).unwrap();
+    assert!(db_port.routes.is_empty(), "no HTTP route on a TCP port");
+    let t = db_port.tcp_route.as_ref().expect("the tcp route");
+    assert_eq!(t.origin.as_ref().unwrap().name, "shop-tcp", "the oldest VirtualService");
+    let split: Vec<_> = t
+        .backends
+        .iter()
+        .map(|b| match &b.kind {
+            Some(backend::Kind::Service(s)) => {
+                let subset = s.subset.as_ref().map(|s| s.workloads.join(",")).unwrap_or_default();
+                format!("{}:{} {subset} {}", s.hostname, s.port, b.weight)
+            }
+            Some(backend::Kind::Invalid(why)) => format!("{why} {}", b.weight),
+            None => String::new(),
+        })
+        .collect();
+    assert_eq!(
+        split,
+        [
+            "shop.mesh.svc.cluster.local:5432 Kubernetes//Pod/mesh/shop-a 80",
+            "shop-db.mesh.svc.cluster.local:6432  20",
+            "host nowhere: no such Service 0"
+        ]
+    );
+    assert!(shop.ports.iter().filter(|p| p.port != 5432).all(|p| p.tcp_route.is_none()), "HTTP ports get none");
+    let scope = &r.snapshot.waypoints[&("mesh".to_owned(), "waypoint".to_owned())];
+    assert!(format!("{scope:?}").contains("shop-db"), "the waypoint gets the addresses of the tcp route's backends");
+    assert!(applied(&r, "VirtualService", "shop-tcp"));
+    assert_eq!(
+        notes(&r, "VirtualService", "shop-tcp"),
+        ["host nowhere: no such Service: its share of connections is closed"]
+    );
+    assert!(!applied(&r, "VirtualService", "shop-tcp-younger"));
+    assert!(notes(&r, "VirtualService", "shop-tcp-younger")[0].contains("port 5432: VirtualService mesh/shop-tcp"));
+
+    let db = &r.snapshot.service_routes["mesh/db.mesh.svc.cluster.local"];
+    assert!(db.ports[0].tcp_route.is_none(), "the HTTPRoute holds the port");
+    assert!(!applied(&r, "VirtualService", "db"));
+    assert!(notes(&r, "VirtualService", "db")[0].contains("HTTPRoute mesh/db-http applies there"));
 }

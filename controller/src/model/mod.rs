@@ -10,6 +10,7 @@ pub mod destination_rule;
 pub mod index;
 pub mod mesh_route_convert;
 pub mod mesh_route_crd;
+pub mod mesh_route_tcp;
 pub mod mesh_routes;
 pub mod objects;
 pub mod parse;

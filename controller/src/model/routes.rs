@@ -110,9 +110,7 @@ pub fn build(objects: &ClusterObjects, addresses: &BTreeMap<String, Address>, do
         }
         report.waypoint_services.insert((ns.clone(), name.clone()));
         let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).filter_map(port_routes).collect();
-        report
-            .by_service
-            .insert(key, ServiceRoutes { hostname, namespace: ns.clone(), name: name.clone(), ports, policy: None });
+        report.by_service.insert(key, ServiceRoutes { hostname, namespace: ns.clone(), name: name.clone(), ports });
     }
     let grants = Grants::new(objects.reference_grants.iter().map(|((ns, _), g)| (ns.as_str(), &g.spec)));
     let resolver = |route_kind, ns: &str, parents: &[ParentReference]| Services {
@@ -186,6 +184,8 @@ fn port_routes(p: &ServicePort) -> Option<PortRoutes> {
         protocol: protocol(p.app_protocol.as_deref(), &name).into(),
         name,
         routes: vec![],
+        tcp_route: None,
+        policy: None,
     })
 }
 

@@ -64,6 +64,8 @@ pub fn build(
                 services.extend(rule.backends.iter().chain(mirrored).filter_map(service_key));
             }
         }
+        let tcp_backends = sr.ports.iter().filter_map(|p| p.tcp_route.as_ref()).flat_map(|t| &t.backends);
+        services.extend(tcp_backends.filter_map(service_key));
         for s in services {
             scope.addresses.insert(s.clone());
             needed_by.entry(s).or_default().insert(wp.clone());

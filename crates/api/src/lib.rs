@@ -32,6 +32,7 @@ pub mod ca {
 
 /// `ambit.waypoint.v1`: the L7 configuration of a waypoint (routes and
 /// authorization policies), Ambit's own package.
+#[allow(clippy::large_enum_variant)]
 pub mod waypoint {
     tonic::include_proto!("ambit.waypoint.v1");
 }

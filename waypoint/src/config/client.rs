@@ -285,7 +285,6 @@ mod tests {
             namespace: "mesh".into(),
             name: name.into(),
             ports: vec![pb::PortRoutes { port: 80, ..Default::default() }],
-            policy: None,
         }
     }
 

@@ -17,13 +17,15 @@ use std::time::Duration;
 use ambit_api::waypoint as pb;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
+use crate::circuit::{ConnectionPool, ConnectionSettings, Limits};
 use crate::fault::{Abort, FaultInjection};
 use crate::filters::{Filter, HeaderModifier, PathModifier, RequestMirror, RequestRedirect, UrlRewrite};
-use crate::lb::{HashKey, LbPolicy, LoadBalancer};
+use crate::lb::{CookieMaker, HashKey, LbPolicy, LoadBalancer};
 use crate::outlier::OutlierConfig;
 use crate::retry::{RetryPolicy, Timeouts};
 use crate::route::{
-    Backend, BackendTarget, HeaderMatch, Match, PathMatch, QueryMatch, Route, RouteKind, RouteTable, Rule, ValueMatch,
+    Backend, BackendTarget, HeaderMatch, Match, PathMatch, QueryMatch, Route, RouteKind, RouteTable, Rule, TcpRoute,
+    ValueMatch,
 };
 use crate::target::{ServiceTarget, Subset, TargetPolicy};
 
@@ -78,6 +80,9 @@ pub struct PortConfig {
     /// Whether `table` is the default route to the service itself (no route
     /// attached, or every attached route was dropped).
     pub default_route: bool,
+    /// Where a TCP connection goes (VirtualService `tcp[]`); `None`: to the
+    /// service itself.
+    pub tcp: Option<TcpRoute>,
 }
 
 impl PortConfig {
@@ -178,6 +183,13 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
                 }
             },
         };
+        let tcp = p.tcp_route.as_ref().and_then(|t| match tcp_route(t) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problem(Some(origin_name(t.origin.as_ref())), e, Consequence::RouteDropped);
+                None
+            }
+        });
         let mut routes = Vec::with_capacity(p.routes.len());
         for r in &p.routes {
             let mut skipped = Vec::new();
@@ -189,7 +201,7 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
                     }
                     routes.push(route);
                 }
-                Err(e) => problem(Some(origin_name(r)), e, Consequence::RouteDropped),
+                Err(e) => problem(Some(origin_name(r.origin.as_ref())), e, Consequence::RouteDropped),
             }
         }
         // Consumer routes (from another namespace than the service's) route that namespace's clients alone.
@@ -218,7 +230,7 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
                 hostname: sr.hostname.clone(),
                 namespace: sr.namespace.clone(),
                 port,
-                policy: target_policy(None, sr.policy.as_ref()).ok().flatten(),
+                policy: target_policy(None, p.policy.as_ref()).ok().flatten(),
             })
         } else {
             compile(producer)
@@ -231,6 +243,7 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
             table,
             consumers,
             default_route,
+            tcp,
         });
     }
     let config =
@@ -242,8 +255,15 @@ fn port_number(p: u32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
-fn origin_name(r: &pb::Route) -> String {
-    r.origin.as_ref().map_or_else(|| "<no origin>".to_owned(), |o| format!("{}/{}", o.namespace, o.name))
+fn origin_name(origin: Option<&pb::RouteOrigin>) -> String {
+    origin.map_or_else(|| "<no origin>".to_owned(), |o| format!("{}/{}", o.namespace, o.name))
+}
+
+/// A TCP route; `Err` drops it (connections then go to the service itself).
+fn tcp_route(t: &pb::TcpRoute) -> Result<TcpRoute, String> {
+    let origin = t.origin.as_ref().ok_or("tcp route has no origin")?;
+    let backends = t.backends.iter().map(|b| backend(b, &mut Vec::new())).collect::<Result<Vec<_>, _>>()?;
+    Ok(TcpRoute { namespace: origin.namespace.clone(), name: origin.name.clone(), rule: t.rule, backends })
 }
 
 /// One route; `Err` drops it. Mirrors that cannot be sent are left out and
@@ -506,10 +526,28 @@ pub(crate) fn target_policy(
 ) -> Result<Option<Arc<TargetPolicy>>, String> {
     let lb = tp.and_then(|t| t.load_balancer.as_ref()).map(load_balancer).transpose()?;
     let outlier = tp.and_then(|t| t.outlier_detection.as_ref()).map(outlier_config).transpose()?;
-    if subset.is_none() && lb.is_none() && outlier.is_none() {
+    let pool = tp.and_then(|t| t.connection_pool.as_ref()).map(connection_pool).transpose()?;
+    if subset.is_none() && lb.is_none() && outlier.is_none() && pool.is_none() {
         return Ok(None);
     }
-    Ok(Some(Arc::new(TargetPolicy { subset, lb: lb.unwrap_or_default(), outlier })))
+    Ok(Some(Arc::new(TargetPolicy { subset, lb: lb.unwrap_or_default(), outlier, pool })))
+}
+
+/// `connectionPool` (0 and absent durations: no limit, the waypoint's defaults).
+fn connection_pool(c: &pb::ConnectionPool) -> Result<ConnectionPool, String> {
+    Ok(ConnectionPool {
+        limits: Limits {
+            max_connections: c.max_connections,
+            max_pending: c.http1_max_pending_requests,
+            max_requests: c.http2_max_requests,
+            max_retries: c.max_retries,
+        },
+        connection: ConnectionSettings {
+            connect_timeout: timeout(c.connect_timeout.as_ref(), "connectionPool.tcp.connectTimeout")?,
+            idle_timeout: timeout(c.idle_timeout.as_ref(), "connectionPool.http.idleTimeout")?,
+            max_requests_per_connection: c.max_requests_per_connection,
+        },
+    })
 }
 
 /// `outlierDetection` (the controller fills in Istio's defaults).
@@ -541,7 +579,15 @@ pub(crate) fn load_balancer(lb: &pb::LoadBalancer) -> Result<LoadBalancer, Strin
         Some(Key::UseSourceIp(false)) => None,
         Some(Key::HttpQueryParameterName(q)) => Some(HashKey::QueryParameter(q.clone())),
     };
-    Ok(LoadBalancer { simple, hash })
+    let make_cookie = match (&lb.hash_key, lb.cookie_ttl.as_ref()) {
+        (Some(Key::HttpCookie(name)), Some(ttl)) => Some(CookieMaker {
+            name: name.clone(),
+            ttl: duration(ttl, "consistentHash.httpCookie.ttl")?,
+            path: lb.cookie_path.clone(),
+        }),
+        _ => None,
+    };
+    Ok(LoadBalancer { simple, hash, make_cookie })
 }
 
 /// A backendRef. One that cannot be called becomes an invalid backend (its

@@ -57,13 +57,19 @@ fn rule(matches: Vec<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::Rule {
 }
 
 fn port(port: u32, protocol: pb::Protocol, routes: Vec<pb::Route>) -> pb::PortRoutes {
-    pb::PortRoutes { port, target_port: 8080, protocol: protocol.into(), name: "http".into(), routes }
+    pb::PortRoutes {
+        port,
+        target_port: 8080,
+        protocol: protocol.into(),
+        name: "http".into(),
+        routes,
+        ..Default::default()
+    }
 }
 
 /// Encoded and decoded, as the waypoint receives it, then converted.
 fn convert(ports: Vec<pb::PortRoutes>) -> (ServiceConfig, Vec<Problem>) {
-    let sr =
-        pb::ServiceRoutes { hostname: HOST.into(), namespace: "mesh".into(), name: "web".into(), ports, policy: None };
+    let sr = pb::ServiceRoutes { hostname: HOST.into(), namespace: "mesh".into(), name: "web".into(), ports };
     let wire = pb::ServiceRoutes::decode(sr.encode_to_vec().as_slice()).unwrap();
     service_routes(&wire)
 }
@@ -626,4 +632,34 @@ fn exact_retry_codes_are_exactly_what_is_retried() {
     );
     assert_eq!((b.codes.as_slice(), b.grpc_codes.as_slice()), (&[502][..], &[14][..]));
     assert_eq!(c, &RetryPolicy::gateway(Some(1), vec![], None), "grpc_codes only read with exact_codes");
+}
+
+#[test]
+fn a_tcp_route_keeps_its_weighted_backends_and_one_without_origin_is_dropped() {
+    let tcp = pb::TcpRoute {
+        origin: origin(pb::RouteKind::VirtualService, "web-tcp", 0),
+        rule: 1,
+        backends: vec![service("web", 9000, 80), service("web-v2", 9000, 20)],
+    };
+    let (config, problems) = convert(vec![
+        pb::PortRoutes { tcp_route: Some(tcp.clone()), ..port(9000, pb::Protocol::Tcp, vec![]) },
+        pb::PortRoutes {
+            tcp_route: Some(pb::TcpRoute { origin: None, ..tcp }),
+            ..port(9001, pb::Protocol::Tcp, vec![])
+        },
+    ]);
+    let t = config.port(9000).unwrap().tcp.as_ref().expect("the tcp route");
+    assert_eq!((t.namespace.as_str(), t.name.as_str(), t.rule), ("mesh", "web-tcp", 1));
+    let split: Vec<_> = t
+        .backends
+        .iter()
+        .map(|b| match &b.target {
+            BackendTarget::Service(s) => (s.hostname.as_str(), s.port, b.weight),
+            BackendTarget::Invalid(why) => panic!("{why}"),
+        })
+        .collect();
+    assert_eq!(split, [("web.mesh.svc.cluster.local", 9000, 80), ("web-v2.mesh.svc.cluster.local", 9000, 20)]);
+    assert!(config.port(9001).unwrap().tcp.is_none(), "connections go to the service itself");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].consequence, Consequence::RouteDropped);
 }

@@ -58,7 +58,6 @@ fn routes(hostname: &str, ports: Vec<pb::PortRoutes>) -> pb::ServiceRoutes {
         namespace: "mesh".into(),
         name: hostname.split('.').next().unwrap().into(),
         ports,
-        policy: None,
     }
 }
 
@@ -101,6 +100,7 @@ fn resources() -> Resources {
         protocol: protocol.into(),
         name: String::new(),
         routes,
+        ..Default::default()
     };
     let mut r = Resources::default();
     for (name, a) in [

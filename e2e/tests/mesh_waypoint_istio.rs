@@ -689,4 +689,33 @@ fn a_virtual_service_splits_tcp_connections_by_weight() {
     });
     let servers = tcp_servers(&l, "tcp-after", 200);
     assert!(servers.iter().all(|s| s == "echo-v1"), "{servers:?}");
+
+    // `tcp.maxConnections: 1`: while one connection is open, the next is closed (Envoy's TCP proxy), flagged UO.
+    controller.write("dr.yaml", ONE_TCP_CONNECTION).unwrap();
+    let tcp = SocketAddr::from((ECHO_VIP, TCP_PORT));
+    let mut held = l.until("a second connection refused", || {
+        let mut held = HttpConnection::connect(l.ns(l.client), tcp, TIMEOUT).map_err(|e| e.to_string())?;
+        held.send(&Request::get(ECHO_HOST, "/held")).map_err(|e| e.to_string())?;
+        match over_tcp(&l, "/second") {
+            Err(_) => Ok(held),
+            Ok(s) => Err(format!("a second connection was served by {s}")),
+        }
+    });
+    assert_eq!(held.send(&Request::get(ECHO_HOST, "/still-held")).unwrap().status, 200, "the first one still works");
+    let m = l.waypoint.metrics().unwrap();
+    let limit = [("service", "default/echo.default.svc.cluster.local"), ("limit", "connections")];
+    assert!(ambit_e2e::check::metric(&m, "ambit_waypoint_upstream_overflow_total", &limit) >= 1.0, "{m}");
+    drop(held);
+    l.until("a connection once the first is closed", || over_tcp(&l, "/after-held").map_err(|e| format!("{e:#}")));
 }
+
+/// A DestinationRule allowing one connection at a time to `echo`.
+const ONE_TCP_CONNECTION: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: default}
+spec:
+  host: echo
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+"#;

@@ -9,7 +9,9 @@
 //! pending requests (`http.http1MaxPendingRequests` of them), and one more
 //! than that overflows. `http.http2MaxRequests` bounds the requests in flight
 //! of any protocol; `http.maxRetries` the retries in flight (over it a
-//! request is not retried, its answer goes back). 0 is no limit, as in Istio.
+//! request is not retried, its answer goes back). A TCP connection relayed at
+//! L4 holds one of `tcp.maxConnections` while it lasts; one more is closed.
+//! 0 is no limit, as in Istio.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -51,6 +53,8 @@ pub struct ConnectionPool {
 /// Which limit a request ran into (the metric's `limit` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overflow {
+    /// Too many TCP connections open (Envoy's `upstream_cx_overflow`): the connection is closed.
+    Connections,
     /// Too many HTTP/1.1 requests waiting for a connection (Envoy's `upstream_rq_pending_overflow`).
     Pending,
     /// Too many requests in flight (Envoy's `upstream_rq_overflow`).
@@ -62,6 +66,7 @@ pub enum Overflow {
 impl Overflow {
     pub fn as_str(self) -> &'static str {
         match self {
+            Overflow::Connections => "connections",
             Overflow::Pending => "pending",
             Overflow::Requests => "requests",
             Overflow::Retries => "retries",
@@ -146,6 +151,15 @@ impl Breaker {
         let _pending = Pending(&self.pending);
         admission._connection = Some(slots.clone().acquire_owned().await.expect("bug: the semaphore is never closed"));
         Ok(admission)
+    }
+
+    /// Admits a TCP connection relayed at L4: one of `maxConnections`, held
+    /// while it lasts; none waits (Envoy's TCP proxy closes one over the limit).
+    pub fn connection(&self) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
+        match &self.connections {
+            None => Ok(None),
+            Some(slots) => slots.clone().try_acquire_owned().map(Some).map_err(|_| Overflow::Connections),
+        }
     }
 
     /// A retry may start; `None` when `maxRetries` are in flight.

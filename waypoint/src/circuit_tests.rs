@@ -64,3 +64,14 @@ async fn futures_join(b: &Arc<Breaker>, n: usize) -> Vec<Admission> {
     }
     out
 }
+
+#[test]
+fn tcp_connections_hold_a_slot_and_one_over_is_refused_without_waiting() {
+    let b = Breaker::new(limits(2, 10, 0, 0));
+    let (c1, _c2) = (b.connection().unwrap(), b.connection().unwrap());
+    assert!(c1.is_some());
+    assert_eq!(b.connection().err(), Some(Overflow::Connections), "no pending queue for TCP");
+    drop(c1);
+    assert!(b.connection().unwrap().is_some());
+    assert!(Breaker::new(Limits::default()).connection().unwrap().is_none(), "no limit: no slot to hold");
+}

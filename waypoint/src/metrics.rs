@@ -44,6 +44,8 @@ pub mod response_flags {
     pub const NO_HEALTHY_UPSTREAM: &str = "UH";
     /// The endpoint could not be reached (503).
     pub const UPSTREAM_CONNECTION_FAILURE: &str = "UF";
+    /// A DestinationRule `connectionPool` limit turned it away (503, or a TCP connection closed).
+    pub const UPSTREAM_OVERFLOW: &str = "UO";
     /// The endpoint did not answer in time (504).
     pub const UPSTREAM_REQUEST_TIMEOUT: &str = "UT";
     /// Retries ran out; the last attempt's answer went back.

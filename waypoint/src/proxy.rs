@@ -147,7 +147,7 @@ impl Shared {
     }
 
     /// The circuit breakers of `target`'s cluster, new when its limits changed.
-    fn breaker(&self, service_key: &str, target: &ServiceTarget, limits: Limits) -> Arc<Breaker> {
+    pub(crate) fn breaker(&self, service_key: &str, target: &ServiceTarget, limits: Limits) -> Arc<Breaker> {
         let subset = target.policy.as_ref().and_then(|p| p.subset.as_ref()).map(|s| s.name.clone());
         let key = (service_key.to_owned(), target.port, subset);
         let mut breakers = self.breakers.lock().expect("bug: poisoned");

@@ -48,17 +48,12 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, down: &
         shared.metrics.refused(RefusedReason::policy_denied);
         return;
     }
-    let own = ServiceTarget {
-        hostname: svc.hostname.clone(),
-        namespace: svc.namespace.clone(),
-        port: served.port.port,
-        policy: None,
-    };
+    let own = &served.port.own;
     let route = served.port.tcp.as_ref();
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let route_name = route.map(|r| format!("{}/{}", r.namespace, r.name));
     let mut log = Log { shared, down, start, route: route_name, target: None, upstream: None };
-    let target = match destination(route, &own, &mut rng) {
+    let target = match destination(route, own, &mut rng) {
         Ok(t) => t.clone(),
         Err(why) => {
             warn!(service = %own, ?why, "tcp: the route sends this connection nowhere; closed");
@@ -72,6 +67,17 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, down: &
     };
     drop(snapshot);
     log.upstream = Some((addr, workload));
+    // The backend's `tcp.maxConnections`: one over it is closed, as Envoy's TCP proxy does.
+    let service_key = format!("{}/{}", target.namespace, target.hostname);
+    let slot = target.pool().map(|p| shared.breaker(&service_key, &target, p.limits).connection());
+    let _slot = match slot {
+        Some(Err(limit)) => {
+            shared.metrics.overflowed(&service_key, limit);
+            return log.done(response_flags::UPSTREAM_OVERFLOW, (0, 0));
+        }
+        Some(Ok(held)) => held,
+        None => None,
+    };
     let conn = target.pool().map(|p| p.connection).unwrap_or_default();
     let mut upstream = match shared.upstream.connect(addr, &conn).await {
         Ok(u) => u,

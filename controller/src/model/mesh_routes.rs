@@ -185,6 +185,27 @@ fn apply_traffic_policies(dests: &Destinations<'_>, report: &mut RoutesReport) {
     }
 }
 
+/// `namespace/hostname` of every Service that a route of a served Service sends to (backends, mirrors, TCP routes).
+fn backend_services(report: &RoutesReport) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for port in report.by_service.values().flat_map(|sr| sr.ports.iter()) {
+        let rules = port.routes.iter().flat_map(|r| r.rules.iter());
+        let http = rules.flat_map(|rule| {
+            let mirrors = rule.filters.iter().filter_map(|f| match &f.kind {
+                Some(filter::Kind::RequestMirror(m)) => m.backend.as_ref(),
+                _ => None,
+            });
+            rule.backends.iter().chain(mirrors)
+        });
+        for b in http.chain(port.tcp_route.iter().flat_map(|t| t.backends.iter())) {
+            if let Some(backend::Kind::Service(s)) = &b.kind {
+                out.insert(format!("{}/{}", s.namespace, s.hostname));
+            }
+        }
+    }
+    out
+}
+
 fn age(meta: &ObjectMeta) -> i64 {
     meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second())
 }
@@ -210,7 +231,6 @@ pub fn attach(
     report: &mut RoutesReport,
 ) {
     let dests = Destinations { objects, addresses, domain_suffix };
-    check_destination_rules(&dests, report);
     let mut virtual_services: Vec<_> = objects.virtual_services.iter().collect();
     virtual_services.sort_by_key(|(key, vs)| (age(&vs.metadata), *key));
     for (key, vs) in virtual_services {
@@ -253,12 +273,14 @@ pub fn attach(
         let http = |port| convert::traffic_split(ts, PortContext { port }, &dests).ok();
         notes.attach(&apex, domain_suffix, http, |_| None);
     }
+    check_destination_rules(&dests, report);
     apply_traffic_policies(&dests, report);
 }
 
-/// DestinationRules: their subsets are used by the routes that name them; what they carry beyond subsets is
-/// reported, and one for a Service without a waypoint has no effect.
+/// DestinationRules: their subsets are used by the routes that name them; what they carry that the waypoint does not
+/// apply is reported, and one for a Service that no waypoint serves or sends to has no effect.
 fn check_destination_rules(dests: &Destinations<'_>, report: &mut RoutesReport) {
+    let backends = backend_services(report);
     for (key, dr) in &dests.objects.destination_rules {
         let mut notes = Notes { kind: DESTINATION_RULE, key, report: &mut *report };
         if let Err(why) = dr_policy::check(dr) {
@@ -273,11 +295,14 @@ fn check_destination_rules(dests: &Destinations<'_>, report: &mut RoutesReport) 
             notes.warn(format!("host {}: not a Service name; not applied", dr.spec.host));
             continue;
         };
-        let served = notes.report.by_service.contains_key(&format!("{ns}/{name}.{ns}.svc.{}", dests.domain_suffix));
-        if served {
+        let service = format!("{ns}/{name}.{ns}.svc.{}", dests.domain_suffix);
+        if notes.report.by_service.contains_key(&service) || backends.contains(&service) {
             notes.report.mesh_routes_applied.insert((DESTINATION_RULE.into(), key.0.clone(), key.1.clone()));
         } else {
-            notes.warn(format!("Service {ns}/{name} has no waypoint (or does not exist): not applied"));
+            notes.warn(format!(
+                "Service {ns}/{name} has no waypoint and no route a waypoint serves sends to it (or it does not \
+                 exist): not applied"
+            ));
         }
     }
 }

@@ -357,3 +357,25 @@ fn a_virtual_service_tcp_route_splits_a_tcp_port_and_reports_what_it_could_not_r
     assert!(!applied(&r, "VirtualService", "db"));
     assert!(notes(&r, "VirtualService", "db")[0].contains("HTTPRoute mesh/db-http applies there"));
 }
+
+#[test]
+fn a_destination_rule_for_a_backend_without_a_waypoint_applies_through_the_routes_that_send_to_it() {
+    const BACKEND_RULE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shop-v2, namespace: mesh}
+spec: {host: shop-v2, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+"#;
+    let r = build_from(&[WAYPOINT_CLUSTER, MORE, BACKEND_RULE]);
+    assert!(applied(&r, "DestinationRule", "shop-v2"), "{:?}", notes(&r, "DestinationRule", "shop-v2"));
+    assert!(notes(&r, "DestinationRule", "shop-v2").is_empty());
+    let shop = &r.snapshot.service_routes["mesh/shop.mesh.svc.cluster.local"];
+    let to_v2 = &shop.ports[0].routes[0].rules[0].backends[0];
+    let lb = match &to_v2.kind {
+        Some(backend::Kind::Service(s)) if s.hostname.starts_with("shop-v2.") => {
+            s.policy.as_ref().and_then(|p| p.load_balancer.clone())
+        }
+        other => panic!("not shop-v2: {other:?}"),
+    };
+    assert_eq!(lb.map(|l| l.simple()), Some(ambit_api::waypoint::load_balancer::Simple::Random));
+}

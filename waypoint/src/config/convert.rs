@@ -83,6 +83,9 @@ pub struct PortConfig {
     /// Where a TCP connection goes (VirtualService `tcp[]`); `None`: to the
     /// service itself.
     pub tcp: Option<TcpRoute>,
+    /// The service itself at this port, with its DestinationRule policy:
+    /// where a request or connection goes that no route sends elsewhere.
+    pub own: ServiceTarget,
 }
 
 impl PortConfig {
@@ -224,17 +227,14 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
         }
         let consumers = consumers.into_iter().map(|(ns, routes)| (ns, compile(routes))).collect();
         let default_route = producer.is_empty();
-        let table = if default_route {
-            // The controller checks the policy; one that still fails is left at the defaults.
-            RouteTable::to_service(ServiceTarget {
-                hostname: sr.hostname.clone(),
-                namespace: sr.namespace.clone(),
-                port,
-                policy: target_policy(None, p.policy.as_ref()).ok().flatten(),
-            })
-        } else {
-            compile(producer)
+        // The controller checks the policy; one that still fails is left at the defaults.
+        let own = ServiceTarget {
+            hostname: sr.hostname.clone(),
+            namespace: sr.namespace.clone(),
+            port,
+            policy: target_policy(None, p.policy.as_ref()).ok().flatten(),
         };
+        let table = if default_route { RouteTable::to_service(own.clone()) } else { compile(producer) };
         ports.push(PortConfig {
             port,
             target_port,
@@ -244,6 +244,7 @@ pub fn service_routes(sr: &pb::ServiceRoutes) -> (ServiceConfig, Vec<Problem>) {
             consumers,
             default_route,
             tcp,
+            own,
         });
     }
     let config =

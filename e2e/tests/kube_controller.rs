@@ -581,15 +581,15 @@ spec:
   - route: [{destination: {host: shop}, weight: 90}, {destination: {host: shop-v2}, weight: 10}]
 ";
 
-/// DestinationRules: for the Service a waypoint serves, with subsets and a traffic policy Ambit does not apply yet
-/// (written as v1beta1, stored as v1), and for a Service without a waypoint (written as v1alpha3).
+/// DestinationRules: for the Service a waypoint serves, with subsets, a connection pool and a TLS setting Ambit does
+/// not apply (written as v1beta1, stored as v1), and for a Service without a waypoint (written as v1alpha3).
 const DESTINATION_RULES: &str = "\
 apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata: {name: shop, namespace: routes}
 spec:
   host: shop
-  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 100}}}
+  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 100}}, tls: {mode: ISTIO_MUTUAL}}
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
@@ -688,11 +688,11 @@ fn virtual_services_traffic_splits_and_destination_rules_get_conditions_saying_w
     assert!(format!("{err:#}").contains("must be a valid duration"), "{err:#}");
     cluster.apply(DESTINATION_RULES).unwrap();
 
-    // At the Service a waypoint serves: accepted; its subsets are applied, its traffic policy not yet, and it says so.
+    // At the Service a waypoint serves: accepted; its subsets and pool are applied, its `tls` not, and it says so.
     let dr = "destinationrules.v1.networking.istio.io";
     assert_eq!(await_condition(&cluster, dr, "shop", "Accepted", "True|"), "True|Accepted|");
     let c = await_condition(&cluster, dr, "shop", "WaypointAccepted", "True|UnsupportedValue|");
-    assert!(c.contains("trafficPolicy"), "{c}");
+    assert!(c.contains("trafficPolicy.tls") && !c.contains("connectionPool"), "{c}");
 
     // For a Service without a waypoint (written as v1alpha3, its conditions show at either version): no effect.
     let dr_v1alpha3 = "destinationrules.v1alpha3.networking.istio.io";

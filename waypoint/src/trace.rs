@@ -10,25 +10,30 @@
 //! "deferred" leaves it to the rate, "debug" samples).
 //!
 //! Off (no endpoint), the request path pays one branch: [`TRACING`] is unset
-//! and every entry point returns `None`.
+//! and every entry point returns `None`. On, the sampling decision comes
+//! first: a request not sampled makes no SDK span at all, only carries its
+//! context on (a new span id per attempt and the headers, written by hand).
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::request::Parts;
+use http::HeaderName;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample, Span,
+    BatchConfigBuilder, IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider,
+    ShouldSample, Span,
 };
 use opentelemetry_sdk::Resource;
 
@@ -48,6 +53,15 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// B3's flag bits as the B3 propagator reports them (not W3C's).
 const B3_DEFERRED: u8 = 0x02;
 const B3_DEBUG: u8 = 0x04;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3_SINGLE: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// The OTLP transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -109,7 +123,7 @@ pub fn install(
         Resource::builder_empty().with_service_name(format!("{}.{}", proxy.canonical_service, proxy.namespace)).build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(sampler(percent))
+        .with_sampler(sampler())
         .with_resource(resource)
         .build();
     TRACING.set(Tracing::new(&provider, percent, proxy)).map_err(|_| TraceError::Installed)?;
@@ -131,10 +145,11 @@ pub fn http_traces_url(endpoint: &str) -> String {
     }
 }
 
-/// Istio's sampling: a parent's decision is kept; a new trace is sampled
-/// by its id at `percent`.
-pub fn sampler(percent: f64) -> Sampler {
-    Sampler::ParentBased(Box::new(ratio(percent)))
+/// The SDK's sampler: a parent's decision is kept; a new trace is always
+/// recorded, because [`Tracing`] applies the rate before it starts a span
+/// (the SDK is only asked for the spans that will be recorded).
+pub fn sampler() -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
 }
 
 fn ratio(percent: f64) -> Sampler {
@@ -155,7 +170,7 @@ struct ServerContext(SpanContext);
 /// Starts the server span of a request to `host:port`, from its trace
 /// headers; `None` when tracing is off.
 pub fn server(parts: &mut Parts, host: &str, port: u16, request_id: &HeaderValue) -> Option<ServerSpan> {
-    TRACING.get().map(|t| t.server(parts, host, port, request_id))
+    TRACING.get().and_then(|t| t.server(parts, host, port, request_id))
 }
 
 /// Ends the server span with what became of the request.
@@ -213,6 +228,7 @@ fn failure_flag(outcome: Outcome) -> &'static str {
 /// The tracer, its propagators and the proxy's attributes.
 pub struct Tracing {
     tracer: SdkTracer,
+    ids: RandomIdGenerator,
     w3c: TraceContextPropagator,
     b3: b3::B3,
     /// The rate, for a B3 context that leaves the decision to us.
@@ -224,6 +240,7 @@ impl Tracing {
     pub fn new(provider: &SdkTracerProvider, percent: f64, p: ProxyInfo) -> Self {
         Tracing {
             tracer: provider.tracer("ambit-waypoint"),
+            ids: RandomIdGenerator::default(),
             w3c: TraceContextPropagator::new(),
             b3: b3::B3::default(),
             ratio: ratio(percent),
@@ -240,6 +257,10 @@ impl Tracing {
     /// The incoming trace context, W3C before B3, with the sampling
     /// decision settled (only W3C's sampled bit left).
     pub fn extract(&self, headers: &HeaderMap) -> Option<SpanContext> {
+        // Most requests come without one: no propagator asked.
+        if ![&TRACEPARENT, &B3_SINGLE, &B3_TRACE_ID].iter().any(|h| headers.contains_key(*h)) {
+            return None;
+        }
         let carrier = HeaderExtractor(headers);
         let w3c = self.w3c.extract(&carrier);
         if w3c.has_active_span() {
@@ -254,43 +275,56 @@ impl Tracing {
         // Debug samples; "deferred" (no decision yet) leaves it to the rate.
         let sampled = match (bits & B3_DEBUG != 0, bits & B3_DEFERRED != 0) {
             (true, _) => true,
-            (false, true) => self.new_trace_sampled(&sc),
+            (false, true) => self.rate_samples(sc.trace_id()),
             (false, false) => sc.is_sampled(),
         };
         let flags = TraceFlags::default().with_sampled(sampled);
         Some(SpanContext::new(sc.trace_id(), sc.span_id(), flags, true, sc.trace_state().clone()))
     }
 
-    fn new_trace_sampled(&self, sc: &SpanContext) -> bool {
-        let r = self.ratio.should_sample(None, sc.trace_id(), "", &SpanKind::Server, &[], &[]);
+    /// Whether the rate samples a new trace with this id.
+    fn rate_samples(&self, trace_id: TraceId) -> bool {
+        let r = self.ratio.should_sample(None, trace_id, "", &SpanKind::Server, &[], &[]);
         r.decision == SamplingDecision::RecordAndSample
     }
 
-    /// Writes `sc` as the trace headers of an outgoing request.
-    pub fn inject(&self, sc: &SpanContext, headers: &mut HeaderMap) {
-        let cx = Context::new().with_remote_span_context(sc.clone());
-        // Written for the caller's span: meaningless below ours.
-        headers.remove("x-b3-parentspanid");
-        headers.remove("x-b3-flags");
-        let single = headers.contains_key("b3");
-        let mut carrier = HeaderInjector(headers);
-        self.w3c.inject_context(&cx, &mut carrier);
-        self.b3.inject(&cx, &mut carrier, single);
-    }
-
-    fn start(&self, kind: SpanKind, parent: Option<SpanContext>) -> Span {
+    /// A recorded span (the decision is already taken).
+    fn start(&self, kind: SpanKind, parent: Option<SpanContext>, name: String) -> Span {
         let cx = match parent {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
-        // Named once known to be recorded: an unsampled span allocates no name.
-        self.tracer.span_builder("-").with_kind(kind).start_with_context(&self.tracer, &cx)
+        self.tracer.span_builder(name).with_kind(kind).start_with_context(&self.tracer, &cx)
     }
 
-    pub fn server(&self, parts: &mut Parts, host: &str, port: u16, request_id: &HeaderValue) -> ServerSpan {
-        let mut span = self.start(SpanKind::Server, self.extract(&parts.headers));
+    /// The server span of a request, or `None` when it is not sampled (its
+    /// context still goes on, through the request's extensions, to [`Self::client`]).
+    pub fn server(&self, parts: &mut Parts, host: &str, port: u16, request_id: &HeaderValue) -> Option<ServerSpan> {
+        let parent = self.extract(&parts.headers);
+        let sampled = match &parent {
+            Some(sc) => sc.is_sampled(),
+            None => {
+                let trace_id = self.ids.new_trace_id();
+                if !self.rate_samples(trace_id) {
+                    let sc = SpanContext::new(
+                        trace_id,
+                        self.ids.new_span_id(),
+                        TraceFlags::default(),
+                        false,
+                        TraceState::NONE,
+                    );
+                    parts.extensions.insert(ServerContext(sc));
+                    return None;
+                }
+                true
+            }
+        };
+        if !sampled {
+            parts.extensions.insert(ServerContext(parent.expect("a decision came from the caller")));
+            return None;
+        }
+        let mut span = self.start(SpanKind::Server, parent, format!("{host}:{port}/*"));
         if span.is_recording() {
-            span.update_name(format!("{host}:{port}/*"));
             let header = |name: &str| header_str(&parts.headers, name).to_owned();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let authority = crate::authority::request_host(parts).unwrap_or(host);
@@ -307,16 +341,29 @@ impl Tracing {
             span.set_attributes(attrs);
         }
         parts.extensions.insert(ServerContext(span.span_context().clone()));
-        ServerSpan(span)
+        Some(ServerSpan(span))
     }
 
     pub fn client<B>(&self, req: &mut Request<B>, target: &ServiceTarget, endpoint: SocketAddr) -> Option<ClientSpan> {
-        let parent = req.extensions().get::<ServerContext>()?.0.clone();
-        let mut span = self.start(SpanKind::Client, Some(parent));
+        let parent = &req.extensions().get::<ServerContext>()?.0;
+        if !parent.is_sampled() {
+            // Envoy's unsampled span: a new id carried on, nothing recorded.
+            let sc = SpanContext::new(
+                parent.trace_id(),
+                self.ids.new_span_id(),
+                TraceFlags::default(),
+                false,
+                parent.trace_state().clone(),
+            );
+            inject(&sc, req.headers_mut());
+            return None;
+        }
+        let parent = parent.clone();
+        let name = format!("{}:{}/*", target.hostname, target.port);
+        let mut span = self.start(SpanKind::Client, Some(parent), name);
         if span.is_recording() {
             let subset = target.policy.as_ref().and_then(|p| p.subset.as_ref()).map_or("", |s| s.name.as_str());
             let cluster = format!("outbound|{}|{subset}|{}", target.port, target.hostname);
-            span.update_name(format!("{}:{}/*", target.hostname, target.port));
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let headers = req.headers();
             let mut attrs = vec![
@@ -335,9 +382,42 @@ impl Tracing {
             attrs.extend(self.proxy.iter().cloned());
             span.set_attributes(attrs);
         }
-        self.inject(span.span_context(), req.headers_mut());
+        inject(span.span_context(), req.headers_mut());
         Some(ClientSpan(span))
     }
+}
+
+/// Writes `sc` as the trace headers of an outgoing request: W3C, `x-b3-*`,
+/// and `b3` when the caller used it. By hand, as the propagators would
+/// (without their empty `tracestate`): they format a `String` and parse the
+/// header's name per header, on every request that carries a trace.
+pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
+    // Written for the caller's span: meaningless below ours.
+    headers.remove(B3_PARENT_SPAN_ID);
+    headers.remove(B3_FLAGS);
+    let (trace, span) = (sc.trace_id(), sc.span_id());
+    let sampled = if sc.is_sampled() { "1" } else { "0" };
+    if headers.contains_key(B3_SINGLE) {
+        headers.insert(B3_SINGLE, hex_value(format_args!("{trace}-{span}-{sampled}")));
+    }
+    headers.insert(TRACEPARENT, hex_value(format_args!("00-{trace}-{span}-0{sampled}")));
+    match HeaderValue::try_from(sc.trace_state().header()) {
+        Ok(state) if !state.is_empty() => headers.insert(TRACESTATE, state),
+        _ => headers.remove(TRACESTATE),
+    };
+    headers.insert(B3_TRACE_ID, hex_value(format_args!("{trace}")));
+    headers.insert(B3_SPAN_ID, hex_value(format_args!("{span}")));
+    headers.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+}
+
+/// A header value of ids in hex, formatted on the stack.
+fn hex_value(args: std::fmt::Arguments) -> HeaderValue {
+    use std::io::Write as _;
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    rest.write_fmt(args).expect("bug: trace ids fit 64 bytes");
+    let len = 64 - rest.len();
+    HeaderValue::from_bytes(&buf[..len]).expect("bug: hex and dashes are a header value")
 }
 
 /// A header's value, `-` (Envoy's empty) when absent or not text.
@@ -349,38 +429,22 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 /// exporter (OTLP replaces it), the propagator has no successor yet.
 #[allow(deprecated)]
 mod b3 {
-    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry::propagation::{Extractor, TextMapPropagator};
     use opentelemetry::Context;
     use opentelemetry_zipkin::{B3Encoding, Propagator};
 
-    pub struct B3 {
-        /// Reads `b3` before `x-b3-*`.
-        incoming: Propagator,
-        single: Propagator,
-        multi: Propagator,
-    }
+    /// Reads `b3` before `x-b3-*` (written by [`super::inject`]).
+    pub struct B3(Propagator);
 
     impl Default for B3 {
         fn default() -> Self {
-            B3 {
-                incoming: Propagator::with_encoding(B3Encoding::SingleAndMultiHeader),
-                single: Propagator::with_encoding(B3Encoding::SingleHeader),
-                multi: Propagator::with_encoding(B3Encoding::MultipleHeader),
-            }
+            B3(Propagator::with_encoding(B3Encoding::SingleAndMultiHeader))
         }
     }
 
     impl B3 {
         pub fn extract(&self, carrier: &dyn Extractor) -> Context {
-            self.incoming.extract(carrier)
-        }
-
-        /// `x-b3-*`, and `b3` too when `single`.
-        pub fn inject(&self, cx: &Context, carrier: &mut dyn Injector, single: bool) {
-            self.multi.inject_context(cx, carrier);
-            if single {
-                self.single.inject_context(cx, carrier);
-            }
+            self.0.extract(carrier)
         }
     }
 }

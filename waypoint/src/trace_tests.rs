@@ -23,8 +23,7 @@ fn proxy() -> ProxyInfo {
 /// A tracer sampling `percent` of new traces, exporting to memory as spans end.
 fn tracing(percent: f64) -> (Tracing, InMemorySpanExporter) {
     let exporter = InMemorySpanExporter::default();
-    let provider =
-        SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).with_sampler(sampler(percent)).build();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).with_sampler(sampler()).build();
     (Tracing::new(&provider, percent, proxy()), exporter)
 }
 
@@ -99,7 +98,6 @@ fn b3_multi_headers_and_w3c_precedence() {
 
 #[test]
 fn injection_writes_w3c_and_b3_in_the_callers_encodings() {
-    let (t, _) = tracing(0.0);
     let sc = SpanContext::new(
         TraceId::from_hex(TRACE).unwrap(),
         SpanId::from_hex("2222222222222222").unwrap(),
@@ -108,7 +106,7 @@ fn injection_writes_w3c_and_b3_in_the_callers_encodings() {
         Default::default(),
     );
     let mut h = headers(&[("x-b3-parentspanid", SPAN), ("x-b3-flags", "1")]);
-    t.inject(&sc, &mut h);
+    inject(&sc, &mut h);
     assert_eq!(get(&h, "traceparent"), Some(format!("00-{TRACE}-2222222222222222-01").as_str()));
     assert_eq!(get(&h, "x-b3-traceid"), Some(TRACE));
     assert_eq!(get(&h, "x-b3-spanid"), Some("2222222222222222"));
@@ -116,9 +114,51 @@ fn injection_writes_w3c_and_b3_in_the_callers_encodings() {
     assert_eq!(get(&h, "x-b3-parentspanid"), None, "the caller's parent is not ours");
     assert_eq!(get(&h, "x-b3-flags"), None);
     assert_eq!(get(&h, "b3"), None, "the single header only for a caller that used it");
+    assert_eq!(get(&h, "tracestate"), None, "no empty tracestate");
     let mut h = headers(&[("b3", &format!("{TRACE}-{SPAN}-1"))]);
-    t.inject(&sc, &mut h);
+    inject(&sc, &mut h);
     assert_eq!(get(&h, "b3"), Some(format!("{TRACE}-2222222222222222-1").as_str()));
+    let state = "vendor=x".parse().unwrap();
+    let unsampled = SpanContext::new(sc.trace_id(), sc.span_id(), TraceFlags::default(), false, state);
+    let mut h = headers(&[("b3", "1"), ("tracestate", "stale=1")]);
+    inject(&unsampled, &mut h);
+    assert_eq!(get(&h, "traceparent"), Some(format!("00-{TRACE}-2222222222222222-00").as_str()));
+    assert_eq!(get(&h, "tracestate"), Some("vendor=x"));
+    assert_eq!(get(&h, "b3"), Some(format!("{TRACE}-2222222222222222-0").as_str()));
+    assert_eq!(get(&h, "x-b3-sampled"), Some("0"));
+}
+
+#[test]
+fn an_unsampled_trace_goes_on_with_a_new_span_per_attempt_and_nothing_recorded() {
+    let (t, exported) = tracing(100.0);
+    let tp = format!("00-{TRACE}-{SPAN}-00");
+    let mut parts = request(&[("traceparent", &tp), ("tracestate", "vendor=x")]);
+    assert!(t.server(&mut parts, "echo.default.svc.cluster.local", 80, &HeaderValue::from_static("r")).is_none());
+    let mut req = Request::from_parts(parts, ());
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        assert!(t.client(&mut req, &target(), "10.2.0.5:8080".parse().unwrap()).is_none());
+        let tp = get(req.headers(), "traceparent").unwrap().to_owned();
+        let fields: Vec<&str> = tp.split('-').collect();
+        assert_eq!((fields[1], fields[3]), (TRACE, "00"), "{tp}");
+        assert_ne!(fields[2], SPAN, "the caller's span is not ours");
+        assert_eq!(get(req.headers(), "tracestate"), Some("vendor=x"));
+        assert_eq!(get(req.headers(), "x-b3-sampled"), Some("0"));
+        sent.push(tp);
+    }
+    assert_ne!(sent[0], sent[1], "each attempt has its own span id");
+    assert!(exported.get_finished_spans().unwrap().is_empty());
+}
+
+#[test]
+fn the_rate_samples_about_its_share_of_new_traces() {
+    let (t, exported) = tracing(25.0);
+    for _ in 0..2_000 {
+        one_request(&t, &[]);
+    }
+    // Two spans per sampled request: 1,000 expected; binomial sd ≈ 19 requests.
+    let spans = exported.get_finished_spans().unwrap().len();
+    assert!((800..1_200).contains(&spans), "{spans} spans for 2,000 requests at 25 %");
 }
 
 fn request(pairs: &[(&'static str, &str)]) -> Parts {
@@ -157,7 +197,7 @@ fn one_request(t: &Tracing, incoming: &[(&'static str, &str)]) -> HeaderMap {
     client_end(client, &ok);
     let (src, svc) =
         (WorkloadLabels::default(), ServiceLabels::new("echo.default.svc.cluster.local", "echo", "default"));
-    server_end(Some(server), &record(&src, &svc, 200));
+    server_end(server, &record(&src, &svc, 200));
     req.into_parts().0.headers
 }
 
@@ -231,7 +271,7 @@ fn failed_attempts_and_5xx_are_errors_with_envoys_flags() {
         (WorkloadLabels::default(), ServiceLabels::new("echo.default.svc.cluster.local", "echo", "default"));
     let mut rec = record(&src, &svc, StatusCode::GATEWAY_TIMEOUT.as_u16());
     rec.response_flags = "UT";
-    server_end(Some(server), &rec);
+    server_end(server, &rec);
     for span in exported.get_finished_spans().unwrap() {
         assert_eq!(attr(&span, "response_flags"), Some(Value::from("UT")), "{:?}", span.span_kind);
         assert!(matches!(span.status, Status::Error { .. }));

@@ -33,6 +33,7 @@ pub mod objects;
 pub mod otlp;
 pub mod proc_stats;
 pub mod restart;
+pub mod sink;
 pub mod sniff;
 pub mod statefile;
 pub mod waypoint;

@@ -4,7 +4,8 @@
 //! them (a 90/10 split with retries and timeouts, header and URI-prefix matches, fault injection) and an SMI
 //! `TrafficSplit`, applied to the service `echo`, which uses the waypoint. Splits are measured over 2,000 requests
 //! and must land within 2.5 percentage points of the weight (more than 3.7 standard deviations of a fair draw); a
-//! VirtualService `tcp[]` split of `echo`'s TCP port over 600 connections, within 5 points.
+//! VirtualService `tcp[]` split of `echo`'s TCP port over 600 connections, within 5 points; a VirtualService mirror
+//! to a backend that never answers.
 //! Needs root; fails (not skips) under CI.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use ambit_e2e::check::TIMEOUT;
 use ambit_e2e::http::{HttpConnection, Request};
 use ambit_e2e::http_server::EchoReply;
+use ambit_e2e::sink::Sink;
 use ambit_e2e::waypoint_lab::{WaypointLab, ECHO_HOST, ECHO_VIP, TCP_PORT};
 
 /// Requests a split is measured over.
@@ -262,6 +264,80 @@ fn injected_delays_and_aborts_hit_their_share_of_requests() {
     let flagged =
         ambit_e2e::check::metric(&m, "istio_requests_total", &[("response_flags", "FI"), ("response_code", "503")]);
     assert!(flagged >= 1.0, "aborts are not counted with flag FI:\n{m}");
+}
+
+/// `sink`: a Service of the `echo-v2` pod whose port answers nothing ([`Sink`]); a VirtualService routing `echo`
+/// to itself and mirroring half of the requests under `/mirror/` to `sink`.
+const MIRROR: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: sink, namespace: default}
+spec:
+  clusterIP: 10.96.0.32
+  selector: {app: echo-v2}
+  ports: [{name: http, port: 80, targetPort: 9090}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-mirror, namespace: default}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{uri: {prefix: /mirror/}}]
+    route: [{destination: {host: echo}}]
+    mirror: {host: sink}
+    mirrorPercentage: {value: 50}
+    headers: {response: {set: {x-vs: echo-mirror}}}
+"#;
+
+/// Requests the mirror share is measured over.
+const MIRROR_REQUESTS: usize = 240;
+/// The waypoint's `--max-mirror-requests` in that test: fewer than the copies it will be asked for (about 120).
+const MAX_MIRRORS: usize = 80;
+
+#[test]
+fn a_virtual_service_mirrors_its_share_the_caller_never_waits_and_hung_copies_are_bounded() {
+    let max = MAX_MIRRORS.to_string();
+    let Some(l) = WaypointLab::start_with_flags("wp-istio-mirror", &[], &["--max-mirror-requests", &max]) else {
+        return;
+    };
+    let sink = Sink::start(l.ns(l.servers[1]), SocketAddr::from(([0, 0, 0, 0], 9090))).expect("the sink");
+    let controller = l.mesh.controller().unwrap();
+    l.until_served_by(l.client, "/ready", &[], "echo-v1");
+    controller.write("mirror.yaml", MIRROR).unwrap();
+    l.until("the VirtualService and a first copy", || match l.get("/mirror/warm-up", &[]) {
+        Ok(r) if r.header("x-vs") == Some("echo-mirror") && !sink.requests().is_empty() => Ok(()),
+        other => Err(format!("{other:?}, the sink saw {:?}", sink.requests())),
+    });
+    // Each copy hangs (30 s, the mirror's bound), so every one holds its place until the test ends.
+    let warm_up = sink.requests().len();
+    let mut conn = HttpConnection::connect(l.ns(l.client), SocketAddr::from((ECHO_VIP, 80)), TIMEOUT).expect("connect");
+    let mut slowest = Duration::ZERO;
+    for i in 0..MIRROR_REQUESTS {
+        let started = Instant::now();
+        let r = conn.send(&Request::get(ECHO_HOST, &format!("/mirror/{i}"))).expect("a response");
+        assert_eq!((r.status, r.header("x-served-by")), (200, Some("echo-v1")), "{r:?}");
+        slowest = slowest.max(started.elapsed());
+    }
+    // Fire and forget: the last copies may still be on their way.
+    std::thread::sleep(Duration::from_secs(2));
+    let sunk = sink.requests();
+    let copies: Vec<_> = sunk.iter().skip(warm_up).filter(|q| q.line.starts_with("GET /mirror/")).collect();
+    let m = l.waypoint.metrics().unwrap();
+    let sink_host = [("service", "sink.default.svc.cluster.local")];
+    let dropped = ambit_e2e::check::metric(&m, "ambit_waypoint_mirror_dropped_total", &sink_host) as usize;
+    let share = 100.0 * (copies.len() + dropped) as f64 / MIRROR_REQUESTS as f64;
+    eprintln!(
+        "mirror: {share:.1} % of {MIRROR_REQUESTS} requests mirrored (want 50): {} copies sent, {dropped} over the \
+         bound of {MAX_MIRRORS} in flight ({warm_up} of the warm-up); slowest answer {slowest:?}",
+        copies.len()
+    );
+    // 3.5 standard deviations of a fair draw over 240 requests.
+    assert!((share - 50.0).abs() <= 11.5, "{share} % mirrored");
+    assert_eq!(sunk.len(), MAX_MIRRORS, "copies in flight: the bound, no more");
+    assert!(dropped > 0, "no copy counted over the bound:\n{m}");
+    assert!(copies.iter().all(|q| q.host == format!("{ECHO_HOST}-shadow")), "Envoy's shadow host: {copies:?}");
+    // A caller that waited for its hanging copy would take 30 s.
+    assert!(slowest < Duration::from_secs(2), "a request waited for its mirror: {slowest:?}");
 }
 
 /// `reviews`: one Service over both echo pods (`app.kubernetes.io/name: echo`, `version: v1|v2`), with the waypoint;

@@ -102,6 +102,7 @@ pub async fn run(flags: Flags, log: Arc<LogControl>) -> Result<(), AppError> {
         gateway.clone(),
         flags.xff_num_trusted_hops,
         AccessLog::new(flags.access_log),
+        flags.max_mirror_requests,
     );
 
     let tracing = start_tracing(&flags)?;

@@ -116,6 +116,14 @@ pub struct Flags {
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
+    /// Mirror copies (VirtualService `mirror`, HTTPRoute `RequestMirror`)
+    /// in flight at once; each waits at most 30 s for its answer. A copy
+    /// over the bound is not sent, and counted in
+    /// `ambit_waypoint_mirror_dropped_total` (Envoy's default circuit
+    /// breaker bounds its shadow requests at 1024 alike).
+    #[arg(long, env = "AMBIT_MAX_MIRROR_REQUESTS", default_value_t = 1024)]
+    pub max_mirror_requests: usize,
+
     /// Log format: `plain` or `json`.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,

@@ -345,6 +345,7 @@ struct Inner {
     refused: Family<RefusedLabels, Counter>,
     outlier_ejections: Family<ServiceLabel, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    mirror_dropped: Family<ServiceLabel, Counter>,
     config_problems: Gauge,
     pool: PoolMetrics,
 }
@@ -379,6 +380,7 @@ impl Metrics {
             refused: Family::default(),
             outlier_ejections: Family::default(),
             overflows: Family::default(),
+            mirror_dropped: Family::default(),
             config_problems: Gauge::default(),
             pool: PoolMetrics::default(),
         };
@@ -404,6 +406,11 @@ impl Metrics {
             "Requests a DestinationRule connectionPool limit turned away (503, flag UO) or did not retry, by upstream \
              service and limit",
             m.overflows.clone(),
+        );
+        w.register(
+            "mirror_dropped",
+            "Mirror copies not sent because as many as --max-mirror-requests were in flight, by mirror service",
+            m.mirror_dropped.clone(),
         );
         w.register(
             "config_problems",
@@ -438,6 +445,11 @@ impl Metrics {
     pub fn overflowed(&self, service: &str, limit: crate::circuit::Overflow) {
         let labels = OverflowLabels { service: service.to_owned(), limit: limit.as_str() };
         self.0.overflows.get_or_create(&labels).inc();
+    }
+
+    /// Counts a mirror copy to `service` (its hostname) not sent: too many in flight.
+    pub fn mirror_dropped(&self, service: &str) {
+        self.0.mirror_dropped.get_or_create(&ServiceLabel { service: service.to_owned() }).inc();
     }
 
     /// Sets how many problems the configuration in force has (e.g. a

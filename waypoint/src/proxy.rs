@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessEntry, AccessLog};
@@ -42,6 +43,9 @@ use crate::target::ServiceTarget;
 use crate::upgrade;
 use crate::upstream::{request_uri, ProxyBody, Upstream};
 
+/// How long a mirror copy waits for its answer (which is dropped).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What every request shares.
 pub struct Shared {
     pub snapshots: SnapshotHandle,
@@ -53,6 +57,8 @@ pub struct Shared {
     pub xff_trusted_hops: u32,
     pub budget: Arc<RetryBudget>,
     pub access_log: AccessLog,
+    /// Mirror copies that may be in flight at once ([`send_mirror`]).
+    mirrors: Arc<Semaphore>,
     loads: Mutex<HashMap<SocketAddr, Arc<InFlight>>>,
     pickers: Mutex<HashMap<String, Arc<EndpointPicker>>>,
     /// Circuit breakers by upstream cluster: `namespace/hostname`, port, subset.
@@ -72,6 +78,7 @@ impl Shared {
         gateway: (String, String),
         xff_trusted_hops: u32,
         access_log: AccessLog,
+        max_mirrors: usize,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshots,
@@ -81,6 +88,7 @@ impl Shared {
             xff_trusted_hops,
             budget: Arc::new(RetryBudget::default()),
             access_log,
+            mirrors: Arc::new(Semaphore::new(max_mirrors)),
             loads: Mutex::default(),
             pickers: Mutex::default(),
             breakers: Mutex::default(),
@@ -708,7 +716,10 @@ async fn buffer_small_body(parts: &Parts, body: Incoming) -> Result<RequestBody,
 }
 
 /// Sends a copy of the request to one endpoint of the mirror's service and
-/// ignores the answer (Envoy's shadowing: the Host gets `-shadow`).
+/// ignores the answer (Envoy's shadowing: the Host gets `-shadow`). Copies in
+/// flight are bounded, as Envoy's circuit breakers bound its shadows: a mirror
+/// that hangs holds each copy for up to [`MIRROR_TIMEOUT`], and one over the
+/// bound is not sent (counted).
 fn send_mirror(
     shared: &Shared,
     snapshot: &Snapshot,
@@ -728,6 +739,11 @@ fn send_mirror(
         debug!(target = %mirror.target, "mirror has no endpoint");
         return;
     }
+    let Ok(slot) = shared.mirrors.clone().try_acquire_owned() else {
+        debug!(target = %mirror.target, "mirror copies in flight at their bound: copy not sent");
+        shared.metrics.mirror_dropped(&mirror.target.hostname);
+        return;
+    };
     let addr = usable[rand::Rng::random_range(rng, 0..usable.len())];
     let mut req = Request::from_parts(parts.clone(), full(body));
     *req.uri_mut() = request_uri(&parts.uri, &parts.headers, addr);
@@ -738,8 +754,9 @@ fn send_mirror(
     }
     let upstream = shared.upstream.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let send = upstream.send(req, addr, http2, ConnectionSettings::default());
-        match tokio::time::timeout(Duration::from_secs(30), send).await {
+        match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
             Ok(Ok(resp)) => {
                 let _ = resp.into_body().collect().await;
             }

@@ -323,7 +323,7 @@ fn a_virtual_service_mirrors_its_share_the_caller_never_waits_and_hung_copies_ar
     let sunk = sink.requests();
     let copies: Vec<_> = sunk.iter().skip(warm_up).filter(|q| q.line.starts_with("GET /mirror/")).collect();
     let m = l.waypoint.metrics().unwrap();
-    let sink_host = [("service", "sink.default.svc.cluster.local")];
+    let sink_host = [("service", "sink.default.svc.cluster.local"), ("reason", "in_flight")];
     let dropped = ambit_e2e::check::metric(&m, "ambit_waypoint_mirror_dropped_total", &sink_host) as usize;
     let share = 100.0 * (copies.len() + dropped) as f64 / MIRROR_REQUESTS as f64;
     eprintln!(

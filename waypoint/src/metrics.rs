@@ -317,6 +317,23 @@ struct ServiceLabel {
     service: String,
 }
 
+/// Why a mirror copy was not sent.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum MirrorDropped {
+    /// `--max-mirror-requests` copies were in flight.
+    in_flight,
+    /// The mirror's service had no endpoint.
+    no_endpoint,
+}
+
+/// `ambit_waypoint_mirror_dropped_total{service, reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorDroppedLabels {
+    service: String,
+    reason: MirrorDropped,
+}
+
 /// `ambit_waypoint_upstream_overflow_total{service, limit}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OverflowLabels {
@@ -345,7 +362,7 @@ struct Inner {
     refused: Family<RefusedLabels, Counter>,
     outlier_ejections: Family<ServiceLabel, Counter>,
     overflows: Family<OverflowLabels, Counter>,
-    mirror_dropped: Family<ServiceLabel, Counter>,
+    mirror_dropped: Family<MirrorDroppedLabels, Counter>,
     config_problems: Gauge,
     pool: PoolMetrics,
 }
@@ -409,7 +426,7 @@ impl Metrics {
         );
         w.register(
             "mirror_dropped",
-            "Mirror copies not sent because as many as --max-mirror-requests were in flight, by mirror service",
+            "Mirror copies not sent, by mirror service and reason (in_flight: --max-mirror-requests were; no_endpoint)",
             m.mirror_dropped.clone(),
         );
         w.register(
@@ -447,9 +464,9 @@ impl Metrics {
         self.0.overflows.get_or_create(&labels).inc();
     }
 
-    /// Counts a mirror copy to `service` (its hostname) not sent: too many in flight.
-    pub fn mirror_dropped(&self, service: &str) {
-        self.0.mirror_dropped.get_or_create(&ServiceLabel { service: service.to_owned() }).inc();
+    /// Counts a mirror copy to `service` (its hostname) not sent.
+    pub fn mirror_dropped(&self, service: &str, reason: MirrorDropped) {
+        self.0.mirror_dropped.get_or_create(&MirrorDroppedLabels { service: service.to_owned(), reason }).inc();
     }
 
     /// Sets how many problems the configuration in force has (e.g. a

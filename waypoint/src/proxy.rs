@@ -31,7 +31,9 @@ use crate::fault;
 use crate::filters::RequestMirror;
 use crate::hop::{ensure_request_id, strip_hop_by_hop};
 use crate::lb::request_hash;
-use crate::metrics::{Metrics, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels};
+use crate::metrics::{
+    Metrics, MirrorDropped, RefusedReason, RequestProtocol, RequestRecord, ServiceLabels, WorkloadLabels,
+};
 use crate::normalize::normalize;
 use crate::outlier::Attempt;
 use crate::plan::{prepare, Decision, Forward};
@@ -737,11 +739,12 @@ fn send_mirror(
         .collect();
     if usable.is_empty() {
         debug!(target = %mirror.target, "mirror has no endpoint");
+        shared.metrics.mirror_dropped(&mirror.target.hostname, MirrorDropped::no_endpoint);
         return;
     }
     let Ok(slot) = shared.mirrors.clone().try_acquire_owned() else {
         debug!(target = %mirror.target, "mirror copies in flight at their bound: copy not sent");
-        shared.metrics.mirror_dropped(&mirror.target.hostname);
+        shared.metrics.mirror_dropped(&mirror.target.hostname, MirrorDropped::in_flight);
         return;
     };
     let addr = usable[rand::Rng::random_range(rng, 0..usable.len())];

@@ -300,29 +300,21 @@ impl Tracing {
     /// The server span of a request, or `None` when it is not sampled (its
     /// context still goes on, through the request's extensions, to [`Self::client`]).
     pub fn server(&self, parts: &mut Parts, host: &str, port: u16, request_id: &HeaderValue) -> Option<ServerSpan> {
-        let parent = self.extract(&parts.headers);
-        let sampled = match &parent {
-            Some(sc) => sc.is_sampled(),
+        let parent = match self.extract(&parts.headers) {
+            Some(sc) if !sc.is_sampled() => return carry(parts, sc),
+            Some(sc) => Some(sc),
             None => {
                 let trace_id = self.ids.new_trace_id();
                 if !self.rate_samples(trace_id) {
-                    let sc = SpanContext::new(
-                        trace_id,
-                        self.ids.new_span_id(),
-                        TraceFlags::default(),
-                        false,
-                        TraceState::NONE,
+                    let flags = TraceFlags::default();
+                    return carry(
+                        parts,
+                        SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, TraceState::NONE),
                     );
-                    parts.extensions.insert(ServerContext(sc));
-                    return None;
                 }
-                true
+                None
             }
         };
-        if !sampled {
-            parts.extensions.insert(ServerContext(parent.expect("a decision came from the caller")));
-            return None;
-        }
         let mut span = self.start(SpanKind::Server, parent, format!("{host}:{port}/*"));
         if span.is_recording() {
             let header = |name: &str| header_str(&parts.headers, name).to_owned();
@@ -385,6 +377,12 @@ impl Tracing {
         inject(span.span_context(), req.headers_mut());
         Some(ClientSpan(span))
     }
+}
+
+/// An unsampled request: no span, its context kept for the client side.
+fn carry(parts: &mut Parts, sc: SpanContext) -> Option<ServerSpan> {
+    parts.extensions.insert(ServerContext(sc));
+    None
 }
 
 /// Writes `sc` as the trace headers of an outgoing request: W3C, `x-b3-*`,

@@ -13,6 +13,9 @@ PACKAGES+=(containerd runc containernetworking-plugins socat iptables conntrack
 # The L7 benchmark (bench-l7): wrk generates the load, nginx serves it,
 # HAProxy is the reference L7 proxy. bench-l4 checks its throughput with iperf3.
 PACKAGES+=(wrk nginx-light haproxy iperf3)
+# eBPF capture (ebpf/): clang compiles the programs, libbpf-dev has their
+# helper headers, bpftool lets the tests check what is attached.
+PACKAGES+=(clang libbpf-dev bpftool)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

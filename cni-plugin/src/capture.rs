@@ -6,11 +6,20 @@
 //! inbound TCP to 15006 (TPROXY), leave HBONE and excluded ports alone, and
 //! never capture ztunnel's own sockets, which carry `ztunnel_mark`.
 //!
-//! Everything is one nftables table (`inet ambit`, replaced atomically) plus,
-//! per IP family, two policy-routing rules: TPROXY-marked packets to a local
-//! route (table 133), and ztunnel's own sockets to a copy of the pod's routes
-//! with `quickack 1` (table 134), so the tunnels' ACKs do not wait for
-//! ztunnel to read.
+//! Two modes ([`CaptureMode`]), one interface (install, is_installed,
+//! uninstall):
+//! - nftables: one table (`inet ambit`, replaced atomically);
+//! - eBPF ([`ambit_ebpf`]): an `sk_lookup` program on the pod's namespace and
+//!   the node's cgroup connect/sockops/getsockopt hooks, which act on the
+//!   namespaces enrolled in their map; no netfilter.
+//!
+//! Both add, per IP family, two policy-routing rules: marked packets to a
+//! local route (table 133; with nftables the TPROXY mark, with eBPF the mark
+//! ztunnel's connections to the application carry, which the application's
+//! accepted socket inherits through `net.ipv4.tcp_fwmark_accept`, so its
+//! replies to the spoofed client reach ztunnel), and ztunnel's own sockets
+//! to a copy of the pod's routes with `quickack 1` (table 134), so the
+//! tunnels' ACKs do not wait for ztunnel to read.
 
 mod exec;
 mod nft;
@@ -22,7 +31,7 @@ mod sysctl;
 mod netns_tests;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use exec::ExecError;
 pub use nft::nft_ruleset;
@@ -30,9 +39,25 @@ pub use node::{install_node_probe_snat, node_probe_snat_ruleset, uninstall_node_
 use routing::Family;
 pub use sysctl::{set_sysctl, SysctlError};
 
+/// How a pod's traffic is steered to ztunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureMode {
+    /// nftables rules in the pod's namespace (REDIRECT and TPROXY).
+    #[default]
+    Nftables,
+    /// eBPF programs (sk_lookup on the pod's namespace, cgroup hooks on the
+    /// node), pinned under [`CaptureConfig::bpf_pin_root`].
+    Ebpf,
+}
+
 /// Where capture sends traffic, and the marks it relies on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureConfig {
+    /// nftables or eBPF (default nftables).
+    pub mode: CaptureMode,
+    /// bpffs directory of the eBPF mode's pins (default
+    /// [`ambit_ebpf::DEFAULT_PIN_ROOT`]); ztunnel must be given the same.
+    pub bpf_pin_root: PathBuf,
     /// ztunnel's outbound listener, the REDIRECT target (default 15001).
     pub outbound_port: u16,
     /// ztunnel's transparent inbound plaintext listener, the TPROXY target
@@ -68,6 +93,8 @@ pub const DEFAULT_PROBE_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 7, 1
 impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
+            mode: CaptureMode::Nftables,
+            bpf_pin_root: PathBuf::from(ambit_ebpf::DEFAULT_PIN_ROOT),
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
@@ -123,9 +150,23 @@ pub enum CaptureError {
     /// The two route tables are the same.
     #[error("route_table and ztunnel_route_table are both {0}")]
     SameRouteTable(u32),
+    /// More excluded inbound ports than the eBPF program holds.
+    #[error("eBPF capture excludes at most {max} inbound ports; {count} given")]
+    TooManyExcludedPorts {
+        /// How many were given.
+        count: usize,
+        /// The most it holds.
+        max: usize,
+    },
     /// A command inside the namespace failed.
     #[error(transparent)]
     Exec(#[from] ExecError),
+    /// A sysctl of the namespace could not be set.
+    #[error(transparent)]
+    Sysctl(#[from] SysctlError),
+    /// The eBPF programs could not be loaded, attached or removed.
+    #[error(transparent)]
+    Ebpf(#[from] ambit_ebpf::EbpfError),
 }
 
 impl CaptureConfig {
@@ -156,6 +197,10 @@ impl CaptureConfig {
         if self.exclude_inbound_ports.contains(&0) {
             return Err(CaptureError::ZeroExcludedPort);
         }
+        let (count, max) = (self.exclude_inbound_ports.len(), ambit_ebpf::layout::MAX_EXCLUDED_PORTS);
+        if self.mode == CaptureMode::Ebpf && count > max {
+            return Err(CaptureError::TooManyExcludedPorts { count, max });
+        }
         for table in [self.route_table, self.ztunnel_route_table] {
             if matches!(table, 0 | 253..=255) {
                 return Err(CaptureError::ReservedRouteTable(table));
@@ -169,11 +214,12 @@ impl CaptureConfig {
 }
 
 /// Installs capture in the network namespace at `netns` (e.g.
-/// `/var/run/netns/X` or `/proc/PID/ns/net`). Re-installing replaces the
-/// rules and does not duplicate the routing rule.
+/// `/var/run/netns/X` or `/proc/PID/ns/net`) in `cfg.mode`, removing the
+/// other mode's if the pod had it. Re-installing replaces the rules and
+/// duplicates nothing.
 pub fn install(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
     cfg.validate()?;
-    // Routing first: once the nft table exists, packets depend on it.
+    // Routing first: once capture is in place, packets depend on it.
     for family in [Family::V4, Family::V6] {
         let routes = routing::install(netns, family, cfg.tproxy_mark, cfg.route_table)
             .and_then(|()| routing::install_quickack(netns, family, cfg.ztunnel_mark, cfg.ztunnel_route_table));
@@ -184,17 +230,27 @@ pub fn install(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
             other => other?,
         }
     }
-    exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&nft_ruleset(cfg)))?;
-    tracing::info!(netns = %netns.display(), "capture installed");
+    match cfg.mode {
+        CaptureMode::Nftables => {
+            exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&nft_ruleset(cfg)))?;
+            remove_ebpf(netns, cfg)?;
+        }
+        CaptureMode::Ebpf => {
+            set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "1")?;
+            ambit_ebpf::install_pod(&cfg.bpf_pin_root, netns, &ebpf_settings(cfg))?;
+            delete_nft_table(netns)?;
+        }
+    }
+    tracing::info!(netns = %netns.display(), mode = ?cfg.mode, "capture installed");
     Ok(())
 }
 
-/// Removes capture from the namespace at `netns`; removing what is absent
-/// is not an error, so this is safe to repeat.
+/// Removes capture of either mode from the namespace at `netns`; removing
+/// what is absent is not an error, so this is safe to repeat.
 pub fn uninstall(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
-    // The table goes first, so nothing is marked for a route that is gone.
-    let script = format!("table {f} {t} {{}}\ndelete table {f} {t}\n", f = nft::TABLE_FAMILY, t = nft::TABLE_NAME);
-    exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&script))?;
+    // Capture goes first, so nothing is marked for a route that is gone.
+    delete_nft_table(netns)?;
+    remove_ebpf(netns, cfg)?;
     for family in [Family::V4, Family::V6] {
         let routes = routing::uninstall(netns, family, cfg.tproxy_mark, cfg.route_table)
             .and_then(|()| routing::uninstall_quickack(netns, family, cfg.ztunnel_mark, cfg.ztunnel_route_table));
@@ -207,11 +263,49 @@ pub fn uninstall(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> 
     Ok(())
 }
 
-/// Whether Ambit's nftables table exists in the namespace at `netns`.
-pub fn is_installed(netns: &Path) -> Result<bool, CaptureError> {
+/// Whether the namespace at `netns` is captured in `cfg.mode`.
+pub fn is_installed(netns: &Path, cfg: &CaptureConfig) -> Result<bool, CaptureError> {
+    if cfg.mode == CaptureMode::Ebpf {
+        return Ok(ambit_ebpf::is_pod_installed(&cfg.bpf_pin_root, netns)?);
+    }
     let tables = exec::run_in_netns(netns, "nft", &["list", "tables", nft::TABLE_FAMILY], None)?;
     let wanted = format!("table {} {}", nft::TABLE_FAMILY, nft::TABLE_NAME);
     Ok(tables.lines().any(|l| l.trim() == wanted))
+}
+
+/// The sysctl eBPF capture sets so that the application's accepted sockets
+/// take the mark of ztunnel's connections (and their replies its route).
+const FWMARK_ACCEPT_SYSCTL: &str = "net/ipv4/tcp_fwmark_accept";
+
+/// Removes the pod's eBPF capture, if it has one, and the sysctl that came
+/// with it: left on, the application's sockets would take ztunnel's own mark
+/// under nftables capture, and their replies its route out of the pod.
+fn remove_ebpf(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
+    if !cfg.bpf_pin_root.exists() || !ambit_ebpf::is_pod_installed(&cfg.bpf_pin_root, netns)? {
+        return Ok(());
+    }
+    ambit_ebpf::uninstall_pod(&cfg.bpf_pin_root, netns)?;
+    set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "0")?;
+    Ok(())
+}
+
+/// Deletes Ambit's nftables table; an absent one is not an error.
+fn delete_nft_table(netns: &Path) -> Result<(), ExecError> {
+    let script = format!("table {f} {t} {{}}\ndelete table {f} {t}\n", f = nft::TABLE_FAMILY, t = nft::TABLE_NAME);
+    exec::run_in_netns(netns, "nft", &["-f", "-"], Some(&script)).map(drop)
+}
+
+/// The eBPF programs' view of `cfg`: ztunnel's connections to the
+/// application get the TPROXY mark, which routes the replies back (table 133).
+fn ebpf_settings(cfg: &CaptureConfig) -> ambit_ebpf::PodSettings {
+    ambit_ebpf::PodSettings {
+        outbound_port: cfg.outbound_port,
+        hbone_port: cfg.hbone_port,
+        ztunnel_mark: cfg.ztunnel_mark,
+        return_mark: cfg.tproxy_mark,
+        probe_source: cfg.probe_source,
+        excluded_ports: cfg.exclude_inbound_ports.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +342,15 @@ mod tests {
         assert!(matches!(zero.validate(), Err(CaptureError::ZeroPort { .. })));
         let excluded = CaptureConfig { exclude_inbound_ports: vec![8080, 0], ..Default::default() };
         assert!(matches!(excluded.validate(), Err(CaptureError::ZeroExcludedPort)));
+    }
+
+    #[test]
+    fn validate_rejects_more_excluded_ports_than_the_ebpf_program_holds() {
+        let ports: Vec<u16> = (1..=17).collect();
+        let nft = CaptureConfig { exclude_inbound_ports: ports.clone(), ..Default::default() };
+        nft.validate().expect("nftables takes any number");
+        let ebpf = CaptureConfig { mode: CaptureMode::Ebpf, exclude_inbound_ports: ports, ..Default::default() };
+        assert!(matches!(ebpf.validate(), Err(CaptureError::TooManyExcludedPorts { count: 17, max: 16 })));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ambit_cni::capture::{self, CaptureConfig};
+use ambit_cni::capture::{self, CaptureConfig, CaptureMode};
 use ambit_identity::CertificateAuthority;
 use ambit_zds::{WorkloadInfo, ZdsAgentConnection, ZdsServer};
 use anyhow::{bail, Context};
@@ -97,7 +97,7 @@ impl Mesh {
             nodes: Vec::new(),
             state,
             enrolled: BTreeSet::new(),
-            capture: CaptureConfig::default(),
+            capture: lab_capture(&lab)?,
             binary: None,
             control: None,
             ca,
@@ -134,7 +134,7 @@ impl Mesh {
             nodes: Vec::new(),
             state: StateFile::new(lab.dir().join("state.yaml")),
             enrolled: BTreeSet::new(),
-            capture: CaptureConfig::default(),
+            capture: lab_capture(&lab)?,
             binary: None,
             control: Some(ControlPlane { process, objects: KubeObjects::new(ambient) }),
             ca,
@@ -173,6 +173,11 @@ impl Mesh {
     }
 
     /// The capture configuration used when enrolling pods.
+    pub fn capture_config(&self) -> &CaptureConfig {
+        &self.capture
+    }
+
+    /// The capture configuration used when enrolling pods, to change.
     pub fn capture_config_mut(&mut self) -> &mut CaptureConfig {
         &mut self.capture
     }
@@ -413,6 +418,8 @@ impl Mesh {
     pub fn start_ztunnel_with(&mut self, node: NodeId, customize: impl FnOnce(&mut ZtunnelArgs)) -> anyhow::Result<()> {
         let mut args = ZtunnelArgs::for_node(&self.lab, node);
         args.controller = self.control.as_ref().map(|c| c.process.flags(&args.node_name));
+        // Always the lab's own pin directory: pods captured with nftables have no pins there.
+        args.extra.extend(["--bpf-pin-root".to_string(), self.capture.bpf_pin_root.display().to_string()]);
         customize(&mut args);
         while self.nodes.len() <= node.0 {
             self.nodes.push(MeshNode::default());
@@ -543,11 +550,29 @@ impl Drop for Mesh {
             n.ztunnel = None;
         }
         self.nodes.clear();
+        if let Err(e) = ambit_ebpf::uninstall_node(&self.capture.bpf_pin_root) {
+            eprintln!("cannot remove the lab's eBPF capture: {e}");
+        }
         // Safe inside an async test, unlike dropping a Runtime there.
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
     }
+}
+
+/// The capture the lab's pods get: nftables, or eBPF when `AMBIT_LAB_CAPTURE=ebpf` (the test script runs the L4
+/// suite both ways), pinned under a bpffs directory of this lab's own, removed with the mesh.
+fn lab_capture(lab: &Lab) -> anyhow::Result<CaptureConfig> {
+    let mode = match std::env::var("AMBIT_LAB_CAPTURE").as_deref() {
+        Err(_) | Ok("" | "nftables") => CaptureMode::Nftables,
+        Ok("ebpf") => CaptureMode::Ebpf,
+        Ok(other) => bail!("AMBIT_LAB_CAPTURE={other:?}: expected nftables or ebpf"),
+    };
+    Ok(CaptureConfig {
+        mode,
+        bpf_pin_root: PathBuf::from("/sys/fs/bpf").join(lab.prefix()),
+        ..CaptureConfig::default()
+    })
 }
 
 /// The ZDS workload info of a pod.
@@ -641,7 +666,7 @@ while True:
         mesh.enroll(a).unwrap();
         let pod = mesh.lab().pod(a);
         let ino = std::fs::metadata(pod.netns.path()).unwrap().ino();
-        assert!(capture::is_installed(&pod.netns.path()).unwrap());
+        assert!(capture::is_installed(&pod.netns.path(), &mesh.capture).unwrap());
         let adds = requests_for(&mesh, n, &pod.uid);
         assert_eq!(adds.len(), 1, "{adds:?}");
         assert!(adds[0].starts_with("request 0a") && adds[0].ends_with(&format!("inodes {ino}")), "{adds:?}");
@@ -662,7 +687,7 @@ while True:
 
         mesh.release(a).unwrap();
         let pod = mesh.lab().pod(a);
-        assert!(!capture::is_installed(&pod.netns.path()).unwrap());
+        assert!(!capture::is_installed(&pod.netns.path(), &mesh.capture).unwrap());
         // del = field 2, carrying the uid in its field 2.
         assert!(requests_for(&mesh, n, &uid).iter().any(|l| l.starts_with("request 12")), "no del");
         assert!(!std::fs::read_to_string(mesh.state().path()).unwrap().contains("HBONE"));

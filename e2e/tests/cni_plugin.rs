@@ -103,7 +103,7 @@ fn add(chain: &Chain, p: &PodNs) -> (Value, PluginOutput) {
 }
 
 fn captured(p: &PodNs) -> bool {
-    capture::is_installed(&p.netns.path()).unwrap()
+    capture::is_installed(&p.netns.path(), &capture::CaptureConfig::default()).unwrap()
 }
 
 fn pod_ip(result: &Value) -> Ipv4Addr {

@@ -1,5 +1,6 @@
 //! End-to-end tests of the L4 mesh: the real `ztunnel` binary on lab nodes
-//! (network namespaces), pods enrolled over ZDS with nftables capture, HBONE
+//! (network namespaces), pods enrolled over ZDS with nftables capture (or eBPF
+//! capture, with `AMBIT_LAB_CAPTURE=ebpf`: the test script runs both), HBONE
 //! over mutual TLS between nodes. The control plane is the real
 //! `ambit-controller` (file mode) reading the lab as Kubernetes objects;
 //! policies are `security.istio.io/v1` YAML written to its directory. Needs
@@ -9,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use ambit_cni::capture::{self, CaptureConfig, CaptureMode};
 use ambit_e2e::apps::{connect, pattern_hash, send_pattern, EchoServer, SinkServer};
 use ambit_e2e::check::{eventually, metric, round_trip, TIMEOUT};
 use ambit_e2e::dump::has_policy;
@@ -36,6 +38,17 @@ fn principal(sa: &str) -> String {
 #[test]
 fn pods_on_the_same_node_and_across_nodes_talk_through_ztunnel_keeping_the_client_ip() {
     let Some(c) = cluster("l4-pod-to-pod") else { return };
+    // Captured the way this run asks, and only that way.
+    let cfg = c.mesh.capture_config();
+    let other = CaptureConfig {
+        mode: if cfg.mode == CaptureMode::Ebpf { CaptureMode::Nftables } else { CaptureMode::Ebpf },
+        ..cfg.clone()
+    };
+    for pod in [c.client, c.local, c.remote] {
+        let netns = c.pod_ns(pod).path();
+        assert!(capture::is_installed(&netns, cfg).unwrap(), "{:?} capture in place", cfg.mode);
+        assert!(!capture::is_installed(&netns, &other).unwrap(), "no {:?} capture", other.mode);
+    }
     for dst in [c.local, c.remote] {
         round_trip(c.pod_ns(c.client), c.app(dst), b"hello through the mesh").expect("echo through ztunnel");
     }
@@ -65,6 +78,31 @@ fn pods_on_the_same_node_and_across_nodes_talk_through_ztunnel_keeping_the_clien
         metric(&m2, "istio_tcp_received_bytes_total", &inbound) == 22.0
             && metric(&m2, "istio_tcp_connections_closed_total", &inbound) == 1.0
     }));
+}
+
+#[test]
+fn a_pod_captured_with_ebpf_and_one_with_nftables_on_the_same_node_both_work() {
+    let Some(mut c) = cluster("l4-mixed-capture") else { return };
+    // `local` (on the client's node) is captured again in the other mode than this run's.
+    let mode = c.mesh.capture_config().mode;
+    let other = if mode == CaptureMode::Ebpf { CaptureMode::Nftables } else { CaptureMode::Ebpf };
+    c.mesh.release(c.local).expect("release");
+    c.mesh.capture_config_mut().mode = other;
+    c.mesh.enroll(c.local).expect("enroll in the other mode");
+    c.mesh.capture_config_mut().mode = mode;
+    let in_mode = |mode| CaptureConfig { mode, ..c.mesh.capture_config().clone() };
+    assert!(capture::is_installed(&c.pod_ns(c.local).path(), &in_mode(other)).unwrap());
+    assert!(capture::is_installed(&c.pod_ns(c.client).path(), &in_mode(mode)).unwrap());
+
+    // Both ways between the two modes on one node, and across nodes, each server seeing its client's address.
+    let msg = b"across capture modes";
+    round_trip(c.pod_ns(c.client), c.app(c.local), msg).expect("client -> local");
+    round_trip(c.pod_ns(c.local), c.app(c.remote), msg).expect("local -> remote");
+    assert!(c.echoes[0].peers().iter().any(|p| p.ip() == std::net::IpAddr::V4(c.ip(c.client))));
+    assert!(c.echoes[1].peers().iter().any(|p| p.ip() == std::net::IpAddr::V4(c.ip(c.local))));
+    let m1 = c.mesh.ztunnel(c.nodes[0]).metrics().unwrap();
+    let outbound = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
+    assert!(metric(&m1, "istio_tcp_connections_opened_total", &outbound) >= 2.0, "both went through ztunnel: {m1}");
 }
 
 #[test]

@@ -373,7 +373,7 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     wait_sync("agent ready", ready);
 
     let netns = web.netns.path();
-    let captured = || capture::is_installed(&netns).unwrap();
+    let captured = || capture::is_installed(&netns, &capture::CaptureConfig::default()).unwrap();
     let held = |zt: &ZtunnelProcess| zt.admin_get("/config_dump").unwrap().contains(uid.trim());
     assert!(!captured() && !held(&zt));
 

@@ -118,6 +118,11 @@ pub struct Args {
     #[arg(long, env = "AMBIT_SOCKET_MARK", default_value_t = DEFAULT_SOCKET_MARK)]
     pub socket_mark: u32,
 
+    /// bpffs directory of the node agent's eBPF capture: a pod captured with eBPF has a listener map there,
+    /// where ztunnel puts its in-pod plaintext listener; pods captured with nftables have none.
+    #[arg(long, env = "AMBIT_BPF_PIN_ROOT", default_value = ambit_ebpf::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
+
     /// Most concurrent streams on one pooled HBONE connection before another is opened.
     #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100)]
     pub pool_max_streams: usize,
@@ -204,6 +209,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub socket_mark: u32,
+    pub bpf_pin_root: PathBuf,
     pub pool_max_streams: usize,
     pub pool_max_connections: usize,
     pub pool_idle_timeout: Duration,
@@ -335,6 +341,7 @@ impl Config {
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
             socket_mark: a.socket_mark,
+            bpf_pin_root: a.bpf_pin_root,
             pool_max_streams: a.pool_max_streams,
             pool_max_connections: a.pool_max_connections,
             pool_idle_timeout: Duration::from_secs(a.pool_idle_secs),

@@ -88,6 +88,16 @@ pub struct Args {
     /// Node's spec.podCIDRs (spec.podCIDR), read from the API server.
     #[arg(long, env = "AMBIT_POD_CIDRS", value_delimiter = ',')]
     pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// How enrolled pods are captured: `nftables` (rules in the pod's network
+    /// namespace) or `ebpf` (sk_lookup on the pod's namespace and cgroup
+    /// hooks, no netfilter; needs a cgroup v2 hierarchy and bpffs, and
+    /// ztunnel given the same --bpf-pin-root).
+    #[arg(long, env = "AMBIT_CAPTURE_MODE", value_enum, default_value = "nftables")]
+    pub capture_mode: crate::capture::CaptureMode,
+    /// bpffs directory where eBPF capture pins its programs and maps; they
+    /// stay attached across agent restarts and are re-adopted.
+    #[arg(long, env = "AMBIT_BPF_PIN_ROOT", default_value = ambit_ebpf::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
     /// Kubeconfig of the agent (and, copied, of the plugin). Default: the
     /// in-cluster service account.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
@@ -128,6 +138,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
 
     let mut enroll = EnrollConfig::new(&args.zds_socket);
     enroll.state_dir = Some(args.state_dir.clone());
+    enroll.capture.mode = args.capture_mode;
+    enroll.capture.bpf_pin_root = args.bpf_pin_root.clone();
     let enroller = Enroller::start(enroll).await?;
     tracing::info!(socket = %args.zds_socket.display(), "enroller started; waiting for ztunnel");
     // Bound before the plugin is installed: from then on the plugin calls it.

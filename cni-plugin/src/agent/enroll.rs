@@ -266,8 +266,8 @@ impl Enroller {
             }
             a.pod.clone()
         };
-        let netns = pod.netns.clone();
-        let installed = blocking(move || capture::is_installed(&netns))
+        let (netns, cfg) = (pod.netns.clone(), self.config.capture.clone());
+        let installed = blocking(move || capture::is_installed(&netns, &cfg))
             .await
             .map_err(|source| EnrollError::Capture { pod: pod.to_string(), source })?;
         if !installed {

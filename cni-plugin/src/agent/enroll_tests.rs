@@ -57,7 +57,8 @@ impl Fixture {
     }
 
     fn captured(&self) -> bool {
-        capture::is_installed(&PathBuf::from("/var/run/netns").join(&self.netns)).unwrap()
+        capture::is_installed(&PathBuf::from("/var/run/netns").join(&self.netns), &capture::CaptureConfig::default())
+            .unwrap()
     }
 }
 

@@ -198,7 +198,7 @@ fn installing_twice_leaves_one_table_and_one_rule_and_uninstall_removes_them() {
     install(&pod.path, &cfg).expect("first install");
     install(&pod.path, &cfg).expect("second install");
 
-    assert!(is_installed(&pod.path).expect("is_installed"));
+    assert!(is_installed(&pod.path, &CaptureConfig::default()).expect("is_installed"));
     assert_eq!(count_lines(&pod.nft(&["list", "tables"]), "table inet ambit"), 1);
     let table = pod.nft(&["list", "table", "inet", "ambit"]);
     assert_eq!(count_lines(&table, "redirect to :15001"), 1, "{table}");
@@ -210,7 +210,7 @@ fn installing_twice_leaves_one_table_and_one_rule_and_uninstall_removes_them() {
     }
 
     uninstall(&pod.path, &cfg).expect("uninstall");
-    assert!(!is_installed(&pod.path).expect("is_installed"));
+    assert!(!is_installed(&pod.path, &CaptureConfig::default()).expect("is_installed"));
     assert_eq!(count_lines(&pod.nft(&["list", "tables"]), "ambit"), 0);
     for family in ["-4", "-6"] {
         assert_eq!(count_lines(&pod.ip(&[family, "rule", "list"]), "lookup 133"), 0);
@@ -269,7 +269,7 @@ fn install_works_in_a_namespace_with_ipv6_disabled() {
     });
     let cfg = CaptureConfig::default();
     install(&pod.path, &cfg).expect("install without IPv6");
-    assert!(is_installed(&pod.path).expect("is_installed"));
+    assert!(is_installed(&pod.path, &CaptureConfig::default()).expect("is_installed"));
     uninstall(&pod.path, &cfg).expect("uninstall without IPv6");
 }
 
@@ -280,17 +280,24 @@ fn outbound_tcp_lands_on_the_outbound_port_with_its_original_destination() {
         return;
     }
     let lab = Lab::new(T, &CaptureConfig::default());
+    assert_outbound_lands_on_15001(&lab);
+}
+
+/// The pod's connection to the peer's port 80 reaches 15001 in the pod from
+/// the app's address, with its original destination; the peer never sees it.
+/// Returns the peer's listener.
+fn assert_outbound_lands_on_15001(lab: &Lab) -> TcpListener {
     let peer_addr = SocketAddrV4::new(PEER_IP, 80);
     let peer_app = lab.peer.run(|| listen(peer_addr));
     let (outbound, app) = lab.pod.run(|| {
         let outbound = listen(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15001));
         (outbound, connect(peer_addr).expect("connect to the peer"))
     });
-
     let (accepted, from) = accept_within(&outbound, WAIT).expect("redirected to 15001");
     assert_eq!(original_dst(&accepted), peer_addr);
     assert_eq!(from, app.local_addr().expect("local addr"));
     assert!(accept_within(&peer_app, QUIET).is_none(), "the peer must not see the captured connection");
+    peer_app
 }
 
 #[test]
@@ -447,7 +454,7 @@ fn capture_can_be_installed_through_a_proc_pid_namespace_path() {
     drop(done_tx);
     holder.join().expect("holder thread");
     result.expect("install via /proc path");
-    assert!(is_installed(&pod.path).expect("is_installed"));
+    assert!(is_installed(&pod.path, &CaptureConfig::default()).expect("is_installed"));
 }
 
 #[test]
@@ -492,4 +499,56 @@ fn set_sysctl_writes_the_pods_namespace_only() {
     assert_eq!(inside.trim(), "1");
     let missing = set_sysctl(&ns.path, "net/ipv4/no_such_sysctl", "1").expect_err("missing sysctl");
     assert!(missing.is_missing(), "{missing}");
+}
+
+/// A bpffs pin directory of the test's own, with everything in it detached and removed on drop.
+struct BpfPins(PathBuf);
+
+impl Drop for BpfPins {
+    fn drop(&mut self) {
+        if let Err(e) = ambit_ebpf::uninstall_node(&self.0) {
+            eprintln!("warning: could not remove eBPF capture under {}: {e}", self.0.display());
+        }
+    }
+}
+
+#[test]
+fn switching_a_pod_between_nftables_and_ebpf_capture_replaces_one_with_the_other_and_uninstall_removes_both() {
+    const T: &str = "ebpf";
+    if !root_available(T) {
+        return;
+    }
+    let lab = Lab::new(T, &CaptureConfig::default());
+    let pins = BpfPins(PathBuf::from(format!("/sys/fs/bpf/ambit-cni-test-{}", std::process::id())));
+    let ebpf = CaptureConfig { mode: CaptureMode::Ebpf, bpf_pin_root: pins.0.clone(), ..CaptureConfig::default() };
+    install(&lab.pod.path, &ebpf).expect("install eBPF capture");
+    assert!(is_installed(&lab.pod.path, &ebpf).expect("is_installed"));
+    assert!(
+        !is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"),
+        "the nftables table is gone"
+    );
+    let accept_mark =
+        || lab.pod.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").expect("sysctl"));
+    assert_eq!(accept_mark().trim(), "1", "the app's replies to ztunnel's spoofed connections take its mark");
+
+    // Outbound lands on 15001 with its original destination, as with nftables.
+    let peer_app = assert_outbound_lands_on_15001(&lab);
+    let peer_addr = SocketAddrV4::new(PEER_IP, 80);
+
+    // Back to nftables: the eBPF capture and its sysctl go (left on, the app's sockets would take ztunnel's mark).
+    install(&lab.pod.path, &CaptureConfig { mode: CaptureMode::Nftables, ..ebpf.clone() }).expect("back to nftables");
+    assert!(!is_installed(&lab.pod.path, &ebpf).expect("is_installed"));
+    assert!(is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"));
+    assert_eq!(accept_mark().trim(), "0");
+    install(&lab.pod.path, &ebpf).expect("eBPF again");
+    uninstall(&lab.pod.path, &ebpf).expect("uninstall");
+    assert!(!is_installed(&lab.pod.path, &ebpf).expect("is_installed"));
+    assert!(!is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"));
+    assert_eq!(accept_mark().trim(), "0");
+    let direct = lab.pod.run(|| connect(peer_addr).expect("connect uncaptured"));
+    assert_eq!(direct.peer_addr().expect("peer"), SocketAddr::V4(peer_addr));
+    assert!(accept_within(&peer_app, WAIT).is_some(), "uncaptured, the peer is reached directly");
+    for family in ["-4", "-6"] {
+        assert_eq!(count_lines(&lab.pod.ip(&[family, "rule", "list"]), "lookup 133"), 0);
+    }
 }

@@ -160,6 +160,7 @@ mod tests {
             ztunnel_route_table: 201,
             exclude_inbound_ports: vec![9090, 80, 9090],
             probe_source: Some("fd16:9254:7127:1337:ffff:ffff:ffff:ffff".parse().unwrap()),
+            ..CaptureConfig::default()
         };
         let r = rules(&cfg);
         assert!(has(&r, "meta l4proto tcp redirect to :25001"), "{r:#?}");

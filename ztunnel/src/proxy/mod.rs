@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ambit_identity::Identity;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::certs::CertManager;
 use crate::config::Config;
@@ -86,6 +86,8 @@ pub struct PodProxies {
 pub enum ProxyError {
     #[error("cannot open listener {addr} in pod {pod}: {source}")]
     Listen { pod: String, addr: SocketAddr, source: NetnsError },
+    #[error("cannot give pod {pod}'s plaintext listener to its eBPF capture: {source}")]
+    Ebpf { pod: String, source: ambit_ebpf::EbpfError },
     #[error("cannot register listener with the runtime: {0}")]
     Register(#[from] std::io::Error),
 }
@@ -114,6 +116,13 @@ impl PodProxies {
         let (w_out, outbound_l) = listen(any(OUTBOUND_PORT), ListenOpts::default()).await?;
         let transparent = ListenOpts { transparent: true, ..ListenOpts::default() };
         let (w_plain, plaintext_l) = listen(any(INBOUND_PLAINTEXT_PORT), transparent).await?;
+        // With eBPF capture the pod's inbound program steers connections to this listener, once it is in the
+        // pod's listener map (until then they are refused); with nftables there is no map and nothing to do.
+        match ambit_ebpf::register_inbound_listener(&inputs.config.bpf_pin_root, &plaintext_l) {
+            Ok(true) => debug!(pod = %pod.uid, "plaintext listener registered for eBPF capture"),
+            Ok(false) => {}
+            Err(source) => return Err(ProxyError::Ebpf { pod: pod.uid.clone(), source }),
+        }
         // Accepted tunnels carry ztunnel's mark, so they route by its
         // quickack table (see the capture rules), as dialled ones do.
         let tunnels = ListenOpts {

@@ -6,6 +6,10 @@
 //! latency on a persistent connection (p50, p99), new connections per
 //! second, the two throughputs again as iperf3 measures them (a load
 //! generator that is not ours), and ztunnel CPU seconds and peak RSS per side.
+//!
+//! The mesh is measured once per capture mode asked for (`--capture
+//! nftables|ebpf|both`), the modes alternating over `--rounds` rounds: the
+//! pods are released and enrolled again in the next mode between phases.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,20 +21,31 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::bench_iperf::{self, IperfFigures, IPERF_PORT};
+use ambit_cni::capture::CaptureMode;
+
 use crate::lab::{Lab, NodeId, PodId, PodSpec};
 use crate::mesh::Mesh;
 use crate::netns::NetNs;
 
-/// How long each measurement runs.
-#[derive(Clone, Copy, Debug)]
+/// How long each measurement runs, and which capture modes are compared.
+#[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub duration: Duration,
     pub latency_samples: usize,
+    /// The capture modes measured, in order (default: nftables only).
+    pub captures: Vec<CaptureMode>,
+    /// How many times the modes are measured, alternating.
+    pub rounds: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { duration: Duration::from_secs(5), latency_samples: 20_000 }
+        BenchOptions {
+            duration: Duration::from_secs(5),
+            latency_samples: 20_000,
+            captures: vec![CaptureMode::Nftables],
+            rounds: 1,
+        }
     }
 }
 
@@ -57,22 +72,30 @@ pub struct ZtunnelUse {
     pub peak_rss_mib: [f64; 2],
 }
 
+/// One measurement of the mesh.
+#[derive(Clone, Debug)]
+pub struct MeshRun {
+    pub capture: CaptureMode,
+    pub figures: Figures,
+    pub ztunnel: ZtunnelUse,
+}
+
 /// The whole result.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub direct: Figures,
-    pub mesh: Figures,
-    pub ztunnel: ZtunnelUse,
+    /// In the order measured.
+    pub mesh: Vec<MeshRun>,
 }
 
 const THROUGHPUT_PORT: u16 = 9300;
 const ECHO_PORT: u16 = 9301;
 const CONN_PORT: u16 = 9302;
-// The mesh phase uses other server ports: the direct phase leaves thousands
-// of TIME_WAIT sockets in the server pod keyed (server:port, client:port), and
+// Each mesh phase uses server ports of its own: a phase leaves thousands of
+// TIME_WAIT sockets in the server pod keyed (server:port, client:port), and
 // ztunnel's connections from the client's own address to the same server
 // port would collide with them (a SYN that hits one waits a retransmit, 1 s).
-const MESH_PORT_OFFSET: u16 = 10;
+const PHASE_PORT_OFFSET: u16 = 10;
 const IO_BUF: usize = 128 * 1024;
 
 /// Builds the lab, runs both paths, returns the figures.
@@ -84,8 +107,10 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let client = lab.add_pod(n1, PodSpec::new("client", "bench", "client"))?;
     let server = lab.add_pod(n2, PodSpec::new("server", "bench", "server"))?;
     let mut mesh = Mesh::new(lab)?;
-    let servers = [0, MESH_PORT_OFFSET].map(|offset| Servers::start(&mesh.lab().pod(server).netns, offset));
-    let servers = servers.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let phases: Vec<CaptureMode> = (0..opts.rounds).flat_map(|_| opts.captures.iter().copied()).collect();
+    let servers = (0..=phases.len())
+        .map(|i| Servers::start(&mesh.lab().pod(server).netns, i as u16 * PHASE_PORT_OFFSET))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let target = mesh.lab().pod(server).ip;
 
     // BENCH_SKIP_DIRECT=1 measures only the mesh (for quick experiments).
@@ -94,7 +119,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     } else {
         eprintln!("measuring direct pod-to-pod TCP ...");
         let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
-        measure(pods, target.into(), 0, opts, || [0.0; 2])?.0
+        measure(pods, target.into(), 0, &opts, || [0.0; 2])?.0
     };
 
     // Extra ztunnel flags for experiments, e.g. BENCH_ZTUNNEL_ARGS="--worker-threads 1".
@@ -108,23 +133,32 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
             }
         })?;
     }
-    let mut zt = ZtunnelUse::default();
-    for (i, n) in [n1, n2].into_iter().enumerate() {
-        zt.idle_rss_mib[i] = mib(mesh.ztunnel(n).rss_bytes());
-    }
-    enroll(&mut mesh, &[client, server])?;
-    let cpu_before = cpu(&mesh, [n1, n2]);
-    eprintln!("measuring through two ztunnels ...");
-    let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
-    let (through, cpu_per_gb) = measure(pods, target.into(), MESH_PORT_OFFSET, opts, || cpu(&mesh, [n1, n2]))?;
-    let cpu_after = cpu(&mesh, [n1, n2]);
-    zt.single_stream_cpu_per_gb = cpu_per_gb;
-    for (i, n) in [n1, n2].into_iter().enumerate() {
-        zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
-        zt.peak_rss_mib[i] = mib(mesh.ztunnel(n).peak_rss_bytes());
+    let mut runs = Vec::new();
+    for (i, &capture) in phases.iter().enumerate() {
+        let mut zt = ZtunnelUse::default();
+        for (i, n) in [n1, n2].into_iter().enumerate() {
+            zt.idle_rss_mib[i] = mib(mesh.ztunnel(n).rss_bytes());
+        }
+        mesh.capture_config_mut().mode = capture;
+        enroll(&mut mesh, &[client, server])?;
+        let cpu_before = cpu(&mesh, [n1, n2]);
+        eprintln!("measuring through two ztunnels ({capture:?} capture) ...");
+        let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
+        let offset = (i as u16 + 1) * PHASE_PORT_OFFSET;
+        let (figures, cpu_per_gb) = measure(pods, target.into(), offset, &opts, || cpu(&mesh, [n1, n2]))?;
+        let cpu_after = cpu(&mesh, [n1, n2]);
+        zt.single_stream_cpu_per_gb = cpu_per_gb;
+        for (i, n) in [n1, n2].into_iter().enumerate() {
+            zt.cpu_seconds[i] = cpu_after[i] - cpu_before[i];
+            zt.peak_rss_mib[i] = mib(mesh.ztunnel(n).peak_rss_bytes());
+        }
+        for p in [client, server] {
+            mesh.release(p)?;
+        }
+        runs.push(MeshRun { capture, figures, ztunnel: zt });
     }
     drop(servers);
-    Ok(Report { direct, mesh: through, ztunnel: zt })
+    Ok(Report { direct, mesh: runs })
 }
 
 fn enroll(mesh: &mut Mesh, pods: &[PodId]) -> anyhow::Result<()> {
@@ -152,7 +186,7 @@ fn measure(
     (client, server_ns): (&NetNs, &NetNs),
     server: std::net::IpAddr,
     offset: u16,
-    opts: BenchOptions,
+    opts: &BenchOptions,
     cpu: impl Fn() -> [f64; 2],
 ) -> anyhow::Result<(Figures, [f64; 2])> {
     let tp = SocketAddr::new(server, THROUGHPUT_PORT + offset);
@@ -320,29 +354,67 @@ fn spawn_acceptor(l: Arc<TcpListener>, per_conn_thread: bool, serve: fn(TcpStrea
 /// the README).
 pub fn render(r: &Report) -> String {
     let ratio = |m: f64, d: f64| if d > 0.0 { format!("{:.0} %", 100.0 * m / d) } else { "-".into() };
+    let figures = |f: &Figures| {
+        [
+            ("single-stream throughput (Gbit/s)", f.single_stream_gbps, true),
+            ("4-stream throughput (Gbit/s)", f.four_stream_gbps, true),
+            ("64 B request/response p50 (µs)", f.p50_us, false),
+            ("64 B request/response p99 (µs)", f.p99_us, false),
+            ("new connections per second", f.conns_per_sec, true),
+            ("iperf3 single-stream (Gbit/s)", f.iperf.single_stream_gbps, true),
+            ("iperf3 4-stream (Gbit/s)", f.iperf.four_stream_gbps, true),
+        ]
+    };
     let mut out = String::new();
-    out.push_str("| figure | direct TCP | through 2 ztunnels | ratio |\n|---|---:|---:|---:|\n");
-    let rows = [
-        ("single-stream throughput (Gbit/s)", r.direct.single_stream_gbps, r.mesh.single_stream_gbps, true),
-        ("4-stream throughput (Gbit/s)", r.direct.four_stream_gbps, r.mesh.four_stream_gbps, true),
-        ("64 B request/response p50 (µs)", r.direct.p50_us, r.mesh.p50_us, false),
-        ("64 B request/response p99 (µs)", r.direct.p99_us, r.mesh.p99_us, false),
-        ("new connections per second", r.direct.conns_per_sec, r.mesh.conns_per_sec, true),
-        ("iperf3 single-stream (Gbit/s)", r.direct.iperf.single_stream_gbps, r.mesh.iperf.single_stream_gbps, true),
-        ("iperf3 4-stream (Gbit/s)", r.direct.iperf.four_stream_gbps, r.mesh.iperf.four_stream_gbps, true),
-    ];
-    for (name, d, m, show_ratio) in rows {
-        let rat = if show_ratio { ratio(m, d) } else { format!("{:+.1} µs", m - d) };
-        out.push_str(&format!("| {name} | {d:.2} | {m:.2} | {rat} |\n"));
+    for run in &r.mesh {
+        out.push_str(&format!(
+            "\n{:?} capture\n| figure | direct TCP | through 2 ztunnels | ratio |\n|---|---:|---:|---:|\n",
+            run.capture
+        ));
+        for ((name, d, show_ratio), (_, m, _)) in figures(&r.direct).into_iter().zip(figures(&run.figures)) {
+            let rat = if show_ratio { ratio(m, d) } else { format!("{:+.1} µs", m - d) };
+            out.push_str(&format!("| {name} | {d:.2} | {m:.2} | {rat} |\n"));
+        }
+        let z = &run.ztunnel;
+        out.push_str(&format!(
+            "\nztunnel (client node / server node): idle RSS {:.1} / {:.1} MiB; CPU during the mesh run {:.2} / {:.2} s; peak RSS {:.1} / {:.1} MiB\n",
+            z.idle_rss_mib[0], z.idle_rss_mib[1], z.cpu_seconds[0], z.cpu_seconds[1], z.peak_rss_mib[0], z.peak_rss_mib[1]
+        ));
+        out.push_str(&format!(
+            "ztunnel CPU per GB in the single-stream run (client node / server node): {:.2} / {:.2} s\n",
+            z.single_stream_cpu_per_gb[0], z.single_stream_cpu_per_gb[1]
+        ));
     }
-    let z = &r.ztunnel;
-    out.push_str(&format!(
-        "\nztunnel (client node / server node): idle RSS {:.1} / {:.1} MiB; CPU during the mesh run {:.2} / {:.2} s; peak RSS {:.1} / {:.1} MiB\n",
-        z.idle_rss_mib[0], z.idle_rss_mib[1], z.cpu_seconds[0], z.cpu_seconds[1], z.peak_rss_mib[0], z.peak_rss_mib[1]
-    ));
-    out.push_str(&format!(
-        "ztunnel CPU per GB in the single-stream run (client node / server node): {:.2} / {:.2} s\n",
-        z.single_stream_cpu_per_gb[0], z.single_stream_cpu_per_gb[1]
-    ));
+    let of = |mode| r.mesh.iter().filter(move |m| m.capture == mode);
+    let (nft, ebpf): (Vec<_>, Vec<_>) = (of(CaptureMode::Nftables).collect(), of(CaptureMode::Ebpf).collect());
+    if !nft.is_empty() && !ebpf.is_empty() {
+        // Medians over the rounds of each mode, side by side.
+        let median = |runs: &[&MeshRun], pick: &dyn Fn(&MeshRun) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(|m| pick(m)).collect();
+            v.sort_by(f64::total_cmp);
+            let mid = v.len() / 2;
+            if v.len().is_multiple_of(2) {
+                (v[mid - 1] + v[mid]) / 2.0
+            } else {
+                v[mid]
+            }
+        };
+        out.push_str(&format!(
+            "\nnftables vs eBPF capture (medians of {} / {} runs)\n| figure | nftables | eBPF | eBPF / nftables |\n|---|---:|---:|---:|\n",
+            nft.len(),
+            ebpf.len()
+        ));
+        for (i, (name, _, _)) in figures(&Figures::default()).into_iter().enumerate() {
+            let pick = move |m: &MeshRun| figures(&m.figures)[i].1;
+            let (a, b) = (median(&nft, &pick), median(&ebpf, &pick));
+            out.push_str(&format!("| {name} | {a:.2} | {b:.2} | {} |\n", ratio(b, a)));
+        }
+        for side in 0..2 {
+            let pick = move |m: &MeshRun| m.ztunnel.single_stream_cpu_per_gb[side];
+            let (a, b) = (median(&nft, &pick), median(&ebpf, &pick));
+            let name = ["client", "server"][side];
+            out.push_str(&format!("| ztunnel CPU s per GB ({name} node) | {a:.2} | {b:.2} | {} |\n", ratio(b, a)));
+        }
+    }
     out
 }

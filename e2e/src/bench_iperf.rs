@@ -87,7 +87,9 @@ fn run(client: &NetNs, server: &NetNs, addr: IpAddr, port: u16, streams: usize, 
 /// Gbit/s the server received, from the client's JSON report.
 fn received_gbps(json: &[u8]) -> anyhow::Result<f64> {
     let v: serde_json::Value = serde_json::from_slice(json).context("iperf3's JSON report")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("no end.sum_received.bits_per_second")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received.bits_per_second (error: {})", v["error"]))?;
     Ok(bps / 1e9)
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// One object per attach point.
-const PROGRAMS: [&str; 5] = ["sk_lookup", "connect4", "connect6", "sockops", "getsockopt"];
+const PROGRAMS: [&str; 6] = ["sk_lookup", "connect4", "connect6", "sockops", "getsockopt", "splice"];
 
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -58,6 +58,10 @@ pub struct CaptureConfig {
     /// bpffs directory of the eBPF mode's pins (default
     /// [`ambit_ebpf::DEFAULT_PIN_ROOT`]); ztunnel must be given the same.
     pub bpf_pin_root: PathBuf,
+    /// eBPF mode: splice the pod-local legs (application ↔ ztunnel) with the
+    /// sockmap, so their bytes skip TCP/IP (default false: a blocking read
+    /// on a socket in a sockmap can fail with EAGAIN, see `ambit_ebpf`).
+    pub bpf_splice: bool,
     /// ztunnel's outbound listener, the REDIRECT target (default 15001).
     pub outbound_port: u16,
     /// ztunnel's transparent inbound plaintext listener, the TPROXY target
@@ -95,6 +99,7 @@ impl Default for CaptureConfig {
         CaptureConfig {
             mode: CaptureMode::Nftables,
             bpf_pin_root: PathBuf::from(ambit_ebpf::DEFAULT_PIN_ROOT),
+            bpf_splice: false,
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
@@ -281,11 +286,9 @@ const FWMARK_ACCEPT_SYSCTL: &str = "net/ipv4/tcp_fwmark_accept";
 /// with it: left on, the application's sockets would take ztunnel's own mark
 /// under nftables capture, and their replies its route out of the pod.
 fn remove_ebpf(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
-    if !cfg.bpf_pin_root.exists() || !ambit_ebpf::is_pod_installed(&cfg.bpf_pin_root, netns)? {
-        return Ok(());
+    if cfg.bpf_pin_root.exists() && ambit_ebpf::uninstall_pod(&cfg.bpf_pin_root, netns)? {
+        set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "0")?;
     }
-    ambit_ebpf::uninstall_pod(&cfg.bpf_pin_root, netns)?;
-    set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "0")?;
     Ok(())
 }
 
@@ -305,6 +308,7 @@ fn ebpf_settings(cfg: &CaptureConfig) -> ambit_ebpf::PodSettings {
         return_mark: cfg.tproxy_mark,
         probe_source: cfg.probe_source,
         excluded_ports: cfg.exclude_inbound_ports.clone(),
+        splice: cfg.bpf_splice,
     }
 }
 

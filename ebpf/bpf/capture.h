@@ -18,8 +18,12 @@ struct ambit_netns_config {
 	                        pod_ip4:outbound_port, so ztunnel sees the pod's IP */
 	__u32 pod_ip6[4];    /* network order; all zero: none */
 	__u16 outbound_port; /* ztunnel's in-pod outbound listener (15001) */
-	__u16 pad;
+	__u16 flags;         /* AMBIT_SPLICE */
 };
+
+/* ambit_netns_config.flags: splice the pod-local legs (the application and
+ * ztunnel in one pod) with the sockmap, so their bytes skip TCP/IP. */
+#define AMBIT_SPLICE 1
 
 /* A destination before redirection. */
 struct ambit_orig_dst {
@@ -47,6 +51,16 @@ struct ambit_flow_key {
 	__u32 server_port; /* host order */
 };
 
+/* One end of a pod-local connection, as its own socket sees it: the two
+ * ends' keys mirror each other, so each finds its peer. */
+struct ambit_splice_key {
+	__u64 netns_cookie;
+	__u32 local[4];    /* network order; IPv4 in [0] */
+	__u32 remote[4];   /* network order; IPv4 in [0] */
+	__u32 local_port;  /* host order */
+	__u32 remote_port; /* host order */
+};
+
 /* The inbound (sk_lookup) program's settings, one per pod namespace. */
 #define AMBIT_MAX_EXCLUDED_PORTS 16
 struct ambit_inbound_config {
@@ -68,10 +82,35 @@ struct ambit_inbound_config {
 #define SOL_IP 0
 #define SOL_IPV6 41
 #define AMBIT_SO_ORIGINAL_DST 80 /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST */
+
+/* Copies an address out of a program's context into `dst` (four words,
+ * IPv4 in [0]). Context fields must be read at constant offsets: the reads
+ * are volatile and unconditional (every family's field reads safely), so
+ * the compiler cannot merge them into one load from a computed offset. */
+#define AMBIT_CTX_READ(field) (*(volatile __u32 *)&(field))
+#define AMBIT_COPY_ADDR(dst, family, ip4, ip6)                      \
+	do {                                                        \
+		int v4_ = (family) == AF_INET;                      \
+		__u32 a4_ = AMBIT_CTX_READ(ip4);                    \
+		__u32 a0_ = AMBIT_CTX_READ((ip6)[0]);               \
+		__u32 a1_ = AMBIT_CTX_READ((ip6)[1]);               \
+		__u32 a2_ = AMBIT_CTX_READ((ip6)[2]);               \
+		__u32 a3_ = AMBIT_CTX_READ((ip6)[3]);               \
+		(dst)[0] = v4_ ? a4_ : a0_;                         \
+		(dst)[1] = v4_ ? 0 : a1_;                           \
+		(dst)[2] = v4_ ? 0 : a2_;                           \
+		(dst)[3] = v4_ ? 0 : a3_;                           \
+	} while (0)
+
+static __always_inline int ambit_same_addr(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
 #endif
 
 #ifdef AMBIT_NODE_MAPS
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 /* Shared by the objects through their pins (by name, under the loader's map
  * directory): each object that includes them with AMBIT_NODE_MAPS defined
@@ -112,6 +151,46 @@ struct {
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ambit_ztunnel_flows SEC(".maps");
+
+/* Both ends of each spliced pod-local connection, filed by sockops once
+ * established; the splice (sk_msg) program, attached to this map, hands
+ * what one end sends straight to the other's receive queue. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ambit_splice_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ambit_splice SEC(".maps");
+
+/* The kernel's psock (a kernel address) of each socket in ambit_splice, by
+ * the same key, filed by sockops and removed when the socket closes: the
+ * splice program reads from it how much the peer has read and has queued. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ambit_splice_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ambit_splice_psock SEC(".maps");
+
+/* The kernel's structs, as far as the splice programs read them; field
+ * offsets are relocated against the running kernel's BTF at load (CO-RE). */
+struct sock___ambit {
+	void *sk_user_data; /* the psock, its low bits flags (SK_USER_DATA_PTRMASK) */
+} __attribute__((preserve_access_index));
+#define AMBIT_USER_DATA_FLAGS 7UL
+
+struct sk_psock___ambit {
+	struct sock___ambit *sk;
+	__u32 msg_tot_len; /* bytes spliced to the socket, not yet read */
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___ambit {
+	__u32 write_seq;  /* what the application has written through TCP */
+	__u32 copied_seq; /* what the application has read from TCP */
+} __attribute__((preserve_access_index));
+
 #endif
 
 #endif

@@ -15,6 +15,8 @@ int main(void)
 	OFF(ambit_netns_config, pod_ip4);
 	OFF(ambit_netns_config, pod_ip6);
 	OFF(ambit_netns_config, outbound_port);
+	OFF(ambit_netns_config, flags);
+	printf("pub const AMBIT_SPLICE: u16 = %d;\n", AMBIT_SPLICE);
 	SIZE(ambit_orig_dst);
 	OFF(ambit_orig_dst, addr);
 	OFF(ambit_orig_dst, port);
@@ -29,6 +31,12 @@ int main(void)
 	OFF(ambit_flow_key, server);
 	OFF(ambit_flow_key, client_port);
 	OFF(ambit_flow_key, server_port);
+	SIZE(ambit_splice_key);
+	OFF(ambit_splice_key, netns_cookie);
+	OFF(ambit_splice_key, local);
+	OFF(ambit_splice_key, remote);
+	OFF(ambit_splice_key, local_port);
+	OFF(ambit_splice_key, remote_port);
 	SIZE(ambit_inbound_config);
 	OFF(ambit_inbound_config, probe_source4);
 	OFF(ambit_inbound_config, probe_source6);

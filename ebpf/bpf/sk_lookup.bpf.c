@@ -45,25 +45,10 @@ static __always_inline int local_or_ztunnel(struct bpf_sk_lookup *ctx)
 	struct ambit_flow_key key = {};
 	key.client_port = bpf_ntohs(ctx->remote_port);
 	key.server_port = ctx->local_port;
-	if (ctx->family == AF_INET) {
-		if (ctx->remote_ip4 == ctx->local_ip4)
-			return 1;
-		key.client[0] = ctx->remote_ip4;
-		key.server[0] = ctx->local_ip4;
-	} else {
-		if (ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
-		    ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3])
-			return 1;
-		/* Context fields are read at constant offsets only. */
-		key.client[0] = ctx->remote_ip6[0];
-		key.client[1] = ctx->remote_ip6[1];
-		key.client[2] = ctx->remote_ip6[2];
-		key.client[3] = ctx->remote_ip6[3];
-		key.server[0] = ctx->local_ip6[0];
-		key.server[1] = ctx->local_ip6[1];
-		key.server[2] = ctx->local_ip6[2];
-		key.server[3] = ctx->local_ip6[3];
-	}
+	AMBIT_COPY_ADDR(key.client, ctx->family, ctx->remote_ip4, ctx->remote_ip6);
+	AMBIT_COPY_ADDR(key.server, ctx->family, ctx->local_ip4, ctx->local_ip6);
+	if (ambit_same_addr(key.client, key.server))
+		return 1;
 	/* Used once: a later connection with the same addresses and ports is
 	 * not ztunnel's and must not pass. */
 	if (!bpf_map_lookup_elem(&ambit_ztunnel_flows, &key))

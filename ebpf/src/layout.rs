@@ -19,9 +19,12 @@ pub struct NetnsConfig {
     pub pod_ip6: [u32; 4],
     /// ztunnel's outbound listener port, host order.
     pub outbound_port: u16,
-    /// Padding, zero.
-    pub pad: u16,
+    /// [`SPLICE`] or zero.
+    pub flags: u16,
 }
+
+/// [`NetnsConfig::flags`]: splice the pod's pod-local legs (`AMBIT_SPLICE`).
+pub const SPLICE: u16 = 1;
 
 /// `struct ambit_orig_dst`.
 #[repr(C)]
@@ -47,6 +50,23 @@ pub struct TupleKey {
     pub port: u32,
     /// `AF_INET` or `AF_INET6`.
     pub family: u32,
+}
+
+/// `struct ambit_splice_key`: one end of a spliced pod-local connection, as
+/// its own socket sees it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpliceKey {
+    /// The network namespace's cookie.
+    pub netns_cookie: u64,
+    /// Network order; IPv4 in `[0]`.
+    pub local: [u32; 4],
+    /// Network order; IPv4 in `[0]`.
+    pub remote: [u32; 4],
+    /// Host order.
+    pub local_port: u32,
+    /// Host order.
+    pub remote_port: u32,
 }
 
 /// `struct ambit_flow_key`: a connection ztunnel opens to an application as
@@ -93,6 +113,8 @@ unsafe impl aya::Pod for TupleKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowKey {}
 // SAFETY: as above.
+unsafe impl aya::Pod for SpliceKey {}
+// SAFETY: as above.
 unsafe impl aya::Pod for InboundConfig {}
 
 /// An IPv4 address as the programs hold it (network order in memory).
@@ -125,6 +147,8 @@ mod tests {
         assert_eq!(offset_of!(NetnsConfig, pod_ip4), c::OFF_ambit_netns_config_pod_ip4);
         assert_eq!(offset_of!(NetnsConfig, pod_ip6), c::OFF_ambit_netns_config_pod_ip6);
         assert_eq!(offset_of!(NetnsConfig, outbound_port), c::OFF_ambit_netns_config_outbound_port);
+        assert_eq!(offset_of!(NetnsConfig, flags), c::OFF_ambit_netns_config_flags);
+        assert_eq!(SPLICE, c::AMBIT_SPLICE);
 
         assert_eq!(size_of::<OrigDst>(), c::SIZE_ambit_orig_dst);
         assert_eq!(offset_of!(OrigDst, addr), c::OFF_ambit_orig_dst_addr);
@@ -142,6 +166,13 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, server), c::OFF_ambit_flow_key_server);
         assert_eq!(offset_of!(FlowKey, client_port), c::OFF_ambit_flow_key_client_port);
         assert_eq!(offset_of!(FlowKey, server_port), c::OFF_ambit_flow_key_server_port);
+
+        assert_eq!(size_of::<SpliceKey>(), c::SIZE_ambit_splice_key);
+        assert_eq!(offset_of!(SpliceKey, netns_cookie), c::OFF_ambit_splice_key_netns_cookie);
+        assert_eq!(offset_of!(SpliceKey, local), c::OFF_ambit_splice_key_local);
+        assert_eq!(offset_of!(SpliceKey, remote), c::OFF_ambit_splice_key_remote);
+        assert_eq!(offset_of!(SpliceKey, local_port), c::OFF_ambit_splice_key_local_port);
+        assert_eq!(offset_of!(SpliceKey, remote_port), c::OFF_ambit_splice_key_remote_port);
 
         assert_eq!(size_of::<InboundConfig>(), c::SIZE_ambit_inbound_config);
         assert_eq!(offset_of!(InboundConfig, probe_source4), c::OFF_ambit_inbound_config_probe_source4);

@@ -12,6 +12,15 @@
 //!   ztunnel reads it as with nftables. The programs act only on network
 //!   namespaces listed in the enrolled map, by cookie: a node's cgroups
 //!   (v1 with every process in the v2 root, or v2) do not matter.
+//! - Same-node acceleration, per pod ([`PodSettings::splice`]): `sockops`
+//!   files both ends of each pod-local leg (the application and ztunnel in
+//!   one pod) in a sockhash, and an `sk_msg` program attached to it hands
+//!   each send straight to the peer's receive queue, skipping TCP/IP, while
+//!   that keeps the bytes in order and the peer has less than 4 MiB unread
+//!   (else through TCP, whose flow control then holds the writer back; see
+//!   `bpf/splice.bpf.c`). A socket in a sockmap reads through the kernel's
+//!   tcp_bpf, which can wake a blocking read with `EAGAIN` and nothing read:
+//!   an application that does not retry fails, so the splice is opt-in.
 //!
 //! Everything is pinned under one bpffs directory ([`DEFAULT_PIN_ROOT`]), so
 //! a restarted agent re-adopts what is attached instead of duplicating it,
@@ -34,7 +43,7 @@ use std::path::PathBuf;
 
 pub use listener::register_inbound_listener;
 pub use node::{install_node, is_node_installed, uninstall_node};
-pub use pod::{install_pod, is_pod_installed, uninstall_pod, PodSettings};
+pub use pod::{install_pod, is_pod_installed, prune_vanished_pods, uninstall_pod, PodSettings};
 
 /// Where Ambit pins its programs' links and maps.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ambit";
@@ -83,6 +92,17 @@ pub enum EbpfError {
         /// The path it was done to.
         path: PathBuf,
         /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel refused to attach a node hook (a kernel without it: the
+    /// `sk_msg` link on a sockmap needs Linux 6.10).
+    #[error("cannot attach eBPF hook {hook} (link pinned at {}): {source}", pin.display())]
+    Attach {
+        /// The attach point.
+        hook: &'static str,
+        /// Where its link was to be pinned.
+        pin: PathBuf,
+        /// The kernel's error.
         source: std::io::Error,
     },
     /// No cgroup v2 hierarchy to attach the outbound hooks to.

@@ -1,25 +1,34 @@
-//! The node's outbound hooks: connect4, connect6, sockops and getsockopt on
-//! the cgroup v2 root, each from its own object, sharing the maps pinned by
-//! name under `<root>/maps`.
+//! The node's hooks: connect4, connect6, sockops and getsockopt on the cgroup
+//! v2 root, and the splice (`sk_msg`) program on the splice sockmap, each
+//! from its own object, sharing the maps pinned by name under `<root>/maps`.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use aya::maps::MapData;
 use aya::programs::links::PinnedLink;
-use aya::programs::{CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::link::{attach_and_pin, AttachType};
 use crate::{pins, EbpfError};
 
-/// One attach point: its pin name, object and program.
+/// One attach point: its pin name, object and program, and what it attaches to.
 struct Hook {
     name: &'static str,
     hook: &'static str,
     attach: AttachType,
+    target: Target,
     object: &'static [u8],
     program: &'static str,
+}
+
+enum Target {
+    /// The cgroup v2 root.
+    Cgroup,
+    /// A sockmap pinned by name under `<root>/maps`.
+    Map(&'static str),
 }
 
 macro_rules! object {
@@ -28,9 +37,10 @@ macro_rules! object {
     };
 }
 
-const HOOKS: [Hook; 4] = [
+const HOOKS: [Hook; 5] = [
     Hook {
         name: "connect4",
+        target: Target::Cgroup,
         attach: AttachType::Connect4,
         hook: "cgroup/connect4",
         object: object!("connect4"),
@@ -38,13 +48,24 @@ const HOOKS: [Hook; 4] = [
     },
     Hook {
         name: "connect6",
+        target: Target::Cgroup,
         attach: AttachType::Connect6,
         hook: "cgroup/connect6",
         object: object!("connect6"),
         program: "ambit_connect6",
     },
+    // Before sockops, which files the sockets this program acts on.
+    Hook {
+        name: "splice",
+        attach: AttachType::SkMsgVerdict,
+        target: Target::Map("ambit_splice"),
+        hook: "sk_msg",
+        object: object!("splice"),
+        program: "ambit_sk_msg",
+    },
     Hook {
         name: "sockops",
+        target: Target::Cgroup,
         attach: AttachType::SockOps,
         hook: "sockops",
         object: object!("sockops"),
@@ -52,6 +73,7 @@ const HOOKS: [Hook; 4] = [
     },
     Hook {
         name: "getsockopt",
+        target: Target::Cgroup,
         attach: AttachType::GetSockopt,
         hook: "cgroup/getsockopt",
         object: object!("getsockopt"),
@@ -62,9 +84,9 @@ const HOOKS: [Hook; 4] = [
 /// The inbound object, loaded once per pod.
 pub(crate) const SK_LOOKUP_OBJECT: &[u8] = object!("sk_lookup");
 
-/// Attaches the outbound hooks to the cgroup v2 root and pins their links
-/// under `root`. Idempotent: a hook whose link is pinned is re-adopted, not
-/// attached twice (an agent restart keeps capture in place).
+/// Attaches the node's hooks (the outbound ones to the cgroup v2 root) and
+/// pins their links under `root`. Idempotent: a hook whose link is pinned is
+/// re-adopted, not attached twice (an agent restart keeps capture in place).
 pub fn install_node(root: &Path) -> Result<(), EbpfError> {
     pins::ensure_bpffs(root)?;
     let cgroup_path = cgroup2_root()?;
@@ -92,6 +114,7 @@ pub fn install_node(root: &Path) -> Result<(), EbpfError> {
         }
         let fd = match hook.attach {
             AttachType::SockOps => load_as!(SockOps),
+            AttachType::SkMsgVerdict => load_as!(SkMsg),
             AttachType::GetSockopt => load_as!(CgroupSockopt),
             AttachType::Connect4 | AttachType::Connect6 => load_as!(CgroupSockAddr),
         };
@@ -101,9 +124,18 @@ pub fn install_node(root: &Path) -> Result<(), EbpfError> {
             path: links.to_path_buf(),
             source,
         })?;
-        attach_and_pin(fd, cgroup.as_fd(), hook.attach, &pin).map_err(|source| EbpfError::Io {
-            what: "cannot attach and pin the link",
-            path: pin.clone(),
+        let map;
+        let target = match hook.target {
+            Target::Cgroup => cgroup.as_fd(),
+            Target::Map(name) => {
+                map = MapData::from_pin(pins::maps_dir(root).join(name))
+                    .map_err(|source| EbpfError::Map { name, source })?;
+                map.fd().as_fd()
+            }
+        };
+        attach_and_pin(fd, target, hook.attach, &pin).map_err(|source| EbpfError::Attach {
+            hook: hook.hook,
+            pin: pin.clone(),
             source,
         })?;
         tracing::info!(hook = hook.hook, cgroup = %cgroup_path.display(), "eBPF capture hook attached");
@@ -111,24 +143,24 @@ pub fn install_node(root: &Path) -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// Whether every outbound hook's link is pinned under `root`.
+/// Whether every node hook's link is pinned under `root`.
 pub fn is_node_installed(root: &Path) -> bool {
     HOOKS.iter().all(|h| PinnedLink::from_pin(pins::hook_link(root, h.name)).is_ok())
 }
 
-/// Detaches the outbound hooks and every pod's inbound program pinned under
+/// Detaches the node's hooks and every pod's inbound program pinned under
 /// `root`, and removes the pins; what is absent is not an error.
 pub fn uninstall_node(root: &Path) -> Result<(), EbpfError> {
     for hook in &HOOKS {
         pins::remove(&pins::hook_link(root, hook.name))?;
     }
     pins::remove_dir(&root.join("links"))?;
-    if let Ok(pods) = std::fs::read_dir(root.join("netns")) {
+    if let Ok(pods) = std::fs::read_dir(pins::pods_dir(root)) {
         for pod in pods.flatten() {
             pins::remove_pod_dir(&pod.path())?;
         }
     }
-    pins::remove_dir(&root.join("netns"))?;
+    pins::remove_dir(&pins::pods_dir(root))?;
     if let Ok(maps) = std::fs::read_dir(pins::maps_dir(root)) {
         for map in maps.flatten() {
             pins::remove(&map.path())?;

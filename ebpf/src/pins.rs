@@ -22,8 +22,13 @@ pub(crate) fn hook_link(root: &Path, hook: &str) -> PathBuf {
     root.join("links").join(hook)
 }
 
+/// Where each captured pod's pins are, by network-namespace cookie.
+pub(crate) fn pods_dir(root: &Path) -> PathBuf {
+    root.join("netns")
+}
+
 pub(crate) fn pod_dir(root: &Path, netns_cookie: u64) -> PathBuf {
-    root.join("netns").join(netns_cookie.to_string())
+    pods_dir(root).join(netns_cookie.to_string())
 }
 
 /// Makes sure `root` exists on a bpffs. When its nearest existing ancestor is
@@ -79,9 +84,15 @@ pub(crate) fn remove_dir(path: &Path) -> Result<(), EbpfError> {
     }
 }
 
+/// A pod's pins, in its directory: the inbound program's link, its listener
+/// map and its settings.
+pub(crate) const SK_LOOKUP_PIN: &str = "sk_lookup";
+pub(crate) const LISTENERS_PIN: &str = "listeners";
+pub(crate) const CONFIG_PIN: &str = "config";
+
 /// Removes a pod's pins (unpinning its link detaches its program).
 pub(crate) fn remove_pod_dir(dir: &Path) -> Result<(), EbpfError> {
-    for pin in ["sk_lookup", "listeners", "config"] {
+    for pin in [SK_LOOKUP_PIN, LISTENERS_PIN, CONFIG_PIN] {
         remove(&dir.join(pin))?;
     }
     remove_dir(dir)

@@ -9,12 +9,17 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::SkLookup;
 
-use crate::layout::{ip4, ip6, InboundConfig, NetnsConfig, MAX_EXCLUDED_PORTS};
+use crate::layout::{ip4, ip6, InboundConfig, NetnsConfig, MAX_EXCLUDED_PORTS, SPLICE};
+use crate::link::netns_link_attached;
 use crate::netns::inspect_netns;
 use crate::node::{install_node, load, SK_LOOKUP_OBJECT};
+use crate::pins::{CONFIG_PIN, LISTENERS_PIN, SK_LOOKUP_PIN};
 use crate::{pins, EbpfError};
 
 const ENROLLED_MAP: &str = "ambit_enrolled";
+const INBOUND_CONFIG_MAP: &str = "ambit_inbound_config";
+/// The pod's listener map (slot 0: ztunnel's plaintext listener).
+pub(crate) const LISTENERS_MAP: &str = "ambit_listeners";
 
 /// How a pod is captured; the ports and marks are ztunnel's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +36,10 @@ pub struct PodSettings {
     pub probe_source: Option<IpAddr>,
     /// Inbound ports left to the application, at most 16.
     pub excluded_ports: Vec<u16>,
+    /// Splice the pod-local legs (application ↔ ztunnel) with the sockmap
+    /// (blocking reads of the application may then see `EAGAIN`, see the
+    /// crate's documentation).
+    pub splice: bool,
 }
 
 /// Captures the pod whose network namespace is at `netns`: the node's hooks
@@ -39,6 +48,7 @@ pub struct PodSettings {
 pub fn install_pod(root: &Path, netns: &Path, settings: &PodSettings) -> Result<(), EbpfError> {
     assert!(settings.excluded_ports.len() <= MAX_EXCLUDED_PORTS, "bug: too many excluded ports");
     install_node(root)?;
+    prune_vanished_pods(root)?;
     let ns = inspect_netns(netns)?;
     let dir = pins::pod_dir(root, ns.cookie);
     std::fs::create_dir_all(&dir).map_err(|source| EbpfError::Io {
@@ -47,20 +57,20 @@ pub fn install_pod(root: &Path, netns: &Path, settings: &PodSettings) -> Result<
         source,
     })?;
 
-    let config_pin = dir.join("config");
-    let link_pin = dir.join("sk_lookup");
+    let config_pin = dir.join(CONFIG_PIN);
+    let link_pin = dir.join(SK_LOOKUP_PIN);
     if PinnedLink::from_pin(&link_pin).is_ok() {
-        let mut config: Array<MapData, InboundConfig> = open_pinned(&config_pin, "ambit_inbound_config")?;
-        config.set(0, inbound_config(settings), 0).map_err(map_err("ambit_inbound_config"))?;
+        let mut config: Array<MapData, InboundConfig> = open_pinned(&config_pin, INBOUND_CONFIG_MAP)?;
+        config.set(0, inbound_config(settings), 0).map_err(map_err(INBOUND_CONFIG_MAP))?;
     } else {
         let mut ebpf = load(root, "sk_lookup", SK_LOOKUP_OBJECT)?;
         {
-            let map = ebpf.map_mut("ambit_inbound_config").expect("bug: no ambit_inbound_config map");
+            let map = ebpf.map_mut(INBOUND_CONFIG_MAP).expect("bug: no inbound config map");
             let mut config: Array<&mut MapData, InboundConfig> =
-                Array::try_from(map).map_err(map_err("ambit_inbound_config"))?;
-            config.set(0, inbound_config(settings), 0).map_err(map_err("ambit_inbound_config"))?;
+                Array::try_from(map).map_err(map_err(INBOUND_CONFIG_MAP))?;
+            config.set(0, inbound_config(settings), 0).map_err(map_err(INBOUND_CONFIG_MAP))?;
         }
-        for (name, pin) in [("ambit_inbound_config", &config_pin), ("ambit_listeners", &dir.join("listeners"))] {
+        for (name, pin) in [(INBOUND_CONFIG_MAP, &config_pin), (LISTENERS_MAP, &dir.join(LISTENERS_PIN))] {
             let map = ebpf.map(name).unwrap_or_else(|| panic!("bug: no {name} map"));
             let _ = std::fs::remove_file(pin);
             map.pin(pin).map_err(|source| EbpfError::Pin { path: pin.clone(), source })?;
@@ -85,7 +95,7 @@ pub fn install_pod(root: &Path, netns: &Path, settings: &PodSettings) -> Result<
         pod_ip4: ns.ipv4.map(ip4).unwrap_or(0),
         pod_ip6: ns.ipv6.map(ip6).unwrap_or_default(),
         outbound_port: settings.outbound_port,
-        pad: 0,
+        flags: if settings.splice { SPLICE } else { 0 },
     };
     let mut enrolled = enrolled_map(root)?;
     enrolled.insert(ns.cookie, value, 0).map_err(map_err(ENROLLED_MAP))?;
@@ -94,25 +104,51 @@ pub fn install_pod(root: &Path, netns: &Path, settings: &PodSettings) -> Result<
 }
 
 /// Releases the pod at `netns`: out of the enrolled map, its inbound program
-/// detached, its pins removed. What is absent is not an error.
-pub fn uninstall_pod(root: &Path, netns: &Path) -> Result<(), EbpfError> {
+/// detached, its pins removed. What is absent is not an error; returns
+/// whether anything was there.
+pub fn uninstall_pod(root: &Path, netns: &Path) -> Result<bool, EbpfError> {
     let ns = inspect_netns(netns)?;
-    if let Ok(mut enrolled) = enrolled_map(root) {
-        match enrolled.remove(&ns.cookie) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(map_err(ENROLLED_MAP)(e)),
-        }
+    let enrolled = unenroll(root, ns.cookie)?;
+    let dir = pins::pod_dir(root, ns.cookie);
+    let pinned = dir.exists();
+    pins::remove_pod_dir(&dir)?;
+    if enrolled || pinned {
+        tracing::info!(netns = %netns.display(), cookie = ns.cookie, "eBPF capture uninstalled");
     }
-    pins::remove_pod_dir(&pins::pod_dir(root, ns.cookie))?;
-    tracing::info!(netns = %netns.display(), cookie = ns.cookie, "eBPF capture uninstalled");
-    Ok(())
+    Ok(enrolled || pinned)
+}
+
+/// Releases what is left of pods whose network namespace is gone (deleted
+/// before their capture was removed): the kernel detached their inbound
+/// program, but its pins and enrolled-map entry stay until removed here.
+/// Runs with each pod's install; returns how many were released.
+pub fn prune_vanished_pods(root: &Path) -> Result<usize, EbpfError> {
+    let Ok(pods) = std::fs::read_dir(pins::pods_dir(root)) else { return Ok(0) };
+    let mut pruned = 0;
+    for dir in pods.flatten().map(|d| d.path()) {
+        let Some(cookie) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        let link = dir.join(SK_LOOKUP_PIN);
+        match netns_link_attached(&link) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            // Half made (no link pinned yet): installing that pod again completes it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(EbpfError::Io { what: "cannot read link", path: link, source }),
+        }
+        unenroll(root, cookie)?;
+        pins::remove_pod_dir(&dir)?;
+        tracing::info!(cookie, "eBPF capture of a vanished network namespace released");
+        pruned += 1;
+    }
+    Ok(pruned)
 }
 
 /// Whether the pod at `netns` is enrolled and its inbound program attached.
 pub fn is_pod_installed(root: &Path, netns: &Path) -> Result<bool, EbpfError> {
     let ns = inspect_netns(netns)?;
-    let linked = PinnedLink::from_pin(pins::pod_dir(root, ns.cookie).join("sk_lookup")).is_ok();
+    let linked = PinnedLink::from_pin(pins::pod_dir(root, ns.cookie).join(SK_LOOKUP_PIN)).is_ok();
     let enrolled = match enrolled_map(root) {
         Ok(map) => map.get(&ns.cookie, 0).is_ok(),
         Err(_) => false,
@@ -134,6 +170,16 @@ fn inbound_config(s: &PodSettings) -> InboundConfig {
         hbone_port: s.hbone_port,
         excluded_count: s.excluded_ports.len() as u16,
         excluded_ports,
+    }
+}
+
+/// Takes `cookie` out of the enrolled map; returns whether it was there.
+fn unenroll(root: &Path, cookie: u64) -> Result<bool, EbpfError> {
+    let Ok(mut map) = enrolled_map(root) else { return Ok(false) };
+    match map.remove(&cookie) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(map_err(ENROLLED_MAP)(e)),
     }
 }
 

@@ -98,6 +98,13 @@ pub struct Args {
     /// stay attached across agent restarts and are re-adopted.
     #[arg(long, env = "AMBIT_BPF_PIN_ROOT", default_value = ambit_ebpf::DEFAULT_PIN_ROOT)]
     pub bpf_pin_root: PathBuf,
+    /// With eBPF capture, splice each pod's pod-local legs (application ↔
+    /// ztunnel) with the sockmap, so their bytes skip TCP/IP (needs Linux
+    /// 6.10). Off by default: the kernel can wake an application's blocking
+    /// read on such a socket with EAGAIN, which applications that do not
+    /// retry treat as an error.
+    #[arg(long, env = "AMBIT_BPF_SPLICE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub bpf_splice: bool,
     /// Kubeconfig of the agent (and, copied, of the plugin). Default: the
     /// in-cluster service account.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
@@ -140,6 +147,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     enroll.state_dir = Some(args.state_dir.clone());
     enroll.capture.mode = args.capture_mode;
     enroll.capture.bpf_pin_root = args.bpf_pin_root.clone();
+    enroll.capture.bpf_splice = args.bpf_splice;
     let enroller = Enroller::start(enroll).await?;
     tracing::info!(socket = %args.zds_socket.display(), "enroller started; waiting for ztunnel");
     // Bound before the plugin is installed: from then on the plugin calls it.

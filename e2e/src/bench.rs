@@ -7,9 +7,10 @@
 //! second, the two throughputs again as iperf3 measures them (a load
 //! generator that is not ours), and ztunnel CPU seconds and peak RSS per side.
 //!
-//! The mesh is measured once per capture mode asked for (`--capture
-//! nftables|ebpf|both`), the modes alternating over `--rounds` rounds: the
-//! pods are released and enrolled again in the next mode between phases.
+//! The mesh is measured once per capture set-up asked for (`--capture
+//! nftables|ebpf|ebpf-nosplice|both|all`), the set-ups alternating over
+//! `--rounds` rounds: the pods are released and enrolled again in the next
+//! one between phases.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,13 +28,48 @@ use crate::lab::{Lab, NodeId, PodId, PodSpec};
 use crate::mesh::Mesh;
 use crate::netns::NetNs;
 
-/// How long each measurement runs, and which capture modes are compared.
+/// A capture set-up the mesh is measured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    Nftables,
+    /// eBPF capture, the pod-local legs spliced with the sockmap or not.
+    Ebpf {
+        splice: bool,
+    },
+}
+
+impl Capture {
+    /// The set-ups `--capture` names: one, `both` (nftables and eBPF as
+    /// installed by default) or `all`.
+    pub fn parse_list(arg: &str) -> Option<Vec<Capture>> {
+        const EBPF: Capture = Capture::Ebpf { splice: true };
+        const EBPF_NO_SPLICE: Capture = Capture::Ebpf { splice: false };
+        Some(match arg {
+            "nftables" => vec![Capture::Nftables],
+            "ebpf" => vec![EBPF],
+            "ebpf-nosplice" => vec![EBPF_NO_SPLICE],
+            "both" => vec![Capture::Nftables, EBPF],
+            "all" => vec![Capture::Nftables, EBPF_NO_SPLICE, EBPF],
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Capture::Nftables => "nftables",
+            Capture::Ebpf { splice: true } => "eBPF + splice",
+            Capture::Ebpf { splice: false } => "eBPF, no splice",
+        }
+    }
+}
+
+/// How long each measurement runs, and which capture set-ups are compared.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub duration: Duration,
     pub latency_samples: usize,
-    /// The capture modes measured, in order (default: nftables only).
-    pub captures: Vec<CaptureMode>,
+    /// The capture set-ups measured, in order (default: nftables only).
+    pub captures: Vec<Capture>,
     /// How many times the modes are measured, alternating.
     pub rounds: usize,
 }
@@ -43,7 +79,7 @@ impl Default for BenchOptions {
         BenchOptions {
             duration: Duration::from_secs(5),
             latency_samples: 20_000,
-            captures: vec![CaptureMode::Nftables],
+            captures: vec![Capture::Nftables],
             rounds: 1,
         }
     }
@@ -75,7 +111,7 @@ pub struct ZtunnelUse {
 /// One measurement of the mesh.
 #[derive(Clone, Debug)]
 pub struct MeshRun {
-    pub capture: CaptureMode,
+    pub capture: Capture,
     pub figures: Figures,
     pub ztunnel: ZtunnelUse,
 }
@@ -107,7 +143,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
     let client = lab.add_pod(n1, PodSpec::new("client", "bench", "client"))?;
     let server = lab.add_pod(n2, PodSpec::new("server", "bench", "server"))?;
     let mut mesh = Mesh::new(lab)?;
-    let phases: Vec<CaptureMode> = (0..opts.rounds).flat_map(|_| opts.captures.iter().copied()).collect();
+    let phases: Vec<Capture> = (0..opts.rounds).flat_map(|_| opts.captures.iter().copied()).collect();
     let servers = (0..=phases.len())
         .map(|i| Servers::start(&mesh.lab().pod(server).netns, i as u16 * PHASE_PORT_OFFSET))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -139,10 +175,14 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Report> {
         for (i, n) in [n1, n2].into_iter().enumerate() {
             zt.idle_rss_mib[i] = mib(mesh.ztunnel(n).rss_bytes());
         }
-        mesh.capture_config_mut().mode = capture;
+        let config = mesh.capture_config_mut();
+        (config.mode, config.bpf_splice) = match capture {
+            Capture::Nftables => (CaptureMode::Nftables, false),
+            Capture::Ebpf { splice } => (CaptureMode::Ebpf, splice),
+        };
         enroll(&mut mesh, &[client, server])?;
         let cpu_before = cpu(&mesh, [n1, n2]);
-        eprintln!("measuring through two ztunnels ({capture:?} capture) ...");
+        eprintln!("measuring through two ztunnels ({} capture) ...", capture.name());
         let pods = (&mesh.lab().pod(client).netns, &mesh.lab().pod(server).netns);
         let offset = (i as u16 + 1) * PHASE_PORT_OFFSET;
         let (figures, cpu_per_gb) = measure(pods, target.into(), offset, &opts, || cpu(&mesh, [n1, n2]))?;
@@ -234,7 +274,7 @@ fn throughput(addr: SocketAddr, streams: usize, d: Duration) -> std::io::Result<
                 s.shutdown(std::net::Shutdown::Write)?;
                 // Wait for the sink to confirm it read everything.
                 let mut ack = [0u8; 8];
-                s.read_exact(&mut ack)?;
+                Retrying(&mut s).read_exact(&mut ack)?;
                 Ok(u64::from_le_bytes(ack).min(sent))
             })
         })
@@ -259,7 +299,7 @@ fn latency(addr: SocketAddr, samples: usize) -> std::io::Result<(f64, f64)> {
     for i in 0..samples + samples / 10 {
         let t = Instant::now();
         s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
+        Retrying(&mut s).read_exact(&mut back)?;
         if i >= samples / 10 {
             times.push(t.elapsed());
         }
@@ -278,11 +318,27 @@ fn connection_rate(addr: SocketAddr, d: Duration) -> std::io::Result<f64> {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.write_all(b"x")?;
-        s.read_exact(&mut b)?;
+        Retrying(&mut s).read_exact(&mut b)?;
         drop(s);
         n += 1;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Reads from a blocking socket, again when it says EAGAIN: with eBPF
+/// capture's splice, the kernel can wake a reader blocked on a socket in a
+/// sockmap with nothing to read.
+struct Retrying<'a>(&'a mut TcpStream);
+
+impl Read for Retrying<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::yield_now(),
+                other => return other,
+            }
+        }
+    }
 }
 
 /// The benchmark's servers in the server pod: a sink that acknowledges the
@@ -303,7 +359,7 @@ impl Servers {
             let mut buf = vec![0u8; IO_BUF];
             let mut n = 0u64;
             loop {
-                match s.read(&mut buf) {
+                match Retrying(&mut s).read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(k) => n += k as u64,
                 }
@@ -313,7 +369,7 @@ impl Servers {
         spawn_acceptor(echo.clone(), true, |mut s| {
             let _ = s.set_nodelay(true);
             let mut buf = [0u8; 64];
-            while s.read_exact(&mut buf).is_ok() {
+            while Retrying(&mut s).read_exact(&mut buf).is_ok() {
                 if s.write_all(&buf).is_err() {
                     break;
                 }
@@ -321,7 +377,7 @@ impl Servers {
         });
         spawn_acceptor(conn.clone(), false, |mut s| {
             let mut b = [0u8; 1];
-            if s.read_exact(&mut b).is_ok() {
+            if Retrying(&mut s).read_exact(&mut b).is_ok() {
                 let _ = s.write_all(&b);
             }
         });
@@ -368,8 +424,8 @@ pub fn render(r: &Report) -> String {
     let mut out = String::new();
     for run in &r.mesh {
         out.push_str(&format!(
-            "\n{:?} capture\n| figure | direct TCP | through 2 ztunnels | ratio |\n|---|---:|---:|---:|\n",
-            run.capture
+            "\n{} capture\n| figure | direct TCP | through 2 ztunnels | ratio |\n|---|---:|---:|---:|\n",
+            run.capture.name()
         ));
         for ((name, d, show_ratio), (_, m, _)) in figures(&r.direct).into_iter().zip(figures(&run.figures)) {
             let rat = if show_ratio { ratio(m, d) } else { format!("{:+.1} µs", m - d) };
@@ -385,10 +441,16 @@ pub fn render(r: &Report) -> String {
             z.single_stream_cpu_per_gb[0], z.single_stream_cpu_per_gb[1]
         ));
     }
-    let of = |mode| r.mesh.iter().filter(move |m| m.capture == mode);
-    let (nft, ebpf): (Vec<_>, Vec<_>) = (of(CaptureMode::Nftables).collect(), of(CaptureMode::Ebpf).collect());
-    if !nft.is_empty() && !ebpf.is_empty() {
-        // Medians over the rounds of each mode, side by side.
+    // Medians over the rounds of each set-up, side by side, each compared with the first one measured.
+    let mut setups: Vec<Capture> = Vec::new();
+    for run in &r.mesh {
+        if !setups.contains(&run.capture) {
+            setups.push(run.capture);
+        }
+    }
+    if setups.len() > 1 {
+        let runs: Vec<Vec<&MeshRun>> =
+            setups.iter().map(|c| r.mesh.iter().filter(|m| m.capture == *c).collect()).collect();
         let median = |runs: &[&MeshRun], pick: &dyn Fn(&MeshRun) -> f64| {
             let mut v: Vec<f64> = runs.iter().map(|m| pick(m)).collect();
             v.sort_by(f64::total_cmp);
@@ -399,21 +461,30 @@ pub fn render(r: &Report) -> String {
                 v[mid]
             }
         };
+        let base = setups[0].name();
+        let names: Vec<&str> = setups.iter().map(|c| c.name()).collect();
+        let counts: Vec<String> = runs.iter().map(|r| r.len().to_string()).collect();
+        let ratios: Vec<String> = names[1..].iter().map(|n| format!("{n} / {base}")).collect();
         out.push_str(&format!(
-            "\nnftables vs eBPF capture (medians of {} / {} runs)\n| figure | nftables | eBPF | eBPF / nftables |\n|---|---:|---:|---:|\n",
-            nft.len(),
-            ebpf.len()
+            "\ncapture set-ups compared (medians of {} runs)\n| figure | {} | {} |\n|---|{}\n",
+            counts.join(" / "),
+            names.join(" | "),
+            ratios.join(" | "),
+            "---:|".repeat(names.len() + ratios.len())
         ));
+        let mut row = |name: &str, pick: &dyn Fn(&MeshRun) -> f64| {
+            let values: Vec<f64> = runs.iter().map(|r| median(r, pick)).collect();
+            let shown: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+            let rel: Vec<String> = values[1..].iter().map(|v| ratio(*v, values[0])).collect();
+            out.push_str(&format!("| {name} | {} | {} |\n", shown.join(" | "), rel.join(" | ")));
+        };
         for (i, (name, _, _)) in figures(&Figures::default()).into_iter().enumerate() {
-            let pick = move |m: &MeshRun| figures(&m.figures)[i].1;
-            let (a, b) = (median(&nft, &pick), median(&ebpf, &pick));
-            out.push_str(&format!("| {name} | {a:.2} | {b:.2} | {} |\n", ratio(b, a)));
+            row(name, &|m: &MeshRun| figures(&m.figures)[i].1);
         }
-        for side in 0..2 {
-            let pick = move |m: &MeshRun| m.ztunnel.single_stream_cpu_per_gb[side];
-            let (a, b) = (median(&nft, &pick), median(&ebpf, &pick));
-            let name = ["client", "server"][side];
-            out.push_str(&format!("| ztunnel CPU s per GB ({name} node) | {a:.2} | {b:.2} | {} |\n", ratio(b, a)));
+        for (side, name) in ["client", "server"].into_iter().enumerate() {
+            row(&format!("ztunnel CPU s per GB ({name} node)"), &|m: &MeshRun| {
+                m.ztunnel.single_stream_cpu_per_gb[side]
+            });
         }
     }
     out

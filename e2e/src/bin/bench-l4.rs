@@ -1,9 +1,11 @@
 //! Benchmark: direct pod-to-pod TCP vs. the same through two ztunnels, in
 //! one lab run. Usage: `bench-l4 [seconds-per-measurement] [--capture
-//! nftables|ebpf|both] [--rounds N]` (root); with `both`, the two capture
-//! modes are measured alternating, N rounds, and compared.
+//! nftables|ebpf|ebpf-nosplice|both|all] [--rounds N]` (root); `ebpf` is
+//! eBPF capture with the pod-local legs spliced (its default), `both` is
+//! nftables and that, `all` adds eBPF without the splice; several set-ups
+//! are measured alternating, N rounds, and compared.
 
-use ambit_cni::capture::CaptureMode;
+use ambit_e2e::bench::Capture;
 use anyhow::{bail, Context};
 
 fn main() -> anyhow::Result<()> {
@@ -12,11 +14,10 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--capture" => {
-                opts.captures = match args.next().as_deref() {
-                    Some("nftables") => vec![CaptureMode::Nftables],
-                    Some("ebpf") => vec![CaptureMode::Ebpf],
-                    Some("both") => vec![CaptureMode::Nftables, CaptureMode::Ebpf],
-                    other => bail!("--capture takes nftables, ebpf or both, not {other:?}"),
+                let arg = args.next().unwrap_or_default();
+                opts.captures = match Capture::parse_list(&arg) {
+                    Some(list) => list,
+                    None => bail!("--capture takes nftables, ebpf, ebpf-nosplice, both or all, not {arg:?}"),
                 }
             }
             "--rounds" => opts.rounds = args.next().context("--rounds needs a number")?.parse()?,

@@ -4,18 +4,20 @@
 //! and four pods in the ambient namespace `demo` talk through HBONE with
 //! mutual TLS. An AuthorizationPolicy lets only `frontend` reach `backend`,
 //! so the `intruder` pod's requests are refused. Prints where to look at
-//! metrics, the config dump and the logs. Usage: `demo [seconds]` (root);
-//! without a duration it runs until Ctrl-C, then removes everything it made.
+//! metrics, the config dump and the logs. Usage: `demo [seconds] [--capture
+//! nftables|ebpf]` (root); without a duration it runs until Ctrl-C, then
+//! removes everything it made.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ambit_cni::capture::CaptureMode;
 use ambit_e2e::apps::connect;
 use ambit_e2e::objects::ServiceSpec;
 use ambit_e2e::{Lab, Mesh, NetNs, PodSpec};
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -36,14 +38,27 @@ spec:
 ";
 
 fn main() -> anyhow::Result<()> {
-    let seconds: Option<f64> = std::env::args().nth(1).map(|s| s.parse()).transpose().context("duration in seconds")?;
+    let (mut seconds, mut capture) = (None::<f64>, CaptureMode::Nftables);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--capture" => {
+                capture = match args.next().as_deref() {
+                    Some("nftables") => CaptureMode::Nftables,
+                    Some("ebpf") => CaptureMode::Ebpf,
+                    other => bail!("--capture takes nftables or ebpf, not {other:?}"),
+                }
+            }
+            s => seconds = Some(s.parse().context("duration in seconds")?),
+        }
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     if !ambit_e2e::require_root("demo") {
-        anyhow::bail!("the demo builds network namespaces: run it as root");
+        bail!("the demo builds network namespaces: run it as root");
     }
 
     let mut lab = Lab::new("demo")?;
@@ -61,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     let ctrl = lab.add_external_host("controller")?;
     let mut mesh = Mesh::with_controller(lab, ctrl, &["demo"])?;
     mesh.start_all()?;
+    mesh.capture_config_mut().mode = capture;
     for p in [frontend, intruder, v1, v2] {
         mesh.enroll(p)?;
     }

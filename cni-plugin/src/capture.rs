@@ -16,8 +16,10 @@
 //! Both add, per IP family, two policy-routing rules: marked packets to a
 //! local route (table 133; with nftables the TPROXY mark, with eBPF the mark
 //! ztunnel's connections to the application carry, which the application's
-//! accepted socket inherits through `net.ipv4.tcp_fwmark_accept`, so its
-//! replies to the spoofed client reach ztunnel), and ztunnel's own sockets
+//! accepted socket inherits through `net.ipv4.tcp_fwmark_accept`, and the
+//! kernel's own replies, a RST from a closed port, through
+//! `net.ipv4.fwmark_reflect`, so replies to the spoofed client reach
+//! ztunnel), and ztunnel's own sockets
 //! to a copy of the pod's routes with `quickack 1` (table 134), so the
 //! tunnels' ACKs do not wait for ztunnel to read.
 
@@ -241,7 +243,9 @@ pub fn install(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
             remove_ebpf(netns, cfg)?;
         }
         CaptureMode::Ebpf => {
-            set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "1")?;
+            for key in EBPF_SYSCTLS {
+                set_sysctl(netns, key, "1")?;
+            }
             ambit_ebpf::install_pod(&cfg.bpf_pin_root, netns, &ebpf_settings(cfg))?;
             delete_nft_table(netns)?;
         }
@@ -278,16 +282,22 @@ pub fn is_installed(netns: &Path, cfg: &CaptureConfig) -> Result<bool, CaptureEr
     Ok(tables.lines().any(|l| l.trim() == wanted))
 }
 
-/// The sysctl eBPF capture sets so that the application's accepted sockets
-/// take the mark of ztunnel's connections (and their replies its route).
-const FWMARK_ACCEPT_SYSCTL: &str = "net/ipv4/tcp_fwmark_accept";
+/// The sysctls eBPF capture sets in the pod so that what answers ztunnel's
+/// connections to the application (sent from the client's address, with the
+/// return mark) routes back to ztunnel, not to the client: the application's
+/// accepted sockets take the connection's mark, and so do the kernel's own
+/// replies (a RST from a closed port, ICMP), so a connect() to a closed port
+/// fails at once.
+const EBPF_SYSCTLS: [&str; 2] = ["net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect"];
 
-/// Removes the pod's eBPF capture, if it has one, and the sysctl that came
+/// Removes the pod's eBPF capture, if it has one, and the sysctls that came
 /// with it: left on, the application's sockets would take ztunnel's own mark
 /// under nftables capture, and their replies its route out of the pod.
 fn remove_ebpf(netns: &Path, cfg: &CaptureConfig) -> Result<(), CaptureError> {
     if cfg.bpf_pin_root.exists() && ambit_ebpf::uninstall_pod(&cfg.bpf_pin_root, netns)? {
-        set_sysctl(netns, FWMARK_ACCEPT_SYSCTL, "0")?;
+        for key in EBPF_SYSCTLS {
+            set_sysctl(netns, key, "0")?;
+        }
     }
     Ok(())
 }

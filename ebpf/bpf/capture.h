@@ -143,7 +143,7 @@ struct {
 } ambit_orig_by_tuple SEC(".maps");
 
 /* ztunnel's connections to applications, filed by sockops before their SYN
- * is sent, read by the inbound program. */
+ * is sent and removed when the connect() ends, read by the inbound program. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);

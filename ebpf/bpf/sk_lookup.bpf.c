@@ -49,12 +49,10 @@ static __always_inline int local_or_ztunnel(struct bpf_sk_lookup *ctx)
 	AMBIT_COPY_ADDR(key.server, ctx->family, ctx->local_ip4, ctx->local_ip6);
 	if (ambit_same_addr(key.client, key.server))
 		return 1;
-	/* Used once: a later connection with the same addresses and ports is
-	 * not ztunnel's and must not pass. */
-	if (!bpf_map_lookup_elem(&ambit_ztunnel_flows, &key))
-		return 0;
-	bpf_map_delete_elem(&ambit_ztunnel_flows, &key);
-	return 1;
+	/* Filed while ztunnel's connect() is under way (sockops forgets it once
+	 * established or failed: a SYN sent again still passes, a later
+	 * connection with the same addresses and ports does not). */
+	return bpf_map_lookup_elem(&ambit_ztunnel_flows, &key) != 0;
 }
 
 SEC("sk_lookup")

@@ -1,7 +1,8 @@
 /* Three jobs at three moments of a TCP connection's life in an enrolled pod:
  * - ztunnel connecting to an application as a client (its socket carries
  *   the return mark, see connect.h): the flow is filed before the SYN
- *   leaves, so the inbound program lets it through to the application;
+ *   leaves, so the inbound program lets it through to the application, and
+ *   forgotten when the connect() ends, established or failed;
  * - a redirected connection established: its original destination is filed
  *   under the application's address, which is what ztunnel's accepted socket
  *   sees as its peer (see getsockopt.bpf.c);
@@ -31,21 +32,31 @@ static __always_inline void splice_key(struct bpf_sock_ops *skops, struct ambit_
 	AMBIT_COPY_ADDR(key->remote, skops->family, skops->remote_ip4, skops->remote_ip6);
 }
 
+/* The flow of ztunnel's connection to an application, as the inbound
+ * program sees it. */
+static __always_inline void ztunnel_flow_key(struct bpf_sock_ops *skops, struct ambit_flow_key *key)
+{
+	struct ambit_splice_key conn = {};
+	splice_key(skops, &conn);
+	__builtin_memcpy(key->client, conn.local, sizeof(key->client));
+	__builtin_memcpy(key->server, conn.remote, sizeof(key->server));
+	key->client_port = conn.local_port;
+	key->server_port = conn.remote_port;
+}
+
 static __always_inline void file_ztunnel_flow(struct bpf_sock_ops *skops)
 {
 	const struct ambit_netns_config *cfg = enrolled(skops);
 	struct bpf_sock *sk = skops->sk;
 	if (!cfg || !sk || sk->mark != cfg->return_mark)
 		return;
-	struct ambit_splice_key conn = {};
-	splice_key(skops, &conn);
 	struct ambit_flow_key key = {};
-	__builtin_memcpy(key.client, conn.local, sizeof(key.client));
-	__builtin_memcpy(key.server, conn.remote, sizeof(key.server));
-	key.client_port = conn.local_port;
-	key.server_port = conn.remote_port;
+	ztunnel_flow_key(skops, &key);
 	__u32 one = 1;
-	bpf_map_update_elem(&ambit_ztunnel_flows, &key, &one, BPF_ANY);
+	if (bpf_map_update_elem(&ambit_ztunnel_flows, &key, &one, BPF_ANY))
+		return;
+	/* Told when the connect() ends (see on_state_change). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void file_orig_dst(struct bpf_sock_ops *skops)
@@ -93,13 +104,20 @@ static __always_inline void file_splice(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-static __always_inline void forget_splice(struct bpf_sock_ops *skops)
+/* A socket that asked to be told: ztunnel's connect() to an application
+ * ended (leaving SYN_SENT), or a spliced socket closed. */
+static __always_inline void on_state_change(struct bpf_sock_ops *skops)
 {
-	if (skops->args[1] != BPF_TCP_CLOSE)
-		return;
-	struct ambit_splice_key key = {};
-	splice_key(skops, &key);
-	bpf_map_delete_elem(&ambit_splice_psock, &key);
+	if (skops->args[0] == BPF_TCP_SYN_SENT) {
+		struct ambit_flow_key flow = {};
+		ztunnel_flow_key(skops, &flow);
+		bpf_map_delete_elem(&ambit_ztunnel_flows, &flow);
+	}
+	if (skops->args[1] == BPF_TCP_CLOSE) {
+		struct ambit_splice_key key = {};
+		splice_key(skops, &key);
+		bpf_map_delete_elem(&ambit_splice_psock, &key);
+	}
 }
 
 SEC("sockops")
@@ -117,7 +135,7 @@ int ambit_sockops(struct bpf_sock_ops *skops)
 		file_splice(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		forget_splice(skops);
+		on_state_change(skops);
 		break;
 	}
 	return 1;

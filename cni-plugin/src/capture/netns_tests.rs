@@ -527,9 +527,17 @@ fn switching_a_pod_between_nftables_and_ebpf_capture_replaces_one_with_the_other
         !is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"),
         "the nftables table is gone"
     );
-    let accept_mark =
-        || lab.pod.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").expect("sysctl"));
-    assert_eq!(accept_mark().trim(), "1", "the app's replies to ztunnel's spoofed connections take its mark");
+    let marks = || {
+        lab.pod.run(|| {
+            ["tcp_fwmark_accept", "fwmark_reflect"]
+                .map(|k| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{k}")).expect("sysctl").trim().to_owned())
+        })
+    };
+    assert_eq!(
+        marks(),
+        ["1", "1"],
+        "the app's and the kernel's replies to ztunnel's spoofed connections take its mark"
+    );
 
     // Outbound lands on 15001 with its original destination, as with nftables.
     let peer_app = assert_outbound_lands_on_15001(&lab);
@@ -539,12 +547,12 @@ fn switching_a_pod_between_nftables_and_ebpf_capture_replaces_one_with_the_other
     install(&lab.pod.path, &CaptureConfig { mode: CaptureMode::Nftables, ..ebpf.clone() }).expect("back to nftables");
     assert!(!is_installed(&lab.pod.path, &ebpf).expect("is_installed"));
     assert!(is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"));
-    assert_eq!(accept_mark().trim(), "0");
+    assert_eq!(marks(), ["0", "0"]);
     install(&lab.pod.path, &ebpf).expect("eBPF again");
     uninstall(&lab.pod.path, &ebpf).expect("uninstall");
     assert!(!is_installed(&lab.pod.path, &ebpf).expect("is_installed"));
     assert!(!is_installed(&lab.pod.path, &CaptureConfig::default()).expect("is_installed"));
-    assert_eq!(accept_mark().trim(), "0");
+    assert_eq!(marks(), ["0", "0"]);
     let direct = lab.pod.run(|| connect(peer_addr).expect("connect uncaptured"));
     assert_eq!(direct.peer_addr().expect("peer"), SocketAddr::V4(peer_addr));
     assert!(accept_within(&peer_app, WAIT).is_some(), "uncaptured, the peer is reached directly");

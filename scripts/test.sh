@@ -15,8 +15,9 @@ cargo fmt --all -- --check
 # The lab starts the ztunnel and controller binaries: build them first.
 cargo build --release --workspace --bins
 cargo test --release --workspace --no-fail-fast -- --test-threads="${AMBIT_TEST_THREADS:-2}"
-# The L4 lab suite again with eBPF capture instead of nftables: same tests, same assertions.
-AMBIT_LAB_CAPTURE=ebpf cargo test --release --workspace --test mesh_l4 -- --test-threads="${AMBIT_TEST_THREADS:-2}"
+# The L4 lab suites again with eBPF capture instead of nftables: same tests, same assertions.
+AMBIT_LAB_CAPTURE=ebpf cargo test --release --workspace --test mesh_l4 --test mesh_errors --test mesh_policy_change \
+  --test ztunnel_restart -- --test-threads="${AMBIT_TEST_THREADS:-2}"
 
 # A real Kubernetes API server for the controller's tests: built once from
 # the published Go modules (about 10 minutes cold, cached outside the clone).

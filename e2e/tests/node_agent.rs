@@ -9,13 +9,15 @@
 //! a lab node's namespace) on its ZDS socket and a fake primary CNI config.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ambit_cni::agent::kube::{self as driver, PodEnroller};
 use ambit_cni::agent::{EnrollError, PodInfo};
-use ambit_cni::capture;
+use ambit_cni::capture::{self, CaptureMode};
 use ambit_e2e::kube::{skip_without_kube, KubeCluster};
 use ambit_e2e::statefile::StateFile;
 use ambit_e2e::ztunnel::{workspace_binary, ZtunnelArgs, ZtunnelProcess};
@@ -289,23 +291,60 @@ fn wait_sync(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly() {
-    if !ambit_e2e::require_root("node_agent_binary") {
+    agent_lifecycle(CaptureMode::Nftables, "node-agent-binary", ("bin-web", "10.216.0.2"));
+}
+
+/// The same with eBPF capture; an agent restart re-adopts the node's pinned
+/// hooks (the same links, not new ones).
+#[test]
+fn node_agent_with_ebpf_capture_captures_labelled_pods_and_a_restart_re_adopts_its_pinned_hooks() {
+    agent_lifecycle(CaptureMode::Ebpf, "node-agent-ebpf", ("ebpf-web", "10.216.1.2"));
+}
+
+/// Removes the node's eBPF pins when the test ends, also on failure.
+struct EbpfPins(PathBuf);
+
+impl Drop for EbpfPins {
+    fn drop(&mut self) {
+        if let Err(e) = ambit_ebpf::uninstall_node(&self.0) {
+            eprintln!("cleanup of {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// The inode of each of the node's pinned hook links: a re-adopted link keeps its pin.
+fn hook_link_pins(root: &Path) -> BTreeMap<String, u64> {
+    std::fs::read_dir(root.join("links"))
+        .map(|d| {
+            d.flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().ino())).collect()
+        })
+        .unwrap_or_default()
+}
+
+fn agent_lifecycle(mode: CaptureMode, test: &str, (pod_name, pod_ip): (&str, &str)) {
+    if !ambit_e2e::require_root(test) {
         return;
     }
-    let cluster = match KubeCluster::start("node-agent-binary") {
+    let cluster = match KubeCluster::start(test) {
         Ok(c) => c,
         Err(e) if skip_without_kube("node_agent binary", &e) => return,
         Err(e) => panic!("{e:#}"),
     };
     cluster.create_node(NODE).unwrap();
     cluster.kubectl(["create", "namespace", NS]).unwrap();
-    let web = FakePod::start("bin-web", "10.216.0.2");
+    let web = FakePod::start(pod_name, pod_ip);
     cluster.apply_retrying(&pod_yaml("web", NODE));
-    cluster.set_pod_running(NS, "web", "10.216.0.2").unwrap();
+    cluster.set_pod_running(NS, "web", pod_ip).unwrap();
     let uid = cluster.kubectl(["-n", NS, "get", "pod", "web", "-o", "jsonpath={.metadata.uid}"]).unwrap();
 
-    let mut lab = Lab::new("node-agent").unwrap();
+    let mut lab = Lab::new(test).unwrap();
     let node = lab.add_node("node1").unwrap();
+    let cfg = capture::CaptureConfig {
+        mode,
+        bpf_pin_root: Path::new("/sys/fs/bpf").join(lab.prefix()),
+        ..Default::default()
+    };
+    let _pins = (mode == CaptureMode::Ebpf).then(|| EbpfPins(cfg.bpf_pin_root.clone()));
     let dir = lab.dir().to_path_buf();
     let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(24 * 3600)).unwrap();
     std::fs::write(dir.join("ca-cert.pem"), ca.cert_pem()).unwrap();
@@ -320,6 +359,13 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     let zds = dir.join("ztunnel.sock");
     let readiness = format!("127.0.0.1:{}", free_port());
     let p = |d: &str| dir.join(d).display().to_string();
+    let mode_flags = [
+        "--capture-mode",
+        if mode == CaptureMode::Ebpf { "ebpf" } else { "nftables" },
+        "--bpf-pin-root",
+        &cfg.bpf_pin_root.display().to_string(),
+    ]
+    .map(String::from);
     let args: Vec<String> = [
         "--node-name",
         NODE,
@@ -344,6 +390,7 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(mode_flags)
     .collect();
     // The agent's own DaemonSet, which tells its exits apart (restart or uninstall).
     cluster.apply(OWNER_DAEMONSET).unwrap();
@@ -351,6 +398,7 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
 
     let mut zt_args = ZtunnelArgs::for_node(&lab, node);
     zt_args.zds_socket = zds;
+    zt_args.extra.extend(["--bpf-pin-root".to_string(), cfg.bpf_pin_root.display().to_string()]);
     let mut zt = ZtunnelProcess::start(lab.node(node), zt_args).unwrap();
     zt.wait_ready(WAIT).unwrap();
 
@@ -373,7 +421,7 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     wait_sync("agent ready", ready);
 
     let netns = web.netns.path();
-    let captured = || capture::is_installed(&netns, &capture::CaptureConfig::default()).unwrap();
+    let captured = || capture::is_installed(&netns, &cfg).unwrap();
     let held = |zt: &ZtunnelProcess| zt.admin_get("/config_dump").unwrap().contains(uid.trim());
     assert!(!captured() && !held(&zt));
 
@@ -390,6 +438,8 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     wait_sync("web released on unlabel", || !captured() && !held(&zt));
     cluster.kubectl(["label", "namespace", NS, "istio.io/dataplane-mode=ambient"]).unwrap();
     wait_sync("web enrolled", || captured() && held(&zt));
+    let hooks = hook_link_pins(&cfg.bpf_pin_root);
+    assert_eq!(hooks.len(), if mode == CaptureMode::Ebpf { 5 } else { 0 }, "the node's eBPF hooks: {hooks:?}");
 
     // SIGTERM while the agent's DaemonSet stands (a restart): the plugin stays
     // for the next agent, and the pod stays captured and held.
@@ -399,9 +449,10 @@ fn node_agent_installs_the_plugin_captures_labelled_pods_and_uninstalls_cleanly(
     assert!(captured() && held(&zt), "a stopping agent must not release pods");
 
     // A new agent reconciles: the pod is enrolled again (repaired), and the plugin is back.
-    capture::uninstall(&netns, &Default::default()).unwrap(); // damage to repair
+    capture::uninstall(&netns, &cfg).unwrap(); // damage to repair
     agent.spawn();
     wait_sync("reconcile repaired the capture", captured);
+    assert_eq!(hook_link_pins(&cfg.bpf_pin_root), hooks, "the node's hooks re-adopted, not attached again");
     assert!(held(&zt));
     assert!(agent.log_text().contains("reconciling"), "{}", agent.log_text());
     assert!(std::fs::read_to_string(&conflist).unwrap().contains("ambit-cni"));
